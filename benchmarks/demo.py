@@ -1,0 +1,219 @@
+"""The whole plada path on the embedded default world, through the real CLIs.
+
+Sender and receiver run as separate processes with separate caches: each
+regenerates the glyph reference pool from its seed and they must agree on its
+fingerprint. Prints one table and writes the same numbers to a JSON report.
+
+    python -m benchmarks.demo --work work/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One payload to make and train on."""
+
+    name: str
+    label: str
+    strategy: str
+    score: str
+    keep: float
+    reserve: float = 1.0
+
+
+SCHEMES = (
+    Scheme("vanilla-1", "lowest energy (paper's vanilla)", "lowest", "energy", 0.01),
+    Scheme("vanilla-5", "lowest energy (paper's vanilla)", "lowest", "energy", 0.05),
+    Scheme("paper-safety-1", "safety-net, energy (paper)", "safety-net", "energy", 0.01, 0.5),
+    Scheme("safety-1", "safety-net, kNN relevance (ours)", "safety-net", "knn", 0.01),
+    Scheme("safety-5", "safety-net, kNN relevance (ours)", "safety-net", "knn", 0.05),
+    Scheme("inverse-1", "inverse: highest energy", "inverse", "energy", 0.01),
+)
+BUDGET_SCHEME = "safety-1"  # the pixel baseline gets exactly this payload's byte budget
+
+
+def run(cmd: list[str], log: Path) -> str:
+    """Run a CLI, tee its stdout to ``log``; stop the demo with its stderr if it fails."""
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"demo: command failed ({proc.returncode}): {' '.join(cmd)}")
+    print(f"  [{time.perf_counter() - started:5.1f}s] {' '.join(cmd[2:4])} ...")
+    return proc.stdout
+
+
+def pixel_baseline(task_dir: Path, budget: int, seeds: tuple[int, ...]) -> dict[str, Any]:
+    """Send real target training images (native 8x8, zstd-19) within ``budget`` bytes."""
+    import torch
+    import zstandard
+
+    from protocol.task_data import load_labeled_images
+    from protocol.world.digits import load_digits_split
+    from protocol.world.glyphs import IMAGE_SIZE, apply_separable, resize_matrix
+    from receiver.training import TrainConfig, accuracy, train_classifier
+
+    native, _ = load_digits_split(native=True)
+    test = load_labeled_images(task_dir / "test.npz")
+    rng = np.random.default_rng(0)
+    per_class = [rng.permutation(np.flatnonzero(native.labels == c)) for c in range(10)]
+    order = np.array([i for group in zip(*per_class, strict=False) for i in group])
+
+    def encoded(count: int) -> bytes:
+        chosen = order[:count]
+        raw = native.labels[chosen].astype(np.uint8).tobytes() + native.images[chosen].tobytes()
+        return zstandard.ZstdCompressor(level=19).compress(raw)
+
+    low, high = 1, len(order)
+    while low < high:  # largest count whose compressed size fits the budget
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if len(encoded(mid)) <= budget else (low, mid - 1)
+    count = low
+    blob = encoded(count)
+    raw = zstandard.ZstdDecompressor().decompress(blob)
+    labels = np.frombuffer(raw[:count], dtype=np.uint8).astype(np.int64)
+    small = np.frombuffer(raw[count:], dtype=np.uint8).reshape(count, 8, 8) / 16.0
+    large = apply_separable(small, resize_matrix(8, IMAGE_SIZE))
+    images = np.rint(np.clip(large, 0, 1) * 255).astype(np.uint8)[:, None]
+    accs = []
+    for seed in seeds:
+        config = TrainConfig(min_steps=250, max_steps=250, label_smoothing=0.1, seed=seed)
+        data = (torch.from_numpy(images), torch.from_numpy(labels))
+        model = train_classifier(data, 10, config, progress=False).model
+        accs.append(accuracy(model, torch.from_numpy(test.images), torch.from_numpy(test.labels)))
+    return {"images": count, "payload_bytes": len(blob), "accuracies": accs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default="work/demo")
+    parser.add_argument("--reference", default="glyphs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    work = Path(args.work)
+    for sub in ("task", "sender", "payloads", "students", "logs"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    send = [sys.executable, "-m", "sender.cli"]
+    receive = [sys.executable, "-m", "receiver.cli"]
+    sender_ref = ["--reference", args.reference, "--cache-dir", str(work / "sender-cache")]
+    receiver_ref = ["--reference", args.reference, "--cache-dir", str(work / "receiver-cache")]
+    logs = work / "logs"
+
+    print("sender (ground station):")
+    run([*send, "task", "digits", "--out", str(work / "task")], logs / "task.log")
+    sender_fp = run([*send, "reference", *sender_ref], logs / "sender-reference.log").split()[-1]
+    run(
+        [*send, "score", *sender_ref, "--train", str(work / "task/train.npz"),
+         "--test", str(work / "task/test.npz"), "--out", str(work / "sender"), "--quiet"],
+        logs / "score.log",
+    )  # fmt: skip
+    score_report = json.loads((work / "sender/score_report.json").read_text())
+    payloads: dict[str, dict[str, Any]] = {}
+    for scheme in SCHEMES:
+        out = work / "payloads" / f"{scheme.name}.plada"
+        summary_path = work / "payloads" / f"{scheme.name}.json"
+        run(
+            [*send, "select", str(work / "sender"), "--strategy", scheme.strategy,
+             "--score", scheme.score, "--keep", str(scheme.keep), "--reserve", str(scheme.reserve),
+             "--out", str(out), "--json", str(summary_path)],
+            logs / f"select-{scheme.name}.log",
+        )  # fmt: skip
+        payloads[scheme.name] = json.loads(summary_path.read_text())
+
+    print("receiver (edge device):")
+    receiver_fp = run([*receive, "reference", *receiver_ref], logs / "receiver-reference.log")
+    receiver_fp = receiver_fp.split()[-1]
+    if receiver_fp != sender_fp:
+        raise SystemExit(f"demo: reference fingerprints differ: {sender_fp} vs {receiver_fp}")
+    students: dict[str, dict[str, Any]] = {}
+    for scheme in SCHEMES:
+        out = work / "students" / scheme.name
+        run(
+            [*receive, "train", str(work / "payloads" / f"{scheme.name}.plada"), *receiver_ref,
+             "--holdout", str(work / "task/test.npz"), "--seeds", *map(str, args.seeds),
+             "--out", str(out), "--quiet"],
+            logs / f"train-{scheme.name}.log",
+        )  # fmt: skip
+        students[scheme.name] = json.loads((out / "report.json").read_text())
+
+    print("baseline: real target pixels in the same byte budget:")
+    budget = payloads[BUDGET_SCHEME]["payload_bytes"]
+    t0 = time.perf_counter()
+    pixels = pixel_baseline(work / "task", budget, tuple(args.seeds))
+    print(
+        f"  [{time.perf_counter() - t0:5.1f}s] {pixels['images']} images "
+        f"in {pixels['payload_bytes']} bytes"
+    )
+
+    rows = []
+    for scheme in SCHEMES:
+        accs = [r["holdout_accuracy"] for r in students[scheme.name]["runs"]]
+        rows.append({
+            "scheme": scheme.name, "description": scheme.label, "keep": scheme.keep,
+            "kept_images": payloads[scheme.name]["kept"],
+            "payload_bytes": payloads[scheme.name]["payload_bytes"],
+            "accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
+            "accuracies": accs, "leakage": payloads[scheme.name]["leakage"],
+        })  # fmt: skip
+    rows.append({
+        "scheme": "pixels", "description": "real target pixels, 8x8, zstd-19", "keep": None,
+        "kept_images": pixels["images"], "payload_bytes": pixels["payload_bytes"],
+        "accuracy_mean": float(np.mean(pixels["accuracies"])),
+        "accuracy_std": float(np.std(pixels["accuracies"])), "accuracies": pixels["accuracies"],
+    })  # fmt: skip
+    teacher_acc = score_report["teacher"]["test_accuracy"]
+    elapsed = time.perf_counter() - started
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "reference": score_report["reference"],
+        "reference_fingerprint_receiver": receiver_fp,
+        "task": {"name": "sklearn digits", "train": 898, "test": 899},
+        "teacher": score_report["teacher"],
+        "seeds": list(args.seeds),
+        "rows": rows,
+        "seconds": round(elapsed, 1),
+    }
+    report_path = work / "report.json"
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+
+    n = score_report["reference"]["size"]
+    print()
+    print(f"reference pool: {n} glyph images, fingerprint {sender_fp[:16]}... (sender) == "
+          f"{receiver_fp[:16]}... (receiver)")  # fmt: skip
+    print(f"target task: sklearn digits, teacher (CNN on 898 real images) test accuracy "
+          f"{teacher_acc:.4f}")  # fmt: skip
+    print(f"student: small CNN trained only on reference images; accuracy on 899 real test digits, "
+          f"mean +- std of {len(args.seeds)} seeds")  # fmt: skip
+    header = f"{'scheme':36s} {'keep':>5s} {'images':>7s} {'bytes':>7s} {'student accuracy':>18s}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        keep = "-" if row["keep"] is None else f"{100 * row['keep']:.0f}%"
+        acc = f"{100 * row['accuracy_mean']:.1f} +- {100 * row['accuracy_std']:.1f}%"
+        print(f"{row['description']:36s} {keep:>5s} {row['kept_images']:7d} "
+              f"{row['payload_bytes']:7d} {acc:>18s}")  # fmt: skip
+    print(f"\ntotal {elapsed:.0f}s")
+    print(f"report: {report_path}")
+
+
+if __name__ == "__main__":
+    main()

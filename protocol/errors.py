@@ -1,0 +1,72 @@
+"""Typed errors shared by sender and receiver.
+
+Every error names the problem and, where one exists, the fix. Callers catch
+``PladaError`` to handle any failure of the protocol layer without catching
+programming errors.
+"""
+
+from __future__ import annotations
+
+
+class PladaError(Exception):
+    """Base class of every error plada raises on purpose."""
+
+
+class PayloadError(PladaError):
+    """A payload could not be accepted."""
+
+
+class NotAPayloadError(PayloadError):
+    """The bytes do not start with the plada magic."""
+
+
+class UnsupportedVersionError(PayloadError):
+    """The payload uses a format version this build cannot read."""
+
+
+class TruncatedPayloadError(PayloadError):
+    """The payload ends before its declared structure does."""
+
+
+class PayloadLimitError(PayloadError):
+    """A declared size or count exceeds a safety limit (e.g. a decompression bomb)."""
+
+
+class CorruptPayloadError(PayloadError):
+    """A section could not be decoded (bad compression frame, bad varint, trailing bytes)."""
+
+
+class MalformedHeaderError(PayloadError):
+    """The header is missing a field or a field has the wrong type or value."""
+
+
+class InvalidSelectionError(PayloadError):
+    """Kept indices or labels break a rule (range, order, count)."""
+
+
+class DigestMismatchError(PayloadError):
+    """The integrity digest does not match the decoded content."""
+
+
+class ReferenceMismatchError(PladaError):
+    """The payload was made for a different reference set than the local one."""
+
+
+class ReferenceSetError(PladaError):
+    """The local reference set is missing, unreadable or inconsistent."""
+
+
+class ManifestError(ReferenceSetError):
+    """A reference manifest is malformed (unsorted, duplicate or bad keys)."""
+
+
+class TaskDataError(PladaError):
+    """A labeled task or holdout dataset is missing or malformed."""
+
+
+class WeightsError(PladaError):
+    """Model weights are missing or unreadable."""
+
+
+class ConfigError(PladaError):
+    """A command-line option or setting is invalid."""

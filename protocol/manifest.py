@@ -1,0 +1,154 @@
+"""Reference-set manifest: the canonical ordered list of image keys and its fingerprint.
+
+A payload names reference images by their position in this list, so sender and
+receiver must agree on it exactly. Both compute the fingerprint independently;
+a payload carries the sender's, and the receiver refuses a payload whose
+fingerprint differs from its own.
+
+Canonical order is by key (code-point order, which equals UTF-8 byte order),
+independent of file-system listing or shard order. A key is ``<block>/<item>``;
+the block (synset folder, glyph concept) groups related images and is the unit
+later codecs exploit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from protocol.errors import ManifestError
+
+MANIFEST_DOMAIN = b"plada-manifest-v1\n"
+_FILE_MAGIC = "# plada-manifest v1"
+
+
+def _check_keys(keys: Sequence[str]) -> None:
+    if len(keys) == 0:
+        raise ManifestError("manifest is empty: a reference set needs at least one image")
+    previous = None
+    for position, key in enumerate(keys):
+        if not key or "\n" in key or "\r" in key:
+            raise ManifestError(f"key #{position} {key!r} is empty or contains a line break")
+        if previous is not None and key <= previous:
+            kind = "duplicate" if key == previous else "out of order"
+            raise ManifestError(
+                f"key #{position} {key!r} is {kind} after {previous!r}; "
+                "keys must be unique and sorted (use ReferenceManifest.from_unsorted)"
+            )
+        previous = key
+
+
+@dataclass(frozen=True)
+class ReferenceManifest:
+    """Canonical, sorted list of reference image keys plus an optional content digest."""
+
+    name: str
+    keys: tuple[str, ...]
+    content_digest: bytes | None = None
+    _fingerprint: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_keys(self.keys)
+        if self.content_digest is not None and len(self.content_digest) != 32:
+            raise ManifestError("content digest must be 32 bytes (SHA-256)")
+        object.__setattr__(self, "_fingerprint", self._compute_fingerprint())
+
+    @classmethod
+    def from_unsorted(
+        cls, name: str, keys: Iterable[str], content_digest: bytes | None = None
+    ) -> ReferenceManifest:
+        """Build a manifest from keys in any order (duplicates are an error)."""
+        return cls(name=name, keys=tuple(sorted(keys)), content_digest=content_digest)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _compute_fingerprint(self) -> bytes:
+        digest = hashlib.sha256(MANIFEST_DOMAIN)
+        digest.update(f"n={len(self.keys)}\n".encode())
+        chunk: list[str] = []
+        for key in self.keys:
+            chunk.append(key)
+            if len(chunk) == 65536:
+                digest.update(("\n".join(chunk) + "\n").encode())
+                chunk.clear()
+        if chunk:
+            digest.update(("\n".join(chunk) + "\n").encode())
+        if self.content_digest is not None:
+            digest.update(b"content=" + self.content_digest.hex().encode() + b"\n")
+        return digest.digest()
+
+    @property
+    def fingerprint(self) -> bytes:
+        """SHA-256 over the canonical key list (and content digest, when present)."""
+        return self._fingerprint
+
+    @property
+    def fingerprint_hex(self) -> str:
+        return self._fingerprint.hex()
+
+    def block_names(self) -> list[str]:
+        """Names of the blocks (first key component), in manifest order."""
+        names: list[str] = []
+        for key in self.keys:
+            block = key.split("/", 1)[0]
+            if not names or names[-1] != block:
+                names.append(block)
+        return names
+
+    def block_starts(self) -> np.ndarray:
+        """Index of the first image of each block, plus ``len(self)`` at the end."""
+        starts: list[int] = []
+        previous = None
+        for position, key in enumerate(self.keys):
+            block = key.split("/", 1)[0]
+            if block != previous:
+                starts.append(position)
+                previous = block
+        starts.append(len(self.keys))
+        return np.asarray(starts, dtype=np.int64)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the manifest as text, atomically (temp file + rename)."""
+        path = Path(path)
+        content = "-" if self.content_digest is None else self.content_digest.hex()
+        header = f"{_FILE_MAGIC} name={self.name} n={len(self.keys)} content={content}\n"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(header)
+            for key in self.keys:
+                handle.write(key + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ReferenceManifest:
+        """Read a manifest written by :meth:`save`, checking its declared size."""
+        try:
+            with open(path, encoding="utf-8", newline="\n") as handle:
+                header = handle.readline().rstrip("\n")
+                keys = tuple(line.rstrip("\n") for line in handle)
+        except OSError as exc:
+            raise ManifestError(f"cannot read manifest {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"manifest {path} is not UTF-8 text") from exc
+        if not header.startswith(_FILE_MAGIC + " "):
+            raise ManifestError(f"{path} is not a plada manifest (bad first line)")
+        fields = dict(part.split("=", 1) for part in header[len(_FILE_MAGIC) + 1 :].split(" "))
+        try:
+            declared = int(fields["n"])
+            name = fields["name"]
+            content = fields["content"]
+        except (KeyError, ValueError) as exc:
+            raise ManifestError(f"manifest {path} has a malformed first line") from exc
+        if declared != len(keys):
+            raise ManifestError(
+                f"manifest {path} declares {declared} keys but holds {len(keys)}: "
+                "the file is truncated; rebuild it"
+            )
+        digest = None if content == "-" else bytes.fromhex(content)
+        return cls(name=name, keys=keys, content_digest=digest)

@@ -1,0 +1,370 @@
+"""Payload format v1: which reference images to keep, and their hard labels.
+
+Layout (all integers little-endian; see ``protocol/FORMAT.md``)::
+
+    magic   8 bytes   89 50 4C 44 0D 0A 1A 0A   ("\\x89PLD\\r\\n\\x1a\\n")
+    version 1 byte    1
+    hlen    u32       length of the header
+    header  hlen      msgpack map (task, created, reference, classes, count, selection, body)
+    blen    u32       length of the body
+    body    blen      one zstd frame (content size declared) holding varints:
+                      m index gaps (first index, then index[i] - index[i-1] - 1), then m labels
+    digest  32 bytes  SHA-256 over "plada-payload-v1", the bytes from magic to the end of
+                      the header, and the decoded content (indices as u64, labels as u32)
+
+Decoding trusts nothing: every length is bounded before anything is allocated,
+the zstd frame's declared size must equal the header's, msgpack runs with
+explicit limits, and every rule of the content is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import zstandard
+
+from protocol.errors import (
+    CorruptPayloadError,
+    DigestMismatchError,
+    InvalidSelectionError,
+    MalformedHeaderError,
+    NotAPayloadError,
+    PayloadError,
+    PayloadLimitError,
+    ReferenceMismatchError,
+    TruncatedPayloadError,
+    UnsupportedVersionError,
+)
+from protocol.manifest import ReferenceManifest
+from protocol.varint import decode_uvarints, encode_uvarints
+
+MAGIC = b"\x89PLD\r\n\x1a\n"
+FORMAT_VERSION = 1
+BODY_CODING = "delta-varint/zstd"
+ZSTD_LEVEL = 19
+DIGEST_DOMAIN = b"plada-payload-v1"
+
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME = 256
+MAX_TEXT = 1024
+MAX_REFERENCE_SIZE = 1 << 40
+_MAX_VARINT_INDEX = 9  # bytes per index gap (63 bits)
+_MAX_VARINT_LABEL = 3  # bytes per label (labels < 2**21 > MAX_CLASSES)
+_PREFIX = struct.Struct("<8sBI")
+_U32 = struct.Struct("<I")
+_DIGEST_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Payload:
+    """The decoded content of a payload."""
+
+    task: str
+    reference_name: str
+    reference_fingerprint: bytes
+    reference_size: int
+    class_names: tuple[str, ...]
+    indices: np.ndarray  # int64, strictly increasing, < reference_size
+    labels: np.ndarray  # int64, < len(class_names)
+    selection: dict[str, Any] = field(default_factory=dict)
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "indices", np.asarray(self.indices, dtype=np.int64))
+        object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64))
+        _check_content(self.indices, self.labels, self.reference_size, len(self.class_names))
+
+    @property
+    def count(self) -> int:
+        return int(self.indices.size)
+
+    def class_histogram(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        return {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
+
+    def check_reference(self, manifest: ReferenceManifest) -> None:
+        """Raise ``ReferenceMismatchError`` unless the payload was made for ``manifest``."""
+        if self.reference_fingerprint != manifest.fingerprint or self.reference_size != len(
+            manifest
+        ):
+            raise ReferenceMismatchError(
+                f"payload was made for reference set {self.reference_name!r} "
+                f"(fingerprint {self.reference_fingerprint.hex()[:16]}..., "
+                f"n={self.reference_size}) "
+                f"but this device holds {manifest.name!r} "
+                f"(fingerprint {manifest.fingerprint_hex[:16]}..., n={len(manifest)}): "
+                "sync the reference set, or ask the sender to target this one"
+            )
+
+
+def _check_content(indices: np.ndarray, labels: np.ndarray, n: int, k: int) -> None:
+    if indices.ndim != 1 or labels.shape != indices.shape:
+        raise InvalidSelectionError("indices and labels must be 1-D and of equal length")
+    if indices.size == 0:
+        raise InvalidSelectionError("a payload must keep at least one image")
+    if not 2 <= k <= MAX_CLASSES:
+        raise InvalidSelectionError(f"class count {k} outside [2, {MAX_CLASSES}]")
+    if not 1 <= n <= MAX_REFERENCE_SIZE:
+        raise InvalidSelectionError(f"reference size {n} outside [1, {MAX_REFERENCE_SIZE}]")
+    if indices.size > n:
+        raise InvalidSelectionError(f"{indices.size} kept images but the reference has {n}")
+    if int(indices[0]) < 0 or int(indices[-1]) >= n:
+        raise InvalidSelectionError(f"an index lies outside the reference set [0, {n})")
+    if indices.size > 1 and not bool(np.all(np.diff(indices) > 0)):
+        raise InvalidSelectionError("indices must be strictly increasing")
+    if int(labels.min()) < 0 or int(labels.max()) >= k:
+        raise InvalidSelectionError(f"a label lies outside [0, {k})")
+
+
+def _content_bytes(indices: np.ndarray, labels: np.ndarray) -> bytes:
+    return indices.astype("<u8").tobytes() + labels.astype("<u4").tobytes()
+
+
+def _digest(prefix_and_header: bytes, indices: np.ndarray, labels: np.ndarray) -> bytes:
+    h = hashlib.sha256(DIGEST_DOMAIN)
+    h.update(prefix_and_header)
+    h.update(_content_bytes(indices, labels))
+    return h.digest()
+
+
+def encode_payload(payload: Payload, level: int = ZSTD_LEVEL) -> bytes:
+    """Serialize ``payload`` to bytes (format v1)."""
+    gaps = np.empty_like(payload.indices)
+    gaps[0] = payload.indices[0]
+    gaps[1:] = np.diff(payload.indices) - 1
+    raw = encode_uvarints(gaps) + encode_uvarints(payload.labels)
+    body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+    header = {
+        "task": payload.task,
+        "created": int(payload.created or time.time()),
+        "reference": {
+            "name": payload.reference_name,
+            "fingerprint": payload.reference_fingerprint,
+            "size": int(payload.reference_size),
+        },
+        "classes": list(payload.class_names),
+        "count": payload.count,
+        "selection": dict(payload.selection),
+        "body": {"coding": BODY_CODING, "raw_size": len(raw)},
+    }
+    header_bytes = msgpack.packb(header, use_bin_type=True)
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise PayloadLimitError(f"header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
+    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes
+    digest = _digest(head, payload.indices, payload.labels)
+    encoded = head + _U32.pack(len(body)) + body + digest
+    if len(encoded) > MAX_PAYLOAD_BYTES:
+        raise PayloadLimitError(f"payload of {len(encoded)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    return encoded
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def _field(mapping: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if name not in mapping:
+        raise MalformedHeaderError(f"header field {where}{name} is missing")
+    value = mapping[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise MalformedHeaderError(f"header field {where}{name} has type {type(value).__name__}")
+    return value
+
+
+def _text(mapping: Mapping[str, Any], name: str, where: str = "") -> str:
+    value = _field(mapping, name, str, where)
+    if len(value) > MAX_TEXT:
+        raise MalformedHeaderError(f"header field {where}{name} is longer than {MAX_TEXT}")
+    return value
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = msgpack.unpackb(
+            raw,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=MAX_TEXT * 4,
+            max_bin_len=64,
+            max_array_len=MAX_CLASSES,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData as exc:
+        raise MalformedHeaderError("header has bytes after its msgpack map") from exc
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise MalformedHeaderError(f"header is not valid msgpack within limits: {exc}") from exc
+    if not isinstance(header, dict):
+        raise MalformedHeaderError("header is not a msgpack map")
+    return header
+
+
+def _parse_selection(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MalformedHeaderError("header field selection is not a map")
+    for key, item in value.items():
+        if not isinstance(key, str) or not (item is None or isinstance(item, (str, int, float))):
+            raise MalformedHeaderError("header field selection holds a non-scalar value")
+        if isinstance(item, str) and len(item) > MAX_TEXT:
+            raise MalformedHeaderError("header field selection holds an over-long string")
+    return value
+
+
+def decode_payload(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payload:
+    """Parse and fully verify untrusted payload bytes; raise a ``PayloadError`` subtype."""
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise PayloadLimitError(f"payload of {len(data)} bytes exceeds the cap of {max_bytes}")
+    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+        if MAGIC.startswith(data):
+            raise TruncatedPayloadError(
+                "payload ends inside its magic bytes: the file is truncated"
+            )
+        raise NotAPayloadError("not a plada payload (magic bytes missing): wrong file?")
+    if len(data) < _PREFIX.size:
+        raise TruncatedPayloadError("payload ends before its header length: the file is truncated")
+    _, version, header_len = _PREFIX.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"payload format version {version} is not supported (this build reads "
+            f"{FORMAT_VERSION}): upgrade plada on this device"
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise PayloadLimitError(f"declared header of {header_len} bytes exceeds {MAX_HEADER_BYTES}")
+    header_end = _PREFIX.size + header_len
+    if len(data) < header_end + _U32.size + _DIGEST_BYTES:
+        raise TruncatedPayloadError("payload ends before its body: the file is truncated")
+    header = _parse_header(data[_PREFIX.size : header_end])
+    (body_len,) = _U32.unpack_from(data, header_end)
+    body_start = header_end + _U32.size
+    expected_total = body_start + body_len + _DIGEST_BYTES
+    if len(data) < expected_total:
+        raise TruncatedPayloadError(
+            f"payload is {len(data)} bytes but declares {expected_total}: the file is truncated"
+        )
+    if len(data) > expected_total:
+        raise CorruptPayloadError(f"{len(data) - expected_total} unexpected bytes after the digest")
+
+    task = _text(header, "task")
+    created = _field(header, "created", int, "")
+    reference = _field(header, "reference", dict, "")
+    ref_name = _text(reference, "name", "reference.")
+    fingerprint = _field(reference, "fingerprint", bytes, "reference.")
+    if len(fingerprint) != 32:
+        raise MalformedHeaderError("header field reference.fingerprint is not 32 bytes")
+    n = _field(reference, "size", int, "reference.")
+    classes = _field(header, "classes", list, "")
+    if not 2 <= len(classes) <= MAX_CLASSES:
+        raise MalformedHeaderError(
+            f"header lists {len(classes)} classes, outside [2, {MAX_CLASSES}]"
+        )
+    if not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in classes):
+        raise MalformedHeaderError("every class name must be a non-empty string of <= 256 chars")
+    count = _field(header, "count", int, "")
+    if not 1 <= n <= MAX_REFERENCE_SIZE:
+        raise MalformedHeaderError(f"reference size {n} outside [1, {MAX_REFERENCE_SIZE}]")
+    if not 1 <= count <= n:
+        raise PayloadLimitError(f"declared count {count} outside [1, reference size {n}]")
+    selection = _parse_selection(header.get("selection", {}))
+    body_info = _field(header, "body", dict, "")
+    coding = _text(body_info, "coding", "body.")
+    if coding != BODY_CODING:
+        raise UnsupportedVersionError(f"body coding {coding!r} is not supported by this build")
+    raw_size = _field(body_info, "raw_size", int, "body.")
+    cap = count * (_MAX_VARINT_INDEX + _MAX_VARINT_LABEL)
+    if not 2 * count <= raw_size <= cap:
+        raise PayloadLimitError(
+            f"declared body size {raw_size} is impossible for {count} images (cap {cap})"
+        )
+
+    body = data[body_start : body_start + body_len]
+    try:
+        frame_size = zstandard.frame_content_size(body)
+    except zstandard.ZstdError as exc:
+        raise CorruptPayloadError(f"body is not a zstd frame: {exc}") from exc
+    if frame_size != raw_size:
+        raise PayloadLimitError(
+            f"body frame declares {frame_size} bytes but the header {raw_size}: refusing to inflate"
+        )
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(
+            body, max_output_size=raw_size, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise CorruptPayloadError(f"body does not decompress: {exc}") from exc
+    if len(raw) != raw_size:
+        raise CorruptPayloadError("body decompressed to a different size than declared")
+
+    gaps, used = decode_uvarints(raw, count)
+    labels, used_labels = decode_uvarints(memoryview(raw)[used:], count, _MAX_VARINT_LABEL)
+    if used + used_labels != raw_size:
+        raise CorruptPayloadError("body holds bytes after the last label")
+    if int(gaps.max()) >= n:
+        raise InvalidSelectionError(f"an index lies outside the reference set [0, {n})")
+    gaps = gaps.astype(np.int64)
+    gaps[1:] += 1
+    indices = np.cumsum(gaps)
+    payload = Payload(
+        task=task,
+        reference_name=ref_name,
+        reference_fingerprint=fingerprint,
+        reference_size=n,
+        class_names=tuple(classes),
+        indices=indices,
+        labels=labels.astype(np.int64),
+        selection=selection,
+        created=created,
+    )
+    digest = data[expected_total - _DIGEST_BYTES : expected_total]
+    if _digest(data[:header_end], payload.indices, payload.labels) != digest:
+        raise DigestMismatchError(
+            "integrity digest does not match the decoded content: the payload was altered "
+            "or damaged in transit; ask the sender to resend it"
+        )
+    return payload
+
+
+def read_payload(path: str | os.PathLike[str], max_bytes: int = MAX_PAYLOAD_BYTES) -> Payload:
+    """Read and verify a payload file, refusing oversized files before reading them."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise PayloadLimitError(f"{path} is {size} bytes, over the cap of {max_bytes}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PayloadError(f"cannot read payload {path}: {exc.strerror}") from exc
+    return decode_payload(data, max_bytes)
+
+
+def write_payload(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write payload bytes atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def information_bound_bytes(n: int, labels: np.ndarray, k: int) -> float:
+    """log2 C(n, m) + m * H(labels), in bytes: the floor for any index+label code."""
+    m = int(labels.size)
+    log_binom = (math.lgamma(n + 1) - math.lgamma(m + 1) - math.lgamma(n - m + 1)) / math.log(2)
+    p = np.bincount(labels, minlength=k) / max(m, 1)
+    p = p[p > 0]
+    entropy = float(-(p * np.log2(p)).sum())
+    return (log_binom + m * entropy) / 8.0

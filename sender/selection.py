@@ -1,0 +1,83 @@
+"""Pruning the reference set to the most relevant images, with per-class safety-net quotas.
+
+Strategies (scores: lower = more relevant):
+
+- ``lowest``: the globally lowest-scoring ``keep`` fraction (the paper's vanilla rule);
+- ``inverse``: the highest-scoring fraction (better for far out-of-domain tasks);
+- ``safety-net``: a ``reserve`` share of the budget is split over classes with
+  quota K_c proportional to N_c ** alpha (N_c = reference images predicted as c), each
+  class filling its quota with its lowest-scoring images; the rest of the budget
+  goes to the globally lowest-scoring images not yet kept. alpha < 0 favours rare
+  classes, 0 gives equal quotas, 1 follows the predicted distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from protocol.errors import ConfigError
+
+STRATEGIES = ("lowest", "safety-net", "inverse")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How many images to keep and how to choose them."""
+
+    strategy: str = "safety-net"
+    keep: float = 0.01  # fraction of the reference set
+    alpha: float = -0.2
+    reserve: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        if not 0.0 < self.keep <= 1.0:
+            raise ConfigError(f"keep fraction must be in (0, 1], not {self.keep}")
+        if not 0.0 <= self.reserve <= 1.0:
+            raise ConfigError(f"safety-net reserve must be in [0, 1], not {self.reserve}")
+
+    def as_header(self) -> dict[str, float | str]:
+        return asdict(self)
+
+
+def class_quotas(predicted_counts: np.ndarray, budget: int, alpha: float) -> np.ndarray:
+    """Integer quotas K_c ∝ N_c^alpha summing to at most ``budget`` (0 for absent classes).
+
+    Remainders go to the classes with the largest fractional parts; no quota exceeds N_c.
+    """
+    counts = predicted_counts.astype(np.float64)
+    weights = np.where(counts > 0, np.power(np.maximum(counts, 1.0), alpha), 0.0)
+    if weights.sum() == 0 or budget <= 0:
+        return np.zeros_like(predicted_counts, dtype=np.int64)
+    ideal = budget * weights / weights.sum()
+    quotas = np.floor(ideal).astype(np.int64)
+    leftover = budget - int(quotas.sum())
+    order = np.argsort(-(ideal - quotas), kind="stable")
+    quotas[order[:leftover]] += 1
+    return np.minimum(quotas, predicted_counts.astype(np.int64))
+
+
+def select(
+    scores: np.ndarray, predicted: np.ndarray, num_classes: int, config: SelectionConfig
+) -> np.ndarray:
+    """Sorted indices of the kept reference images."""
+    n = scores.shape[0]
+    budget = max(1, round(config.keep * n))
+    order = np.argsort(scores, kind="stable")
+    if config.strategy == "lowest":
+        return np.sort(order[:budget])
+    if config.strategy == "inverse":
+        return np.sort(order[::-1][:budget])
+    counts = np.bincount(predicted, minlength=num_classes)
+    quotas = class_quotas(counts, round(config.reserve * budget), config.alpha)
+    kept = np.zeros(n, dtype=bool)
+    ranked_classes = predicted[order]
+    for c in np.flatnonzero(quotas):
+        kept[order[ranked_classes == c][: quotas[c]]] = True
+    remaining = budget - int(kept.sum())
+    if remaining > 0:
+        kept[order[~kept[order]][:remaining]] = True
+    return np.flatnonzero(kept)
