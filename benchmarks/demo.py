@@ -60,7 +60,9 @@ def run(cmd: list[str], log: Path) -> str:
     return proc.stdout
 
 
-def pixel_baseline(task_dir: Path, budget: int, seeds: tuple[int, ...]) -> dict[str, Any]:
+def pixel_baseline(
+    task_dir: Path, budget: int, seeds: tuple[int, ...], steps: int
+) -> dict[str, Any]:
     """Send real target training images (native 8x8, zstd-19) within ``budget`` bytes."""
     import torch
     import zstandard
@@ -94,7 +96,7 @@ def pixel_baseline(task_dir: Path, budget: int, seeds: tuple[int, ...]) -> dict[
     images = np.rint(np.clip(large, 0, 1) * 255).astype(np.uint8)[:, None]
     accs = []
     for seed in seeds:
-        config = TrainConfig(min_steps=250, max_steps=250, label_smoothing=0.1, seed=seed)
+        config = TrainConfig(min_steps=steps, max_steps=steps, label_smoothing=0.1, seed=seed)
         data = (torch.from_numpy(images), torch.from_numpy(labels))
         model = train_classifier(data, 10, config, progress=False).model
         accs.append(accuracy(model, torch.from_numpy(test.images), torch.from_numpy(test.labels)))
@@ -106,6 +108,8 @@ def main() -> None:
     parser.add_argument("--work", default="work/demo")
     parser.add_argument("--reference", default="glyphs")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--steps", type=int, default=250, help="student optimizer steps")
+    parser.add_argument("--teacher-epochs", type=int, default=40)
     args = parser.parse_args()
     started = time.perf_counter()
     work = Path(args.work)
@@ -122,7 +126,8 @@ def main() -> None:
     sender_fp = run([*send, "reference", *sender_ref], logs / "sender-reference.log").split()[-1]
     run(
         [*send, "score", *sender_ref, "--train", str(work / "task/train.npz"),
-         "--test", str(work / "task/test.npz"), "--out", str(work / "sender"), "--quiet"],
+         "--test", str(work / "task/test.npz"), "--out", str(work / "sender"), "--quiet",
+         "--teacher-epochs", str(args.teacher_epochs)],
         logs / "score.log",
     )  # fmt: skip
     score_report = json.loads((work / "sender/score_report.json").read_text())
@@ -149,6 +154,7 @@ def main() -> None:
         run(
             [*receive, "train", str(work / "payloads" / f"{scheme.name}.plada"), *receiver_ref,
              "--holdout", str(work / "task/test.npz"), "--seeds", *map(str, args.seeds),
+             "--min-steps", str(args.steps), "--max-steps", str(args.steps),
              "--out", str(out), "--quiet"],
             logs / f"train-{scheme.name}.log",
         )  # fmt: skip
@@ -157,7 +163,7 @@ def main() -> None:
     print("baseline: real target pixels in the same byte budget:")
     budget = payloads[BUDGET_SCHEME]["payload_bytes"]
     t0 = time.perf_counter()
-    pixels = pixel_baseline(work / "task", budget, tuple(args.seeds))
+    pixels = pixel_baseline(work / "task", budget, tuple(args.seeds), args.steps)
     print(
         f"  [{time.perf_counter() - t0:5.1f}s] {pixels['images']} images "
         f"in {pixels['payload_bytes']} bytes"

@@ -23,7 +23,6 @@ from protocol.task_data import LabeledImages
 from sender import index as faiss_index
 from sender.scoring import energy, entropy, knn_domain_gap, knn_relevance
 from sender.selection import SelectionConfig, select
-from sender.teachers import CnnTeacher, ProbeTeacher
 
 SCORES_FILE = "scores.npz"
 REFERENCE_EMBEDDINGS = "reference_embeddings.npy"
@@ -57,6 +56,8 @@ def score_reference(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the teacher, score every reference image, and write the work directory."""
+    from sender.teachers import CnnTeacher, ProbeTeacher  # torch: only the scoring stage needs it
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if test is not None and test.class_names != train.class_names:

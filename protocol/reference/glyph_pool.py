@@ -20,7 +20,7 @@ from protocol.world import glyphs
 
 # Fingerprint of the default world (seed 0, 700 images per concept), published so that
 # a device can tell that its regenerated pool is byte-identical to everyone else's.
-DEFAULT_FINGERPRINT = "TO-BE-FILLED"
+DEFAULT_FINGERPRINT = "7ae5b8f90e9e18eb133e3b8bb45b0177152a438d5882f39ccd266bd9f3acdcca"
 
 
 def parse_glyph_spec(spec: str) -> glyphs.GlyphWorldSpec:

@@ -97,7 +97,7 @@ class Concept:
 
 
 def all_concepts() -> tuple[Concept, ...]:
-    """Every concept of the default world, sorted by name (the manifest order)."""
+    """Every concept of the default world, in manifest (key) order."""
     text = _TEXT_FONTS + _TEX_FONTS
     concepts = [Concept(f"digit-{d}", str(d), text) for d in range(10)]
     concepts += [Concept(f"latin-upper-{c}", c, text) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
@@ -113,7 +113,8 @@ def all_concepts() -> tuple[Concept, ...]:
     ]
     concepts += [Concept(f"symbol-{name}", char, _TEXT_FONTS) for name, char in _SYMBOLS.items()]
     concepts += [Concept(f"shape-{name}", char, _TEXT_FONTS) for name, char in _SHAPES.items()]
-    return tuple(sorted(concepts, key=lambda concept: concept.name))
+    # manifest order is key order: sort by "<name>/" so "a-b/..." precedes "a/..."
+    return tuple(sorted(concepts, key=lambda concept: concept.name + "/"))
 
 
 @dataclass(frozen=True)

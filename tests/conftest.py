@@ -1,0 +1,42 @@
+"""Shared fixtures: a reduced glyph world cached once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_CONCEPTS = (
+    *(f"digit-{d}" for d in range(10)),
+    "latin-upper-O", "latin-upper-S", "latin-upper-Z", "latin-lower-l", "latin-lower-g",
+    "latin-lower-b", "symbol-at", "symbol-equals", "symbol-hash", "shape-star",
+    "shape-circle", "greek-lower-alpha", "greek-upper-sigma", "symbol-plus",
+)  # fmt: skip
+SMALL_PER = 120
+SMALL_SPEC = f"glyphs:per={SMALL_PER},concepts={'+'.join(SMALL_CONCEPTS)}"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("plada-cache")
+
+
+@pytest.fixture(scope="session")
+def small_pool(cache_dir: Path):
+    from protocol.reference.base import open_reference
+
+    return open_reference(SMALL_SPEC, cache_dir)
+
+
+@pytest.fixture
+def cli_env() -> dict[str, str]:
+    """Environment for running the real CLIs in subprocesses."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+PYTHON = sys.executable

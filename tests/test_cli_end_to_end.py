@@ -1,0 +1,117 @@
+"""The real CLIs in subprocesses: sender -> payload file -> receiver, on a reduced world."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMALL_SPEC
+
+
+def cli(name: str) -> list[str]:
+    script = Path(sys.executable).parent / name
+    if script.exists():
+        return [str(script)]
+    return [
+        sys.executable,
+        "-m",
+        {"plada-send": "sender.cli", "plada-receive": "receiver.cli"}[name],
+    ]
+
+
+def run(args: list[str], env: dict[str, str], expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert proc.returncode == expect, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import os
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    root = tmp_path_factory.mktemp("e2e")
+    task, work = root / "task", root / "work"
+    sender_cache, receiver_cache = root / "sender-cache", root / "receiver-cache"
+    send, receive = cli("plada-send"), cli("plada-receive")
+    run([*send, "task", "digits", "--out", str(task)], env)
+    run(
+        [*send, "score", "--reference", SMALL_SPEC, "--cache-dir", str(sender_cache),
+         "--train", str(task / "train.npz"), "--test", str(task / "test.npz"),
+         "--out", str(work), "--teacher-epochs", "15", "--quiet"],
+        env,
+    )  # fmt: skip
+    payload = root / "task.plada"
+    selected = run(
+        [*send, "select", str(work), "--keep", "0.1", "--out", str(payload),
+         "--json", str(root / "select.json")],
+        env,
+    )  # fmt: skip
+    trained = run(
+        [*receive, "train", str(payload), "--reference", SMALL_SPEC,
+         "--cache-dir", str(receiver_cache), "--holdout", str(task / "test.npz"),
+         "--min-steps", "150", "--max-steps", "150", "--out", str(root / "student"), "--quiet"],
+        env,
+    )  # fmt: skip
+    return {
+        "root": root, "payload": payload, "env": env, "select_out": selected.stdout,
+        "train_out": trained.stdout, "receiver_cache": receiver_cache,
+    }  # fmt: skip
+
+
+def test_student_beats_chance_and_payload_is_small(flow) -> None:
+    report = json.loads((flow["root"] / "student" / "report.json").read_text())
+    assert report["accuracy_mean"] > 0.4, report  # 10 classes: chance is 0.1
+    size = flow["payload"].stat().st_size
+    assert size < 1_000_000 and report["payload_bytes"] == size
+    assert (flow["root"] / "student" / "model-seed0.pt").is_file()
+    summary = json.loads((flow["root"] / "select.json").read_text())
+    assert summary["leakage"]["test_images_checked"] == 899
+    assert "payload" in flow["select_out"] and "holdout accuracy" in flow["train_out"]
+
+
+def test_receiver_verifies_good_payload(flow) -> None:
+    out = run(
+        [*cli("plada-receive"), "verify", str(flow["payload"]), "--reference", SMALL_SPEC,
+         "--cache-dir", str(flow["receiver_cache"])],
+        flow["env"],
+    )  # fmt: skip
+    assert out.stdout.startswith("ok:")
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        (lambda b: b[: len(b) // 2], "TruncatedPayloadError"),
+        (lambda b: b"not a payload at all", "NotAPayloadError"),
+        (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "DigestMismatchError"),
+    ],
+)
+def test_receiver_rejects_damaged_payloads(flow, damage, error) -> None:
+    bad = flow["root"] / "bad.plada"
+    bad.write_bytes(damage(flow["payload"].read_bytes()))
+    out = run(
+        [*cli("plada-receive"), "verify", str(bad), "--reference", SMALL_SPEC,
+         "--cache-dir", str(flow["receiver_cache"])],
+        flow["env"],
+        expect=2,
+    )  # fmt: skip
+    assert error in out.stderr and "Traceback" not in out.stderr
+
+
+def test_receiver_rejects_payload_for_another_reference(flow) -> None:
+    other = SMALL_SPEC.replace("glyphs:", "glyphs:seed=7,")
+    out = run(
+        [*cli("plada-receive"), "verify", str(flow["payload"]), "--reference", other,
+         "--cache-dir", str(flow["receiver_cache"])],
+        flow["env"],
+        expect=2,
+    )  # fmt: skip
+    assert "ReferenceMismatchError" in out.stderr and "sync the reference set" in out.stderr

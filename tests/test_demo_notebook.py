@@ -1,0 +1,55 @@
+"""The demo driver on a reduced world, then the notebook executed on its report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, SMALL_SPEC
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("demo")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.demo", "--work", str(work), "--reference", SMALL_SPEC,
+         "--seeds", "0", "--steps", "40", "--teacher-epochs", "5"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == f"report: {work / 'report.json'}"
+    return work / "report.json", proc.stdout
+
+
+def test_demo_report_has_every_row(demo_report) -> None:
+    path, stdout = demo_report
+    report = json.loads(path.read_text())
+    schemes = [row["scheme"] for row in report["rows"]]
+    assert schemes == [
+        "vanilla-1", "vanilla-5", "paper-safety-1", "safety-1", "safety-5", "inverse-1", "pixels"
+    ]  # fmt: skip
+    budget = next(r for r in report["rows"] if r["scheme"] == "safety-1")["payload_bytes"]
+    pixels = next(r for r in report["rows"] if r["scheme"] == "pixels")
+    assert pixels["payload_bytes"] <= budget
+    assert report["reference"]["fingerprint"] == report["reference_fingerprint_receiver"]
+    assert "teacher" in stdout and "student accuracy" in stdout
+
+
+def test_notebook_executes_on_the_report(demo_report) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    path, _ = demo_report
+    notebook = nbformat.read(ROOT / "notebooks" / "demo_report.ipynb", as_version=4)
+    os.environ["PLADA_REPORT"] = str(path)
+    try:
+        NotebookClient(notebook, timeout=300, kernel_name="python3").execute()
+    finally:
+        del os.environ["PLADA_REPORT"]
+    assert (path.parent / "accuracy_vs_bytes.png").stat().st_size > 10_000

@@ -1,0 +1,87 @@
+"""A real open_clip architecture with random weights, saved to a file and loaded by path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from protocol.errors import WeightsError
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    config = folder / "plada-tiny-vit.json"
+    config.write_text(json.dumps(TINY))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("plada-tiny-vit", pretrained=None)
+    weights = folder / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    return "plada-tiny-vit", str(weights)
+
+
+def test_embeds_generated_images(tiny_clip, small_pool) -> None:
+    from sender.embedders import OpenClipEmbedder
+
+    embedder = OpenClipEmbedder(*tiny_clip)
+    images = small_pool.load(np.arange(0, 40, 4))
+    first = embedder.embed(images, batch_size=4)
+    assert first.shape == (10, 32) and first.dtype == np.float32
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(embedder.embed(images), first, atol=1e-5)  # batch size does not matter
+    assert not np.allclose(first[0], first[5])
+
+
+def test_loaded_weights_are_the_saved_ones(tiny_clip) -> None:
+    import open_clip
+
+    from sender.embedders import OpenClipEmbedder
+
+    saved = torch.load(tiny_clip[1], weights_only=True)
+    loaded = OpenClipEmbedder(*tiny_clip).model.state_dict()
+    assert torch.equal(saved["visual.conv1.weight"], loaded["visual.conv1.weight"])
+    assert "plada-tiny-vit" in open_clip.list_models()
+
+
+def test_missing_or_unreadable_weights(tiny_clip, tmp_path) -> None:
+    from sender.embedders import OpenClipEmbedder
+
+    with pytest.raises(WeightsError, match="not found"):
+        OpenClipEmbedder(tiny_clip[0], tmp_path / "absent.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot load"):
+        OpenClipEmbedder(tiny_clip[0], junk)
+
+
+def test_probe_teacher_on_clip_embeddings_makes_a_valid_payload(tiny_clip, small_pool, tmp_path):
+    from protocol.payload import read_payload
+    from protocol.world.digits import load_digits_split
+    from sender.embedders import OpenClipEmbedder
+    from sender.pipeline import make_payload, score_reference
+    from sender.selection import SelectionConfig
+
+    train, test = load_digits_split()
+    summary = score_reference(
+        small_pool, train, test, tmp_path, teacher_kind="probe",
+        embedder=OpenClipEmbedder(*tiny_clip), progress=False,
+    )  # fmt: skip
+    assert summary["embedder"] == "open_clip:plada-tiny-vit"
+    assert summary["teacher"]["test_accuracy"] > 0.3  # random CLIP weights still separate digits
+    out = tmp_path / "probe.plada"
+    made = make_payload(tmp_path, SelectionConfig(keep=0.05), out)
+    payload = read_payload(out)
+    payload.check_reference(small_pool.manifest)
+    assert payload.count == made["kept"] == round(0.05 * len(small_pool))

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import ConfigError
+from sender.scoring import energy, entropy, knn_relevance, l2_normalize
+from sender.selection import SelectionConfig, class_quotas, select
+
+
+def test_energy_and_entropy_match_torch() -> None:
+    logits = np.random.default_rng(0).normal(size=(50, 7)).astype(np.float32) * 5
+    t = torch.from_numpy(logits)
+    assert np.allclose(energy(logits), -torch.logsumexp(t, 1).numpy(), atol=1e-5)
+    assert np.allclose(energy(logits, 2.0), -2 * torch.logsumexp(t / 2, 1).numpy(), atol=1e-5)
+    p = torch.softmax(t, 1)
+    assert np.allclose(entropy(logits), -(p * p.log()).sum(1).numpy(), atol=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 10_000), min_size=2, max_size=30),
+    st.integers(0, 5000),
+    st.floats(-1.0, 1.0),
+)
+def test_quotas_sum_to_budget_and_respect_supply(counts, budget, alpha) -> None:
+    counts = np.asarray(counts)
+    quotas = class_quotas(counts, budget, alpha)
+    assert np.all(quotas <= counts) and np.all(quotas >= 0)
+    assert quotas.sum() <= budget
+    if budget <= counts.sum() and np.all(quotas < counts):
+        assert quotas.sum() == budget
+    assert np.all(quotas[counts == 0] == 0)
+
+
+def test_negative_alpha_favours_rare_classes() -> None:
+    quotas = class_quotas(np.array([10_000, 100]), 100, -0.5)
+    assert quotas[1] > quotas[0]
+    assert class_quotas(np.array([10_000, 100]), 100, 0.0).tolist() == [50, 50]
+
+
+def test_strategies() -> None:
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=1000)
+    predicted = np.where(np.arange(1000) < 990, 0, 1)  # class 1 is rare
+    low = select(scores, predicted, 2, SelectionConfig("lowest", keep=0.05))
+    inv = select(scores, predicted, 2, SelectionConfig("inverse", keep=0.05))
+    net = select(scores, predicted, 2, SelectionConfig("safety-net", keep=0.05, alpha=0, reserve=1))
+    assert len(low) == len(inv) == len(net) == 50
+    assert np.all(np.diff(net) > 0)
+    assert scores[low].max() <= np.sort(scores)[49] and scores[inv].min() >= np.sort(scores)[-50]
+    assert np.sum(predicted[net] == 1) == 10  # all of the rare class, quota 25 capped at 10
+    with pytest.raises(ConfigError):
+        SelectionConfig("random")
+
+
+def test_knn_relevance_prefers_images_near_their_predicted_class() -> None:
+    task = l2_normalize(np.array([[1, 0], [0, 1]], dtype=np.float32))
+    ref = l2_normalize(np.array([[1, 0.1], [1, 0.9], [0.1, 1]], dtype=np.float32))
+    scores = knn_relevance(ref, np.array([0, 0, 1]), task, np.array([0, 1]), k=1)
+    assert scores[0] < scores[1]  # (1, .1) is closer to class 0's image than (1, .9)
+    assert scores[2] < scores[1]
