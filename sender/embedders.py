@@ -82,3 +82,25 @@ class TeacherFeatureEmbedder:
         _, features = predict(self.model, torch.from_numpy(images), batch_size, with_features=True)
         assert features is not None
         return l2_normalize(features.numpy())
+
+
+class PixelEmbedder:
+    """Mean-centred, L2-normalised pixels at ``side`` x ``side``: a class-agnostic embedding.
+
+    Used for near-duplicate (leakage) checks when the teacher's own features are
+    class-discriminative (same-class images look alike to them); an exact or
+    lightly re-encoded copy of an image scores a cosine near 1.
+    """
+
+    name = "pixels"
+
+    def __init__(self, side: int = 16) -> None:
+        self.side = side
+
+    def embed(self, images: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+        out = []
+        for start in range(0, images.shape[0], batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).float()
+            x = torch.nn.functional.adaptive_avg_pool2d(x, self.side).flatten(1)
+            out.append((x - x.mean(dim=1, keepdim=True)).numpy())
+        return l2_normalize(np.concatenate(out))

@@ -56,7 +56,8 @@ def score_reference(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the teacher, score every reference image, and write the work directory."""
-    from sender.teachers import CnnTeacher, ProbeTeacher  # torch: only the scoring stage needs it
+    from sender.embedders import PixelEmbedder  # torch: only the scoring stage needs it
+    from sender.teachers import CnnTeacher, ProbeTeacher
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,11 +77,14 @@ def score_reference(
         score_start = time.perf_counter()
         logits, ref_emb = teacher.logits(images)
         _, train_emb = teacher.logits(train.images)
-        test_emb = None
         if test is not None:
-            test_logits, test_emb = teacher.logits(test.images)
+            test_logits, _ = teacher.logits(test.images)
             teacher_accuracy = float((test_logits.argmax(1) == test.labels).mean())
-        embedder_name = "teacher-features"
+        embedder_name, duplicate_embedder_name = "teacher-features", "pixels"
+        # the teacher's features cluster by class, so duplicates are looked for in pixels
+        duplicate_embedder = PixelEmbedder()
+        dup_ref = duplicate_embedder.embed(images)
+        dup_test = None if test is None else duplicate_embedder.embed(test.images)
     elif teacher_kind == "probe":
         if embedder is None:
             raise ConfigError(
@@ -92,11 +96,11 @@ def score_reference(
         probe = ProbeTeacher(seed=seed)
         report = probe.fit(train_emb, train.labels)
         logits = probe.logits(ref_emb)
-        test_emb = None
+        dup_ref, dup_test = ref_emb, None
         if test is not None:
-            test_emb = embedder.embed(test.images)
-            teacher_accuracy = float((probe.logits(test_emb).argmax(1) == test.labels).mean())
-        embedder_name = embedder.name
+            dup_test = embedder.embed(test.images)
+            teacher_accuracy = float((probe.logits(dup_test).argmax(1) == test.labels).mean())
+        embedder_name = duplicate_embedder_name = embedder.name
     else:
         raise ConfigError(f"unknown teacher {teacher_kind!r} (cnn or probe)")
     predicted = logits.argmax(1).astype(np.int64)
@@ -106,11 +110,11 @@ def score_reference(
         "knn": knn_relevance(ref_emb, predicted, train_emb, train.labels, knn_k),
     }
     scoring_seconds = time.perf_counter() - score_start
-    index = faiss_index.build_index(ref_emb)
+    index = faiss_index.build_index(dup_ref)
     faiss_index.save_index(index, out / INDEX_FILE)
-    np.save(out / REFERENCE_EMBEDDINGS, ref_emb.astype(np.float16))
-    if test_emb is not None:
-        np.save(out / TEST_EMBEDDINGS, test_emb.astype(np.float16))
+    np.save(out / REFERENCE_EMBEDDINGS, dup_ref.astype(np.float16))
+    if dup_test is not None:
+        np.save(out / TEST_EMBEDDINGS, dup_test.astype(np.float16))
     np.savez(
         out / SCORES_FILE,
         predicted=predicted,
@@ -130,6 +134,7 @@ def score_reference(
         },
         "teacher": asdict(report) | {"test_accuracy": teacher_accuracy},
         "embedder": embedder_name,
+        "duplicate_check_embedder": duplicate_embedder_name,
         "domain_gap_knn_similarity": knn_domain_gap(ref_emb, train_emb),
         "predicted_histogram": np.bincount(predicted, minlength=len(train.class_names)).tolist(),
         "scoring_seconds": scoring_seconds,
