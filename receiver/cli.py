@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from protocol.errors import PladaError
+from protocol.cli_support import run_cli
 from protocol.reference.options import add_reference_options, print_reference, reference_from_args
 
 
@@ -82,12 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; typed errors become one-line messages and exit status 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except PladaError as exc:
-        print(f"plada-receive: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

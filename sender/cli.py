@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from protocol.errors import PladaError
+from protocol.cli_support import run_cli
+from protocol.errors import ConfigError
 from protocol.reference.options import add_reference_options, print_reference, reference_from_args
 
 
@@ -21,7 +22,7 @@ def _cmd_task(args: argparse.Namespace) -> int:
     from protocol.world.digits import load_digits_split
 
     if args.name != "digits":
-        raise PladaError(f"unknown built-in task {args.name!r} (available: digits)")
+        raise ConfigError(f"unknown built-in task {args.name!r} (available: digits)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_digits_split(seed=args.seed)
@@ -38,7 +39,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     embedder = None
     if args.clip_model or args.clip_weights:
         if not (args.clip_model and args.clip_weights):
-            raise PladaError("give both --clip-model and --clip-weights")
+            raise ConfigError("give both --clip-model and --clip-weights")
         from sender.embedders import OpenClipEmbedder
 
         embedder = OpenClipEmbedder(args.clip_model, args.clip_weights, args.device)
@@ -136,12 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; typed errors become one-line messages and exit status 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except PladaError as exc:
-        print(f"plada-send: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":
