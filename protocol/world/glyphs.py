@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -363,24 +362,6 @@ def render_concept(concept: Concept, seed: int, block: int, count: int) -> np.nd
     noise = rng.uniform(0.0, 0.05, count)[:, None, None] * rng.bell((count, IMAGE_SIZE, IMAGE_SIZE))
     value = background + (contrast - background) * small + noise
     return np.rint(np.clip(value, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def generate(spec: GlyphWorldSpec, progress: bool = False) -> np.ndarray:
-    """Generate the whole pool for ``spec`` as uint8 [n, 32, 32], in manifest order."""
-    concepts = spec.concepts()
-    images = np.empty((len(concepts) * spec.images_per_concept, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    order = {concept.name: i for i, concept in enumerate(all_concepts())}
-    iterator: Sequence[Concept] = concepts
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(concepts, desc="glyph world", unit="concept", leave=False)
-    for i, concept in enumerate(iterator):
-        start = i * spec.images_per_concept
-        images[start : start + spec.images_per_concept] = render_concept(
-            concept, spec.seed, order[concept.name], spec.images_per_concept
-        )
-    return images
 
 
 def manifest_for(spec: GlyphWorldSpec, images: np.ndarray) -> ReferenceManifest:
