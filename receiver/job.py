@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ def run_job(
     runs = []
     data = (torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
     for seed in settings.seeds:
-        config = TrainConfig(**{**settings.train.__dict__, "seed": seed})
+        config = replace(settings.train, seed=seed)
         result = train_classifier(
             data, len(payload.class_names), config, reference.in_channels, progress=progress
         )
@@ -104,7 +104,7 @@ def run_job(
         "classes": list(payload.class_names),
         "class_histogram": payload.class_histogram(),
         "model": settings.train.model,
-        "train_config": {k: v for k, v in settings.train.__dict__.items() if k != "seed"},
+        "train_config": {k: v for k, v in asdict(settings.train).items() if k != "seed"},
         "runs": runs,
         "holdout_images": None if holdout is None else len(holdout),
         "accuracy_mean": float(np.mean(accuracies)) if accuracies else None,

@@ -21,7 +21,7 @@ from protocol.payload import Payload, encode_payload, information_bound_bytes, w
 from protocol.reference.base import ReferenceSource
 from protocol.task_data import LabeledImages
 from sender import index as faiss_index
-from sender.scoring import energy, entropy, knn_domain_gap, knn_relevance
+from sender.scoring import SCORES, energy, entropy, knn_domain_gap, knn_relevance
 from sender.selection import SelectionConfig, select
 
 SCORES_FILE = "scores.npz"
@@ -158,9 +158,9 @@ def make_payload(
     path = work / SCORES_FILE
     if not path.is_file():
         raise ConfigError(f"{path} not found: run 'plada-send score' first")
+    if score not in SCORES:
+        raise ConfigError(f"unknown score {score!r} (one of {', '.join(SCORES)})")
     with np.load(path, allow_pickle=False) as data:
-        if score not in data.files or score in ("predicted",):
-            raise ConfigError(f"unknown score {score!r} (energy, entropy or knn)")
         scores = data[score]
         predicted = data["predicted"]
         class_names = tuple(str(c) for c in data["class_names"])
