@@ -68,8 +68,7 @@ def pixel_baseline(
     import zstandard
 
     from protocol.task_data import load_labeled_images
-    from protocol.world.digits import load_digits_split
-    from protocol.world.glyphs import IMAGE_SIZE, apply_separable, resize_matrix
+    from protocol.world.digits import load_digits_split, upscale_digits
     from receiver.training import TrainConfig, accuracy, train_classifier
 
     native, _ = load_digits_split(native=True)
@@ -91,9 +90,9 @@ def pixel_baseline(
     blob = encoded(count)
     raw = zstandard.ZstdDecompressor().decompress(blob)
     labels = np.frombuffer(raw[:count], dtype=np.uint8).astype(np.int64)
-    small = np.frombuffer(raw[count:], dtype=np.uint8).reshape(count, 8, 8) / 16.0
-    large = apply_separable(small, resize_matrix(8, IMAGE_SIZE))
-    images = np.rint(np.clip(large, 0, 1) * 255).astype(np.uint8)[:, None]
+    images = upscale_digits(np.frombuffer(raw[count:], dtype=np.uint8).reshape(count, 8, 8))[
+        :, None
+    ]
     accs = []
     for seed in seeds:
         config = TrainConfig(min_steps=steps, max_steps=steps, label_smoothing=0.1, seed=seed)

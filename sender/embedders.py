@@ -1,4 +1,4 @@
-"""Image embedders: open_clip from local weights (production) or a teacher's features (demo)."""
+"""Image embedders: open_clip from local weights (production) and pixels (duplicate checks)."""
 
 from __future__ import annotations
 
@@ -67,21 +67,6 @@ class OpenClipEmbedder:
             )
             out.append(self.model.encode_image((x - mean) / std).float().cpu().numpy())
         return l2_normalize(np.concatenate(out))
-
-
-class TeacherFeatureEmbedder:
-    """Penultimate features of a trained image teacher (the demo world's embedder)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.name = "teacher-features"
-
-    def embed(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        from receiver.training import predict
-
-        _, features = predict(self.model, torch.from_numpy(images), batch_size, with_features=True)
-        assert features is not None
-        return l2_normalize(features.numpy())
 
 
 class PixelEmbedder:

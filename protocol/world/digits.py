@@ -15,6 +15,13 @@ from protocol.world.glyphs import IMAGE_SIZE, apply_separable, resize_matrix
 CLASS_NAMES = tuple(str(d) for d in range(10))
 
 
+def upscale_digits(native: np.ndarray) -> np.ndarray:
+    """Native 8x8 digits (values 0..16, [N, 8, 8]) -> uint8 [N, 32, 32], as the pool's resize."""
+    small = native.astype(np.float64) / 16.0
+    large = apply_separable(small, resize_matrix(8, IMAGE_SIZE))
+    return np.rint(np.clip(large, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def load_digits_split(seed: int = 0, native: bool = False) -> tuple[LabeledImages, LabeledImages]:
     """(train, test) halves of the digits task as 32x32 uint8 images.
 
@@ -25,11 +32,9 @@ def load_digits_split(seed: int = 0, native: bool = False) -> tuple[LabeledImage
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    small = digits.images.astype(np.float64) / 16.0
-    large = apply_separable(small, resize_matrix(8, IMAGE_SIZE))
-    images = np.rint(np.clip(large, 0.0, 1.0) * 255.0).astype(np.uint8)
-    if native:
-        images = digits.images.astype(np.uint8)
+    images = digits.images.astype(np.uint8)
+    if not native:
+        images = upscale_digits(images)
     labels = digits.target.astype(np.int64)
     train_idx, test_idx = train_test_split(
         np.arange(labels.size), test_size=0.5, stratify=labels, random_state=seed
