@@ -1,0 +1,250 @@
+"""Sender at ImageNet-21K scale: stream-score and select n x 512 fp16 embeddings.
+
+Writes a synthetic embeddings directory in plada's on-disk format (clustered unit
+vectors, n = 14.2M by default: 14.5 GB), then for each class count k runs the real
+scoring pass (``sender.stream_scoring`` over ``EmbeddingStore``) and the real
+selection (safety-net, 1%) in a fresh process, and prints wall time, rows/s, peak
+resident memory and the ratio to two floors measured in the same run:
+
+- read floor: the file's size over its sequential read bandwidth (warm page cache);
+- GEMM floor: 2 n d k FLOP over this machine's fp32 GEMM rate (torch, all cores).
+
+A naive baseline (numpy memmap + ``astype`` + numpy matmul + scipy logsumexp, the
+obvious implementation) runs on a slice and is extrapolated to n.
+
+    python -m benchmarks.sender_scale [--n 14200000] [--work work/scale] [--k 10 100 365]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIM = 512
+CENTERS = 4096
+
+
+def _store_is_ready(root: Path, n: int) -> bool:
+    from sender.embedding_store import F16_FILE, StoreMeta
+
+    try:
+        meta = StoreMeta.load(root)
+    except Exception:
+        return False
+    return meta.n == n and (root / F16_FILE).stat().st_size == n * DIM * 2
+
+
+def write_synthetic_store(root: Path, n: int, seed: int = 0) -> float:
+    """Clustered unit vectors in the embeddings-directory format; returns seconds."""
+    import torch
+    from tqdm import tqdm
+
+    from sender.embedding_store import F16_FILE, VALID_FILE, StoreMeta, write_json_atomic
+
+    started = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.nn.functional.normalize(torch.randn(CENTERS, DIM, generator=gen), dim=1)
+    chunk = 65536
+    with open(root / (F16_FILE + ".tmp"), "wb") as handle:
+        for start in tqdm(range(0, n, chunk), desc="writing embeddings", unit="chunk"):
+            rows = min(chunk, n - start)
+            which = torch.randint(0, CENTERS, (rows,), generator=gen)
+            x = centers[which] + torch.randn(rows, DIM, generator=gen) * (0.8 / DIM**0.5)
+            x = torch.nn.functional.normalize(x, dim=1).half()
+            handle.write(x.numpy().tobytes())
+    os.replace(root / (F16_FILE + ".tmp"), root / F16_FILE)
+    np.save(root / VALID_FILE, np.ones(n, dtype=bool))
+    meta = StoreMeta(
+        model="synthetic", pretrained="none", dim=DIM, n=n, part_rows=65536,
+        reference_name="synthetic-21k", reference_fingerprint="00" * 32,
+    )  # fmt: skip
+    from dataclasses import asdict
+
+    write_json_atomic(root / "meta.json", asdict(meta))
+    return time.perf_counter() - started
+
+
+def measure_read_bandwidth(path: Path) -> float:
+    """Bytes/s of a sequential readinto pass over the file (second pass: warm cache)."""
+    buffer = bytearray(16 << 20)
+    view = memoryview(buffer)
+    best = 0.0
+    for _ in range(2):
+        started = time.perf_counter()
+        total = 0
+        with open(path, "rb", buffering=0) as handle:
+            while got := handle.readinto(view):
+                total += got
+        best = max(best, total / (time.perf_counter() - started))
+    return best
+
+
+def measure_gemm_flops(k: int) -> float:
+    """Best fp32 FLOP/s of torch GEMMs shaped like the scoring pass, and a square one."""
+    import torch
+
+    best = 0.0
+    for rows, inner, cols in ((8192, DIM, max(k, 8)), (2048, 2048, 2048)):
+        a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+        out = torch.empty(rows, cols)
+        torch.mm(a, b, out=out)
+        repeats = max(3, int(2e10 / (2 * rows * inner * cols)))
+        started = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b, out=out)
+        best = max(best, 2 * rows * inner * cols * repeats / (time.perf_counter() - started))
+    return best
+
+
+def _head(k: int, seed: int = 1):
+    from sender.stream_scoring import LinearHead
+
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(k, DIM)).astype(np.float32)
+    weight *= 30.0 / np.linalg.norm(weight, axis=1, keepdims=True)  # a probe's logit scale
+    return LinearHead(weight, np.zeros(k, dtype=np.float32))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss survives exec on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_ours(store_dir: str, k: int, chunk_rows: int, source: str) -> dict[str, float]:
+    """Score + select in this (fresh) process; report times and peak memory."""
+    import torch
+
+    from sender.embedding_store import EmbeddingStore
+    from sender.selection import SelectionConfig, select
+    from sender.stream_scoring import score_chunks
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    store = EmbeddingStore(store_dir)
+    started = time.perf_counter()
+    scores = score_chunks(
+        store.iter_chunks(chunk_rows, source), store.n, _head(k), chunk_rows=chunk_rows,
+        progress=False,
+    )  # fmt: skip
+    scored = time.perf_counter()
+    kept = select(scores.energy, scores.predicted, k, SelectionConfig(keep=0.01))
+    done = time.perf_counter()
+    return {
+        "score_s": scored - started,
+        "select_s": done - scored,
+        "wall_s": done - started,
+        "kept": int(kept.size),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def child_naive(store_dir: str, k: int, rows: int) -> dict[str, float]:
+    """The obvious implementation on the first ``rows`` rows (numpy/scipy only)."""
+    from scipy.special import logsumexp
+
+    from sender.embedding_store import F16_FILE
+
+    head = _head(k)
+    mapped = np.memmap(Path(store_dir) / F16_FILE, dtype=np.float16, mode="r").reshape(-1, DIM)
+    started = time.perf_counter()
+    x = mapped[:rows].astype(np.float32)
+    logits = x @ head.weight.T + head.bias
+    energy = -logsumexp(logits, axis=1)
+    predicted = logits.argmax(axis=1)
+    seconds = time.perf_counter() - started
+    assert energy.shape == predicted.shape == (rows,)
+    return {"wall_s": seconds, "rows": rows}
+
+
+def _run_child(args: list[str]) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sender_scale", "--child", *args],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=14_200_000)
+    parser.add_argument("--work", default="work/scale")
+    parser.add_argument("--k", type=int, nargs="+", default=[10, 100, 365])
+    parser.add_argument("--chunk-rows", type=int, default=8192)
+    parser.add_argument("--source", choices=["f16", "i8"], default="f16")
+    parser.add_argument("--naive-rows", type=int, default=500_000)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, store, k, extra = args.child[0], args.child[1], int(args.child[2]), args.child[3]
+        if kind == "ours":
+            result = child_ours(store, k, args.chunk_rows, extra)
+        else:
+            result = child_naive(store, k, int(extra))
+        print(json.dumps(result))
+        return 0
+
+    root = Path(args.work) / f"n{args.n}"
+    if _store_is_ready(root, args.n):
+        print(f"reusing {root}")
+    else:
+        print(f"writing {args.n} x {DIM} fp16 to {root} ({args.n * DIM * 2 / 1e9:.1f} GB) ...")
+        print(f"  written in {write_synthetic_store(root, args.n):.1f}s")
+    f16 = root / "embeddings.f16"
+    if args.source == "i8" and not (root / "embeddings.i8").is_file():
+        parser.error("--source i8 needs the int8 copy (not written for synthetic data)")
+    bandwidth = measure_read_bandwidth(f16)
+    file_bytes = f16.stat().st_size
+    read_floor = file_bytes / bandwidth
+    print(f"read bandwidth (warm): {bandwidth / 1e9:.2f} GB/s -> read floor {read_floor:.1f}s")
+    rows = []
+    for k in args.k:
+        flops = measure_gemm_flops(k)
+        gemm_floor = 2 * args.n * DIM * k / flops
+        ours = _run_child(["ours", str(root), str(k), args.source])
+        naive = _run_child(["naive", str(root), str(k), str(min(args.naive_rows, args.n))])
+        naive_full = naive["wall_s"] * args.n / naive["rows"]
+        floor = max(read_floor, gemm_floor)
+        rows.append(
+            {
+                "k": k, "n": args.n, **ours, "rows_per_s": args.n / ours["score_s"],
+                "gemm_gflops": flops / 1e9, "gemm_floor_s": gemm_floor,
+                "read_floor_s": read_floor, "ratio_to_floor": ours["wall_s"] / floor,
+                "naive_extrapolated_s": naive_full,
+            }
+        )  # fmt: skip
+    header = (
+        f"{'k':>4} {'score s':>8} {'select s':>8} {'total s':>8} {'Mrows/s':>8} "
+        f"{'peak MB':>8} {'read fl.':>8} {'GEMM fl.':>8} {'x floor':>7} {'naive s':>8}"
+    )
+    print(f"\nn = {args.n:,} x {DIM} fp16, {os.cpu_count()} cores, keep 1% safety-net")
+    print(header)
+    for r in rows:
+        print(
+            f"{r['k']:>4} {r['score_s']:>8.1f} {r['select_s']:>8.1f} {r['wall_s']:>8.1f} "
+            f"{r['rows_per_s'] / 1e6:>8.2f} {r['peak_rss_mb']:>8.0f} {r['read_floor_s']:>8.1f} "
+            f"{r['gemm_floor_s']:>8.1f} {r['ratio_to_floor']:>7.2f} "
+            f"{r['naive_extrapolated_s']:>8.0f}"
+        )
+    print("x floor = total / max(read floor, GEMM floor); naive = numpy/scipy, extrapolated")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
