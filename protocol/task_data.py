@@ -72,29 +72,40 @@ def load_labeled_images(path: str | os.PathLike[str], size: int | None = None) -
     return LabeledImages(images=images, labels=labels, class_names=names, name=path.stem)
 
 
+def image_folder_files(
+    root: str | os.PathLike[str],
+) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    """(image files, int64 labels, sorted class names) of an ImageFolder ``<class>/<image>``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TaskDataError(f"{root} is not a directory: give an ImageFolder <class>/<image>")
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    if len(classes) < 2:
+        raise TaskDataError(f"{root}: an ImageFolder needs one sub-directory per class (>= 2)")
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(file)
+                labels.append(label)
+    if not files:
+        raise TaskDataError(f"{root}: no images found")
+    return files, np.asarray(labels, np.int64), classes
+
+
 def _load_image_folder(root: Path, size: int) -> LabeledImages:
     from PIL import Image, UnidentifiedImageError
 
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise TaskDataError(f"{root}: an ImageFolder needs one sub-directory per class (>= 2)")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(file) as img:
-                    rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            except (OSError, UnidentifiedImageError) as exc:
-                raise TaskDataError(f"cannot read image {file}: {exc}") from exc
-            images.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise TaskDataError(f"{root}: no images found")
+    files, labels, classes = image_folder_files(root)
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise TaskDataError(f"cannot read image {file}: {exc}") from exc
+        images.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
     return LabeledImages(
-        images=np.stack(images),
-        labels=np.asarray(labels, np.int64),
-        class_names=tuple(classes),
-        name=root.name,
+        images=np.stack(images), labels=labels, class_names=classes, name=root.name
     )

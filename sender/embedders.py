@@ -24,36 +24,65 @@ class Embedder(Protocol):
     def embed(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray: ...
 
 
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def load_open_clip(model_name: str, pretrained: str | os.PathLike[str], device: str = "cpu"):
+    """(model in eval mode, PIL preprocess transform) from a local file or a cached tag.
+
+    ``pretrained`` is a weights file, or an open_clip pretrained tag whose checkpoint
+    is already in the local Hugging Face cache; nothing is ever downloaded.
+    """
+    import open_clip
+
+    if model_name not in open_clip.list_models():
+        raise ConfigError(f"open_clip has no model {model_name!r}; see open_clip.list_models()")
+    text = str(pretrained)
+    if Path(text).is_file():
+        source = f"CLIP weights {text}"
+    elif _looks_like_path(text):
+        raise WeightsError(
+            f"CLIP weights {text} not found: copy the open_clip checkpoint for {model_name} "
+            "to this machine and pass its path (plada never downloads weights)"
+        )
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if text not in tags:
+            raise ConfigError(
+                f"{text!r} is neither a weights file nor a pretrained tag of {model_name} "
+                f"(tags: {', '.join(tags) or 'none'})"
+            )
+        os.environ["HF_HUB_OFFLINE"] = "1"  # cached checkpoints only
+        source = f"pretrained tag {text!r} of {model_name}"
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=text, device=device
+        )
+    except Exception as exc:  # open_clip raises RuntimeError/KeyError/OSError on bad files
+        raise WeightsError(
+            f"cannot load {source}: {exc}. Pass the path of a readable open_clip checkpoint "
+            "(tags work only when their checkpoint is already in the local cache)"
+        ) from exc
+    return model.eval(), preprocess
+
+
 class OpenClipEmbedder:
-    """CLIP image tower via open_clip, loaded from a local weights file (never downloaded)."""
+    """CLIP image (and text) towers via open_clip, from local weights (never downloaded)."""
 
     def __init__(
         self, model_name: str, weights: str | os.PathLike[str], device: str = "cpu"
     ) -> None:
-        import open_clip
-
-        path = Path(weights)
-        if not path.is_file():
-            raise WeightsError(
-                f"CLIP weights {path} not found: copy the open_clip checkpoint for {model_name} "
-                "to this machine and pass its path (plada never downloads weights)"
-            )
-        if model_name not in open_clip.list_models():
-            raise ConfigError(f"open_clip has no model {model_name!r}; see open_clip.list_models()")
-        try:
-            model, _, _ = open_clip.create_model_and_transforms(
-                model_name, pretrained=str(path), device=device
-            )
-        except Exception as exc:  # open_clip raises RuntimeError/KeyError/etc. on bad files
-            raise WeightsError(f"cannot load CLIP weights {path} into {model_name}: {exc}") from exc
-        self.model = model.eval()
+        self.model, self.preprocess = load_open_clip(model_name, weights, device)
+        self.model_name = model_name
         self.device = torch.device(device)
-        size = model.visual.image_size
+        size = self.model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.name = f"open_clip:{model_name}"
 
     @torch.no_grad()
     def embed(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Embed uint8 arrays [N, C, H, W] (resized bicubically to the model's input)."""
         mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
         out = []
@@ -67,6 +96,28 @@ class OpenClipEmbedder:
             )
             out.append(self.model.encode_image((x - mean) / std).float().cpu().numpy())
         return l2_normalize(np.concatenate(out))
+
+    @torch.no_grad()
+    def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """Embed a preprocessed batch [B, 3, S, S] (from :attr:`preprocess`)."""
+        batch = batch.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, torch.float16, enabled=self.device.type == "cuda"):
+            features = self.model.encode_image(batch)
+        return l2_normalize(features.float().cpu().numpy())
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised text-tower embeddings (open_clip's bundled tokenizer)."""
+        import open_clip
+
+        tokenizer = open_clip.get_tokenizer(self.model_name)
+        tokens = tokenizer(texts).to(self.device)
+        return l2_normalize(self.model.encode_text(tokens).float().cpu().numpy())
+
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's learned temperature (exp of the stored log scale)."""
+        return float(self.model.logit_scale.exp())
 
 
 class PixelEmbedder:

@@ -1,51 +1,59 @@
-"""A reference set stored as an ImageFolder tree: ``<block>/<file>`` (ImageNet-21K layout)."""
+"""A reference set stored as an ImageFolder tree: ``<wnid>/<file>.JPEG`` (ImageNet-21K)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-
-import numpy as np
 
 from protocol.errors import ReferenceSetError
 from protocol.manifest import ReferenceManifest
-from protocol.reference.base import ReferenceSource
-from protocol.task_data import IMAGE_SUFFIXES
+from protocol.reference.encoded import IMAGE_EXTENSIONS, EncodedReference, UnreadableImage
 
 
-class ImageFolderReference(ReferenceSource):
-    """Keys are ``<folder>/<file name>``; images are loaded as RGB at ``image_size``."""
+def _scan(root: Path) -> dict[str, str]:
+    """canonical key -> path relative to ``root``."""
+    found: dict[str, str] = {}
+    with os.scandir(root) as folders:
+        for folder in folders:
+            if not folder.is_dir() or folder.name.startswith("."):
+                continue
+            with os.scandir(folder.path) as files:
+                for entry in files:
+                    stem, ext = os.path.splitext(entry.name)
+                    if ext.lower() not in IMAGE_EXTENSIONS or not entry.is_file():
+                        continue
+                    key = f"{folder.name}/{stem}"
+                    if key in found:
+                        raise ReferenceSetError(
+                            f"{root}: {found[key]} and {folder.name}/{entry.name} have the same "
+                            "key; keep one image per file name"
+                        )
+                    found[key] = f"{folder.name}/{entry.name}"
+    return found
 
-    in_channels = 3
 
-    def __init__(self, root: Path, image_size: int = 64) -> None:
-        self.root = root
+class ImageFolderReference(EncodedReference):
+    """Images under ``root/<block>/``; key ``<block>/<file stem>``; loaded RGB at ``image_size``."""
+
+    def __init__(self, root: str | os.PathLike[str], image_size: int = 64) -> None:
+        self.root = Path(root)
         self.image_size = image_size
-        keys = [
-            f"{folder.name}/{file.name}"
-            for folder in root.iterdir()
-            if folder.is_dir()
-            for file in folder.iterdir()
-            if file.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not keys:
-            raise ReferenceSetError(f"{root} holds no <folder>/<image> files")
-        self.manifest = ReferenceManifest.from_unsorted(root.name, keys)
+        files = _scan(self.root)
+        if not files:
+            raise ReferenceSetError(f"{self.root} holds no <folder>/<image> files")
+        self.manifest = ReferenceManifest.from_unsorted(self.root.name, files)
+        self._files = [files[key] for key in self.manifest.keys]
 
-    def load(self, indices: np.ndarray) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+    def describe(self, index: int) -> str:
+        return str(self.root / self._files[index])
 
-        size = self.image_size
-        out = np.empty((len(indices), 3, size, size), dtype=np.uint8)
-        for row, index in enumerate(indices):
-            path = self.root / self.manifest.keys[int(index)]
-            try:
-                with Image.open(path) as img:
-                    rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            except FileNotFoundError as exc:
-                raise ReferenceSetError(
-                    f"reference image {path} is missing: restore it from the reference copy"
-                ) from exc
-            except (OSError, UnidentifiedImageError) as exc:
-                raise ReferenceSetError(f"reference image {path} is unreadable: {exc}") from exc
-            out[row] = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
-        return out
+    def read_bytes(self, index: int) -> bytes:
+        path = self.root / self._files[index]
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise UnreadableImage(
+                f"reference image {path} is missing: restore it from the reference copy"
+            ) from exc
+        except OSError as exc:
+            raise UnreadableImage(f"reference image {path} is unreadable: {exc}") from exc

@@ -1,0 +1,84 @@
+"""Reference sets stored as encoded image files (JPEG/PNG): ImageFolder trees, tar shards.
+
+Canonical keys are ``<block>/<stem>``: the synset folder and the original file name
+without its extension (``n01440764/n01440764_10026``). An ImageFolder file
+``n01440764/n01440764_10026.JPEG`` and a WebDataset sample with ``__key__``
+``n01440764_10026`` get the same key, so the same images give the same manifest
+fingerprint in either layout.
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol.errors import ReferenceSetError
+from protocol.reference.base import ReferenceSource
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """A reference image that could not be read, and why."""
+
+    index: int
+    key: str
+    reason: str
+
+
+class UnreadableImage(ReferenceSetError):
+    """One reference image is missing, truncated or not an image."""
+
+
+def decode_rgb(data: bytes, where: str):
+    """A fully decoded RGB PIL image, or :class:`UnreadableImage` naming ``where``."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode now: truncation surfaces here, not later
+            return img.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage(f"{where}: refused, too many pixels ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for bad/truncated data
+        raise UnreadableImage(f"{where}: not a readable image ({exc})") from exc
+
+
+class EncodedReference(ReferenceSource):
+    """A reference set whose images are encoded files addressed by manifest index."""
+
+    in_channels = 3
+    image_size: int
+
+    @abc.abstractmethod
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded file of image ``index`` (raises :class:`UnreadableImage`)."""
+
+    @abc.abstractmethod
+    def describe(self, index: int) -> str:
+        """Where image ``index`` lives, for messages."""
+
+    def read_image(self, index: int):
+        """Decoded RGB PIL image ``index`` (raises :class:`UnreadableImage`)."""
+        return decode_rgb(self.read_bytes(index), self.describe(index))
+
+    def try_read_image(self, index: int):
+        """(image, None) or (None, reason): for passes that skip bad images."""
+        try:
+            return self.read_image(index), None
+        except UnreadableImage as exc:
+            return None, str(exc)
+
+    def load(self, indices: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        size = self.image_size
+        out = np.empty((len(indices), 3, size, size), dtype=np.uint8)
+        for row, index in enumerate(indices):
+            img = self.read_image(int(index)).resize((size, size), Image.Resampling.BILINEAR)
+            out[row] = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+        return out
