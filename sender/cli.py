@@ -2,8 +2,12 @@
 
 plada-send task digits --out DIR          export the embedded default task
 plada-send reference --reference SPEC     build/verify a reference set, print its fingerprint
-plada-send score --reference SPEC --train T.npz [--test T.npz] --out WORK
-plada-send select WORK --strategy safety-net --keep 0.01 --out task.plada
+plada-send embed --reference SPEC --clip-model M --clip-weights W --out EMB [--shard i/N]
+plada-send merge EMB [--from OTHER ...] [--int8]
+plada-send index EMB [--memory-budget 4GB]
+plada-send score --embeddings EMB --clip-weights W --task DIR | --classes a,b --out WORK
+plada-send score --reference SPEC --train T.npz [--test T.npz] --out WORK   (image teacher)
+plada-send select WORK --strategy auto --keep 0.01 --out task.plada
 """
 
 from __future__ import annotations
@@ -32,7 +36,79 @@ def _cmd_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    number = text.upper().removesuffix("B")
+    unit = number[-1] if number and number[-1] in units else ""
+    try:
+        return int(float(number.removesuffix(unit) if unit else number) * units[unit])
+    except ValueError as exc:
+        raise ConfigError(f"cannot read {text!r} as a size (e.g. 4GB, 512MB)") from exc
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from sender.embed import embed_reference
+    from sender.embedding_store import parse_shard
+
+    shard = parse_shard(args.shard)
+    reference = reference_from_args(args)
+    for problem in getattr(reference, "problems", []):
+        print(f"warning: {problem}")
+    summary = embed_reference(
+        reference, args.out, args.clip_model, args.clip_weights, device=args.device,
+        batch_size=args.batch_size, workers=args.workers, part_rows=args.part_rows,
+        shard=shard, progress=not args.quiet,
+    )  # fmt: skip
+    print(
+        f"shard {args.shard}: {summary.parts_in_slice} of {summary.parts_total} parts, "
+        f"{summary.parts_resumed} already done, {summary.parts_written} written; "
+        f"{summary.images_embedded} images in {summary.seconds:.1f}s "
+        f"({summary.images_per_second:.0f} img/s), {summary.images_skipped} unreadable skipped"
+    )
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from sender.embed import merge_embeddings
+
+    summary = merge_embeddings(args.embeddings, args.sources, int8=args.int8)
+    print(
+        f"merged {summary['n']} x {summary['dim']} embeddings into {args.embeddings} "
+        f"({summary['valid']} readable, {summary['skipped']} skipped"
+        f"{', int8 copy' if summary['int8'] else ''})"
+    )
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    import time
+
+    from sender.embedding_store import EmbeddingStore
+    from sender.index import INDEX_FILE, build_store_index, save_index
+
+    started = time.perf_counter()
+    store = EmbeddingStore(args.embeddings)
+    index, plan = build_store_index(
+        store, _parse_bytes(args.memory_budget), kind=args.kind, progress=not args.quiet
+    )
+    out = args.out or str(store.root / INDEX_FILE)
+    save_index(index, out)
+    detail = ", ".join(f"{k}={v}" for k, v in plan.items())
+    print(f"index {out}: {index.ntotal} vectors ({detail}) in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
+    if args.embeddings:
+        args.teacher = args.teacher or "probe"
+        if args.teacher == "cnn":
+            raise ConfigError("the cnn teacher works on images: drop --embeddings")
+        return _score_embeddings(args)
+    args.teacher = args.teacher or "cnn"
+    if args.teacher not in ("cnn", "probe"):
+        raise ConfigError(f"--teacher {args.teacher} needs --embeddings (see 'plada-send embed')")
+    if not args.train:
+        raise ConfigError("give --train (labeled task images)")
     from protocol.task_data import load_labeled_images
     from sender.pipeline import score_reference
 
@@ -63,6 +139,44 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_embeddings(args: argparse.Namespace) -> int:
+    from pathlib import Path as _Path
+
+    from sender.embedders import OpenClipEmbedder
+    from sender.embedding_store import StoreMeta
+    from sender.score_embeddings import read_class_names, score_embeddings
+
+    if not args.clip_weights:
+        raise ConfigError("--embeddings needs --clip-weights (the weights that embedded them)")
+    model = args.clip_model or StoreMeta.load(_Path(args.embeddings)).model
+    train, test = args.train, args.test
+    if args.task:
+        task = _Path(args.task)
+        train = train or (str(task / "train") if (task / "train").is_dir() else None)
+        test = test or (str(task / "test") if (task / "test").is_dir() else None)
+    summary = score_embeddings(
+        args.embeddings, args.out, OpenClipEmbedder(model, args.clip_weights, args.device),
+        teacher=args.teacher, train_dir=train, test_dir=test,
+        class_names=read_class_names(args.classes) if args.classes else None,
+        temperature=args.temperature, knn_k=args.knn_k, chunk_rows=args.chunk_rows,
+        task_name=args.task_id or (_Path(args.task).name if args.task else None),
+        progress=not args.quiet,
+    )  # fmt: skip
+    accuracy = summary["teacher"]["test_accuracy"]
+    shown = "n/a" if accuracy is None else f"{accuracy:.4f}"
+    print(
+        f"scored {summary['reference']['size']} reference embeddings in "
+        f"{summary['scoring_seconds']:.1f}s ({summary['scoring_images_per_second']:.0f} rows/s); "
+        f"teacher {args.teacher} test accuracy {shown}"
+    )
+    gap = summary["domain_gap"]
+    if gap is not None:
+        print(f"domain gap: {gap['reason']}")
+    print(f"recommended strategy: {summary['recommended_strategy']}")
+    print(f"work directory: {args.out}")
+    return 0
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from sender.pipeline import make_payload
     from sender.selection import SelectionConfig
@@ -70,19 +184,25 @@ def _cmd_select(args: argparse.Namespace) -> int:
     config = SelectionConfig(
         strategy=args.strategy, keep=args.keep, alpha=args.alpha, reserve=args.reserve
     )
-    summary = make_payload(args.work, config, args.out, score=args.score, task_id=args.task_id)
+    summary = make_payload(
+        args.work, config, args.out, score=args.score, task_id=args.task_id,
+        leak_threshold=args.leak_threshold, exclude_leaks=not args.keep_leaks,
+    )  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     hist = " ".join(f"{k}:{v}" for k, v in summary["class_histogram"].items())
+    chosen = summary["selection"]
     print(f"kept {summary['kept']} images ({100 * summary['keep_fraction']:.2f}%), "
-          f"strategy {args.strategy}, score {args.score}")  # fmt: skip
+          f"strategy {chosen['strategy']}, score {chosen['score']}")  # fmt: skip
     print(f"class histogram: {hist}")
     leak = summary["leakage"]
     if leak is not None:
+        action = "excluded" if leak["excluded"] else "NOT excluded (--keep-leaks)"
         print(
-            f"leakage check: {leak['near_duplicates']} of {leak['test_images_checked']} test "
-            f"images have a kept near-duplicate (cosine >= {leak['threshold']}); "
-            f"max {leak['max_similarity']}"
+            f"leakage check: {leak['test_images_with_near_duplicates']} of "
+            f"{leak['test_images_checked']} test images have reference near-duplicates "
+            f"(cosine >= {leak['threshold']}): {leak['near_duplicate_reference_images']} "
+            f"reference images {action}; {leak['kept_near_duplicates']} kept"
         )
     print(f"payload {args.out}: {summary['payload_bytes']} bytes "
           f"(information bound {summary['information_bound_bytes']:.0f} bytes)")  # fmt: skip
@@ -103,11 +223,52 @@ def build_parser() -> argparse.ArgumentParser:
     add_reference_options(ref)
     ref.set_defaults(func=print_reference)
 
+    emb = sub.add_parser("embed", help="CLIP-embed the reference set (resumable, shardable)")
+    add_reference_options(emb)
+    emb.add_argument("--clip-model", required=True, help="open_clip model name, e.g. ViT-B-32")
+    emb.add_argument(
+        "--clip-weights",
+        required=True,
+        help="local weights file, or a pretrained tag already cached",
+    )
+    emb.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    emb.add_argument("--batch-size", type=int, default=256)
+    emb.add_argument("--workers", type=int, default=4, help="image-decoding processes")
+    emb.add_argument("--part-rows", type=int, default=65536, help="rows per resumable part")
+    emb.add_argument("--shard", default="0/1", help="this machine's slice i/N of the parts")
+    emb.add_argument("--out", required=True, help="embeddings directory")
+    emb.add_argument("--quiet", action="store_true")
+    emb.set_defaults(func=_cmd_embed)
+
+    merge = sub.add_parser("merge", help="check all parts are there and merge them")
+    merge.add_argument("embeddings")
+    merge.add_argument(
+        "--from", dest="sources", nargs="*", default=[], help="other machines' embeddings dirs"
+    )
+    merge.add_argument("--int8", action="store_true", help="also write an int8 copy")
+    merge.set_defaults(func=_cmd_merge)
+
+    idx = sub.add_parser("index", help="FAISS index over merged embeddings (leakage, kNN)")
+    idx.add_argument("embeddings")
+    idx.add_argument("--kind", choices=["auto", "flat", "ivfpq"], default="auto")
+    idx.add_argument("--memory-budget", default="4GB", help="index size limit, e.g. 2GB")
+    idx.add_argument("--out", help="index file (default EMB/reference.faiss)")
+    idx.add_argument("--quiet", action="store_true")
+    idx.set_defaults(func=_cmd_index)
+
     score = sub.add_parser("score", help="train the teacher and score every reference image")
     add_reference_options(score)
-    score.add_argument("--train", required=True, help="labeled task images (.npz or ImageFolder)")
+    score.add_argument("--embeddings", help="merged reference embeddings (production path)")
+    score.add_argument("--task", help="task directory with train/ and optional test/ ImageFolders")
+    score.add_argument("--train", help="labeled task images (.npz or ImageFolder)")
     score.add_argument("--test", help="labeled test images, for teacher accuracy and leakage")
-    score.add_argument("--teacher", choices=["cnn", "probe"], default="cnn")
+    score.add_argument("--classes", help="class names: a file (one per line) or a,b,c")
+    score.add_argument("--task-id", help="task name recorded in the work directory")
+    score.add_argument("--chunk-rows", type=int, default=8192, help="rows per streamed chunk")
+    score.add_argument(
+        "--teacher", choices=["cnn", "probe", "zeroshot", "knn"], default=None,
+        help="cnn (images; default) or probe (default with --embeddings), zeroshot, knn",
+    )  # fmt: skip
     score.add_argument("--teacher-epochs", type=int, default=40)
     score.add_argument("--clip-model", help="open_clip model name, e.g. ViT-B-32")
     score.add_argument("--clip-weights", help="local open_clip weights file")
@@ -122,9 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="select from a scored work directory and write a payload")
     sel.add_argument("work")
     sel.add_argument(
-        "--strategy", choices=["lowest", "safety-net", "inverse"], default="safety-net"
+        "--strategy", choices=["auto", "lowest", "safety-net", "inverse"], default="safety-net",
+        help="auto: the one the domain-gap measurement recommended when scoring",
+    )  # fmt: skip
+    sel.add_argument(
+        "--score", choices=["energy", "entropy", "knn"], default=None,
+        help="default: knn when the work directory has it, else energy",
+    )  # fmt: skip
+    sel.add_argument("--leak-threshold", type=float, default=0.97, help="near-duplicate cosine")
+    sel.add_argument(
+        "--keep-leaks", action="store_true", help="report test near-duplicates but keep them"
     )
-    sel.add_argument("--score", choices=["energy", "entropy", "knn"], default="knn")
     sel.add_argument("--keep", type=float, default=0.01, help="fraction of the reference set")
     sel.add_argument("--alpha", type=float, default=-0.2, help="safety-net quota exponent")
     sel.add_argument("--reserve", type=float, default=0.5, help="safety-net share of the budget")

@@ -116,7 +116,7 @@ def embed_reference(
     dim = int(embedder.embed_batch(torch.zeros(1, 3, side, side)).shape[1])
     manifest = reference.manifest
     meta = StoreMeta(
-        model=model_name, pretrained=Path(pretrained).name, dim=dim, n=len(manifest),
+        model=embedder.model_name, pretrained=Path(pretrained).name, dim=dim, n=len(manifest),
         part_rows=part_rows, reference_name=manifest.name,
         reference_fingerprint=manifest.fingerprint_hex,
     )  # fmt: skip

@@ -24,6 +24,24 @@ class Embedder(Protocol):
     def embed(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray: ...
 
 
+def resolve_model_name(model_name: str) -> str:
+    """An open_clip model name; a config ``.json`` path is registered and named by its stem."""
+    import open_clip
+
+    if model_name.endswith(".json"):
+        path = Path(model_name)
+        if not path.is_file():
+            raise ConfigError(f"model config {path} not found")
+        open_clip.add_model_config(path)
+        model_name = path.stem
+    if model_name not in open_clip.list_models():
+        raise ConfigError(
+            f"open_clip has no model {model_name!r}: pass a name from open_clip.list_models() "
+            "or the path of its config .json"
+        )
+    return model_name
+
+
 def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
@@ -31,13 +49,14 @@ def _looks_like_path(pretrained: str) -> bool:
 def load_open_clip(model_name: str, pretrained: str | os.PathLike[str], device: str = "cpu"):
     """(model in eval mode, PIL preprocess transform) from a local file or a cached tag.
 
-    ``pretrained`` is a weights file, or an open_clip pretrained tag whose checkpoint
-    is already in the local Hugging Face cache; nothing is ever downloaded.
+    ``model_name`` is an open_clip model name or the path of a model config JSON
+    (a custom architecture, registered under the file's stem). ``pretrained`` is a
+    weights file, or an open_clip pretrained tag whose checkpoint is already in the
+    local Hugging Face cache; nothing is ever downloaded.
     """
     import open_clip
 
-    if model_name not in open_clip.list_models():
-        raise ConfigError(f"open_clip has no model {model_name!r}; see open_clip.list_models()")
+    model_name = resolve_model_name(model_name)
     text = str(pretrained)
     if Path(text).is_file():
         source = f"CLIP weights {text}"
@@ -73,8 +92,8 @@ class OpenClipEmbedder:
     def __init__(
         self, model_name: str, weights: str | os.PathLike[str], device: str = "cpu"
     ) -> None:
-        self.model, self.preprocess = load_open_clip(model_name, weights, device)
-        self.model_name = model_name
+        self.model_name = resolve_model_name(model_name)
+        self.model, self.preprocess = load_open_clip(self.model_name, weights, device)
         self.device = torch.device(device)
         size = self.model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -117,7 +136,7 @@ class OpenClipEmbedder:
     @property
     def logit_scale(self) -> float:
         """CLIP's learned temperature (exp of the stored log scale)."""
-        return float(self.model.logit_scale.exp())
+        return float(self.model.logit_scale.detach().exp())
 
 
 class PixelEmbedder:

@@ -159,9 +159,7 @@ def merge_parts(root: Path, int8: bool = False) -> dict[str, Any]:
     valid = np.zeros(meta.n, dtype=bool)
     names = [F16_FILE, I8_FILE, SCALES_FILE] if int8 else [F16_FILE]
     with contextlib.ExitStack() as stack:
-        handles = {
-            name: stack.enter_context(open(root / (name + ".tmp"), "wb")) for name in names
-        }
+        handles = {name: stack.enter_context(open(root / (name + ".tmp"), "wb")) for name in names}
         for part in range(meta.num_parts):
             found = read_part(root, part, meta)
             if found is None:

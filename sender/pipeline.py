@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,14 @@ from protocol.payload import Payload, encode_payload, information_bound_bytes, w
 from protocol.reference.base import ReferenceSource
 from protocol.task_data import LabeledImages
 from sender import index as faiss_index
-from sender.scoring import SCORES, energy, entropy, knn_domain_gap, knn_relevance
+from sender.domain_gap import measure_domain_gap, split_reference_sample
+from sender.scoring import SCORES, energy, entropy, knn_relevance
 from sender.selection import SelectionConfig, select
 
 SCORES_FILE = "scores.npz"
 REFERENCE_EMBEDDINGS = "reference_embeddings.npy"
 TEST_EMBEDDINGS = "test_embeddings.npy"
-INDEX_FILE = "reference.faiss"
+INDEX_FILE = faiss_index.INDEX_FILE
 SCORE_REPORT = "score_report.json"
 
 
@@ -110,6 +111,8 @@ def score_reference(
         "knn": knn_relevance(ref_emb, predicted, train_emb, train.labels, knn_k),
     }
     scoring_seconds = time.perf_counter() - score_start
+    sample_rows, query_rows = split_reference_sample(len(reference), sample=20_000)
+    gap = measure_domain_gap(ref_emb[sample_rows], ref_emb[query_rows], train_emb)
     index = faiss_index.build_index(dup_ref)
     faiss_index.save_index(index, out / INDEX_FILE)
     np.save(out / REFERENCE_EMBEDDINGS, dup_ref.astype(np.float16))
@@ -123,6 +126,7 @@ def score_reference(
         reference_size=np.int64(len(reference)),
         reference_name=np.asarray(reference.manifest.name),
         task=np.asarray(train.name),
+        recommended_strategy=np.asarray(gap.strategy),
         **scores,
     )
     summary = {
@@ -135,7 +139,8 @@ def score_reference(
         "teacher": asdict(report) | {"test_accuracy": teacher_accuracy},
         "embedder": embedder_name,
         "duplicate_check_embedder": duplicate_embedder_name,
-        "domain_gap_knn_similarity": knn_domain_gap(ref_emb, train_emb),
+        "domain_gap": gap.as_dict(),
+        "recommended_strategy": gap.strategy,
         "predicted_histogram": np.bincount(predicted, minlength=len(train.class_names)).tolist(),
         "scoring_seconds": scoring_seconds,
         "scoring_images_per_second": len(reference) / max(scoring_seconds, 1e-9),
@@ -145,22 +150,44 @@ def score_reference(
     return summary
 
 
+def _leakage_index(work: Path, embeddings_dir: str | None) -> Path | None:
+    """The index to search for near-duplicates: the work directory's, else the store's."""
+    candidates = [work / INDEX_FILE]
+    if embeddings_dir:
+        candidates.append(Path(embeddings_dir) / INDEX_FILE)
+    return next((path for path in candidates if path.is_file()), None)
+
+
 def make_payload(
     work_dir: str | os.PathLike[str],
     config: SelectionConfig,
     out_path: str | os.PathLike[str],
-    score: str = "knn",
+    score: str | None = None,
     task_id: str | None = None,
     leak_threshold: float = 0.97,
+    exclude_leaks: bool = True,
 ) -> dict[str, Any]:
-    """Select from a scored work directory, write the payload, and return a summary."""
+    """Select from a scored work directory, write the payload, and return a summary.
+
+    ``config.strategy == "auto"`` takes the strategy the domain-gap measurement
+    recommended at scoring time. Reference images that are near-duplicates of the
+    task's test images (cosine >= ``leak_threshold`` in the duplicate-check
+    embedding) are excluded before selecting, unless ``exclude_leaks`` is False;
+    unreadable reference images are always excluded.
+    """
+    from sender.embedding_store import EmbeddingStore
+
     work = Path(work_dir)
     path = work / SCORES_FILE
     if not path.is_file():
         raise ConfigError(f"{path} not found: run 'plada-send score' first")
-    if score not in SCORES:
-        raise ConfigError(f"unknown score {score!r} (one of {', '.join(SCORES)})")
     with np.load(path, allow_pickle=False) as data:
+        available = [name for name in SCORES if name in data.files]
+        score = score or ("knn" if "knn" in available else "energy")
+        if score not in available:
+            raise ConfigError(
+                f"score {score!r} is not in {path} (available: {', '.join(available)})"
+            )
         scores = data[score]
         predicted = data["predicted"]
         class_names = tuple(str(c) for c in data["class_names"])
@@ -168,13 +195,39 @@ def make_payload(
         reference_size = int(data["reference_size"])
         reference_name = str(data["reference_name"])
         task = task_id or str(data["task"])
-    kept = select(scores, predicted, len(class_names), config)
-    labels = predicted[kept]
-    leakage = None
-    if (work / TEST_EMBEDDINGS).is_file():
-        index = faiss_index.load_index(work / INDEX_FILE)
+        unreadable = data["excluded"] if "excluded" in data.files else np.zeros(0, np.int64)
+        recommended = (
+            str(data["recommended_strategy"])
+            if "recommended_strategy" in data.files
+            else "safety-net"
+        )
+        embeddings_dir = str(data["embeddings_dir"]) if "embeddings_dir" in data.files else None
+    if config.strategy == "auto":
+        config = replace(config, strategy=recommended)
+    excluded = unreadable
+    leakage: dict[str, Any] | None = None
+    index_path = _leakage_index(work, embeddings_dir)
+    if (work / TEST_EMBEDDINGS).is_file() and index_path is not None:
         queries = np.load(work / TEST_EMBEDDINGS).astype(np.float32)
-        leakage = faiss_index.near_duplicates(index, kept, queries, leak_threshold).as_dict()
+        exact = None
+        if embeddings_dir and index_path.parent == Path(embeddings_dir):
+            exact = EmbeddingStore(embeddings_dir).read_rows
+        duplicates, hit_queries = faiss_index.near_duplicate_ids(
+            faiss_index.load_index(index_path), queries, leak_threshold, exact=exact
+        )
+        if exclude_leaks:
+            excluded = np.union1d(excluded, duplicates)
+        leakage = {
+            "threshold": leak_threshold,
+            "test_images_checked": int(queries.shape[0]),
+            "test_images_with_near_duplicates": hit_queries,
+            "near_duplicate_reference_images": int(duplicates.size),
+            "excluded": exclude_leaks,
+        }
+    kept = select(scores, predicted, len(class_names), config, excluded=excluded)
+    if leakage is not None:
+        leakage["kept_near_duplicates"] = int(np.intersect1d(kept, duplicates).size)
+    labels = predicted[kept].astype(np.int64)
     payload = Payload(
         task=task,
         reference_name=reference_name,
@@ -194,6 +247,7 @@ def make_payload(
         "kept": int(kept.size),
         "keep_fraction": kept.size / reference_size,
         "selection": payload.selection,
+        "unreadable_excluded": int(unreadable.size),
         "class_histogram": payload.class_histogram(),
         "information_bound_bytes": round(
             information_bound_bytes(reference_size, labels, len(class_names)), 1

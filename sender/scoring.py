@@ -60,15 +60,3 @@ def knn_relevance(
         )
         scores[rows] = -sims.mean(axis=1)
     return scores
-
-
-def knn_domain_gap(
-    reference_embeddings: np.ndarray, task_embeddings: np.ndarray, k: int = 10
-) -> float:
-    """Mean cosine similarity of each task image to its k nearest reference images."""
-    import faiss
-
-    index = faiss.IndexFlatIP(reference_embeddings.shape[1])
-    index.add(np.ascontiguousarray(reference_embeddings, dtype=np.float32))
-    sims, _ = index.search(np.ascontiguousarray(task_embeddings, dtype=np.float32), k)
-    return float(sims.mean())

@@ -20,6 +20,7 @@ import numpy as np
 from protocol.errors import ConfigError
 
 STRATEGIES = ("lowest", "safety-net", "inverse")
+AUTO = "auto"  # resolved from the domain-gap measurement before selecting
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,10 @@ class SelectionConfig:
     reserve: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        if self.strategy not in (*STRATEGIES, AUTO):
+            raise ConfigError(
+                f"strategy must be one of {STRATEGIES} or auto, not {self.strategy!r}"
+            )
         if not 0.0 < self.keep <= 1.0:
             raise ConfigError(f"keep fraction must be in (0, 1], not {self.keep}")
         if not 0.0 <= self.reserve <= 1.0:
@@ -90,6 +93,8 @@ def select(
     near-duplicates of the task's test images. Linear in n (no full sort), so it
     runs in seconds on 14.2M rows.
     """
+    if config.strategy == AUTO:
+        raise ConfigError("resolve the auto strategy before selecting (see make_payload)")
     n = scores.shape[0]
     budget = max(1, round(config.keep * n))
     values = -scores if config.strategy == "inverse" else scores

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from protocol.errors import WeightsError
-
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+from tests.worlds import save_tiny_clip
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip")
-    config = folder / "plada-tiny-vit.json"
-    config.write_text(json.dumps(TINY))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    model = open_clip.create_model("plada-tiny-vit", pretrained=None)
-    weights = folder / "tiny.pt"
-    torch.save(model.state_dict(), weights)
-    return "plada-tiny-vit", str(weights)
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_embeds_generated_images(tiny_clip, small_pool) -> None:
