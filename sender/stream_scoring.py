@@ -116,14 +116,33 @@ def score_chunks(
     Give a ``head`` (probe, zero-shot: one GEMM) or a ``logit_fn`` mapping a chunk to
     float32 logits [rows, k] (kNN teacher) together with ``num_classes``.
     """
-    from tqdm import tqdm
-
     if temperature <= 0:
         raise ConfigError(f"temperature must be positive, not {temperature}")
     if (head is None) == (logit_fn is None):
         raise ConfigError("give exactly one of a linear head or a logit function")
-    torch.set_flush_denormal(True)
     keep_large_blocks_on_heap()
+    torch.set_flush_denormal(True)  # process-wide CPU state: switched off again below
+    try:
+        return _score_chunks(
+            chunks, n, head, temperature, chunk_rows, with_entropy, logit_fn, num_classes, progress
+        )
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _score_chunks(
+    chunks: Iterator[tuple[int, torch.Tensor]],
+    n: int,
+    head: LinearHead | None,
+    temperature: float,
+    chunk_rows: int,
+    with_entropy: bool,
+    logit_fn: LogitFn | None,
+    num_classes: int | None,
+    progress: bool,
+) -> StreamScores:
+    from tqdm import tqdm
+
     if head is not None:
         weight, bias = head.padded(temperature)
         k_pad = weight.shape[1]

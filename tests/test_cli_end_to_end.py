@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SMALL_SPEC
-
-
-def cli(name: str) -> list[str]:
-    script = Path(sys.executable).parent / name
-    if script.exists():
-        return [str(script)]
-    return [
-        sys.executable,
-        "-m",
-        {"plada-send": "sender.cli", "plada-receive": "receiver.cli"}[name],
-    ]
-
-
-def run(args: list[str], env: dict[str, str], expect: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, check=False)
-    assert proc.returncode == expect, proc.stdout + proc.stderr
-    return proc
+from tests.subprocess_cli import cli, run
 
 
 @pytest.fixture(scope="module")

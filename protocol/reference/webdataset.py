@@ -79,19 +79,30 @@ def scan_shard(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, str | Non
             for member in tar:
                 if not member.isfile():
                     continue
+                if member.offset_data + member.size > file_size:
+                    problem = f"{path}: truncated inside {member.name}"
+                    break
                 folder, _, base = member.name.rpartition("/")
                 stem, dot, ext = base.partition(".")
                 if not dot or "." + ext.lower() not in IMAGE_EXTENSIONS:
                     continue
-                if member.offset_data + member.size > file_size:
-                    problem = f"{path}: truncated inside {member.name}"
-                    break
                 keys.append(canonical_key(f"{folder}/{stem}" if folder else stem))
                 offsets.append(member.offset_data)
                 sizes.append(member.size)
+            end = tar.offset
+        if problem is None and not _has_end_marker(path, end):
+            problem = f"{path}: truncated (no end-of-archive marker after {len(keys)} images)"
     except (tarfile.TarError, EOFError, OSError) as exc:
         problem = f"{path}: unreadable after {len(keys)} images ({exc})"
     return keys, np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), problem
+
+
+def _has_end_marker(path: Path, offset: int) -> bool:
+    """A complete tar ends with two zero blocks where the member list stops."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        tail = handle.read(2 * tarfile.BLOCKSIZE)
+    return len(tail) == 2 * tarfile.BLOCKSIZE and not any(tail)
 
 
 def _cached_scan(path: Path, cache_dir: Path | None):

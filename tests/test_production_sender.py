@@ -1,0 +1,232 @@
+"""The production sender on a generated JPEG world: readers, embed (resume, shards), index,
+embedding teachers, leakage exclusion and the receiver accepting the payloads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol.errors import ReferenceSetError
+from protocol.reference.base import open_reference
+from protocol.reference.image_folder import ImageFolderReference
+from protocol.reference.webdataset import WebDatasetReference
+from tests.subprocess_cli import cli, cli_env, run
+from tests.worlds import save_tiny_clip, write_reference_tree, write_shards, write_task_tree
+
+BLOCKS, PER_BLOCK = 24, 20
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, Path]:
+    from protocol.world.digits import load_digits_split
+
+    root = tmp_path_factory.mktemp("world")
+    write_reference_tree(small_pool, root / "tree", PER_BLOCK, BLOCKS)
+    write_shards(root / "tree", root / "shards", per_shard=70)
+    train, test = load_digits_split()
+    write_task_tree(train, root / "task" / "train", limit_per_class=15)
+    write_task_tree(test, root / "task" / "test", limit_per_class=10)
+    model, weights = save_tiny_clip(root)
+    return {"root": root, "config": root / f"{model}.json", "weights": Path(weights)}
+
+
+def embed_args(world, reference: str, out: Path, *extra: str) -> list[str]:
+    return [
+        *cli("plada-send"), "embed", "--reference", reference, "--cache-dir",
+        str(world["root"] / "cache"), "--clip-model", str(world["config"]),
+        "--clip-weights", str(world["weights"]), "--out", str(out), "--batch-size", "8",
+        "--workers", "0", "--part-rows", "16", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def embedded(world) -> Path:
+    """The tree embedded, merged and indexed through the CLI."""
+    out = world["root"] / "emb"
+    env = cli_env()
+    run(embed_args(world, str(world["root"] / "tree"), out), env)
+    run([*cli("plada-send"), "merge", str(out), "--int8"], env)
+    run([*cli("plada-send"), "index", str(out), "--quiet"], env)
+    return out
+
+
+def test_tree_and_shards_give_one_manifest(world) -> None:
+    tree = ImageFolderReference(world["root"] / "tree")
+    shards = open_reference("wds:" + str(world["root"] / "shards"), world["root"] / "cache")
+    assert isinstance(shards, WebDatasetReference) and not shards.problems
+    assert len(tree) == BLOCKS * PER_BLOCK and tree.manifest.keys == shards.manifest.keys
+    assert tree.manifest.fingerprint == shards.manifest.fingerprint
+    assert tree.manifest.keys[0] == "n00000001/n00000001_0"
+    for index in (0, 123, len(tree) - 1):
+        assert tree.read_bytes(index) == shards.read_bytes(index)
+    assert len(tree.manifest.block_names()) == BLOCKS
+
+
+def test_tree_and_shards_give_the_same_embeddings(world, embedded) -> None:
+    out = world["root"] / "emb-wds"
+    run(embed_args(world, "wds:" + str(world["root"] / "shards"), out), cli_env())
+    run([*cli("plada-send"), "merge", str(out)], cli_env())
+    assert (out / "embeddings.f16").read_bytes() == (embedded / "embeddings.f16").read_bytes()
+    meta = json.loads((out / "meta.json").read_text())
+    assert (
+        meta["reference_fingerprint"]
+        == json.loads((embedded / "meta.json").read_text())["reference_fingerprint"]
+    )
+
+
+def test_embed_resumes_after_sigkill(world, embedded) -> None:
+    out = world["root"] / "emb-killed"
+    proc = subprocess.Popen(embed_args(world, str(world["root"] / "tree"), out), env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while len(list((out / "parts").glob("part-*.npz"))) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, "embed finished before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((out / "parts").glob("part-*.npz")))
+    total = BLOCKS * PER_BLOCK // 16
+    assert 2 <= done < total, done
+    merged = run([*cli("plada-send"), "merge", str(out)], cli_env(), expect=2)
+    assert "parts are missing" in merged.stderr and "Traceback" not in merged.stderr
+    resumed = run(embed_args(world, str(world["root"] / "tree"), out), cli_env())
+    assert f"{done} already done, {total - done} written" in resumed.stdout
+    run([*cli("plada-send"), "merge", str(out)], cli_env())
+    assert (out / "embeddings.f16").read_bytes() == (embedded / "embeddings.f16").read_bytes()
+
+
+def test_shards_on_two_machines_merge_to_the_same_file(world, embedded) -> None:
+    first, second = world["root"] / "emb-0of2", world["root"] / "emb-1of2"
+    for shard, out in (("0/2", first), ("1/2", second)):
+        run(embed_args(world, str(world["root"] / "tree"), out, "--shard", shard), cli_env())
+    merged = run([*cli("plada-send"), "merge", str(first), "--from", str(second)], cli_env())
+    assert "480 readable" in merged.stdout
+    assert (first / "embeddings.f16").read_bytes() == (embedded / "embeddings.f16").read_bytes()
+
+
+def test_corrupt_images_and_truncated_shards_are_reported_and_skipped(world, tmp_path) -> None:
+    from sender.embed import embed_reference, merge_embeddings
+
+    tree = tmp_path / "tree"
+    shutil.copytree(world["root"] / "tree", tree)
+    truncated = tree / "n00000003" / "n00000003_245.JPEG"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    (tree / "n00000005" / "n00000005_485.JPEG").write_bytes(b"this is not a JPEG")
+    reference = ImageFolderReference(tree)
+    summary = embed_reference(reference, tmp_path / "emb", str(world["config"]),
+                              str(world["weights"]), workers=0, part_rows=100,
+                              progress=False)  # fmt: skip
+    assert summary.images_skipped == 2 and summary.images_embedded == 480
+    merge_embeddings(tmp_path / "emb")
+    skipped = json.loads((tmp_path / "emb" / "skipped.json").read_text())
+    assert [s["key"] for s in skipped] == ["n00000003/n00000003_245", "n00000005/n00000005_485"]
+    valid = np.load(tmp_path / "emb" / "valid.npy")
+    assert valid.sum() == 478 and not valid[reference.manifest.keys.index(skipped[0]["key"])]
+    with pytest.raises(ReferenceSetError, match="not a readable image"):
+        reference.load(np.array([skipped[1]["index"]]))
+
+    shards = tmp_path / "shards"
+    shutil.copytree(world["root"] / "shards", shards)
+    victim = sorted(shards.glob("*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    partial = WebDatasetReference(str(shards), cache_dir=tmp_path / "cache")
+    assert len(partial.problems) == 1 and "truncated" in partial.problems[0]
+    assert 400 < len(partial) < 480  # the readable half of the shard is kept
+
+
+def _score(world, embedded, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run(
+        [*cli("plada-send"), "score", "--embeddings", str(embedded), "--clip-model",
+         str(world["config"]), "--clip-weights", str(world["weights"]), "--out", str(out),
+         "--quiet", *extra],
+        cli_env(),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("teacher", ["probe", "zeroshot", "knn"])
+def test_embedding_teachers_make_payloads_the_receiver_accepts(world, embedded, teacher) -> None:
+    work = world["root"] / f"work-{teacher}"
+    task = ["--task", str(world["root"] / "task")]
+    if teacher == "zeroshot":  # class names only: no labeled images at all
+        names = ",".join(f"digit {d}" for d in range(10))
+        task = ["--classes", names, "--task-id", "digits-by-name"]
+    scored = _score(world, embedded, work, "--teacher", teacher, *task)
+    assert "recommended strategy:" in scored.stdout
+    payload = work / "task.plada"
+    selected = run([*cli("plada-send"), "select", str(work), "--strategy", "auto", "--keep",
+                    "0.05", "--out", str(payload), "--json", str(work / "select.json")],
+                   cli_env())  # fmt: skip
+    summary = json.loads((work / "select.json").read_text())
+    assert summary["kept"] == 24 and "payload" in selected.stdout
+    for reference in (str(world["root"] / "tree"), "wds:" + str(world["root"] / "shards")):
+        verified = run([*cli("plada-receive"), "verify", str(payload), "--reference", reference,
+                        "--cache-dir", str(world["root"] / "cache")], cli_env())  # fmt: skip
+        assert verified.stdout.startswith("ok:")
+
+
+def test_far_out_of_domain_task_gets_inverse_selection(world, embedded, tmp_path) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name, photo in zip(("china", "flower"), load_sample_images().images, strict=True):
+            folder = tmp_path / "photos" / split / name
+            folder.mkdir(parents=True)
+            for i in range(15):
+                y, x = rng.integers(0, photo.shape[0] - 96), rng.integers(0, photo.shape[1] - 96)
+                Image.fromarray(photo[y : y + 96, x : x + 96]).save(folder / f"{i}.png")
+    out = _score(world, embedded, tmp_path / "work", "--task", str(tmp_path / "photos"))
+    assert "recommended strategy: inverse" in out.stdout and "far out of domain" in out.stdout
+    digits = json.loads((world["root"] / "work-probe" / "score_report.json").read_text())
+    assert digits["recommended_strategy"] == "safety-net"
+
+
+def test_planted_test_duplicates_are_found_and_excluded(world, tmp_path) -> None:
+    tree = tmp_path / "tree"
+    shutil.copytree(world["root"] / "tree", tree)
+    planted = tree / "n00000099"
+    planted.mkdir()
+    test_images = sorted((world["root"] / "task" / "test" / "3").glob("*.png"))[:3]
+    for i, image in enumerate(test_images):
+        shutil.copyfile(image, planted / f"n00000099_{i}.png")
+    emb, work = tmp_path / "emb", tmp_path / "work"
+    run(embed_args(world, str(tree), emb), cli_env())
+    run([*cli("plada-send"), "merge", str(emb)], cli_env())
+    run([*cli("plada-send"), "index", str(emb), "--kind", "flat", "--quiet"], cli_env())
+    _score(world, emb, work, "--task", str(world["root"] / "task"))
+    select = [*cli("plada-send"), "select", str(work), "--strategy", "lowest", "--keep", "1.0",
+              "--leak-threshold", "0.9999"]  # fmt: skip
+    run([*select, "--out", str(tmp_path / "a.plada"), "--json", str(tmp_path / "a.json")],
+        cli_env())  # fmt: skip
+    report = json.loads((tmp_path / "a.json").read_text())["leakage"]
+    assert report["test_images_with_near_duplicates"] == 3, report
+    assert report["near_duplicate_reference_images"] == 3 and report["kept_near_duplicates"] == 0
+    assert json.loads((tmp_path / "a.json").read_text())["kept"] == BLOCKS * PER_BLOCK
+    run([*select, "--keep-leaks", "--out", str(tmp_path / "b.plada"), "--json",
+         str(tmp_path / "b.json")], cli_env())  # fmt: skip
+    kept_anyway = json.loads((tmp_path / "b.json").read_text())["leakage"]
+    assert kept_anyway["kept_near_duplicates"] == 3 and kept_anyway["excluded"] is False
+
+
+def test_missing_weights_fail_with_a_clear_error(world, tmp_path) -> None:
+    def embed_with(model: str, weights: str) -> subprocess.CompletedProcess:
+        args = [*cli("plada-send"), "embed", "--reference", str(world["root"] / "tree"),
+                "--clip-model", model, "--clip-weights", weights, "--out", str(tmp_path / "e")]
+        return run(args, cli_env(), expect=2)  # fmt: skip
+
+    missing = embed_with(str(world["config"]), str(tmp_path / "absent.pt"))
+    assert "WeightsError" in missing.stderr and "never downloads" in missing.stderr
+    tag = embed_with("ViT-B-32", "no-such-tag")
+    assert "neither a weights file nor a pretrained tag" in tag.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    unreadable = embed_with(str(world["config"]), str(junk))
+    assert "WeightsError" in unreadable.stderr and "Traceback" not in unreadable.stderr

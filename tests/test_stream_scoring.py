@@ -1,0 +1,189 @@
+"""Streaming scorer, linear-time selection, the embeddings store and the FAISS index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import ConfigError, ReferenceSetError
+from sender.embedding_store import (
+    EmbeddingStore,
+    StoreMeta,
+    create_store_meta,
+    merge_parts,
+    parse_shard,
+    parts_of_shard,
+    write_part,
+)
+from sender.embedding_teachers import KnnTeacher, train_probe
+from sender.scoring import energy, entropy, l2_normalize
+from sender.selection import SelectionConfig, class_quotas, select
+from sender.stream_scoring import LinearHead, score_chunks
+
+
+def make_store(root, embeddings: np.ndarray, part_rows: int = 64, int8: bool = False):
+    """A merged store written through the production part writer and merge."""
+    meta = StoreMeta("test", "none", embeddings.shape[1], embeddings.shape[0], part_rows, "r", "00")
+    create_store_meta(root, meta)
+    for part in range(meta.num_parts):
+        start, stop = meta.part_range(part)
+        write_part(root, part, embeddings[start:stop], np.ones(stop - start, bool))
+    merge_parts(root, int8=int8)
+    return EmbeddingStore(root)
+
+
+def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(8, dim))
+    return l2_normalize(centers[rng.integers(0, 8, n)] + 0.3 * rng.normal(size=(n, dim)))
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
+def test_streamed_scores_match_in_memory(tmp_path, chunk_rows) -> None:
+    x = clustered(500, 24)
+    store = make_store(tmp_path, x)
+    rng = np.random.default_rng(1)
+    head = LinearHead(rng.normal(size=(13, 24)) * 20, rng.normal(size=13))  # 13: padded to 16
+    out = score_chunks(store.iter_chunks(chunk_rows), store.n, head, temperature=2.0,
+                       chunk_rows=chunk_rows, progress=False)  # fmt: skip
+    logits = head.logits(store.read_rows(np.arange(500)))
+    assert np.array_equal(out.predicted, logits.argmax(1))
+    assert np.allclose(out.energy, energy(logits, 2.0), atol=1e-4)
+    assert np.allclose(out.entropy, entropy(logits / 2.0), atol=1e-4)
+
+
+def test_int8_copy_scores_like_fp16(tmp_path) -> None:
+    x = clustered(400, 32)
+    store = make_store(tmp_path, x, int8=True)
+    head = LinearHead(np.random.default_rng(2).normal(size=(5, 32)) * 10, np.zeros(5))
+    f16 = score_chunks(store.iter_chunks(100), store.n, head, progress=False)
+    i8 = score_chunks(store.iter_chunks(100, "i8"), store.n, head, progress=False)
+    assert np.mean(f16.predicted == i8.predicted) > 0.97
+    assert np.corrcoef(f16.energy, i8.energy)[0, 1] > 0.999
+
+
+def test_knn_teacher_streams_like_its_in_memory_logits(tmp_path) -> None:
+    x = clustered(300, 16)
+    task = clustered(40, 16, seed=5)
+    labels = np.arange(40) % 4
+    teacher = KnnTeacher(task, labels, 4, k=3, max_block_floats=100)  # forces sub-blocks
+    store = make_store(tmp_path, x)
+    out = score_chunks(store.iter_chunks(64), store.n, None, logit_fn=teacher.logits,
+                       num_classes=4, progress=False)  # fmt: skip
+    sims = store.read_rows(np.arange(300)) @ task.T
+    expected = (
+        np.stack([np.sort(sims[:, labels == c], axis=1)[:, -3:].mean(1) for c in range(4)], axis=1)
+        / 0.07
+    )
+    assert np.allclose(teacher.logits_numpy(store.read_rows(np.arange(300))), expected, atol=1e-4)
+    assert np.array_equal(out.predicted, expected.argmax(1))
+
+
+def test_probe_separates_separable_classes() -> None:
+    rng = np.random.default_rng(3)
+    centers = l2_normalize(rng.normal(size=(3, 16)))
+    labels = np.repeat(np.arange(3), 30)
+    x = l2_normalize(centers[labels] + 0.2 * rng.normal(size=(90, 16)))
+    head = train_probe(x, labels, 3)
+    assert np.mean(head.logits(x).argmax(1) == labels) > 0.95
+
+
+def _stable_sort_select(scores, predicted, k, config):
+    """The definition the linear-time selection must reproduce (full stable sort)."""
+    n = scores.size
+    budget = max(1, round(config.keep * n))
+    order = np.argsort(scores, kind="stable")
+    if config.strategy == "lowest":
+        return np.sort(order[:budget])
+    quotas = class_quotas(np.bincount(predicted, minlength=k), round(config.reserve * budget),
+                          config.alpha)  # fmt: skip
+    kept = np.zeros(n, bool)
+    for c in np.flatnonzero(quotas):
+        kept[order[predicted[order] == c][: quotas[c]]] = True
+    remaining = budget - kept.sum()
+    if remaining > 0:
+        kept[order[~kept[order]][:remaining]] = True
+    return np.flatnonzero(kept)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(2, 300), st.integers(2, 8), st.integers(0, 2**31), st.floats(0.005, 1.0),
+    st.floats(-1, 1), st.floats(0, 1), st.sampled_from(["lowest", "safety-net"]),
+)  # fmt: skip
+def test_linear_selection_equals_stable_sort(n, k, seed, keep, alpha, reserve, strategy) -> None:
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, n).astype(np.float32)  # many ties
+    predicted = rng.integers(0, k, n).astype(np.int32)
+    config = SelectionConfig(strategy, keep=keep, alpha=alpha, reserve=reserve)
+    assert np.array_equal(select(scores, predicted, k, config),
+                          _stable_sort_select(scores, predicted, k, config))  # fmt: skip
+
+
+def test_excluded_images_are_never_kept() -> None:
+    scores = np.arange(100, dtype=np.float32)
+    predicted = np.zeros(100, np.int32)
+    excluded = np.array([0, 1, 2, 97, 98, 99])
+    for strategy in ("lowest", "inverse", "safety-net"):
+        kept = select(scores, predicted, 1, SelectionConfig(strategy, keep=0.1), excluded)
+        assert kept.size == 10 and not np.intersect1d(kept, excluded).size
+    with pytest.raises(ConfigError, match="auto"):
+        select(scores, predicted, 1, SelectionConfig("auto"))
+
+
+def test_store_guards(tmp_path) -> None:
+    store = make_store(tmp_path / "a", clustered(100, 8), part_rows=30)
+    assert store.meta.num_parts == 4 and parse_shard("1/3") == (1, 3)
+    slices = [p for i in range(3) for p in parts_of_shard(store.meta, (i, 3))]
+    assert slices == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="i/N"):
+        parse_shard("2")
+    with pytest.raises(ConfigError, match="something else"):
+        create_store_meta(tmp_path / "a", StoreMeta("other", "none", 8, 100, 30, "r", "00"))
+    (tmp_path / "a" / "parts" / "part-000002.npz").unlink()
+    with pytest.raises(ReferenceSetError, match="1 of 4 parts are missing"):
+        merge_parts(tmp_path / "a")
+    with open(tmp_path / "a" / "embeddings.f16", "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(ConfigError, match="merge again"):
+        EmbeddingStore(tmp_path / "a")
+
+
+def test_ivfpq_index_under_budget_finds_planted_duplicates(tmp_path) -> None:
+    from sender.index import build_store_index, choose_index, near_duplicate_ids
+
+    x = clustered(6000, 32, seed=4)
+    store = make_store(tmp_path, x, part_rows=2048)
+    budget = 6000 * 32 * 4 // 3  # flat would not fit
+    assert choose_index(6000, 32, budget)["kind"] == "ivfpq"
+    index, plan = build_store_index(store, budget, progress=False)
+    assert plan["kind"] == "ivfpq" and index.ntotal == 6000
+    planted = np.array([17, 2500, 5999])
+    queries = np.concatenate([store.read_rows(planted), clustered(5, 32, seed=9)])
+    found, hits = near_duplicate_ids(index, queries, 0.999, exact=store.read_rows)
+    assert found.tolist() == planted.tolist() and hits == 3
+    with pytest.raises(ReferenceSetError, match="memory-budget"):
+        choose_index(10**9, 512, 10**6)
+
+
+def test_domain_gap_tells_far_from_near() -> None:
+    from sender.domain_gap import measure_domain_gap
+
+    reference = clustered(3000, 16)
+    near = clustered(200, 16, seed=0)[::-1].copy()
+    far = l2_normalize(np.random.default_rng(7).normal(size=(200, 16)))
+    in_domain = measure_domain_gap(reference[:2500], reference[2500:], near)
+    far_ood = measure_domain_gap(reference[:2500], reference[2500:], far)
+    assert in_domain.strategy == "safety-net" and in_domain.outlier_fraction < 0.1
+    assert far_ood.strategy == "inverse" and far_ood.outlier_fraction > 0.9
+    assert "far out of domain" in far_ood.reason
+
+
+def test_scoring_leaves_denormals_as_it_found_them(tmp_path) -> None:
+    store = make_store(tmp_path, clustered(50, 8))
+    head = LinearHead(np.ones((2, 8), np.float32), np.zeros(2, np.float32))
+    score_chunks(store.iter_chunks(16), store.n, head, progress=False)
+    assert torch.tensor([1e-40], dtype=torch.float32).item() != 0.0  # not flushed to zero
