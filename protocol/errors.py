@@ -70,3 +70,7 @@ class WeightsError(PladaError):
 
 class ConfigError(PladaError):
     """A command-line option or setting is invalid."""
+
+
+class StorageError(PladaError):
+    """A file could not be written (disk full, permissions); nothing half-written is left."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.errors import ConfigError, ReferenceSetError
+from protocol.errors import ConfigError, ReferenceSetError, StorageError
 
 STORE_FORMAT = "plada-embeddings-v1"
 META_FILE = "meta.json"
@@ -41,11 +41,29 @@ VALID_FILE = "valid.npy"
 SKIPPED_FILE = "skipped.json"
 
 
+@contextlib.contextmanager
+def storage_guard(*temporaries: Path) -> Iterator[None]:
+    """Turn write failures (disk full, permissions) into :class:`StorageError`, removing
+    the temporary files so nothing half-written is left; finished files are untouched."""
+    try:
+        yield
+    except BaseException as exc:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
+        raise StorageError(
+            f"cannot write {temporaries[0].parent}: {exc.strerror or exc}; free space or fix "
+            "permissions and rerun (work already finished is kept)"
+        ) from exc
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON via a temporary file and rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with storage_guard(tmp):
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -101,14 +119,15 @@ def write_part(
     path = part_path(root, part)
     tmp = path.with_name(path.stem + ".tmp.npz")
     skipped = skipped or {}
-    np.savez(
-        tmp,
-        embeddings=embeddings.astype(np.float16),
-        valid=valid.astype(bool),
-        skipped_rows=np.asarray(sorted(skipped), dtype=np.int64),
-        skipped_reasons=np.asarray([skipped[r] for r in sorted(skipped)], dtype=str),
-    )
-    os.replace(tmp, path)
+    with storage_guard(tmp):
+        np.savez(
+            tmp,
+            embeddings=embeddings.astype(np.float16),
+            valid=valid.astype(bool),
+            skipped_rows=np.asarray(sorted(skipped), dtype=np.int64),
+            skipped_reasons=np.asarray([skipped[r] for r in sorted(skipped)], dtype=str),
+        )
+        os.replace(tmp, path)
 
 
 def read_part(root: Path, part: int, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray] | None:
@@ -158,7 +177,8 @@ def merge_parts(root: Path, int8: bool = False) -> dict[str, Any]:
         )
     valid = np.zeros(meta.n, dtype=bool)
     names = [F16_FILE, I8_FILE, SCALES_FILE] if int8 else [F16_FILE]
-    with contextlib.ExitStack() as stack:
+    temporaries = [root / (name + ".tmp") for name in names]
+    with storage_guard(*temporaries), contextlib.ExitStack() as stack:
         handles = {name: stack.enter_context(open(root / (name + ".tmp"), "wb")) for name in names}
         for part in range(meta.num_parts):
             found = read_part(root, part, meta)
@@ -175,8 +195,9 @@ def merge_parts(root: Path, int8: bool = False) -> dict[str, Any]:
     for name in names:
         os.replace(root / (name + ".tmp"), root / name)
     tmp = root / (VALID_FILE + ".tmp.npy")
-    np.save(tmp, valid)
-    os.replace(tmp, root / VALID_FILE)
+    with storage_guard(tmp):
+        np.save(tmp, valid)
+        os.replace(tmp, root / VALID_FILE)
     return {"n": meta.n, "dim": meta.dim, "valid": int(valid.sum()), "int8": int8}
 
 

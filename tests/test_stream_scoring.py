@@ -187,3 +187,27 @@ def test_scoring_leaves_denormals_as_it_found_them(tmp_path) -> None:
     head = LinearHead(np.ones((2, 8), np.float32), np.zeros(2, np.float32))
     score_chunks(store.iter_chunks(16), store.n, head, progress=False)
     assert torch.tensor([1e-40], dtype=torch.float32).item() != 0.0  # not flushed to zero
+
+
+def test_full_disk_is_a_storage_error_and_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from protocol.errors import StorageError
+    from sender import embedding_store
+
+    x = clustered(40, 8)
+    meta = StoreMeta("test", "none", 8, 40, 20, "r", "00")
+    create_store_meta(tmp_path, meta)
+    write_part(tmp_path, 0, x[:20], np.ones(20, bool))
+
+    def full(path, **arrays):
+        with open(path, "wb") as handle:
+            handle.write(b"half a part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(embedding_store.np, "savez", full)
+    with pytest.raises(StorageError, match="No space left on device.*rerun"):
+        write_part(tmp_path, 1, x[20:], np.ones(20, bool))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["part-000000.npz"]
+    assert embedding_store.read_part(tmp_path, 0, meta) is not None

@@ -162,7 +162,7 @@ class WebDatasetReference(EncodedReference):
         self._offset = np.concatenate(offsets)[perm]
         self._size = np.concatenate(sizes)[perm]
         self.manifest = ReferenceManifest(name or Path(spec).name, tuple(sorted_keys))
-        self._handles: dict[int, object] = {}
+        self._handles: dict[int, int] = {}
 
     def __getstate__(self) -> dict[str, object]:  # open files do not cross process boundaries
         return self.__dict__ | {"_handles": {}}
@@ -172,14 +172,20 @@ class WebDatasetReference(EncodedReference):
 
     def read_bytes(self, index: int) -> bytes:
         number = int(self._shard[index])
-        handle = self._handles.get(number)
         try:
-            if handle is None:
-                handle = self._handles[number] = open(self.shards[number], "rb")  # noqa: SIM115
-            handle.seek(int(self._offset[index]))  # type: ignore[attr-defined]
-            data = handle.read(int(self._size[index]))  # type: ignore[attr-defined]
+            fd = self._handles.get(number)
+            if fd is None:
+                fd = self._handles[number] = os.open(self.shards[number], os.O_RDONLY)
+            # positional read: safe when worker processes share inherited descriptors
+            data = os.pread(fd, int(self._size[index]), int(self._offset[index]))
         except OSError as exc:
             raise UnreadableImage(f"{self.describe(index)}: cannot read shard ({exc})") from exc
         if len(data) != int(self._size[index]):
             raise UnreadableImage(f"{self.describe(index)}: shard is shorter than its index says")
         return data
+
+    def close(self) -> None:
+        """Close the shard files opened so far."""
+        for fd in self._handles.values():
+            os.close(fd)
+        self._handles.clear()
