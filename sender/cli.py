@@ -128,14 +128,21 @@ def _cmd_score(args: argparse.Namespace) -> int:
         temperature=args.temperature, knn_k=args.knn_k, teacher_epochs=args.teacher_epochs,
         seed=args.seed, progress=not args.quiet,
     )  # fmt: skip
+    return _print_score_summary(summary, "reference images", args.out)
+
+
+def _print_score_summary(summary: dict, what: str, out: str) -> int:
     accuracy = summary["teacher"]["test_accuracy"]
     shown = "n/a" if accuracy is None else f"{accuracy:.4f}"
     print(
-        f"scored {summary['reference']['size']} reference images in "
-        f"{summary['scoring_seconds']:.1f}s ({summary['scoring_images_per_second']:.0f} img/s); "
+        f"scored {summary['reference']['size']} {what} in {summary['scoring_seconds']:.1f}s "
+        f"({summary['scoring_images_per_second']:.0f}/s); "
         f"teacher {summary['teacher']['kind']} test accuracy {shown}"
     )
-    print(f"work directory: {args.out}")
+    if summary.get("domain_gap") is not None:
+        print(f"domain gap: {summary['domain_gap']['reason']}")
+    print(f"recommended strategy: {summary['recommended_strategy']}")
+    print(f"work directory: {out}")
     return 0
 
 
@@ -162,19 +169,7 @@ def _score_embeddings(args: argparse.Namespace) -> int:
         task_name=args.task_id or (_Path(args.task).name if args.task else None),
         progress=not args.quiet,
     )  # fmt: skip
-    accuracy = summary["teacher"]["test_accuracy"]
-    shown = "n/a" if accuracy is None else f"{accuracy:.4f}"
-    print(
-        f"scored {summary['reference']['size']} reference embeddings in "
-        f"{summary['scoring_seconds']:.1f}s ({summary['scoring_images_per_second']:.0f} rows/s); "
-        f"teacher {args.teacher} test accuracy {shown}"
-    )
-    gap = summary["domain_gap"]
-    if gap is not None:
-        print(f"domain gap: {gap['reason']}")
-    print(f"recommended strategy: {summary['recommended_strategy']}")
-    print(f"work directory: {args.out}")
-    return 0
+    return _print_score_summary(summary, "reference embeddings", args.out)
 
 
 def _cmd_select(args: argparse.Namespace) -> int:

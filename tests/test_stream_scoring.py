@@ -206,7 +206,7 @@ def test_full_disk_is_a_storage_error_and_leaves_no_partial_file(tmp_path, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(embedding_store.np, "savez", full)
-    with pytest.raises(StorageError, match="No space left on device.*rerun"):
+    with pytest.raises(StorageError, match=r"No space left on device.*rerun"):
         write_part(tmp_path, 1, x[20:], np.ones(20, bool))
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["part-000000.npz"]
