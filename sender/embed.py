@@ -32,6 +32,7 @@ from sender.embedding_store import (
     part_path,
     parts_of_shard,
     read_part,
+    storage_guard,
     write_json_atomic,
     write_part,
 )
@@ -122,7 +123,8 @@ def embed_reference(
     )  # fmt: skip
     create_store_meta(root, meta)
     if not (root / MANIFEST_FILE).is_file():
-        manifest.save(root / MANIFEST_FILE)
+        with storage_guard(root / (MANIFEST_FILE + ".tmp")):
+            manifest.save(root / MANIFEST_FILE)
     mine = parts_of_shard(meta, shard)
     pending = [p for p in mine if read_part(root, p, meta) is None]
     resumed = len(mine) - len(pending)
@@ -218,8 +220,9 @@ def merge_embeddings(
             found = part_path(Path(source), part)
             if read_part(root, part, meta) is None and read_part(Path(source), part, meta):
                 tmp = part_path(root, part).with_suffix(".copy.tmp")
-                shutil.copyfile(found, tmp)
-                os.replace(tmp, part_path(root, part))
+                with storage_guard(tmp):
+                    shutil.copyfile(found, tmp)
+                    os.replace(tmp, part_path(root, part))
     summary = merge_parts(root, int8=int8)
     skipped = collect_skipped(root, meta, manifest)
     write_json_atomic(root / SKIPPED_FILE, skipped)
