@@ -182,6 +182,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     summary = make_payload(
         args.work, config, args.out, score=args.score, task_id=args.task_id,
         leak_threshold=args.leak_threshold, exclude_leaks=not args.keep_leaks,
+        consensus_k=args.consensus, consensus_agreement=args.consensus_agreement,
     )  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
@@ -198,6 +199,12 @@ def _cmd_select(args: argparse.Namespace) -> int:
             f"{leak['test_images_checked']} test images have reference near-duplicates "
             f"(cosine >= {leak['threshold']}): {leak['near_duplicate_reference_images']} "
             f"reference images {action}; {leak['kept_near_duplicates']} kept"
+        )
+    if summary["consensus"] is not None:
+        c = summary["consensus"]
+        print(
+            f"consensus filter: dropped and refilled {c['dropped']} images whose {c['k']} "
+            f"nearest kept neighbours agree < {c['min_agreement']:.0%} with their label"
         )
     print(f"payload {args.out}: {summary['payload_bytes']} bytes "
           f"(information bound {summary['information_bound_bytes']:.0f} bytes)")  # fmt: skip
@@ -289,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument(
         "--keep-leaks", action="store_true", help="report test near-duplicates but keep them"
     )
+    sel.add_argument(
+        "--consensus", type=int, default=0, metavar="K",
+        help="drop kept images whose K nearest kept neighbours mostly disagree (0: off)",
+    )  # fmt: skip
+    sel.add_argument("--consensus-agreement", type=float, default=0.5)
     sel.add_argument("--keep", type=float, default=0.01, help="fraction of the reference set")
     sel.add_argument("--alpha", type=float, default=-0.2, help="safety-net quota exponent")
     sel.add_argument("--reserve", type=float, default=0.5, help="safety-net share of the budget")

@@ -166,6 +166,8 @@ def make_payload(
     task_id: str | None = None,
     leak_threshold: float = 0.97,
     exclude_leaks: bool = True,
+    consensus_k: int = 0,
+    consensus_agreement: float = 0.5,
 ) -> dict[str, Any]:
     """Select from a scored work directory, write the payload, and return a summary.
 
@@ -173,7 +175,9 @@ def make_payload(
     recommended at scoring time. Reference images that are near-duplicates of the
     task's test images (cosine >= ``leak_threshold`` in the duplicate-check
     embedding) are excluded before selecting, unless ``exclude_leaks`` is False;
-    unreadable reference images are always excluded.
+    unreadable reference images are always excluded. ``consensus_k > 0`` drops kept
+    images whose nearest kept neighbours disagree with their label and refills them
+    (see :mod:`sender.consensus`).
     """
     from sender.embedding_store import EmbeddingStore
 
@@ -225,6 +229,22 @@ def make_payload(
             "excluded": exclude_leaks,
         }
     kept = select(scores, predicted, len(class_names), config, excluded=excluded)
+    consensus = None
+    if consensus_k > 0:
+        from sender.consensus import consensus_outliers
+
+        if embeddings_dir:
+            embeddings = EmbeddingStore(embeddings_dir).read_rows(kept)
+        elif (work / REFERENCE_EMBEDDINGS).is_file():
+            embeddings = np.load(work / REFERENCE_EMBEDDINGS, mmap_mode="r")[kept]
+        else:
+            raise ConfigError(f"{work} has no reference embeddings for the consensus filter")
+        dropped = kept[consensus_outliers(embeddings, predicted[kept], consensus_k,
+                                          consensus_agreement)]  # fmt: skip
+        kept = select(scores, predicted, len(class_names), config,
+                      excluded=np.union1d(excluded, dropped))  # fmt: skip
+        consensus = {"k": consensus_k, "min_agreement": consensus_agreement,
+                     "dropped": int(dropped.size)}  # fmt: skip
     if leakage is not None:
         leakage["kept_near_duplicates"] = int(np.intersect1d(kept, duplicates).size)
     labels = predicted[kept].astype(np.int64)
@@ -253,4 +273,5 @@ def make_payload(
             information_bound_bytes(reference_size, labels, len(class_names)), 1
         ),
         "leakage": leakage,
+        "consensus": consensus,
     }

@@ -218,8 +218,18 @@ def test_planted_test_duplicates_are_found_and_excluded(world, tmp_path) -> None
 
 def test_missing_weights_fail_with_a_clear_error(world, tmp_path) -> None:
     def embed_with(model: str, weights: str) -> subprocess.CompletedProcess:
-        args = [*cli("plada-send"), "embed", "--reference", str(world["root"] / "tree"),
-                "--clip-model", model, "--clip-weights", weights, "--out", str(tmp_path / "e")]
+        args = [
+            *cli("plada-send"),
+            "embed",
+            "--reference",
+            str(world["root"] / "tree"),
+            "--clip-model",
+            model,
+            "--clip-weights",
+            weights,
+            "--out",
+            str(tmp_path / "e"),
+        ]
         return run(args, cli_env(), expect=2)  # fmt: skip
 
     missing = embed_with(str(world["config"]), str(tmp_path / "absent.pt"))
@@ -230,3 +240,14 @@ def test_missing_weights_fail_with_a_clear_error(world, tmp_path) -> None:
     junk.write_bytes(b"not a checkpoint")
     unreadable = embed_with(str(world["config"]), str(junk))
     assert "WeightsError" in unreadable.stderr and "Traceback" not in unreadable.stderr
+
+
+def test_select_with_consensus_refills_what_it_drops(world, embedded, tmp_path) -> None:
+    work = tmp_path / "work"
+    _score(world, embedded, work, "--task", str(world["root"] / "task"))
+    run([*cli("plada-send"), "select", str(work), "--keep", "0.1", "--consensus", "5",
+         "--out", str(tmp_path / "c.plada"), "--json", str(tmp_path / "c.json")],
+        cli_env())  # fmt: skip
+    summary = json.loads((tmp_path / "c.json").read_text())
+    assert summary["consensus"]["k"] == 5 and summary["consensus"]["dropped"] > 0
+    assert summary["kept"] == 48  # dropped images were replaced

@@ -211,3 +211,17 @@ def test_full_disk_is_a_storage_error_and_leaves_no_partial_file(tmp_path, monke
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["part-000000.npz"]
     assert embedding_store.read_part(tmp_path, 0, meta) is not None
+
+
+def test_consensus_drops_planted_mislabels_only() -> None:
+    from sender.consensus import consensus_outliers
+
+    rng = np.random.default_rng(11)
+    centers = l2_normalize(rng.normal(size=(3, 16)))
+    labels = np.repeat(np.arange(3), 40)
+    x = l2_normalize(centers[labels] + 0.15 * rng.normal(size=(120, 16)))
+    noisy = labels.copy()
+    planted = np.array([3, 50, 97])
+    noisy[planted] = (labels[planted] + 1) % 3
+    assert np.flatnonzero(consensus_outliers(x, noisy, k=8)).tolist() == planted.tolist()
+    assert not consensus_outliers(x, labels, k=8).any()
