@@ -1,10 +1,11 @@
 """``plada-send embed`` throughput: images/s with JPEG decoding included.
 
 Generates ImageNet-sized JPEGs (500 x 375, textured so they do not compress to
-nothing) in an ImageFolder tree, saves an open_clip architecture with random
-weights to a file, and runs the real embed pass over the tree. Prints, side by
-side, the decode + preprocess floor (the DataLoader alone, no model) and the full
-pass, with the time 14.2M images would take at that rate.
+nothing) in an ImageFolder tree and saves an open_clip architecture with random
+weights to a file. Then it prints, side by side: decoding alone with each decoder
+(PIL in DataLoader workers; torchvision batched on the device, nvJPEG on a GPU),
+the model alone on tensors already on the device, and the real embed pass with
+each decoder. It ends with how closely the two decoders' embeddings agree.
 
     python -m benchmarks.embed_throughput [--images 2048] [--model ViT-B-32] [--device cuda]
 """
@@ -52,13 +53,72 @@ def decode_floor(reference, preprocess, batch_size: int, workers: int) -> float:
     return rows.size / (time.perf_counter() - started)
 
 
+def model_ceiling(model_name: str, weights: str, device: str, batch_size: int) -> float:
+    """Images/s of the model alone on preprocessed tensors already on the device."""
+    import torch
+
+    from sender.embed import _input_side
+    from sender.embedders import OpenClipEmbedder
+
+    embedder = OpenClipEmbedder(model_name, weights, device)
+    side = _input_side(embedder.preprocess)
+    batch = torch.randn(batch_size, 3, side, side, device=device)
+    for _ in range(3):
+        embedder.embed_batch(batch)
+    repeats = 20 if device.startswith("cuda") else 2
+    started = time.perf_counter()
+    for _ in range(repeats):
+        embedder.embed_batch(batch)  # returns numpy: includes the copy back and a sync
+    return repeats * batch_size / (time.perf_counter() - started)
+
+
+def tensor_decode_floor(reference, preprocess, device: str, batch_size: int, workers: int) -> float:
+    """Images/s of threaded byte reads + batched torchvision decode/preprocess on device."""
+    import torch
+
+    from sender.tensor_decode import PreprocessSpec, TensorPreprocessor, iter_encoded_batches
+
+    rows = np.arange(len(reference))
+    prepare = TensorPreprocessor(PreprocessSpec.from_transform(preprocess), torch.device(device))
+    loader = iter_encoded_batches(reference, rows, batch_size, threads=max(4, workers))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    waited = decoding = fitting = 0.0
+    started = last = time.perf_counter()
+    for data, _, _ in loader:
+        now = time.perf_counter()
+        waited += now - last
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+        images = prepare._decode(tensors)
+        sync()
+        decoded = time.perf_counter()
+        decoding += decoded - now
+        by_shape: dict[tuple[int, ...], list] = {}
+        for image in images:
+            assert image is not None
+            by_shape.setdefault(tuple(image.shape), []).append(image)
+        for group in by_shape.values():
+            prepare._fit(torch.stack(group))
+        sync()
+        last = time.perf_counter()
+        fitting += last - decoded
+    total = time.perf_counter() - started
+    print(
+        f"  torchvision path, {rows.size} images: waiting for bytes {waited:.1f}s, "
+        f"decode {decoding:.1f}s, resize/crop/normalise {fitting:.1f}s, total {total:.1f}s"
+    )
+    return rows.size / total
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     import open_clip
     import torch
 
     from protocol.reference.image_folder import ImageFolderReference
     from sender.embed import embed_reference
     from sender.embedders import load_open_clip
+    from sender.embedding_store import merge_parts
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2048)
@@ -68,8 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="default: all cores")
     parser.add_argument("--work", default=None, help="folder for the JPEGs (default: temp)")
     args = parser.parse_args(argv)
-    import os
-
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.work or scratch)
@@ -83,22 +141,39 @@ def main(argv: list[str] | None = None) -> int:
         del model
         reference = ImageFolderReference(tree)
         _, preprocess = load_open_clip(args.model, str(weights), "cpu")
-        floor = decode_floor(reference, preprocess, args.batch_size, workers)
-        summary = embed_reference(
-            reference, root / "emb", args.model, str(weights), device=args.device,
-            batch_size=args.batch_size, workers=workers, part_rows=4096, progress=False,
-        )  # fmt: skip
-    rate = summary.images_per_second
+        rates = {
+            "decode + preprocess, PIL in workers": decode_floor(
+                reference, preprocess, args.batch_size, workers
+            ),
+            "decode + preprocess, torchvision on device": tensor_decode_floor(
+                reference, preprocess, args.device, args.batch_size, workers
+            ),
+            "model only, tensors on device": model_ceiling(
+                args.model, str(weights), args.device, args.batch_size
+            ),
+        }
+        stores = {}
+        for decode in ("pil", "torchvision"):
+            out = root / f"emb-{decode}"
+            summary = embed_reference(
+                reference, out, args.model, str(weights), device=args.device,
+                batch_size=args.batch_size, workers=workers, part_rows=4096, progress=False,
+                decode=decode,
+            )  # fmt: skip
+            rates[f"embed --decode {decode}"] = summary.images_per_second
+            merge_parts(out)
+            stores[decode] = np.fromfile(out / "embeddings.f16", dtype="<f2").astype(np.float32)
+        dim = stores["pil"].size // len(reference)
+        pil, tv = stores["pil"].reshape(-1, dim), stores["torchvision"].reshape(-1, dim)
+        cosine = (pil * tv).sum(1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(tv, axis=1)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"\n{args.model}, random weights, {args.images} JPEGs 500x375, device {device}, "
-          f"{workers} decode workers, batch {args.batch_size}")  # fmt: skip
-    print(f"{'stage':<34} {'img/s':>9} {'14.2M images':>14}")
-    for name, value in (
-        ("decode + preprocess only (floor)", floor),
-        ("embed (decode + model)", rate),
-    ):
-        print(f"{name:<34} {value:>9.0f} {IMAGENET_21K / value / 3600:>12.1f} h")
-    print(f"embed / floor: {rate / floor:.2f}")
+          f"{workers} reader workers, batch {args.batch_size}")  # fmt: skip
+    print(f"{'stage':<44} {'img/s':>9} {'14.2M images':>14}")
+    for name, value in rates.items():
+        print(f"{name:<44} {value:>9.0f} {IMAGENET_21K / value / 3600:>12.2f} h")
+    print(f"embeddings, torchvision vs PIL preprocessing: cosine mean {cosine.mean():.5f}, "
+          f"min {cosine.min():.5f}")  # fmt: skip
     return 0
 
 

@@ -57,7 +57,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     summary = embed_reference(
         reference, args.out, args.clip_model, args.clip_weights, device=args.device,
         batch_size=args.batch_size, workers=args.workers, part_rows=args.part_rows,
-        shard=shard, progress=not args.quiet,
+        shard=shard, progress=not args.quiet, decode=args.decode,
     )  # fmt: skip
     print(
         f"shard {args.shard}: {summary.parts_in_slice} of {summary.parts_total} parts, "
@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--batch-size", type=int, default=256)
     emb.add_argument("--workers", type=int, default=4, help="image-decoding processes")
     emb.add_argument("--part-rows", type=int, default=65536, help="rows per resumable part")
+    emb.add_argument(
+        "--decode", choices=["pil", "torchvision"], default="pil",
+        help="pil: open_clip's transform in the workers; torchvision: batched on the device "
+        "(nvJPEG on a GPU)",
+    )  # fmt: skip
     emb.add_argument("--shard", default="0/1", help="this machine's slice i/N of the parts")
     emb.add_argument("--out", required=True, help="embeddings directory")
     emb.add_argument("--quiet", action="store_true")

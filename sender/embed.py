@@ -103,8 +103,14 @@ def embed_reference(
     part_rows: int = 65536,
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
+    decode: str = "pil",
 ) -> EmbedSummary:
-    """Embed the parts of ``shard`` that are not done yet (see module docstring)."""
+    """Embed the parts of ``shard`` that are not done yet (see module docstring).
+
+    ``decode="pil"`` decodes and preprocesses in the DataLoader workers with
+    open_clip's own transform; ``"torchvision"`` decodes whole batches on the
+    embedding device (nvJPEG on a GPU; see :mod:`sender.tensor_decode`).
+    """
     from tqdm import tqdm
 
     from sender.embedders import OpenClipEmbedder
@@ -134,16 +140,30 @@ def embed_reference(
         if pending
         else np.zeros(0, dtype=np.int64)
     )
-    loader = DataLoader(
-        ReferenceImages(reference, rows, embedder.preprocess),
-        batch_size=batch_size, num_workers=workers, shuffle=False,
-        pin_memory=embedder.device.type == "cuda", persistent_workers=False,
-    )  # fmt: skip
+    prepare = None
+    batches: Any
+    if decode == "pil":
+        batches = DataLoader(
+            ReferenceImages(reference, rows, embedder.preprocess), batch_size=batch_size,
+            num_workers=workers, shuffle=False, pin_memory=embedder.device.type == "cuda",
+        )  # fmt: skip
+    elif decode == "torchvision":
+        from sender.tensor_decode import PreprocessSpec, TensorPreprocessor, iter_encoded_batches
+
+        spec = PreprocessSpec.from_transform(embedder.preprocess)
+        prepare = TensorPreprocessor(spec, embedder.device)
+        batches = iter_encoded_batches(reference, rows, batch_size, threads=max(4, workers))
+    else:
+        raise ConfigError(f"--decode must be pil or torchvision, not {decode!r}")
     bar = tqdm(total=int(rows.size), unit="img", unit_scale=True, disable=not progress,
                desc=f"embedding {shard[0]}/{shard[1]}")  # fmt: skip
     writer = _PartWriter(root, meta, pending)
-    for images, batch_rows, problems in loader:
-        writer.add(embedder.embed_batch(images), batch_rows.numpy(), list(problems))
+    for images, batch_rows, problems in batches:
+        problems = list(problems)
+        if prepare is not None:
+            where = [f"{reference.manifest.keys[int(r)]}" for r in batch_rows]
+            images, problems = prepare(images, problems, where)
+        writer.add(embedder.embed_batch(images), batch_rows.numpy(), problems)
         bar.update(len(batch_rows))
     bar.close()
     if writer.current < len(pending):

@@ -251,3 +251,34 @@ def test_select_with_consensus_refills_what_it_drops(world, embedded, tmp_path) 
     summary = json.loads((tmp_path / "c.json").read_text())
     assert summary["consensus"]["k"] == 5 and summary["consensus"]["dropped"] > 0
     assert summary["kept"] == 48  # dropped images were replaced
+
+
+def test_torchvision_decode_matches_pil_and_handles_png_and_garbage(world, tmp_path) -> None:
+    from PIL import Image
+
+    from sender.embed import embed_reference
+    from sender.embedding_store import merge_parts
+
+    tree = tmp_path / "tree"
+    shutil.copytree(world["root"] / "tree", tree)
+    png = tree / "n00000002" / "n00000002_120.JPEG"  # a PNG under a .JPEG name: PIL fallback
+    with Image.open(png) as img:
+        img.save(png, format="PNG")
+    (tree / "n00000004" / "n00000004_360.JPEG").write_bytes(b"\xff\xd8 not really a JPEG")
+    reference = ImageFolderReference(tree)
+    stores = {}
+    for decode in ("pil", "torchvision"):
+        out = tmp_path / decode
+        summary = embed_reference(reference, out, str(world["config"]), str(world["weights"]),
+                                  workers=0, part_rows=100, progress=False,
+                                  decode=decode)  # fmt: skip
+        assert summary.images_skipped == 1
+        merge_parts(out)
+        stores[decode] = np.fromfile(out / "embeddings.f16", "<f2").astype(np.float32)
+        stores[decode] = stores[decode].reshape(len(reference), -1)
+    valid = np.load(tmp_path / "torchvision" / "valid.npy")
+    bad = reference.manifest.keys.index("n00000004/n00000004_360")
+    assert not valid[bad] and valid.sum() == len(reference) - 1
+    pil, tv = stores["pil"][valid], stores["torchvision"][valid]
+    cosine = (pil * tv).sum(1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(tv, axis=1)
+    assert cosine.min() > 0.999, cosine.min()

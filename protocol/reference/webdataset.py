@@ -174,8 +174,11 @@ class WebDatasetReference(EncodedReference):
         number = int(self._shard[index])
         try:
             fd = self._handles.get(number)
-            if fd is None:
-                fd = self._handles[number] = os.open(self.shards[number], os.O_RDONLY)
+            if fd is None:  # threads may race here: keep the first descriptor, close ours
+                opened = os.open(self.shards[number], os.O_RDONLY)
+                fd = self._handles.setdefault(number, opened)
+                if fd != opened:
+                    os.close(opened)
             # positional read: safe when worker processes share inherited descriptors
             data = os.pread(fd, int(self._size[index]), int(self._offset[index]))
         except OSError as exc:
