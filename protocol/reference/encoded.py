@@ -18,8 +18,6 @@ import numpy as np
 from protocol.errors import ReferenceSetError
 from protocol.reference.base import ReferenceSource
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
 
 @dataclass(frozen=True)
 class SkippedImage:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from protocol.errors import ReferenceSetError
 from protocol.manifest import ReferenceManifest
-from protocol.reference.encoded import IMAGE_EXTENSIONS, EncodedReference, UnreadableImage
+from protocol.reference.encoded import EncodedReference, UnreadableImage
+from protocol.task_data import IMAGE_SUFFIXES
 
 
 def _scan(root: Path) -> dict[str, str]:
@@ -20,7 +21,7 @@ def _scan(root: Path) -> dict[str, str]:
             with os.scandir(folder.path) as files:
                 for entry in files:
                     stem, ext = os.path.splitext(entry.name)
-                    if ext.lower() not in IMAGE_EXTENSIONS or not entry.is_file():
+                    if ext.lower() not in IMAGE_SUFFIXES or not entry.is_file():
                         continue
                     key = f"{folder.name}/{stem}"
                     if key in found:

@@ -25,7 +25,8 @@ import numpy as np
 
 from protocol.errors import ReferenceSetError
 from protocol.manifest import ReferenceManifest
-from protocol.reference.encoded import IMAGE_EXTENSIONS, EncodedReference, UnreadableImage
+from protocol.reference.encoded import EncodedReference, UnreadableImage
+from protocol.task_data import IMAGE_SUFFIXES
 
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
@@ -84,7 +85,7 @@ def scan_shard(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, str | Non
                     break
                 folder, _, base = member.name.rpartition("/")
                 stem, dot, ext = base.partition(".")
-                if not dot or "." + ext.lower() not in IMAGE_EXTENSIONS:
+                if not dot or "." + ext.lower() not in IMAGE_SUFFIXES:
                     continue
                 keys.append(canonical_key(f"{folder}/{stem}" if folder else stem))
                 offsets.append(member.offset_data)
