@@ -38,14 +38,14 @@ def write_jpegs(root: Path, count: int, per_folder: int = 256, seed: int = 0) ->
         Image.fromarray(big + noise).save(folder / f"{folder.name}_{i}.JPEG", quality=90)
 
 
-def decode_floor(reference, preprocess, batch_size: int, workers: int) -> float:
+def decode_floor(reference, preprocess, side: int, batch_size: int, workers: int) -> float:
     """Images/s of the DataLoader alone (read + JPEG decode + preprocess)."""
     from torch.utils.data import DataLoader
 
     from sender.embed import ReferenceImages
 
     rows = np.arange(len(reference))
-    loader = DataLoader(ReferenceImages(reference, rows, preprocess), batch_size=batch_size,
+    loader = DataLoader(ReferenceImages(reference, rows, preprocess, side), batch_size=batch_size,
                         num_workers=workers)  # fmt: skip
     started = time.perf_counter()
     for _ in loader:
@@ -57,11 +57,10 @@ def model_ceiling(model_name: str, weights: str, device: str, batch_size: int) -
     """Images/s of the model alone on preprocessed tensors already on the device."""
     import torch
 
-    from sender.embed import _input_side
     from sender.embedders import OpenClipEmbedder
 
     embedder = OpenClipEmbedder(model_name, weights, device)
-    side = _input_side(embedder.preprocess)
+    side = embedder.image_size
     batch = torch.randn(batch_size, 3, side, side, device=device)
     for _ in range(3):
         embedder.embed_batch(batch)
@@ -140,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(model.state_dict(), weights)
         del model
         reference = ImageFolderReference(tree)
-        _, preprocess = load_open_clip(args.model, str(weights), "cpu")
+        model, preprocess = load_open_clip(args.model, str(weights), "cpu")
+        size = model.visual.image_size
+        side = int(size[0] if isinstance(size, tuple | list) else size)
+        del model
         rates = {
             "decode + preprocess, PIL in workers": decode_floor(
-                reference, preprocess, args.batch_size, workers
+                reference, preprocess, side, args.batch_size, workers
             ),
             "decode + preprocess, torchvision on device": tensor_decode_floor(
                 reference, preprocess, args.device, args.batch_size, workers

@@ -24,6 +24,7 @@ from protocol.errors import ConfigError, ReferenceSetError
 from protocol.manifest import ReferenceManifest
 from protocol.reference.base import ReferenceSource
 from protocol.reference.encoded import EncodedReference
+from sender.atomic_files import storage_guard, write_json_atomic
 from sender.embedding_store import (
     SKIPPED_FILE,
     StoreMeta,
@@ -32,8 +33,6 @@ from sender.embedding_store import (
     part_path,
     parts_of_shard,
     read_part,
-    storage_guard,
-    write_json_atomic,
     write_part,
 )
 
@@ -43,11 +42,13 @@ MANIFEST_FILE = "manifest.txt"
 class ReferenceImages(Dataset):
     """Preprocessed reference images by manifest row; unreadable ones come back flagged."""
 
-    def __init__(self, reference: ReferenceSource, rows: np.ndarray, preprocess: Any) -> None:
+    def __init__(
+        self, reference: ReferenceSource, rows: np.ndarray, preprocess: Any, side: int
+    ) -> None:
         self.reference = reference
         self.rows = rows
         self.preprocess = preprocess
-        self.side = _input_side(preprocess)
+        self.side = side
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -65,14 +66,6 @@ class ReferenceImages(Dataset):
         if image is None:
             return torch.zeros(3, self.side, self.side), row, problem or "unreadable"
         return self.preprocess(image), row, ""
-
-
-def _input_side(preprocess: Any) -> int:
-    for step in getattr(preprocess, "transforms", []):
-        size = getattr(step, "size", None)
-        if size is not None:
-            return int(size if isinstance(size, int) else size[0])
-    raise ConfigError("cannot tell the model's input size from its preprocess transform")
 
 
 @dataclass
@@ -119,7 +112,7 @@ def embed_reference(
         raise ConfigError("--part-rows and --batch-size must be positive")
     root = Path(out_dir)
     embedder = OpenClipEmbedder(model_name, pretrained, device)
-    side = _input_side(embedder.preprocess)
+    side = embedder.image_size
     dim = int(embedder.embed_batch(torch.zeros(1, 3, side, side)).shape[1])
     manifest = reference.manifest
     meta = StoreMeta(
@@ -144,7 +137,7 @@ def embed_reference(
     batches: Any
     if decode == "pil":
         batches = DataLoader(
-            ReferenceImages(reference, rows, embedder.preprocess), batch_size=batch_size,
+            ReferenceImages(reference, rows, embedder.preprocess, side), batch_size=batch_size,
             num_workers=workers, shuffle=False, pin_memory=embedder.device.type == "cuda",
         )  # fmt: skip
     elif decode == "torchvision":
@@ -161,7 +154,7 @@ def embed_reference(
     for images, batch_rows, problems in batches:
         problems = list(problems)
         if prepare is not None:
-            where = [f"{reference.manifest.keys[int(r)]}" for r in batch_rows]
+            where = [reference.manifest.keys[int(r)] for r in batch_rows]
             images, problems = prepare(images, problems, where)
         writer.add(embedder.embed_batch(images), batch_rows.numpy(), problems)
         bar.update(len(batch_rows))
@@ -244,19 +237,9 @@ def merge_embeddings(
                     shutil.copyfile(found, tmp)
                     os.replace(tmp, part_path(root, part))
     summary = merge_parts(root, int8=int8)
-    skipped = collect_skipped(root, meta, manifest)
+    skipped = [
+        {"index": row, "key": manifest.keys[row], "reason": reason}
+        for row, reason in summary.pop("skipped").items()
+    ]
     write_json_atomic(root / SKIPPED_FILE, skipped)
     return summary | {"skipped": len(skipped)}
-
-
-def collect_skipped(root: Path, meta: StoreMeta, manifest: ReferenceManifest) -> list[dict]:
-    """Every image the parts marked unreadable: index, key and reason."""
-    out = []
-    for part in range(meta.num_parts):
-        with np.load(part_path(root, part), allow_pickle=False) as data:
-            if "skipped_rows" not in data:
-                continue
-            rows, reasons = data["skipped_rows"].tolist(), data["skipped_reasons"].tolist()
-            for row, reason in zip(rows, reasons, strict=True):
-                out.append({"index": row, "key": manifest.keys[row], "reason": reason})
-    return out

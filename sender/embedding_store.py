@@ -25,11 +25,12 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from protocol.errors import ConfigError, ReferenceSetError, StorageError
+from protocol.errors import ConfigError, ReferenceSetError
+from sender.atomic_files import storage_guard, write_json_atomic
 
 STORE_FORMAT = "plada-embeddings-v1"
 META_FILE = "meta.json"
@@ -39,31 +40,6 @@ I8_FILE = "embeddings.i8"
 SCALES_FILE = "scales.f32"
 VALID_FILE = "valid.npy"
 SKIPPED_FILE = "skipped.json"
-
-
-@contextlib.contextmanager
-def storage_guard(*temporaries: Path) -> Iterator[None]:
-    """Turn write failures (disk full, permissions) into :class:`StorageError`, removing
-    the temporary files so nothing half-written is left; finished files are untouched."""
-    try:
-        yield
-    except BaseException as exc:
-        for tmp in temporaries:
-            tmp.unlink(missing_ok=True)
-        if not isinstance(exc, OSError):
-            raise
-        raise StorageError(
-            f"cannot write {temporaries[0].parent}: {exc.strerror or exc}; free space or fix "
-            "permissions and rerun (work already finished is kept)"
-        ) from exc
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with storage_guard(tmp):
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -130,7 +106,15 @@ def write_part(
         os.replace(tmp, path)
 
 
-def read_part(root: Path, part: int, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray] | None:
+class Part(NamedTuple):
+    """One finished part: fp16 embeddings, valid mask, and why skipped rows were skipped."""
+
+    embeddings: np.ndarray
+    valid: np.ndarray
+    skipped: dict[int, str]
+
+
+def read_part(root: Path, part: int, meta: StoreMeta) -> Part | None:
     """A finished part, or None when it is absent or unreadable (it will be redone)."""
     path = part_path(root, part)
     if not path.is_file():
@@ -139,11 +123,12 @@ def read_part(root: Path, part: int, meta: StoreMeta) -> tuple[np.ndarray, np.nd
     try:
         with np.load(path, allow_pickle=False) as data:
             embeddings, valid = data["embeddings"], data["valid"]
+            rows, reasons = data["skipped_rows"].tolist(), data["skipped_reasons"].tolist()
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
     if embeddings.shape != (stop - start, meta.dim) or valid.shape != (stop - start,):
         return None
-    return embeddings, valid
+    return Part(embeddings, valid, dict(zip(rows, reasons, strict=True)))
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -165,40 +150,50 @@ def parts_of_shard(meta: StoreMeta, shard: tuple[int, int]) -> list[int]:
 
 
 def merge_parts(root: Path, int8: bool = False) -> dict[str, Any]:
-    """Check that every part is present and concatenate them into the flat files."""
+    """Check that every part is present and concatenate them into the flat files.
+
+    One pass reads each part once; if any part is missing or unreadable, the
+    temporary outputs are removed and the error lists them all.
+    """
     meta = StoreMeta.load(root)
-    missing = [p for p in range(meta.num_parts) if read_part(root, p, meta) is None]
-    if missing:
-        shown = ", ".join(str(p) for p in missing[:10])
-        raise ReferenceSetError(
-            f"{len(missing)} of {meta.num_parts} parts are missing or unreadable ({shown}"
-            f"{', ...' if len(missing) > 10 else ''}): rerun 'plada-send embed' (with the "
-            "same --shard) for them, then merge again"
-        )
     valid = np.zeros(meta.n, dtype=bool)
+    skipped: dict[int, str] = {}
+    missing: list[int] = []
     names = [F16_FILE, I8_FILE, SCALES_FILE] if int8 else [F16_FILE]
     temporaries = [root / (name + ".tmp") for name in names]
     with storage_guard(*temporaries), contextlib.ExitStack() as stack:
         handles = {name: stack.enter_context(open(root / (name + ".tmp"), "wb")) for name in names}
         for part in range(meta.num_parts):
             found = read_part(root, part, meta)
-            if found is None:
-                raise ReferenceSetError(f"part {part} vanished during the merge: merge again")
-            embeddings, part_valid = found
+            if found is None or missing:  # after the first gap, only look for more gaps
+                if found is None:
+                    missing.append(part)
+                continue
             start, stop = meta.part_range(part)
-            valid[start:stop] = part_valid
-            handles[F16_FILE].write(np.ascontiguousarray(embeddings, "<f2").tobytes())
+            valid[start:stop] = found.valid
+            skipped.update(found.skipped)
+            handles[F16_FILE].write(np.ascontiguousarray(found.embeddings, "<f2").tobytes())
             if int8:
-                codes, scales = quantize_int8(embeddings)
+                codes, scales = quantize_int8(found.embeddings)
                 handles[I8_FILE].write(codes.tobytes())
                 handles[SCALES_FILE].write(scales.astype("<f4").tobytes())
+        if missing:
+            shown = ", ".join(str(p) for p in missing[:10])
+            raise ReferenceSetError(
+                f"{len(missing)} of {meta.num_parts} parts are missing or unreadable ({shown}"
+                f"{', ...' if len(missing) > 10 else ''}): rerun 'plada-send embed' (with the "
+                "same --shard) for them, then merge again"
+            )
     for name in names:
         os.replace(root / (name + ".tmp"), root / name)
     tmp = root / (VALID_FILE + ".tmp.npy")
     with storage_guard(tmp):
         np.save(tmp, valid)
         os.replace(tmp, root / VALID_FILE)
-    return {"n": meta.n, "dim": meta.dim, "valid": int(valid.sum()), "int8": int8}
+    return {
+        "n": meta.n, "dim": meta.dim, "valid": int(valid.sum()), "int8": int8,
+        "skipped": dict(sorted(skipped.items())),
+    }  # fmt: skip
 
 
 def quantize_int8(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,6 @@ reads as often as needed, e.g. to try keep fractions against a byte budget.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, replace
@@ -21,21 +20,13 @@ from protocol.payload import Payload, encode_payload, information_bound_bytes, w
 from protocol.reference.base import ReferenceSource
 from protocol.task_data import LabeledImages
 from sender import index as faiss_index
+from sender.atomic_files import write_json_atomic
 from sender.domain_gap import measure_domain_gap, split_reference_sample
 from sender.scoring import SCORES, energy, entropy, knn_relevance
 from sender.selection import SelectionConfig, select
+from sender.work_dir import REFERENCE_EMBEDDINGS, SCORE_REPORT, SCORES_FILE, TEST_EMBEDDINGS
 
-SCORES_FILE = "scores.npz"
-REFERENCE_EMBEDDINGS = "reference_embeddings.npy"
-TEST_EMBEDDINGS = "test_embeddings.npy"
 INDEX_FILE = faiss_index.INDEX_FILE
-SCORE_REPORT = "score_report.json"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _reference_images(reference: ReferenceSource, chunk: int = 16384) -> np.ndarray:
@@ -146,7 +137,7 @@ def score_reference(
         "scoring_images_per_second": len(reference) / max(scoring_seconds, 1e-9),
         "total_seconds": time.perf_counter() - started,
     }
-    _write_json(out / SCORE_REPORT, summary)
+    write_json_atomic(out / SCORE_REPORT, summary)
     return summary
 
 

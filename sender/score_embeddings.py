@@ -10,7 +10,6 @@ the selection strategy it recommends.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -21,14 +20,12 @@ import torch
 
 from protocol.errors import ConfigError, TaskDataError
 from protocol.task_data import image_folder_files
+from sender.atomic_files import write_json_atomic
 from sender.domain_gap import measure_domain_gap, split_reference_sample
 from sender.embedding_store import EmbeddingStore
 from sender.embedding_teachers import KnnTeacher, train_probe, zero_shot_head
 from sender.stream_scoring import LinearHead, score_chunks
-
-SCORES_FILE = "scores.npz"
-TEST_EMBEDDINGS = "test_embeddings.npy"
-SCORE_REPORT = "score_report.json"
+from sender.work_dir import SCORE_REPORT, SCORES_FILE, TEST_EMBEDDINGS
 
 
 def read_class_names(spec: str) -> list[str]:
@@ -174,7 +171,5 @@ def score_embeddings(
         "scoring_images_per_second": scores.stats["rows_per_second"],
         "total_seconds": time.perf_counter() - started,
     }
-    tmp = out / (SCORE_REPORT + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / SCORE_REPORT)
+    write_json_atomic(out / SCORE_REPORT, summary)
     return summary

@@ -120,71 +120,55 @@ def score_chunks(
         raise ConfigError(f"temperature must be positive, not {temperature}")
     if (head is None) == (logit_fn is None):
         raise ConfigError("give exactly one of a linear head or a logit function")
+    from tqdm import tqdm
+
     keep_large_blocks_on_heap()
     torch.set_flush_denormal(True)  # process-wide CPU state: switched off again below
     try:
-        return _score_chunks(
-            chunks, n, head, temperature, chunk_rows, with_entropy, logit_fn, num_classes, progress
-        )
+        if head is not None:
+            weight, bias = head.padded(temperature)
+            k_pad = weight.shape[1]
+        else:
+            assert num_classes is not None
+            k_pad = num_classes
+        energy = np.empty(n, dtype=np.float32)
+        entropy = np.empty(n, dtype=np.float32) if with_entropy else None
+        predicted = np.empty(n, dtype=np.int32)
+        logits = torch.empty((chunk_rows, k_pad), dtype=torch.float32)
+        work = torch.empty_like(logits)
+        peak = torch.empty(chunk_rows)
+        arg = torch.empty(chunk_rows, dtype=torch.long)
+        total = torch.empty(chunk_rows)
+        weighted = torch.empty(chunk_rows)
+        log_totals = torch.empty(chunk_rows)
+        started = time.perf_counter()
+        bar = tqdm(total=n, unit="img", unit_scale=True, disable=not progress, desc="scoring")
+        for start, x in chunks:
+            rows = x.shape[0]
+            z, e = logits[:rows], work[:rows]
+            if head is not None:
+                torch.addmm(bias, x, weight, out=z)
+            else:
+                assert logit_fn is not None
+                z.copy_(logit_fn(x)).div_(temperature)
+            m, a, s, w = peak[:rows], arg[:rows], total[:rows], weighted[:rows]
+            log_s = log_totals[:rows]
+            torch.max(z, 1, out=(m, a))
+            z.sub_(m.unsqueeze(1))
+            torch.exp(z, out=e)
+            torch.sum(e, 1, out=s)
+            stop = start + rows
+            torch.log(s, out=log_s)
+            energy[start:stop] = (-(m + log_s) * temperature).numpy()
+            predicted[start:stop] = a.numpy()
+            if entropy is not None:
+                # H = log S - sum(e * z) / S with z = logits - max, e = exp(z), S = sum(e)
+                e.mul_(z)
+                torch.sum(e, 1, out=w)
+                entropy[start:stop] = (log_s - w / s).numpy()
+            bar.update(rows)
+        bar.close()
+        seconds = time.perf_counter() - started
+        return StreamScores(energy, entropy, predicted, seconds, {"rows_per_second": n / seconds})
     finally:
         torch.set_flush_denormal(False)
-
-
-def _score_chunks(
-    chunks: Iterator[tuple[int, torch.Tensor]],
-    n: int,
-    head: LinearHead | None,
-    temperature: float,
-    chunk_rows: int,
-    with_entropy: bool,
-    logit_fn: LogitFn | None,
-    num_classes: int | None,
-    progress: bool,
-) -> StreamScores:
-    from tqdm import tqdm
-
-    if head is not None:
-        weight, bias = head.padded(temperature)
-        k_pad = weight.shape[1]
-    else:
-        assert num_classes is not None
-        k_pad = num_classes
-    energy = np.empty(n, dtype=np.float32)
-    entropy = np.empty(n, dtype=np.float32) if with_entropy else None
-    predicted = np.empty(n, dtype=np.int32)
-    logits = torch.empty((chunk_rows, k_pad), dtype=torch.float32)
-    work = torch.empty_like(logits)
-    peak = torch.empty(chunk_rows)
-    arg = torch.empty(chunk_rows, dtype=torch.long)
-    total = torch.empty(chunk_rows)
-    weighted = torch.empty(chunk_rows)
-    log_totals = torch.empty(chunk_rows)
-    started = time.perf_counter()
-    bar = tqdm(total=n, unit="img", unit_scale=True, disable=not progress, desc="scoring")
-    for start, x in chunks:
-        rows = x.shape[0]
-        z, e = logits[:rows], work[:rows]
-        if head is not None:
-            torch.addmm(bias, x, weight, out=z)
-        else:
-            assert logit_fn is not None
-            z.copy_(logit_fn(x)).div_(temperature)
-        m, a, s, w = peak[:rows], arg[:rows], total[:rows], weighted[:rows]
-        log_s = log_totals[:rows]
-        torch.max(z, 1, out=(m, a))
-        z.sub_(m.unsqueeze(1))
-        torch.exp(z, out=e)
-        torch.sum(e, 1, out=s)
-        stop = start + rows
-        torch.log(s, out=log_s)
-        energy[start:stop] = (-(m + log_s) * temperature).numpy()
-        predicted[start:stop] = a.numpy()
-        if entropy is not None:
-            # H = log S - sum(e * z) / S with z = logits - max, e = exp(z), S = sum(e)
-            e.mul_(z)
-            torch.sum(e, 1, out=w)
-            entropy[start:stop] = (log_s - w / s).numpy()
-        bar.update(rows)
-    bar.close()
-    seconds = time.perf_counter() - started
-    return StreamScores(energy, entropy, predicted, seconds, {"rows_per_second": n / seconds})
