@@ -147,18 +147,16 @@ def _print_score_summary(summary: dict, what: str, out: str) -> int:
 
 
 def _score_embeddings(args: argparse.Namespace) -> int:
-    from pathlib import Path as _Path
-
     from sender.embedders import OpenClipEmbedder
     from sender.embedding_store import StoreMeta
     from sender.score_embeddings import read_class_names, score_embeddings
 
     if not args.clip_weights:
         raise ConfigError("--embeddings needs --clip-weights (the weights that embedded them)")
-    model = args.clip_model or StoreMeta.load(_Path(args.embeddings)).model
+    model = args.clip_model or StoreMeta.load(Path(args.embeddings)).model
     train, test = args.train, args.test
     if args.task:
-        task = _Path(args.task)
+        task = Path(args.task)
         train = train or (str(task / "train") if (task / "train").is_dir() else None)
         test = test or (str(task / "test") if (task / "test").is_dir() else None)
     summary = score_embeddings(
@@ -166,7 +164,7 @@ def _score_embeddings(args: argparse.Namespace) -> int:
         teacher=args.teacher, train_dir=train, test_dir=test,
         class_names=read_class_names(args.classes) if args.classes else None,
         temperature=args.temperature, knn_k=args.knn_k, chunk_rows=args.chunk_rows,
-        task_name=args.task_id or (_Path(args.task).name if args.task else None),
+        task_name=args.task_id or (Path(args.task).name if args.task else None),
         progress=not args.quiet,
     )  # fmt: skip
     return _print_score_summary(summary, "reference embeddings", args.out)
