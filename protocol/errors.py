@@ -48,6 +48,10 @@ class DigestMismatchError(PayloadError):
     """The integrity digest does not match the decoded content."""
 
 
+class ReferenceRequiredError(PayloadError):
+    """The payload's body can only be decoded with the reference set's manifest."""
+
+
 class ReferenceMismatchError(PladaError):
     """The payload was made for a different reference set than the local one."""
 

@@ -17,6 +17,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,16 @@ def _check_keys(keys: Sequence[str]) -> None:
                 "keys must be unique and sorted (use ReferenceManifest.from_unsorted)"
             )
         previous = key
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """What a block-coded payload needs of a reference set: identity and folder starts."""
+
+    name: str
+    fingerprint: bytes
+    size: int
+    block_starts: np.ndarray  # first index of each block, then ``size``
 
 
 @dataclass(frozen=True)
@@ -103,15 +114,23 @@ class ReferenceManifest:
 
     def block_starts(self) -> np.ndarray:
         """Index of the first image of each block, plus ``len(self)`` at the end."""
+        return self._block_starts.copy()
+
+    @cached_property
+    def _block_starts(self) -> np.ndarray:
         starts: list[int] = []
         previous = None
         for position, key in enumerate(self.keys):
-            block = key.split("/", 1)[0]
+            block = key.partition("/")[0]
             if block != previous:
                 starts.append(position)
                 previous = block
         starts.append(len(self.keys))
         return np.asarray(starts, dtype=np.int64)
+
+    def layout(self) -> BlockLayout:
+        """The identity and block structure a block-coded payload is decoded against."""
+        return BlockLayout(self.name, self.fingerprint, len(self.keys), self._block_starts)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the manifest as text, atomically (temp file + rename)."""

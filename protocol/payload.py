@@ -1,20 +1,24 @@
-"""Payload format v1: which reference images to keep, and their hard labels.
+"""Payload format: which reference images to keep, and their hard labels.
 
 Layout (all integers little-endian; see ``protocol/FORMAT.md``)::
 
     magic   8 bytes   89 50 4C 44 0D 0A 1A 0A   ("\\x89PLD\\r\\n\\x1a\\n")
-    version 1 byte    1
+    version 1 byte    2 (1 is still read)
     hlen    u32       length of the header
     header  hlen      msgpack map (task, created, reference, classes, count, selection, body)
     blen    u32       length of the body
-    body    blen      one zstd frame (content size declared) holding varints:
-                      m index gaps (first index, then index[i] - index[i-1] - 1), then m labels
-    digest  32 bytes  SHA-256 over "plada-payload-v1", the bytes from magic to the end of
-                      the header, and the decoded content (indices as u64, labels as u32)
+    body    blen      coded as header.body.coding says:
+                      "delta-varint/zstd": one zstd frame of varints (index gaps, labels);
+                      "blocks/rans": the block-aware rANS code of ``protocol/block_code.py``
+    digest  32 bytes  SHA-256 over "plada-payload-v<version>", the bytes from magic to the
+                      end of the header, and the decoded content (indices u64, labels u32)
 
-Decoding trusts nothing: every length is bounded before anything is allocated,
-the zstd frame's declared size must equal the header's, msgpack runs with
-explicit limits, and every rule of the content is checked.
+The encoder tries every coding available for the selection and keeps the
+smallest. ``blocks/rans`` with ``blocks = "reference"`` follows the reference
+set's folder boundaries, so decoding it needs the receiver's manifest (whose
+fingerprint must match the header's). Decoding trusts nothing: every length is
+bounded before anything is allocated, msgpack runs with explicit limits, and
+every rule of the content is checked.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import struct
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ import msgpack
 import numpy as np
 import zstandard
 
+from protocol import block_code
 from protocol.errors import (
     CorruptPayloadError,
     DigestMismatchError,
@@ -42,17 +48,19 @@ from protocol.errors import (
     PayloadError,
     PayloadLimitError,
     ReferenceMismatchError,
+    ReferenceRequiredError,
     TruncatedPayloadError,
     UnsupportedVersionError,
 )
-from protocol.manifest import ReferenceManifest
+from protocol.manifest import BlockLayout, ReferenceManifest
 from protocol.varint import decode_uvarints, encode_uvarints
 
 MAGIC = b"\x89PLD\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 BODY_CODING = "delta-varint/zstd"
+BLOCK_CODING = "blocks/rans"
 ZSTD_LEVEL = 19
-DIGEST_DOMAIN = b"plada-payload-v1"
 
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
@@ -60,6 +68,7 @@ MAX_CLASSES = 100_000
 MAX_CLASS_NAME = 256
 MAX_TEXT = 1024
 MAX_REFERENCE_SIZE = 1 << 40
+MAX_UNCHECKED_REFERENCE = 1 << 27  # block-coded bodies decoded without the reference set
 _MAX_VARINT_INDEX = 9  # bytes per index gap (63 bits)
 _MAX_VARINT_LABEL = 3  # bytes per label (labels < 2**21 > MAX_CLASSES)
 _PREFIX = struct.Struct("<8sBI")
@@ -100,13 +109,11 @@ class Payload:
             manifest
         ):
             raise ReferenceMismatchError(
-                f"payload was made for reference set {self.reference_name!r} "
-                f"(fingerprint {self.reference_fingerprint.hex()[:16]}..., "
-                f"n={self.reference_size}) "
-                f"but this device holds {manifest.name!r} "
-                f"(fingerprint {manifest.fingerprint_hex[:16]}..., n={len(manifest)}): "
-                "sync the reference set, or ask the sender to target this one"
-            )
+                _mismatch_message(
+                    self.reference_name, self.reference_fingerprint, self.reference_size,
+                    manifest.layout(),
+                )
+            )  # fmt: skip
 
 
 def _check_content(indices: np.ndarray, labels: np.ndarray, n: int, k: int) -> None:
@@ -132,20 +139,87 @@ def _content_bytes(indices: np.ndarray, labels: np.ndarray) -> bytes:
     return indices.astype("<u8").tobytes() + labels.astype("<u4").tobytes()
 
 
-def _digest(prefix_and_header: bytes, indices: np.ndarray, labels: np.ndarray) -> bytes:
-    h = hashlib.sha256(DIGEST_DOMAIN)
+def _digest(
+    version: int, prefix_and_header: bytes, indices: np.ndarray, labels: np.ndarray
+) -> bytes:
+    h = hashlib.sha256(b"plada-payload-v%d" % version)
     h.update(prefix_and_header)
     h.update(_content_bytes(indices, labels))
     return h.digest()
 
 
-def encode_payload(payload: Payload, level: int = ZSTD_LEVEL) -> bytes:
-    """Serialize ``payload`` to bytes (format v1)."""
+def _layout_of(reference: ReferenceManifest | BlockLayout | None) -> BlockLayout | None:
+    if isinstance(reference, ReferenceManifest):
+        return reference.layout()
+    return reference
+
+
+def _varint_zstd_body(payload: Payload, level: int) -> tuple[bytes, dict[str, Any]]:
     gaps = np.empty_like(payload.indices)
     gaps[0] = payload.indices[0]
     gaps[1:] = np.diff(payload.indices) - 1
     raw = encode_uvarints(gaps) + encode_uvarints(payload.labels)
     body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+    return body, {"coding": BODY_CODING, "raw_size": len(raw)}
+
+
+def _block_body(payload: Payload, layout: BlockLayout | None) -> tuple[bytes, dict[str, Any]]:
+    """The smallest ``blocks/rans`` body over the reference layout and the fixed layouts."""
+    n, k = payload.reference_size, len(payload.class_names)
+    if k > block_code.MAX_LABEL_ALPHABET:
+        raise block_code.UnplannableError(f"{k} classes exceed the block coding's label alphabet")
+    candidates: list[tuple[np.ndarray, dict[str, Any]]] = []
+    if layout is not None:
+        starts = block_code.coding_block_starts(layout.block_starts, n)
+        candidates.append((starts, {"coding": BLOCK_CODING, "blocks": "reference"}))
+    for size in block_code.FIXED_BLOCK_SIZES:
+        info = {"coding": BLOCK_CODING, "blocks": "fixed", "block_size": size}
+        candidates.append((block_code.fixed_block_starts(n, size), info))
+    best = None
+    for starts, info in candidates:
+        try:
+            plan = block_code.plan_blocks(payload.indices, payload.labels, n, k, starts)
+        except block_code.UnplannableError:
+            continue
+        if best is None or plan.estimated_bytes() < best[0].estimated_bytes():
+            best = (plan, info)
+    if best is None:
+        raise block_code.UnplannableError("no block layout can code this selection")
+    return best[0].encode(), best[1]
+
+
+def encode_payload(
+    payload: Payload,
+    level: int = ZSTD_LEVEL,
+    reference: ReferenceManifest | BlockLayout | None = None,
+    codings: tuple[str, ...] = (BLOCK_CODING, BODY_CODING),
+) -> bytes:
+    """Serialize ``payload`` (format v2), keeping the smallest of the body ``codings``.
+
+    ``reference`` (the sender's manifest or its block layout) lets ``blocks/rans``
+    follow the reference folders; without it only fixed-size blocks are tried.
+    """
+    layout = _layout_of(reference)
+    if layout is not None and (
+        layout.fingerprint != payload.reference_fingerprint
+        or layout.size != payload.reference_size
+    ):
+        raise ReferenceMismatchError("the block layout given is not the payload's reference set")
+    unknown = set(codings) - {BLOCK_CODING, BODY_CODING}
+    if unknown or not codings:
+        raise ValueError(f"unknown body codings {sorted(unknown)}")
+    bodies: list[tuple[bytes, dict[str, Any]]] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:  # zstd releases the GIL
+        varint = pool.submit(_varint_zstd_body, payload, level) if BODY_CODING in codings else None
+        if BLOCK_CODING in codings:
+            try:
+                bodies.append(_block_body(payload, layout))
+            except block_code.UnplannableError:
+                if varint is None:
+                    raise
+        if varint is not None:
+            bodies.append(varint.result())
+    body, body_info = min(bodies, key=lambda item: len(item[0]))
     header = {
         "task": payload.task,
         "created": int(payload.created or time.time()),
@@ -157,13 +231,13 @@ def encode_payload(payload: Payload, level: int = ZSTD_LEVEL) -> bytes:
         "classes": list(payload.class_names),
         "count": payload.count,
         "selection": dict(payload.selection),
-        "body": {"coding": BODY_CODING, "raw_size": len(raw)},
+        "body": body_info,
     }
     header_bytes = msgpack.packb(header, use_bin_type=True)
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise PayloadLimitError(f"header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes
-    digest = _digest(head, payload.indices, payload.labels)
+    digest = _digest(FORMAT_VERSION, head, payload.indices, payload.labels)
     encoded = head + _U32.pack(len(body)) + body + digest
     if len(encoded) > MAX_PAYLOAD_BYTES:
         raise PayloadLimitError(f"payload of {len(encoded)} bytes exceeds {MAX_PAYLOAD_BYTES}")
@@ -222,8 +296,21 @@ def _parse_selection(value: Any) -> dict[str, Any]:
     return value
 
 
-def decode_payload(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payload:
-    """Parse and fully verify untrusted payload bytes; raise a ``PayloadError`` subtype."""
+def decode_payload(
+    data: bytes,
+    max_bytes: int = MAX_PAYLOAD_BYTES,
+    reference: ReferenceManifest | BlockLayout | None = None,
+    max_reference_size: int = MAX_UNCHECKED_REFERENCE,
+) -> Payload:
+    """Parse and fully verify untrusted payload bytes; raise a ``PayloadError`` subtype.
+
+    With ``reference`` (the receiver's manifest or block layout) the payload must
+    have been made for it (``ReferenceMismatchError`` otherwise, before the body is
+    touched); a ``blocks/rans`` body over reference folders cannot be decoded
+    without it (``ReferenceRequiredError``). Without it, a ``blocks/rans`` body is
+    decoded only for reference sizes up to ``max_reference_size``, which bounds
+    the memory a forged header can demand.
+    """
     data = bytes(data)
     if len(data) > max_bytes:
         raise PayloadLimitError(f"payload of {len(data)} bytes exceeds the cap of {max_bytes}")
@@ -236,10 +323,10 @@ def decode_payload(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payload:
     if len(data) < _PREFIX.size:
         raise TruncatedPayloadError("payload ends before its header length: the file is truncated")
     _, version, header_len = _PREFIX.unpack_from(data)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise UnsupportedVersionError(
             f"payload format version {version} is not supported (this build reads "
-            f"{FORMAT_VERSION}): upgrade plada on this device"
+            f"{', '.join(map(str, READABLE_VERSIONS))}): upgrade plada on this device"
         )
     if header_len > MAX_HEADER_BYTES:
         raise PayloadLimitError(f"declared header of {header_len} bytes exceeds {MAX_HEADER_BYTES}")
@@ -259,12 +346,12 @@ def decode_payload(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payload:
 
     task = _text(header, "task")
     created = _field(header, "created", int, "")
-    reference = _field(header, "reference", dict, "")
-    ref_name = _text(reference, "name", "reference.")
-    fingerprint = _field(reference, "fingerprint", bytes, "reference.")
+    ref_info = _field(header, "reference", dict, "")
+    ref_name = _text(ref_info, "name", "reference.")
+    fingerprint = _field(ref_info, "fingerprint", bytes, "reference.")
     if len(fingerprint) != 32:
         raise MalformedHeaderError("header field reference.fingerprint is not 32 bytes")
-    n = _field(reference, "size", int, "reference.")
+    n = _field(ref_info, "size", int, "reference.")
     classes = _field(header, "classes", list, "")
     if not 2 <= len(classes) <= MAX_CLASSES:
         raise MalformedHeaderError(
@@ -280,16 +367,87 @@ def decode_payload(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payload:
     selection = _parse_selection(header.get("selection", {}))
     body_info = _field(header, "body", dict, "")
     coding = _text(body_info, "coding", "body.")
-    if coding != BODY_CODING:
-        raise UnsupportedVersionError(f"body coding {coding!r} is not supported by this build")
+    layout = _layout_of(reference)
+    if layout is not None and (layout.fingerprint != fingerprint or layout.size != n):
+        raise ReferenceMismatchError(_mismatch_message(ref_name, fingerprint, n, layout))
+    body = data[body_start : body_start + body_len]
+    if coding == BODY_CODING:
+        indices, labels = _decode_varint_zstd(body, body_info, n, count)
+    elif coding == BLOCK_CODING and version >= 2:
+        if len(classes) > block_code.MAX_LABEL_ALPHABET:
+            raise MalformedHeaderError(
+                f"{len(classes)} classes exceed the {BLOCK_CODING} label alphabet "
+                f"({block_code.MAX_LABEL_ALPHABET})"
+            )
+        starts = _block_starts(body_info, n, layout, max_reference_size)
+        indices, labels = block_code.decode_blocks(body, n, len(classes), count, starts)
+    else:
+        raise UnsupportedVersionError(
+            f"body coding {coding!r} is not supported by this build for format version {version}"
+        )
+    payload = Payload(
+        task=task,
+        reference_name=ref_name,
+        reference_fingerprint=fingerprint,
+        reference_size=n,
+        class_names=tuple(classes),
+        indices=indices,
+        labels=labels.astype(np.int64),
+        selection=selection,
+        created=created,
+    )
+    digest = data[expected_total - _DIGEST_BYTES : expected_total]
+    if _digest(version, data[:header_end], payload.indices, payload.labels) != digest:
+        raise DigestMismatchError(
+            "integrity digest does not match the decoded content: the payload was altered "
+            "or damaged in transit; ask the sender to resend it"
+        )
+    return payload
+
+
+def _mismatch_message(name: str, fingerprint: bytes, n: int, layout: BlockLayout) -> str:
+    return (
+        f"payload was made for reference set {name!r} (fingerprint {fingerprint.hex()[:16]}..., "
+        f"n={n}) but this device holds {layout.name!r} "
+        f"(fingerprint {layout.fingerprint.hex()[:16]}..., n={layout.size}): "
+        "sync the reference set, or ask the sender to target this one"
+    )
+
+
+def _block_starts(
+    body_info: Mapping[str, Any], n: int, layout: BlockLayout | None, max_reference_size: int
+) -> np.ndarray:
+    blocks = _text(body_info, "blocks", "body.")
+    if blocks == "reference":
+        if layout is None:
+            raise ReferenceRequiredError(
+                "this payload is coded against the reference set's folder layout: decode it "
+                "with the local reference manifest (e.g. plada-receive verify PAYLOAD "
+                "--reference SPEC)"
+            )
+        return block_code.coding_block_starts(layout.block_starts, n)
+    if blocks != "fixed":
+        raise MalformedHeaderError(f"header field body.blocks has unknown value {blocks!r}")
+    size = _field(body_info, "block_size", int, "body.")
+    if size not in block_code.FIXED_BLOCK_SIZES:
+        raise MalformedHeaderError(f"header field body.block_size {size} is not a fixed size")
+    if layout is None and n > max_reference_size:
+        raise PayloadLimitError(
+            f"reference size {n} exceeds {max_reference_size} for decoding without the "
+            "reference set: pass the local manifest"
+        )
+    return block_code.fixed_block_starts(n, size)
+
+
+def _decode_varint_zstd(
+    body: bytes, body_info: Mapping[str, Any], n: int, count: int
+) -> tuple[np.ndarray, np.ndarray]:
     raw_size = _field(body_info, "raw_size", int, "body.")
     cap = count * (_MAX_VARINT_INDEX + _MAX_VARINT_LABEL)
     if not 2 * count <= raw_size <= cap:
         raise PayloadLimitError(
             f"declared body size {raw_size} is impossible for {count} images (cap {cap})"
         )
-
-    body = data[body_start : body_start + body_len]
     try:
         frame_size = zstandard.frame_content_size(body)
     except zstandard.ZstdError as exc:
@@ -306,7 +464,6 @@ def decode_payload(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payload:
         raise CorruptPayloadError(f"body does not decompress: {exc}") from exc
     if len(raw) != raw_size:
         raise CorruptPayloadError("body decompressed to a different size than declared")
-
     gaps, used = decode_uvarints(raw, count)
     labels, used_labels = decode_uvarints(memoryview(raw)[used:], count, _MAX_VARINT_LABEL)
     if used + used_labels != raw_size:
@@ -315,28 +472,14 @@ def decode_payload(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> Payload:
         raise InvalidSelectionError(f"an index lies outside the reference set [0, {n})")
     gaps = gaps.astype(np.int64)
     gaps[1:] += 1
-    indices = np.cumsum(gaps)
-    payload = Payload(
-        task=task,
-        reference_name=ref_name,
-        reference_fingerprint=fingerprint,
-        reference_size=n,
-        class_names=tuple(classes),
-        indices=indices,
-        labels=labels.astype(np.int64),
-        selection=selection,
-        created=created,
-    )
-    digest = data[expected_total - _DIGEST_BYTES : expected_total]
-    if _digest(data[:header_end], payload.indices, payload.labels) != digest:
-        raise DigestMismatchError(
-            "integrity digest does not match the decoded content: the payload was altered "
-            "or damaged in transit; ask the sender to resend it"
-        )
-    return payload
+    return np.cumsum(gaps), labels.astype(np.int64)
 
 
-def read_payload(path: str | os.PathLike[str], max_bytes: int = MAX_PAYLOAD_BYTES) -> Payload:
+def read_payload(
+    path: str | os.PathLike[str],
+    max_bytes: int = MAX_PAYLOAD_BYTES,
+    reference: ReferenceManifest | BlockLayout | None = None,
+) -> Payload:
     """Read and verify a payload file, refusing oversized files before reading them."""
     path = Path(path)
     try:
@@ -346,7 +489,7 @@ def read_payload(path: str | os.PathLike[str], max_bytes: int = MAX_PAYLOAD_BYTE
         data = path.read_bytes()
     except OSError as exc:
         raise PayloadError(f"cannot read payload {path}: {exc.strerror}") from exc
-    return decode_payload(data, max_bytes)
+    return decode_payload(data, max_bytes, reference)
 
 
 def write_payload(path: str | os.PathLike[str], data: bytes) -> None:

@@ -119,7 +119,7 @@ def test_not_a_payload_and_version() -> None:
     with pytest.raises(TruncatedPayloadError):
         decode_payload(fmt.MAGIC[:5])
     good = bytearray(encode_payload(make([1, 2], [0, 1])))
-    good[8] = 2
+    good[8] = 3
     with pytest.raises(UnsupportedVersionError):
         decode_payload(bytes(good))
 
