@@ -134,7 +134,7 @@ def best_table(symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, Frequenc
     last = int(np.flatnonzero(counts).max()) + 1
     best = None
     for weights, table, size in quantized_weights(counts[:last]):
-        cost = size + table.cost_bits(symbols) / 8
+        cost = size + table.cost_bits(counts[:last]) / 8
         if best is None or cost < best[2]:
             best = (weights, table, cost)
     assert best is not None
@@ -154,6 +154,7 @@ class _Section:
     freq: np.ndarray | None = None
 
     def intervals(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each symbol's slot interval (start, width)."""
         if self.cum is not None and self.freq is not None:
             return self.cum, self.freq
         ctx = np.zeros(self.symbols.size, np.int64) if self.contexts is None else self.contexts
@@ -168,8 +169,18 @@ class _Section:
         return split_lanes(count, lanes_for(count))
 
     def estimated_bytes(self) -> float:
-        _, freq = self.intervals()
-        bits = 16.0 * freq.size - float(np.log2(freq).sum()) if freq.size else 0.0
+        """Coded size: exact entropy under the tables, plus lane states and the length."""
+        if self.cum is not None and self.freq is not None:
+            widths, counts = np.unique(self.freq, return_counts=True)
+            bits = float((counts * (16 - np.log2(widths))).sum()) if widths.size else 0.0
+        else:
+            ctx = np.zeros(self.symbols.size, np.int64) if self.contexts is None else self.contexts
+            bits = 0.0
+            for c, table in enumerate(self.tables):
+                if table is not None:
+                    bits += table.cost_bits(
+                        np.bincount(self.symbols[ctx == c], minlength=table.size)
+                    )
         return bits / 8 + 4 * (self.lanes().size - 1) + 3
 
 
@@ -248,42 +259,52 @@ def _choose_levels(sizes: np.ndarray, ones: np.ndarray) -> tuple[np.ndarray, np.
 
 def _run_events(
     starts: np.ndarray, sizes: np.ndarray, level: np.ndarray, one_pos: np.ndarray,
-    tables: list[FrequencyTable], bits: np.ndarray,
+    ones_per: np.ndarray, tables: list[FrequencyTable], bits: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """Run-code every partial block; return per-event (cum, freq) and events per block."""
-    blocks = starts.size
-    block = np.searchsorted(starts, one_pos, side="right") - 1
+    """Run-code every partial block; return per-event (cum, freq) and events per block.
+
+    ``one_pos`` are sorted positions in the concatenation of the partial blocks
+    (``starts``/``sizes``), ``ones_per`` their count per block (each >= 1).
+    """
+    blocks = sizes.size
+    block = np.repeat(np.arange(blocks), ones_per)
     offset = one_pos - starts[block]
-    first_of_block = np.r_[True, block[1:] != block[:-1]]
-    gap = offset - np.where(first_of_block, -1, np.r_[0, offset[:-1]]) - 1
-    last_of_block = np.r_[block[1:] != block[:-1], True]
-    tail = (sizes[block] - 1 - offset)[last_of_block]  # zeros after each block's last one
+    first_one = np.cumsum(ones_per) - ones_per
+    previous = np.empty_like(offset)
+    previous[1:] = offset[:-1]
+    previous[first_one] = -1
+    gap = offset - previous - 1
+    tail = sizes - 1 - offset[first_one + ones_per - 1]  # zeros after each block's last one
+    has_tail = (tail > 0).astype(np.int64)
+    # segments in coding order: per block its ones (conts, then the one), then its tail
+    seg_count = ones_per + has_tail
+    seg_start = np.cumsum(seg_count) - seg_count
+    one_at = np.arange(one_pos.size) + (np.cumsum(has_tail) - has_tail)[block]
+    tail_at = (seg_start + ones_per)[has_tail > 0]
+    total_segments = int(seg_count.sum())
+    seg_block = np.repeat(np.arange(blocks), seg_count)
+    is_tail = np.zeros(total_segments, bool)
+    is_tail[tail_at] = True
+    value = np.empty(total_segments, np.int64)
+    value[one_at] = gap
+    value[tail_at] = tail[has_tail > 0]
     r = 1 << bits[level]  # per block
-    cums = _stack([t.cum for t in tables])
-    freqs = _stack([t.freq for t in tables])
-    # one segment per one (conts, then the one) and per non-empty tail (conts, then the end)
-    seg_block = np.concatenate([block, np.flatnonzero(tail > 0)])
-    tail_end = starts[:-1][tail > 0] + sizes[tail > 0]
-    seg_order = np.argsort(np.concatenate([2 * one_pos, 2 * tail_end - 1]), kind="stable")
-    seg_block = seg_block[seg_order]
-    is_tail = np.concatenate([np.zeros(block.size, bool), np.ones(int((tail > 0).sum()), bool)])
-    is_tail = is_tail[seg_order]
-    value = np.concatenate([gap, tail[tail > 0]])[seg_order]
     seg_r = r[seg_block]
     conts = np.where(is_tail, (value - 1) // seg_r, value // seg_r)
     final = value - conts * seg_r  # one: symbol gap % R; tail: remaining in [1, R]
     lvl = level[seg_block]
+    cums = _stack([t.cum for t in tables])
+    freqs = _stack([t.freq for t in tables])
     length = conts + 1
     ends = np.cumsum(length)
-    total = int(ends[-1]) if ends.size else 0
     ev_lvl = np.repeat(lvl, length)
-    cum = cums[ev_lvl, np.repeat(seg_r, length)]  # continuation symbol R by default
-    freq = freqs[ev_lvl, np.repeat(seg_r, length)]
+    ev_r = np.repeat(seg_r, length)
+    cum = cums[ev_lvl, ev_r]  # continuation symbol R by default
+    freq = freqs[ev_lvl, ev_r]
     at = ends - 1
     cum[at] = cums[lvl, final]
     freq[at] = np.where(is_tail, TOTAL - cums[lvl, final], freqs[lvl, final])
-    per_block = np.bincount(np.repeat(seg_block, length), minlength=blocks - 1)
-    assert per_block.sum() == total
+    per_block = np.bincount(seg_block, weights=length, minlength=blocks).astype(np.int64)
     return cum, freq, per_block
 
 
@@ -353,7 +374,9 @@ def plan_blocks(
     kept_mask_partial ^= np.repeat(dense[p_idx], sizes[p_idx])  # dense: ones are the dropped
     one_pos = np.flatnonzero(kept_mask_partial)
     if p_idx.size:
-        cum, freq, per_block = _run_events(sub_starts, sizes[p_idx], lvl, one_pos, run_tables, bits)
+        cum, freq, per_block = _run_events(
+            sub_starts, sizes[p_idx], lvl, one_pos, ones_count[p_idx], run_tables, bits
+        )
         lanes, lane_starts = _choose_run_lanes(est, per_block, int(sub_starts[-1]))
     else:
         cum = freq = np.zeros(0, np.int64)
@@ -368,14 +391,14 @@ def plan_blocks(
 
 
 def _choose_run_lanes(est: np.ndarray, per_block: np.ndarray, partial_images: int):
-    """Fewest lanes (>= the minimum) keeping the longest lane near 4096 events."""
+    """Fewest lanes (>= the minimum) keeping the longest lane within 2048 events."""
     if bool(np.any(per_block > 2 * est + 16)):
         raise UnplannableError("a block's run events exceed the cap of its density level")
     lanes = min_run_lanes(partial_images)
     while True:
         lane = run_lane_of_block(est, lanes)
         load = np.bincount(lane, weights=per_block, minlength=lanes)
-        if load.max() <= 4096 or lanes >= 1024:
+        if load.max() <= 2048 or lanes >= 1024:
             break
         lanes *= 2
     first_block = np.searchsorted(lane, np.arange(lanes + 1))

@@ -87,12 +87,14 @@ class FrequencyTable:
         """Lookup array: the symbol owning each of the ``TOTAL`` slots."""
         return np.repeat(np.arange(self.freq.size, dtype=np.int32), self.freq)
 
-    def cost_bits(self, symbols: np.ndarray) -> float:
-        """Exact code length of ``symbols`` under this table, ignoring lane overhead."""
-        f = self.freq[np.asarray(symbols, dtype=np.int64)]
+    def cost_bits(self, counts: np.ndarray) -> float:
+        """Exact code length of a message with ``counts[s]`` copies of each symbol ``s``."""
+        counts = np.asarray(counts, dtype=np.int64)
+        used = np.flatnonzero(counts)
+        f = self.freq[used] if used.size else np.zeros(0, np.int64)
         if f.size and int(f.min()) == 0:
             raise ValueError("a symbol with frequency 0 cannot be coded")
-        return float(SCALE_BITS * f.size - np.log2(f).sum())
+        return float((counts[used] * (SCALE_BITS - np.log2(f))).sum())
 
 
 # --- lanes --------------------------------------------------------------------------------

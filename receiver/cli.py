@@ -17,8 +17,7 @@ from protocol.reference.options import add_reference_options, print_reference, r
 def _cmd_verify(args: argparse.Namespace) -> int:
     from protocol.payload import read_payload
 
-    payload = read_payload(args.payload)
-    payload.check_reference(reference_from_args(args).manifest)
+    payload = read_payload(args.payload, reference=reference_from_args(args).manifest)
     print(
         f"ok: task {payload.task!r}, {payload.count} images, {len(payload.class_names)} classes, "
         f"reference {payload.reference_name} ({payload.reference_fingerprint.hex()[:16]}...)"

@@ -62,7 +62,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Train one student per seed from a payload; write models, report.json and summary.txt."""
     started = time.perf_counter()
-    payload = read_payload(payload_path)
+    payload = read_payload(payload_path, reference=reference.manifest)
     images, labels = rebuild_subset(payload, reference)
     if holdout is not None:
         _check_holdout(holdout, payload, reference.in_channels)

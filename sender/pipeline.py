@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from protocol.errors import ConfigError, TaskDataError
-from protocol.payload import Payload, encode_payload, information_bound_bytes, write_payload
+from protocol.manifest import BlockLayout
+from protocol.payload import (
+    Payload,
+    decode_header,
+    encode_payload,
+    information_bound_bytes,
+    write_payload,
+)
 from protocol.reference.base import ReferenceSource
 from protocol.task_data import LabeledImages
 from sender import index as faiss_index
@@ -116,6 +123,7 @@ def score_reference(
         reference_fingerprint=np.frombuffer(reference.manifest.fingerprint, dtype=np.uint8),
         reference_size=np.int64(len(reference)),
         reference_name=np.asarray(reference.manifest.name),
+        reference_block_starts=reference.manifest.block_starts(),
         task=np.asarray(train.name),
         recommended_strategy=np.asarray(gap.strategy),
         **scores,
@@ -189,6 +197,13 @@ def make_payload(
         fingerprint = data["reference_fingerprint"].tobytes()
         reference_size = int(data["reference_size"])
         reference_name = str(data["reference_name"])
+        layout = (
+            BlockLayout(
+                reference_name, fingerprint, reference_size, data["reference_block_starts"]
+            )
+            if "reference_block_starts" in data.files and data["reference_block_starts"].size
+            else None
+        )
         task = task_id or str(data["task"])
         unreadable = data["excluded"] if "excluded" in data.files else np.zeros(0, np.int64)
         recommended = (
@@ -250,13 +265,14 @@ def make_payload(
         selection=config.as_header() | {"score": score},
         created=int(time.time()),
     )
-    encoded = encode_payload(payload)
+    encoded = encode_payload(payload, reference=layout)
     write_payload(out_path, encoded)
     return {
         "payload": str(out_path),
         "payload_bytes": len(encoded),
         "kept": int(kept.size),
         "keep_fraction": kept.size / reference_size,
+        "body_coding": decode_header(encoded)["body"],
         "selection": payload.selection,
         "unreadable_excluded": int(unreadable.size),
         "class_histogram": payload.class_histogram(),

@@ -28,6 +28,20 @@ from sender.stream_scoring import LinearHead, score_chunks
 from sender.work_dir import SCORE_REPORT, SCORES_FILE, TEST_EMBEDDINGS
 
 
+def _block_starts(store_dir: str | os.PathLike[str], fingerprint_hex: str) -> np.ndarray:
+    """The reference folders' starts from the store's manifest (empty when it is absent)."""
+    from protocol.manifest import ReferenceManifest
+    from sender.embed import MANIFEST_FILE
+
+    path = Path(store_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return np.zeros(0, np.int64)
+    manifest = ReferenceManifest.load(path)
+    if manifest.fingerprint_hex != fingerprint_hex:
+        raise ConfigError(f"{path} is not the manifest of the embeddings beside it")
+    return manifest.block_starts()
+
+
 def read_class_names(spec: str) -> list[str]:
     """Class names from a text file (one per line) or a comma-separated list."""
     path = Path(spec)
@@ -143,6 +157,7 @@ def score_embeddings(
         ),
         reference_size=np.int64(store.n),
         reference_name=np.asarray(store.meta.reference_name),
+        reference_block_starts=_block_starts(store_dir, store.meta.reference_fingerprint),
         task=np.asarray(task_name or (Path(train_dir).parent.name if train_dir else "task")),
         recommended_strategy=np.asarray(gap.strategy if gap else "safety-net"),
         embeddings_dir=np.asarray(str(Path(store_dir).resolve())),

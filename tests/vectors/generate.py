@@ -1,0 +1,85 @@
+"""Write the payload test vectors: ``python -m tests.vectors.generate``.
+
+Each vector is ``<name>.plada`` plus ``<name>.json`` with the reference layout it
+is decoded against and the content it must decode to. Any decoder of the format
+must reproduce the JSON from the bytes; this implementation must also reproduce
+the bytes from the JSON (encoding is deterministic). Regenerate only when the
+format itself changes, and then bump its version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from protocol.manifest import ReferenceManifest
+from protocol.payload import BLOCK_CODING, BODY_CODING, Payload, encode_payload
+
+HERE = Path(__file__).parent
+CREATED = 1_790_000_000
+
+
+def _manifest(folder_sizes: list[int]) -> ReferenceManifest:
+    keys = [f"n{b:08d}/n{b:08d}_{i:05d}.JPEG" for b, size in enumerate(folder_sizes)
+            for i in range(size)]  # fmt: skip
+    return ReferenceManifest.from_unsorted("vector-reference", keys)
+
+
+def vectors() -> dict[str, tuple[Payload, ReferenceManifest, tuple[str, ...]]]:
+    """The vectors' content, from fixed seeds."""
+    rng = np.random.default_rng(20261122)
+    sizes = [int(s) for s in rng.integers(1, 900, size=40)] + [5000]
+    manifest = _manifest(sizes)
+    n = len(manifest)
+    starts = manifest.block_starts()
+    mask = np.zeros(n, bool)
+    for b in rng.choice(len(sizes), size=12, replace=False):  # clustered: dense folders
+        lo, hi = starts[b], starts[b + 1]
+        mask[lo:hi] = rng.random(hi - lo) < rng.choice([0.02, 0.3, 0.8, 1.0])
+    mask |= rng.random(n) < 0.003
+    indices = np.flatnonzero(mask)
+    block = np.searchsorted(starts, indices, side="right") - 1
+    labels = np.where(rng.random(indices.size) < 0.85, block % 7, rng.integers(0, 7, indices.size))
+    uniform = np.sort(rng.choice(n, size=400, replace=False))
+
+    def payload(task: str, idx: np.ndarray, lab: np.ndarray) -> Payload:
+        return Payload(
+            task=task, reference_name=manifest.name, reference_fingerprint=manifest.fingerprint,
+            reference_size=n, class_names=tuple(f"class-{i}" for i in range(7)), indices=idx,
+            labels=lab, selection={"strategy": "safety-net", "keep": 0.01}, created=CREATED,
+        )  # fmt: skip
+
+    return {
+        "clustered-reference-blocks": (payload("clustered", indices, labels), manifest,
+                                       (BLOCK_CODING,)),
+        "uniform-fixed-blocks": (payload("uniform", uniform, rng.integers(0, 7, 400)), None,
+                                 (BLOCK_CODING,)),
+        "delta-varint-zstd": (payload("varint", indices, labels), manifest, (BODY_CODING,)),
+    }  # fmt: skip
+
+
+def encode_vector(name: str) -> bytes:
+    payload, manifest, codings = vectors()[name]
+    return encode_payload(payload, reference=manifest, codings=codings)
+
+
+def main() -> None:
+    for name, (payload, manifest, _) in vectors().items():
+        data = encode_vector(name)
+        (HERE / f"{name}.plada").write_bytes(data)
+        folders = None if manifest is None else np.diff(manifest.block_starts()).tolist()
+        expected = {
+            "reference_folder_sizes": folders,  # keys n{b:08d}/n{b:08d}_{i:05d}.JPEG
+            "reference_size": payload.reference_size,
+            "classes": list(payload.class_names),
+            "indices": payload.indices.tolist(),
+            "labels": payload.labels.tolist(),
+        }
+        (HERE / f"{name}.json").write_text(json.dumps(expected) + "\n")
+        print(f"{name}: {len(data)} bytes, {payload.count} images")
+
+
+if __name__ == "__main__":
+    main()
