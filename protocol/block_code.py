@@ -419,9 +419,7 @@ def _plan_labels(
 
 def _estimated_bytes(option: tuple[list[np.ndarray], list[_Section]]) -> float:
     params, sections = option
-    return sum(len(encode_uvarints(p)) for p in params) + sum(
-        s.estimated_bytes() for s in sections
-    )
+    return sum(len(encode_uvarints(p)) for p in params) + sum(s.estimated_bytes() for s in sections)
 
 
 def _plan_grouped_labels(

@@ -207,8 +207,7 @@ def encode_payload(
     """
     layout = _layout_of(reference)
     if layout is not None and (
-        layout.fingerprint != payload.reference_fingerprint
-        or layout.size != payload.reference_size
+        layout.fingerprint != payload.reference_fingerprint or layout.size != payload.reference_size
     ):
         raise ReferenceMismatchError("the block layout given is not the payload's reference set")
     unknown = set(codings) - {BLOCK_CODING, BODY_CODING}
