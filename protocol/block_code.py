@@ -20,7 +20,6 @@ in the body; the run tables are computed from ``P1`` with integer arithmetic.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -197,8 +196,6 @@ def _stack(rows: list[np.ndarray | None]) -> np.ndarray:
 class BlockPlan:
     """Everything the ``blocks/rans`` coder writes, for one block layout."""
 
-    levels: np.ndarray
-    run_lanes: int
     params: list[np.ndarray] = field(default_factory=list)  # uvarint groups, in order
     sections: list[_Section] = field(default_factory=list)
 
@@ -387,7 +384,7 @@ def plan_blocks(
     label_params, label_sections = _plan_labels(block, labels, kept, k)
     params += label_params
     sections += label_sections
-    return BlockPlan(levels=levels, run_lanes=lanes, params=params, sections=sections)
+    return BlockPlan(params=params, sections=sections)
 
 
 def _choose_run_lanes(est: np.ndarray, per_block: np.ndarray, partial_images: int):
@@ -773,8 +770,3 @@ def _decode_grouped_labels(
     ):
         raise CorruptPayloadError("an explicit label repeats its block's majority or second label")
     return labels
-
-
-def information_bits(n: int, m: int) -> float:
-    """``log2 C(n, m)``."""
-    return (math.lgamma(n + 1) - math.lgamma(m + 1) - math.lgamma(n - m + 1)) / math.log(2)
