@@ -346,17 +346,8 @@ def plan_blocks(
     types[p_idx] = 2 + 2 * lvl + dense[p_idx]
     type_lanes = split_lanes(types.size, lanes_for(types.size))
     type_ctx = _type_context(_chunk_previous(types, type_lanes, NONE))
-    type_tables: list[FrequencyTable | None] = []
     params: list[np.ndarray] = [np.append(levels.size, levels)]
-    for c in range(TYPE_CONTEXTS):
-        sel = types[type_ctx == c]
-        if sel.size == 0:
-            type_tables.append(None)
-            params.append(np.array([0]))
-            continue
-        weights, table, _ = best_table(sel, 2 + 2 * levels.size)
-        type_tables.append(table)
-        params.append(np.append(weights.size, weights))
+    type_tables = _context_tables(types, type_ctx, TYPE_CONTEXTS, 2 + 2 * levels.size, params)
     sections = [_Section(types, type_tables, type_ctx, type_lanes)]
 
     # membership: runs
@@ -460,8 +451,7 @@ def _plan_grouped_labels(
     explicit = np.concatenate([explicit_maj, sec_labels, other_labels])
     label_w, label_t, _ = best_table(explicit, k)
     params = [np.array([LABELS_GROUPED]), np.append(label_w.size, label_w)]
-    same_w, same_t, _ = best_table(same, 2) if same.size else (np.zeros(0, np.int64), None, 0)
-    params.append(np.append(same_w.size, same_w))
+    (same_t,) = _context_tables(same, np.zeros(same.size, np.int64), 1, 2, params)
     purity_tables = _context_tables(purity, purity_ctx, PURITY_CONTEXTS, PURITY_CLASSES, params)
     flag_tables = _context_tables(image_flags, flag_ctx, PURITY_CLASSES, 3, params)
     sections = [
@@ -488,6 +478,7 @@ def purity_context(kept: np.ndarray) -> np.ndarray:
 def _context_tables(
     symbols: np.ndarray, ctx: np.ndarray, contexts: int, alphabet: int, params: list[np.ndarray]
 ) -> list[FrequencyTable | None]:
+    """One best table per context (None where unused), appending each to ``params``."""
     tables: list[FrequencyTable | None] = []
     for c in range(contexts):
         sel = symbols[ctx == c]

@@ -187,11 +187,12 @@ def _block_body(payload: Payload, layout: BlockLayout | None) -> tuple[bytes, di
             plan = block_code.plan_blocks(payload.indices, payload.labels, n, k, starts)
         except block_code.UnplannableError:
             continue
-        if best is None or plan.estimated_bytes() < best[0].estimated_bytes():
-            best = (plan, info)
+        estimate = plan.estimated_bytes()
+        if best is None or estimate < best[0]:
+            best = (estimate, plan, info)
     if best is None:
         raise block_code.UnplannableError("no block layout can code this selection")
-    return best[0].encode(), best[1]
+    return best[1].encode(), best[2]
 
 
 def encode_payload(
