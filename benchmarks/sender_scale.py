@@ -47,7 +47,7 @@ def write_synthetic_store(root: Path, n: int, seed: int = 0) -> float:
     import torch
     from tqdm import tqdm
 
-    from sender.atomic_files import write_json_atomic
+    from protocol.atomic_files import write_json_atomic
     from sender.embedding_store import F16_FILE, VALID_FILE, StoreMeta
 
     started = time.perf_counter()

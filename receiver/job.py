@@ -1,10 +1,19 @@
-"""One receiver job: verify a payload, rebuild its labeled subset locally, train, evaluate, save."""
+"""One receiver job: verify a payload, rebuild its labeled subset locally, train, evaluate, save.
+
+A job is resumable. Its state lives in ``<out>/.job/``: one checkpoint per seed
+while that seed trains, then a record of the finished seed. Run the same job again
+after a crash and it continues from the last checkpoint; run it once more after it
+finished and it returns the report it already wrote.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -12,28 +21,49 @@ from typing import Any
 import numpy as np
 import torch
 
+from protocol.atomic_files import write_json_atomic, write_text_atomic
 from protocol.errors import TaskDataError
 from protocol.payload import Payload, read_payload
 from protocol.reference.base import ReferenceSource
+from protocol.reference.encoded import EncodedReference
 from protocol.task_data import LabeledImages
-from receiver.training import TrainConfig, accuracy, train_classifier
+from receiver.batches import EncodedBatches, TensorBatches
+from receiver.faults import crash_point
+from receiver.outputs import export_program, plot_training_curves, save_state_dict
+from receiver.training import (
+    CheckpointPolicy,
+    StepReport,
+    TrainConfig,
+    accuracy,
+    resolve_device,
+    train_classifier,
+)
 
 REPORT_FILE = "report.json"
 SUMMARY_FILE = "summary.txt"
+CURVE_FILE = "training-curve.png"
+STATE_DIR = ".job"
 
 
 @dataclass
 class JobSettings:
-    """What to train and how many independent seeds to run."""
+    """What to train, how many independent seeds, how to load data and how often to save."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     seeds: tuple[int, ...] = (0,)
+    decode: str = "auto"  # encoded references: pil (CPU threads), tensor (GPU nvJPEG), auto
+    loader_threads: int = 8
+    export: bool = True  # a torch.export program beside the state_dict
+    checkpoint_seconds: float = 60.0
+    checkpoint_steps: int = 0
 
 
-def rebuild_subset(payload: Payload, reference: ReferenceSource) -> tuple[np.ndarray, np.ndarray]:
-    """Check the payload targets this reference set, then load its kept images and labels."""
-    payload.check_reference(reference.manifest)
-    return reference.load(payload.indices), payload.labels
+@dataclass
+class JobControl:
+    """Hooks a supervisor passes to a job: a stop request and per-step progress."""
+
+    should_stop: Callable[[], bool] | None = None
+    on_step: Callable[[int, StepReport], None] | None = None  # (seed, report)
 
 
 def _check_holdout(holdout: LabeledImages, payload: Payload, channels: int) -> None:
@@ -46,10 +76,45 @@ def _check_holdout(holdout: LabeledImages, payload: Payload, channels: int) -> N
         raise TaskDataError(f"holdout images must have {channels} channels like the reference set")
 
 
-def _save_state(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+def resolve_augment(augment: str, reference: ReferenceSource) -> str:
+    """``auto``: crop-flip for photos decoded on the fly, affine for in-memory glyphs."""
+    if augment != "auto":
+        return augment
+    return "crop-flip" if isinstance(reference, EncodedReference) else "affine"
+
+
+def _batch_source(payload: Payload, reference: ReferenceSource, settings: JobSettings, seed: int):
+    config = settings.train
+    labels = torch.from_numpy(payload.labels)
+    if isinstance(reference, EncodedReference):
+        return EncodedBatches(
+            reference,
+            payload.indices,
+            labels,
+            reference.image_size,
+            config.augment,
+            seed,
+            settings.decode,
+            settings.loader_threads,
+        )
+    images = torch.from_numpy(np.ascontiguousarray(reference.load(payload.indices)))
+    return TensorBatches(images, labels, config.augment, seed)
+
+
+def _seed_progress(
+    on_step: Callable[[int, StepReport], None] | None, seed: int
+) -> Callable[[StepReport], None] | None:
+    if on_step is None:
+        return None
+    return lambda report: on_step(seed, report)
+
+
+def _finished_report(out: Path, sha256: str) -> dict[str, Any] | None:
+    try:
+        report = json.loads((out / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if report.get("payload_sha256") == sha256 else None
 
 
 def run_job(
@@ -59,40 +124,80 @@ def run_job(
     settings: JobSettings,
     holdout: LabeledImages | None = None,
     progress: bool = True,
+    control: JobControl | None = None,
 ) -> dict[str, Any]:
-    """Train one student per seed from a payload; write models, report.json and summary.txt."""
+    """Train one student per seed from a payload; write weights, an exported program,
+    report.json, summary.txt and a training-curve plot. Resumes an interrupted run."""
     started = time.perf_counter()
+    control = control or JobControl()
+    raw = Path(payload_path).read_bytes()
+    sha256 = hashlib.sha256(raw).hexdigest()
+    out = Path(out_dir)
+    done = _finished_report(out, sha256)
+    if done is not None:
+        return done
     payload = read_payload(payload_path, reference=reference.manifest)
-    images, labels = rebuild_subset(payload, reference)
+    payload.check_reference(reference.manifest)
     if holdout is not None:
         _check_holdout(holdout, payload, reference.in_channels)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    state = out / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    train = replace(settings.train, augment=resolve_augment(settings.train.augment, reference))
+    settings = replace(settings, train=train)
     runs = []
-    data = (torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
     for seed in settings.seeds:
+        record_path = state / f"seed{seed}.json"
+        if record_path.is_file():  # finished before an interruption
+            runs.append(json.loads(record_path.read_text()))
+            continue
         config = replace(settings.train, seed=seed)
+        source = _batch_source(payload, reference, replace(settings, train=config), seed)
+        policy = CheckpointPolicy(
+            state / f"seed{seed}.ckpt", settings.checkpoint_seconds, settings.checkpoint_steps
+        )
         result = train_classifier(
-            data, len(payload.class_names), config, reference.in_channels, progress=progress
+            source,
+            len(payload.class_names),
+            config,
+            reference.in_channels,
+            progress=progress,
+            checkpoint=policy,
+            should_stop=control.should_stop,
+            data_id=sha256,
+            on_step=_seed_progress(control.on_step, seed),
         )
         run: dict[str, Any] = {
             "seed": seed,
             "steps": result.steps,
+            "epochs": result.config["epochs_run"],
+            "resumed_from_step": result.resumed_from,
             "seconds": round(result.seconds, 2),
             "images_per_second": round(result.images_per_second, 1),
             "final_loss": round(result.history[-1]["loss"], 4),
+            "unreadable_images": result.unreadable_images,
             "model_file": f"model-seed{seed}.pt",
+            "history": result.history,
+            "curve": result.curve,
         }
         if holdout is not None:
             run["holdout_accuracy"] = accuracy(
                 result.model, torch.from_numpy(holdout.images), torch.from_numpy(holdout.labels)
             )
-        _save_state(result.model, out / run["model_file"])
+        crash_point("outputs-saving")
+        save_state_dict(result.model, out / run["model_file"])
+        if settings.export:
+            run["exported"] = export_program(
+                result.model, source.image_shape, out / f"model-seed{seed}.pt2"
+            )
+        write_json_atomic(record_path, run, durable=True)
+        crash_point("outputs-saved")
         runs.append(run)
+    plot_training_curves(runs, out / CURVE_FILE, f"{payload.task}: {settings.train.model}")
     accuracies = [r["holdout_accuracy"] for r in runs if "holdout_accuracy" in r]
     report: dict[str, Any] = {
         "payload": str(payload_path),
-        "payload_bytes": Path(payload_path).stat().st_size,
+        "payload_bytes": len(raw),
+        "payload_sha256": sha256,
         "task": payload.task,
         "reference": {
             "name": reference.manifest.name,
@@ -104,17 +209,19 @@ def run_job(
         "classes": list(payload.class_names),
         "class_histogram": payload.class_histogram(),
         "model": settings.train.model,
+        "device": str(resolve_device(settings.train.device)),
         "train_config": {k: v for k, v in asdict(settings.train).items() if k != "seed"},
         "runs": runs,
         "holdout_images": None if holdout is None else len(holdout),
         "accuracy_mean": float(np.mean(accuracies)) if accuracies else None,
         "accuracy_std": float(np.std(accuracies)) if accuracies else None,
+        "training_seconds": round(sum(r["seconds"] for r in runs), 2),
         "seconds": round(time.perf_counter() - started, 2),
+        "curve_plot": CURVE_FILE,
     }
-    tmp = out / (REPORT_FILE + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / REPORT_FILE)
-    (out / SUMMARY_FILE).write_text(summarize(report) + "\n")
+    write_text_atomic(out / SUMMARY_FILE, summarize(report) + "\n")
+    write_json_atomic(out / REPORT_FILE, report, durable=True)  # last: marks the job complete
+    shutil.rmtree(state, ignore_errors=True)
     return report
 
 
@@ -127,9 +234,11 @@ def summarize(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         acc = run.get("holdout_accuracy")
         shown = "" if acc is None else f", holdout accuracy {acc:.4f}"
+        resumed = run["resumed_from_step"]
+        resumed = f", resumed at step {resumed}" if resumed else ""
         lines.append(
             f"  seed {run['seed']}: {run['steps']} steps in {run['seconds']}s "
-            f"({run['images_per_second']:.0f} img/s){shown}"
+            f"({run['images_per_second']:.0f} img/s){resumed}{shown}"
         )
     if report["accuracy_mean"] is not None:
         lines.append(

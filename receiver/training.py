@@ -1,26 +1,36 @@
 """A plain supervised training loop, shared by the receiver's student and the sender's teacher.
 
-Images arrive as uint8 tensors [N, C, H, W] (or a Dataset yielding such tensors);
-augmentation runs batched on the training device; AdamW with linear warmup and
-cosine decay, as in torchvision's classification reference.
+Batches come from a source in :mod:`receiver.batches` (uint8 images in memory, or
+reference images decoded on the fly). AdamW with linear warmup and cosine decay, as
+in torchvision's classification reference; bf16 autocast on CUDA; channels-last;
+``torch.compile`` on request; uniform or class-balanced sampling.
+
+A run can checkpoint and resume exactly: the model, optimizer and scheduler, the
+position in the epoch order, the running epoch statistics and every random state
+are saved, so a run killed at any point and resumed ends with the same weights as
+one that never stopped (on CPU; CUDA kernels may differ in the last bits).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, ReferenceSetError
+from receiver.batches import AUGMENTATIONS, TensorBatches, normalize
 from receiver.models import SMALL_CNN, build_model
 
-AUGMENTATIONS = ("none", "affine", "affine-flip")
+AMP_MODES = ("auto", "bf16", "off")
+UNREADABLE_LIMIT = 0.01  # fail a run when more than this share of its images cannot be read
 
 
 @dataclass
@@ -36,17 +46,53 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_fraction: float = 0.05
     label_smoothing: float = 0.0
-    augment: str = "affine"
+    augment: str = "affine"  # or "auto": crop-flip for image files, affine for in-memory sets
     seed: int = 0
     device: str = "auto"
     weights: str | None = None
-    num_workers: int = 0
+    balanced: bool = False  # draw each class equally often (with replacement)
+    amp: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU
+    compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.augment not in AUGMENTATIONS:
-            raise ConfigError(f"augment must be one of {AUGMENTATIONS}, not {self.augment!r}")
+        if self.augment not in ("auto", *AUGMENTATIONS):
+            raise ConfigError(
+                f"augment must be auto or one of {AUGMENTATIONS}, not {self.augment!r}"
+            )
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {AMP_MODES}, not {self.amp!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs and batch size must be >= 1 and the learning rate > 0")
+
+
+@dataclass
+class CheckpointPolicy:
+    """Where and how often a run saves its state; ``resume`` continues from that file."""
+
+    path: Path
+    every_seconds: float = 60.0
+    every_steps: int = 0  # 0: by time only
+    resume: bool = True
+
+
+@dataclass
+class StepReport:
+    """Progress after one optimizer step, for progress displays and health files."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    images_per_second: float
+    resumed_from: int
+
+
+class TrainingInterrupted(Exception):  # a control-flow signal, not a failure
+    """Training stopped on request; its state was checkpointed first."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"training stopped at step {step} (checkpoint saved)")
+        self.step = step
 
 
 @dataclass
@@ -55,9 +101,12 @@ class TrainResult:
 
     model: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
+    curve: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
+    resumed_from: int = 0
+    unreadable_images: int = 0
     config: dict[str, object] = field(default_factory=dict)
 
 
@@ -68,64 +117,86 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float (channels-last), roughly zero-mean unit-range per channel."""
-    x = images.float().div_(255.0).contiguous(memory_format=torch.channels_last)
-    if x.shape[1] == 3:
-        mean = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = x.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        return (x - mean) / std
-    return (x - 0.5) / 0.5
+class EpochOrder:
+    """The rows each epoch visits, reproducible from the seed alone.
+
+    Uniform: the same draws as a ``DataLoader(shuffle=True)`` seeded with ``seed``
+    (one seed draw and one permutation per epoch, one trailing permutation when an
+    epoch runs to its end). Balanced: ``n`` rows drawn with replacement, each class
+    equally likely.
+    """
+
+    def __init__(self, labels: torch.Tensor, seed: int, balanced: bool) -> None:
+        self.count = int(labels.shape[0])
+        self.seed = seed
+        self.weights = None
+        if balanced:
+            counts = torch.bincount(labels.cpu())
+            self.weights = 1.0 / counts[labels.cpu()].double()
+        self._epoch = -1
+        self._order = torch.empty(0, dtype=torch.long)
+        self._generator = torch.Generator()
+
+    def __call__(self, epoch: int) -> torch.Tensor:
+        if epoch == self._epoch:
+            return self._order
+        if self.weights is not None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = torch.multinomial(self.weights, self.count, True, generator=generator)
+        else:
+            if epoch < self._epoch or self._epoch < 0:
+                self._generator.manual_seed(self.seed)
+                self._epoch = -1
+            while self._epoch < epoch:
+                if self._epoch >= 0:  # the sampler's draw when the previous epoch ran out
+                    torch.randperm(self.count, generator=self._generator)
+                torch.empty((), dtype=torch.int64).random_(generator=self._generator)
+                self._order = torch.randperm(self.count, generator=self._generator)
+                self._epoch += 1
+        self._epoch = epoch
+        return self._order
 
 
-def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Random affine (rotation, scale, shift) per image, optionally a horizontal flip."""
-    if kind == "none":
-        return x
-    n = x.shape[0]
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.rand(n, generator=generator).mul_(high - low).add_(low).to(x.device)
-
-    angle = uniform(-0.17, 0.17)
-    scale = uniform(0.9, 1.1)
-    tx, ty = uniform(-0.1, 0.1), uniform(-0.1, 0.1)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    flip = torch.ones(n, device=x.device)
-    if kind == "affine-flip":
-        flip = torch.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
-    theta = torch.stack(
-        [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
-    )
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    background = x.amin(dim=(2, 3), keepdim=True)
-    return F.grid_sample(x - background, grid, align_corners=False) + background
+def _autocast(config: TrainConfig, device: torch.device):
+    use = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        data,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=workers,
-        drop_last=False,
-    )
+def _identity(config: TrainConfig, count: int, num_classes: int, data_id: str) -> dict[str, Any]:
+    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "compile")}
+    return {"config": settings, "count": count, "num_classes": num_classes, "data": data_id}
 
 
 def train_classifier(
-    data: Dataset | tuple[torch.Tensor, torch.Tensor],
+    data: Any,
     num_classes: int,
     config: TrainConfig,
     in_channels: int = 1,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
+    checkpoint: CheckpointPolicy | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    data_id: str = "",
 ) -> TrainResult:
-    """Train ``config.model`` from scratch (or local weights) on uint8 images and labels."""
+    """Train ``config.model`` from scratch (or local weights).
+
+    ``data``: ``(uint8 images, labels)`` or a batch source from :mod:`receiver.batches`.
+    With ``checkpoint``, state is saved periodically, on ``should_stop()`` (which then
+    raises :class:`TrainingInterrupted`) and at the end, and a saved run is resumed;
+    the caller deletes the file once it has stored the model.
+    """
+    from receiver.checkpoint import load_checkpoint, save_checkpoint
+    from receiver.faults import crash_point
+
     if isinstance(data, tuple):
-        data = TensorDataset(*data)
-    count = len(data)  # type: ignore[arg-type]
+        augment = "affine" if config.augment == "auto" else config.augment
+        source = TensorBatches(*data, augment, config.seed)
+    else:
+        source = data
+    count = len(source)
     if count == 0:
         raise ConfigError("nothing to train on: the labeled set is empty")
     torch.manual_seed(config.seed)
@@ -149,53 +220,163 @@ def train_classifier(
             else 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
         ),
     )
-    augment_rng = torch.Generator().manual_seed(config.seed + 1)
-    loader = _loader(data, config.batch_size, True, config.seed, config.num_workers)
     result = TrainResult(model=model, config=asdict(config) | {"epochs_run": epochs})
+    identity = _identity(config, count, num_classes, data_id)
+    # running statistics of the current epoch and of the curve's current window
+    run = {
+        "seen": 0,
+        "loss_sum": 0.0,
+        "correct": 0,
+        "epoch_seconds": 0.0,
+        "elapsed": 0.0,
+        "window_loss": 0.0,
+        "window_images": 0,
+        "unreadable": 0,
+    }
+    start_step = 0
+    saved = load_checkpoint(checkpoint.path, identity) if checkpoint and checkpoint.resume else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["scheduler"])
+        source.load_state_dict(saved["source"])
+        torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        run.update(saved["run"])
+        result.history, result.curve = list(saved["history"]), list(saved["curve"])
+        start_step = result.resumed_from = int(saved["step"])
+
+    def save_state(step: int) -> None:
+        assert checkpoint is not None
+        save_checkpoint(
+            checkpoint.path,
+            {
+                "identity": identity,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": schedule.state_dict(),
+                "source": source.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "run": dict(run),
+                "history": result.history,
+                "curve": result.curve,
+            },
+        )
+
+    train_model = torch.compile(model) if config.compile else model
+    order = EpochOrder(source.labels, config.seed, config.balanced)
+    curve_every = max(1, total_steps // 200)
+
+    def plan():
+        for step in range(start_step, total_steps):
+            epoch, position = divmod(step, steps_per_epoch)
+            rows = order(epoch)[position * config.batch_size : (position + 1) * config.batch_size]
+            yield step, rows
+
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, desc=f"train {config.model}", unit="step", leave=False)
-    started = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        seen, loss_sum, correct, epoch_start = 0, 0.0, 0, time.perf_counter()
-        for images, labels in loader:
-            x = augment_batch(normalize(images.to(device)), config.augment, augment_rng)
-            y = labels.to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=f"train {config.model}",
+            unit="step",
+            leave=False,
+        )
+    result.steps = start_step
+    last_save = session_start = time.perf_counter()
+    step_start = session_start
+    elapsed_before = run["elapsed"]
+    model.train()
+    batches = source.batches(plan(), device)
+    for step, batch in zip(range(start_step, total_steps), batches, strict=True):
+        epoch = step // steps_per_epoch
+        run["unreadable"] += len(batch.problems)
+        if run["unreadable"] > max(10, UNREADABLE_LIMIT * (step + 1) * config.batch_size):
+            raise ReferenceSetError(
+                f"{run['unreadable']} reference images could not be read, e.g. "
+                f"{batch.problems[0] if batch.problems else 'see the log'}: restore the "
+                "reference set, then the job resumes from its checkpoint"
+            )
+        y = batch.labels
+        if y.numel():
+            with _autocast(config, device):
+                logits = train_model(batch.images)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
-            seen += y.numel()
-            loss_sum += loss.item() * y.numel()
-            correct += int((logits.argmax(1) == y).sum())
-            result.steps += 1
-            if bar is not None:
-                bar.update(1)
-            if result.steps == total_steps:
-                break
-        elapsed = time.perf_counter() - epoch_start
-        record = {
-            "epoch": float(epoch + 1),
-            "images": float(seen),
-            "loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
-            "images_per_second": seen / max(elapsed, 1e-9),
-        }
-        result.history.append(record)
+            loss_value = loss.item()
+            run["seen"] += y.numel()
+            run["loss_sum"] += loss_value * y.numel()
+            run["correct"] += int((logits.argmax(1) == y).sum())
+            run["window_loss"] += loss_value * y.numel()
+            run["window_images"] += y.numel()
+        schedule.step()
+        now = time.perf_counter()
+        run["epoch_seconds"] += now - step_start
+        step_start = now
+        run["elapsed"] = elapsed_before + (now - session_start)
+        result.steps = step + 1
         if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", ips=f"{record['images_per_second']:.0f}")
-        if on_epoch is not None:
-            on_epoch(record)
+            bar.update(1)
+        if result.steps % curve_every == 0 or result.steps == total_steps:
+            images = max(1, run["window_images"])
+            result.curve.append(
+                {
+                    "step": float(result.steps),
+                    "loss": run["window_loss"] / images,
+                    "lr": float(schedule.get_last_lr()[0]),
+                }
+            )
+            run["window_loss"], run["window_images"] = 0.0, 0
+        if (step + 1) % steps_per_epoch == 0 or result.steps == total_steps:
+            seen = max(1, run["seen"])
+            record = {
+                "epoch": float(epoch + 1),
+                "images": float(run["seen"]),
+                "loss": run["loss_sum"] / seen,
+                "train_accuracy": run["correct"] / seen,
+                "images_per_second": run["seen"] / max(run["epoch_seconds"], 1e-9),
+            }
+            result.history.append(record)
+            run.update(seen=0, loss_sum=0.0, correct=0, epoch_seconds=0.0)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", ips=f"{record['images_per_second']:.0f}"
+                )
+            if on_epoch is not None:
+                on_epoch(record)
+        if on_step is not None:
+            done = sum(r["images"] for r in result.history) + run["seen"]
+            shown_loss = loss_value if y.numel() else float("nan")
+            rate = done / max(run["elapsed"], 1e-9)
+            on_step(StepReport(result.steps, total_steps, epoch + 1, shown_loss, rate, start_step))
+        crash_point("training-step")
+        if checkpoint is not None and result.steps < total_steps:
+            stop = should_stop is not None and should_stop()
+            due = (checkpoint.every_steps and result.steps % checkpoint.every_steps == 0) or (
+                now - last_save >= checkpoint.every_seconds
+            )
+            if stop or due:
+                save_state(result.steps)
+                last_save = time.perf_counter()
+            if stop:
+                if bar is not None:
+                    bar.close()
+                raise TrainingInterrupted(result.steps)
     if bar is not None:
         bar.close()
-    result.seconds = time.perf_counter() - started
+    result.seconds = run["elapsed"]
     total_seen = sum(int(r["images"]) for r in result.history)
     result.images_per_second = total_seen / max(result.seconds, 1e-9)
+    result.unreadable_images = int(run["unreadable"])
+    if checkpoint is not None and start_step < total_steps:
+        save_state(total_steps)  # the caller removes it once the outputs are saved
     model.eval()
     return result
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from protocol.atomic_files import storage_guard, write_json_atomic
 from protocol.errors import ConfigError, ReferenceSetError
 from protocol.manifest import ReferenceManifest
 from protocol.reference.base import ReferenceSource
 from protocol.reference.encoded import EncodedReference
-from sender.atomic_files import storage_guard, write_json_atomic
 from sender.embedding_store import (
     SKIPPED_FILE,
     StoreMeta,

@@ -29,8 +29,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from protocol.atomic_files import storage_guard, write_json_atomic
 from protocol.errors import ConfigError, ReferenceSetError
-from sender.atomic_files import storage_guard, write_json_atomic
 
 STORE_FORMAT = "plada-embeddings-v1"
 META_FILE = "meta.json"

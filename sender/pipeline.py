@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError, TaskDataError
 from protocol.manifest import BlockLayout
 from protocol.payload import (
@@ -27,7 +28,6 @@ from protocol.payload import (
 from protocol.reference.base import ReferenceSource
 from protocol.task_data import LabeledImages
 from sender import index as faiss_index
-from sender.atomic_files import write_json_atomic
 from sender.domain_gap import measure_domain_gap, split_reference_sample
 from sender.scoring import SCORES, energy, entropy, knn_relevance
 from sender.selection import SelectionConfig, select

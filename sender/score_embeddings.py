@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError, TaskDataError
 from protocol.task_data import image_folder_files
-from sender.atomic_files import write_json_atomic
 from sender.domain_gap import measure_domain_gap, split_reference_sample
 from sender.embedding_store import EmbeddingStore
 from sender.embedding_teachers import KnnTeacher, train_probe, zero_shot_head

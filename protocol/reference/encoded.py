@@ -32,12 +32,18 @@ class UnreadableImage(ReferenceSetError):
     """One reference image is missing, truncated or not an image."""
 
 
-def decode_rgb(data: bytes, where: str):
-    """A fully decoded RGB PIL image, or :class:`UnreadableImage` naming ``where``."""
+def decode_rgb(data: bytes, where: str, at_least: int | None = None):
+    """A fully decoded RGB PIL image, or :class:`UnreadableImage` naming ``where``.
+
+    ``at_least``: a JPEG may be decoded downscaled (DCT scaling, much faster) as long
+    as both sides stay at or above this many pixels.
+    """
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if at_least is not None and img.format == "JPEG":
+                img.draft("RGB", (at_least, at_least))
             img.load()  # decode now: truncation surfaces here, not later
             return img.convert("RGB")
     except Image.DecompressionBombError as exc:

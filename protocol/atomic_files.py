@@ -1,0 +1,72 @@
+"""Writing files so that a failure leaves nothing half-written: temp file, then rename.
+
+``durable=True`` also flushes the file and its directory to stable storage before
+returning, so the rename survives a power cut, not only a crash of the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from protocol.errors import StorageError
+
+
+@contextlib.contextmanager
+def storage_guard(*temporaries: Path) -> Iterator[None]:
+    """Turn write failures (disk full, permissions) into :class:`StorageError`, removing
+    the temporary files so nothing half-written is left; finished files are untouched."""
+    try:
+        yield
+    except BaseException as exc:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
+        raise StorageError(
+            f"cannot write {temporaries[0].parent}: {exc.strerror or exc}; free space or fix "
+            "permissions and rerun (work already finished is kept)"
+        ) from exc
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a directory entry (a rename or a new file) to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = False) -> None:
+    """Create ``path`` through ``write(handle)`` on a temporary file, then rename it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with storage_guard(tmp):
+        with open(tmp, "wb") as handle:
+            write(handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        if durable:
+            fsync_directory(path.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes, durable: bool = False) -> None:
+    """Write ``data`` via a temporary file and rename."""
+    write_atomic(path, lambda handle: handle.write(data), durable)
+
+
+def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
+    """Write UTF-8 ``text`` via a temporary file and rename."""
+    write_bytes_atomic(path, text.encode(), durable)
+
+
+def write_json_atomic(path: Path, data: Any, durable: bool = False) -> None:
+    """Write JSON via a temporary file and rename."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n", durable)

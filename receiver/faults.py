@@ -1,0 +1,31 @@
+"""Named crash points for fault-injection tests of the receiver.
+
+``PLADA_CRASH_AT=<point>`` (or ``<point>@<n>`` for its n-th visit) makes the process
+kill itself with SIGKILL when it reaches that point: no cleanup handler, no flush,
+exactly like a power cut or the kernel's OOM killer. Unset (always, in production),
+a crash point is a dictionary lookup.
+
+Points: ``intake-verified``, ``intake-spooled``, ``intake-queued``, ``job-claimed``,
+``training-step``, ``checkpoint-written``, ``outputs-saving``, ``outputs-saved``,
+``job-published``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_visits: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process if ``PLADA_CRASH_AT`` names this point (and visit)."""
+    target = os.environ.get("PLADA_CRASH_AT")
+    if not target:
+        return
+    point, _, nth = target.partition("@")
+    if point != name:
+        return
+    _visits[name] = _visits.get(name, 0) + 1
+    if _visits[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
