@@ -2,6 +2,8 @@
 
 plada-receive verify PAYLOAD --reference SPEC        check a payload against the local set
 plada-receive train PAYLOAD --reference SPEC [--holdout test.npz] --out DIR
+plada-receive daemon --home DIR --reference SPEC     watch an inbox, train every payload
+plada-receive status --home DIR                      queue, current job, progress
 plada-receive reference --reference SPEC             build/verify the local set
 """
 
@@ -25,24 +27,85 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the student's training, shared by ``train`` and ``daemon``."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--model", default="small-cnn", help="small-cnn or a torchvision model name")
+    group.add_argument("--weights", help="local state_dict to start from (no download)")
+    group.add_argument("--epochs", type=int, default=30)
+    group.add_argument("--min-steps", type=int, default=250)
+    group.add_argument("--max-steps", type=int, default=250, help="0: no limit")
+    group.add_argument("--batch-size", type=int, default=128)
+    group.add_argument("--lr", type=float, default=3e-3)
+    group.add_argument("--label-smoothing", type=float, default=0.1)
+    group.add_argument(
+        "--augment", choices=["auto", "none", "affine", "affine-flip", "crop-flip"],
+        default="auto", help="auto: crop-flip for image files, affine for the glyph world",
+    )  # fmt: skip
+    group.add_argument("--balanced", action="store_true", help="class-balanced sampling")
+    group.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                       help="bf16 autocast (auto: on CUDA only)")  # fmt: skip
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--device", default="auto")
+    group.add_argument("--seeds", type=int, nargs="+", default=[0])
+    group.add_argument("--decode", choices=["auto", "pil", "tensor"], default="auto",
+                       help="image files: Pillow threads, or batched torchvision decode "
+                            "(nvJPEG on CUDA); auto picks tensor on CUDA")  # fmt: skip
+    group.add_argument("--loader-threads", type=int, default=8)
+    group.add_argument("--checkpoint-seconds", type=float, default=60.0)
+    group.add_argument("--checkpoint-steps", type=int, default=0, help="0: by time only")
+    group.add_argument("--no-export", action="store_true", help="skip the torch.export program")
+
+
+def job_settings_from_args(args: argparse.Namespace):
+    """:class:`JobSettings` from the training options."""
+    from receiver.job import JobSettings
+    from receiver.training import TrainConfig
+
+    config = TrainConfig(
+        model=args.model, epochs=args.epochs, min_steps=args.min_steps, max_steps=args.max_steps,
+        batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
+        augment=args.augment, device=args.device,
+        weights=args.weights, balanced=args.balanced, amp=args.amp, compile=args.compile,
+    )  # fmt: skip
+    return JobSettings(
+        train=config, seeds=tuple(args.seeds), decode=args.decode,
+        loader_threads=args.loader_threads, export=not args.no_export,
+        checkpoint_seconds=args.checkpoint_seconds, checkpoint_steps=args.checkpoint_steps,
+    )  # fmt: skip
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from protocol.task_data import load_labeled_images
-    from receiver.job import JobSettings, run_job, summarize
-    from receiver.training import TrainConfig
+    from receiver.job import run_job, summarize
 
     reference = reference_from_args(args)
     size = args.image_size if reference.in_channels == 3 else None
     holdout = load_labeled_images(args.holdout, size) if args.holdout else None
-    config = TrainConfig(
-        model=args.model, epochs=args.epochs, min_steps=args.min_steps, max_steps=args.max_steps,
-        batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
-        augment=args.augment, device=args.device, weights=args.weights,
-    )  # fmt: skip
-    settings = JobSettings(train=config, seeds=tuple(args.seeds))
+    settings = job_settings_from_args(args)
     report = run_job(args.payload, reference, args.out, settings, holdout, not args.quiet)
     print(summarize(report))
     print(f"report: {args.out}/report.json")
     return 0
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    from receiver.daemon import DaemonConfig, run_daemon
+
+    config = DaemonConfig(
+        home=args.home, inbox=args.inbox, reference=args.reference, cache_dir=args.cache_dir,
+        image_size=args.image_size, holdout=args.holdout, settings=job_settings_from_args(args),
+        http_port=args.http_port, poll_seconds=args.poll_seconds,
+        settle_seconds=args.settle_seconds, exit_when_idle=args.exit_when_idle,
+        max_restarts=args.max_restarts,
+    )  # fmt: skip
+    return run_daemon(config)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from receiver.status import print_status
+
+    return print_status(args.home, as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,20 +125,46 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("payload")
     add_reference_options(train)
     train.add_argument("--holdout", help="labeled images to evaluate on (.npz or ImageFolder)")
-    train.add_argument("--model", default="small-cnn", help="small-cnn or a torchvision model name")
-    train.add_argument("--weights", help="local state_dict to start from")
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--min-steps", type=int, default=250)
-    train.add_argument("--max-steps", type=int, default=250, help="0: no limit")
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--label-smoothing", type=float, default=0.1)
-    train.add_argument("--augment", choices=["none", "affine", "affine-flip"], default="affine")
-    train.add_argument("--device", default="auto")
-    train.add_argument("--seeds", type=int, nargs="+", default=[0])
     train.add_argument("--out", required=True)
     train.add_argument("--quiet", action="store_true")
+    add_training_options(train)
     train.set_defaults(func=_cmd_train)
+
+    daemon = sub.add_parser("daemon", help="watch an inbox and train every accepted payload")
+    daemon.add_argument(
+        "--home", required=True, help="state directory: queue, spool, quarantine, results, logs"
+    )
+    daemon.add_argument("--inbox", help="where payload files arrive (default HOME/inbox)")
+    add_reference_options(daemon)
+    daemon.add_argument("--holdout", help="labeled images to evaluate every job on")
+    daemon.add_argument(
+        "--http-port", type=int, default=0, help="also accept uploads on 127.0.0.1:PORT (0: off)"
+    )
+    daemon.add_argument("--poll-seconds", type=float, default=1.0)
+    daemon.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=2.0,
+        help="a file must be unchanged this long before it is read",
+    )
+    daemon.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="fail a job that crashed the daemon this often without progress",
+    )
+    daemon.add_argument(
+        "--exit-when-idle",
+        action="store_true",
+        help="exit once the inbox and queue are empty (batch use, tests)",
+    )
+    add_training_options(daemon)
+    daemon.set_defaults(func=_cmd_daemon)
+
+    status = sub.add_parser("status", help="queue, current job, progress and throughput")
+    status.add_argument("--home", required=True)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=_cmd_status)
     return parser
 
 

@@ -1,0 +1,298 @@
+"""``plada-receive daemon``: unattended intake and training on the edge device.
+
+Two threads share a daemon home (see the README for its layout):
+
+- intake: claims payload files from the inbox, verifies them and queues or
+  quarantines them (:mod:`receiver.intake`), every ``poll_seconds``, also while a
+  job trains;
+- jobs (main thread): takes the oldest queued job, trains it with checkpoints
+  (:mod:`receiver.job`), records the result, and goes on with the next one.
+
+SIGTERM or SIGINT stops it cleanly: the running job saves a checkpoint and goes back
+to the queue. SIGKILL or a power cut lose at most the steps since the last
+checkpoint: on start the daemon requeues jobs whose owner died and adopts files
+half-way through intake.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protocol.errors import PladaError
+from protocol.payload import MAX_PAYLOAD_BYTES
+from receiver.faults import crash_point
+from receiver.intake import Intake
+from receiver.job import JobControl, JobSettings, run_job
+from receiver.job_queue import Job, JobQueue
+from receiver.logs import setup_logging
+from receiver.status import HEALTH_FILE, QUEUE_FILE, HealthFile, collect_status
+from receiver.training import StepReport, TrainingInterrupted
+from receiver.workers import WorkerLock
+
+log = logging.getLogger("plada.receiver")
+PROGRESS_RECORD_SECONDS = 10.0
+
+
+@dataclass
+class DaemonConfig:
+    """Where the daemon keeps its state, what it watches, and how it trains."""
+
+    home: str
+    reference: str = "glyphs"
+    inbox: str | None = None
+    cache_dir: str | None = None
+    image_size: int = 64
+    holdout: str | None = None
+    settings: JobSettings = field(default_factory=JobSettings)
+    http_port: int = 0
+    poll_seconds: float = 1.0
+    settle_seconds: float = 2.0
+    exit_when_idle: bool = False
+    max_restarts: int = 3
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+
+
+def _folder_name(job: Job) -> str:
+    task = re.sub(r"[^A-Za-z0-9._-]+", "-", job.task).strip("-")[:40] or "task"
+    return f"{job.id:05d}-{task}"
+
+
+class Daemon:
+    """One daemon process: an intake thread and a job loop."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.home = Path(config.home)
+        self.inbox = Path(config.inbox) if config.inbox else self.home / "inbox"
+        self.results = self.home / "results"
+        self.stop = threading.Event()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.results.mkdir(exist_ok=True)
+        setup_logging(self.home / "logs" / "daemon.jsonl")
+        self.worker = WorkerLock(self.home)
+        self.queue = JobQueue(self.home / QUEUE_FILE)
+        self.health = HealthFile(
+            self.home / HEALTH_FILE,
+            owner=self.worker.owner,
+            state="starting",
+            inbox=str(self.inbox),
+        )
+        self.intake: Intake | None = None
+        self._intake_error: str | None = None
+
+    # --- intake thread -------------------------------------------------------------
+    def _intake_loop(self) -> None:
+        assert self.intake is not None
+        while not self.stop.is_set():
+            try:
+                self.intake.poll()
+                self._intake_error = None
+            except Exception as exc:  # keep serving; the log has the traceback
+                self._intake_error = f"{type(exc).__name__}: {exc}"
+                log.exception("intake pass failed", extra={"event": "intake-error"})
+            self.health.update(
+                intake=dict(self.intake.stats),
+                intake_error=self._intake_error,
+                queue=self.intake.queue.counts(),
+            )
+            self.stop.wait(self.config.poll_seconds)
+
+    # --- one job -------------------------------------------------------------------
+    def _progress(self, job: Job):
+        last_record = [time.monotonic()]
+
+        def on_step(seed: int, report: StepReport) -> None:
+            left = report.total_steps - report.step
+            trained = report.step - report.resumed_from
+            elapsed = time.monotonic() - started
+            eta = left * elapsed / trained if trained else None
+            self.health.update(
+                state="training",
+                current={
+                    "job": job.id,
+                    "task": job.task,
+                    "seed": seed,
+                    "step": report.step,
+                    "total_steps": report.total_steps,
+                    "epoch": report.epoch,
+                    "loss": report.loss,
+                    "images_per_second": report.images_per_second,
+                    "eta_seconds": eta,
+                    "resumed_from": report.resumed_from,
+                },
+            )
+            if time.monotonic() - last_record[0] >= PROGRESS_RECORD_SECONDS:
+                self.queue.progress(job.id, self.worker.owner, report.step)
+                last_record[0] = time.monotonic()
+
+        started = time.monotonic()
+        return on_step
+
+    def run_one(self, job: Job, reference, holdout) -> None:
+        """Train one claimed job and record how it ended."""
+        out = self.results / _folder_name(job)
+        owner = self.worker.owner
+        log.info(
+            f"job {job.id} started: {job.task}, {job.images} images"
+            + (f" (claim {job.claims}, resuming)" if job.claims > 1 else ""),
+            extra={"event": "job-started", "job": job.id, "claim": job.claims},
+        )
+        self.health.update(force=True, state="training", current=None)
+        crash_point("job-claimed")
+        control = JobControl(should_stop=self.stop.is_set, on_step=self._progress(job))
+        try:
+            report = run_job(
+                self.home / job.payload,
+                reference,
+                out,
+                self.config.settings,
+                holdout,
+                progress=False,
+                control=control,
+            )
+        except TrainingInterrupted as stopped:
+            self.queue.release(job.id, owner)
+            log.info(
+                f"job {job.id} paused at step {stopped.step}; back in the queue",
+                extra={"event": "job-paused", "job": job.id, "step": stopped.step},
+            )
+            return
+        except PladaError as exc:
+            self.queue.fail(job.id, owner, f"{type(exc).__name__}: {exc}")
+            log.error(
+                f"job {job.id} failed: {type(exc).__name__}: {exc}",
+                extra={"event": "job-failed", "job": job.id, "error": type(exc).__name__},
+            )
+            return
+        except Exception as exc:  # a bug or a device error must not stop the daemon
+            self.queue.fail(job.id, owner, f"internal error {type(exc).__name__}: {exc}")
+            log.exception(
+                f"job {job.id} failed with an internal error",
+                extra={"event": "job-failed", "job": job.id},
+            )
+            return
+        crash_point("job-published")
+        self.queue.finish(job.id, owner, str(out.relative_to(self.home)))
+        accuracy = report["accuracy_mean"]
+        shown = "" if accuracy is None else f", holdout accuracy {accuracy:.4f}"
+        rate = sum(r["images_per_second"] for r in report["runs"]) / len(report["runs"])
+        log.info(
+            f"job {job.id} done in {report['training_seconds']:.1f}s training "
+            f"({rate:.0f} img/s){shown}: {out}",
+            extra={
+                "event": "job-done",
+                "job": job.id,
+                "accuracy": accuracy,
+                "training_seconds": report["training_seconds"],
+                "images_per_second": rate,
+                "result": str(out),
+            },
+        )
+        self.health.update(
+            force=True,
+            current=None,
+            last_job={
+                "job": job.id,
+                "task": job.task,
+                "accuracy": accuracy,
+                "result": str(out),
+                "images_per_second": rate,
+                "finished": time.time(),
+            },
+        )
+
+    # --- main loop -----------------------------------------------------------------
+    def _recover(self) -> None:
+        for job in self.queue.recover(self.worker.alive, self.config.max_restarts):
+            if job.state == "failed":
+                log.error(
+                    f"job {job.id} failed: {job.error}",
+                    extra={"event": "job-failed", "job": job.id},
+                )
+            else:
+                log.warning(
+                    f"job {job.id} was running in a daemon that stopped; requeued",
+                    extra={"event": "job-requeued", "job": job.id, "restarts": job.restarts},
+                )
+
+    def run(self) -> int:
+        """Serve until stopped; returns the exit status."""
+        from protocol.reference.base import open_reference
+        from protocol.task_data import load_labeled_images
+
+        config = self.config
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop.set())
+        log.info(
+            f"daemon {self.worker.owner} starting in {self.home}",
+            extra={"event": "daemon-start", "owner": self.worker.owner},
+        )
+        reference = open_reference(config.reference, config.cache_dir, config.image_size)
+        size = config.image_size if reference.in_channels == 3 else None
+        holdout = load_labeled_images(config.holdout, size) if config.holdout else None
+        self.health.update(
+            force=True,
+            reference={
+                "name": reference.manifest.name,
+                "size": len(reference),
+                "fingerprint": reference.manifest.fingerprint_hex,
+            },
+        )
+        self.intake = Intake(
+            self.home,
+            self.inbox,
+            reference.manifest,
+            JobQueue(self.home / QUEUE_FILE),
+            self.worker,
+            config.settle_seconds,
+            config.max_payload_bytes,
+        )
+        intake_thread = threading.Thread(target=self._intake_loop, name="plada-intake")
+        intake_thread.start()
+        server = None
+        if config.http_port:
+            from receiver.http_upload import start_http
+
+            server = start_http(
+                config.http_port,
+                self.inbox,
+                self.home,
+                config.max_payload_bytes,
+                lambda: collect_status(self.home),
+            )
+            log.info(
+                f"accepting uploads on http://127.0.0.1:{config.http_port}/payloads",
+                extra={"event": "http-start", "port": config.http_port},
+            )
+        try:
+            while not self.stop.is_set():
+                self._recover()
+                job = self.queue.claim(self.worker.owner)
+                if job is not None:
+                    self.run_one(job, reference, holdout)
+                    continue
+                if config.exit_when_idle and self.intake.waiting() == 0:
+                    log.info("queue and inbox empty; exiting", extra={"event": "daemon-idle"})
+                    break
+                self.health.update(state="idle", current=None)
+                self.stop.wait(config.poll_seconds)
+        finally:
+            self.stop.set()
+            intake_thread.join()
+            if server is not None:
+                server.shutdown()
+            self.health.update(force=True, state="stopped", current=None)
+            log.info("daemon stopped", extra={"event": "daemon-stop"})
+            self.worker.release()
+        return 0
+
+
+def run_daemon(config: DaemonConfig) -> int:
+    """Run a daemon until SIGTERM/SIGINT (or until idle with ``exit_when_idle``)."""
+    return Daemon(config).run()

@@ -1,0 +1,262 @@
+"""Payload intake: claim files from the inbox, verify them, queue or quarantine them.
+
+A file is read only once it has stopped changing (``settle_seconds``); names that
+start with ``.`` or end in ``.part``/``.tmp`` are never read, so a link that writes
+``x.part`` and renames it to ``x.plada`` when complete is handled without waiting.
+
+Claiming is one ``rename`` into ``<home>/intake/<daemon>/``, so of several daemons
+watching one inbox exactly one gets each file. A claimed file is verified (format,
+digest, reference fingerprint), then either
+
+- accepted: stored durably as ``<home>/spool/<sha256>.plada``, queued, and only then
+  removed from the intake folder; or
+- rejected: moved to ``<home>/quarantine/`` beside ``<name>.reason.json``.
+
+Every step can be interrupted: a daemon that finds the intake folder of a dead
+daemon adopts its files and processes them again; storing and queueing are
+idempotent (by content hash), so nothing is lost and nothing is queued twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from protocol.atomic_files import fsync_directory, write_bytes_atomic, write_json_atomic
+from protocol.errors import ConfigError, PayloadError, PayloadLimitError, StorageError
+from protocol.manifest import ReferenceManifest
+from protocol.payload import MAX_PAYLOAD_BYTES, Payload, decode_payload
+from receiver.faults import crash_point
+from receiver.job_queue import JobQueue
+from receiver.workers import WorkerLock
+
+log = logging.getLogger("plada.receiver")
+IGNORED_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
+RETRY_SECONDS = 30.0
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_candidate(name: str) -> bool:
+    """Whether an inbox entry name may be a finished payload file."""
+    return not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
+
+
+class Intake:
+    """The inbox of one daemon."""
+
+    def __init__(
+        self,
+        home: Path,
+        inbox: Path,
+        manifest: ReferenceManifest,
+        queue: JobQueue,
+        worker: WorkerLock,
+        settle_seconds: float = 2.0,
+        max_bytes: int = MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.home, self.inbox = Path(home), Path(inbox)
+        self.manifest = manifest
+        self.queue = queue
+        self.worker = worker
+        self.settle_seconds = settle_seconds
+        self.max_bytes = max_bytes
+        self.spool = self.home / "spool"
+        self.quarantine = self.home / "quarantine"
+        self.intake_root = self.home / "intake"
+        self.claimed = self.intake_root / worker.owner
+        for folder in (self.inbox, self.spool, self.quarantine, self.claimed):
+            folder.mkdir(parents=True, exist_ok=True)
+        if os.stat(self.inbox).st_dev != os.stat(self.claimed).st_dev:
+            raise ConfigError(
+                f"inbox {self.inbox} and daemon home {self.home} are on different filesystems: "
+                "put them on one, so that claiming a file is a single atomic rename"
+            )
+        self.stats = {"accepted": 0, "quarantined": 0, "duplicates": 0}
+        self._sizes: dict[str, tuple[int, int, float]] = {}
+        self._retry_after: dict[str, float] = {}
+
+    # --- finding work ----------------------------------------------------------------
+    def waiting(self) -> int:
+        """Files in the inbox (settled or not) plus claimed files not yet processed."""
+        with os.scandir(self.inbox) as entries:
+            inbox = sum(1 for e in entries if is_candidate(e.name) and e.is_file())
+        return inbox + sum(1 for _ in self.claimed.iterdir())
+
+    def adopt_orphans(self) -> int:
+        """Take over the claimed files of daemons that died mid-intake."""
+        adopted = 0
+        for folder in self.intake_root.iterdir():
+            if folder == self.claimed or not folder.is_dir() or self.worker.alive(folder.name):
+                continue
+            for path in folder.iterdir():
+                try:
+                    os.rename(path, self.claimed / path.name)
+                    adopted += 1
+                except FileNotFoundError:
+                    continue  # another daemon adopted it first
+            with contextlib.suppress(OSError):  # not empty yet, or already gone
+                folder.rmdir()
+        if adopted:
+            log.info(
+                "adopted files of a stopped daemon",
+                extra={"event": "intake-adopted", "files": adopted},
+            )
+        return adopted
+
+    def _settled(self, entry: os.DirEntry) -> bool:
+        stat = entry.stat()
+        now = time.time()
+        if now - stat.st_mtime >= self.settle_seconds:
+            return True
+        seen = self._sizes.get(entry.name)
+        if seen is None or seen[:2] != (stat.st_size, stat.st_mtime_ns):
+            self._sizes[entry.name] = (stat.st_size, stat.st_mtime_ns, now)
+            return False
+        return now - seen[2] >= self.settle_seconds
+
+    def claim_ready(self) -> int:
+        """Move every settled inbox file into this daemon's intake folder."""
+        claimed = 0
+        with os.scandir(self.inbox) as entries:
+            ready = [e for e in entries if is_candidate(e.name) and e.is_file()]
+        ready = [e for e in ready if self._settled(e)]
+        for entry in sorted(ready, key=lambda e: e.name):
+            target = self.claimed / f"{time.time_ns()}-{entry.name}"
+            try:
+                os.rename(entry.path, target)
+            except FileNotFoundError:
+                continue  # another daemon claimed it
+            self._sizes.pop(entry.name, None)
+            claimed += 1
+        if claimed:
+            fsync_directory(self.claimed)
+        return claimed
+
+    def poll(self) -> int:
+        """One pass over the inbox; returns how many files were processed."""
+        self.adopt_orphans()
+        self.claim_ready()
+        processed = 0
+        now = time.time()
+        for path in sorted(self.claimed.iterdir()):
+            if self._retry_after.get(path.name, 0.0) > now:
+                continue
+            try:
+                self.process(path)
+                self._retry_after.pop(path.name, None)
+            except (OSError, StorageError) as exc:  # disk full: keep the file, retry later
+                self._retry_after[path.name] = now + RETRY_SECONDS
+                log.error(
+                    "cannot store an incoming payload; will retry",
+                    extra={
+                        "event": "intake-storage-error",
+                        "file": path.name,
+                        "error": str(exc),
+                        "retry_seconds": RETRY_SECONDS,
+                    },
+                )
+            processed += 1
+        return processed
+
+    # --- one file --------------------------------------------------------------------
+    def verify(self, data: bytes) -> Payload:
+        """Full verification of untrusted bytes against the local reference set."""
+        if len(data) > self.max_bytes:
+            raise PayloadLimitError(f"{len(data)} bytes, over the cap of {self.max_bytes}")
+        return decode_payload(data, self.max_bytes, reference=self.manifest)
+
+    def process(self, path: Path) -> None:
+        """Verify one claimed file, then queue or quarantine it, then remove it."""
+        source_name = path.name.split("-", 1)[1] if "-" in path.name else path.name
+        size = path.stat().st_size
+        if size > self.max_bytes:
+            self._quarantine(
+                path,
+                source_name,
+                "",
+                PayloadLimitError(f"{size} bytes, over the cap of {self.max_bytes}"),
+            )
+            return
+        data = path.read_bytes()
+        sha256 = hashlib.sha256(data).hexdigest()
+        try:
+            payload = self.verify(data)
+        except PayloadError as exc:
+            self._quarantine(path, source_name, sha256, exc)
+            return
+        crash_point("intake-verified")
+        spooled = self.spool / f"{sha256}.plada"
+        if not spooled.is_file():
+            write_bytes_atomic(spooled, data, durable=True)
+        crash_point("intake-spooled")
+        job, created = self.queue.add(
+            sha256,
+            str(spooled.relative_to(self.home)),
+            source_name,
+            payload.task,
+            payload.count,
+            len(payload.class_names),
+            len(data),
+        )
+        crash_point("intake-queued")
+        path.unlink()
+        fsync_directory(self.claimed)
+        if created:
+            self.stats["accepted"] += 1
+            log.info(
+                f"queued job {job.id}: {source_name} ({payload.task}, {payload.count} images)",
+                extra={
+                    "event": "payload-queued",
+                    "job": job.id,
+                    "file": source_name,
+                    "sha256": sha256,
+                    "task": payload.task,
+                    "images": payload.count,
+                    "bytes": len(data),
+                },
+            )
+        else:
+            self.stats["duplicates"] += 1
+            log.info(
+                f"{source_name} is a copy of job {job.id} ({job.state}); dropped",
+                extra={
+                    "event": "payload-duplicate",
+                    "job": job.id,
+                    "file": source_name,
+                    "sha256": sha256,
+                },
+            )
+
+    def _quarantine(self, path: Path, source_name: str, sha256: str, error: Exception) -> None:
+        stem = f"{(sha256 or 'unread')[:12]}-{source_name}"
+        reason: dict[str, Any] = {
+            "file": source_name,
+            "quarantined": utc_now(),
+            "sha256": sha256 or None,
+            "bytes": path.stat().st_size,
+            "error": type(error).__name__,
+            "message": str(error),
+            "action": "not queued; ask the sender for a fresh copy of this payload",
+        }
+        write_json_atomic(self.quarantine / f"{stem}.reason.json", reason, durable=True)
+        os.replace(path, self.quarantine / stem)
+        fsync_directory(self.quarantine)
+        self.stats["quarantined"] += 1
+        log.warning(
+            f"quarantined {source_name}: {type(error).__name__}: {error}",
+            extra={
+                "event": "payload-quarantined",
+                "file": source_name,
+                "error": type(error).__name__,
+                "reason": str(error),
+            },
+        )

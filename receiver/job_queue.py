@@ -1,0 +1,246 @@
+"""The receiver's persistent job queue: one SQLite database, safe across crashes and daemons.
+
+SQLite in WAL mode with ``synchronous=FULL``: a committed change survives a crash
+or power cut, an uncommitted one is rolled back. Every state change is one
+transaction; claims take the write lock first (``BEGIN IMMEDIATE``), so two daemons
+sharing a queue never take the same job.
+
+A job's life: ``queued`` -> ``running`` (owned by one daemon) -> ``done`` or
+``failed``. A running job whose owner died (its worker lock is free) goes back to
+``queued``; one that crashed its daemon ``max_restarts`` times without training
+further is ``failed`` instead, so one bad job cannot stop the queue.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import StorageError
+
+STATES = ("queued", "running", "done", "failed")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sha256 TEXT NOT NULL UNIQUE,
+    payload TEXT NOT NULL,
+    source_name TEXT NOT NULL,
+    task TEXT NOT NULL,
+    images INTEGER NOT NULL,
+    classes INTEGER NOT NULL,
+    payload_bytes INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    owner TEXT,
+    claims INTEGER NOT NULL DEFAULT 0,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    progress_step INTEGER NOT NULL DEFAULT 0,
+    claimed_at_step INTEGER NOT NULL DEFAULT 0,
+    received REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    result_dir TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the queue."""
+
+    id: int
+    sha256: str
+    payload: str
+    source_name: str
+    task: str
+    images: int
+    classes: int
+    payload_bytes: int
+    state: str
+    owner: str | None
+    claims: int
+    restarts: int
+    progress_step: int
+    claimed_at_step: int
+    received: float
+    started: float | None
+    finished: float | None
+    result_dir: str | None
+    error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class JobQueue:
+    """Jobs in ``<home>/queue.sqlite``; each method is one transaction."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.db = sqlite3.connect(
+                self.path, timeout=60, isolation_level=None, check_same_thread=False
+            )
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(
+                f"job queue {self.path} cannot be opened ({exc}): check the disk and "
+                "permissions; a damaged file can be moved aside to start an empty queue"
+            ) from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StorageError(f"job queue {self.path} is locked or unwritable: {exc}") from exc
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:  # e.g. disk full: nothing was changed
+            self.db.execute("ROLLBACK")
+            raise StorageError(f"job queue {self.path}: cannot commit ({exc}); free space") from exc
+
+    def add(
+        self,
+        sha256: str,
+        payload: str,
+        source_name: str,
+        task: str,
+        images: int,
+        classes: int,
+        payload_bytes: int,
+    ) -> tuple[Job, bool]:
+        """Queue a verified payload; (job, True), or (the existing job, False) for a duplicate."""
+        with self._write() as db:
+            row = db.execute("SELECT * FROM jobs WHERE sha256 = ?", (sha256,)).fetchone()
+            if row is not None:
+                return Job(**dict(row)), False
+            cursor = db.execute(
+                "INSERT INTO jobs (sha256, payload, source_name, task, images, classes,"
+                " payload_bytes, state, received) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                (sha256, payload, source_name, task, images, classes, payload_bytes, time.time()),
+            )
+            return self._get(db, int(cursor.lastrowid)), True
+
+    def recover(self, alive: Callable[[str], bool], max_restarts: int) -> list[Job]:
+        """Requeue running jobs whose owner died; fail those that keep crashing. Returns them."""
+        changed = []
+        with self._write() as db:
+            for row in db.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall():
+                job = Job(**dict(row))
+                if job.owner is not None and alive(job.owner):
+                    continue
+                stalled = job.progress_step <= job.claimed_at_step
+                restarts = job.restarts + 1 if stalled else 0
+                if restarts >= max_restarts:
+                    error = (
+                        f"the daemon died {restarts} times while running this job without it "
+                        "training further; see the log, then `plada-receive retry`"
+                    )
+                    db.execute(
+                        "UPDATE jobs SET state = 'failed', owner = NULL, restarts = ?,"
+                        " finished = ?, error = ? WHERE id = ?",
+                        (restarts, time.time(), error, job.id),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE jobs SET state = 'queued', owner = NULL, restarts = ? WHERE id = ?",
+                        (restarts, job.id),
+                    )
+                changed.append(self._get(db, job.id))
+        return changed
+
+    def claim(self, owner: str) -> Job | None:
+        """Take the oldest queued job for ``owner``, or None."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', owner = ?, claims = claims + 1,"
+                " started = COALESCE(started, ?), claimed_at_step = progress_step WHERE id = ?",
+                (owner, time.time(), row["id"]),
+            )
+            return self._get(db, row["id"])
+
+    def progress(self, job_id: int, owner: str, step: int) -> None:
+        """Record how far a running job has trained (the highest step reached)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE jobs SET progress_step = MAX(progress_step, ?) WHERE id = ? AND owner = ?",
+                (step, job_id, owner),
+            )
+
+    def finish(self, job_id: int, owner: str, result_dir: str) -> None:
+        self._close(job_id, owner, "done", result_dir=result_dir)
+
+    def fail(self, job_id: int, owner: str, error: str) -> None:
+        self._close(job_id, owner, "failed", error=error)
+
+    def release(self, job_id: int, owner: str) -> None:
+        """Put a job this daemon stopped on purpose back in the queue (not a crash)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'queued', owner = NULL WHERE id = ? AND owner = ?",
+                (job_id, owner),
+            )
+
+    def retry(self, job_id: int) -> Job:
+        """Queue a failed job again."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'queued', restarts = 0, error = NULL, finished = NULL"
+                " WHERE id = ? AND state = 'failed'",
+                (job_id,),
+            )
+            return self._get(db, job_id)
+
+    def _close(self, job_id: int, owner: str, state: str, **fields: Any) -> None:
+        names = ", ".join(f"{key} = ?" for key in fields)
+        with self._write() as db:
+            db.execute(
+                f"UPDATE jobs SET state = ?, owner = NULL, finished = ?, {names}"
+                " WHERE id = ? AND owner = ?",
+                (state, time.time(), *fields.values(), job_id, owner),
+            )
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, job_id: int) -> Job:
+        return Job(**dict(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()))
+
+    def get(self, job_id: int) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else Job(**dict(row))
+
+    def find(self, sha256: str) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else Job(**dict(row))
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state."""
+        found = dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        return {state: int(found.get(state, 0)) for state in STATES}
+
+    def jobs(self, limit: int = 20) -> list[Job]:
+        """The newest jobs, newest first."""
+        rows = self.db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [Job(**dict(row)) for row in rows]

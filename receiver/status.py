@@ -1,0 +1,138 @@
+"""The daemon's health file and the ``plada-receive status`` view of a daemon home.
+
+The daemon rewrites ``<home>/health.json`` (atomically, at most once a second while
+training) with its state, current job, progress and throughput. ``status`` combines
+it with the job queue, the quarantine and the live worker locks, so it also tells
+the truth about a daemon that died without a chance to update its file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from protocol.atomic_files import write_json_atomic
+from protocol.errors import ConfigError, StorageError
+from receiver.job_queue import JobQueue
+from receiver.workers import live_owners
+
+HEALTH_FILE = "health.json"
+QUEUE_FILE = "queue.sqlite"
+
+
+class HealthFile:
+    """The current health document of one daemon, written atomically when it changes."""
+
+    def __init__(self, path: Path, min_interval: float = 1.0, **fields: Any) -> None:
+        self.path = path
+        self.min_interval = min_interval
+        self.document: dict[str, Any] = {"pid": os.getpid(), "started": time.time(), **fields}
+        self._lock = threading.Lock()
+        self._written = 0.0
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        """Merge ``fields`` and write the file unless it was written less than a second ago."""
+        with self._lock:
+            self.document.update(fields)
+            now = time.time()
+            if not force and now - self._written < self.min_interval:
+                return
+            self.document["updated"] = now
+            try:
+                write_json_atomic(self.path, self.document)
+            except StorageError:  # best effort: a full disk must not stop the work
+                return
+            self._written = now
+
+
+def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
+    """Everything ``status`` shows, as one JSON-ready dict."""
+    home = Path(home)
+    if not (home / QUEUE_FILE).is_file():
+        raise ConfigError(f"{home} is not a daemon home (no {QUEUE_FILE}): start the daemon there")
+    queue = JobQueue(home / QUEUE_FILE)
+    try:
+        counts = queue.counts()
+        jobs = [job.as_dict() for job in queue.jobs(recent)]
+    finally:
+        queue.close()
+    try:
+        health = json.loads((home / HEALTH_FILE).read_text())
+    except (OSError, ValueError):
+        health = {}
+    owners = live_owners(home / "workers")
+    quarantine = home / "quarantine"
+    quarantined = sorted(quarantine.glob("*.reason.json")) if quarantine.is_dir() else []
+    reasons = []
+    for path in quarantined[-recent:]:
+        try:
+            reasons.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return {
+        "home": str(home),
+        "daemons_running": owners,
+        "health": health,
+        "queue": counts,
+        "jobs": jobs,
+        "quarantined": len(quarantined),
+        "recent_quarantine": reasons,
+    }
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """Human-readable lines for a terminal."""
+    health = status["health"]
+    running = status["daemons_running"]
+    lines = [f"daemon home {status['home']}"]
+    if running:
+        age = time.time() - float(health.get("updated", 0))
+        lines.append(
+            f"daemon running ({', '.join(running)}); state {health.get('state', '?')}, "
+            f"health updated {age:.0f}s ago"
+        )
+    else:
+        lines.append("daemon NOT running (no live worker lock); queued jobs wait for it")
+    current = health.get("current") if running else None
+    if current:
+        lines.append(
+            f"training job {current['job']} ({current['task']}), seed {current['seed']}: "
+            f"step {current['step']}/{current['total_steps']} epoch {current['epoch']}, "
+            f"loss {current['loss']:.3f}, {current['images_per_second']:.0f} img/s, "
+            f"eta {_clock(current.get('eta_seconds'))}"
+            + (f", resumed at step {current['resumed_from']}" if current["resumed_from"] else "")
+        )
+    counts = status["queue"]
+    lines.append(
+        "queue: "
+        + ", ".join(f"{counts[s]} {s}" for s in counts)
+        + f"; {status['quarantined']} quarantined"
+    )
+    if status["jobs"]:
+        lines.append(f"{'job':>5} {'state':8} {'images':>8}  task / result")
+        for job in status["jobs"]:
+            detail = job["result_dir"] or job["error"] or job["source_name"]
+            lines.append(
+                f"{job['id']:>5} {job['state']:8} {job['images']:>8}  {job['task']}: {detail}"
+            )
+    for reason in status["recent_quarantine"][-3:]:
+        lines.append(f"quarantined {reason['file']}: {reason['error']}: {reason['message']}")
+    return "\n".join(lines)
+
+
+def print_status(home: str | Path, as_json: bool = False) -> int:
+    """The ``status`` subcommand."""
+    status = collect_status(home)
+    print(json.dumps(status, indent=2, default=str) if as_json else render_status(status))
+    return 0
