@@ -23,17 +23,20 @@ import numpy as np
 IMAGENET_21K = 14_200_000
 
 
-def write_jpegs(root: Path, count: int, per_folder: int = 256, seed: int = 0) -> None:
-    """``count`` textured 500 x 375 JPEGs in ``n<8 digits>/`` folders."""
+def write_jpegs(
+    root: Path, count: int, per_folder: int = 256, seed: int = 0, size: tuple[int, int] = (500, 375)
+) -> None:
+    """``count`` textured JPEGs of ``size`` (width, height) in ``n<8 digits>/`` folders."""
     from PIL import Image
 
+    width, height = size
     rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=(375 // 8 + 1, 500 // 8 + 1, 3), dtype=np.uint8)
+    base = rng.integers(0, 256, size=(height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
     for i in range(count):
         folder = root / f"n{i // per_folder:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         tile = np.roll(base, shift=(i * 7) % 40, axis=1)
-        big = np.kron(tile, np.ones((8, 8, 1), dtype=np.uint8))[:375, :500]
+        big = np.kron(tile, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width]
         noise = rng.integers(0, 24, size=big.shape, dtype=np.uint8)
         Image.fromarray(big + noise).save(folder / f"{folder.name}_{i}.JPEG", quality=90)
 

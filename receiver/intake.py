@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from protocol.atomic_files import fsync_directory, write_bytes_atomic, write_json_atomic
-from protocol.errors import ConfigError, PayloadError, PayloadLimitError, StorageError
+from protocol.errors import (
+    ConfigError,
+    PayloadError,
+    PayloadLimitError,
+    ReferenceMismatchError,
+    StorageError,
+)
 from protocol.manifest import ReferenceManifest
 from protocol.payload import MAX_PAYLOAD_BYTES, Payload, decode_payload
 from receiver.faults import crash_point
@@ -151,7 +157,16 @@ class Intake:
             if self._retry_after.get(path.name, 0.0) > now:
                 continue
             try:
-                self.process(path)
+                try:
+                    self.process(path)
+                except (OSError, StorageError):
+                    raise
+                except Exception as exc:  # a bug must not block the files behind this one
+                    log.exception(
+                        "intake failed on a file; quarantined",
+                        extra={"event": "intake-internal-error", "file": path.name},
+                    )
+                    self._quarantine(path, path.name.split("-", 1)[-1], "", exc)
                 self._retry_after.pop(path.name, None)
             except (OSError, StorageError) as exc:  # disk full: keep the file, retry later
                 self._retry_after[path.name] = now + RETRY_SECONDS
@@ -190,7 +205,7 @@ class Intake:
         sha256 = hashlib.sha256(data).hexdigest()
         try:
             payload = self.verify(data)
-        except PayloadError as exc:
+        except (PayloadError, ReferenceMismatchError) as exc:
             self._quarantine(path, source_name, sha256, exc)
             return
         crash_point("intake-verified")

@@ -157,7 +157,8 @@ class EpochOrder:
         return self._order
 
 
-def _autocast(config: TrainConfig, device: torch.device):
+def autocast_for(config: TrainConfig, device: torch.device):
+    """bf16 autocast when ``config.amp`` asks for it (auto: on CUDA), else nothing."""
     use = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
     if not use:
         return contextlib.nullcontext()
@@ -304,7 +305,7 @@ def train_classifier(
             )
         y = batch.labels
         if y.numel():
-            with _autocast(config, device):
+            with autocast_for(config, device):
                 logits = train_model(batch.images)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)

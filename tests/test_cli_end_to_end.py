@@ -97,3 +97,22 @@ def test_receiver_rejects_payload_for_another_reference(flow) -> None:
         expect=2,
     )  # fmt: skip
     assert "ReferenceMismatchError" in out.stderr and "sync the reference set" in out.stderr
+
+
+def test_daemon_trains_the_senders_payload_to_the_same_accuracy(flow) -> None:
+    """The sender's payload dropped in a daemon's inbox: same student as `train` gives."""
+    home = flow["root"] / "daemon-home"
+    (home / "inbox").mkdir(parents=True)
+    (home / "inbox" / "task.plada").write_bytes(flow["payload"].read_bytes())
+    run(
+        [*cli("plada-receive"), "daemon", "--home", str(home), "--reference", SMALL_SPEC,
+         "--cache-dir", str(flow["receiver_cache"]), "--holdout",
+         str(flow["root"] / "task" / "test.npz"), "--min-steps", "150", "--max-steps", "150",
+         "--settle-seconds", "0", "--exit-when-idle"],
+        flow["env"],
+    )  # fmt: skip
+    (result,) = (home / "results").iterdir()
+    daemon_report = json.loads((result / "report.json").read_text())
+    train_report = json.loads((flow["root"] / "student" / "report.json").read_text())
+    assert daemon_report["accuracy_mean"] == train_report["accuracy_mean"] > 0.4
+    assert (result / "model-seed0.pt2").is_file() and (result / "training-curve.png").is_file()

@@ -1,0 +1,372 @@
+"""The receiver daemon as a real process: intake, quarantine, SIGKILL at every stage,
+SIGTERM, two daemons on one inbox, HTTP uploads, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from protocol.payload import BODY_CODING, Payload, encode_payload
+from tests.conftest import SMALL_SPEC
+from tests.subprocess_cli import cli, cli_env
+
+pytestmark = pytest.mark.slow
+TRAIN = ["--min-steps", "24", "--max-steps", "24", "--batch-size", "32", "--checkpoint-steps", "5"]
+
+
+@pytest.fixture(scope="module")
+def payloads(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, bytes]:
+    """Two valid payloads for the small world and three bad ones."""
+    manifest = small_pool.manifest
+    rng = np.random.default_rng(0)
+
+    def make(task: str, fingerprint: bytes = manifest.fingerprint) -> bytes:
+        indices = np.sort(rng.choice(len(manifest), 200, replace=False))
+        labels = rng.integers(0, 4, indices.size)
+        payload = Payload(
+            task,
+            manifest.name,
+            fingerprint,
+            len(manifest),
+            tuple(f"class-{c}" for c in range(4)),
+            indices,
+            labels,
+        )
+        layout = manifest if fingerprint == manifest.fingerprint else None
+        return encode_payload(payload, reference=layout, codings=(BODY_CODING,))
+
+    first, second = make("task-a"), make("task-b")
+    corrupt = bytearray(first)
+    corrupt[-5] ^= 0x40
+    return {
+        "a.plada": first,
+        "b.plada": second,
+        "corrupt.plada": bytes(corrupt),
+        "truncated.plada": second[: len(second) // 2],
+        "other-reference.plada": make("task-c", fingerprint=bytes(range(32))),
+    }
+
+
+def _home(tmp_path: Path, payloads: dict[str, bytes], names=None) -> Path:
+    home = tmp_path / "home"
+    (home / "inbox").mkdir(parents=True)
+    for name in names or payloads:
+        (home / "inbox" / name).write_bytes(payloads[name])
+    return home
+
+
+def _daemon_args(home: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return [
+        *cli("plada-receive"),
+        "daemon",
+        "--home",
+        str(home),
+        "--reference",
+        SMALL_SPEC,
+        "--cache-dir",
+        str(cache_dir),
+        "--settle-seconds",
+        "0",
+        "--poll-seconds",
+        "0.1",
+        *TRAIN,
+        *extra,
+    ]
+
+
+def _run_daemon(home: Path, cache_dir: Path, *extra: str, crash: str | None = None):
+    env = cli_env()
+    if crash:
+        env["PLADA_CRASH_AT"] = crash
+    args = _daemon_args(home, cache_dir, "--exit-when-idle", "--no-export", *extra)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def _jobs(home: Path) -> list[dict]:
+    with sqlite3.connect(home / "queue.sqlite") as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute("SELECT * FROM jobs ORDER BY id")]
+
+
+def _events(home: Path) -> list[dict]:
+    lines = (home / "logs" / "daemon.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _check_everything_served(home: Path, payloads: dict[str, bytes]) -> list[dict]:
+    """Both valid payloads trained exactly once; the three bad ones quarantined with reasons."""
+    jobs = _jobs(home)
+    assert sorted(j["source_name"] for j in jobs) == ["a.plada", "b.plada"], jobs
+    assert all(j["state"] == "done" for j in jobs), jobs
+    for job in jobs:
+        report = json.loads((home / job["result_dir"] / "report.json").read_text())
+        assert report["kept"] == 200 and report["runs"][0]["steps"] == 24
+        assert (home / job["result_dir"] / "model-seed0.pt").is_file()
+        assert not (home / job["result_dir"] / ".job").exists()
+    reasons = {
+        json.loads(p.read_text())["file"]: json.loads(p.read_text())["error"]
+        for p in (home / "quarantine").glob("*.reason.json")
+    }
+    assert reasons == {
+        "corrupt.plada": "DigestMismatchError",
+        "truncated.plada": "TruncatedPayloadError",
+        "other-reference.plada": "ReferenceMismatchError",
+    }, reasons
+    for name in reasons:
+        quarantined = list((home / "quarantine").glob(f"*-{name}"))
+        assert len(quarantined) == 1 and quarantined[0].read_bytes() == payloads[name]
+    assert not list((home / "inbox").iterdir())
+    assert not [p for p in (home / "intake").rglob("*") if p.is_file()]
+    assert len(list((home / "spool").glob("*.plada"))) == 2
+    return jobs
+
+
+def test_daemon_serves_inbox_and_quarantines_bad_payloads(tmp_path, payloads, cache_dir) -> None:
+    home = _home(tmp_path, payloads)
+    args = _daemon_args(home, cache_dir, "--exit-when-idle")
+    proc = subprocess.run(
+        args, env=cli_env(), capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    jobs = _check_everything_served(home, payloads)
+    result = home / jobs[0]["result_dir"]
+    assert (result / "training-curve.png").stat().st_size > 1000
+    program = torch.export.load(result / "model-seed0.pt2").module()
+    assert program(torch.rand(5, 1, 32, 32) * 255).shape == (5, 4)
+    events = [e["event"] for e in _events(home)]
+    assert events.count("payload-queued") == 2 and events.count("payload-quarantined") == 3
+    assert events.count("job-done") == 2 and events[-1] == "daemon-stop"
+    health = json.loads((home / "health.json").read_text())
+    assert health["state"] == "stopped" and health["intake"]["quarantined"] == 3
+    status = subprocess.run(
+        [*cli("plada-receive"), "status", "--home", str(home)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "daemon NOT running" in status.stdout and "0 queued, 0 running, 2 done" in status.stdout
+    assert "ReferenceMismatchError" in status.stdout
+    # the same payload sent again is recognised, not trained twice
+    (home / "inbox" / "a-again.plada").write_bytes(payloads["a.plada"])
+    assert _run_daemon(home, cache_dir).returncode == 0
+    later = [e["event"] for e in _events(home)][len(events) :]
+    assert len(_jobs(home)) == 2 and "payload-duplicate" in later and "job-started" not in later
+
+
+CRASH_POINTS = [
+    "intake-verified",
+    "intake-spooled",
+    "intake-queued",
+    "job-claimed",
+    "training-step@12",
+    "checkpoint-written@2",
+    "outputs-saving",
+    "outputs-saved",
+    "job-published",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, payloads, cache_dir) -> dict[str, dict]:
+    """Weights of both jobs from a daemon that was never killed."""
+    home = _home(tmp_path_factory.mktemp("clean"), payloads, ["a.plada", "b.plada"])
+    assert _run_daemon(home, cache_dir).returncode == 0
+    return {
+        j["source_name"]: torch.load(home / j["result_dir"] / "model-seed0.pt") for j in _jobs(home)
+    }
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_sigkill_at_any_point_loses_nothing(
+    tmp_path, payloads, cache_dir, uninterrupted, point
+) -> None:
+    home = _home(tmp_path, payloads)
+    killed = _run_daemon(home, cache_dir, crash=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    restarted = _run_daemon(home, cache_dir)
+    assert restarted.returncode == 0, restarted.stderr
+    jobs = _check_everything_served(home, payloads)
+    for job in jobs:  # resumed or retrained, the student is the one an unbroken run trains
+        weights = torch.load(home / job["result_dir"] / "model-seed0.pt")
+        expected = uninterrupted[job["source_name"]]
+        assert all(torch.equal(weights[k], expected[k]) for k in expected), job
+    if point in ("training-step@12", "checkpoint-written@2"):
+        report = json.loads((home / jobs[0]["result_dir"] / "report.json").read_text())
+        assert report["runs"][0]["resumed_from_step"] in (5, 10), report["runs"][0]
+        assert jobs[0]["claims"] == 2
+
+
+def test_job_that_keeps_killing_the_daemon_is_failed_and_queue_moves_on(
+    tmp_path, payloads, cache_dir
+) -> None:
+    home = _home(tmp_path, payloads, ["a.plada", "b.plada"])
+    for _ in range(3):
+        assert _run_daemon(home, cache_dir, crash="job-claimed").returncode == -signal.SIGKILL
+    assert _run_daemon(home, cache_dir).returncode == 0
+    first, second = _jobs(home)
+    assert first["state"] == "failed" and "died 3 times" in first["error"]
+    assert second["state"] == "done"
+
+
+def _wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _training_step(home: Path) -> int:
+    try:
+        current = json.loads((home / "health.json").read_text()).get("current") or {}
+    except (OSError, ValueError):
+        return 0
+    return int(current.get("step", 0))
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM])
+def test_daemon_stopped_mid_training_resumes(tmp_path, payloads, cache_dir, stop_signal) -> None:
+    home = _home(tmp_path, payloads, ["a.plada"])
+    long_run = [
+        "--min-steps",
+        "4000",
+        "--max-steps",
+        "4000",
+        "--checkpoint-steps",
+        "0",
+        "--checkpoint-seconds",
+        "0.5",
+        "--no-export",
+    ]
+    daemon = subprocess.Popen(
+        _daemon_args(home, cache_dir, *long_run),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: _training_step(home) >= 150, what="training to reach step 150")
+        status = subprocess.run(
+            [*cli("plada-receive"), "status", "--home", str(home), "--json"],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        shown = json.loads(status.stdout)
+        assert shown["daemons_running"] and shown["queue"]["running"] == 1
+        assert shown["health"]["current"]["total_steps"] == 4000
+        assert shown["health"]["current"]["images_per_second"] > 0
+        daemon.send_signal(stop_signal)
+        assert daemon.wait(timeout=60) == (0 if stop_signal == signal.SIGTERM else -stop_signal)
+    finally:
+        daemon.kill()
+    state = _jobs(home)[0]["state"]
+    assert state == ("queued" if stop_signal == signal.SIGTERM else "running")
+    finish = ["--min-steps", "4000", "--max-steps", "4000", "--checkpoint-steps", "0"]
+    assert _run_daemon(home, cache_dir, *finish).returncode == 0
+    job = _jobs(home)[0]
+    report = json.loads((home / job["result_dir"] / "report.json").read_text())
+    assert job["state"] == "done" and report["runs"][0]["steps"] == 4000
+    assert report["runs"][0]["resumed_from_step"] >= 100, report["runs"][0]
+
+
+def test_two_daemons_on_one_inbox_take_each_payload_once(tmp_path, payloads, cache_dir) -> None:
+    inbox = tmp_path / "shared-inbox"
+    inbox.mkdir()
+    many = {f"p{i}.plada": payloads["a.plada" if i % 2 else "b.plada"] for i in range(2)}
+    for name, data in {**many, "corrupt.plada": payloads["corrupt.plada"]}.items():
+        (inbox / name).write_bytes(data)
+    homes = [tmp_path / "shared-home", tmp_path / "shared-home", tmp_path / "own-home"]
+    procs = [
+        subprocess.Popen(
+            _daemon_args(home, cache_dir, "--inbox", str(inbox), "--exit-when-idle", "--no-export"),
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for home in homes
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    jobs = [
+        j for home in sorted(set(homes)) if (home / "queue.sqlite").exists() for j in _jobs(home)
+    ]
+    assert sorted(j["source_name"] for j in jobs) == ["p0.plada", "p1.plada"], jobs
+    assert all(j["state"] == "done" and j["claims"] == 1 for j in jobs), jobs
+    quarantined = [p for home in set(homes) for p in (home / "quarantine").glob("*.reason.json")]
+    assert len(quarantined) == 1
+    starts = [e for home in set(homes) for e in _events(home) if e["event"] == "job-started"]
+    assert len(starts) == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_http_upload_is_verified_queued_and_followed(tmp_path, payloads, cache_dir) -> None:
+    import urllib.error
+    import urllib.request
+
+    home = tmp_path / "home"
+    port = _free_port()
+    daemon = subprocess.Popen(
+        _daemon_args(home, cache_dir, "--http-port", str(port), "--no-export"),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def call(path: str, data: bytes | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(base + path, data=data)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    try:
+        _wait_for(lambda: (home / "health.json").is_file() and _port_open(port), what="http")
+        code, answer = call("/payloads", payloads["a.plada"])
+        assert code == 202 and answer["file"].startswith("upload-")
+        bad_code, bad = call("/payloads", payloads["truncated.plada"])
+        assert bad_code == 202
+        done = _wait_for(lambda: call(answer["follow"])[1].get("state") == "done", what="job")
+        assert done
+        assert call(bad["follow"])[1]["error"] == "TruncatedPayloadError"
+        assert call("/status")[1]["queue"]["done"] == 1
+        assert call("/nowhere")[0] == 404
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=60) == 0
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_env_is_clean() -> None:
+    assert "PLADA_CRASH_AT" not in os.environ
