@@ -4,6 +4,7 @@ plada-receive verify PAYLOAD --reference SPEC        check a payload against the
 plada-receive train PAYLOAD --reference SPEC [--holdout test.npz] --out DIR
 plada-receive daemon --home DIR --reference SPEC     watch an inbox, train every payload
 plada-receive status --home DIR                      queue, current job, progress
+plada-receive retry --home DIR JOB                   queue a failed job again
 plada-receive reference --reference SPEC             build/verify the local set
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from protocol.cli_support import run_cli
 from protocol.reference.options import add_reference_options, print_reference, reference_from_args
@@ -108,6 +110,27 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return print_status(args.home, as_json=args.json)
 
 
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from protocol.errors import ConfigError
+    from receiver.job_queue import JobQueue
+    from receiver.status import QUEUE_FILE
+
+    path = Path(args.home) / QUEUE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{args.home} is not a daemon home (no {QUEUE_FILE})")
+    queue = JobQueue(path)
+    try:
+        job = queue.get(args.job)
+        if job is None or job.state != "failed":
+            state = "does not exist" if job is None else f"is {job.state}, not failed"
+            raise ConfigError(f"job {args.job} {state}: only failed jobs can be retried")
+        queue.retry(args.job)
+    finally:
+        queue.close()
+    print(f"job {args.job} queued again; a running daemon resumes it from its last checkpoint")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plada-receive", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--home", required=True)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=_cmd_status)
+
+    retry = sub.add_parser("retry", help="queue a failed job again")
+    retry.add_argument("--home", required=True)
+    retry.add_argument("job", type=int)
+    retry.set_defaults(func=_cmd_retry)
     return parser
 
 

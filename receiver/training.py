@@ -301,7 +301,7 @@ def train_classifier(
             raise ReferenceSetError(
                 f"{run['unreadable']} reference images could not be read, e.g. "
                 f"{batch.problems[0] if batch.problems else 'see the log'}: restore the "
-                "reference set, then the job resumes from its checkpoint"
+                "reference set and run the job again (it resumes from its last checkpoint)"
             )
         y = batch.labels
         if y.numel():

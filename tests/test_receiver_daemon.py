@@ -216,6 +216,12 @@ def test_job_that_keeps_killing_the_daemon_is_failed_and_queue_moves_on(
     first, second = _jobs(home)
     assert first["state"] == "failed" and "died 3 times" in first["error"]
     assert second["state"] == "done"
+    retry = [*cli("plada-receive"), "retry", "--home", str(home)]
+    refused = subprocess.run([*retry, "2"], env=cli_env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and "is done, not failed" in refused.stderr
+    subprocess.run([*retry, "1"], env=cli_env(), capture_output=True, text=True, check=True)
+    assert _run_daemon(home, cache_dir).returncode == 0
+    assert [j["state"] for j in _jobs(home)] == ["done", "done"]
 
 
 def _wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
