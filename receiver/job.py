@@ -109,12 +109,27 @@ def _seed_progress(
     return lambda report: on_step(seed, report)
 
 
-def _finished_report(out: Path, sha256: str) -> dict[str, Any] | None:
+def _finished_report(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     try:
         report = json.loads((out / REPORT_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return report if report.get("payload_sha256") == sha256 else None
+    return report if report.get("job_identity") == identity else None
+
+
+def _job_state(out: Path, identity: dict[str, Any]) -> Path:
+    """The job's state folder; emptied first if it belongs to another payload or settings."""
+    state = out / STATE_DIR
+    marker = state / "identity.json"
+    try:
+        same = json.loads(marker.read_text()) == identity
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(marker, identity, durable=True)
+    return state
 
 
 def run_job(
@@ -133,17 +148,17 @@ def run_job(
     raw = Path(payload_path).read_bytes()
     sha256 = hashlib.sha256(raw).hexdigest()
     out = Path(out_dir)
-    done = _finished_report(out, sha256)
-    if done is not None:
+    train = replace(settings.train, augment=resolve_augment(settings.train.augment, reference))
+    settings = replace(settings, train=train)
+    identity = {"payload_sha256": sha256, "train": asdict(train), "seeds": list(settings.seeds)}
+    done = _finished_report(out, identity)
+    if done is not None:  # this payload was already trained with these settings
         return done
     payload = read_payload(payload_path, reference=reference.manifest)
     payload.check_reference(reference.manifest)
     if holdout is not None:
         _check_holdout(holdout, payload, reference.in_channels)
-    state = out / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
-    train = replace(settings.train, augment=resolve_augment(settings.train.augment, reference))
-    settings = replace(settings, train=train)
+    state = _job_state(out, identity)
     runs = []
     for seed in settings.seeds:
         record_path = state / f"seed{seed}.json"
@@ -198,6 +213,7 @@ def run_job(
         "payload": str(payload_path),
         "payload_bytes": len(raw),
         "payload_sha256": sha256,
+        "job_identity": identity,
         "task": payload.task,
         "reference": {
             "name": reference.manifest.name,

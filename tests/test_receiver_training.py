@@ -178,3 +178,24 @@ def test_worker_locks_tell_live_from_dead(tmp_path: Path) -> None:
     child.wait()
     assert not owner_alive(mine.directory, owner) and live_owners(mine.directory) == [mine.owner]
     mine.release()
+
+
+def test_job_rerun_returns_its_report_and_new_settings_train_again(tmp_path, small_pool) -> None:
+    from protocol.payload import Payload, encode_payload, write_payload
+    from receiver.job import JobSettings, run_job
+
+    manifest = small_pool.manifest
+    indices = np.arange(0, len(manifest), 20)
+    payload = Payload("t", manifest.name, manifest.fingerprint, len(manifest), ("a", "b"),
+                      indices, indices % 2)  # fmt: skip
+    path = tmp_path / "t.plada"
+    write_payload(path, encode_payload(payload, reference=manifest))
+    config = TrainConfig(min_steps=4, max_steps=4, batch_size=16)
+    first = run_job(path, small_pool, tmp_path / "out", JobSettings(config, export=False),
+                    progress=False)  # fmt: skip
+    again = run_job(path, small_pool, tmp_path / "out", JobSettings(config, export=False),
+                    progress=False)  # fmt: skip
+    assert again == first and not (tmp_path / "out" / ".job").exists()
+    other = run_job(path, small_pool, tmp_path / "out", JobSettings(config, seeds=(1,),
+                    export=False), progress=False)  # fmt: skip
+    assert [r["seed"] for r in other["runs"]] == [1] and other["seconds"] != first["seconds"]
