@@ -78,6 +78,7 @@ def tensor_decode_floor(reference, preprocess, device: str, batch_size: int, wor
     """Images/s of threaded byte reads + batched torchvision decode/preprocess on device."""
     import torch
 
+    from protocol.reference.encoded import decode_jpeg_batch
     from sender.tensor_decode import PreprocessSpec, TensorPreprocessor, iter_encoded_batches
 
     rows = np.arange(len(reference))
@@ -89,8 +90,7 @@ def tensor_decode_floor(reference, preprocess, device: str, batch_size: int, wor
     for data, _, _ in loader:
         now = time.perf_counter()
         waited += now - last
-        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
-        images = prepare._decode(tensors)
+        images = decode_jpeg_batch(data, prepare.device)
         sync()
         decoded = time.perf_counter()
         decoding += decoded - now

@@ -27,7 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from protocol.errors import ConfigError
-from protocol.reference.encoded import EncodedReference, UnreadableImage, decode_rgb
+from protocol.reference.encoded import (
+    EncodedReference,
+    UnreadableImage,
+    decode_files,
+    decode_rgb,
+)
 
 AUGMENTATIONS = ("none", "affine", "affine-flip", "crop-flip")
 CROP_AREA = (0.25, 1.0)  # random-resized-crop area fraction; milder than 0.08 for short runs
@@ -153,10 +158,6 @@ def crop_box(width: int, height: int, augment: str, rng: np.random.Generator) ->
                 left = int(rng.integers(0, width - w + 1))
                 top = int(rng.integers(0, height - h + 1))
                 return CropBox(left, top, w, h, bool(rng.random() < 0.5))
-    elif augment != "none":
-        raise ConfigError(
-            f"images decoded on the fly support augment none or crop-flip, not {augment!r}"
-        )
     side = min(width, height)
     return CropBox((width - side) // 2, (height - side) // 2, side, side, False)
 
@@ -182,7 +183,10 @@ class EncodedBatches:
     ) -> None:
         if decode not in ("auto", "pil", "tensor"):
             raise ConfigError(f"decode must be auto, pil or tensor, not {decode!r}")
-        crop_box(8, 8, augment, np.random.default_rng(0))  # rejects unsupported augmentations
+        if augment not in ("none", "crop-flip"):
+            raise ConfigError(
+                f"images decoded on the fly support augment none or crop-flip, not {augment!r}"
+            )
         self.reference = reference
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = labels
@@ -225,33 +229,21 @@ class EncodedBatches:
     def _tensor_batch(
         self, encoded: list[tuple[bytes, str]], refs: np.ndarray, step: int, device: torch.device
     ) -> tuple[torch.Tensor, list[bool], list[str]]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         problems = [problem for _, problem in encoded]
         present = [i for i, (data, problem) in enumerate(encoded) if data and not problem]
-        tensors = [torch.frombuffer(bytearray(encoded[i][0]), dtype=torch.uint8) for i in present]
-        decoded: list[torch.Tensor | None]
-        try:
-            decoded = list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:  # one bad file fails the whole call: retry one by one
-            decoded = []
-            for data in tensors:
-                try:
-                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
-                    decoded.append(None)
+        decoded = decode_files(
+            [encoded[i][0] for i in present],
+            lambda k: self.reference.describe(int(refs[present[k]])),
+            device,
+        )
         side = self.image_size
         out = torch.empty(len(present), 3, side, side, device=device)
         kept = [False] * len(encoded)
         row = 0
         for slot, image in zip(present, decoded, strict=True):
-            if image is None:  # PNG, CMYK, progressive quirks: Pillow decodes or says why
-                try:
-                    rgb = decode_rgb(encoded[slot][0], self.reference.describe(int(refs[slot])))
-                except UnreadableImage as exc:
-                    problems[slot] = str(exc)
-                    continue
-                image = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).to(device)
+            if isinstance(image, UnreadableImage):
+                problems[slot] = str(image)
+                continue
             height, width = int(image.shape[1]), int(image.shape[2])
             box = crop_box(width, height, self.augment, _crop_rng(self.seed, step, slot))
             crop = image[:, box.top : box.top + box.height, box.left : box.left + box.width]

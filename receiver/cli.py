@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from protocol.cli_support import run_cli
 from protocol.reference.options import add_reference_options, print_reference, reference_from_args
@@ -112,13 +111,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_retry(args: argparse.Namespace) -> int:
     from protocol.errors import ConfigError
-    from receiver.job_queue import JobQueue
-    from receiver.status import QUEUE_FILE
+    from receiver.status import open_home_queue
 
-    path = Path(args.home) / QUEUE_FILE
-    if not path.is_file():
-        raise ConfigError(f"{args.home} is not a daemon home (no {QUEUE_FILE})")
-    queue = JobQueue(path)
+    queue = open_home_queue(args.home)
     try:
         job = queue.get(args.job)
         if job is None or job.state != "failed":

@@ -25,7 +25,7 @@ from typing import Any
 
 from protocol.atomic_files import write_bytes_atomic
 from protocol.errors import StorageError
-from receiver.job_queue import JobQueue
+from receiver.status import open_home_queue
 
 log = logging.getLogger("plada.receiver")
 
@@ -88,7 +88,7 @@ def job_state(home: Path, sha256: str) -> dict[str, Any]:
     """Where the payload with this SHA-256 stands."""
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         return {"state": "unknown", "error": "give the full lowercase hex SHA-256"}
-    queue = JobQueue(home / "queue.sqlite")
+    queue = open_home_queue(home)
     try:
         job = queue.find(sha256)
     finally:

@@ -184,9 +184,7 @@ class Intake:
 
     # --- one file --------------------------------------------------------------------
     def verify(self, data: bytes) -> Payload:
-        """Full verification of untrusted bytes against the local reference set."""
-        if len(data) > self.max_bytes:
-            raise PayloadLimitError(f"{len(data)} bytes, over the cap of {self.max_bytes}")
+        """Full verification of untrusted bytes (byte cap included) against the local set."""
         return decode_payload(data, self.max_bytes, reference=self.manifest)
 
     def process(self, path: Path) -> None:

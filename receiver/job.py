@@ -83,22 +83,28 @@ def resolve_augment(augment: str, reference: ReferenceSource) -> str:
     return "crop-flip" if isinstance(reference, EncodedReference) else "affine"
 
 
-def _batch_source(payload: Payload, reference: ReferenceSource, settings: JobSettings, seed: int):
+def _batch_source(
+    payload: Payload,
+    reference: ReferenceSource,
+    settings: JobSettings,
+    seed: int,
+    images: torch.Tensor | None,
+):
+    """Batches for one seed: from ``images`` in memory, else decoded on the fly from files."""
     config = settings.train
     labels = torch.from_numpy(payload.labels)
-    if isinstance(reference, EncodedReference):
-        return EncodedBatches(
-            reference,
-            payload.indices,
-            labels,
-            reference.image_size,
-            config.augment,
-            seed,
-            settings.decode,
-            settings.loader_threads,
-        )
-    images = torch.from_numpy(np.ascontiguousarray(reference.load(payload.indices)))
-    return TensorBatches(images, labels, config.augment, seed)
+    if images is not None:
+        return TensorBatches(images, labels, config.augment, seed)
+    return EncodedBatches(
+        reference,
+        payload.indices,
+        labels,
+        reference.image_size,
+        config.augment,
+        seed,
+        settings.decode,
+        settings.loader_threads,
+    )
 
 
 def _seed_progress(
@@ -160,13 +166,16 @@ def run_job(
         _check_holdout(holdout, payload, reference.in_channels)
     state = _job_state(out, identity)
     runs = []
+    images = None  # a set held in memory is loaded once for all seeds
+    if not isinstance(reference, EncodedReference):
+        images = torch.from_numpy(np.ascontiguousarray(reference.load(payload.indices)))
     for seed in settings.seeds:
         record_path = state / f"seed{seed}.json"
         if record_path.is_file():  # finished before an interruption
             runs.append(json.loads(record_path.read_text()))
             continue
         config = replace(settings.train, seed=seed)
-        source = _batch_source(payload, reference, replace(settings, train=config), seed)
+        source = _batch_source(payload, reference, replace(settings, train=config), seed, images)
         policy = CheckpointPolicy(
             state / f"seed{seed}.ckpt", settings.checkpoint_seconds, settings.checkpoint_steps
         )

@@ -49,12 +49,18 @@ class HealthFile:
             self._written = now
 
 
+def open_home_queue(home: str | Path) -> JobQueue:
+    """The job queue of an existing daemon home (``ConfigError`` if there is none)."""
+    path = Path(home) / QUEUE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{home} is not a daemon home (no {QUEUE_FILE}): start the daemon there")
+    return JobQueue(path)
+
+
 def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
     """Everything ``status`` shows, as one JSON-ready dict."""
     home = Path(home)
-    if not (home / QUEUE_FILE).is_file():
-        raise ConfigError(f"{home} is not a daemon home (no {QUEUE_FILE}): start the daemon there")
-    queue = JobQueue(home / QUEUE_FILE)
+    queue = open_home_queue(home)
     try:
         counts = queue.counts()
         jobs = [job.as_dict() for job in queue.jobs(recent)]

@@ -22,7 +22,7 @@ import torch
 
 from protocol.errors import ConfigError
 from protocol.reference.base import ReferenceSource
-from protocol.reference.encoded import EncodedReference, UnreadableImage, decode_rgb
+from protocol.reference.encoded import EncodedReference, UnreadableImage, decode_files
 
 
 @dataclass(frozen=True)
@@ -98,20 +98,6 @@ class TensorPreprocessor:
         self.mean = torch.tensor(spec.mean, device=device).view(3, 1, 1)
         self.std = torch.tensor(spec.std, device=device).view(3, 1, 1)
 
-    def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        try:
-            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
-        except RuntimeError:  # one bad file fails the batch: retry one by one
-            out: list[torch.Tensor | None] = []
-            for item in data:
-                try:
-                    out.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
-                    out.append(None)
-            return out
-
     def _fit(self, image: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as tf
@@ -127,17 +113,14 @@ class TensorPreprocessor:
         out = torch.zeros(len(encoded), 3, side, side, device=self.device)
         problems = list(problems)
         present = [i for i, item in enumerate(encoded) if not problems[i] and item]
-        data = {i: torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in present}
-        decoded = self._decode([data[i] for i in present]) if present else []
+        decoded = decode_files(
+            [encoded[i] for i in present], lambda k: where[present[k]], self.device
+        )
         groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
         for i, image in zip(present, decoded, strict=True):
-            if image is None:  # not a baseline JPEG: PIL handles PNG, CMYK, or says why
-                try:
-                    rgb = decode_rgb(encoded[i], where[i])
-                except UnreadableImage as exc:
-                    problems[i] = str(exc)
-                    continue
-                image = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).to(self.device)
+            if isinstance(image, UnreadableImage):
+                problems[i] = str(image)
+                continue
             groups.setdefault(tuple(image.shape), []).append((i, image))
         for members in groups.values():  # one resize per image size, not per image
             rows = [i for i, _ in members]

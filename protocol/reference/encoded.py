@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,46 @@ def decode_rgb(data: bytes, where: str, at_least: int | None = None):
         raise UnreadableImage(f"{where}: refused, too many pixels ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for bad/truncated data
         raise UnreadableImage(f"{where}: not a readable image ({exc})") from exc
+
+
+def decode_jpeg_batch(encoded: list[bytes], device) -> list:
+    """JPEG files decoded together by torchvision (nvJPEG on a CUDA ``device``) to uint8
+    [3, H, W] tensors; None for each file it cannot decode (PNG, CMYK, damaged)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(item), dtype=torch.uint8) for item in encoded]
+    if not data:
+        return []
+    try:
+        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:  # one bad file fails the batch: retry one by one
+        out = []
+        for item in data:
+            try:
+                out.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def decode_files(encoded: list[bytes], where: Callable[[int], str], device) -> list:
+    """Image files as uint8 [3, H, W] tensors on ``device``: JPEGs with
+    :func:`decode_jpeg_batch`, the rest with Pillow; an :class:`UnreadableImage`
+    (naming ``where(position)``) for each file neither can read."""
+    import torch
+
+    out = []
+    for position, image in enumerate(decode_jpeg_batch(encoded, device)):
+        if image is None:
+            try:
+                rgb = decode_rgb(encoded[position], where(position))
+            except UnreadableImage as exc:
+                out.append(exc)
+                continue
+            image = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).to(device)
+        out.append(image)
+    return out
 
 
 class EncodedReference(ReferenceSource):
