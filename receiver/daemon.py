@@ -273,11 +273,14 @@ class Daemon:
         try:
             while not self.stop.is_set():
                 self._recover()
+                # look at the inbox before claiming: a file counted as gone by then is queued
+                # already, so an empty inbox plus an empty claim means nothing is left
+                inbox_empty = self.intake.waiting() == 0
                 job = self.queue.claim(self.worker.owner)
                 if job is not None:
                     self.run_one(job, reference, holdout)
                     continue
-                if config.exit_when_idle and self.intake.waiting() == 0:
+                if config.exit_when_idle and inbox_empty:
                     log.info("queue and inbox empty; exiting", extra={"event": "daemon-idle"})
                     break
                 self.health.update(state="idle", current=None)

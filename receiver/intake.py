@@ -92,10 +92,11 @@ class Intake:
 
     # --- finding work ----------------------------------------------------------------
     def waiting(self) -> int:
-        """Files in the inbox (settled or not) plus claimed files not yet processed."""
+        """Files in the inbox (settled or not) plus claimed files not yet processed, by this
+        daemon, by others, or left by a dead one (adopted on the next pass)."""
         with os.scandir(self.inbox) as entries:
             inbox = sum(1 for e in entries if is_candidate(e.name) and e.is_file())
-        return inbox + sum(1 for _ in self.claimed.iterdir())
+        return inbox + sum(1 for path in self.intake_root.glob("*/*") if path.is_file())
 
     def adopt_orphans(self) -> int:
         """Take over the claimed files of daemons that died mid-intake."""

@@ -26,8 +26,12 @@ class WorkerLock:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.path = self.directory / (self.owner + LOCK_SUFFIX)
-        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        # lock under a private name, then rename: a file under the final name is always
+        # locked, so no other daemon can take it for the lock of a dead owner
+        staging = self.directory / f".{self.owner}.new"
+        self._fd = os.open(staging, os.O_CREAT | os.O_RDWR, 0o644)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(staging, self.path)
 
     def alive(self, owner: str) -> bool:
         """Whether the daemon ``owner`` still runs (this one always does)."""
