@@ -85,17 +85,23 @@ class Daemon:
         )
         self.intake: Intake | None = None
         self._intake_error: str | None = None
+        self._intake_passes = 0  # completed intake passes
+        self._intake_idle = False  # whether the last one found nothing to take in
 
     # --- intake thread -------------------------------------------------------------
     def _intake_loop(self) -> None:
         assert self.intake is not None
         while not self.stop.is_set():
             try:
-                self.intake.poll()
+                processed = self.intake.poll()
+                # judged by this thread, the only one that moves this daemon's files
+                self._intake_idle = processed == 0 and self.intake.waiting() == 0
                 self._intake_error = None
             except Exception as exc:  # keep serving; the log has the traceback
+                self._intake_idle = False
                 self._intake_error = f"{type(exc).__name__}: {exc}"
                 log.exception("intake pass failed", extra={"event": "intake-error"})
+            self._intake_passes += 1
             self.health.update(
                 intake=dict(self.intake.stats),
                 intake_error=self._intake_error,
@@ -221,6 +227,16 @@ class Daemon:
                     extra={"event": "job-requeued", "job": job.id, "restarts": job.restarts},
                 )
 
+    def _intake_settled(self) -> bool:
+        """Wait for an intake pass that starts after now; True if it found nothing to take in.
+
+        Everything that pass (or an earlier one) took in is queued by the time it ends.
+        """
+        target = self._intake_passes + 2  # the pass under way may have started earlier
+        while self._intake_passes < target and not self.stop.is_set():
+            time.sleep(0.01)
+        return self._intake_idle
+
     def run(self) -> int:
         """Serve until stopped; returns the exit status."""
         from protocol.reference.base import open_reference
@@ -273,14 +289,12 @@ class Daemon:
         try:
             while not self.stop.is_set():
                 self._recover()
-                # look at the inbox before claiming: a file counted as gone by then is queued
-                # already, so an empty inbox plus an empty claim means nothing is left
-                inbox_empty = self.intake.waiting() == 0
                 job = self.queue.claim(self.worker.owner)
                 if job is not None:
                     self.run_one(job, reference, holdout)
                     continue
-                if config.exit_when_idle and inbox_empty:
+                idle = config.exit_when_idle and self._intake_settled()
+                if idle and self.queue.counts()["queued"] == 0:
                     log.info("queue and inbox empty; exiting", extra={"event": "daemon-idle"})
                     break
                 self.health.update(state="idle", current=None)
