@@ -52,6 +52,39 @@ class ReferenceRequiredError(PayloadError):
     """The payload's body can only be decoded with the reference set's manifest."""
 
 
+class TrustError(PayloadError):
+    """The payload's origin or freshness could not be established (signature, sender,
+    sequence number, expiry)."""
+
+
+class UnsignedPayloadError(TrustError):
+    """The payload carries no signature and this receiver requires one."""
+
+
+class UnknownSenderError(TrustError):
+    """The payload names a sender that is not in the receiver's trust store."""
+
+
+class WrongKeyError(TrustError):
+    """The payload is signed by a key that is not one of its sender's trusted keys."""
+
+
+class BadSignatureError(TrustError):
+    """The signature does not verify: the signed bytes were altered or forged."""
+
+
+class ExpiredPayloadError(TrustError):
+    """The payload's expiry time has passed on the receiver's clock."""
+
+
+class ReplayError(TrustError):
+    """The payload's sequence number was already accepted from its sender."""
+
+
+class RollbackError(TrustError):
+    """The payload's sequence number is older than one already accepted from its sender."""
+
+
 class ReferenceMismatchError(PladaError):
     """The payload was made for a different reference set than the local one."""
 
@@ -70,6 +103,14 @@ class TaskDataError(PladaError):
 
 class WeightsError(PladaError):
     """Model weights are missing or unreadable."""
+
+
+class SigningKeyError(PladaError):
+    """A signing key or sender public key file is missing, unreadable or malformed."""
+
+
+class TrustStoreError(PladaError):
+    """The receiver's trust store or sequence ledger is unreadable or inconsistent."""
 
 
 class ConfigError(PladaError):

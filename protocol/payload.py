@@ -3,7 +3,13 @@
 Layout (all integers little-endian; see ``protocol/FORMAT.md``)::
 
     magic   8 bytes   89 50 4C 44 0D 0A 1A 0A   ("\\x89PLD\\r\\n\\x1a\\n")
-    version 1 byte    2 (1 is still read)
+    version 1 byte    3: signed; 2: unsigned (1 is still read)
+    [version 3 only: the signed envelope]
+    algorithm 1 byte  1 = Ed25519
+    key id  8 bytes   which of the sender's keys signed
+    slen    u8        length of the sender id, then the sender id (ASCII)
+    sequence u64      the sender's sequence number (replay and rollback protection)
+    expires  u64      Unix seconds after which the payload is refused
     hlen    u32       length of the header
     header  hlen      msgpack map (task, created, reference, classes, count, selection, body)
     blen    u32       length of the body
@@ -12,6 +18,8 @@ Layout (all integers little-endian; see ``protocol/FORMAT.md``)::
                       "blocks/rans": the block-aware rANS code of ``protocol/block_code.py``
     digest  32 bytes  SHA-256 over "plada-payload-v<version>", the bytes from magic to the
                       end of the header, and the decoded content (indices u64, labels u32)
+    [version 3 only]
+    signature 64 bytes  Ed25519 over "plada-signed-payload-v3\\n" + every byte before it
 
 The encoder tries every coding available for the selection and keeps the
 smallest. ``blocks/rans`` with ``blocks = "reference"`` follows the reference
@@ -19,6 +27,11 @@ set's folder boundaries, so decoding it needs the receiver's manifest (whose
 fingerprint must match the header's). Decoding trusts nothing: every length is
 bounded before anything is allocated, msgpack runs with explicit limits, and
 every rule of the content is checked.
+
+A receiver decodes with a :class:`~protocol.trust.TrustPolicy`: the raw size cap,
+then the framing lengths, then the signature over the raw bytes (and expiry,
+replay, rollback), and only then the header, the decompression (capped), the
+structural checks, the reference fingerprint and the content digest.
 """
 
 from __future__ import annotations
@@ -53,11 +66,21 @@ from protocol.errors import (
     UnsupportedVersionError,
 )
 from protocol.manifest import BlockLayout, ReferenceManifest
+from protocol.signing import (
+    ALGORITHM_ED25519,
+    ALGORITHM_NAMES,
+    MAX_SENDER_ID,
+    SENDER_ID_RULE,
+    SIGNATURE_BYTES,
+    SigningKey,
+)
+from protocol.trust import TrustPolicy
 from protocol.varint import decode_uvarints, encode_uvarints
 
 MAGIC = b"\x89PLD\r\n\x1a\n"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 2  # unsigned payloads
+SIGNED_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 BODY_CODING = "delta-varint/zstd"
 BLOCK_CODING = "blocks/rans"
 ZSTD_LEVEL = 19
@@ -73,9 +96,29 @@ MAX_REFERENCE_SIZE = 1 << 40
 MAX_UNCHECKED_REFERENCE = 1 << 27  # block-coded bodies decoded without the reference set
 _MAX_VARINT_INDEX = 9  # bytes per index gap (63 bits)
 _MAX_VARINT_LABEL = 3  # bytes per label (labels < 2**21 > MAX_CLASSES)
+MAX_SEQUENCE = (1 << 63) - 1
 _PREFIX = struct.Struct("<8sBI")
+_ENVELOPE_HEAD = struct.Struct("<8sBB8sB")  # magic, version, algorithm, key id, sender length
+_ENVELOPE_TAIL = struct.Struct("<QQI")  # sequence, expires, header length
 _U32 = struct.Struct("<I")
 _DIGEST_BYTES = 32
+
+
+@dataclass(frozen=True)
+class SenderStamp:
+    """Who sent a payload, its place in the sender's sequence, and when it expires."""
+
+    sender: str
+    sequence: int
+    expires: int  # Unix seconds
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sender, str) or not SENDER_ID_RULE.fullmatch(self.sender):
+            raise MalformedHeaderError(f"invalid sender id {self.sender!r}")
+        if not 1 <= self.sequence <= MAX_SEQUENCE:
+            raise MalformedHeaderError(f"sequence number {self.sequence} outside [1, 2^63)")
+        if not 0 < self.expires <= MAX_SEQUENCE:
+            raise MalformedHeaderError(f"expiry {self.expires} outside (0, 2^63)")
 
 
 @dataclass(frozen=True)
@@ -91,6 +134,8 @@ class Payload:
     labels: np.ndarray  # int64, < len(class_names)
     selection: dict[str, Any] = field(default_factory=dict)
     created: int = 0
+    sender: SenderStamp | None = None  # signed payloads only
+    key_id: bytes | None = None  # the key that signed it (set by the decoder)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "indices", np.asarray(self.indices, dtype=np.int64))
@@ -200,12 +245,17 @@ def encode_payload(
     level: int = ZSTD_LEVEL,
     reference: ReferenceManifest | BlockLayout | None = None,
     codings: tuple[str, ...] = (BLOCK_CODING, BODY_CODING),
+    signer: SigningKey | None = None,
 ) -> bytes:
-    """Serialize ``payload`` (format v2), keeping the smallest of the body ``codings``.
+    """Serialize ``payload``, keeping the smallest of the body ``codings``.
 
+    With ``signer`` the payload is format v3, stamped with ``payload.sender``
+    (whose sender id must be the key's) and signed; without it, unsigned v2.
     ``reference`` (the sender's manifest or its block layout) lets ``blocks/rans``
     follow the reference folders; without it only fixed-size blocks are tried.
     """
+    created = int(payload.created or time.time())
+    envelope = _envelope(payload, signer, created)
     layout = _layout_of(reference)
     if layout is not None and (
         layout.fingerprint != payload.reference_fingerprint or layout.size != payload.reference_size
@@ -227,7 +277,7 @@ def encode_payload(
             bodies.append(varint.result())
     header = {
         "task": payload.task,
-        "created": int(payload.created or time.time()),
+        "created": created,
         "reference": {
             "name": payload.reference_name,
             "fingerprint": payload.reference_fingerprint,
@@ -242,12 +292,35 @@ def encode_payload(
     header_bytes, body = min(framed, key=lambda item: len(item[0]) + len(item[1]))
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise PayloadLimitError(f"header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
-    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes
-    digest = _digest(FORMAT_VERSION, head, payload.indices, payload.labels)
+    if signer is None:
+        version = FORMAT_VERSION
+        head = _PREFIX.pack(MAGIC, version, len(header_bytes)) + header_bytes
+    else:
+        version = SIGNED_VERSION
+        head = envelope + _U32.pack(len(header_bytes)) + header_bytes
+    digest = _digest(version, head, payload.indices, payload.labels)
     encoded = head + _U32.pack(len(body)) + body + digest
+    if signer is not None:
+        encoded += signer.sign(encoded)
     if len(encoded) > MAX_PAYLOAD_BYTES:
         raise PayloadLimitError(f"payload of {len(encoded)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     return encoded
+
+
+def _envelope(payload: Payload, signer: SigningKey | None, created: int) -> bytes:
+    """The signed envelope up to (not including) the header length."""
+    if signer is None:
+        return b""
+    stamp = payload.sender
+    if stamp is None:
+        raise ValueError("a signed payload needs payload.sender (sender id, sequence, expiry)")
+    if stamp.sender != signer.sender:
+        raise ValueError(f"key of sender {signer.sender!r} cannot sign for {stamp.sender!r}")
+    if stamp.expires <= created:
+        raise ValueError("a payload must expire after it is created")
+    sender = stamp.sender.encode("ascii")
+    head = _ENVELOPE_HEAD.pack(MAGIC, SIGNED_VERSION, ALGORITHM_ED25519, signer.key_id, len(sender))
+    return head + sender + struct.pack("<QQ", stamp.sequence, stamp.expires)
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -302,8 +375,29 @@ def _parse_selection(value: Any) -> dict[str, Any]:
     return value
 
 
-def _split(data: bytes, max_bytes: int) -> tuple[int, dict[str, Any], int, int, int]:
-    """Check the framing; return (version, header, header end, body start, total length)."""
+@dataclass(frozen=True)
+class _Frame:
+    """Where the parts of a payload lie, from its lengths alone (nothing is parsed)."""
+
+    version: int
+    header_start: int
+    header_end: int
+    body_start: int
+    digest_start: int
+    total: int  # the end of the digest, or of the signature (v3)
+    algorithm: int = 0
+    key_id: bytes = b""
+    sender: str = ""
+    sequence: int = 0
+    expires: int = 0
+
+    @property
+    def digest_end(self) -> int:
+        return self.digest_start + _DIGEST_BYTES
+
+
+def _frame(data: bytes, max_bytes: int) -> _Frame:
+    """Check the raw size cap and the framing lengths; parse nothing variable."""
     if len(data) > max_bytes:
         raise PayloadLimitError(f"payload of {len(data)} bytes exceeds the cap of {max_bytes}")
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
@@ -312,36 +406,95 @@ def _split(data: bytes, max_bytes: int) -> tuple[int, dict[str, Any], int, int, 
                 "payload ends inside its magic bytes: the file is truncated"
             )
         raise NotAPayloadError("not a plada payload (magic bytes missing): wrong file?")
-    if len(data) < _PREFIX.size:
-        raise TruncatedPayloadError("payload ends before its header length: the file is truncated")
-    _, version, header_len = _PREFIX.unpack_from(data)
+    if len(data) < len(MAGIC) + 1:
+        raise TruncatedPayloadError("payload ends before its version: the file is truncated")
+    version = data[len(MAGIC)]
     if version not in READABLE_VERSIONS:
         raise UnsupportedVersionError(
             f"payload format version {version} is not supported (this build reads "
             f"{', '.join(map(str, READABLE_VERSIONS))}): upgrade plada on this device"
         )
+    envelope: dict[str, Any] = {}
+    if version >= SIGNED_VERSION:
+        envelope, header_start = _parse_envelope(data)
+        (header_len,) = _U32.unpack_from(data, header_start - _U32.size)
+        trailer = _DIGEST_BYTES + SIGNATURE_BYTES
+    else:
+        if len(data) < _PREFIX.size:
+            raise TruncatedPayloadError(
+                "payload ends before its header length: the file is truncated"
+            )
+        _, _, header_len = _PREFIX.unpack_from(data)
+        header_start, trailer = _PREFIX.size, _DIGEST_BYTES
     if header_len > MAX_HEADER_BYTES:
         raise PayloadLimitError(f"declared header of {header_len} bytes exceeds {MAX_HEADER_BYTES}")
-    header_end = _PREFIX.size + header_len
-    if len(data) < header_end + _U32.size + _DIGEST_BYTES:
+    header_end = header_start + header_len
+    if len(data) < header_end + _U32.size + trailer:
         raise TruncatedPayloadError("payload ends before its body: the file is truncated")
-    header = _parse_header(data[_PREFIX.size : header_end])
     (body_len,) = _U32.unpack_from(data, header_end)
     body_start = header_end + _U32.size
-    expected_total = body_start + body_len + _DIGEST_BYTES
+    expected_total = body_start + body_len + trailer
     if len(data) < expected_total:
         raise TruncatedPayloadError(
             f"payload is {len(data)} bytes but declares {expected_total}: the file is truncated"
         )
     if len(data) > expected_total:
-        raise CorruptPayloadError(f"{len(data) - expected_total} unexpected bytes after the digest")
+        raise CorruptPayloadError(f"{len(data) - expected_total} unexpected bytes after the end")
+    return _Frame(
+        version, header_start, header_end, body_start, body_start + body_len, expected_total,
+        **envelope,
+    )  # fmt: skip
 
-    return version, header, header_end, body_start, expected_total
+
+def _parse_envelope(data: bytes) -> tuple[dict[str, Any], int]:
+    """The fixed fields of a v3 envelope and where its header starts."""
+    if len(data) < _ENVELOPE_HEAD.size:
+        raise TruncatedPayloadError("payload ends inside its envelope: the file is truncated")
+    _, _, algorithm, key_id, sender_len = _ENVELOPE_HEAD.unpack_from(data)
+    if algorithm not in ALGORITHM_NAMES:
+        raise UnsupportedVersionError(
+            f"signature algorithm {algorithm} is not supported (this build verifies "
+            f"{', '.join(ALGORITHM_NAMES.values())}): upgrade plada on this device"
+        )
+    if not 1 <= sender_len <= MAX_SENDER_ID:
+        raise MalformedHeaderError(f"sender id length {sender_len} outside [1, {MAX_SENDER_ID}]")
+    tail = _ENVELOPE_HEAD.size + sender_len
+    header_start = tail + _ENVELOPE_TAIL.size
+    if len(data) < header_start:
+        raise TruncatedPayloadError("payload ends inside its envelope: the file is truncated")
+    raw_sender = data[_ENVELOPE_HEAD.size : tail]
+    sender = raw_sender.decode("ascii", errors="replace")
+    if not SENDER_ID_RULE.fullmatch(sender):
+        raise MalformedHeaderError(f"sender id {raw_sender!r} is not a valid sender id")
+    sequence, expires, _ = _ENVELOPE_TAIL.unpack_from(data, tail)
+    fields = {"algorithm": algorithm, "key_id": key_id, "sender": sender,
+              "sequence": sequence, "expires": expires}  # fmt: skip
+    return fields, header_start
+
+
+def _check_origin(data: bytes, frame: _Frame, trust: TrustPolicy | None) -> SenderStamp | None:
+    """Signature, expiry, replay and rollback: everything before the header is read."""
+    if frame.version < SIGNED_VERSION:
+        if trust is not None:
+            trust.check_unsigned(frame.version)
+        return None
+    if trust is not None:
+        trust.check_signature(
+            frame.sender, frame.key_id, data[frame.digest_end : frame.total],
+            data[: frame.digest_end],
+        )  # fmt: skip
+    stamp = SenderStamp(frame.sender, frame.sequence, frame.expires)
+    if trust is not None:
+        trust.check_freshness(stamp.sender, stamp.sequence, stamp.expires)
+    return stamp
 
 
 def decode_header(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
-    """The header map of a payload after checking its framing (the body is not decoded)."""
-    return _split(bytes(data), max_bytes)[1]
+    """The header map of a payload after checking its framing (the body is not decoded;
+    a signature is not checked)."""
+    data = bytes(data)
+    frame = _frame(data, max_bytes)
+    return _parse_header(data[frame.header_start : frame.header_end])
 
 
 def decode_payload(
@@ -349,8 +502,15 @@ def decode_payload(
     max_bytes: int = MAX_PAYLOAD_BYTES,
     reference: ReferenceManifest | BlockLayout | None = None,
     max_reference_size: int = MAX_UNCHECKED_REFERENCE,
+    *,
+    trust: TrustPolicy | None,
 ) -> Payload:
     """Parse and fully verify untrusted payload bytes; raise a ``PayloadError`` subtype.
+
+    ``trust`` is the receiver's :class:`TrustPolicy`: the signature (and expiry,
+    replay, rollback) is checked over the raw bytes before anything else is
+    parsed, and unsigned payloads are refused unless it allows them. ``None``
+    skips those checks; only a sender inspecting its own output passes it.
 
     With ``reference`` (the receiver's manifest or block layout) the payload must
     have been made for it (``ReferenceMismatchError`` otherwise, before the body is
@@ -360,7 +520,10 @@ def decode_payload(
     the memory a forged header can demand.
     """
     data = bytes(data)
-    version, header, header_end, body_start, expected_total = _split(data, max_bytes)
+    frame = _frame(data, max_bytes)
+    stamp = _check_origin(data, frame, trust)
+    version, header_end, body_start = frame.version, frame.header_end, frame.body_start
+    header = _parse_header(data[frame.header_start : header_end])
     task = _text(header, "task")
     created = _field(header, "created", int, "")
     ref_info = _field(header, "reference", dict, "")
@@ -377,6 +540,8 @@ def decode_payload(
     if not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in classes):
         raise MalformedHeaderError("every class name must be a non-empty string of <= 256 chars")
     count = _field(header, "count", int, "")
+    if stamp is not None and not created < stamp.expires:
+        raise MalformedHeaderError("the payload expires before it was created")
     if not 1 <= n <= MAX_REFERENCE_SIZE:
         raise MalformedHeaderError(f"reference size {n} outside [1, {MAX_REFERENCE_SIZE}]")
     if not 1 <= count <= n:
@@ -387,7 +552,7 @@ def decode_payload(
     layout = _layout_of(reference)
     if layout is not None and (layout.fingerprint != fingerprint or layout.size != n):
         raise ReferenceMismatchError(_mismatch_message(ref_name, fingerprint, n, layout))
-    body = data[body_start : expected_total - _DIGEST_BYTES]
+    body = data[body_start : frame.digest_start]
     if coding == BODY_CODING:
         indices, labels = _decode_varint_zstd(body, body_info, n, count)
     elif coding == BLOCK_CODING and version >= 2:
@@ -412,8 +577,10 @@ def decode_payload(
         labels=labels.astype(np.int64),
         selection=selection,
         created=created,
+        sender=stamp,
+        key_id=frame.key_id or None,
     )
-    digest = data[expected_total - _DIGEST_BYTES : expected_total]
+    digest = data[frame.digest_start : frame.digest_end]
     if _digest(version, data[:header_end], payload.indices, payload.labels) != digest:
         raise DigestMismatchError(
             "integrity digest does not match the decoded content: the payload was altered "
@@ -496,6 +663,8 @@ def read_payload(
     path: str | os.PathLike[str],
     max_bytes: int = MAX_PAYLOAD_BYTES,
     reference: ReferenceManifest | BlockLayout | None = None,
+    *,
+    trust: TrustPolicy | None,
 ) -> Payload:
     """Read and verify a payload file, refusing oversized files before reading them."""
     path = Path(path)
@@ -506,7 +675,7 @@ def read_payload(
         data = path.read_bytes()
     except OSError as exc:
         raise PayloadError(f"cannot read payload {path}: {exc.strerror}") from exc
-    return decode_payload(data, max_bytes, reference)
+    return decode_payload(data, max_bytes, reference, trust=trust)
 
 
 def write_payload(path: str | os.PathLike[str], data: bytes) -> None:

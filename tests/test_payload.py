@@ -83,7 +83,7 @@ def payloads(draw):
 @settings(max_examples=150, deadline=None)
 @given(payloads())
 def test_round_trip(p: Payload) -> None:
-    q = decode_payload(encode_payload(p))
+    q = decode_payload(encode_payload(p), trust=None)
     assert np.array_equal(q.indices, p.indices) and np.array_equal(q.labels, p.labels)
     assert (q.task, q.class_names, q.reference_size) == (p.task, p.class_names, p.reference_size)
     assert q.reference_fingerprint == p.reference_fingerprint and q.selection == p.selection
@@ -96,7 +96,7 @@ def test_any_single_byte_change_is_rejected_or_harmless(p: Payload, data) -> Non
     position = data.draw(st.integers(0, len(encoded) - 1))
     encoded[position] ^= data.draw(st.integers(1, 255))
     try:
-        q = decode_payload(bytes(encoded))
+        q = decode_payload(bytes(encoded), trust=None)
     except PayloadError:
         return
     # accepted only if it decodes to exactly the same content (e.g. a zstd frame-header bit)
@@ -110,39 +110,39 @@ def test_every_truncation_is_rejected(p: Payload, data) -> None:
     encoded = encode_payload(p)
     cut = data.draw(st.integers(0, len(encoded) - 1))
     with pytest.raises(PayloadError):
-        decode_payload(encoded[:cut])
+        decode_payload(encoded[:cut], trust=None)
 
 
 def test_not_a_payload_and_version() -> None:
     with pytest.raises(NotAPayloadError):
-        decode_payload(b"GIF89a" + b"\0" * 100)
+        decode_payload(b"GIF89a" + b"\0" * 100, trust=None)
     with pytest.raises(TruncatedPayloadError):
-        decode_payload(fmt.MAGIC[:5])
+        decode_payload(fmt.MAGIC[:5], trust=None)
     good = bytearray(encode_payload(make([1, 2], [0, 1])))
     good[8] = 3
     with pytest.raises(UnsupportedVersionError):
-        decode_payload(bytes(good))
+        decode_payload(bytes(good), trust=None)
 
 
 def test_digest_detects_header_tampering() -> None:
     encoded = encode_payload(make([1, 2], [0, 1]))
     tampered = encoded.replace(b"class-1", b"class-X")
     with pytest.raises(DigestMismatchError):
-        decode_payload(tampered)
+        decode_payload(tampered, trust=None)
 
 
 def test_trailing_bytes_rejected() -> None:
     with pytest.raises(CorruptPayloadError):
-        decode_payload(encode_payload(make([1, 2], [0, 1])) + b"x")
+        decode_payload(encode_payload(make([1, 2], [0, 1])) + b"x", trust=None)
 
 
 def test_size_caps() -> None:
     encoded = encode_payload(make([1, 2], [0, 1]))
     with pytest.raises(PayloadLimitError):
-        decode_payload(encoded, max_bytes=len(encoded) - 1)
+        decode_payload(encoded, max_bytes=len(encoded) - 1, trust=None)
     huge_header = struct.pack("<8sBI", fmt.MAGIC, 1, fmt.MAX_HEADER_BYTES + 1) + b"\0" * 64
     with pytest.raises(PayloadLimitError):
-        decode_payload(huge_header)
+        decode_payload(huge_header, trust=None)
 
 
 def test_decompression_bomb_is_refused_before_inflating() -> None:
@@ -151,17 +151,17 @@ def test_decompression_bomb_is_refused_before_inflating() -> None:
     bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (1 << 20))
     frame = bytearray(bomb)
     with pytest.raises(PayloadLimitError):
-        decode_payload(forge(header_for(2, len(raw)), raw, frame=bytes(frame)))
+        decode_payload(forge(header_for(2, len(raw)), raw, frame=bytes(frame)), trust=None)
     # the header itself may not declare a body larger than m images can need
     with pytest.raises(PayloadLimitError):
-        decode_payload(forge(header_for(2, 1 << 30), raw))
+        decode_payload(forge(header_for(2, 1 << 30), raw), trust=None)
 
 
 def test_frame_without_declared_size_is_refused() -> None:
     raw = body([1, 0], [0, 1])
     frame = zstandard.ZstdCompressor(write_content_size=False).compress(raw)
     with pytest.raises(PayloadLimitError):
-        decode_payload(forge(header_for(2, len(raw)), raw, frame=frame))
+        decode_payload(forge(header_for(2, len(raw)), raw, frame=frame), trust=None)
 
 
 @pytest.mark.parametrize(
@@ -182,7 +182,7 @@ def test_header_rules(mutate, error) -> None:
     header = header_for(2, len(raw))
     mutate(header)
     with pytest.raises(error):
-        decode_payload(forge(header, raw))
+        decode_payload(forge(header, raw), trust=None)
 
 
 def test_oversized_array_in_header_hits_msgpack_limit() -> None:
@@ -190,7 +190,7 @@ def test_oversized_array_in_header_hits_msgpack_limit() -> None:
     header = header_for(2, len(raw))
     header["extra"] = list(range(fmt.MAX_CLASSES + 1))
     with pytest.raises(MalformedHeaderError):
-        decode_payload(forge(header, raw))
+        decode_payload(forge(header, raw), trust=None)
 
 
 @pytest.mark.parametrize(
@@ -204,16 +204,16 @@ def test_oversized_array_in_header_hits_msgpack_limit() -> None:
 def test_content_rules(gaps, labels, n, k, error) -> None:
     raw = body(gaps, labels)
     with pytest.raises(error):
-        decode_payload(forge(header_for(len(gaps), len(raw), n, k), raw))
+        decode_payload(forge(header_for(len(gaps), len(raw), n, k), raw), trust=None)
 
 
 def test_count_disagreeing_with_body() -> None:
     raw = body([1, 0, 0], [0, 1, 1])  # three images in the body, header says two
     with pytest.raises(CorruptPayloadError):
-        decode_payload(forge(header_for(2, len(raw)), raw))
+        decode_payload(forge(header_for(2, len(raw)), raw), trust=None)
     short = body([1], [0])
     with pytest.raises((TruncatedPayloadError, PayloadLimitError)):
-        decode_payload(forge(header_for(2, len(short)), short))
+        decode_payload(forge(header_for(2, len(short)), short), trust=None)
 
 
 def test_encoder_refuses_invalid_content() -> None:

@@ -166,7 +166,7 @@ def test_encoder_keeps_the_smallest_coding(selection) -> None:
     best = encode_payload(payload, reference=layout)
     for coding in (BLOCK_CODING, BODY_CODING):
         assert len(best) <= len(encode_payload(payload, reference=layout, codings=(coding,)))
-    decoded = decode_payload(best, reference=layout)
+    decoded = decode_payload(best, reference=layout, trust=None)
     assert np.array_equal(decoded.indices, indices) and np.array_equal(decoded.labels, labels)
 
 
@@ -210,7 +210,7 @@ def test_vectors_decode_and_reencode_bit_exactly(name: str) -> None:
     data = (VECTORS / f"{name}.plada").read_bytes()
     expected = json.loads((VECTORS / f"{name}.json").read_text())
     _, manifest, _ = vectors()[name]
-    decoded = decode_payload(data, reference=manifest)
+    decoded = decode_payload(data, reference=manifest, trust=None)
     assert decoded.indices.tolist() == expected["indices"]
     assert decoded.labels.tolist() == expected["labels"]
     assert list(decoded.class_names) == expected["classes"]
@@ -230,23 +230,23 @@ def test_reference_blocks_need_the_right_manifest() -> None:
     data, manifest = _vector("clustered-reference-blocks")
     assert decode_header(data)["body"] == {"coding": BLOCK_CODING, "blocks": "reference"}
     with pytest.raises(ReferenceRequiredError, match="--reference"):
-        decode_payload(data)
+        decode_payload(data, trust=None)
     other = ReferenceManifest.from_unsorted("other", [f"a/{i}" for i in range(len(manifest))])
     with pytest.raises(ReferenceMismatchError, match="sync the reference set"):
-        decode_payload(data, reference=other)
+        decode_payload(data, reference=other, trust=None)
 
 
 def test_unchecked_reference_size_is_bounded() -> None:
     data, _ = _vector("uniform-fixed-blocks")
     with pytest.raises(PayloadLimitError, match="pass the local manifest"):
-        decode_payload(data, max_reference_size=1000)
+        decode_payload(data, max_reference_size=1000, trust=None)
 
 
 def test_every_truncation_is_refused() -> None:
     data, manifest = _vector("clustered-reference-blocks")
     for cut in range(0, len(data)):
         with pytest.raises(PayloadError):
-            decode_payload(data[:cut], reference=manifest)
+            decode_payload(data[:cut], reference=manifest, trust=None)
 
 
 def _reframe(data: bytes, body: bytes) -> bytes:
@@ -269,9 +269,9 @@ def test_damaged_bodies_raise_typed_errors_only(data) -> None:
         cut = data.draw(st.integers(0, len(body)))
         body = body[:cut] + data.draw(st.binary(max_size=8))
     forged = _reframe(encoded, bytes(body))
-    original = decode_payload(encoded, reference=manifest)
+    original = decode_payload(encoded, reference=manifest, trust=None)
     try:
-        decoded = decode_payload(forged, reference=manifest)
+        decoded = decode_payload(forged, reference=manifest, trust=None)
     except PayloadError:
         return
     # accepted only if the damage left the content intact (e.g. a weight of a table no
@@ -297,10 +297,10 @@ def test_forged_header_fields_are_refused() -> None:
         ({"coding": BLOCK_CODING, "blocks": "fixed", "block_size": 256}, PayloadError),
     ):
         with pytest.raises(error):
-            decode_payload(with_header(header | {"body": body}), reference=manifest)
+            decode_payload(with_header(header | {"body": body}), reference=manifest, trust=None)
     many = header | {"classes": [f"c{i}" for i in range(5000)]}
     with pytest.raises(MalformedHeaderError, match="label alphabet"):
-        decode_payload(with_header(many), reference=manifest)
+        decode_payload(with_header(many), reference=manifest, trust=None)
     fewer = header | {"count": header["count"] - 1}
     with pytest.raises(CorruptPayloadError, match="header says"):
-        decode_payload(with_header(fewer), reference=manifest)
+        decode_payload(with_header(fewer), reference=manifest, trust=None)
