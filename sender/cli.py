@@ -7,7 +7,8 @@ plada-send merge EMB [--from OTHER ...] [--int8]
 plada-send index EMB [--memory-budget 4GB]
 plada-send score --embeddings EMB --clip-weights W --task DIR | --classes a,b --out WORK
 plada-send score --reference SPEC --train T.npz [--test T.npz] --out WORK   (image teacher)
-plada-send select WORK --strategy auto --keep 0.01 --out task.plada
+plada-send keygen --sender-id ID --out keys/ID      signing key (ID.key) + public key (ID.pub)
+plada-send select WORK --strategy auto --keep 0.01 --signing-key keys/ID.key --out task.plada
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from protocol.cli_support import run_cli
 from protocol.errors import ConfigError
 from protocol.reference.options import add_reference_options, print_reference, reference_from_args
+from protocol.trust import utc_text
 
 
 def _cmd_task(args: argparse.Namespace) -> int:
@@ -170,17 +172,43 @@ def _score_embeddings(args: argparse.Namespace) -> int:
     return _print_score_summary(summary, "reference embeddings", args.out)
 
 
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from sender.signer import generate_key_files
+
+    key = generate_key_files(args.sender_id, args.out, args.encrypt)
+    print(f"sender {key.sender}: key id {key.key_id.hex()}")
+    print(f"private key: {args.out}.key (keep it on this station; mode 0600)")
+    print(f"public key:  {args.out}.pub (install on receivers: plada-receive trust add)")
+    return 0
+
+
+def _signer_from_args(args: argparse.Namespace):
+    from sender.signer import PayloadSigner
+
+    if args.unsigned:
+        if args.signing_key:
+            raise ConfigError("--unsigned and --signing-key exclude each other")
+        return None
+    if not args.signing_key:
+        raise ConfigError(
+            "payloads are signed: pass --signing-key KEY (create one with `plada-send keygen`), "
+            "or --unsigned for development (receivers refuse unsigned payloads by default)"
+        )
+    return PayloadSigner.from_files(args.signing_key, args.expires_in, args.sequence_file)
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from sender.pipeline import make_payload
     from sender.selection import SelectionConfig
 
+    signer = _signer_from_args(args)
     config = SelectionConfig(
         strategy=args.strategy, keep=args.keep, alpha=args.alpha, reserve=args.reserve
     )
     summary = make_payload(
         args.work, config, args.out, score=args.score, task_id=args.task_id,
         leak_threshold=args.leak_threshold, exclude_leaks=not args.keep_leaks,
-        consensus_k=args.consensus, consensus_agreement=args.consensus_agreement,
+        consensus_k=args.consensus, consensus_agreement=args.consensus_agreement, signer=signer,
     )  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
@@ -206,6 +234,12 @@ def _cmd_select(args: argparse.Namespace) -> int:
         )
     print(f"payload {args.out}: {summary['payload_bytes']} bytes "
           f"(information bound {summary['information_bound_bytes']:.0f} bytes)")  # fmt: skip
+    signed = summary["signed"]
+    if signed is None:
+        print("UNSIGNED (development): receivers accept it only with --allow-unsigned")
+    else:
+        print(f"signed by {signed['sender']} (key {signed['key_id']}), sequence "
+              f"{signed['sequence']}, expires {utc_text(signed['expires'])}")  # fmt: skip
     return 0
 
 
@@ -310,7 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--task-id", help="task id written into the payload")
     sel.add_argument("--json", help="also write the summary as JSON here")
     sel.add_argument("--out", required=True)
+    signing = sel.add_argument_group("signing")
+    signing.add_argument("--signing-key", help="the sender's private key (plada-send keygen)")
+    signing.add_argument(
+        "--expires-in", default="7d", help="payload lifetime: seconds or 30m / 12h / 7d"
+    )
+    signing.add_argument(
+        "--sequence-file", help="sequence counter (default: SENDER.sequence beside the key)"
+    )
+    signing.add_argument(
+        "--unsigned", action="store_true", help="write an unsigned payload (development only)"
+    )
     sel.set_defaults(func=_cmd_select)
+
+    keygen = sub.add_parser("keygen", help="create a sender signing key and its public key")
+    keygen.add_argument("--sender-id", required=True, help="this station's sender id")
+    keygen.add_argument("--out", required=True, help="path prefix: writes OUT.key and OUT.pub")
+    keygen.add_argument(
+        "--encrypt", action="store_true",
+        help="encrypt the private key with the passphrase in PLADA_SIGNING_PASSPHRASE",
+    )  # fmt: skip
+    keygen.set_defaults(func=_cmd_keygen)
     return parser
 
 

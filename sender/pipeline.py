@@ -31,6 +31,7 @@ from sender import index as faiss_index
 from sender.domain_gap import measure_domain_gap, split_reference_sample
 from sender.scoring import SCORES, energy, entropy, knn_relevance
 from sender.selection import SelectionConfig, select
+from sender.signer import PayloadSigner
 from sender.work_dir import REFERENCE_EMBEDDINGS, SCORE_REPORT, SCORES_FILE, TEST_EMBEDDINGS
 
 INDEX_FILE = faiss_index.INDEX_FILE
@@ -167,8 +168,12 @@ def make_payload(
     exclude_leaks: bool = True,
     consensus_k: int = 0,
     consensus_agreement: float = 0.5,
+    signer: PayloadSigner | None = None,
 ) -> dict[str, Any]:
     """Select from a scored work directory, write the payload, and return a summary.
+
+    With ``signer`` the payload is signed (format v3) with the next sequence number
+    of its sender; without it it is unsigned (development only).
 
     ``config.strategy == "auto"`` takes the strategy the domain-gap measurement
     recommended at scoring time. Reference images that are near-duplicates of the
@@ -254,6 +259,7 @@ def make_payload(
     if leakage is not None:
         leakage["kept_near_duplicates"] = int(np.intersect1d(kept, duplicates).size)
     labels = predicted[kept].astype(np.int64)
+    created = int(time.time())
     payload = Payload(
         task=task,
         reference_name=reference_name,
@@ -263,9 +269,10 @@ def make_payload(
         indices=kept,
         labels=labels,
         selection=config.as_header() | {"score": score},
-        created=int(time.time()),
+        created=created,
+        sender=signer.stamp(created) if signer else None,
     )
-    encoded = encode_payload(payload, reference=layout)
+    encoded = encode_payload(payload, reference=layout, signer=signer.key if signer else None)
     write_payload(out_path, encoded)
     return {
         "payload": str(out_path),
@@ -273,6 +280,14 @@ def make_payload(
         "kept": int(kept.size),
         "keep_fraction": kept.size / reference_size,
         "body_coding": decode_header(encoded)["body"],
+        "signed": None
+        if signer is None
+        else {
+            "sender": signer.key.sender,
+            "key_id": signer.key.key_id.hex(),
+            "sequence": payload.sender.sequence,
+            "expires": payload.sender.expires,
+        },
         "selection": payload.selection,
         "unreadable_excluded": int(unreadable.size),
         "class_histogram": payload.class_histogram(),

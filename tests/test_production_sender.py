@@ -160,15 +160,21 @@ def test_embedding_teachers_make_payloads_the_receiver_accepts(world, embedded, 
     scored = _score(world, embedded, work, "--teacher", teacher, *task)
     assert "recommended strategy:" in scored.stdout
     payload = work / "task.plada"
+    key = work / "keys" / "station"
+    run([*cli("plada-send"), "keygen", "--sender-id", "station", "--out", str(key)], cli_env())
     selected = run([*cli("plada-send"), "select", str(work), "--strategy", "auto", "--keep",
-                    "0.05", "--out", str(payload), "--json", str(work / "select.json")],
-                   cli_env())  # fmt: skip
+                    "0.05", "--out", str(payload), "--json", str(work / "select.json"),
+                    "--signing-key", f"{key}.key"], cli_env())  # fmt: skip
     summary = json.loads((work / "select.json").read_text())
     assert summary["kept"] == 24 and "payload" in selected.stdout
+    assert summary["signed"]["sender"] == "station" and "signed by station" in selected.stdout
+    trust = ["--trust", str(work / "trust")]
+    run([*cli("plada-receive"), "trust", "add", f"{key}.pub", *trust], cli_env())
     for reference in (str(world["root"] / "tree"), "wds:" + str(world["root"] / "shards")):
         verified = run([*cli("plada-receive"), "verify", str(payload), "--reference", reference,
-                        "--cache-dir", str(world["root"] / "cache")], cli_env())  # fmt: skip
-        assert verified.stdout.startswith("ok:")
+                        "--cache-dir", str(world["root"] / "cache"), *trust],
+                       cli_env())  # fmt: skip
+        assert verified.stdout.startswith("ok:") and "signed by station" in verified.stdout
 
 
 def test_far_out_of_domain_task_gets_inverse_selection(world, embedded, tmp_path) -> None:
@@ -203,7 +209,7 @@ def test_planted_test_duplicates_are_found_and_excluded(world, tmp_path) -> None
     run([*cli("plada-send"), "index", str(emb), "--kind", "flat", "--quiet"], cli_env())
     _score(world, emb, work, "--task", str(world["root"] / "task"))
     select = [*cli("plada-send"), "select", str(work), "--strategy", "lowest", "--keep", "1.0",
-              "--leak-threshold", "0.9999"]  # fmt: skip
+              "--leak-threshold", "0.9999", "--unsigned"]  # fmt: skip
     run([*select, "--out", str(tmp_path / "a.plada"), "--json", str(tmp_path / "a.json")],
         cli_env())  # fmt: skip
     report = json.loads((tmp_path / "a.json").read_text())["leakage"]
@@ -246,7 +252,7 @@ def test_select_with_consensus_refills_what_it_drops(world, embedded, tmp_path) 
     work = tmp_path / "work"
     _score(world, embedded, work, "--task", str(world["root"] / "task"))
     run([*cli("plada-send"), "select", str(work), "--keep", "0.1", "--consensus", "5",
-         "--out", str(tmp_path / "c.plada"), "--json", str(tmp_path / "c.json")],
+         "--unsigned", "--out", str(tmp_path / "c.plada"), "--json", str(tmp_path / "c.json")],
         cli_env())  # fmt: skip
     summary = json.loads((tmp_path / "c.json").read_text())
     assert summary["consensus"]["k"] == 5 and summary["consensus"]["dropped"] > 0
