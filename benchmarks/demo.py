@@ -2,7 +2,9 @@
 
 Sender and receiver run as separate processes with separate caches: each
 regenerates the glyph reference pool from its seed and they must agree on its
-fingerprint. Prints one table and writes the same numbers to a JSON report.
+fingerprint. Payloads are signed with the station's key (made once in WORK/keys)
+and the receiver trusts only that key, as in deployment. Prints one table and
+writes the same numbers to a JSON report.
 
     python -m benchmarks.demo --work work/demo
 """
@@ -45,7 +47,7 @@ SCHEMES = (
     Scheme("safety-5", "safety-net, kNN relevance (ours)", "safety-net", "knn", 0.05),
     Scheme("inverse-1", "inverse: highest energy", "inverse", "energy", 0.01),
 )
-BUDGET_SCHEME = "safety-1"  # the pixel baseline gets exactly this payload's byte budget
+BUDGET_SCHEME = "safety-1"  # the pixel baseline gets exactly this (signed) payload's byte budget
 
 
 def run(cmd: list[str], log: Path) -> str:
@@ -112,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     work = Path(args.work)
-    for sub in ("task", "sender", "payloads", "students", "logs"):
+    for sub in ("task", "sender", "payloads", "students", "logs", "keys"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     send = [sys.executable, "-m", "sender.cli"]
     receive = [sys.executable, "-m", "receiver.cli"]
@@ -130,6 +132,10 @@ def main() -> None:
         logs / "score.log",
     )  # fmt: skip
     score_report = json.loads((work / "sender/score_report.json").read_text())
+    key = work / "keys" / "demo-station"
+    if not key.with_suffix(".key").is_file():  # the station's signing key, made once
+        run([*send, "keygen", "--sender-id", "demo-station", "--out", str(key)],
+            logs / "keygen.log")  # fmt: skip
     payloads: dict[str, dict[str, Any]] = {}
     for scheme in SCHEMES:
         out = work / "payloads" / f"{scheme.name}.plada"
@@ -137,6 +143,7 @@ def main() -> None:
         run(
             [*send, "select", str(work / "sender"), "--strategy", scheme.strategy,
              "--score", scheme.score, "--keep", str(scheme.keep), "--reserve", str(scheme.reserve),
+             "--signing-key", str(key.with_suffix(".key")),
              "--out", str(out), "--json", str(summary_path)],
             logs / f"select-{scheme.name}.log",
         )  # fmt: skip
@@ -147,11 +154,14 @@ def main() -> None:
     receiver_fp = receiver_fp.split()[-1]
     if receiver_fp != sender_fp:
         raise SystemExit(f"demo: reference fingerprints differ: {sender_fp} vs {receiver_fp}")
+    trust = ["--trust", str(work / "receiver-trust")]
+    run([*receive, "trust", "add", str(key.with_suffix(".pub")), *trust], logs / "trust.log")
     students: dict[str, dict[str, Any]] = {}
     for scheme in SCHEMES:
         out = work / "students" / scheme.name
         run(
             [*receive, "train", str(work / "payloads" / f"{scheme.name}.plada"), *receiver_ref,
+             *trust,
              "--holdout", str(work / "task/test.npz"), "--seeds", *map(str, args.seeds),
              "--min-steps", str(args.steps), "--max-steps", str(args.steps),
              "--out", str(out), "--quiet"],

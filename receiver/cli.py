@@ -1,30 +1,101 @@
 """``plada-receive``: the edge device's command line.
 
-plada-receive verify PAYLOAD --reference SPEC        check a payload against the local set
-plada-receive train PAYLOAD --reference SPEC [--holdout test.npz] --out DIR
-plada-receive daemon --home DIR --reference SPEC     watch an inbox, train every payload
-plada-receive status --home DIR                      queue, current job, progress
-plada-receive retry --home DIR JOB                   queue a failed job again
-plada-receive reference --reference SPEC             build/verify the local set
+plada-receive trust add --trust DIR SENDER.pub        trust a sender's public key
+plada-receive verify PAYLOAD --reference SPEC --trust DIR
+plada-receive train PAYLOAD --reference SPEC --trust DIR [--holdout test.npz] --out DIR
+plada-receive daemon --home DIR --reference SPEC      watch an inbox, train every payload
+plada-receive status --home DIR                       queue, current job, progress
+plada-receive retry --home DIR JOB                    queue a failed job again
+plada-receive reference --reference SPEC              build/verify the local set
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from protocol.cli_support import run_cli
 from protocol.reference.options import add_reference_options, print_reference, reference_from_args
+
+TRUST_ENV = "PLADA_TRUST_DIR"
+LEDGER_FILE = "ledger.sqlite"
+
+
+def add_trust_options(parser: argparse.ArgumentParser, daemon: bool = False) -> None:
+    """Who is trusted and how fresh a payload must be, shared by verify, train and daemon."""
+    group = parser.add_argument_group("trust")
+    default = "HOME/trust" if daemon else f"${TRUST_ENV}"
+    group.add_argument("--trust", help=f"trust store directory of sender keys (default {default})")
+    if not daemon:
+        group.add_argument(
+            "--ledger",
+            help="last accepted sequence number per sender (default TRUST/ledger.sqlite)",
+        )
+    group.add_argument(
+        "--allow-unsigned", action="store_true",
+        help="accept unsigned payloads: development only, never on a deployed device",
+    )  # fmt: skip
+    group.add_argument(
+        "--no-expiry-check", action="store_true",
+        help="for a device without a trusted clock: ignore payload expiry (sequence numbers "
+        "still stop replays)",
+    )  # fmt: skip
+
+
+def _trust_dir(args: argparse.Namespace) -> Path | None:
+    chosen = args.trust or os.environ.get(TRUST_ENV)
+    return Path(chosen) if chosen else None
+
+
+def _ledger(args: argparse.Namespace):
+    from receiver.ledger import SequenceLedger
+
+    trust_dir = _trust_dir(args)
+    path = args.ledger or (trust_dir / LEDGER_FILE if trust_dir else None)
+    return SequenceLedger(path) if path else None
+
+
+def _policy(args: argparse.Namespace, ledger=None, fresh: bool = True):
+    from protocol.trust import TrustPolicy, TrustStore
+
+    trust_dir = _trust_dir(args)
+    store = TrustStore.load(trust_dir) if trust_dir else TrustStore()
+    return TrustPolicy(
+        store, args.allow_unsigned, check_expiry=fresh and not args.no_expiry_check,
+        last_sequence=ledger.last if ledger is not None and fresh else None,
+    )  # fmt: skip
+
+
+def _origin(payload) -> str:
+    from protocol.trust import utc_text
+
+    if payload.sender is None:
+        return "UNSIGNED (accepted for development)"
+    stamp = payload.sender
+    return (
+        f"signed by {stamp.sender} (key {payload.key_id.hex()}), sequence {stamp.sequence}, "
+        f"expires {utc_text(stamp.expires)}"
+    )
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from protocol.payload import read_payload
 
-    payload = read_payload(args.payload, reference=reference_from_args(args).manifest)
+    ledger = _ledger(args)
+    try:
+        payload = read_payload(
+            args.payload, reference=reference_from_args(args).manifest, trust=_policy(args, ledger)
+        )
+    finally:
+        if ledger is not None:
+            ledger.close()
     print(
         f"ok: task {payload.task!r}, {payload.count} images, {len(payload.class_names)} classes, "
         f"reference {payload.reference_name} ({payload.reference_fingerprint.hex()[:16]}...)"
     )
+    print(f"origin: {_origin(payload)}")
     return 0
 
 
@@ -77,16 +148,60 @@ def job_settings_from_args(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from protocol.payload import read_payload
     from protocol.task_data import load_labeled_images
-    from receiver.job import run_job, summarize
+    from receiver.job import run_job, started_with, summarize
 
     reference = reference_from_args(args)
+    sha256 = hashlib.sha256(Path(args.payload).read_bytes()).hexdigest()
+    resuming = started_with(args.out, sha256)  # accepted before: resume, no freshness checks
+    ledger = _ledger(args)
+    try:
+        policy = _policy(args, ledger, fresh=not resuming)
+        payload = read_payload(args.payload, reference=reference.manifest, trust=policy)
+        if payload.sender is not None and ledger is not None and not resuming:
+            ledger.record(payload.sender.sender, payload.sender.sequence, sha256)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    print(f"accepted: {_origin(payload)}")
     size = args.image_size if reference.in_channels == 3 else None
     holdout = load_labeled_images(args.holdout, size) if args.holdout else None
     settings = job_settings_from_args(args)
-    report = run_job(args.payload, reference, args.out, settings, holdout, not args.quiet)
+    report = run_job(
+        args.payload, reference, args.out, settings, holdout, not args.quiet,
+        trust=_policy(args, fresh=False),
+    )  # fmt: skip
     print(summarize(report))
     print(f"report: {args.out}/report.json")
+    return 0
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    from protocol.errors import ConfigError
+    from protocol.signing import SenderKey
+    from protocol.trust import TrustStore, add_key, remove_keys
+
+    trust_dir = Path(args.home) / "trust" if args.home else _trust_dir(args)
+    if trust_dir is None:
+        raise ConfigError(f"name the trust store: --trust DIR, --home HOME or ${TRUST_ENV}")
+    if args.action == "add":
+        for path in args.keys:
+            key = SenderKey.load(path)
+            written = add_key(trust_dir, key)
+            print(f"trusted sender {key.sender}, key {key.key_id.hex()} ({written})")
+    elif args.action == "remove":
+        removed = remove_keys(trust_dir, args.keys[0]) if args.keys else []
+        if not removed:
+            raise ConfigError(f"no trusted key matches {args.keys[:1]}: see `trust list`")
+        print(f"removed {len(removed)} key(s): " + ", ".join(p.name for p in removed))
+    else:
+        store = TrustStore.load(trust_dir)
+        for key in store:
+            print(f"{key.sender}\t{key.key_id.hex()}\t{key.public_key.hex()}")
+        print(f"{len(store)} trusted key(s) in {trust_dir}")
     return 0
 
 
@@ -98,7 +213,8 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         image_size=args.image_size, holdout=args.holdout, settings=job_settings_from_args(args),
         http_port=args.http_port, poll_seconds=args.poll_seconds,
         settle_seconds=args.settle_seconds, exit_when_idle=args.exit_when_idle,
-        max_restarts=args.max_restarts,
+        max_restarts=args.max_restarts, trust_dir=args.trust, allow_unsigned=args.allow_unsigned,
+        check_expiry=not args.no_expiry_check,
     )  # fmt: skip
     return run_daemon(config)
 
@@ -137,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="verify a payload against the local reference set")
     verify.add_argument("payload")
     add_reference_options(verify)
+    add_trust_options(verify)
     verify.set_defaults(func=_cmd_verify)
 
     train = sub.add_parser("train", help="train a student from a payload")
@@ -145,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--holdout", help="labeled images to evaluate on (.npz or ImageFolder)")
     train.add_argument("--out", required=True)
     train.add_argument("--quiet", action="store_true")
+    add_trust_options(train)
     add_training_options(train)
     train.set_defaults(func=_cmd_train)
 
@@ -176,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit once the inbox and queue are empty (batch use, tests)",
     )
+    add_trust_options(daemon, daemon=True)
     add_training_options(daemon)
     daemon.set_defaults(func=_cmd_daemon)
 
@@ -188,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--home", required=True)
     retry.add_argument("job", type=int)
     retry.set_defaults(func=_cmd_retry)
+
+    trust = sub.add_parser("trust", help="list, add or remove trusted sender keys")
+    trust.add_argument("action", choices=["list", "add", "remove"])
+    trust.add_argument("keys", nargs="*", help="add: .pub files; remove: a sender id or key id")
+    where = trust.add_mutually_exclusive_group()
+    where.add_argument("--trust", help=f"trust store directory (default ${TRUST_ENV})")
+    where.add_argument("--home", help="a daemon's home: its trust store HOME/trust")
+    trust.set_defaults(func=_cmd_trust)
     return parser
 
 

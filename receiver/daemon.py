@@ -56,6 +56,9 @@ class DaemonConfig:
     exit_when_idle: bool = False
     max_restarts: int = 3
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    trust_dir: str | None = None  # default HOME/trust
+    allow_unsigned: bool = False  # development only
+    check_expiry: bool = True
 
 
 def _folder_name(job: Job) -> str:
@@ -161,6 +164,7 @@ class Daemon:
                 holdout,
                 progress=False,
                 control=control,
+                trust=self.intake.stored_payload_policy(),
             )
         except TrainingInterrupted as stopped:
             self.queue.release(job.id, owner)
@@ -268,6 +272,9 @@ class Daemon:
             self.worker,
             config.settle_seconds,
             config.max_payload_bytes,
+            Path(config.trust_dir) if config.trust_dir else None,
+            config.allow_unsigned,
+            config.check_expiry,
         )
         intake_thread = threading.Thread(target=self._intake_loop, name="plada-intake")
         intake_thread.start()

@@ -5,16 +5,20 @@ start with ``.`` or end in ``.part``/``.tmp`` are never read, so a link that wri
 ``x.part`` and renames it to ``x.plada`` when complete is handled without waiting.
 
 Claiming is one ``rename`` into ``<home>/intake/<daemon>/``, so of several daemons
-watching one inbox exactly one gets each file. A claimed file is verified (format,
-digest, reference fingerprint), then either
+watching one inbox exactly one gets each file. A claimed file is verified (size,
+signature against the trust store, expiry, sequence number, format, reference
+fingerprint, digest), then either
 
-- accepted: stored durably as ``<home>/spool/<sha256>.plada``, queued, and only then
-  removed from the intake folder; or
-- rejected: moved to ``<home>/quarantine/`` beside ``<name>.reason.json``.
+- accepted: stored durably as ``<home>/spool/<sha256>.plada``, queued together with
+  its sender's new sequence number (one transaction), and only then removed from
+  the intake folder; or
+- rejected: moved to ``<home>/quarantine/`` beside ``<name>.reason.json``. A copy
+  of a payload already accepted is a replay and is rejected too.
 
 Every step can be interrupted: a daemon that finds the intake folder of a dead
-daemon adopts its files and processes them again; storing and queueing are
-idempotent (by content hash), so nothing is lost and nothing is queued twice.
+daemon adopts its files and processes them again; a claimed file whose job is
+already queued (under the same claimed name) is the remnant of an interrupted
+intake and is just removed, so nothing is lost and nothing is queued twice.
 """
 
 from __future__ import annotations
@@ -34,10 +38,14 @@ from protocol.errors import (
     PayloadError,
     PayloadLimitError,
     ReferenceMismatchError,
+    ReplayError,
+    RollbackError,
     StorageError,
+    TrustStoreError,
 )
 from protocol.manifest import ReferenceManifest
 from protocol.payload import MAX_PAYLOAD_BYTES, Payload, decode_payload
+from protocol.trust import TrustPolicy, TrustStore
 from receiver.faults import crash_point
 from receiver.job_queue import JobQueue
 from receiver.workers import WorkerLock
@@ -68,13 +76,19 @@ class Intake:
         worker: WorkerLock,
         settle_seconds: float = 2.0,
         max_bytes: int = MAX_PAYLOAD_BYTES,
+        trust_dir: Path | None = None,
+        allow_unsigned: bool = False,
+        check_expiry: bool = True,
     ) -> None:
         self.home, self.inbox = Path(home), Path(inbox)
+        self.trust_dir = Path(trust_dir) if trust_dir else self.home / "trust"
+        self.allow_unsigned, self.check_expiry = allow_unsigned, check_expiry
         self.manifest = manifest
         self.queue = queue
         self.worker = worker
         self.settle_seconds = settle_seconds
         self.max_bytes = max_bytes
+        self.trust = self._policy()
         self.spool = self.home / "spool"
         self.quarantine = self.home / "quarantine"
         self.intake_root = self.home / "intake"
@@ -86,7 +100,7 @@ class Intake:
                 f"inbox {self.inbox} and daemon home {self.home} are on different filesystems: "
                 "put them on one, so that claiming a file is a single atomic rename"
             )
-        self.stats = {"accepted": 0, "quarantined": 0, "duplicates": 0}
+        self.stats = {"accepted": 0, "quarantined": 0}
         self._sizes: dict[str, tuple[int, int, float]] = {}
         self._retry_after: dict[str, float] = {}
 
@@ -148,8 +162,27 @@ class Intake:
             fsync_directory(self.claimed)
         return claimed
 
+    def _policy(self) -> TrustPolicy:
+        return TrustPolicy(
+            TrustStore.load(self.trust_dir), self.allow_unsigned, self.check_expiry,
+            last_sequence=self.queue.last_sequence,
+        )  # fmt: skip
+
+    def stored_payload_policy(self) -> TrustPolicy:
+        """For re-reading a spooled payload at training time: its signature must still
+        verify under a trusted key; expiry and sequence were checked at intake."""
+        return TrustPolicy(self.trust.store, self.allow_unsigned, check_expiry=False)
+
     def poll(self) -> int:
         """One pass over the inbox; returns how many files were processed."""
+        try:  # keys installed or removed since the last pass count at once
+            self.trust = self._policy()
+        except TrustStoreError as exc:  # a local fault: keep every file until it is fixed
+            log.error(
+                f"trust store unusable, not taking payloads in: {exc}",
+                extra={"event": "trust-store-error", "error": str(exc)},
+            )
+            return 0
         self.adopt_orphans()
         self.claim_ready()
         processed = 0
@@ -185,8 +218,9 @@ class Intake:
 
     # --- one file --------------------------------------------------------------------
     def verify(self, data: bytes) -> Payload:
-        """Full verification of untrusted bytes (byte cap included) against the local set."""
-        return decode_payload(data, self.max_bytes, reference=self.manifest)
+        """Full verification of untrusted bytes (byte cap, signature, freshness, format,
+        reference set, digest)."""
+        return decode_payload(data, self.max_bytes, reference=self.manifest, trust=self.trust)
 
     def process(self, path: Path) -> None:
         """Verify one claimed file, then queue or quarantine it, then remove it."""
@@ -202,6 +236,10 @@ class Intake:
             return
         data = path.read_bytes()
         sha256 = hashlib.sha256(data).hexdigest()
+        known = self.queue.find(sha256)
+        if known is not None:
+            self._known(path, source_name, sha256, known)
+            return
         try:
             payload = self.verify(data)
         except (PayloadError, ReferenceMismatchError) as exc:
@@ -212,43 +250,57 @@ class Intake:
         if not spooled.is_file():
             write_bytes_atomic(spooled, data, durable=True)
         crash_point("intake-spooled")
-        job, created = self.queue.add(
-            sha256,
-            str(spooled.relative_to(self.home)),
-            source_name,
-            payload.task,
-            payload.count,
-            len(payload.class_names),
-            len(data),
-        )
+        try:
+            job, created = self.queue.add(
+                sha256, str(spooled.relative_to(self.home)), source_name, payload.task,
+                payload.count, len(payload.class_names), len(data), intake_name=path.name,
+                stamp=payload.sender,
+            )  # fmt: skip
+        except (ReplayError, RollbackError) as exc:  # another daemon of this home won the race
+            spooled.unlink(missing_ok=True)
+            self._quarantine(path, source_name, sha256, exc)
+            return
+        if not created:
+            self._known(path, source_name, sha256, job)
+            return
         crash_point("intake-queued")
         path.unlink()
         fsync_directory(self.claimed)
-        if created:
-            self.stats["accepted"] += 1
-            log.info(
-                f"queued job {job.id}: {source_name} ({payload.task}, {payload.count} images)",
-                extra={
-                    "event": "payload-queued",
-                    "job": job.id,
-                    "file": source_name,
-                    "sha256": sha256,
-                    "task": payload.task,
-                    "images": payload.count,
-                    "bytes": len(data),
-                },
-            )
-        else:
-            self.stats["duplicates"] += 1
-            log.info(
-                f"{source_name} is a copy of job {job.id} ({job.state}); dropped",
-                extra={
-                    "event": "payload-duplicate",
-                    "job": job.id,
-                    "file": source_name,
-                    "sha256": sha256,
-                },
-            )
+        self.stats["accepted"] += 1
+        signed = payload.sender
+        origin = "unsigned" if signed is None else f"{signed.sender} #{signed.sequence}"
+        log.info(
+            f"queued job {job.id}: {source_name} ({payload.task}, {payload.count} images, "
+            f"{origin})",
+            extra={
+                "event": "payload-queued",
+                "job": job.id,
+                "file": source_name,
+                "sha256": sha256,
+                "task": payload.task,
+                "images": payload.count,
+                "bytes": len(data),
+                "sender": None if signed is None else signed.sender,
+                "sequence": None if signed is None else signed.sequence,
+            },
+        )
+
+    def _known(self, path: Path, source_name: str, sha256: str, job: Any) -> None:
+        """A file whose bytes are already a job: the remnant of an interrupted intake
+        (same claimed name; removed) or a replay (quarantined)."""
+        if job.intake_name == path.name:
+            path.unlink()
+            fsync_directory(self.claimed)
+            return
+        self._quarantine(
+            path,
+            source_name,
+            sha256,
+            ReplayError(
+                f"{source_name} is a copy of job {job.id} ({job.state}), accepted before: a "
+                "replay; not trained again"
+            ),
+        )
 
     def _quarantine(self, path: Path, source_name: str, sha256: str, error: Exception) -> None:
         stem = f"{(sha256 or 'unread')[:12]}-{source_name}"

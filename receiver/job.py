@@ -27,6 +27,7 @@ from protocol.payload import Payload, read_payload
 from protocol.reference.base import ReferenceSource
 from protocol.reference.encoded import EncodedReference
 from protocol.task_data import LabeledImages
+from protocol.trust import TrustPolicy
 from receiver.batches import EncodedBatches, TensorBatches
 from receiver.faults import crash_point
 from receiver.outputs import export_program, plot_training_curves, save_state_dict
@@ -123,6 +124,20 @@ def _finished_report(out: Path, identity: dict[str, Any]) -> dict[str, Any] | No
     return report if report.get("job_identity") == identity else None
 
 
+def started_with(out_dir: str | os.PathLike[str], sha256: str) -> bool:
+    """Whether ``out_dir`` holds a job (finished or interrupted) for the payload ``sha256``."""
+    out = Path(out_dir)
+    for path in (out / REPORT_FILE, out / STATE_DIR / "identity.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        identity = record.get("job_identity", record) if isinstance(record, dict) else None
+        if isinstance(identity, dict) and identity.get("payload_sha256") == sha256:
+            return True
+    return False
+
+
 def _job_state(out: Path, identity: dict[str, Any]) -> Path:
     """The job's state folder; emptied first if it belongs to another payload or settings."""
     state = out / STATE_DIR
@@ -146,9 +161,14 @@ def run_job(
     holdout: LabeledImages | None = None,
     progress: bool = True,
     control: JobControl | None = None,
+    *,
+    trust: TrustPolicy | None,
 ) -> dict[str, Any]:
     """Train one student per seed from a payload; write weights, an exported program,
-    report.json, summary.txt and a training-curve plot. Resumes an interrupted run."""
+    report.json, summary.txt and a training-curve plot. Resumes an interrupted run.
+
+    The payload is verified again under ``trust`` (the caller has checked its
+    freshness when accepting it)."""
     started = time.perf_counter()
     control = control or JobControl()
     raw = Path(payload_path).read_bytes()
@@ -160,7 +180,7 @@ def run_job(
     done = _finished_report(out, identity)
     if done is not None:  # this payload was already trained with these settings
         return done
-    payload = read_payload(payload_path, reference=reference.manifest)
+    payload = read_payload(payload_path, reference=reference.manifest, trust=trust)
     payload.check_reference(reference.manifest)
     if holdout is not None:
         _check_holdout(holdout, payload, reference.in_channels)

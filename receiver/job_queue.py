@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import StorageError
+from protocol.payload import SenderStamp
+from receiver.ledger import LEDGER_SCHEMA, last_sequence, record_sequence, sender_sequences
 
 STATES = ("queued", "running", "done", "failed")
 _SCHEMA = """
@@ -44,10 +46,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     started REAL,
     finished REAL,
     result_dir TEXT,
-    error TEXT
+    error TEXT,
+    intake_name TEXT,
+    sender TEXT,
+    sequence INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 """
+_ADDED_COLUMNS = {"intake_name": "TEXT", "sender": "TEXT", "sequence": "INTEGER"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,9 @@ class Job:
     finished: float | None
     result_dir: str | None
     error: str | None
+    intake_name: str | None = None  # the claimed file it came from
+    sender: str | None = None  # signed payloads: sender id and sequence number
+    sequence: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -90,7 +99,11 @@ class JobQueue:
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA)
+            self.db.executescript(_SCHEMA + LEDGER_SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in _ADDED_COLUMNS.items():  # queues made by earlier releases
+                if name not in columns:
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         except sqlite3.DatabaseError as exc:
             raise StorageError(
                 f"job queue {self.path} cannot be opened ({exc}): check the disk and "
@@ -126,18 +139,36 @@ class JobQueue:
         images: int,
         classes: int,
         payload_bytes: int,
+        intake_name: str | None = None,
+        stamp: SenderStamp | None = None,
     ) -> tuple[Job, bool]:
-        """Queue a verified payload; (job, True), or (the existing job, False) for a duplicate."""
+        """Queue a verified payload; (job, True), or (the existing job, False) for a copy.
+
+        A signed payload's sequence number is recorded in the same transaction, which
+        raises ``ReplayError`` / ``RollbackError`` (queueing nothing) unless it is newer
+        than the last one accepted from its sender.
+        """
         with self._write() as db:
             row = db.execute("SELECT * FROM jobs WHERE sha256 = ?", (sha256,)).fetchone()
             if row is not None:
                 return Job(**dict(row)), False
+            if stamp is not None:
+                record_sequence(db, stamp.sender, stamp.sequence, sha256)
             cursor = db.execute(
                 "INSERT INTO jobs (sha256, payload, source_name, task, images, classes,"
-                " payload_bytes, state, received) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
-                (sha256, payload, source_name, task, images, classes, payload_bytes, time.time()),
-            )
+                " payload_bytes, state, received, intake_name, sender, sequence)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (sha256, payload, source_name, task, images, classes, payload_bytes, time.time(),
+                 intake_name, stamp and stamp.sender, stamp and stamp.sequence),
+            )  # fmt: skip
             return self._get(db, int(cursor.lastrowid)), True
+
+    def last_sequence(self, sender: str) -> int | None:
+        """The last sequence number accepted from ``sender``."""
+        return last_sequence(self.db, sender)
+
+    def sender_sequences(self) -> list[dict[str, object]]:
+        return sender_sequences(self.db)
 
     def recover(self, alive: Callable[[str], bool], max_restarts: int) -> list[Job]:
         """Requeue running jobs whose owner died; fail those that keep crashing. Returns them."""

@@ -64,6 +64,7 @@ def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
     try:
         counts = queue.counts()
         jobs = [job.as_dict() for job in queue.jobs(recent)]
+        senders = queue.sender_sequences()
     finally:
         queue.close()
     try:
@@ -85,6 +86,7 @@ def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
         "health": health,
         "queue": counts,
         "jobs": jobs,
+        "senders": senders,
         "quarantined": len(quarantined),
         "recent_quarantine": reasons,
     }
@@ -132,6 +134,11 @@ def render_status(status: dict[str, Any]) -> str:
             lines.append(
                 f"{job['id']:>5} {job['state']:8} {job['images']:>8}  {job['task']}: {detail}"
             )
+    for sender in status["senders"]:
+        lines.append(
+            f"sender {sender['sender']}: last accepted sequence {sender['sequence']} "
+            f"({sender['accepted']})"
+        )
     for reason in status["recent_quarantine"][-3:]:
         lines.append(f"quarantined {reason['file']}: {reason['error']}: {reason['message']}")
     return "\n".join(lines)

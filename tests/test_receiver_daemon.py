@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.payload import BODY_CODING, Payload, encode_payload
+from protocol.payload import BODY_CODING, Payload, SenderStamp, encode_payload
+from protocol.signing import SigningKey
+from protocol.trust import add_key
 from tests.conftest import SMALL_SPEC
 from tests.subprocess_cli import cli, cli_env
 
 pytestmark = pytest.mark.slow
+STATION_A, STATION_B = SigningKey.generate("station-a"), SigningKey.generate("station-b")
 TRAIN = ["--min-steps", "24", "--max-steps", "24", "--batch-size", "32", "--checkpoint-steps", "5"]
 
 
@@ -29,7 +32,12 @@ def payloads(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, 
     manifest = small_pool.manifest
     rng = np.random.default_rng(0)
 
-    def make(task: str, fingerprint: bytes = manifest.fingerprint) -> bytes:
+    def make(
+        task: str,
+        fingerprint: bytes = manifest.fingerprint,
+        key: SigningKey = STATION_A,
+        sequence: int = 5,
+    ) -> bytes:
         indices = np.sort(rng.choice(len(manifest), 200, replace=False))
         labels = rng.integers(0, 4, indices.size)
         payload = Payload(
@@ -40,31 +48,41 @@ def payloads(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, 
             tuple(f"class-{c}" for c in range(4)),
             indices,
             labels,
+            created=int(time.time()),
+            sender=SenderStamp(key.sender, sequence, int(time.time()) + 86400),
         )
         layout = manifest if fingerprint == manifest.fingerprint else None
-        return encode_payload(payload, reference=layout, codings=(BODY_CODING,))
+        return encode_payload(payload, reference=layout, codings=(BODY_CODING,), signer=key)
 
-    first, second = make("task-a"), make("task-b")
+    # two senders, so that daemons racing over one inbox never see one sender out of order
+    first, second = make("task-a"), make("task-b", key=STATION_B)
     corrupt = bytearray(first)
-    corrupt[-5] ^= 0x40
+    corrupt[100] ^= 0x40  # inside the body: the signature no longer verifies
     return {
         "a.plada": first,
         "b.plada": second,
         "corrupt.plada": bytes(corrupt),
         "truncated.plada": second[: len(second) // 2],
-        "other-reference.plada": make("task-c", fingerprint=bytes(range(32))),
+        "other-reference.plada": make("task-c", fingerprint=bytes(range(32)), sequence=6),
+        "a-older.plada": make("task-a-old", sequence=4),
+        "a-newer.plada": make("task-a-new", sequence=7),
     }
 
 
-def _home(tmp_path: Path, payloads: dict[str, bytes], names=None) -> Path:
+BASIC = ("a.plada", "b.plada", "corrupt.plada", "truncated.plada", "other-reference.plada")
+
+
+def _home(tmp_path: Path, payloads: dict[str, bytes], names=BASIC) -> Path:
     home = tmp_path / "home"
     (home / "inbox").mkdir(parents=True)
-    for name in names or payloads:
+    for name in names:
         (home / "inbox" / name).write_bytes(payloads[name])
     return home
 
 
 def _daemon_args(home: Path, cache_dir: Path, *extra: str) -> list[str]:
+    for key in (STATION_A, STATION_B):  # the daemon's trust store: HOME/trust
+        add_key(home / "trust", key.public)
     return [
         *cli("plada-receive"),
         "daemon",
@@ -117,7 +135,7 @@ def _check_everything_served(home: Path, payloads: dict[str, bytes]) -> list[dic
         for p in (home / "quarantine").glob("*.reason.json")
     }
     assert reasons == {
-        "corrupt.plada": "DigestMismatchError",
+        "corrupt.plada": "BadSignatureError",
         "truncated.plada": "TruncatedPayloadError",
         "other-reference.plada": "ReferenceMismatchError",
     }, reasons
@@ -156,11 +174,40 @@ def test_daemon_serves_inbox_and_quarantines_bad_payloads(tmp_path, payloads, ca
     )
     assert "daemon NOT running" in status.stdout and "0 queued, 0 running, 2 done" in status.stdout
     assert "ReferenceMismatchError" in status.stdout
-    # the same payload sent again is recognised, not trained twice
-    (home / "inbox" / "a-again.plada").write_bytes(payloads["a.plada"])
+    assert "sender station-a: last accepted sequence 5" in status.stdout
+
+
+def test_daemon_refuses_replays_and_rollbacks(tmp_path, payloads, cache_dir) -> None:
+    """Sender station-a's payload 5 is accepted; a copy of it (replay), its payload 4
+    (rollback) and a payload of an untrusted sender are quarantined; payload 7 is taken."""
+    home = _home(tmp_path, payloads, ["a.plada"])
     assert _run_daemon(home, cache_dir).returncode == 0
-    later = [e["event"] for e in _events(home)][len(events) :]
-    assert len(_jobs(home)) == 2 and "payload-duplicate" in later and "job-started" not in later
+    stranger = SigningKey.generate("station-x")
+    blob = payloads["a.plada"]
+    forged = encode_payload(
+        Payload("task-x", "ref", bytes(32), 10, ("p", "q"), [1, 2], [0, 1],
+                sender=SenderStamp("station-x", 1, int(time.time()) + 60)),
+        signer=stranger,
+    )  # fmt: skip
+    for name, data in {"a-again.plada": blob, "a-older.plada": payloads["a-older.plada"],
+                       "stranger.plada": forged}.items():  # fmt: skip
+        (home / "inbox" / name).write_bytes(data)
+    assert _run_daemon(home, cache_dir).returncode == 0
+    reasons = {
+        json.loads(p.read_text())["file"]: json.loads(p.read_text())["error"]
+        for p in (home / "quarantine").glob("*.reason.json")
+    }
+    assert reasons == {
+        "a-again.plada": "ReplayError",
+        "a-older.plada": "RollbackError",
+        "stranger.plada": "UnknownSenderError",
+    }, reasons
+    (home / "inbox" / "a-newer.plada").write_bytes(payloads["a-newer.plada"])
+    assert _run_daemon(home, cache_dir).returncode == 0
+    jobs = _jobs(home)
+    assert [(j["source_name"], j["sequence"], j["state"]) for j in jobs] == [
+        ("a.plada", 5, "done"), ("a-newer.plada", 7, "done"),
+    ]  # fmt: skip
 
 
 CRASH_POINTS = [

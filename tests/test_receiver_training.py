@@ -192,10 +192,10 @@ def test_job_rerun_returns_its_report_and_new_settings_train_again(tmp_path, sma
     write_payload(path, encode_payload(payload, reference=manifest))
     config = TrainConfig(min_steps=4, max_steps=4, batch_size=16)
     first = run_job(path, small_pool, tmp_path / "out", JobSettings(config, export=False),
-                    progress=False)  # fmt: skip
+                    progress=False, trust=None)  # fmt: skip
     again = run_job(path, small_pool, tmp_path / "out", JobSettings(config, export=False),
-                    progress=False)  # fmt: skip
+                    progress=False, trust=None)  # fmt: skip
     assert again == first and not (tmp_path / "out" / ".job").exists()
     other = run_job(path, small_pool, tmp_path / "out", JobSettings(config, seeds=(1,),
-                    export=False), progress=False)  # fmt: skip
+                    export=False), progress=False, trust=None)  # fmt: skip
     assert [r["seed"] for r in other["runs"]] == [1] and other["seconds"] != first["seconds"]

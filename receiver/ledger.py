@@ -1,0 +1,82 @@
+"""The sequence ledger: the last sequence number accepted from each sender.
+
+It lives in a SQLite database: the daemon keeps it in its queue database, so a
+payload's acceptance and its job are one transaction; ``plada-receive train``
+keeps it in ``<trust dir>/ledger.sqlite``. Recording refuses a sequence number
+that is not newer than the last one (``ReplayError`` / ``RollbackError``), inside
+the writing transaction, so two processes can never both accept one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+from protocol.errors import TrustStoreError
+from protocol.trust import check_sequence
+
+LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sender_sequences (
+    sender TEXT PRIMARY KEY,
+    sequence INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    accepted TEXT NOT NULL
+);
+"""
+
+
+def last_sequence(db: sqlite3.Connection, sender: str) -> int | None:
+    """The last sequence number accepted from ``sender`` (None: none yet)."""
+    row = db.execute("SELECT sequence FROM sender_sequences WHERE sender = ?", (sender,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def record_sequence(db: sqlite3.Connection, sender: str, sequence: int, sha256: str) -> None:
+    """Accept ``sequence`` from ``sender``; call inside a write transaction."""
+    check_sequence(sender, sequence, last_sequence(db, sender))
+    db.execute(
+        "INSERT INTO sender_sequences (sender, sequence, sha256, accepted) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT(sender) DO UPDATE SET sequence = excluded.sequence, "
+        "sha256 = excluded.sha256, accepted = excluded.accepted",
+        (sender, sequence, sha256, datetime.now(timezone.utc).isoformat(timespec="seconds")),
+    )
+
+
+def sender_sequences(db: sqlite3.Connection) -> list[dict[str, object]]:
+    """Every sender's last accepted sequence number, for status reports."""
+    rows = db.execute("SELECT sender, sequence, sha256, accepted FROM sender_sequences ORDER BY 1")
+    return [
+        {"sender": s, "sequence": q, "sha256": h, "accepted": a} for s, q, h, a in rows.fetchall()
+    ]
+
+
+class SequenceLedger:
+    """A standalone ledger file (for ``plada-receive train`` and ``verify``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(LEDGER_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise TrustStoreError(f"cannot open sequence ledger {self.path}: {exc}") from exc
+
+    def last(self, sender: str) -> int | None:
+        return last_sequence(self.db, sender)
+
+    def record(self, sender: str, sequence: int, sha256: str) -> None:
+        """Accept ``sequence`` durably, or raise ``ReplayError`` / ``RollbackError``."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            record_sequence(self.db, sender, sequence, sha256)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
