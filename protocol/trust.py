@@ -121,7 +121,11 @@ def remove_keys(directory: str | os.PathLike[str], selector: str) -> list[Path]:
 
 
 def utc_text(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+    """ISO 8601 UTC time of Unix ``seconds`` (the number itself when past year 9999)."""
+    try:
+        return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):
+        return f"Unix time {int(seconds)}"
 
 
 @dataclass(frozen=True)

@@ -150,12 +150,16 @@ def job_settings_from_args(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> int:
     import hashlib
 
+    from protocol.errors import PayloadError
     from protocol.payload import read_payload
     from protocol.task_data import load_labeled_images
     from receiver.job import run_job, started_with, summarize
 
+    try:
+        sha256 = hashlib.sha256(Path(args.payload).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise PayloadError(f"cannot read payload {args.payload}: {exc.strerror}") from exc
     reference = reference_from_args(args)
-    sha256 = hashlib.sha256(Path(args.payload).read_bytes()).hexdigest()
     resuming = started_with(args.out, sha256)  # accepted before: resume, no freshness checks
     ledger = _ledger(args)
     try:

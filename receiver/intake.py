@@ -47,7 +47,7 @@ from protocol.manifest import ReferenceManifest
 from protocol.payload import MAX_PAYLOAD_BYTES, Payload, decode_payload
 from protocol.trust import TrustPolicy, TrustStore
 from receiver.faults import crash_point
-from receiver.job_queue import JobQueue
+from receiver.job_queue import Job, JobQueue
 from receiver.workers import WorkerLock
 
 log = logging.getLogger("plada.receiver")
@@ -285,7 +285,7 @@ class Intake:
             },
         )
 
-    def _known(self, path: Path, source_name: str, sha256: str, job: Any) -> None:
+    def _known(self, path: Path, source_name: str, sha256: str, job: Job) -> None:
         """A file whose bytes are already a job: the remnant of an interrupted intake
         (same claimed name; removed) or a replay (quarantined)."""
         if job.intake_name == path.name:

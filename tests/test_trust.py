@@ -41,7 +41,7 @@ from protocol.errors import (
 from protocol.manifest import BlockLayout
 from protocol.payload import Payload, SenderStamp, decode_payload, encode_payload
 from protocol.signing import SigningKey
-from protocol.trust import TrustPolicy, TrustStore, add_key, remove_keys
+from protocol.trust import TrustPolicy, TrustStore, add_key, remove_keys, utc_text
 from protocol.varint import encode_uvarints
 from receiver.ledger import SequenceLedger
 from sender.signer import next_sequence, parse_duration
@@ -388,6 +388,8 @@ def test_sequence_numbers_increase_across_processes_and_a_lost_counter(tmp_path)
     with pytest.raises(SigningKeyError, match="damaged"):
         next_sequence(counter)
     assert parse_duration("7d") == 7 * 86400 and parse_duration("90") == 90
+    assert utc_text(0) == "1970-01-01T00:00:00+00:00"
+    assert utc_text((1 << 63) - 1) == f"Unix time {(1 << 63) - 1}"  # a forged far expiry
 
 
 def test_ledger_persists_and_refuses_old_numbers(tmp_path) -> None:
