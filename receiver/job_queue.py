@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 from protocol.errors import StorageError
 from protocol.payload import SenderStamp
 from receiver.ledger import LEDGER_SCHEMA, last_sequence, record_sequence, sender_sequences
+from receiver.sqlite_store import open_database, write_transaction
 
 STATES = ("queued", "running", "done", "failed")
 _SCHEMA = """
@@ -93,13 +94,8 @@ class JobQueue:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self.db = sqlite3.connect(
-                self.path, timeout=60, isolation_level=None, check_same_thread=False
-            )
+            self.db = open_database(self.path, _SCHEMA + LEDGER_SCHEMA)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA + LEDGER_SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
             for name, kind in _ADDED_COLUMNS.items():  # queues made by earlier releases
                 if name not in columns:
@@ -113,22 +109,8 @@ class JobQueue:
     def close(self) -> None:
         self.db.close()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise StorageError(f"job queue {self.path} is locked or unwritable: {exc}") from exc
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        try:
-            self.db.execute("COMMIT")
-        except sqlite3.OperationalError as exc:  # e.g. disk full: nothing was changed
-            self.db.execute("ROLLBACK")
-            raise StorageError(f"job queue {self.path}: cannot commit ({exc}); free space") from exc
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self.db, f"job queue {self.path}")
 
     def add(
         self,

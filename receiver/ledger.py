@@ -15,6 +15,7 @@ from pathlib import Path
 
 from protocol.errors import TrustStoreError
 from protocol.trust import check_sequence
+from receiver.sqlite_store import open_database, write_transaction
 
 LEDGER_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sender_sequences (
@@ -58,10 +59,7 @@ class SequenceLedger:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(LEDGER_SCHEMA)
+            self.db = open_database(self.path, LEDGER_SCHEMA, timeout=30.0)
         except (OSError, sqlite3.Error) as exc:
             raise TrustStoreError(f"cannot open sequence ledger {self.path}: {exc}") from exc
 
@@ -70,13 +68,8 @@ class SequenceLedger:
 
     def record(self, sender: str, sequence: int, sha256: str) -> None:
         """Accept ``sequence`` durably, or raise ``ReplayError`` / ``RollbackError``."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self.db, f"sequence ledger {self.path}"):
             record_sequence(self.db, sender, sequence, sha256)
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
