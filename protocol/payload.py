@@ -52,6 +52,7 @@ import numpy as np
 import zstandard
 
 from protocol import block_code
+from protocol.atomic_files import write_bytes_atomic
 from protocol.errors import (
     CorruptPayloadError,
     DigestMismatchError,
@@ -667,26 +668,25 @@ def read_payload(
     trust: TrustPolicy | None,
 ) -> Payload:
     """Read and verify a payload file, refusing oversized files before reading them."""
+    return decode_payload(read_payload_bytes(path, max_bytes), max_bytes, reference, trust=trust)
+
+
+def read_payload_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """The raw bytes of a payload file (not verified), refusing an oversized file before
+    reading it; a missing or unreadable file is a ``PayloadError``."""
     path = Path(path)
     try:
         size = path.stat().st_size
         if size > max_bytes:
             raise PayloadLimitError(f"{path} is {size} bytes, over the cap of {max_bytes}")
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise PayloadError(f"cannot read payload {path}: {exc.strerror}") from exc
-    return decode_payload(data, max_bytes, reference, trust=trust)
 
 
 def write_payload(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write payload bytes atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write payload bytes atomically and durably (temp file, fsync, rename)."""
+    write_bytes_atomic(Path(path), data, durable=True)
 
 
 def information_bound_bytes(n: int, labels: np.ndarray, k: int) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -142,6 +142,11 @@ class TrustPolicy:
     check_expiry: bool = True
     clock: Callable[[], float] = time.time
     last_sequence: Callable[[str], int | None] | None = None
+
+    def without_freshness(self) -> TrustPolicy:
+        """The same keys and unsigned rule, without expiry and sequence checks: for a
+        payload accepted earlier (spooled, or a job being resumed)."""
+        return replace(self, check_expiry=False, last_sequence=None)
 
     def check_unsigned(self, version: int) -> None:
         """Refuse a payload of an unsigned format version unless development mode allows it."""

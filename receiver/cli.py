@@ -57,14 +57,14 @@ def _ledger(args: argparse.Namespace):
     return SequenceLedger(path) if path else None
 
 
-def _policy(args: argparse.Namespace, ledger=None, fresh: bool = True):
+def _policy(args: argparse.Namespace, ledger=None):
     from protocol.trust import TrustPolicy, TrustStore
 
     trust_dir = _trust_dir(args)
     store = TrustStore.load(trust_dir) if trust_dir else TrustStore()
     return TrustPolicy(
-        store, args.allow_unsigned, check_expiry=fresh and not args.no_expiry_check,
-        last_sequence=ledger.last if ledger is not None and fresh else None,
+        store, args.allow_unsigned, check_expiry=not args.no_expiry_check,
+        last_sequence=ledger.last if ledger is not None else None,
     )  # fmt: skip
 
 
@@ -150,21 +150,20 @@ def job_settings_from_args(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> int:
     import hashlib
 
-    from protocol.errors import PayloadError
-    from protocol.payload import read_payload
+    from protocol.payload import decode_payload, read_payload_bytes
     from protocol.task_data import load_labeled_images
     from receiver.job import run_job, started_with, summarize
 
-    try:
-        sha256 = hashlib.sha256(Path(args.payload).read_bytes()).hexdigest()
-    except OSError as exc:
-        raise PayloadError(f"cannot read payload {args.payload}: {exc.strerror}") from exc
+    raw = read_payload_bytes(args.payload)  # read once: hashed, then verified
+    sha256 = hashlib.sha256(raw).hexdigest()
     reference = reference_from_args(args)
     resuming = started_with(args.out, sha256)  # accepted before: resume, no freshness checks
     ledger = _ledger(args)
     try:
-        policy = _policy(args, ledger, fresh=not resuming)
-        payload = read_payload(args.payload, reference=reference.manifest, trust=policy)
+        policy = _policy(args, ledger)
+        if resuming:
+            policy = policy.without_freshness()
+        payload = decode_payload(raw, reference=reference.manifest, trust=policy)
         if payload.sender is not None and ledger is not None and not resuming:
             ledger.record(payload.sender.sender, payload.sender.sequence, sha256)
     finally:
@@ -176,7 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     settings = job_settings_from_args(args)
     report = run_job(
         args.payload, reference, args.out, settings, holdout, not args.quiet,
-        trust=_policy(args, fresh=False),
+        trust=policy.without_freshness(),
     )  # fmt: skip
     print(summarize(report))
     print(f"report: {args.out}/report.json")

@@ -171,7 +171,7 @@ class Intake:
     def stored_payload_policy(self) -> TrustPolicy:
         """For re-reading a spooled payload at training time: its signature must still
         verify under a trusted key; expiry and sequence were checked at intake."""
-        return TrustPolicy(self.trust.store, self.allow_unsigned, check_expiry=False)
+        return self.trust.without_freshness()
 
     def poll(self) -> int:
         """One pass over the inbox; returns how many files were processed."""

@@ -194,6 +194,12 @@ def test_expired_payload() -> None:
         decode_payload(data, trust=policy())
     # a device with no trusted clock turns expiry off explicitly
     assert decode_payload(data, trust=policy(check_expiry=False)).sender.expires == NOW
+    # a payload accepted earlier (spooled, or resumed) is re-read without freshness checks,
+    # but still only under a trusted key
+    accepted = policy(last_sequence={"station-1": 5}.get).without_freshness()
+    assert decode_payload(data, trust=accepted).sender.sequence == 5
+    with pytest.raises(UnknownSenderError):
+        decode_payload(data, trust=policy(store=TrustStore()).without_freshness())
 
 
 def test_payload_for_another_reference_set() -> None:
