@@ -120,6 +120,12 @@ def _events(home: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+def _quarantine_reasons(home: Path) -> dict[str, str]:
+    """Quarantined file name -> the error type its reason file records."""
+    records = [json.loads(p.read_text()) for p in (home / "quarantine").glob("*.reason.json")]
+    return {record["file"]: record["error"] for record in records}
+
+
 def _check_everything_served(home: Path, payloads: dict[str, bytes]) -> list[dict]:
     """Both valid payloads trained exactly once; the three bad ones quarantined with reasons."""
     jobs = _jobs(home)
@@ -130,10 +136,7 @@ def _check_everything_served(home: Path, payloads: dict[str, bytes]) -> list[dic
         assert report["kept"] == 200 and report["runs"][0]["steps"] == 24
         assert (home / job["result_dir"] / "model-seed0.pt").is_file()
         assert not (home / job["result_dir"] / ".job").exists()
-    reasons = {
-        json.loads(p.read_text())["file"]: json.loads(p.read_text())["error"]
-        for p in (home / "quarantine").glob("*.reason.json")
-    }
+    reasons = _quarantine_reasons(home)
     assert reasons == {
         "corrupt.plada": "BadSignatureError",
         "truncated.plada": "TruncatedPayloadError",
@@ -193,10 +196,7 @@ def test_daemon_refuses_replays_and_rollbacks(tmp_path, payloads, cache_dir) -> 
                        "stranger.plada": forged}.items():  # fmt: skip
         (home / "inbox" / name).write_bytes(data)
     assert _run_daemon(home, cache_dir).returncode == 0
-    reasons = {
-        json.loads(p.read_text())["file"]: json.loads(p.read_text())["error"]
-        for p in (home / "quarantine").glob("*.reason.json")
-    }
+    reasons = _quarantine_reasons(home)
     assert reasons == {
         "a-again.plada": "ReplayError",
         "a-older.plada": "RollbackError",
