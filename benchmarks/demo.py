@@ -71,7 +71,7 @@ def pixel_baseline(
 
     from protocol.task_data import load_labeled_images
     from protocol.world.digits import load_digits_split, upscale_digits
-    from receiver.training import TrainConfig, accuracy, train_classifier
+    from trainer.training import TrainConfig, accuracy, train_classifier
 
     native, _ = load_digits_split(native=True)
     test = load_labeled_images(task_dir / "test.npz")

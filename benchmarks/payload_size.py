@@ -103,7 +103,7 @@ def _body(encoded: bytes) -> int:
 
 def demo_selections(work: Path) -> list[Selection]:
     """The demo world's payloads (written by ``make demo``), decoded against its manifest."""
-    from protocol.reference.base import open_reference
+    from protocol.reference.factory import open_reference
 
     payload_dir = work / "payloads"
     files = sorted(payload_dir.glob("*.plada")) if payload_dir.is_dir() else []

@@ -60,7 +60,7 @@ def decode_only(source, batch_size: int, steps: int, warmup: int, device: torch.
 
 def end_to_end(source, config, steps: int, warmup: int) -> float:
     """Images/s of the receiver's training loop on images decoded on the fly."""
-    from receiver.training import StepReport, resolve_device, train_classifier
+    from trainer.training import StepReport, resolve_device, train_classifier
 
     device = resolve_device(config.device)
     marks: dict[int, float] = {}
@@ -78,8 +78,8 @@ def compute_only(config, image_size: int, steps: int, warmup: int) -> float:
     """Images/s of forward + backward + step on one resident, already normalised batch."""
     import torch.nn.functional as F
 
-    from receiver.models import build_model
-    from receiver.training import autocast_for, resolve_device
+    from trainer.models import build_model
+    from trainer.training import autocast_for, resolve_device
 
     device = resolve_device(config.device)
     model = build_model(config.model, 1000, 3).to(device, memory_format=torch.channels_last)
@@ -123,8 +123,8 @@ def main() -> None:
     import os
 
     from protocol.reference.image_folder import ImageFolderReference
-    from receiver.batches import EncodedBatches
-    from receiver.training import TrainConfig, resolve_device
+    from trainer.batches import EncodedBatches
+    from trainer.training import TrainConfig, resolve_device
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

@@ -42,19 +42,36 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = False) -> None:
-    """Create ``path`` through ``write(handle)`` on a temporary file, then rename it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with storage_guard(tmp):
-        with open(tmp, "wb") as handle:
-            write(handle)
-            if durable:
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: Path, durable: bool = False) -> Iterator[list[BinaryIO]]:
+    """Binary handles on temporary files that replace ``paths`` together when the block
+    ends without an error; after an error they are removed and ``paths`` untouched
+    (an ``OSError`` such as a full disk becomes :class:`StorageError`)."""
+    paths = tuple(Path(path) for path in paths)
+    temporaries = [_temporary(path) for path in paths]
+    with storage_guard(*temporaries), contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(open(tmp, "wb")) for tmp in temporaries]
+        yield handles
+        if durable:
+            for handle in handles:
                 handle.flush()
                 os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        stack.close()
+        for tmp, path in zip(temporaries, paths, strict=True):
+            os.replace(tmp, path)
         if durable:
-            fsync_directory(path.parent)
+            for folder in {path.parent for path in paths}:
+                fsync_directory(folder)
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = False) -> None:
+    """Create ``path`` through ``write(handle)`` on a temporary file, then rename it."""
+    with atomic_outputs(Path(path), durable=durable) as (handle,):
+        write(handle)
 
 
 def write_bytes_atomic(path: Path, data: bytes, durable: bool = False) -> None:

@@ -662,12 +662,6 @@ def decode_blocks(body: bytes, n: int, k: int, count: int, starts: np.ndarray):
     return indices, labels
 
 
-def _ranges(first: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    total = int(lengths.sum())
-    offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(first, lengths) + offsets
-
-
 def _decode_runs(
     section: memoryview, starts: np.ndarray, sizes: np.ndarray, levels: np.ndarray,
     lvl: np.ndarray, lanes: int,

@@ -14,14 +14,17 @@ later codecs exploit.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from protocol.atomic_files import write_atomic
 from protocol.errors import ManifestError
 
 MANIFEST_DOMAIN = b"plada-manifest-v1\n"
@@ -42,6 +45,11 @@ def _check_keys(keys: Sequence[str]) -> None:
                 "keys must be unique and sorted (use ReferenceManifest.from_unsorted)"
             )
         previous = key
+
+
+def reference_summary(name: str, size: int, fingerprint_hex: str) -> dict[str, Any]:
+    """A reference set as reports and status files name it: name, size and fingerprint."""
+    return {"name": name, "size": size, "fingerprint": fingerprint_hex}
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,10 @@ class ReferenceManifest:
     def fingerprint_hex(self) -> str:
         return self._fingerprint.hex()
 
+    def summary(self) -> dict[str, Any]:
+        """How reports name this reference set (see :func:`reference_summary`)."""
+        return reference_summary(self.name, len(self.keys), self.fingerprint_hex)
+
     def block_names(self) -> list[str]:
         """Names of the blocks (first key component), in manifest order."""
         names: list[str] = []
@@ -137,12 +149,16 @@ class ReferenceManifest:
         path = Path(path)
         content = "-" if self.content_digest is None else self.content_digest.hex()
         header = f"{_FILE_MAGIC} name={self.name} n={len(self.keys)} content={content}\n"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(header)
+
+        def write(handle: BinaryIO) -> None:
+            text = io.TextIOWrapper(handle, encoding="utf-8", newline="\n")
+            text.write(header)
             for key in self.keys:
-                handle.write(key + "\n")
-        os.replace(tmp, path)
+                text.write(key + "\n")
+            text.flush()
+            text.detach()  # the handle stays open for the atomic writer
+
+        write_atomic(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ReferenceManifest:

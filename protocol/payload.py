@@ -71,9 +71,9 @@ from protocol.signing import (
     ALGORITHM_ED25519,
     ALGORITHM_NAMES,
     MAX_SENDER_ID,
-    SENDER_ID_RULE,
     SIGNATURE_BYTES,
     SigningKey,
+    is_valid_sender_id,
 )
 from protocol.trust import TrustPolicy
 from protocol.varint import decode_uvarints, encode_uvarints
@@ -114,7 +114,7 @@ class SenderStamp:
     expires: int  # Unix seconds
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sender, str) or not SENDER_ID_RULE.fullmatch(self.sender):
+        if not is_valid_sender_id(self.sender):
             raise MalformedHeaderError(f"invalid sender id {self.sender!r}")
         if not 1 <= self.sequence <= MAX_SEQUENCE:
             raise MalformedHeaderError(f"sequence number {self.sequence} outside [1, 2^63)")
@@ -241,6 +241,14 @@ def _block_body(payload: Payload, layout: BlockLayout | None) -> tuple[bytes, di
     return best[1].encode(), best[2]
 
 
+@dataclass(frozen=True)
+class EncodedPayload:
+    """A serialized payload and the body coding the encoder kept (the header's ``body``)."""
+
+    data: bytes
+    body: dict[str, Any]
+
+
 def encode_payload(
     payload: Payload,
     level: int = ZSTD_LEVEL,
@@ -248,6 +256,18 @@ def encode_payload(
     codings: tuple[str, ...] = (BLOCK_CODING, BODY_CODING),
     signer: SigningKey | None = None,
 ) -> bytes:
+    """Serialize ``payload``, keeping the smallest of the body ``codings`` (see
+    :func:`encode_payload_detailed`)."""
+    return encode_payload_detailed(payload, level, reference, codings, signer).data
+
+
+def encode_payload_detailed(
+    payload: Payload,
+    level: int = ZSTD_LEVEL,
+    reference: ReferenceManifest | BlockLayout | None = None,
+    codings: tuple[str, ...] = (BLOCK_CODING, BODY_CODING),
+    signer: SigningKey | None = None,
+) -> EncodedPayload:
     """Serialize ``payload``, keeping the smallest of the body ``codings``.
 
     With ``signer`` the payload is format v3, stamped with ``payload.sender``
@@ -262,35 +282,13 @@ def encode_payload(
         layout.fingerprint != payload.reference_fingerprint or layout.size != payload.reference_size
     ):
         raise ReferenceMismatchError("the block layout given is not the payload's reference set")
-    unknown = set(codings) - {BLOCK_CODING, BODY_CODING}
-    if unknown or not codings:
-        raise ValueError(f"unknown body codings {sorted(unknown)}")
-    bodies: list[tuple[bytes, dict[str, Any]]] = []
-    with ThreadPoolExecutor(max_workers=1) as pool:  # zstd releases the GIL
-        varint = pool.submit(_varint_zstd_body, payload, level) if BODY_CODING in codings else None
-        if BLOCK_CODING in codings:
-            try:
-                bodies.append(_block_body(payload, layout))
-            except block_code.UnplannableError:
-                if varint is None:
-                    raise
-        if varint is not None:
-            bodies.append(varint.result())
-    header = {
-        "task": payload.task,
-        "created": created,
-        "reference": {
-            "name": payload.reference_name,
-            "fingerprint": payload.reference_fingerprint,
-            "size": int(payload.reference_size),
-        },
-        "classes": list(payload.class_names),
-        "count": payload.count,
-        "selection": dict(payload.selection),
-    }
-    framed = [(msgpack.packb(header | {"body": info}, use_bin_type=True), body)
-              for body, info in bodies]  # fmt: skip
-    header_bytes, body = min(framed, key=lambda item: len(item[0]) + len(item[1]))
+    bodies = _candidate_bodies(payload, level, layout, codings)
+    header = _header(payload, created)
+    framed = [
+        (msgpack.packb(header | {"body": info}, use_bin_type=True), body, info)
+        for body, info in bodies
+    ]
+    header_bytes, body, info = min(framed, key=lambda item: len(item[0]) + len(item[1]))
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise PayloadLimitError(f"header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
     if signer is None:
@@ -305,7 +303,44 @@ def encode_payload(
         encoded += signer.sign(encoded)
     if len(encoded) > MAX_PAYLOAD_BYTES:
         raise PayloadLimitError(f"payload of {len(encoded)} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    return encoded
+    return EncodedPayload(encoded, info)
+
+
+def _candidate_bodies(
+    payload: Payload, level: int, layout: BlockLayout | None, codings: tuple[str, ...]
+) -> list[tuple[bytes, dict[str, Any]]]:
+    """(body, body header) in each of ``codings`` that can code the selection."""
+    unknown = set(codings) - {BLOCK_CODING, BODY_CODING}
+    if unknown or not codings:
+        raise ValueError(f"unknown body codings {sorted(unknown)}")
+    bodies: list[tuple[bytes, dict[str, Any]]] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:  # zstd releases the GIL
+        varint = pool.submit(_varint_zstd_body, payload, level) if BODY_CODING in codings else None
+        if BLOCK_CODING in codings:
+            try:
+                bodies.append(_block_body(payload, layout))
+            except block_code.UnplannableError:
+                if varint is None:
+                    raise
+        if varint is not None:
+            bodies.append(varint.result())
+    return bodies
+
+
+def _header(payload: Payload, created: int) -> dict[str, Any]:
+    """The header map, less the body coding."""
+    return {
+        "task": payload.task,
+        "created": created,
+        "reference": {
+            "name": payload.reference_name,
+            "fingerprint": payload.reference_fingerprint,
+            "size": int(payload.reference_size),
+        },
+        "classes": list(payload.class_names),
+        "count": payload.count,
+        "selection": dict(payload.selection),
+    }
 
 
 def _envelope(payload: Payload, signer: SigningKey | None, created: int) -> bytes:
@@ -465,7 +500,7 @@ def _parse_envelope(data: bytes) -> tuple[dict[str, Any], int]:
         raise TruncatedPayloadError("payload ends inside its envelope: the file is truncated")
     raw_sender = data[_ENVELOPE_HEAD.size : tail]
     sender = raw_sender.decode("ascii", errors="replace")
-    if not SENDER_ID_RULE.fullmatch(sender):
+    if not is_valid_sender_id(sender):
         raise MalformedHeaderError(f"sender id {raw_sender!r} is not a valid sender id")
     sequence, expires, _ = _ENVELOPE_TAIL.unpack_from(data, tail)
     fields = {"algorithm": algorithm, "key_id": key_id, "sender": sender,
@@ -523,8 +558,58 @@ def decode_payload(
     data = bytes(data)
     frame = _frame(data, max_bytes)
     stamp = _check_origin(data, frame, trust)
-    version, header_end, body_start = frame.version, frame.header_end, frame.body_start
-    header = _parse_header(data[frame.header_start : header_end])
+    header = _checked_header(data[frame.header_start : frame.header_end], stamp)
+    layout = _layout_of(reference)
+    if layout is not None and (
+        layout.fingerprint != header.fingerprint or layout.size != header.reference_size
+    ):
+        raise ReferenceMismatchError(
+            _mismatch_message(header.reference_name, header.fingerprint, header.reference_size,
+                              layout)
+        )
+    body = data[frame.body_start : frame.digest_start]
+    indices, labels = _decode_body(body, header, frame.version, layout, max_reference_size)
+    payload = Payload(
+        task=header.task,
+        reference_name=header.reference_name,
+        reference_fingerprint=header.fingerprint,
+        reference_size=header.reference_size,
+        class_names=header.classes,
+        indices=indices,
+        labels=labels.astype(np.int64),
+        selection=header.selection,
+        created=header.created,
+        sender=stamp,
+        key_id=frame.key_id or None,
+    )
+    digest = data[frame.digest_start : frame.digest_end]
+    if _digest(frame.version, data[: frame.header_end], payload.indices, payload.labels) != digest:
+        raise DigestMismatchError(
+            "integrity digest does not match the decoded content: the payload was altered "
+            "or damaged in transit; ask the sender to resend it"
+        )
+    return payload
+
+
+@dataclass(frozen=True)
+class _Header:
+    """The header fields of a payload, type- and range-checked."""
+
+    task: str
+    created: int
+    reference_name: str
+    fingerprint: bytes
+    reference_size: int
+    classes: tuple[str, ...]
+    count: int
+    selection: dict[str, Any]
+    body: dict[str, Any]
+    coding: str
+
+
+def _checked_header(raw: bytes, stamp: SenderStamp | None) -> _Header:
+    """Parse the msgpack header and check every field's type and range."""
+    header = _parse_header(raw)
     task = _text(header, "task")
     created = _field(header, "created", int, "")
     ref_info = _field(header, "reference", dict, "")
@@ -550,44 +635,35 @@ def decode_payload(
     selection = _parse_selection(header.get("selection", {}))
     body_info = _field(header, "body", dict, "")
     coding = _text(body_info, "coding", "body.")
-    layout = _layout_of(reference)
-    if layout is not None and (layout.fingerprint != fingerprint or layout.size != n):
-        raise ReferenceMismatchError(_mismatch_message(ref_name, fingerprint, n, layout))
-    body = data[body_start : frame.digest_start]
-    if coding == BODY_CODING:
-        indices, labels = _decode_varint_zstd(body, body_info, n, count)
-    elif coding == BLOCK_CODING and version >= 2:
+    return _Header(
+        task, created, ref_name, fingerprint, n, tuple(classes), count, selection, body_info,
+        coding,
+    )
+
+
+def _decode_body(
+    body: bytes,
+    header: _Header,
+    version: int,
+    layout: BlockLayout | None,
+    max_reference_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, labels) from the body in the coding its header names."""
+    n, count, classes = header.reference_size, header.count, header.classes
+    if header.coding == BODY_CODING:
+        return _decode_varint_zstd(body, header.body, n, count)
+    if header.coding == BLOCK_CODING and version >= 2:
         if len(classes) > block_code.MAX_LABEL_ALPHABET:
             raise MalformedHeaderError(
                 f"{len(classes)} classes exceed the {BLOCK_CODING} label alphabet "
                 f"({block_code.MAX_LABEL_ALPHABET})"
             )
-        starts = _block_starts(body_info, n, layout, max_reference_size)
-        indices, labels = block_code.decode_blocks(body, n, len(classes), count, starts)
-    else:
-        raise UnsupportedVersionError(
-            f"body coding {coding!r} is not supported by this build for format version {version}"
-        )
-    payload = Payload(
-        task=task,
-        reference_name=ref_name,
-        reference_fingerprint=fingerprint,
-        reference_size=n,
-        class_names=tuple(classes),
-        indices=indices,
-        labels=labels.astype(np.int64),
-        selection=selection,
-        created=created,
-        sender=stamp,
-        key_id=frame.key_id or None,
+        starts = _block_starts(header.body, n, layout, max_reference_size)
+        return block_code.decode_blocks(body, n, len(classes), count, starts)
+    raise UnsupportedVersionError(
+        f"body coding {header.coding!r} is not supported by this build for format version "
+        f"{version}"
     )
-    digest = data[frame.digest_start : frame.digest_end]
-    if _digest(version, data[:header_end], payload.indices, payload.labels) != digest:
-        raise DigestMismatchError(
-            "integrity digest does not match the decoded content: the payload was altered "
-            "or damaged in transit; ask the sender to resend it"
-        )
-    return payload
 
 
 def _mismatch_message(name: str, fingerprint: bytes, n: int, layout: BlockLayout) -> str:

@@ -32,8 +32,6 @@ SCALE_BITS = 16
 TOTAL = 1 << SCALE_BITS  # every frequency table sums to this
 STATE_LOW = 1 << 16  # states live in [STATE_LOW, 2**32)
 MAX_WEIGHT = 1 << 40  # bound on a transmitted table weight
-_WORD_MASK = np.uint64(0xFFFF)
-_SIXTEEN = np.uint64(16)
 
 
 def normalize_weights(weights: np.ndarray) -> np.ndarray:

@@ -44,10 +44,15 @@ PUBLIC_FORMAT = "plada-sender-key-v1"
 PASSPHRASE_ENV = "PLADA_SIGNING_PASSPHRASE"
 
 
+def is_valid_sender_id(sender: object) -> bool:
+    """Whether ``sender`` is a valid sender id: 1-64 of ``A-Z a-z 0-9 . _ -``, starting
+    with a letter or digit."""
+    return isinstance(sender, str) and SENDER_ID_RULE.fullmatch(sender) is not None
+
+
 def check_sender_id(sender: str) -> str:
-    """Return ``sender`` if it is a valid sender id (1-64 of ``A-Z a-z 0-9 . _ -``,
-    starting with a letter or digit), else raise ``SigningKeyError``."""
-    if not isinstance(sender, str) or not SENDER_ID_RULE.fullmatch(sender):
+    """Return ``sender`` if :func:`is_valid_sender_id`, else raise ``SigningKeyError``."""
+    if not is_valid_sender_id(sender):
         raise SigningKeyError(
             f"invalid sender id {sender!r}: use 1-{MAX_SENDER_ID} letters, digits, '.', '_' "
             "or '-', starting with a letter or digit"

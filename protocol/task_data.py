@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protocol.atomic_files import write_atomic
 from protocol.errors import TaskDataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -44,12 +45,9 @@ class LabeledImages:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as ``.npz`` (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(
-            tmp, images=self.images, labels=self.labels, class_names=np.asarray(self.class_names)
-        )
-        os.replace(tmp, path)
+        arrays = {"images": self.images, "labels": self.labels,
+                  "class_names": np.asarray(self.class_names)}  # fmt: skip
+        write_atomic(Path(path), lambda handle: np.savez_compressed(handle, **arrays))
 
 
 def load_labeled_images(path: str | os.PathLike[str], size: int | None = None) -> LabeledImages:

@@ -1,10 +1,11 @@
 """A receiver's trust: which senders' keys it accepts, and how fresh a payload must be.
 
-The trust store is a directory of sender public key files (``*.pub``, written by
-``plada-send keygen`` and installed with ``plada-receive trust add``). A
-:class:`TrustPolicy` combines it with the freshness rules the payload decoder
-applies right after the signature: expiry against the receiver's clock, and the
-last sequence number accepted from each sender (replay and rollback).
+A :class:`TrustStore` holds the trusted sender keys; a :class:`TrustPolicy`
+combines it with the freshness rules the payload decoder applies right after the
+signature: expiry against the receiver's clock, and the last sequence number
+accepted from each sender (replay and rollback). This module is pure policy, as
+python-tuf keeps I/O out of its trusted set: reading keys from a directory is the
+receiver's job (:mod:`receiver.trust_store`).
 
 Clock: expiry is compared with ``time.time()``, the system's real-time clock
 (UTC seconds). On a device that keeps it with NTP, GNSS or a battery-backed RTC
@@ -14,27 +15,21 @@ that is the right source; a device with no trusted clock disables the check
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from pathlib import Path
 
 from protocol.errors import (
     BadSignatureError,
     ExpiredPayloadError,
     ReplayError,
     RollbackError,
-    SigningKeyError,
-    TrustStoreError,
     UnknownSenderError,
     UnsignedPayloadError,
     WrongKeyError,
 )
 from protocol.signing import SenderKey
-
-KEY_SUFFIX = ".pub"
+from protocol.timestamps import utc_text
 
 
 class TrustStore:
@@ -44,24 +39,6 @@ class TrustStore:
         self._keys: dict[str, dict[bytes, SenderKey]] = {}
         for key in keys:
             self._keys.setdefault(key.sender, {})[key.key_id] = key
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> TrustStore:
-        """Every ``*.pub`` file of ``directory`` (an absent directory trusts nobody)."""
-        directory = Path(directory)
-        if not directory.exists():
-            return cls()
-        if not directory.is_dir():
-            raise TrustStoreError(f"trust store {directory} is not a directory")
-        keys = []
-        for path in sorted(directory.glob(f"*{KEY_SUFFIX}")):
-            try:
-                keys.append(SenderKey.load(path))
-            except SigningKeyError as exc:
-                raise TrustStoreError(
-                    f"trust store {directory}: {exc}; remove or replace {path.name}"
-                ) from exc
-        return cls(keys)
 
     def __len__(self) -> int:
         return sum(len(keys) for keys in self._keys.values())
@@ -95,37 +72,6 @@ class TrustStore:
                 "install the new public key"
             )
         return key
-
-
-def add_key(directory: str | os.PathLike[str], key: SenderKey) -> Path:
-    """Install ``key`` into the trust store ``directory``; returns the file written."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{key.sender}.{key.key_id.hex()}{KEY_SUFFIX}"
-    key.save(path)
-    return path
-
-
-def remove_keys(directory: str | os.PathLike[str], selector: str) -> list[Path]:
-    """Remove the keys whose sender id or key id (hex) is ``selector``."""
-    removed = []
-    for path in sorted(Path(directory).glob(f"*{KEY_SUFFIX}")):
-        try:
-            key = SenderKey.load(path)
-        except SigningKeyError:
-            continue
-        if selector in (key.sender, key.key_id.hex()):
-            path.unlink()
-            removed.append(path)
-    return removed
-
-
-def utc_text(seconds: float) -> str:
-    """ISO 8601 UTC time of Unix ``seconds`` (the number itself when past year 9999)."""
-    try:
-        return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
-    except (OverflowError, ValueError, OSError):
-        return f"Unix time {int(seconds)}"
 
 
 @dataclass(frozen=True)

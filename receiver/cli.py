@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from protocol.cli_support import run_cli
-from protocol.reference.options import add_reference_options, print_reference, reference_from_args
+from plada_cli import add_reference_options, print_reference, reference_from_args, run_cli
+from protocol.timestamps import utc_text
 
 TRUST_ENV = "PLADA_TRUST_DIR"
 LEDGER_FILE = "ledger.sqlite"
@@ -58,19 +58,17 @@ def _ledger(args: argparse.Namespace):
 
 
 def _policy(args: argparse.Namespace, ledger=None):
-    from protocol.trust import TrustPolicy, TrustStore
+    from receiver.trust_store import build_trust_policy
 
-    trust_dir = _trust_dir(args)
-    store = TrustStore.load(trust_dir) if trust_dir else TrustStore()
-    return TrustPolicy(
-        store, args.allow_unsigned, check_expiry=not args.no_expiry_check,
+    return build_trust_policy(
+        _trust_dir(args),
+        args.allow_unsigned,
+        check_expiry=not args.no_expiry_check,
         last_sequence=ledger.last if ledger is not None else None,
-    )  # fmt: skip
+    )
 
 
 def _origin(payload) -> str:
-    from protocol.trust import utc_text
-
     if payload.sender is None:
         return "UNSIGNED (accepted for development)"
     stamp = payload.sender
@@ -132,7 +130,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
 def job_settings_from_args(args: argparse.Namespace):
     """:class:`JobSettings` from the training options."""
     from receiver.job import JobSettings
-    from receiver.training import TrainConfig
+    from trainer.training import TrainConfig
 
     config = TrainConfig(
         model=args.model, epochs=args.epochs, min_steps=args.min_steps, max_steps=args.max_steps,
@@ -185,7 +183,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_trust(args: argparse.Namespace) -> int:
     from protocol.errors import ConfigError
     from protocol.signing import SenderKey
-    from protocol.trust import TrustStore, add_key, remove_keys
+    from receiver.trust_store import add_key, load_trust_store, remove_keys
 
     trust_dir = Path(args.home) / "trust" if args.home else _trust_dir(args)
     if trust_dir is None:
@@ -201,7 +199,7 @@ def _cmd_trust(args: argparse.Namespace) -> int:
             raise ConfigError(f"no trusted key matches {args.keys[:1]}: see `trust list`")
         print(f"removed {len(removed)} key(s): " + ", ".join(p.name for p in removed))
     else:
-        store = TrustStore.load(trust_dir)
+        store = load_trust_store(trust_dir)
         for key in store:
             print(f"{key.sender}\t{key.key_id.hex()}\t{key.public_key.hex()}")
         print(f"{len(store)} trusted key(s) in {trust_dir}")

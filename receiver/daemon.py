@@ -26,14 +26,14 @@ from pathlib import Path
 
 from protocol.errors import PladaError
 from protocol.payload import MAX_PAYLOAD_BYTES
-from receiver.faults import crash_point
 from receiver.intake import Intake
 from receiver.job import JobControl, JobSettings, run_job
 from receiver.job_queue import Job, JobQueue
 from receiver.logs import setup_logging
 from receiver.status import HEALTH_FILE, QUEUE_FILE, HealthFile, collect_status
-from receiver.training import StepReport, TrainingInterrupted
 from receiver.workers import WorkerLock
+from trainer.faults import crash_point
+from trainer.training import StepReport, TrainingInterrupted
 
 log = logging.getLogger("plada.receiver")
 PROGRESS_RECORD_SECONDS = 10.0
@@ -243,7 +243,7 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped; returns the exit status."""
-        from protocol.reference.base import open_reference
+        from protocol.reference.factory import open_reference
         from protocol.task_data import load_labeled_images
 
         config = self.config
@@ -258,11 +258,7 @@ class Daemon:
         holdout = load_labeled_images(config.holdout, size) if config.holdout else None
         self.health.update(
             force=True,
-            reference={
-                "name": reference.manifest.name,
-                "size": len(reference),
-                "fingerprint": reference.manifest.fingerprint_hex,
-            },
+            reference=reference.manifest.summary(),
         )
         self.intake = Intake(
             self.home,

@@ -28,7 +28,6 @@ import hashlib
 import logging
 import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +44,16 @@ from protocol.errors import (
 )
 from protocol.manifest import ReferenceManifest
 from protocol.payload import MAX_PAYLOAD_BYTES, Payload, decode_payload
-from protocol.trust import TrustPolicy, TrustStore
-from receiver.faults import crash_point
+from protocol.timestamps import utc_text
+from protocol.trust import TrustPolicy
 from receiver.job_queue import Job, JobQueue
+from receiver.trust_store import build_trust_policy
 from receiver.workers import WorkerLock
+from trainer.faults import crash_point
 
 log = logging.getLogger("plada.receiver")
 IGNORED_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 RETRY_SECONDS = 30.0
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def is_candidate(name: str) -> bool:
@@ -163,10 +160,9 @@ class Intake:
         return claimed
 
     def _policy(self) -> TrustPolicy:
-        return TrustPolicy(
-            TrustStore.load(self.trust_dir), self.allow_unsigned, self.check_expiry,
-            last_sequence=self.queue.last_sequence,
-        )  # fmt: skip
+        return build_trust_policy(
+            self.trust_dir, self.allow_unsigned, self.check_expiry, self.queue.last_sequence
+        )
 
     def stored_payload_policy(self) -> TrustPolicy:
         """For re-reading a spooled payload at training time: its signature must still
@@ -306,7 +302,7 @@ class Intake:
         stem = f"{(sha256 or 'unread')[:12]}-{source_name}"
         reason: dict[str, Any] = {
             "file": source_name,
-            "quarantined": utc_now(),
+            "quarantined": utc_text(),
             "sha256": sha256 or None,
             "bytes": path.stat().st_size,
             "error": type(error).__name__,

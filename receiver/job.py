@@ -28,10 +28,10 @@ from protocol.reference.base import ReferenceSource
 from protocol.reference.encoded import EncodedReference
 from protocol.task_data import LabeledImages
 from protocol.trust import TrustPolicy
-from receiver.batches import EncodedBatches, TensorBatches
-from receiver.faults import crash_point
 from receiver.outputs import export_program, plot_training_curves, save_state_dict
-from receiver.training import (
+from trainer.batches import EncodedBatches, TensorBatches
+from trainer.faults import crash_point
+from trainer.training import (
     CheckpointPolicy,
     StepReport,
     TrainConfig,
@@ -108,12 +108,18 @@ def _batch_source(
     )
 
 
-def _seed_progress(
+def _step_hook(
     on_step: Callable[[int, StepReport], None] | None, seed: int
-) -> Callable[[StepReport], None] | None:
-    if on_step is None:
-        return None
-    return lambda report: on_step(seed, report)
+) -> Callable[[StepReport], None]:
+    """After each training step: the supervisor's progress hook, then the
+    ``training-step`` crash point of the fault tests."""
+
+    def after_step(report: StepReport) -> None:
+        if on_step is not None:
+            on_step(seed, report)
+        crash_point("training-step")
+
+    return after_step
 
 
 def _finished_report(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -208,7 +214,7 @@ def run_job(
             checkpoint=policy,
             should_stop=control.should_stop,
             data_id=sha256,
-            on_step=_seed_progress(control.on_step, seed),
+            on_step=_step_hook(control.on_step, seed),
         )
         run: dict[str, Any] = {
             "seed": seed,
@@ -244,11 +250,7 @@ def run_job(
         "payload_sha256": sha256,
         "job_identity": identity,
         "task": payload.task,
-        "reference": {
-            "name": reference.manifest.name,
-            "size": len(reference),
-            "fingerprint": reference.manifest.fingerprint_hex,
-        },
+        "reference": reference.manifest.summary(),
         "selection": payload.selection,
         "kept": payload.count,
         "classes": list(payload.class_names),

@@ -10,10 +10,10 @@ the writing transaction, so two processes can never both accept one.
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timezone
 from pathlib import Path
 
 from protocol.errors import TrustStoreError
+from protocol.timestamps import utc_text
 from protocol.trust import check_sequence
 from receiver.sqlite_store import open_database, write_transaction
 
@@ -40,7 +40,7 @@ def record_sequence(db: sqlite3.Connection, sender: str, sequence: int, sha256: 
         "INSERT INTO sender_sequences (sender, sequence, sha256, accepted) VALUES (?, ?, ?, ?) "
         "ON CONFLICT(sender) DO UPDATE SET sequence = excluded.sequence, "
         "sha256 = excluded.sha256, accepted = excluded.accepted",
-        (sender, sequence, sha256, datetime.now(timezone.utc).isoformat(timespec="seconds")),
+        (sender, sequence, sha256, utc_text()),
     )
 
 

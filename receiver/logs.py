@@ -10,8 +10,10 @@ import json
 import logging
 import logging.handlers
 import sys
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
+
+from protocol.timestamps import utc_text
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -25,9 +27,7 @@ class JsonLinesFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
-                timespec="milliseconds"
-            ),
+            "time": utc_text(record.created, timespec="milliseconds"),
             "level": record.levelname.lower(),
             "message": record.getMessage(),
             **_fields(record),

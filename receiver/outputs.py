@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from protocol.atomic_files import write_atomic, write_bytes_atomic
-from receiver.batches import normalize
+from trainer.batches import normalize
 
 
 class PixelClassifier(nn.Module):

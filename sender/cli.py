@@ -14,14 +14,14 @@ plada-send select WORK --strategy auto --keep 0.01 --signing-key keys/ID.key --o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from protocol.cli_support import run_cli
+from plada_cli import add_reference_options, print_reference, reference_from_args, run_cli
+from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError
-from protocol.reference.options import add_reference_options, print_reference, reference_from_args
-from protocol.trust import utc_text
+from protocol.timestamps import utc_text
+from sender.teacher_kinds import EMBEDDING_TEACHERS, IMAGE_TEACHERS, TEACHERS
 
 
 def _cmd_task(args: argparse.Namespace) -> int:
@@ -103,11 +103,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     if args.embeddings:
         args.teacher = args.teacher or "probe"
-        if args.teacher == "cnn":
-            raise ConfigError("the cnn teacher works on images: drop --embeddings")
+        if args.teacher not in EMBEDDING_TEACHERS:
+            raise ConfigError(f"the {args.teacher} teacher works on images: drop --embeddings")
         return _score_embeddings(args)
     args.teacher = args.teacher or "cnn"
-    if args.teacher not in ("cnn", "probe"):
+    if args.teacher not in IMAGE_TEACHERS:
         raise ConfigError(f"--teacher {args.teacher} needs --embeddings (see 'plada-send embed')")
     if not args.train:
         raise ConfigError("give --train (labeled task images)")
@@ -211,7 +211,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
         consensus_k=args.consensus, consensus_agreement=args.consensus_agreement, signer=signer,
     )  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(Path(args.json), summary)
     hist = " ".join(f"{k}:{v}" for k, v in summary["class_histogram"].items())
     chosen = summary["selection"]
     print(f"kept {summary['kept']} images ({100 * summary['keep_fraction']:.2f}%), "
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--task-id", help="task name recorded in the work directory")
     score.add_argument("--chunk-rows", type=int, default=8192, help="rows per streamed chunk")
     score.add_argument(
-        "--teacher", choices=["cnn", "probe", "zeroshot", "knn"], default=None,
+        "--teacher", choices=TEACHERS, default=None,
         help="cnn (images; default) or probe (default with --embeddings), zeroshot, knn",
     )  # fmt: skip
     score.add_argument("--teacher-epochs", type=int, default=40)

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from protocol.atomic_files import storage_guard, write_json_atomic
+from protocol.atomic_files import write_atomic, write_json_atomic
 from protocol.errors import ConfigError, ReferenceSetError
 from protocol.manifest import ReferenceManifest
 from protocol.reference.base import ReferenceSource
 from protocol.reference.encoded import EncodedReference
 from sender.embedding_store import (
+    MANIFEST_FILE,
     SKIPPED_FILE,
     StoreMeta,
     create_store_meta,
@@ -35,8 +36,6 @@ from sender.embedding_store import (
     read_part,
     write_part,
 )
-
-MANIFEST_FILE = "manifest.txt"
 
 
 class ReferenceImages(Dataset):
@@ -122,8 +121,7 @@ def embed_reference(
     )  # fmt: skip
     create_store_meta(root, meta)
     if not (root / MANIFEST_FILE).is_file():
-        with storage_guard(root / (MANIFEST_FILE + ".tmp")):
-            manifest.save(root / MANIFEST_FILE)
+        manifest.save(root / MANIFEST_FILE)
     mine = parts_of_shard(meta, shard)
     pending = [p for p in mine if read_part(root, p, meta) is None]
     resumed = len(mine) - len(pending)
@@ -232,10 +230,10 @@ def merge_embeddings(
         for part in range(meta.num_parts):
             found = part_path(Path(source), part)
             if read_part(root, part, meta) is None and read_part(Path(source), part, meta):
-                tmp = part_path(root, part).with_suffix(".copy.tmp")
-                with storage_guard(tmp):
-                    shutil.copyfile(found, tmp)
-                    os.replace(tmp, part_path(root, part))
+                with open(found, "rb") as copied:
+                    write_atomic(
+                        part_path(root, part), lambda handle: shutil.copyfileobj(copied, handle)
+                    )
     summary = merge_parts(root, int8=int8)
     skipped = [
         {"index": row, "key": manifest.keys[row], "reason": reason}

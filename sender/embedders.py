@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +23,21 @@ class Embedder(Protocol):
     name: str
 
     def embed(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray: ...
+
+
+class ClipEmbedder(Embedder, Protocol):
+    """An image and text embedder with CLIP's interface, as the production sender uses it:
+    images preprocessed like the stored reference embeddings, class-name prompts."""
+
+    model_name: str
+    preprocess: Callable[[Any], torch.Tensor]  # PIL image -> [3, S, S]
+
+    def embed_batch(self, batch: torch.Tensor) -> np.ndarray: ...
+
+    def embed_text(self, texts: list[str]) -> np.ndarray: ...
+
+    @property
+    def logit_scale(self) -> float: ...
 
 
 def resolve_model_name(model_name: str) -> str:

@@ -3,6 +3,7 @@
 Layout of an embeddings directory::
 
     meta.json                  what was embedded (model, reference fingerprint, n, dim)
+    manifest.txt               the reference set's manifest (folder layout for block coding)
     parts/part-000042.npz      rows [42 * part_rows, ...): fp16 ``embeddings`` + bool ``valid``
     embeddings.f16             after merge: n x dim little-endian float16, row-major
     embeddings.i8, scales.f32  optional int8 copy with one float32 scale per row
@@ -29,11 +30,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from protocol.atomic_files import storage_guard, write_json_atomic
+from protocol.atomic_files import atomic_outputs, write_atomic, write_json_atomic
 from protocol.errors import ConfigError, ReferenceSetError
 
 STORE_FORMAT = "plada-embeddings-v1"
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.txt"
 PARTS_DIR = "parts"
 F16_FILE = "embeddings.f16"
 I8_FILE = "embeddings.i8"
@@ -92,18 +94,14 @@ def write_part(
     skipped: dict[int, str] | None = None,
 ) -> None:
     """Write one part atomically (fp16 embeddings, valid mask, reasons for skipped rows)."""
-    path = part_path(root, part)
-    tmp = path.with_name(path.stem + ".tmp.npz")
     skipped = skipped or {}
-    with storage_guard(tmp):
-        np.savez(
-            tmp,
-            embeddings=embeddings.astype(np.float16),
-            valid=valid.astype(bool),
-            skipped_rows=np.asarray(sorted(skipped), dtype=np.int64),
-            skipped_reasons=np.asarray([skipped[r] for r in sorted(skipped)], dtype=str),
-        )
-        os.replace(tmp, path)
+    arrays = {
+        "embeddings": embeddings.astype(np.float16),
+        "valid": valid.astype(bool),
+        "skipped_rows": np.asarray(sorted(skipped), dtype=np.int64),
+        "skipped_reasons": np.asarray([skipped[r] for r in sorted(skipped)], dtype=str),
+    }
+    write_atomic(part_path(root, part), lambda handle: np.savez(handle, **arrays))
 
 
 class Part(NamedTuple):
@@ -160,9 +158,8 @@ def merge_parts(root: Path, int8: bool = False) -> dict[str, Any]:
     skipped: dict[int, str] = {}
     missing: list[int] = []
     names = [F16_FILE, I8_FILE, SCALES_FILE] if int8 else [F16_FILE]
-    temporaries = [root / (name + ".tmp") for name in names]
-    with storage_guard(*temporaries), contextlib.ExitStack() as stack:
-        handles = {name: stack.enter_context(open(root / (name + ".tmp"), "wb")) for name in names}
+    with atomic_outputs(*(root / name for name in names)) as outputs:
+        handles = dict(zip(names, outputs, strict=True))
         for part in range(meta.num_parts):
             found = read_part(root, part, meta)
             if found is None or missing:  # after the first gap, only look for more gaps
@@ -184,12 +181,7 @@ def merge_parts(root: Path, int8: bool = False) -> dict[str, Any]:
                 f"{', ...' if len(missing) > 10 else ''}): rerun 'plada-send embed' (with the "
                 "same --shard) for them, then merge again"
             )
-    for name in names:
-        os.replace(root / (name + ".tmp"), root / name)
-    tmp = root / (VALID_FILE + ".tmp.npy")
-    with storage_guard(tmp):
-        np.save(tmp, valid)
-        os.replace(tmp, root / VALID_FILE)
+    write_atomic(root / VALID_FILE, lambda handle: np.save(handle, valid))
     return {
         "n": meta.n, "dim": meta.dim, "valid": int(valid.sum()), "int8": int8,
         "skipped": dict(sorted(skipped.items())),

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from protocol.errors import ConfigError, TaskDataError
+from sender.embedders import ClipEmbedder
 from sender.stream_scoring import LinearHead
 
-EMBEDDING_TEACHERS = ("probe", "zeroshot", "knn")
 PROMPT_TEMPLATES = (
     "a photo of a {}.",
     "a photo of the {}.",
@@ -61,7 +61,7 @@ def train_probe(
 
 
 def zero_shot_head(
-    embedder: object, class_names: list[str], templates: tuple[str, ...] = PROMPT_TEMPLATES
+    embedder: ClipEmbedder, class_names: list[str], templates: tuple[str, ...] = PROMPT_TEMPLATES
 ) -> LinearHead:
     """Averaged prompt embeddings per class, scaled by CLIP's logit scale."""
     if len(class_names) < 2:
@@ -69,10 +69,10 @@ def zero_shot_head(
     rows = []
     for name in class_names:
         readable = name.replace("_", " ")
-        prompts = embedder.embed_text([t.format(readable) for t in templates])  # type: ignore[attr-defined]
+        prompts = embedder.embed_text([t.format(readable) for t in templates])
         mean = prompts.mean(axis=0)
         rows.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
-    scale = embedder.logit_scale  # type: ignore[attr-defined]
+    scale = embedder.logit_scale
     weight = np.stack(rows).astype(np.float32) * scale
     return LinearHead(weight, np.zeros(len(class_names), dtype=np.float32))
 

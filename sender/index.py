@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from protocol.atomic_files import write_atomic
 from protocol.errors import ReferenceSetError
+from sender.embedding_store import EmbeddingStore
 
 INDEX_FILE = "reference.faiss"
 
@@ -24,49 +25,15 @@ def build_index(embeddings: np.ndarray) -> faiss.Index:
 
 def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
     """Write the index atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    write_atomic(
+        Path(path), lambda handle: faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
+    )
 
 
 def load_index(path: str | os.PathLike[str]) -> faiss.Index:
     if not Path(path).is_file():
         raise ReferenceSetError(f"FAISS index {path} is missing: run 'plada-send score' again")
     return faiss.read_index(str(path))
-
-
-@dataclass(frozen=True)
-class LeakageReport:
-    """Task test images whose nearest kept reference image is a near duplicate."""
-
-    threshold: float
-    queries: int
-    duplicates: list[tuple[int, int, float]]  # (test image, reference index, cosine)
-    max_similarity: float
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "threshold": self.threshold,
-            "test_images_checked": self.queries,
-            "near_duplicates": len(self.duplicates),
-            "max_similarity": round(self.max_similarity, 4),
-            "pairs": [list(p) for p in self.duplicates[:100]],
-        }
-
-
-def near_duplicates(
-    index: faiss.Index, kept: np.ndarray, queries: np.ndarray, threshold: float = 0.97
-) -> LeakageReport:
-    """Nearest kept reference image of each query (search restricted to ``kept`` ids)."""
-    selector = faiss.IDSelectorBatch(np.ascontiguousarray(kept, dtype=np.int64))
-    params = faiss.SearchParameters(sel=selector)
-    sims, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), 1, params=params)
-    sims, ids = sims[:, 0], ids[:, 0]
-    hits = np.flatnonzero((sims >= threshold) & (ids >= 0))
-    pairs = [(int(q), int(ids[q]), float(sims[q])) for q in hits]
-    top = float(sims[ids >= 0].max()) if np.any(ids >= 0) else 0.0
-    return LeakageReport(threshold, int(queries.shape[0]), pairs, top)
 
 
 def choose_index(n: int, dim: int, memory_budget: int) -> dict[str, int | str]:
@@ -85,13 +52,18 @@ def choose_index(n: int, dim: int, memory_budget: int) -> dict[str, int | str]:
 
 
 def build_store_index(
-    store: object, memory_budget: int, kind: str = "auto", nprobe: int = 32,
-    chunk_rows: int = 65536, seed: int = 0, progress: bool = True,
-) -> tuple[faiss.Index, dict[str, int | str]]:  # fmt: skip
+    store: EmbeddingStore,
+    memory_budget: int,
+    kind: str = "auto",
+    nprobe: int = 32,
+    chunk_rows: int = 65536,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[faiss.Index, dict[str, int | str]]:
     """A FAISS inner-product index over a merged :class:`EmbeddingStore` (valid rows only)."""
     from tqdm import tqdm
 
-    n, dim = store.n, store.dim  # type: ignore[attr-defined]
+    n, dim = store.n, store.dim
     plan = choose_index(n, dim, memory_budget) if kind == "auto" else {"kind": kind}
     if plan["kind"] == "flat":
         index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
@@ -106,14 +78,14 @@ def build_store_index(
         sample = np.sort(
             rng.choice(n, size=min(n, max(39 * int(plan["nlist"]), 20_000)), replace=False)
         )
-        ivf.train(store.read_rows(sample))  # type: ignore[attr-defined]
+        ivf.train(store.read_rows(sample))
         ivf.nprobe = min(nprobe, int(plan["nlist"]))
         index = ivf
     else:
         raise ReferenceSetError(f"unknown index kind {kind!r} (auto, flat or ivfpq)")
-    valid = store.valid  # type: ignore[attr-defined]
+    valid = store.valid
     bar = tqdm(total=n, unit="vec", unit_scale=True, disable=not progress, desc="indexing")
-    for start, chunk in store.iter_chunks(chunk_rows):  # type: ignore[attr-defined]
+    for start, chunk in store.iter_chunks(chunk_rows):
         rows = np.arange(start, start + chunk.shape[0], dtype=np.int64)
         keep = valid[rows]
         vectors = np.ascontiguousarray(chunk.numpy()[keep])

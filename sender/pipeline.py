@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from protocol.atomic_files import write_json_atomic
+from protocol.atomic_files import write_atomic, write_json_atomic
 from protocol.errors import ConfigError, TaskDataError
-from protocol.manifest import BlockLayout
 from protocol.payload import (
     Payload,
-    decode_header,
-    encode_payload,
+    encode_payload_detailed,
     information_bound_bytes,
     write_payload,
 )
@@ -29,17 +27,122 @@ from protocol.reference.base import ReferenceSource
 from protocol.task_data import LabeledImages
 from sender import index as faiss_index
 from sender.domain_gap import measure_domain_gap, split_reference_sample
-from sender.scoring import SCORES, energy, entropy, knn_relevance
+from sender.embedders import Embedder
+from sender.scoring import energy, entropy, knn_relevance
 from sender.selection import SelectionConfig, select
 from sender.signer import PayloadSigner
-from sender.work_dir import REFERENCE_EMBEDDINGS, SCORE_REPORT, SCORES_FILE, TEST_EMBEDDINGS
+from sender.teacher_kinds import IMAGE_TEACHERS
+from sender.work_dir import (
+    REFERENCE_EMBEDDINGS,
+    SCORE_REPORT,
+    SCORES_FILE,
+    TEST_EMBEDDINGS,
+    ScoresFile,
+)
 
 INDEX_FILE = faiss_index.INDEX_FILE
 
 
-def _reference_images(reference: ReferenceSource, chunk: int = 16384) -> np.ndarray:
-    parts = [images for _, images in reference.iter_chunks(chunk)]
-    return np.concatenate(parts)
+def _reference_images(reference: ReferenceSource, channels: int, chunk: int = 16384) -> np.ndarray:
+    """The whole (in-memory sized) reference set; its channels must be the task's."""
+    images = np.concatenate([images for _, images in reference.iter_chunks(chunk)])
+    if images.shape[1] != channels:
+        raise TaskDataError(
+            f"task images have {channels} channels, reference images "
+            f"{images.shape[1]}: convert the task to match the reference set"
+        )
+    return images
+
+
+def _save_embeddings(path: Path, embeddings: np.ndarray) -> None:
+    write_atomic(path, lambda handle: np.save(handle, embeddings.astype(np.float16)))
+
+
+@dataclass
+class TeacherOutputs:
+    """What a teacher gives the scoring pass: logits and embeddings of the reference set
+    and the task, and embeddings for the near-duplicate (leakage) check."""
+
+    report: dict[str, Any]  # the teacher's report, with its test accuracy
+    logits: np.ndarray  # [n, k] reference logits
+    reference_embeddings: np.ndarray  # [n, d] for kNN relevance and the domain gap
+    train_embeddings: np.ndarray  # [t, d]
+    duplicate_reference: np.ndarray  # [n, d'] for the leakage index
+    duplicate_test: np.ndarray | None  # [s, d'] test images, if any
+    embedder: str
+    duplicate_embedder: str
+    score_start: float  # when scoring (as opposed to teacher training) began
+
+
+def _cnn_teacher(
+    images: np.ndarray,
+    train: LabeledImages,
+    test: LabeledImages | None,
+    epochs: int,
+    seed: int,
+    progress: bool,
+) -> TeacherOutputs:
+    """A small CNN trained on the task; its penultimate features embed both sides."""
+    from sender.embedders import PixelEmbedder  # torch: only the scoring stage needs it
+    from sender.teachers import CnnTeacher
+
+    teacher = CnnTeacher(epochs=epochs, seed=seed)
+    report = teacher.fit(train, progress=progress)
+    score_start = time.perf_counter()
+    logits, ref_emb = teacher.logits(images)
+    _, train_emb = teacher.logits(train.images)
+    accuracy = None
+    if test is not None:
+        test_logits, _ = teacher.logits(test.images)
+        accuracy = float((test_logits.argmax(1) == test.labels).mean())
+    # the teacher's features cluster by class, so duplicates are looked for in pixels
+    pixels = PixelEmbedder()
+    return TeacherOutputs(
+        report=asdict(report) | {"test_accuracy": accuracy},
+        logits=logits,
+        reference_embeddings=ref_emb,
+        train_embeddings=train_emb,
+        duplicate_reference=pixels.embed(images),
+        duplicate_test=None if test is None else pixels.embed(test.images),
+        embedder="teacher-features",
+        duplicate_embedder=pixels.name,
+        score_start=score_start,
+    )
+
+
+def _probe_teacher(
+    images: np.ndarray,
+    train: LabeledImages,
+    test: LabeledImages | None,
+    embedder: Embedder | None,
+    seed: int,
+) -> TeacherOutputs:
+    """A linear probe on the embedder's features (the same probe as on stored embeddings)."""
+    from sender.embedding_teachers import train_probe
+    from sender.teachers import TeacherReport
+
+    if embedder is None:
+        raise ConfigError("the probe teacher needs an embedder (e.g. --clip-model/--clip-weights)")
+    score_start = time.perf_counter()
+    ref_emb = embedder.embed(images)
+    train_emb = embedder.embed(train.images)
+    head = train_probe(train_emb, train.labels, len(train.class_names), seed=seed)
+    test_emb = None if test is None else embedder.embed(test.images)
+    accuracy = None
+    if test is not None:
+        accuracy = float((head.logits(test_emb).argmax(1) == test.labels).mean())
+    report = TeacherReport(kind="probe", train_images=int(train.labels.size))
+    return TeacherOutputs(
+        report=asdict(report) | {"test_accuracy": accuracy},
+        logits=head.logits(ref_emb),
+        reference_embeddings=ref_emb,
+        train_embeddings=train_emb,
+        duplicate_reference=ref_emb,
+        duplicate_test=test_emb,
+        embedder=embedder.name,
+        duplicate_embedder=embedder.name,
+        score_start=score_start,
+    )
 
 
 def score_reference(
@@ -48,7 +151,7 @@ def score_reference(
     test: LabeledImages | None,
     out_dir: str | os.PathLike[str],
     teacher_kind: str = "cnn",
-    embedder: Any = None,
+    embedder: Embedder | None = None,
     temperature: float = 1.0,
     knn_k: int = 5,
     teacher_epochs: int = 40,
@@ -56,89 +159,52 @@ def score_reference(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the teacher, score every reference image, and write the work directory."""
-    from sender.embedders import PixelEmbedder  # torch: only the scoring stage needs it
-    from sender.teachers import CnnTeacher, ProbeTeacher
-
+    if teacher_kind not in IMAGE_TEACHERS:
+        raise ConfigError(f"unknown teacher {teacher_kind!r} ({' or '.join(IMAGE_TEACHERS)})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if test is not None and test.class_names != train.class_names:
         raise TaskDataError("train and test splits list different classes")
     started = time.perf_counter()
-    images = _reference_images(reference)
-    if images.shape[1] != train.images.shape[1]:
-        raise TaskDataError(
-            f"task images have {train.images.shape[1]} channels, reference images "
-            f"{images.shape[1]}: convert the task to match the reference set"
-        )
-    teacher_accuracy: float | None = None
+    images = _reference_images(reference, train.images.shape[1])
     if teacher_kind == "cnn":
-        teacher = CnnTeacher(epochs=teacher_epochs, seed=seed)
-        report = teacher.fit(train, progress=progress)
-        score_start = time.perf_counter()
-        logits, ref_emb = teacher.logits(images)
-        _, train_emb = teacher.logits(train.images)
-        if test is not None:
-            test_logits, _ = teacher.logits(test.images)
-            teacher_accuracy = float((test_logits.argmax(1) == test.labels).mean())
-        embedder_name, duplicate_embedder_name = "teacher-features", "pixels"
-        # the teacher's features cluster by class, so duplicates are looked for in pixels
-        duplicate_embedder = PixelEmbedder()
-        dup_ref = duplicate_embedder.embed(images)
-        dup_test = None if test is None else duplicate_embedder.embed(test.images)
-    elif teacher_kind == "probe":
-        if embedder is None:
-            raise ConfigError(
-                "the probe teacher needs an embedder (e.g. --clip-model/--clip-weights)"
-            )
-        score_start = time.perf_counter()
-        ref_emb = embedder.embed(images)
-        train_emb = embedder.embed(train.images)
-        probe = ProbeTeacher(seed=seed)
-        report = probe.fit(train_emb, train.labels)
-        logits = probe.logits(ref_emb)
-        dup_ref, dup_test = ref_emb, None
-        if test is not None:
-            dup_test = embedder.embed(test.images)
-            teacher_accuracy = float((probe.logits(dup_test).argmax(1) == test.labels).mean())
-        embedder_name = duplicate_embedder_name = embedder.name
+        outputs = _cnn_teacher(images, train, test, teacher_epochs, seed, progress)
     else:
-        raise ConfigError(f"unknown teacher {teacher_kind!r} (cnn or probe)")
-    predicted = logits.argmax(1).astype(np.int64)
+        outputs = _probe_teacher(images, train, test, embedder, seed)
+    predicted = outputs.logits.argmax(1).astype(np.int64)
     scores = {
-        "energy": energy(logits, temperature),
-        "entropy": entropy(logits),
-        "knn": knn_relevance(ref_emb, predicted, train_emb, train.labels, knn_k),
+        "energy": energy(outputs.logits, temperature),
+        "entropy": entropy(outputs.logits),
+        "knn": knn_relevance(
+            outputs.reference_embeddings, predicted, outputs.train_embeddings, train.labels, knn_k
+        ),
     }
-    scoring_seconds = time.perf_counter() - score_start
+    scoring_seconds = time.perf_counter() - outputs.score_start
     sample_rows, query_rows = split_reference_sample(len(reference), sample=20_000)
-    gap = measure_domain_gap(ref_emb[sample_rows], ref_emb[query_rows], train_emb)
-    index = faiss_index.build_index(dup_ref)
-    faiss_index.save_index(index, out / INDEX_FILE)
-    np.save(out / REFERENCE_EMBEDDINGS, dup_ref.astype(np.float16))
-    if dup_test is not None:
-        np.save(out / TEST_EMBEDDINGS, dup_test.astype(np.float16))
-    np.savez(
-        out / SCORES_FILE,
+    ref_emb = outputs.reference_embeddings
+    gap = measure_domain_gap(ref_emb[sample_rows], ref_emb[query_rows], outputs.train_embeddings)
+    faiss_index.save_index(faiss_index.build_index(outputs.duplicate_reference), out / INDEX_FILE)
+    _save_embeddings(out / REFERENCE_EMBEDDINGS, outputs.duplicate_reference)
+    if outputs.duplicate_test is not None:
+        _save_embeddings(out / TEST_EMBEDDINGS, outputs.duplicate_test)
+    manifest = reference.manifest
+    ScoresFile(
+        scores=scores,
         predicted=predicted,
-        class_names=np.asarray(train.class_names),
-        reference_fingerprint=np.frombuffer(reference.manifest.fingerprint, dtype=np.uint8),
-        reference_size=np.int64(len(reference)),
-        reference_name=np.asarray(reference.manifest.name),
-        reference_block_starts=reference.manifest.block_starts(),
-        task=np.asarray(train.name),
-        recommended_strategy=np.asarray(gap.strategy),
-        **scores,
-    )
+        class_names=train.class_names,
+        reference_name=manifest.name,
+        reference_fingerprint=manifest.fingerprint,
+        reference_size=len(reference),
+        task=train.name,
+        recommended_strategy=gap.strategy,
+        reference_block_starts=manifest.block_starts(),
+    ).write(out / SCORES_FILE)
     summary = {
         "task": train.name,
-        "reference": {
-            "name": reference.manifest.name,
-            "size": len(reference),
-            "fingerprint": reference.manifest.fingerprint_hex,
-        },
-        "teacher": asdict(report) | {"test_accuracy": teacher_accuracy},
-        "embedder": embedder_name,
-        "duplicate_check_embedder": duplicate_embedder_name,
+        "reference": manifest.summary(),
+        "teacher": outputs.report,
+        "embedder": outputs.embedder,
+        "duplicate_check_embedder": outputs.duplicate_embedder,
         "domain_gap": gap.as_dict(),
         "recommended_strategy": gap.strategy,
         "predicted_histogram": np.bincount(predicted, minlength=len(train.class_names)).tolist(),
@@ -183,117 +249,122 @@ def make_payload(
     images whose nearest kept neighbours disagree with their label and refills them
     (see :mod:`sender.consensus`).
     """
-    from sender.embedding_store import EmbeddingStore
-
     work = Path(work_dir)
-    path = work / SCORES_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: run 'plada-send score' first")
-    with np.load(path, allow_pickle=False) as data:
-        available = [name for name in SCORES if name in data.files]
-        score = score or ("knn" if "knn" in available else "energy")
-        if score not in available:
-            raise ConfigError(
-                f"score {score!r} is not in {path} (available: {', '.join(available)})"
-            )
-        scores = data[score]
-        predicted = data["predicted"]
-        class_names = tuple(str(c) for c in data["class_names"])
-        fingerprint = data["reference_fingerprint"].tobytes()
-        reference_size = int(data["reference_size"])
-        reference_name = str(data["reference_name"])
-        layout = (
-            BlockLayout(
-                reference_name, fingerprint, reference_size, data["reference_block_starts"]
-            )
-            if "reference_block_starts" in data.files and data["reference_block_starts"].size
-            else None
+    scored = ScoresFile.read(work / SCORES_FILE)
+    available = scored.available_scores
+    score = score or ("knn" if "knn" in available else "energy")
+    if score not in available:
+        raise ConfigError(
+            f"score {score!r} is not in {work / SCORES_FILE} (available: {', '.join(available)})"
         )
-        task = task_id or str(data["task"])
-        unreadable = data["excluded"] if "excluded" in data.files else np.zeros(0, np.int64)
-        recommended = (
-            str(data["recommended_strategy"])
-            if "recommended_strategy" in data.files
-            else "safety-net"
-        )
-        embeddings_dir = str(data["embeddings_dir"]) if "embeddings_dir" in data.files else None
     if config.strategy == "auto":
-        config = replace(config, strategy=recommended)
-    excluded = unreadable
-    leakage: dict[str, Any] | None = None
-    index_path = _leakage_index(work, embeddings_dir)
-    if (work / TEST_EMBEDDINGS).is_file() and index_path is not None:
-        queries = np.load(work / TEST_EMBEDDINGS).astype(np.float32)
-        exact = None
-        if embeddings_dir and index_path.parent == Path(embeddings_dir):
-            exact = EmbeddingStore(embeddings_dir).read_rows
-        duplicates, hit_queries = faiss_index.near_duplicate_ids(
-            faiss_index.load_index(index_path), queries, leak_threshold, exact=exact
-        )
-        if exclude_leaks:
-            excluded = np.union1d(excluded, duplicates)
-        leakage = {
-            "threshold": leak_threshold,
-            "test_images_checked": int(queries.shape[0]),
-            "test_images_with_near_duplicates": hit_queries,
-            "near_duplicate_reference_images": int(duplicates.size),
-            "excluded": exclude_leaks,
-        }
-    kept = select(scores, predicted, len(class_names), config, excluded=excluded)
+        config = replace(config, strategy=scored.recommended_strategy)
+    duplicates, leakage = _leakage_check(work, scored, leak_threshold, exclude_leaks)
+    excluded = np.union1d(scored.excluded, duplicates) if exclude_leaks else scored.excluded
+    values, predicted, k = scored.scores[score], scored.predicted, len(scored.class_names)
+    kept = select(values, predicted, k, config, excluded=excluded)
     consensus = None
     if consensus_k > 0:
-        from sender.consensus import consensus_outliers
-
-        if embeddings_dir:
-            embeddings = EmbeddingStore(embeddings_dir).read_rows(kept)
-        elif (work / REFERENCE_EMBEDDINGS).is_file():
-            embeddings = np.load(work / REFERENCE_EMBEDDINGS, mmap_mode="r")[kept]
-        else:
-            raise ConfigError(f"{work} has no reference embeddings for the consensus filter")
-        dropped = kept[consensus_outliers(embeddings, predicted[kept], consensus_k,
-                                          consensus_agreement)]  # fmt: skip
-        kept = select(scores, predicted, len(class_names), config,
-                      excluded=np.union1d(excluded, dropped))  # fmt: skip
-        consensus = {"k": consensus_k, "min_agreement": consensus_agreement,
-                     "dropped": int(dropped.size)}  # fmt: skip
+        dropped = _consensus_outliers(work, scored, kept, consensus_k, consensus_agreement)
+        kept = select(values, predicted, k, config, excluded=np.union1d(excluded, dropped))
+        consensus = {
+            "k": consensus_k,
+            "min_agreement": consensus_agreement,
+            "dropped": int(dropped.size),
+        }
     if leakage is not None:
         leakage["kept_near_duplicates"] = int(np.intersect1d(kept, duplicates).size)
-    labels = predicted[kept].astype(np.int64)
     created = int(time.time())
     payload = Payload(
-        task=task,
-        reference_name=reference_name,
-        reference_fingerprint=fingerprint,
-        reference_size=reference_size,
-        class_names=class_names,
+        task=task_id or scored.task,
+        reference_name=scored.reference_name,
+        reference_fingerprint=scored.reference_fingerprint,
+        reference_size=scored.reference_size,
+        class_names=scored.class_names,
         indices=kept,
-        labels=labels,
+        labels=predicted[kept].astype(np.int64),
         selection=config.as_header() | {"score": score},
         created=created,
         sender=signer.stamp(created) if signer else None,
     )
-    encoded = encode_payload(payload, reference=layout, signer=signer.key if signer else None)
-    write_payload(out_path, encoded)
+    encoded = encode_payload_detailed(
+        payload, reference=scored.block_layout(), signer=signer.key if signer else None
+    )
+    write_payload(out_path, encoded.data)
     return {
         "payload": str(out_path),
-        "payload_bytes": len(encoded),
+        "payload_bytes": len(encoded.data),
         "kept": int(kept.size),
-        "keep_fraction": kept.size / reference_size,
-        "body_coding": decode_header(encoded)["body"],
-        "signed": None
-        if signer is None
-        else {
-            "sender": signer.key.sender,
-            "key_id": signer.key.key_id.hex(),
-            "sequence": payload.sender.sequence,
-            "expires": payload.sender.expires,
-        },
+        "keep_fraction": kept.size / scored.reference_size,
+        "body_coding": encoded.body,
+        "signed": _signature_summary(payload, signer),
         "selection": payload.selection,
-        "unreadable_excluded": int(unreadable.size),
+        "unreadable_excluded": int(scored.excluded.size),
         "class_histogram": payload.class_histogram(),
         "information_bound_bytes": round(
-            information_bound_bytes(reference_size, labels, len(class_names)), 1
+            information_bound_bytes(scored.reference_size, payload.labels, k), 1
         ),
         "leakage": leakage,
         "consensus": consensus,
+    }
+
+
+def _leakage_index(work: Path, embeddings_dir: str | None) -> Path | None:
+    """The index to search for near-duplicates: the work directory's, else the store's."""
+    candidates = [work / INDEX_FILE]
+    if embeddings_dir:
+        candidates.append(Path(embeddings_dir) / INDEX_FILE)
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _leakage_check(
+    work: Path, scored: ScoresFile, threshold: float, exclude: bool
+) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """Reference rows that are near-duplicates of the task's test images, and the
+    report of the check (None when the work directory has no test images or index)."""
+    from sender.embedding_store import EmbeddingStore
+
+    index_path = _leakage_index(work, scored.embeddings_dir)
+    if not (work / TEST_EMBEDDINGS).is_file() or index_path is None:
+        return np.zeros(0, np.int64), None
+    queries = np.load(work / TEST_EMBEDDINGS).astype(np.float32)
+    exact = None
+    if scored.embeddings_dir and index_path.parent == Path(scored.embeddings_dir):
+        exact = EmbeddingStore(scored.embeddings_dir).read_rows
+    duplicates, hit_queries = faiss_index.near_duplicate_ids(
+        faiss_index.load_index(index_path), queries, threshold, exact=exact
+    )
+    return duplicates, {
+        "threshold": threshold,
+        "test_images_checked": int(queries.shape[0]),
+        "test_images_with_near_duplicates": hit_queries,
+        "near_duplicate_reference_images": int(duplicates.size),
+        "excluded": exclude,
+    }
+
+
+def _consensus_outliers(
+    work: Path, scored: ScoresFile, kept: np.ndarray, k: int, agreement: float
+) -> np.ndarray:
+    """Kept rows whose ``k`` nearest kept neighbours mostly carry another label."""
+    from sender.consensus import consensus_outliers
+    from sender.embedding_store import EmbeddingStore
+
+    if scored.embeddings_dir:
+        embeddings = EmbeddingStore(scored.embeddings_dir).read_rows(kept)
+    elif (work / REFERENCE_EMBEDDINGS).is_file():
+        embeddings = np.load(work / REFERENCE_EMBEDDINGS, mmap_mode="r")[kept]
+    else:
+        raise ConfigError(f"{work} has no reference embeddings for the consensus filter")
+    return kept[consensus_outliers(embeddings, scored.predicted[kept], k, agreement)]
+
+
+def _signature_summary(payload: Payload, signer: PayloadSigner | None) -> dict[str, Any] | None:
+    if signer is None or payload.sender is None:
+        return None
+    return {
+        "sender": signer.key.sender,
+        "key_id": signer.key.key_id.hex(),
+        "sequence": payload.sender.sequence,
+        "expires": payload.sender.expires,
     }

@@ -12,27 +12,29 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from protocol.atomic_files import write_json_atomic
+from protocol.atomic_files import write_atomic, write_json_atomic
 from protocol.errors import ConfigError, TaskDataError
+from protocol.manifest import ReferenceManifest, reference_summary
+from protocol.reference.encoded import UnreadableImage, decode_rgb
 from protocol.task_data import image_folder_files
-from sender.domain_gap import measure_domain_gap, split_reference_sample
-from sender.embedding_store import EmbeddingStore
+from sender.domain_gap import DomainGap, measure_domain_gap, split_reference_sample
+from sender.embedders import ClipEmbedder
+from sender.embedding_store import MANIFEST_FILE, EmbeddingStore
 from sender.embedding_teachers import KnnTeacher, train_probe, zero_shot_head
 from sender.stream_scoring import LinearHead, score_chunks
-from sender.work_dir import SCORE_REPORT, SCORES_FILE, TEST_EMBEDDINGS
+from sender.teacher_kinds import EMBEDDING_TEACHERS
+from sender.work_dir import SCORE_REPORT, SCORES_FILE, TEST_EMBEDDINGS, ScoresFile
 
 
 def _block_starts(store_dir: str | os.PathLike[str], fingerprint_hex: str) -> np.ndarray:
     """The reference folders' starts from the store's manifest (empty when it is absent)."""
-    from protocol.manifest import ReferenceManifest
-    from sender.embed import MANIFEST_FILE
-
     path = Path(store_dir) / MANIFEST_FILE
     if not path.is_file():
         return np.zeros(0, np.int64)
@@ -52,12 +54,17 @@ def read_class_names(spec: str) -> list[str]:
     return names
 
 
-def embed_folder(
-    embedder: Any, root: Path, batch_size: int = 64
-) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """(embeddings, labels, class names) of a labeled ImageFolder, via CLIP's preprocess."""
-    from protocol.reference.encoded import UnreadableImage, decode_rgb
+@dataclass
+class EmbeddedSplit:
+    """A labeled task split embedded with CLIP."""
 
+    embeddings: np.ndarray  # [m, d] L2-normalised
+    labels: np.ndarray  # [m]
+    class_names: tuple[str, ...]
+
+
+def embed_folder(embedder: ClipEmbedder, root: Path, batch_size: int = 64) -> EmbeddedSplit:
+    """A labeled ImageFolder embedded through CLIP's own preprocessing."""
     files, labels, classes = image_folder_files(root)
     out = []
     for start in range(0, len(files), batch_size):
@@ -70,13 +77,72 @@ def embed_folder(
                     f"task image {file} is unreadable: {exc}; fix or remove it"
                 ) from exc
         out.append(embedder.embed_batch(torch.stack(batch)))
-    return np.concatenate(out), labels, classes
+    return EmbeddedSplit(np.concatenate(out), labels, classes)
+
+
+def _task_splits(
+    embedder: ClipEmbedder,
+    train_dir: str | None,
+    test_dir: str | None,
+    class_names: list[str] | None,
+) -> tuple[EmbeddedSplit | None, EmbeddedSplit | None, tuple[str, ...]]:
+    """(train, test, class names): the task's labeled images (either may be absent) and
+    the classes, which both splits must list in the same order."""
+    train = embed_folder(embedder, Path(train_dir)) if train_dir else None
+    test = embed_folder(embedder, Path(test_dir)) if test_dir else None
+    names = tuple(class_names) if class_names else (train.class_names if train else None)
+    if names is None:
+        raise TaskDataError("give the task's labeled images (--task/--train) or --classes")
+    for split in (train, test):
+        if split is not None and split.class_names != names:
+            raise TaskDataError(
+                f"the task's folders {split.class_names} differ from the class names {names}"
+            )
+    return train, test, names
+
+
+def _embedding_teacher(
+    teacher: str,
+    embedder: ClipEmbedder,
+    train: EmbeddedSplit | None,
+    names: tuple[str, ...],
+    knn_k: int,
+) -> LinearHead | KnnTeacher:
+    """The teacher on embeddings: a linear head (probe, zero-shot) or the kNN teacher."""
+    if teacher not in EMBEDDING_TEACHERS:
+        raise ConfigError(
+            f"unknown embedding teacher {teacher!r} ({', '.join(EMBEDDING_TEACHERS)})"
+        )
+    if teacher == "zeroshot":
+        return zero_shot_head(embedder, list(names))
+    if train is None:
+        raise TaskDataError(f"the {teacher} teacher needs labeled training images (--task/--train)")
+    if teacher == "probe":
+        return train_probe(train.embeddings, train.labels, len(names))
+    return KnnTeacher(train.embeddings, train.labels, len(names), k=knn_k)
+
+
+def _teacher_logits(model: LinearHead | KnnTeacher, embeddings: np.ndarray) -> np.ndarray:
+    if isinstance(model, KnnTeacher):
+        return model.logits_numpy(embeddings)
+    return model.logits(embeddings)
+
+
+def _store_domain_gap(store: EmbeddingStore, target: np.ndarray) -> DomainGap:
+    """The task's domain gap against a sample of the store's readable rows."""
+    sample_rows, query_rows = split_reference_sample(store.n)
+    valid = store.valid
+    return measure_domain_gap(
+        store.read_rows(sample_rows[valid[sample_rows]]),
+        store.read_rows(query_rows[valid[query_rows]]),
+        target,
+    )
 
 
 def score_embeddings(
     store_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    embedder: Any,
+    embedder: ClipEmbedder,
     teacher: str = "probe",
     train_dir: str | None = None,
     test_dir: str | None = None,
@@ -98,89 +164,56 @@ def score_embeddings(
             f"the reference was embedded with {store.meta.model}, the task with "
             f"{embedder.model_name}: use the same model and weights"
         )
-    train = embed_folder(embedder, Path(train_dir)) if train_dir else None
-    test = embed_folder(embedder, Path(test_dir)) if test_dir else None
-    names = tuple(class_names) if class_names else (train[2] if train else None)
-    if names is None:
-        raise TaskDataError("give the task's labeled images (--task/--train) or --classes")
-    for split in (train, test):
-        if split is not None and split[2] != names:
-            raise TaskDataError(
-                f"the task's folders {split[2]} differ from the class names {names}"
-            )
-    head: LinearHead | None = None
-    knn: KnnTeacher | None = None
-    if teacher == "probe":
-        if train is None:
-            raise TaskDataError("the probe teacher needs labeled training images (--task/--train)")
-        head = train_probe(train[0], train[1], len(names))
-    elif teacher == "zeroshot":
-        head = zero_shot_head(embedder, list(names))
-    elif teacher == "knn":
-        if train is None:
-            raise TaskDataError("the kNN teacher needs labeled training images (--task/--train)")
-        knn = KnnTeacher(train[0], train[1], len(names), k=knn_k)
-    else:
-        raise ConfigError(f"unknown embedding teacher {teacher!r} (probe, zeroshot or knn)")
-
-    def task_logits(x: np.ndarray) -> np.ndarray:
-        return head.logits(x) if head is not None else knn.logits_numpy(x)  # type: ignore[union-attr]
-
+    train, test, names = _task_splits(embedder, train_dir, test_dir, class_names)
+    model = _embedding_teacher(teacher, embedder, train, names, knn_k)
     accuracy = None
     if test is not None:
-        accuracy = float((task_logits(test[0]).argmax(1) == test[1]).mean())
-    target = test[0] if test is not None else (train[0] if train is not None else None)
-    gap = None
-    if target is not None:
-        sample_rows, query_rows = split_reference_sample(store.n)
-        valid = store.valid
-        gap = measure_domain_gap(
-            store.read_rows(sample_rows[valid[sample_rows]]),
-            store.read_rows(query_rows[valid[query_rows]]),
-            target,
-        )
+        accuracy = float((_teacher_logits(model, test.embeddings).argmax(1) == test.labels).mean())
+    target = test if test is not None else train
+    gap = None if target is None else _store_domain_gap(store, target.embeddings)
+    knn = model if isinstance(model, KnnTeacher) else None
     scores = score_chunks(
-        store.iter_chunks(chunk_rows, source), store.n, head, temperature=temperature,
-        chunk_rows=chunk_rows, logit_fn=None if knn is None else knn.logits,
-        num_classes=len(names), progress=progress,
-    )  # fmt: skip
-    invalid = np.flatnonzero(~store.valid)
-    np.savez(
-        out / SCORES_FILE,
-        energy=scores.energy,
-        entropy=scores.entropy,
-        predicted=scores.predicted,
-        excluded=invalid,
-        class_names=np.asarray(names),
-        reference_fingerprint=np.frombuffer(
-            bytes.fromhex(store.meta.reference_fingerprint), np.uint8
-        ),
-        reference_size=np.int64(store.n),
-        reference_name=np.asarray(store.meta.reference_name),
-        reference_block_starts=_block_starts(store_dir, store.meta.reference_fingerprint),
-        task=np.asarray(task_name or (Path(train_dir).parent.name if train_dir else "task")),
-        recommended_strategy=np.asarray(gap.strategy if gap else "safety-net"),
-        embeddings_dir=np.asarray(str(Path(store_dir).resolve())),
+        store.iter_chunks(chunk_rows, source),
+        store.n,
+        None if knn is not None else model,
+        temperature=temperature,
+        chunk_rows=chunk_rows,
+        logit_fn=None if knn is None else knn.logits,
+        num_classes=len(names),
+        progress=progress,
     )
+    invalid = np.flatnonzero(~store.valid)
+    strategy = gap.strategy if gap else "safety-net"
+    meta = store.meta
+    ScoresFile(
+        scores={"energy": scores.energy, "entropy": scores.entropy},
+        predicted=scores.predicted,
+        class_names=names,
+        reference_name=meta.reference_name,
+        reference_fingerprint=bytes.fromhex(meta.reference_fingerprint),
+        reference_size=store.n,
+        task=task_name or (Path(train_dir).parent.name if train_dir else "task"),
+        recommended_strategy=strategy,
+        reference_block_starts=_block_starts(store_dir, meta.reference_fingerprint),
+        excluded=invalid,
+        embeddings_dir=str(Path(store_dir).resolve()),
+    ).write(out / SCORES_FILE)
     if test is not None:
-        np.save(out / TEST_EMBEDDINGS, test[0].astype(np.float16))
+        test_embeddings = test.embeddings.astype(np.float16)
+        write_atomic(out / TEST_EMBEDDINGS, lambda handle: np.save(handle, test_embeddings))
     summary = {
         "task": task_name,
         "classes": list(names),
-        "reference": {
-            "name": store.meta.reference_name,
-            "size": store.n,
-            "fingerprint": store.meta.reference_fingerprint,
-            "unreadable_images": int(invalid.size),
-        },
-        "embedder": f"open_clip:{store.meta.model}",
+        "reference": reference_summary(meta.reference_name, store.n, meta.reference_fingerprint)
+        | {"unreadable_images": int(invalid.size)},
+        "embedder": f"open_clip:{meta.model}",
         "teacher": {
             "kind": teacher,
-            "train_images": 0 if train is None else len(train[1]),
+            "train_images": 0 if train is None else len(train.labels),
             "test_accuracy": accuracy,
         },
         "domain_gap": None if gap is None else gap.as_dict(),
-        "recommended_strategy": gap.strategy if gap else "safety-net",
+        "recommended_strategy": strategy,
         "predicted_histogram": np.bincount(scores.predicted, minlength=len(names)).tolist(),
         "scoring_seconds": scores.seconds,
         "scoring_images_per_second": scores.stats["rows_per_second"],

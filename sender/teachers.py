@@ -1,7 +1,9 @@
-"""Teachers: models trained on the task's labeled images that label the reference set.
+"""The image-level teacher: a classifier trained on the task's labeled images.
 
-- ``cnn``: an image classifier trained with the receiver's own training loop;
-- ``probe``: multinomial logistic regression on (CLIP) embeddings.
+``cnn`` trains with the shared training loop (:mod:`trainer.training`) and labels
+and embeds the reference set with one forward pass. The ``probe`` teacher on
+(CLIP) embeddings is :func:`sender.embedding_teachers.train_probe`, the same for
+both scoring paths.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import numpy as np
 import torch
 
 from protocol.task_data import LabeledImages
-
-TEACHERS = ("cnn", "probe")
+from sender.scoring import l2_normalize
+from trainer.models import SMALL_CNN
+from trainer.training import TrainConfig, predict, train_classifier
 
 
 @dataclass
@@ -31,15 +34,13 @@ class CnnTeacher:
 
     kind = "cnn"
 
-    def __init__(self, model_name: str = "small-cnn", epochs: int = 40, seed: int = 0) -> None:
+    def __init__(self, model_name: str = SMALL_CNN, epochs: int = 40, seed: int = 0) -> None:
         self.model_name = model_name
         self.epochs = epochs
         self.seed = seed
         self.model: torch.nn.Module | None = None
 
     def fit(self, task: LabeledImages, progress: bool = True) -> TeacherReport:
-        from receiver.training import TrainConfig, train_classifier
-
         config = TrainConfig(model=self.model_name, epochs=self.epochs, seed=self.seed)
         data = (torch.from_numpy(task.images), torch.from_numpy(task.labels))
         result = train_classifier(
@@ -54,28 +55,7 @@ class CnnTeacher:
 
     def logits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, L2-normalised penultimate features) for uint8 images."""
-        from receiver.training import predict
-        from sender.scoring import l2_normalize
-
         assert self.model is not None, "fit the teacher first"
         logits, features = predict(self.model, torch.from_numpy(images), with_features=True)
         assert features is not None
         return logits.numpy(), l2_normalize(features.numpy())
-
-
-class ProbeTeacher:
-    """Linear probe (logistic regression) on L2-normalised embeddings."""
-
-    kind = "probe"
-
-    def __init__(self, c: float = 10.0, seed: int = 0) -> None:
-        from sklearn.linear_model import LogisticRegression
-
-        self.classifier = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-
-    def fit(self, embeddings: np.ndarray, labels: np.ndarray) -> TeacherReport:
-        self.classifier.fit(embeddings, labels)
-        return TeacherReport(kind=self.kind, train_images=int(labels.size))
-
-    def logits(self, embeddings: np.ndarray) -> np.ndarray:
-        return self.classifier.decision_function(embeddings).astype(np.float32)

@@ -1,6 +1,121 @@
-"""Names of the files in a scoring work directory (written by ``score``, read by ``select``)."""
+"""The scoring work directory: written by ``plada-send score``, read by ``select``.
+
+Both scoring paths (images through a teacher, and stored CLIP embeddings) write
+the same :class:`ScoresFile`; its keys carry a schema version, so a work
+directory from another plada release is refused with a clear message instead of
+being half read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from protocol.atomic_files import write_atomic
+from protocol.errors import ConfigError
+from protocol.manifest import BlockLayout
+from sender.scoring import SCORES
 
 SCORES_FILE = "scores.npz"
 REFERENCE_EMBEDDINGS = "reference_embeddings.npy"
 TEST_EMBEDDINGS = "test_embeddings.npy"
 SCORE_REPORT = "score_report.json"
+SCORES_SCHEMA = 2  # 1: the unversioned files of earlier releases
+_SCORE_KEY = "score_"  # prefix of each relevance score's key
+
+
+def _empty_rows() -> np.ndarray:
+    return np.zeros(0, np.int64)
+
+
+@dataclass
+class ScoresFile:
+    """Per-reference-image scores and teacher labels, with what ``select`` needs to
+    write a payload (class names, the reference set's identity and folder layout)."""
+
+    scores: dict[str, np.ndarray]  # name (one of SCORES) -> float32 [n], lower is more relevant
+    predicted: np.ndarray  # int64 [n]: the teacher's label of each reference image
+    class_names: tuple[str, ...]
+    reference_name: str
+    reference_fingerprint: bytes
+    reference_size: int
+    task: str
+    recommended_strategy: str = "safety-net"
+    reference_block_starts: np.ndarray = field(default_factory=_empty_rows)  # empty: no folders
+    excluded: np.ndarray = field(default_factory=_empty_rows)  # unreadable reference rows
+    embeddings_dir: str | None = None  # the embeddings store scored (production path)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.scores) - set(SCORES)
+        if unknown:
+            raise ConfigError(f"unknown scores {sorted(unknown)} (known: {', '.join(SCORES)})")
+
+    @property
+    def available_scores(self) -> list[str]:
+        """The scores present, in :data:`~sender.scoring.SCORES` order."""
+        return [name for name in SCORES if name in self.scores]
+
+    def block_layout(self) -> BlockLayout | None:
+        """The reference folders' layout for block coding, or None without folders."""
+        if not self.reference_block_starts.size:
+            return None
+        return BlockLayout(
+            self.reference_name,
+            self.reference_fingerprint,
+            self.reference_size,
+            self.reference_block_starts,
+        )
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Write ``scores.npz`` atomically."""
+        arrays = {
+            "schema": np.int64(SCORES_SCHEMA),
+            "predicted": np.asarray(self.predicted, np.int64),
+            "class_names": np.asarray(self.class_names),
+            "reference_name": np.asarray(self.reference_name),
+            "reference_fingerprint": np.frombuffer(self.reference_fingerprint, np.uint8),
+            "reference_size": np.int64(self.reference_size),
+            "reference_block_starts": np.asarray(self.reference_block_starts, np.int64),
+            "task": np.asarray(self.task),
+            "recommended_strategy": np.asarray(self.recommended_strategy),
+            "excluded": np.asarray(self.excluded, np.int64),
+            "embeddings_dir": np.asarray(self.embeddings_dir or ""),
+        }
+        arrays |= {_SCORE_KEY + name: values for name, values in self.scores.items()}
+        write_atomic(Path(path), lambda handle: np.savez(handle, **arrays))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> ScoresFile:
+        """Read a ``scores.npz`` written by :meth:`write`; a missing file or another
+        schema is a ``ConfigError`` naming the fix."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: run 'plada-send score' first")
+        with np.load(path, allow_pickle=False) as data:
+            schema = int(data["schema"]) if "schema" in data.files else 1
+            if schema != SCORES_SCHEMA:
+                raise ConfigError(
+                    f"{path} has work-directory schema {schema}, this plada reads "
+                    f"{SCORES_SCHEMA}: run 'plada-send score' again"
+                )
+            scores = {
+                key.removeprefix(_SCORE_KEY): data[key]
+                for key in data.files
+                if key.startswith(_SCORE_KEY)
+            }
+            return cls(
+                scores=scores,
+                predicted=data["predicted"],
+                class_names=tuple(str(c) for c in data["class_names"]),
+                reference_name=str(data["reference_name"]),
+                reference_fingerprint=data["reference_fingerprint"].tobytes(),
+                reference_size=int(data["reference_size"]),
+                task=str(data["task"]),
+                recommended_strategy=str(data["recommended_strategy"]),
+                reference_block_starts=data["reference_block_starts"],
+                excluded=data["excluded"],
+                embeddings_dir=str(data["embeddings_dir"]) or None,
+            )

@@ -26,7 +26,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_pool(cache_dir: Path):
-    from protocol.reference.base import open_reference
+    from protocol.reference.factory import open_reference
 
     return open_reference(SMALL_SPEC, cache_dir)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from protocol.errors import ReferenceSetError
-from protocol.reference.base import open_reference
+from protocol.reference.factory import open_reference
 from protocol.reference.image_folder import ImageFolderReference
 from protocol.reference.webdataset import WebDatasetReference
 from tests.subprocess_cli import cli, cli_env, run

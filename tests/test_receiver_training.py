@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from receiver.checkpoint import load_checkpoint, previous_path, save_checkpoint
-from receiver.training import (
+from trainer.checkpoint import load_checkpoint, previous_path, save_checkpoint
+from trainer.training import (
     CheckpointPolicy,
     EpochOrder,
     TrainConfig,
@@ -99,7 +99,7 @@ def jpeg_tree(tmp_path_factory: pytest.TempPathFactory, small_pool):
 @pytest.mark.parametrize("decode", ["pil", "tensor"])
 def test_encoded_batches_decode_crop_and_report_unreadable(jpeg_tree, decode: str) -> None:
     from protocol.reference.image_folder import ImageFolderReference
-    from receiver.batches import EncodedBatches
+    from trainer.batches import EncodedBatches
 
     root, victim = jpeg_tree
     reference = ImageFolderReference(root, image_size=40)
@@ -122,7 +122,7 @@ def test_encoded_batches_decode_crop_and_report_unreadable(jpeg_tree, decode: st
 
 def test_training_from_image_files_runs_and_counts_unreadable(jpeg_tree) -> None:
     from protocol.reference.image_folder import ImageFolderReference
-    from receiver.batches import EncodedBatches
+    from trainer.batches import EncodedBatches
 
     root, _ = jpeg_tree
     reference = ImageFolderReference(root, image_size=32)

@@ -200,9 +200,8 @@ def test_full_disk_is_a_storage_error_and_leaves_no_partial_file(tmp_path, monke
     create_store_meta(tmp_path, meta)
     write_part(tmp_path, 0, x[:20], np.ones(20, bool))
 
-    def full(path, **arrays):
-        with open(path, "wb") as handle:
-            handle.write(b"half a part")
+    def full(handle, **arrays):  # the atomic writer's temporary file
+        handle.write(b"half a part")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(embedding_store.np, "savez", full)

@@ -41,9 +41,11 @@ from protocol.errors import (
 from protocol.manifest import BlockLayout
 from protocol.payload import Payload, SenderStamp, decode_payload, encode_payload
 from protocol.signing import SigningKey
-from protocol.trust import TrustPolicy, TrustStore, add_key, remove_keys, utc_text
+from protocol.timestamps import utc_text
+from protocol.trust import TrustPolicy, TrustStore
 from protocol.varint import encode_uvarints
 from receiver.ledger import SequenceLedger
+from receiver.trust_store import add_key, load_trust_store, remove_keys
 from sender.signer import next_sequence, parse_duration
 
 FP = bytes(range(32))
@@ -359,14 +361,14 @@ def test_trust_store_directory(tmp_path) -> None:
     other = SigningKey.generate("station-2")
     add_key(tmp_path / "trust", STATION.public)
     add_key(tmp_path / "trust", other.public)
-    store = TrustStore.load(tmp_path / "trust")
+    store = load_trust_store(tmp_path / "trust")
     assert store.senders() == ["station-1", "station-2"] and len(store) == 2
     assert remove_keys(tmp_path / "trust", "station-2")
-    assert TrustStore.load(tmp_path / "trust").senders() == ["station-1"]
-    assert len(TrustStore.load(tmp_path / "absent")) == 0
+    assert load_trust_store(tmp_path / "trust").senders() == ["station-1"]
+    assert len(load_trust_store(tmp_path / "absent")) == 0
     (tmp_path / "trust" / "broken.pub").write_text("{not json")
     with pytest.raises(TrustStoreError, match=r"broken\.pub"):
-        TrustStore.load(tmp_path / "trust")
+        load_trust_store(tmp_path / "trust")
 
 
 def _take(path, count, out):

@@ -12,21 +12,11 @@ from __future__ import annotations
 import abc
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from protocol.errors import ReferenceSetError
 from protocol.reference.base import ReferenceSource
-
-
-@dataclass(frozen=True)
-class SkippedImage:
-    """A reference image that could not be read, and why."""
-
-    index: int
-    key: str
-    reason: str
 
 
 class UnreadableImage(ReferenceSetError):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protocol.atomic_files import write_atomic
 from protocol.errors import ReferenceSetError
 from protocol.manifest import ReferenceManifest
 from protocol.reference.encoded import EncodedReference, UnreadableImage
@@ -121,10 +122,9 @@ def _cached_scan(path: Path, cache_dir: Path | None):
             pass  # rescan below
     keys, offsets, sizes, problem = scan_shard(path)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.stem + ".tmp.npz")
-    np.savez(tmp, keys=np.asarray(keys, dtype=str), offsets=offsets, sizes=sizes,
-             problem=np.asarray(problem or ""))  # fmt: skip
-    os.replace(tmp, cached)
+    arrays = {"keys": np.asarray(keys, dtype=str), "offsets": offsets, "sizes": sizes,
+              "problem": np.asarray(problem or "")}  # fmt: skip
+    write_atomic(cached, lambda handle: np.savez(handle, **arrays))
     return keys, offsets, sizes, problem
 
 

@@ -1,10 +1,34 @@
-"""Command-line options both CLIs use to name the local reference set."""
+"""What the two command lines (``plada-send``, ``plada-receive``) share: running a
+subcommand with typed errors, and the options that name the local reference set.
+
+It belongs to the command lines, not to the protocol: :mod:`protocol` is the
+contract both sides implement and knows nothing of argparse.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from protocol.reference.base import ReferenceSource, open_reference
+from protocol.errors import PladaError
+from protocol.reference.base import ReferenceSource
+from protocol.reference.factory import open_reference
+
+EXIT_USER_ERROR = 2
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand's ``func``.
+
+    A ``PladaError`` becomes one line on stderr (``prog: error: Type: message``)
+    and exit status 2; anything else is a bug and keeps its traceback.
+    """
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PladaError as exc:
+        print(f"{parser.prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def add_reference_options(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +43,7 @@ def add_reference_options(parser: argparse.ArgumentParser) -> None:
 
 
 def reference_from_args(args: argparse.Namespace) -> ReferenceSource:
+    """The reference set the options name."""
     return open_reference(args.reference, args.cache_dir, args.image_size)
 
 

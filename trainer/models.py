@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -11,6 +12,20 @@ from torch import nn
 from protocol.errors import ConfigError, WeightsError
 
 SMALL_CNN = "small-cnn"
+
+
+@runtime_checkable
+class FeatureClassifier(Protocol):
+    """A classifier that exposes its penultimate embedding (teachers label and embed
+    the reference set with one forward pass)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate embedding, [N, embedding_dim]."""
+        ...
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`features` (in eval mode: the same as ``forward``)."""
+        ...
 
 
 class SmallCNN(nn.Module):
@@ -45,8 +60,12 @@ class SmallCNN(nn.Module):
         """Penultimate embedding, [N, embedding_dim]."""
         return self.body(x)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`features` (dropout is active in training mode only)."""
+        return self.head(self.dropout(features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.body(x)))
+        return self.classify(self.body(x))
 
 
 def build_model(

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from protocol.atomic_files import fsync_directory, write_atomic
+from trainer.faults import crash_point
 
 CHECKPOINT_FORMAT = 1
-log = logging.getLogger("plada.receiver")
+log = logging.getLogger("plada.trainer")
 
 
 def previous_path(path: Path) -> Path:
@@ -28,8 +29,6 @@ def previous_path(path: Path) -> Path:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Durably replace the checkpoint at ``path``; the old one becomes ``.prev``."""
-    from receiver.faults import crash_point
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"format": CHECKPOINT_FORMAT, **state}

@@ -1,4 +1,4 @@
-"""Named crash points for fault-injection tests of the receiver.
+"""Named crash points for fault-injection tests of the receiver and the training loop.
 
 ``PLADA_CRASH_AT=<point>`` (or ``<point>@<n>`` for its n-th visit) makes the process
 kill itself with SIGKILL when it reaches that point: no cleanup handler, no flush,

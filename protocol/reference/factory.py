@@ -1,0 +1,39 @@
+"""Opening a reference set from the spec a user gives (``--reference``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from protocol.errors import ReferenceSetError
+from protocol.reference.base import ReferenceSource
+from protocol.reference.glyph_pool import GlyphPool, parse_glyph_spec
+from protocol.reference.image_folder import ImageFolderReference
+from protocol.reference.webdataset import WebDatasetReference
+from protocol.world.glyphs import default_cache_dir
+
+
+def open_reference(
+    spec: str, cache_dir: str | os.PathLike[str] | None = None, image_size: int = 64
+) -> ReferenceSource:
+    """Open a reference set from a spec.
+
+    - ``glyphs`` or ``glyphs:seed=0,per=700``: the embedded glyph world (generated and
+      cached on first use);
+    - ``wds:<dir or pattern>``, or a directory holding ``*.tar`` shards: WebDataset shards;
+    - any other directory: an ImageFolder tree ``<wnid>/<file>``.
+    """
+    if spec == "glyphs" or spec.startswith("glyphs:"):
+        return GlyphPool.open(parse_glyph_spec(spec), cache_dir)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if spec.startswith("wds:"):
+        return WebDatasetReference(spec[4:], image_size=image_size, cache_dir=cache)
+    path = Path(spec)
+    if path.is_dir():
+        if any(path.glob("*.tar")) and not any(p.is_dir() for p in path.iterdir()):
+            return WebDatasetReference(spec, image_size=image_size, cache_dir=cache)
+        return ImageFolderReference(path, image_size=image_size)
+    raise ReferenceSetError(
+        f"reference {spec!r} is neither 'glyphs[:seed=S,per=P]', 'wds:<shards>' "
+        "nor an existing directory"
+    )

@@ -1,0 +1,75 @@
+"""The receiver's trust store on disk: a directory of sender public key files.
+
+Key files (``*.pub``) are written by ``plada-send keygen`` and installed with
+``plada-receive trust add``. This module does the directory I/O and builds the
+:class:`~protocol.trust.TrustPolicy` that the payload decoder applies; the
+policy itself is pure logic in :mod:`protocol.trust`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from protocol.errors import SigningKeyError, TrustStoreError
+from protocol.signing import SenderKey
+from protocol.trust import TrustPolicy, TrustStore
+
+KEY_SUFFIX = ".pub"
+
+
+def load_trust_store(directory: str | os.PathLike[str]) -> TrustStore:
+    """Every ``*.pub`` file of ``directory`` (an absent directory trusts nobody)."""
+    directory = Path(directory)
+    if not directory.exists():
+        return TrustStore()
+    if not directory.is_dir():
+        raise TrustStoreError(f"trust store {directory} is not a directory")
+    keys = []
+    for path in sorted(directory.glob(f"*{KEY_SUFFIX}")):
+        try:
+            keys.append(SenderKey.load(path))
+        except SigningKeyError as exc:
+            raise TrustStoreError(
+                f"trust store {directory}: {exc}; remove or replace {path.name}"
+            ) from exc
+    return TrustStore(keys)
+
+
+def add_key(directory: str | os.PathLike[str], key: SenderKey) -> Path:
+    """Install ``key`` into the trust store ``directory``; returns the file written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{key.sender}.{key.key_id.hex()}{KEY_SUFFIX}"
+    key.save(path)
+    return path
+
+
+def remove_keys(directory: str | os.PathLike[str], selector: str) -> list[Path]:
+    """Remove the keys whose sender id or key id (hex) is ``selector``."""
+    removed = []
+    for path in sorted(Path(directory).glob(f"*{KEY_SUFFIX}")):
+        try:
+            key = SenderKey.load(path)
+        except SigningKeyError:
+            continue
+        if selector in (key.sender, key.key_id.hex()):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def build_trust_policy(
+    trust_dir: str | os.PathLike[str] | None,
+    allow_unsigned: bool,
+    check_expiry: bool,
+    last_sequence: Callable[[str], int | None] | None,
+) -> TrustPolicy:
+    """The policy of a receiver whose trusted keys are in ``trust_dir`` (None: nobody).
+
+    ``last_sequence`` gives the last sequence number accepted from each sender (the
+    ledger's or the daemon queue's); None leaves replay checks to the caller.
+    """
+    store = load_trust_store(trust_dir) if trust_dir is not None else TrustStore()
+    return TrustPolicy(store, allow_unsigned, check_expiry, last_sequence=last_sequence)
