@@ -126,27 +126,54 @@ def main() -> None:
     run([*send, "task", "digits", "--out", str(work / "task")], logs / "task.log")
     sender_fp = run([*send, "reference", *sender_ref], logs / "sender-reference.log").split()[-1]
     run(
-        [*send, "score", *sender_ref, "--train", str(work / "task/train.npz"),
-         "--test", str(work / "task/test.npz"), "--out", str(work / "sender"), "--quiet",
-         "--teacher-epochs", str(args.teacher_epochs)],
+        [
+            *send,
+            "score",
+            *sender_ref,
+            "--train",
+            str(work / "task/train.npz"),
+            "--test",
+            str(work / "task/test.npz"),
+            "--out",
+            str(work / "sender"),
+            "--quiet",
+            "--teacher-epochs",
+            str(args.teacher_epochs),
+        ],
         logs / "score.log",
-    )  # fmt: skip
+    )
     score_report = json.loads((work / "sender/score_report.json").read_text())
     key = work / "keys" / "demo-station"
     if not key.with_suffix(".key").is_file():  # the station's signing key, made once
-        run([*send, "keygen", "--sender-id", "demo-station", "--out", str(key)],
-            logs / "keygen.log")  # fmt: skip
+        run(
+            [*send, "keygen", "--sender-id", "demo-station", "--out", str(key)], logs / "keygen.log"
+        )
     payloads: dict[str, dict[str, Any]] = {}
     for scheme in SCHEMES:
         out = work / "payloads" / f"{scheme.name}.plada"
         summary_path = work / "payloads" / f"{scheme.name}.json"
         run(
-            [*send, "select", str(work / "sender"), "--strategy", scheme.strategy,
-             "--score", scheme.score, "--keep", str(scheme.keep), "--reserve", str(scheme.reserve),
-             "--signing-key", str(key.with_suffix(".key")),
-             "--out", str(out), "--json", str(summary_path)],
+            [
+                *send,
+                "select",
+                str(work / "sender"),
+                "--strategy",
+                scheme.strategy,
+                "--score",
+                scheme.score,
+                "--keep",
+                str(scheme.keep),
+                "--reserve",
+                str(scheme.reserve),
+                "--signing-key",
+                str(key.with_suffix(".key")),
+                "--out",
+                str(out),
+                "--json",
+                str(summary_path),
+            ],
             logs / f"select-{scheme.name}.log",
-        )  # fmt: skip
+        )
         payloads[scheme.name] = json.loads(summary_path.read_text())
 
     print("receiver (edge device):")
@@ -160,13 +187,26 @@ def main() -> None:
     for scheme in SCHEMES:
         out = work / "students" / scheme.name
         run(
-            [*receive, "train", str(work / "payloads" / f"{scheme.name}.plada"), *receiver_ref,
-             *trust,
-             "--holdout", str(work / "task/test.npz"), "--seeds", *map(str, args.seeds),
-             "--min-steps", str(args.steps), "--max-steps", str(args.steps),
-             "--out", str(out), "--quiet"],
+            [
+                *receive,
+                "train",
+                str(work / "payloads" / f"{scheme.name}.plada"),
+                *receiver_ref,
+                *trust,
+                "--holdout",
+                str(work / "task/test.npz"),
+                "--seeds",
+                *map(str, args.seeds),
+                "--min-steps",
+                str(args.steps),
+                "--max-steps",
+                str(args.steps),
+                "--out",
+                str(out),
+                "--quiet",
+            ],
             logs / f"train-{scheme.name}.log",
-        )  # fmt: skip
+        )
         students[scheme.name] = json.loads((out / "report.json").read_text())
 
     print("baseline: real target pixels in the same byte budget:")
@@ -181,19 +221,31 @@ def main() -> None:
     rows = []
     for scheme in SCHEMES:
         accs = [r["holdout_accuracy"] for r in students[scheme.name]["runs"]]
-        rows.append({
-            "scheme": scheme.name, "description": scheme.label, "keep": scheme.keep,
-            "kept_images": payloads[scheme.name]["kept"],
-            "payload_bytes": payloads[scheme.name]["payload_bytes"],
-            "accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
-            "accuracies": accs, "leakage": payloads[scheme.name]["leakage"],
-        })  # fmt: skip
-    rows.append({
-        "scheme": "pixels", "description": "real target pixels, 8x8, zstd-19", "keep": None,
-        "kept_images": pixels["images"], "payload_bytes": pixels["payload_bytes"],
-        "accuracy_mean": float(np.mean(pixels["accuracies"])),
-        "accuracy_std": float(np.std(pixels["accuracies"])), "accuracies": pixels["accuracies"],
-    })  # fmt: skip
+        rows.append(
+            {
+                "scheme": scheme.name,
+                "description": scheme.label,
+                "keep": scheme.keep,
+                "kept_images": payloads[scheme.name]["kept"],
+                "payload_bytes": payloads[scheme.name]["payload_bytes"],
+                "accuracy_mean": float(np.mean(accs)),
+                "accuracy_std": float(np.std(accs)),
+                "accuracies": accs,
+                "leakage": payloads[scheme.name]["leakage"],
+            }
+        )
+    rows.append(
+        {
+            "scheme": "pixels",
+            "description": "real target pixels, 8x8, zstd-19",
+            "keep": None,
+            "kept_images": pixels["images"],
+            "payload_bytes": pixels["payload_bytes"],
+            "accuracy_mean": float(np.mean(pixels["accuracies"])),
+            "accuracy_std": float(np.std(pixels["accuracies"])),
+            "accuracies": pixels["accuracies"],
+        }
+    )
     teacher_acc = score_report["teacher"]["test_accuracy"]
     elapsed = time.perf_counter() - started
     report = {
@@ -212,20 +264,28 @@ def main() -> None:
 
     n = score_report["reference"]["size"]
     print()
-    print(f"reference pool: {n} glyph images, fingerprint {sender_fp[:16]}... (sender) == "
-          f"{receiver_fp[:16]}... (receiver)")  # fmt: skip
-    print(f"target task: sklearn digits, teacher (CNN on 898 real images) test accuracy "
-          f"{teacher_acc:.4f}")  # fmt: skip
-    print(f"student: small CNN trained only on reference images; accuracy on 899 real test digits, "
-          f"mean +- std of {len(args.seeds)} seeds")  # fmt: skip
+    print(
+        f"reference pool: {n} glyph images, fingerprint {sender_fp[:16]}... (sender) == "
+        f"{receiver_fp[:16]}... (receiver)"
+    )
+    print(
+        f"target task: sklearn digits, teacher (CNN on 898 real images) test accuracy "
+        f"{teacher_acc:.4f}"
+    )
+    print(
+        f"student: small CNN trained only on reference images; accuracy on 899 real test digits, "
+        f"mean +- std of {len(args.seeds)} seeds"
+    )
     header = f"{'scheme':36s} {'keep':>5s} {'images':>7s} {'bytes':>7s} {'student accuracy':>18s}"
     print(header)
     print("-" * len(header))
     for row in rows:
         keep = "-" if row["keep"] is None else f"{100 * row['keep']:.0f}%"
         acc = f"{100 * row['accuracy_mean']:.1f} +- {100 * row['accuracy_std']:.1f}%"
-        print(f"{row['description']:36s} {keep:>5s} {row['kept_images']:7d} "
-              f"{row['payload_bytes']:7d} {acc:>18s}")  # fmt: skip
+        print(
+            f"{row['description']:36s} {keep:>5s} {row['kept_images']:7d} "
+            f"{row['payload_bytes']:7d} {acc:>18s}"
+        )
     print(f"\ntotal {elapsed:.0f}s")
     print(f"report: {report_path}")
 

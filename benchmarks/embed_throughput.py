@@ -48,8 +48,11 @@ def decode_floor(reference, preprocess, side: int, batch_size: int, workers: int
     from sender.embed import ReferenceImages
 
     rows = np.arange(len(reference))
-    loader = DataLoader(ReferenceImages(reference, rows, preprocess, side), batch_size=batch_size,
-                        num_workers=workers)  # fmt: skip
+    loader = DataLoader(
+        ReferenceImages(reference, rows, preprocess, side),
+        batch_size=batch_size,
+        num_workers=workers,
+    )
     started = time.perf_counter()
     for _ in loader:
         pass
@@ -161,10 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         for decode in ("pil", "torchvision"):
             out = root / f"emb-{decode}"
             summary = embed_reference(
-                reference, out, args.model, str(weights), device=args.device,
-                batch_size=args.batch_size, workers=workers, part_rows=4096, progress=False,
+                reference,
+                out,
+                args.model,
+                str(weights),
+                device=args.device,
+                batch_size=args.batch_size,
+                workers=workers,
+                part_rows=4096,
+                progress=False,
                 decode=decode,
-            )  # fmt: skip
+            )
             rates[f"embed --decode {decode}"] = summary.images_per_second
             merge_parts(out)
             stores[decode] = np.fromfile(out / "embeddings.f16", dtype="<f2").astype(np.float32)
@@ -172,13 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         pil, tv = stores["pil"].reshape(-1, dim), stores["torchvision"].reshape(-1, dim)
         cosine = (pil * tv).sum(1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(tv, axis=1)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"\n{args.model}, random weights, {args.images} JPEGs 500x375, device {device}, "
-          f"{workers} reader workers, batch {args.batch_size}")  # fmt: skip
+    print(
+        f"\n{args.model}, random weights, {args.images} JPEGs 500x375, device {device}, "
+        f"{workers} reader workers, batch {args.batch_size}"
+    )
     print(f"{'stage':<44} {'img/s':>9} {'14.2M images':>14}")
     for name, value in rates.items():
         print(f"{name:<44} {value:>9.0f} {IMAGENET_21K / value / 3600:>12.2f} h")
-    print(f"embeddings, torchvision vs PIL preprocessing: cosine mean {cosine.mean():.5f}, "
-          f"min {cosine.min():.5f}")  # fmt: skip
+    print(
+        f"embeddings, torchvision vs PIL preprocessing: cosine mean {cosine.mean():.5f}, "
+        f"min {cosine.min():.5f}"
+    )
     return 0
 
 

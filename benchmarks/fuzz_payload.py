@@ -97,9 +97,11 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=8192)
     parser.add_argument("--corpus", help="corpus directory (default: a temporary one)")
     parser.add_argument(
-        "--mode", choices=["all", *MODES], default="all",
+        "--mode",
+        choices=["all", *MODES],
+        default="all",
         help="one mode for every input (all: the first byte of each input picks it)",
-    )  # fmt: skip
+    )
     args, extra = parser.parse_known_args()
     MODE = None if args.mode == "all" else args.mode
     corpus = Path(args.corpus or tempfile.mkdtemp(prefix="plada-fuzz-"))
@@ -107,11 +109,21 @@ def main() -> None:
     for number, data in enumerate(seed_inputs(MODE)):
         (corpus / f"seed-{number}").write_bytes(data)
     STATS = Stats(Path(args.stats), args.runs)
-    print(f"fuzzing decode_payload ({args.mode}): {args.runs} inputs, corpus {corpus}",
-          file=sys.stderr)  # fmt: skip
-    libfuzzer = [sys.argv[0], f"-runs={args.runs}", f"-seed={args.seed}",
-                 f"-max_len={args.max_len}", "-timeout=10", "-rss_limit_mb=4096",
-                 "-print_final_stats=1", *extra, str(corpus)]  # fmt: skip
+    print(
+        f"fuzzing decode_payload ({args.mode}): {args.runs} inputs, corpus {corpus}",
+        file=sys.stderr,
+    )
+    libfuzzer = [
+        sys.argv[0],
+        f"-runs={args.runs}",
+        f"-seed={args.seed}",
+        f"-max_len={args.max_len}",
+        "-timeout=10",
+        "-rss_limit_mb=4096",
+        "-print_final_stats=1",
+        *extra,
+        str(corpus),
+    ]
     atheris.Setup(libfuzzer, test_one_input)
     atheris.Fuzz()
 

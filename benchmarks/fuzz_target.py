@@ -57,16 +57,25 @@ def seed_payloads() -> list[bytes]:
             labels = rng.integers(0, k, count)
         for signed in (True, False):
             made = payload.Payload(
-                "fuzz", "fuzz-ref", FINGERPRINT, n, tuple(f"c{i}" for i in range(k)), indices,
-                labels, created=NOW - 60,
+                "fuzz",
+                "fuzz-ref",
+                FINGERPRINT,
+                n,
+                tuple(f"c{i}" for i in range(k)),
+                indices,
+                labels,
+                created=NOW - 60,
                 sender=payload.SenderStamp(KEY.sender, 5, NOW + 3600) if signed else None,
-            )  # fmt: skip
+            )
             signer = KEY if signed else None
             for codings in ((payload.BODY_CODING,), (payload.BLOCK_CODING,)):
                 for reference in (LAYOUT, None):
                     try:
-                        seeds.append(payload.encode_payload(
-                            made, reference=reference, codings=codings, signer=signer))  # fmt: skip
+                        seeds.append(
+                            payload.encode_payload(
+                                made, reference=reference, codings=codings, signer=signer
+                            )
+                        )
                     except block_code.UnplannableError:
                         continue
     return seeds

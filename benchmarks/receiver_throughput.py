@@ -142,14 +142,30 @@ def main() -> None:
         labels = torch.from_numpy(np.arange(count) % 1000)
 
         def source():
-            return EncodedBatches(reference, np.arange(count), labels, args.image_size,
-                                  "crop-flip", 0, args.decode, threads, prefetch=4)  # fmt: skip
+            return EncodedBatches(
+                reference,
+                np.arange(count),
+                labels,
+                args.image_size,
+                "crop-flip",
+                0,
+                args.decode,
+                threads,
+                prefetch=4,
+            )
 
         total = warmup + steps
         config = TrainConfig(
-            model=args.model, epochs=1, min_steps=total, max_steps=total, batch_size=batch,
-            augment="crop-flip", device=str(device), compile=args.compile, lr=1e-3,
-        )  # fmt: skip
+            model=args.model,
+            epochs=1,
+            min_steps=total,
+            max_steps=total,
+            batch_size=batch,
+            augment="crop-flip",
+            device=str(device),
+            compile=args.compile,
+            lr=1e-3,
+        )
         decode_path = args.decode if args.decode != "auto" else ("tensor" if cuda else "pil")
         rows = [
             ("decode only", decode_only(source(), batch, steps, warmup, device)),
@@ -158,24 +174,42 @@ def main() -> None:
         ]
     compute = rows[2][1]
     name = torch.cuda.get_device_name(device) if cuda else f"{platform.machine()} CPU"
-    print(f"\nmodel {args.model}, {args.image_size}px crops from {args.jpeg_size}px JPEGs, "
-          f"batch {batch}, device {name}, decode {decode_path}, {threads} threads, "
-          f"amp {'bf16' if cuda else 'off'}, compile {args.compile}")  # fmt: skip
+    print(
+        f"\nmodel {args.model}, {args.image_size}px crops from {args.jpeg_size}px JPEGs, "
+        f"batch {batch}, device {name}, decode {decode_path}, {threads} threads, "
+        f"amp {'bf16' if cuda else 'off'}, compile {args.compile}"
+    )
     print(f"{'path':14s} {'images/s':>10s} {'vs compute':>11s}")
     for label, rate in rows:
         print(f"{label:14s} {rate:10.1f} {rate / compute:10.2f}x")
     e2e = rows[1][1]
     seconds = PAPER_IMAGES * PAPER_EPOCHS / e2e
-    print(f"\npaper run (142K images x 5 epochs) at {e2e:.0f} img/s: {seconds / 60:.1f} min "
-          f"(goal: >= {GOAL_IMAGES_PER_SECOND} img/s, under 2.5 min on one H100)")  # fmt: skip
+    print(
+        f"\npaper run (142K images x 5 epochs) at {e2e:.0f} img/s: {seconds / 60:.1f} min "
+        f"(goal: >= {GOAL_IMAGES_PER_SECOND} img/s, under 2.5 min on one H100)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "device": name, "model": args.model, "batch_size": batch, "decode": decode_path,
-            "image_size": args.image_size, "jpeg_size": args.jpeg_size, "threads": threads,
-            "images_per_second": {label: rate for label, rate in rows},
-            "end_to_end_vs_compute": e2e / compute, "paper_run_minutes": seconds / 60,
-            "goal_met": bool(e2e >= GOAL_IMAGES_PER_SECOND), "steps": steps, "warmup": warmup,
-        }, indent=2) + "\n")  # fmt: skip
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": name,
+                    "model": args.model,
+                    "batch_size": batch,
+                    "decode": decode_path,
+                    "image_size": args.image_size,
+                    "jpeg_size": args.jpeg_size,
+                    "threads": threads,
+                    "images_per_second": {label: rate for label, rate in rows},
+                    "end_to_end_vs_compute": e2e / compute,
+                    "paper_run_minutes": seconds / 60,
+                    "goal_met": bool(e2e >= GOAL_IMAGES_PER_SECOND),
+                    "steps": steps,
+                    "warmup": warmup,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -65,9 +65,14 @@ def write_synthetic_store(root: Path, n: int, seed: int = 0) -> float:
     os.replace(root / (F16_FILE + ".tmp"), root / F16_FILE)
     np.save(root / VALID_FILE, np.ones(n, dtype=bool))
     meta = StoreMeta(
-        model="synthetic", pretrained="none", dim=DIM, n=n, part_rows=65536,
-        reference_name="synthetic-21k", reference_fingerprint="00" * 32,
-    )  # fmt: skip
+        model="synthetic",
+        pretrained="none",
+        dim=DIM,
+        n=n,
+        part_rows=65536,
+        reference_name="synthetic-21k",
+        reference_fingerprint="00" * 32,
+    )
     from dataclasses import asdict
 
     write_json_atomic(root / "meta.json", asdict(meta))
@@ -138,9 +143,12 @@ def child_ours(store_dir: str, k: int, chunk_rows: int, source: str) -> dict[str
     store = EmbeddingStore(store_dir)
     started = time.perf_counter()
     scores = score_chunks(
-        store.iter_chunks(chunk_rows, source), store.n, _head(k), chunk_rows=chunk_rows,
+        store.iter_chunks(chunk_rows, source),
+        store.n,
+        _head(k),
+        chunk_rows=chunk_rows,
         progress=False,
-    )  # fmt: skip
+    )
     scored = time.perf_counter()
     kept = select(scores.energy, scores.predicted, k, SelectionConfig(keep=0.01))
     done = time.perf_counter()
@@ -174,8 +182,10 @@ def child_naive(store_dir: str, k: int, rows: int) -> dict[str, float]:
 def _run_child(args: list[str]) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.sender_scale", "--child", *args],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -222,12 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         floor = max(read_floor, gemm_floor)
         rows.append(
             {
-                "k": k, "n": args.n, **ours, "rows_per_s": args.n / ours["score_s"],
-                "gemm_gflops": flops / 1e9, "gemm_floor_s": gemm_floor,
-                "read_floor_s": read_floor, "ratio_to_floor": ours["wall_s"] / floor,
+                "k": k,
+                "n": args.n,
+                **ours,
+                "rows_per_s": args.n / ours["score_s"],
+                "gemm_gflops": flops / 1e9,
+                "gemm_floor_s": gemm_floor,
+                "read_floor_s": read_floor,
+                "ratio_to_floor": ours["wall_s"] / floor,
                 "naive_extrapolated_s": naive_full,
             }
-        )  # fmt: skip
+        )
     header = (
         f"{'k':>4} {'score s':>8} {'select s':>8} {'total s':>8} {'Mrows/s':>8} "
         f"{'peak MB':>8} {'read fl.':>8} {'GEMM fl.':>8} {'x floor':>7} {'naive s':>8}"

@@ -255,9 +255,14 @@ def _choose_levels(sizes: np.ndarray, ones: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _run_events(
-    starts: np.ndarray, sizes: np.ndarray, level: np.ndarray, one_pos: np.ndarray,
-    ones_per: np.ndarray, tables: list[FrequencyTable], bits: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    starts: np.ndarray,
+    sizes: np.ndarray,
+    level: np.ndarray,
+    one_pos: np.ndarray,
+    ones_per: np.ndarray,
+    tables: list[FrequencyTable],
+    bits: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run-code every partial block; return per-event (cum, freq) and events per block.
 
     ``one_pos`` are sorted positions in the concatenation of the partial blocks
@@ -663,9 +668,13 @@ def decode_blocks(body: bytes, n: int, k: int, count: int, starts: np.ndarray):
 
 
 def _decode_runs(
-    section: memoryview, starts: np.ndarray, sizes: np.ndarray, levels: np.ndarray,
-    lvl: np.ndarray, lanes: int,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    section: memoryview,
+    starts: np.ndarray,
+    sizes: np.ndarray,
+    levels: np.ndarray,
+    lvl: np.ndarray,
+    lanes: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the run "ones" (absolute) and their count per partial block."""
     decoder = LaneDecoder(section, lanes, "runs")
     ones_per = np.zeros(sizes.size, np.int64)
@@ -717,9 +726,14 @@ def _decode_runs(
 
 
 def _decode_grouped_labels(
-    reader: _Reader, block: np.ndarray, kept: np.ndarray, same_t: FrequencyTable | None,
-    label_t: FrequencyTable, purity_set: _TableSet, flag_set: _TableSet,
-) -> np.ndarray:  # fmt: skip
+    reader: _Reader,
+    block: np.ndarray,
+    kept: np.ndarray,
+    same_t: FrequencyTable | None,
+    label_t: FrequencyTable,
+    purity_set: _TableSet,
+    flag_set: _TableSet,
+) -> np.ndarray:
     groups = np.flatnonzero(kept)
     same = _TableSet([same_t], "same-flags").decode(
         reader.section("same-flags"), groups.size - 1, None

@@ -158,10 +158,12 @@ class Payload:
         ):
             raise ReferenceMismatchError(
                 _mismatch_message(
-                    self.reference_name, self.reference_fingerprint, self.reference_size,
+                    self.reference_name,
+                    self.reference_fingerprint,
+                    self.reference_size,
                     manifest.layout(),
                 )
-            )  # fmt: skip
+            )
 
 
 def _check_content(indices: np.ndarray, labels: np.ndarray, n: int, k: int) -> None:
@@ -477,9 +479,14 @@ def _frame(data: bytes, max_bytes: int) -> _Frame:
     if len(data) > expected_total:
         raise CorruptPayloadError(f"{len(data) - expected_total} unexpected bytes after the end")
     return _Frame(
-        version, header_start, header_end, body_start, body_start + body_len, expected_total,
+        version,
+        header_start,
+        header_end,
+        body_start,
+        body_start + body_len,
+        expected_total,
         **envelope,
-    )  # fmt: skip
+    )
 
 
 def _parse_envelope(data: bytes) -> tuple[dict[str, Any], int]:
@@ -503,8 +510,13 @@ def _parse_envelope(data: bytes) -> tuple[dict[str, Any], int]:
     if not is_valid_sender_id(sender):
         raise MalformedHeaderError(f"sender id {raw_sender!r} is not a valid sender id")
     sequence, expires, _ = _ENVELOPE_TAIL.unpack_from(data, tail)
-    fields = {"algorithm": algorithm, "key_id": key_id, "sender": sender,
-              "sequence": sequence, "expires": expires}  # fmt: skip
+    fields = {
+        "algorithm": algorithm,
+        "key_id": key_id,
+        "sender": sender,
+        "sequence": sequence,
+        "expires": expires,
+    }
     return fields, header_start
 
 
@@ -516,9 +528,11 @@ def _check_origin(data: bytes, frame: _Frame, trust: TrustPolicy | None) -> Send
         return None
     if trust is not None:
         trust.check_signature(
-            frame.sender, frame.key_id, data[frame.digest_end : frame.total],
+            frame.sender,
+            frame.key_id,
+            data[frame.digest_end : frame.total],
             data[: frame.digest_end],
-        )  # fmt: skip
+        )
     stamp = SenderStamp(frame.sender, frame.sequence, frame.expires)
     if trust is not None:
         trust.check_freshness(stamp.sender, stamp.sequence, stamp.expires)
@@ -564,8 +578,9 @@ def decode_payload(
         layout.fingerprint != header.fingerprint or layout.size != header.reference_size
     ):
         raise ReferenceMismatchError(
-            _mismatch_message(header.reference_name, header.fingerprint, header.reference_size,
-                              layout)
+            _mismatch_message(
+                header.reference_name, header.fingerprint, header.reference_size, layout
+            )
         )
     body = data[frame.body_start : frame.digest_start]
     indices, labels = _decode_body(body, header, frame.version, layout, max_reference_size)
@@ -636,7 +651,15 @@ def _checked_header(raw: bytes, stamp: SenderStamp | None) -> _Header:
     body_info = _field(header, "body", dict, "")
     coding = _text(body_info, "coding", "body.")
     return _Header(
-        task, created, ref_name, fingerprint, n, tuple(classes), count, selection, body_info,
+        task,
+        created,
+        ref_name,
+        fingerprint,
+        n,
+        tuple(classes),
+        count,
+        selection,
+        body_info,
         coding,
     )
 
@@ -661,8 +684,7 @@ def _decode_body(
         starts = _block_starts(header.body, n, layout, max_reference_size)
         return block_code.decode_blocks(body, n, len(classes), count, starts)
     raise UnsupportedVersionError(
-        f"body coding {header.coding!r} is not supported by this build for format version "
-        f"{version}"
+        f"body coding {header.coding!r} is not supported by this build for format version {version}"
     )
 
 

@@ -45,8 +45,11 @@ class LabeledImages:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as ``.npz`` (atomically)."""
-        arrays = {"images": self.images, "labels": self.labels,
-                  "class_names": np.asarray(self.class_names)}  # fmt: skip
+        arrays = {
+            "images": self.images,
+            "labels": self.labels,
+            "class_names": np.asarray(self.class_names),
+        }
         write_atomic(Path(path), lambda handle: np.savez_compressed(handle, **arrays))
 
 

@@ -17,7 +17,17 @@ import sys
 from pathlib import Path
 
 from plada_cli import add_reference_options, print_reference, reference_from_args, run_cli
+from protocol.errors import ConfigError
+from protocol.payload import decode_payload, read_payload, read_payload_bytes
+from protocol.signing import SenderKey
+from protocol.task_data import load_labeled_images
 from protocol.timestamps import utc_text
+from receiver.ledger import SequenceLedger
+from receiver.status import open_home_queue, print_status
+from receiver.trust_store import add_key, build_trust_policy, load_trust_store, remove_keys
+
+# Subcommands import the modules that load torch or faiss when they run, so that
+# --help and the light subcommands start in a fraction of a second.
 
 TRUST_ENV = "PLADA_TRUST_DIR"
 LEDGER_FILE = "ledger.sqlite"
@@ -34,14 +44,16 @@ def add_trust_options(parser: argparse.ArgumentParser, daemon: bool = False) -> 
             help="last accepted sequence number per sender (default TRUST/ledger.sqlite)",
         )
     group.add_argument(
-        "--allow-unsigned", action="store_true",
+        "--allow-unsigned",
+        action="store_true",
         help="accept unsigned payloads: development only, never on a deployed device",
-    )  # fmt: skip
+    )
     group.add_argument(
-        "--no-expiry-check", action="store_true",
+        "--no-expiry-check",
+        action="store_true",
         help="for a device without a trusted clock: ignore payload expiry (sequence numbers "
         "still stop replays)",
-    )  # fmt: skip
+    )
 
 
 def _trust_dir(args: argparse.Namespace) -> Path | None:
@@ -50,16 +62,12 @@ def _trust_dir(args: argparse.Namespace) -> Path | None:
 
 
 def _ledger(args: argparse.Namespace):
-    from receiver.ledger import SequenceLedger
-
     trust_dir = _trust_dir(args)
     path = args.ledger or (trust_dir / LEDGER_FILE if trust_dir else None)
     return SequenceLedger(path) if path else None
 
 
 def _policy(args: argparse.Namespace, ledger=None):
-    from receiver.trust_store import build_trust_policy
-
     return build_trust_policy(
         _trust_dir(args),
         args.allow_unsigned,
@@ -79,8 +87,6 @@ def _origin(payload) -> str:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from protocol.payload import read_payload
-
     ledger = _ledger(args)
     try:
         payload = read_payload(
@@ -109,18 +115,28 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr", type=float, default=3e-3)
     group.add_argument("--label-smoothing", type=float, default=0.1)
     group.add_argument(
-        "--augment", choices=["auto", "none", "affine", "affine-flip", "crop-flip"],
-        default="auto", help="auto: crop-flip for image files, affine for the glyph world",
-    )  # fmt: skip
+        "--augment",
+        choices=["auto", "none", "affine", "affine-flip", "crop-flip"],
+        default="auto",
+        help="auto: crop-flip for image files, affine for the glyph world",
+    )
     group.add_argument("--balanced", action="store_true", help="class-balanced sampling")
-    group.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
-                       help="bf16 autocast (auto: on CUDA only)")  # fmt: skip
+    group.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "off"],
+        default="auto",
+        help="bf16 autocast (auto: on CUDA only)",
+    )
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--device", default="auto")
     group.add_argument("--seeds", type=int, nargs="+", default=[0])
-    group.add_argument("--decode", choices=["auto", "pil", "tensor"], default="auto",
-                       help="image files: Pillow threads, or batched torchvision decode "
-                            "(nvJPEG on CUDA); auto picks tensor on CUDA")  # fmt: skip
+    group.add_argument(
+        "--decode",
+        choices=["auto", "pil", "tensor"],
+        default="auto",
+        help="image files: Pillow threads, or batched torchvision decode "
+        "(nvJPEG on CUDA); auto picks tensor on CUDA",
+    )
     group.add_argument("--loader-threads", type=int, default=8)
     group.add_argument("--checkpoint-seconds", type=float, default=60.0)
     group.add_argument("--checkpoint-steps", type=int, default=0, help="0: by time only")
@@ -133,23 +149,34 @@ def job_settings_from_args(args: argparse.Namespace):
     from trainer.training import TrainConfig
 
     config = TrainConfig(
-        model=args.model, epochs=args.epochs, min_steps=args.min_steps, max_steps=args.max_steps,
-        batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing,
-        augment=args.augment, device=args.device,
-        weights=args.weights, balanced=args.balanced, amp=args.amp, compile=args.compile,
-    )  # fmt: skip
+        model=args.model,
+        epochs=args.epochs,
+        min_steps=args.min_steps,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        label_smoothing=args.label_smoothing,
+        augment=args.augment,
+        device=args.device,
+        weights=args.weights,
+        balanced=args.balanced,
+        amp=args.amp,
+        compile=args.compile,
+    )
     return JobSettings(
-        train=config, seeds=tuple(args.seeds), decode=args.decode,
-        loader_threads=args.loader_threads, export=not args.no_export,
-        checkpoint_seconds=args.checkpoint_seconds, checkpoint_steps=args.checkpoint_steps,
-    )  # fmt: skip
+        train=config,
+        seeds=tuple(args.seeds),
+        decode=args.decode,
+        loader_threads=args.loader_threads,
+        export=not args.no_export,
+        checkpoint_seconds=args.checkpoint_seconds,
+        checkpoint_steps=args.checkpoint_steps,
+    )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import hashlib
 
-    from protocol.payload import decode_payload, read_payload_bytes
-    from protocol.task_data import load_labeled_images
     from receiver.job import run_job, started_with, summarize
 
     raw = read_payload_bytes(args.payload)  # read once: hashed, then verified
@@ -172,19 +199,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     holdout = load_labeled_images(args.holdout, size) if args.holdout else None
     settings = job_settings_from_args(args)
     report = run_job(
-        args.payload, reference, args.out, settings, holdout, not args.quiet,
+        args.payload,
+        reference,
+        args.out,
+        settings,
+        holdout,
+        not args.quiet,
         trust=policy.without_freshness(),
-    )  # fmt: skip
+    )
     print(summarize(report))
     print(f"report: {args.out}/report.json")
     return 0
 
 
 def _cmd_trust(args: argparse.Namespace) -> int:
-    from protocol.errors import ConfigError
-    from protocol.signing import SenderKey
-    from receiver.trust_store import add_key, load_trust_store, remove_keys
-
     trust_dir = Path(args.home) / "trust" if args.home else _trust_dir(args)
     if trust_dir is None:
         raise ConfigError(f"name the trust store: --trust DIR, --home HOME or ${TRUST_ENV}")
@@ -210,26 +238,30 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     from receiver.daemon import DaemonConfig, run_daemon
 
     config = DaemonConfig(
-        home=args.home, inbox=args.inbox, reference=args.reference, cache_dir=args.cache_dir,
-        image_size=args.image_size, holdout=args.holdout, settings=job_settings_from_args(args),
-        http_port=args.http_port, poll_seconds=args.poll_seconds,
-        settle_seconds=args.settle_seconds, exit_when_idle=args.exit_when_idle,
-        max_restarts=args.max_restarts, trust_dir=args.trust, allow_unsigned=args.allow_unsigned,
+        home=args.home,
+        inbox=args.inbox,
+        reference=args.reference,
+        cache_dir=args.cache_dir,
+        image_size=args.image_size,
+        holdout=args.holdout,
+        settings=job_settings_from_args(args),
+        http_port=args.http_port,
+        poll_seconds=args.poll_seconds,
+        settle_seconds=args.settle_seconds,
+        exit_when_idle=args.exit_when_idle,
+        max_restarts=args.max_restarts,
+        trust_dir=args.trust,
+        allow_unsigned=args.allow_unsigned,
         check_expiry=not args.no_expiry_check,
-    )  # fmt: skip
+    )
     return run_daemon(config)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from receiver.status import print_status
-
     return print_status(args.home, as_json=args.json)
 
 
 def _cmd_retry(args: argparse.Namespace) -> int:
-    from protocol.errors import ConfigError
-    from receiver.status import open_home_queue
-
     queue = open_home_queue(args.home)
     try:
         job = queue.get(args.job)

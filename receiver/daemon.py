@@ -26,6 +26,9 @@ from pathlib import Path
 
 from protocol.errors import PladaError
 from protocol.payload import MAX_PAYLOAD_BYTES
+from protocol.reference.factory import open_reference
+from protocol.task_data import load_labeled_images
+from receiver.http_upload import start_http
 from receiver.intake import Intake
 from receiver.job import JobControl, JobSettings, run_job
 from receiver.job_queue import Job, JobQueue
@@ -243,9 +246,6 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped; returns the exit status."""
-        from protocol.reference.factory import open_reference
-        from protocol.task_data import load_labeled_images
-
         config = self.config
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop.set())
@@ -276,8 +276,6 @@ class Daemon:
         intake_thread.start()
         server = None
         if config.http_port:
-            from receiver.http_upload import start_http
-
             server = start_http(
                 config.http_port,
                 self.inbox,

@@ -248,10 +248,16 @@ class Intake:
         crash_point("intake-spooled")
         try:
             job, created = self.queue.add(
-                sha256, str(spooled.relative_to(self.home)), source_name, payload.task,
-                payload.count, len(payload.class_names), len(data), intake_name=path.name,
+                sha256,
+                str(spooled.relative_to(self.home)),
+                source_name,
+                payload.task,
+                payload.count,
+                len(payload.class_names),
+                len(data),
+                intake_name=path.name,
                 stamp=payload.sender,
-            )  # fmt: skip
+            )
         except (ReplayError, RollbackError) as exc:  # another daemon of this home won the race
             spooled.unlink(missing_ok=True)
             self._quarantine(path, source_name, sha256, exc)

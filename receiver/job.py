@@ -23,7 +23,7 @@ import torch
 
 from protocol.atomic_files import write_json_atomic, write_text_atomic
 from protocol.errors import TaskDataError
-from protocol.payload import Payload, read_payload
+from protocol.payload import Payload, decode_payload, read_payload_bytes
 from protocol.reference.base import ReferenceSource
 from protocol.reference.encoded import EncodedReference
 from protocol.task_data import LabeledImages
@@ -159,6 +159,22 @@ def _job_state(out: Path, identity: dict[str, Any]) -> Path:
     return state
 
 
+@dataclass
+class _Job:
+    """What every seed of one job shares."""
+
+    payload: Payload
+    reference: ReferenceSource
+    settings: JobSettings
+    out: Path
+    state: Path  # the job's state folder: checkpoints and finished seeds
+    sha256: str
+    holdout: LabeledImages | None
+    progress: bool
+    control: JobControl
+    images: torch.Tensor | None  # a set held in memory, loaded once for all seeds
+
+
 def run_job(
     payload_path: str | os.PathLike[str],
     reference: ReferenceSource,
@@ -176,8 +192,7 @@ def run_job(
     The payload is verified again under ``trust`` (the caller has checked its
     freshness when accepting it)."""
     started = time.perf_counter()
-    control = control or JobControl()
-    raw = Path(payload_path).read_bytes()
+    raw = read_payload_bytes(payload_path)
     sha256 = hashlib.sha256(raw).hexdigest()
     out = Path(out_dir)
     train = replace(settings.train, augment=resolve_augment(settings.train.augment, reference))
@@ -186,90 +201,121 @@ def run_job(
     done = _finished_report(out, identity)
     if done is not None:  # this payload was already trained with these settings
         return done
-    payload = read_payload(payload_path, reference=reference.manifest, trust=trust)
+    payload = decode_payload(raw, reference=reference.manifest, trust=trust)
     payload.check_reference(reference.manifest)
     if holdout is not None:
         _check_holdout(holdout, payload, reference.in_channels)
-    state = _job_state(out, identity)
-    runs = []
-    images = None  # a set held in memory is loaded once for all seeds
+    images = None
     if not isinstance(reference, EncodedReference):
         images = torch.from_numpy(np.ascontiguousarray(reference.load(payload.indices)))
-    for seed in settings.seeds:
-        record_path = state / f"seed{seed}.json"
-        if record_path.is_file():  # finished before an interruption
-            runs.append(json.loads(record_path.read_text()))
-            continue
-        config = replace(settings.train, seed=seed)
-        source = _batch_source(payload, reference, replace(settings, train=config), seed, images)
-        policy = CheckpointPolicy(
-            state / f"seed{seed}.ckpt", settings.checkpoint_seconds, settings.checkpoint_steps
-        )
-        result = train_classifier(
-            source,
-            len(payload.class_names),
-            config,
-            reference.in_channels,
-            progress=progress,
-            checkpoint=policy,
-            should_stop=control.should_stop,
-            data_id=sha256,
-            on_step=_step_hook(control.on_step, seed),
-        )
-        run: dict[str, Any] = {
-            "seed": seed,
-            "steps": result.steps,
-            "epochs": result.config["epochs_run"],
-            "resumed_from_step": result.resumed_from,
-            "seconds": round(result.seconds, 2),
-            "images_per_second": round(result.images_per_second, 1),
-            "final_loss": round(result.history[-1]["loss"], 4),
-            "unreadable_images": result.unreadable_images,
-            "model_file": f"model-seed{seed}.pt",
-            "history": result.history,
-            "curve": result.curve,
-        }
-        if holdout is not None:
-            run["holdout_accuracy"] = accuracy(
-                result.model, torch.from_numpy(holdout.images), torch.from_numpy(holdout.labels)
-            )
-        crash_point("outputs-saving")
-        save_state_dict(result.model, out / run["model_file"])
-        if settings.export:
-            run["exported"] = export_program(
-                result.model, source.image_shape, out / f"model-seed{seed}.pt2"
-            )
-        write_json_atomic(record_path, run, durable=True)
-        crash_point("outputs-saved")
-        runs.append(run)
+    job = _Job(
+        payload,
+        reference,
+        settings,
+        out,
+        _job_state(out, identity),
+        sha256,
+        holdout,
+        progress,
+        control or JobControl(),
+        images,
+    )
+    runs = [_train_seed(job, seed) for seed in settings.seeds]
     plot_training_curves(runs, out / CURVE_FILE, f"{payload.task}: {settings.train.model}")
+    report = _job_report(job, runs, str(payload_path), len(raw), identity, started)
+    write_text_atomic(out / SUMMARY_FILE, summarize(report) + "\n")
+    write_json_atomic(out / REPORT_FILE, report, durable=True)  # last: marks the job complete
+    shutil.rmtree(job.state, ignore_errors=True)
+    return report
+
+
+def _train_seed(job: _Job, seed: int) -> dict[str, Any]:
+    """Train (or resume, or recall) the student of one seed and save its outputs; returns
+    the seed's record for the report."""
+    record_path = job.state / f"seed{seed}.json"
+    if record_path.is_file():  # finished before an interruption
+        return json.loads(record_path.read_text())
+    settings = job.settings
+    config = replace(settings.train, seed=seed)
+    source = _batch_source(
+        job.payload, job.reference, replace(settings, train=config), seed, job.images
+    )
+    policy = CheckpointPolicy(
+        job.state / f"seed{seed}.ckpt", settings.checkpoint_seconds, settings.checkpoint_steps
+    )
+    result = train_classifier(
+        source,
+        len(job.payload.class_names),
+        config,
+        job.reference.in_channels,
+        progress=job.progress,
+        checkpoint=policy,
+        should_stop=job.control.should_stop,
+        data_id=job.sha256,
+        on_step=_step_hook(job.control.on_step, seed),
+    )
+    run: dict[str, Any] = {
+        "seed": seed,
+        "steps": result.steps,
+        "epochs": result.config["epochs_run"],
+        "resumed_from_step": result.resumed_from,
+        "seconds": round(result.seconds, 2),
+        "images_per_second": round(result.images_per_second, 1),
+        "final_loss": round(result.history[-1]["loss"], 4),
+        "unreadable_images": result.unreadable_images,
+        "model_file": f"model-seed{seed}.pt",
+        "history": result.history,
+        "curve": result.curve,
+    }
+    if job.holdout is not None:
+        holdout = job.holdout
+        run["holdout_accuracy"] = accuracy(
+            result.model, torch.from_numpy(holdout.images), torch.from_numpy(holdout.labels)
+        )
+    crash_point("outputs-saving")
+    save_state_dict(result.model, job.out / run["model_file"])
+    if settings.export:
+        run["exported"] = export_program(
+            result.model, source.image_shape, job.out / f"model-seed{seed}.pt2"
+        )
+    write_json_atomic(record_path, run, durable=True)
+    crash_point("outputs-saved")
+    return run
+
+
+def _job_report(
+    job: _Job,
+    runs: list[dict[str, Any]],
+    payload_path: str,
+    payload_bytes: int,
+    identity: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """The job's report.json; ``started``: the job's start (``time.perf_counter()``)."""
+    payload, train = job.payload, job.settings.train
     accuracies = [r["holdout_accuracy"] for r in runs if "holdout_accuracy" in r]
-    report: dict[str, Any] = {
-        "payload": str(payload_path),
-        "payload_bytes": len(raw),
-        "payload_sha256": sha256,
+    return {
+        "payload": payload_path,
+        "payload_bytes": payload_bytes,
+        "payload_sha256": job.sha256,
         "job_identity": identity,
         "task": payload.task,
-        "reference": reference.manifest.summary(),
+        "reference": job.reference.manifest.summary(),
         "selection": payload.selection,
         "kept": payload.count,
         "classes": list(payload.class_names),
         "class_histogram": payload.class_histogram(),
-        "model": settings.train.model,
-        "device": str(resolve_device(settings.train.device)),
-        "train_config": {k: v for k, v in asdict(settings.train).items() if k != "seed"},
+        "model": train.model,
+        "device": str(resolve_device(train.device)),
+        "train_config": {k: v for k, v in asdict(train).items() if k != "seed"},
         "runs": runs,
-        "holdout_images": None if holdout is None else len(holdout),
+        "holdout_images": None if job.holdout is None else len(job.holdout),
         "accuracy_mean": float(np.mean(accuracies)) if accuracies else None,
         "accuracy_std": float(np.std(accuracies)) if accuracies else None,
         "training_seconds": round(sum(r["seconds"] for r in runs), 2),
         "seconds": round(time.perf_counter() - started, 2),
         "curve_plot": CURVE_FILE,
     }
-    write_text_atomic(out / SUMMARY_FILE, summarize(report) + "\n")
-    write_json_atomic(out / REPORT_FILE, report, durable=True)  # last: marks the job complete
-    shutil.rmtree(state, ignore_errors=True)
-    return report
 
 
 def summarize(report: dict[str, Any]) -> str:

@@ -140,9 +140,20 @@ class JobQueue:
                 "INSERT INTO jobs (sha256, payload, source_name, task, images, classes,"
                 " payload_bytes, state, received, intake_name, sender, sequence)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (sha256, payload, source_name, task, images, classes, payload_bytes, time.time(),
-                 intake_name, stamp and stamp.sender, stamp and stamp.sequence),
-            )  # fmt: skip
+                (
+                    sha256,
+                    payload,
+                    source_name,
+                    task,
+                    images,
+                    classes,
+                    payload_bytes,
+                    time.time(),
+                    intake_name,
+                    stamp and stamp.sender,
+                    stamp and stamp.sequence,
+                ),
+            )
             return self._get(db, int(cursor.lastrowid)), True
 
     def last_sequence(self, sender: str) -> int | None:

@@ -20,13 +20,19 @@ from pathlib import Path
 from plada_cli import add_reference_options, print_reference, reference_from_args, run_cli
 from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError
+from protocol.task_data import load_labeled_images
 from protocol.timestamps import utc_text
+from protocol.world.digits import load_digits_split
+from sender.embedding_store import EmbeddingStore, StoreMeta, parse_shard
+from sender.selection import SelectionConfig
+from sender.signer import PayloadSigner, generate_key_files
 from sender.teacher_kinds import EMBEDDING_TEACHERS, IMAGE_TEACHERS, TEACHERS
+
+# Subcommands import the modules that load torch or faiss when they run, so that
+# --help and the light subcommands start in a fraction of a second.
 
 
 def _cmd_task(args: argparse.Namespace) -> int:
-    from protocol.world.digits import load_digits_split
-
     if args.name != "digits":
         raise ConfigError(f"unknown built-in task {args.name!r} (available: digits)")
     out = Path(args.out)
@@ -50,17 +56,24 @@ def _parse_bytes(text: str) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from sender.embed import embed_reference
-    from sender.embedding_store import parse_shard
 
     shard = parse_shard(args.shard)
     reference = reference_from_args(args)
     for problem in getattr(reference, "problems", []):
         print(f"warning: {problem}")
     summary = embed_reference(
-        reference, args.out, args.clip_model, args.clip_weights, device=args.device,
-        batch_size=args.batch_size, workers=args.workers, part_rows=args.part_rows,
-        shard=shard, progress=not args.quiet, decode=args.decode,
-    )  # fmt: skip
+        reference,
+        args.out,
+        args.clip_model,
+        args.clip_weights,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        part_rows=args.part_rows,
+        shard=shard,
+        progress=not args.quiet,
+        decode=args.decode,
+    )
     print(
         f"shard {args.shard}: {summary.parts_in_slice} of {summary.parts_total} parts, "
         f"{summary.parts_resumed} already done, {summary.parts_written} written; "
@@ -85,7 +98,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
     import time
 
-    from sender.embedding_store import EmbeddingStore
     from sender.index import INDEX_FILE, build_store_index, save_index
 
     started = time.perf_counter()
@@ -111,7 +123,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise ConfigError(f"--teacher {args.teacher} needs --embeddings (see 'plada-send embed')")
     if not args.train:
         raise ConfigError("give --train (labeled task images)")
-    from protocol.task_data import load_labeled_images
     from sender.pipeline import score_reference
 
     embedder = None
@@ -126,10 +137,18 @@ def _cmd_score(args: argparse.Namespace) -> int:
     train = load_labeled_images(args.train, size)
     test = load_labeled_images(args.test, size) if args.test else None
     summary = score_reference(
-        reference, train, test, args.out, teacher_kind=args.teacher, embedder=embedder,
-        temperature=args.temperature, knn_k=args.knn_k, teacher_epochs=args.teacher_epochs,
-        seed=args.seed, progress=not args.quiet,
-    )  # fmt: skip
+        reference,
+        train,
+        test,
+        args.out,
+        teacher_kind=args.teacher,
+        embedder=embedder,
+        temperature=args.temperature,
+        knn_k=args.knn_k,
+        teacher_epochs=args.teacher_epochs,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     return _print_score_summary(summary, "reference images", args.out)
 
 
@@ -150,7 +169,6 @@ def _print_score_summary(summary: dict, what: str, out: str) -> int:
 
 def _score_embeddings(args: argparse.Namespace) -> int:
     from sender.embedders import OpenClipEmbedder
-    from sender.embedding_store import StoreMeta
     from sender.score_embeddings import read_class_names, score_embeddings
 
     if not args.clip_weights:
@@ -162,19 +180,23 @@ def _score_embeddings(args: argparse.Namespace) -> int:
         train = train or (str(task / "train") if (task / "train").is_dir() else None)
         test = test or (str(task / "test") if (task / "test").is_dir() else None)
     summary = score_embeddings(
-        args.embeddings, args.out, OpenClipEmbedder(model, args.clip_weights, args.device),
-        teacher=args.teacher, train_dir=train, test_dir=test,
+        args.embeddings,
+        args.out,
+        OpenClipEmbedder(model, args.clip_weights, args.device),
+        teacher=args.teacher,
+        train_dir=train,
+        test_dir=test,
         class_names=read_class_names(args.classes) if args.classes else None,
-        temperature=args.temperature, knn_k=args.knn_k, chunk_rows=args.chunk_rows,
+        temperature=args.temperature,
+        knn_k=args.knn_k,
+        chunk_rows=args.chunk_rows,
         task_name=args.task_id or (Path(args.task).name if args.task else None),
         progress=not args.quiet,
-    )  # fmt: skip
+    )
     return _print_score_summary(summary, "reference embeddings", args.out)
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from sender.signer import generate_key_files
-
     key = generate_key_files(args.sender_id, args.out, args.encrypt)
     print(f"sender {key.sender}: key id {key.key_id.hex()}")
     print(f"private key: {args.out}.key (keep it on this station; mode 0600)")
@@ -183,8 +205,6 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _signer_from_args(args: argparse.Namespace):
-    from sender.signer import PayloadSigner
-
     if args.unsigned:
         if args.signing_key:
             raise ConfigError("--unsigned and --signing-key exclude each other")
@@ -199,23 +219,31 @@ def _signer_from_args(args: argparse.Namespace):
 
 def _cmd_select(args: argparse.Namespace) -> int:
     from sender.pipeline import make_payload
-    from sender.selection import SelectionConfig
 
     signer = _signer_from_args(args)
     config = SelectionConfig(
         strategy=args.strategy, keep=args.keep, alpha=args.alpha, reserve=args.reserve
     )
     summary = make_payload(
-        args.work, config, args.out, score=args.score, task_id=args.task_id,
-        leak_threshold=args.leak_threshold, exclude_leaks=not args.keep_leaks,
-        consensus_k=args.consensus, consensus_agreement=args.consensus_agreement, signer=signer,
-    )  # fmt: skip
+        args.work,
+        config,
+        args.out,
+        score=args.score,
+        task_id=args.task_id,
+        leak_threshold=args.leak_threshold,
+        exclude_leaks=not args.keep_leaks,
+        consensus_k=args.consensus,
+        consensus_agreement=args.consensus_agreement,
+        signer=signer,
+    )
     if args.json:
         write_json_atomic(Path(args.json), summary)
     hist = " ".join(f"{k}:{v}" for k, v in summary["class_histogram"].items())
     chosen = summary["selection"]
-    print(f"kept {summary['kept']} images ({100 * summary['keep_fraction']:.2f}%), "
-          f"strategy {chosen['strategy']}, score {chosen['score']}")  # fmt: skip
+    print(
+        f"kept {summary['kept']} images ({100 * summary['keep_fraction']:.2f}%), "
+        f"strategy {chosen['strategy']}, score {chosen['score']}"
+    )
     print(f"class histogram: {hist}")
     leak = summary["leakage"]
     if leak is not None:
@@ -232,14 +260,18 @@ def _cmd_select(args: argparse.Namespace) -> int:
             f"consensus filter: dropped and refilled {c['dropped']} images whose {c['k']} "
             f"nearest kept neighbours agree < {c['min_agreement']:.0%} with their label"
         )
-    print(f"payload {args.out}: {summary['payload_bytes']} bytes "
-          f"(information bound {summary['information_bound_bytes']:.0f} bytes)")  # fmt: skip
+    print(
+        f"payload {args.out}: {summary['payload_bytes']} bytes "
+        f"(information bound {summary['information_bound_bytes']:.0f} bytes)"
+    )
     signed = summary["signed"]
     if signed is None:
         print("UNSIGNED (development): receivers accept it only with --allow-unsigned")
     else:
-        print(f"signed by {signed['sender']} (key {signed['key_id']}), sequence "
-              f"{signed['sequence']}, expires {utc_text(signed['expires'])}")  # fmt: skip
+        print(
+            f"signed by {signed['sender']} (key {signed['key_id']}), sequence "
+            f"{signed['sequence']}, expires {utc_text(signed['expires'])}"
+        )
     return 0
 
 
@@ -270,10 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--workers", type=int, default=4, help="image-decoding processes")
     emb.add_argument("--part-rows", type=int, default=65536, help="rows per resumable part")
     emb.add_argument(
-        "--decode", choices=["pil", "torchvision"], default="pil",
+        "--decode",
+        choices=["pil", "torchvision"],
+        default="pil",
         help="pil: open_clip's transform in the workers; torchvision: batched on the device "
         "(nvJPEG on a GPU)",
-    )  # fmt: skip
+    )
     emb.add_argument("--shard", default="0/1", help="this machine's slice i/N of the parts")
     emb.add_argument("--out", required=True, help="embeddings directory")
     emb.add_argument("--quiet", action="store_true")
@@ -305,9 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--task-id", help="task name recorded in the work directory")
     score.add_argument("--chunk-rows", type=int, default=8192, help="rows per streamed chunk")
     score.add_argument(
-        "--teacher", choices=TEACHERS, default=None,
+        "--teacher",
+        choices=TEACHERS,
+        default=None,
         help="cnn (images; default) or probe (default with --embeddings), zeroshot, knn",
-    )  # fmt: skip
+    )
     score.add_argument("--teacher-epochs", type=int, default=40)
     score.add_argument("--clip-model", help="open_clip model name, e.g. ViT-B-32")
     score.add_argument("--clip-weights", help="local open_clip weights file")
@@ -322,21 +358,28 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="select from a scored work directory and write a payload")
     sel.add_argument("work")
     sel.add_argument(
-        "--strategy", choices=["auto", "lowest", "safety-net", "inverse"], default="safety-net",
+        "--strategy",
+        choices=["auto", "lowest", "safety-net", "inverse"],
+        default="safety-net",
         help="auto: the one the domain-gap measurement recommended when scoring",
-    )  # fmt: skip
+    )
     sel.add_argument(
-        "--score", choices=["energy", "entropy", "knn"], default=None,
+        "--score",
+        choices=["energy", "entropy", "knn"],
+        default=None,
         help="default: knn when the work directory has it, else energy",
-    )  # fmt: skip
+    )
     sel.add_argument("--leak-threshold", type=float, default=0.97, help="near-duplicate cosine")
     sel.add_argument(
         "--keep-leaks", action="store_true", help="report test near-duplicates but keep them"
     )
     sel.add_argument(
-        "--consensus", type=int, default=0, metavar="K",
+        "--consensus",
+        type=int,
+        default=0,
+        metavar="K",
         help="drop kept images whose K nearest kept neighbours mostly disagree (0: off)",
-    )  # fmt: skip
+    )
     sel.add_argument("--consensus-agreement", type=float, default=0.5)
     sel.add_argument("--keep", type=float, default=0.01, help="fraction of the reference set")
     sel.add_argument("--alpha", type=float, default=-0.2, help="safety-net quota exponent")
@@ -361,9 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--sender-id", required=True, help="this station's sender id")
     keygen.add_argument("--out", required=True, help="path prefix: writes OUT.key and OUT.pub")
     keygen.add_argument(
-        "--encrypt", action="store_true",
+        "--encrypt",
+        action="store_true",
         help="encrypt the private key with the passphrase in PLADA_SIGNING_PASSPHRASE",
-    )  # fmt: skip
+    )
     keygen.set_defaults(func=_cmd_keygen)
     return parser
 

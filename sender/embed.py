@@ -25,6 +25,7 @@ from protocol.errors import ConfigError, ReferenceSetError
 from protocol.manifest import ReferenceManifest
 from protocol.reference.base import ReferenceSource
 from protocol.reference.encoded import EncodedReference
+from sender.embedders import OpenClipEmbedder
 from sender.embedding_store import (
     MANIFEST_FILE,
     SKIPPED_FILE,
@@ -36,6 +37,7 @@ from sender.embedding_store import (
     read_part,
     write_part,
 )
+from sender.tensor_decode import PreprocessSpec, TensorPreprocessor, iter_encoded_batches
 
 
 class ReferenceImages(Dataset):
@@ -105,8 +107,6 @@ def embed_reference(
     """
     from tqdm import tqdm
 
-    from sender.embedders import OpenClipEmbedder
-
     if part_rows < 1 or batch_size < 1:
         raise ConfigError("--part-rows and --batch-size must be positive")
     root = Path(out_dir)
@@ -115,10 +115,14 @@ def embed_reference(
     dim = int(embedder.embed_batch(torch.zeros(1, 3, side, side)).shape[1])
     manifest = reference.manifest
     meta = StoreMeta(
-        model=embedder.model_name, pretrained=Path(pretrained).name, dim=dim, n=len(manifest),
-        part_rows=part_rows, reference_name=manifest.name,
+        model=embedder.model_name,
+        pretrained=Path(pretrained).name,
+        dim=dim,
+        n=len(manifest),
+        part_rows=part_rows,
+        reference_name=manifest.name,
         reference_fingerprint=manifest.fingerprint_hex,
-    )  # fmt: skip
+    )
     create_store_meta(root, meta)
     if not (root / MANIFEST_FILE).is_file():
         manifest.save(root / MANIFEST_FILE)
@@ -135,19 +139,25 @@ def embed_reference(
     batches: Any
     if decode == "pil":
         batches = DataLoader(
-            ReferenceImages(reference, rows, embedder.preprocess, side), batch_size=batch_size,
-            num_workers=workers, shuffle=False, pin_memory=embedder.device.type == "cuda",
-        )  # fmt: skip
+            ReferenceImages(reference, rows, embedder.preprocess, side),
+            batch_size=batch_size,
+            num_workers=workers,
+            shuffle=False,
+            pin_memory=embedder.device.type == "cuda",
+        )
     elif decode == "torchvision":
-        from sender.tensor_decode import PreprocessSpec, TensorPreprocessor, iter_encoded_batches
-
         spec = PreprocessSpec.from_transform(embedder.preprocess)
         prepare = TensorPreprocessor(spec, embedder.device)
         batches = iter_encoded_batches(reference, rows, batch_size, threads=max(4, workers))
     else:
         raise ConfigError(f"--decode must be pil or torchvision, not {decode!r}")
-    bar = tqdm(total=int(rows.size), unit="img", unit_scale=True, disable=not progress,
-               desc=f"embedding {shard[0]}/{shard[1]}")  # fmt: skip
+    bar = tqdm(
+        total=int(rows.size),
+        unit="img",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"embedding {shard[0]}/{shard[1]}",
+    )
     writer = _PartWriter(root, meta, pending)
     for images, batch_rows, problems in batches:
         problems = list(problems)
@@ -160,10 +170,14 @@ def embed_reference(
     if writer.current < len(pending):
         raise ReferenceSetError(f"embedding stopped inside part {pending[writer.current]}")
     return EmbedSummary(
-        parts_total=meta.num_parts, parts_in_slice=len(mine), parts_resumed=resumed,
-        parts_written=writer.current, images_embedded=int(rows.size),
-        images_skipped=writer.skipped, seconds=time.perf_counter() - started,
-    )  # fmt: skip
+        parts_total=meta.num_parts,
+        parts_in_slice=len(mine),
+        parts_resumed=resumed,
+        parts_written=writer.current,
+        images_embedded=int(rows.size),
+        images_skipped=writer.skipped,
+        seconds=time.perf_counter() - started,
+    )
 
 
 class _PartWriter:

@@ -183,9 +183,12 @@ def merge_parts(root: Path, int8: bool = False) -> dict[str, Any]:
             )
     write_atomic(root / VALID_FILE, lambda handle: np.save(handle, valid))
     return {
-        "n": meta.n, "dim": meta.dim, "valid": int(valid.sum()), "int8": int8,
+        "n": meta.n,
+        "dim": meta.dim,
+        "valid": int(valid.sum()),
+        "int8": int8,
         "skipped": dict(sorted(skipped.items())),
-    }  # fmt: skip
+    }
 
 
 def quantize_int8(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -32,9 +32,13 @@ PROMPT_TEMPLATES = (
 
 
 def train_probe(
-    embeddings: np.ndarray, labels: np.ndarray, num_classes: int, c: float = 10.0,
-    max_iter: int = 200, seed: int = 0,
-) -> LinearHead:  # fmt: skip
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    c: float = 10.0,
+    max_iter: int = 200,
+    seed: int = 0,
+) -> LinearHead:
     """Multinomial logistic regression, L2 penalty 1 / (2 C) |W|^2 (as scikit-learn's C)."""
     if embeddings.shape[0] != labels.shape[0] or embeddings.shape[0] == 0:
         raise TaskDataError("the probe needs one label per task embedding (and at least one)")
@@ -44,9 +48,13 @@ def train_probe(
     weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
     optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-        tolerance_grad=1e-6, line_search_fn="strong_wolfe",
-    )  # fmt: skip
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        line_search_fn="strong_wolfe",
+    )
     n = x.shape[0]
 
     def closure() -> torch.Tensor:

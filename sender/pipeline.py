@@ -26,12 +26,16 @@ from protocol.payload import (
 from protocol.reference.base import ReferenceSource
 from protocol.task_data import LabeledImages
 from sender import index as faiss_index
+from sender.consensus import consensus_outliers
 from sender.domain_gap import measure_domain_gap, split_reference_sample
-from sender.embedders import Embedder
+from sender.embedders import Embedder, PixelEmbedder
+from sender.embedding_store import EmbeddingStore
+from sender.embedding_teachers import train_probe
 from sender.scoring import energy, entropy, knn_relevance
 from sender.selection import SelectionConfig, select
 from sender.signer import PayloadSigner
 from sender.teacher_kinds import IMAGE_TEACHERS
+from sender.teachers import CnnTeacher, TeacherReport
 from sender.work_dir import (
     REFERENCE_EMBEDDINGS,
     SCORE_REPORT,
@@ -83,9 +87,6 @@ def _cnn_teacher(
     progress: bool,
 ) -> TeacherOutputs:
     """A small CNN trained on the task; its penultimate features embed both sides."""
-    from sender.embedders import PixelEmbedder  # torch: only the scoring stage needs it
-    from sender.teachers import CnnTeacher
-
     teacher = CnnTeacher(epochs=epochs, seed=seed)
     report = teacher.fit(train, progress=progress)
     score_start = time.perf_counter()
@@ -118,9 +119,6 @@ def _probe_teacher(
     seed: int,
 ) -> TeacherOutputs:
     """A linear probe on the embedder's features (the same probe as on stored embeddings)."""
-    from sender.embedding_teachers import train_probe
-    from sender.teachers import TeacherReport
-
     if embedder is None:
         raise ConfigError("the probe teacher needs an embedder (e.g. --clip-model/--clip-weights)")
     score_start = time.perf_counter()
@@ -322,8 +320,6 @@ def _leakage_check(
 ) -> tuple[np.ndarray, dict[str, Any] | None]:
     """Reference rows that are near-duplicates of the task's test images, and the
     report of the check (None when the work directory has no test images or index)."""
-    from sender.embedding_store import EmbeddingStore
-
     index_path = _leakage_index(work, scored.embeddings_dir)
     if not (work / TEST_EMBEDDINGS).is_file() or index_path is None:
         return np.zeros(0, np.int64), None
@@ -347,9 +343,6 @@ def _consensus_outliers(
     work: Path, scored: ScoresFile, kept: np.ndarray, k: int, agreement: float
 ) -> np.ndarray:
     """Kept rows whose ``k`` nearest kept neighbours mostly carry another label."""
-    from sender.consensus import consensus_outliers
-    from sender.embedding_store import EmbeddingStore
-
     if scored.embeddings_dir:
         embeddings = EmbeddingStore(scored.embeddings_dir).read_rows(kept)
     elif (work / REFERENCE_EMBEDDINGS).is_file():

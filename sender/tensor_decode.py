@@ -52,9 +52,12 @@ class PreprocessSpec:
 
 
 def iter_encoded_batches(
-    reference: ReferenceSource, rows: np.ndarray, batch_size: int, threads: int = 16,
+    reference: ReferenceSource,
+    rows: np.ndarray,
+    batch_size: int,
+    threads: int = 16,
     prefetch: int = 2,
-) -> Iterator[tuple[list[bytes], torch.Tensor, list[str]]]:  # fmt: skip
+) -> Iterator[tuple[list[bytes], torch.Tensor, list[str]]]:
     """(encoded files, rows, problems) per batch, read by a thread pool ahead of use.
 
     File reads release the GIL, so threads in this process read as fast as worker
@@ -85,8 +88,11 @@ def iter_encoded_batches(
                 ahead = rows[start : start + batch_size]
                 queued.append((ahead, [pool.submit(read, int(r)) for r in ahead]))
             results = [f.result() for f in futures]
-            yield ([d for d, _ in results], torch.from_numpy(batch.astype(np.int64)),
-                   [p for _, p in results])  # fmt: skip
+            yield (
+                [d for d, _ in results],
+                torch.from_numpy(batch.astype(np.int64)),
+                [p for _, p in results],
+            )
 
 
 class TensorPreprocessor:

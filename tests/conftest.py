@@ -11,10 +11,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_CONCEPTS = (
     *(f"digit-{d}" for d in range(10)),
-    "latin-upper-O", "latin-upper-S", "latin-upper-Z", "latin-lower-l", "latin-lower-g",
-    "latin-lower-b", "symbol-at", "symbol-equals", "symbol-hash", "shape-star",
-    "shape-circle", "greek-lower-alpha", "greek-upper-sigma", "symbol-plus",
-)  # fmt: skip
+    "latin-upper-O",
+    "latin-upper-S",
+    "latin-upper-Z",
+    "latin-lower-l",
+    "latin-lower-g",
+    "latin-lower-b",
+    "symbol-at",
+    "symbol-equals",
+    "symbol-hash",
+    "shape-star",
+    "shape-circle",
+    "greek-lower-alpha",
+    "greek-upper-sigma",
+    "symbol-plus",
+)
 SMALL_PER = 120
 SMALL_SPEC = f"glyphs:per={SMALL_PER},concepts={'+'.join(SMALL_CONCEPTS)}"
 

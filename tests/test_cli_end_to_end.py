@@ -25,31 +25,79 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     send, receive = cli("plada-send"), cli("plada-receive")
     run([*send, "task", "digits", "--out", str(task)], env)
     run(
-        [*send, "score", "--reference", SMALL_SPEC, "--cache-dir", str(sender_cache),
-         "--train", str(task / "train.npz"), "--test", str(task / "test.npz"),
-         "--out", str(work), "--teacher-epochs", "15", "--quiet"],
+        [
+            *send,
+            "score",
+            "--reference",
+            SMALL_SPEC,
+            "--cache-dir",
+            str(sender_cache),
+            "--train",
+            str(task / "train.npz"),
+            "--test",
+            str(task / "test.npz"),
+            "--out",
+            str(work),
+            "--teacher-epochs",
+            "15",
+            "--quiet",
+        ],
         env,
-    )  # fmt: skip
+    )
     key, trust = root / "keys" / "station-1", root / "trust"
     run([*send, "keygen", "--sender-id", "station-1", "--out", str(key)], env)
     run([*receive, "trust", "add", f"{key}.pub", "--trust", str(trust)], env)
     payload = root / "task.plada"
     selected = run(
-        [*send, "select", str(work), "--keep", "0.1", "--out", str(payload),
-         "--json", str(root / "select.json"), "--signing-key", f"{key}.key"],
+        [
+            *send,
+            "select",
+            str(work),
+            "--keep",
+            "0.1",
+            "--out",
+            str(payload),
+            "--json",
+            str(root / "select.json"),
+            "--signing-key",
+            f"{key}.key",
+        ],
         env,
-    )  # fmt: skip
+    )
     trained = run(
-        [*receive, "train", str(payload), "--reference", SMALL_SPEC, "--trust", str(trust),
-         "--cache-dir", str(receiver_cache), "--holdout", str(task / "test.npz"),
-         "--min-steps", "150", "--max-steps", "150", "--out", str(root / "student"), "--quiet"],
+        [
+            *receive,
+            "train",
+            str(payload),
+            "--reference",
+            SMALL_SPEC,
+            "--trust",
+            str(trust),
+            "--cache-dir",
+            str(receiver_cache),
+            "--holdout",
+            str(task / "test.npz"),
+            "--min-steps",
+            "150",
+            "--max-steps",
+            "150",
+            "--out",
+            str(root / "student"),
+            "--quiet",
+        ],
         env,
-    )  # fmt: skip
+    )
     return {
-        "root": root, "payload": payload, "env": env, "select_out": selected.stdout,
-        "train_out": trained.stdout, "receiver_cache": receiver_cache, "key": key,
-        "trust": trust, "work": work,
-    }  # fmt: skip
+        "root": root,
+        "payload": payload,
+        "env": env,
+        "select_out": selected.stdout,
+        "train_out": trained.stdout,
+        "receiver_cache": receiver_cache,
+        "key": key,
+        "trust": trust,
+        "work": work,
+    }
 
 
 def _verify(flow, payload: Path, *extra: str, expect: int = 0, reference: str = SMALL_SPEC):
@@ -57,11 +105,21 @@ def _verify(flow, payload: Path, *extra: str, expect: int = 0, reference: str = 
     sequence number in TRUST/ledger.sqlite, so there it would be a replay)."""
     extra = ("--ledger", str(flow["root"] / "empty-ledger.sqlite"), *extra)
     return run(
-        [*cli("plada-receive"), "verify", str(payload), "--reference", reference,
-         "--cache-dir", str(flow["receiver_cache"]), "--trust", str(flow["trust"]), *extra],
+        [
+            *cli("plada-receive"),
+            "verify",
+            str(payload),
+            "--reference",
+            reference,
+            "--cache-dir",
+            str(flow["receiver_cache"]),
+            "--trust",
+            str(flow["trust"]),
+            *extra,
+        ],
         flow["env"],
         expect=expect,
-    )  # fmt: skip
+    )
 
 
 def test_student_beats_chance_and_payload_is_small(flow) -> None:
@@ -111,21 +169,45 @@ def test_trust_replay_and_unsigned_through_the_clis(flow) -> None:
     empty = _verify(flow, flow["payload"], "--trust", str(root / "no-keys"), expect=2)
     assert "UnknownSenderError" in empty.stderr and "trust add" in empty.stderr
     again = run(
-        [*cli("plada-receive"), "train", str(flow["payload"]), "--reference", SMALL_SPEC,
-         "--cache-dir", str(flow["receiver_cache"]), "--trust", str(flow["trust"]),
-         "--out", str(root / "student-again"), "--quiet"],
-        env, expect=2,
-    )  # fmt: skip
+        [
+            *cli("plada-receive"),
+            "train",
+            str(flow["payload"]),
+            "--reference",
+            SMALL_SPEC,
+            "--cache-dir",
+            str(flow["receiver_cache"]),
+            "--trust",
+            str(flow["trust"]),
+            "--out",
+            str(root / "student-again"),
+            "--quiet",
+        ],
+        env,
+        expect=2,
+    )
     assert "ReplayError" in again.stderr and not (root / "student-again" / "report.json").exists()
     recorded = str(flow["trust"] / "ledger.sqlite")
     assert "ReplayError" in _verify(flow, flow["payload"], "--ledger", recorded, expect=2).stderr
     unsigned = root / "unsigned.plada"
-    run([*cli("plada-send"), "select", str(flow["work"]), "--keep", "0.1", "--unsigned",
-         "--out", str(unsigned)], env)  # fmt: skip
+    run(
+        [
+            *cli("plada-send"),
+            "select",
+            str(flow["work"]),
+            "--keep",
+            "0.1",
+            "--unsigned",
+            "--out",
+            str(unsigned),
+        ],
+        env,
+    )
     assert "UnsignedPayloadError" in _verify(flow, unsigned, expect=2).stderr
     assert "UNSIGNED" in _verify(flow, unsigned, "--allow-unsigned").stdout
-    missing = run([*cli("plada-send"), "select", str(flow["work"]), "--out", str(unsigned)],
-                  env, expect=2)  # fmt: skip
+    missing = run(
+        [*cli("plada-send"), "select", str(flow["work"]), "--out", str(unsigned)], env, expect=2
+    )
     assert "--signing-key" in missing.stderr
     trust = ["--trust", str(root / "trust-copy")]
     run([*cli("plada-receive"), "trust", "add", f"{flow['key']}.pub", *trust], env)
@@ -140,15 +222,32 @@ def test_daemon_trains_the_senders_payload_to_the_same_accuracy(flow) -> None:
     home = flow["root"] / "daemon-home"
     (home / "inbox").mkdir(parents=True)
     (home / "inbox" / "task.plada").write_bytes(flow["payload"].read_bytes())
-    run([*cli("plada-receive"), "trust", "add", f"{flow['key']}.pub", "--home", str(home)],
-        flow["env"])  # fmt: skip
     run(
-        [*cli("plada-receive"), "daemon", "--home", str(home), "--reference", SMALL_SPEC,
-         "--cache-dir", str(flow["receiver_cache"]), "--holdout",
-         str(flow["root"] / "task" / "test.npz"), "--min-steps", "150", "--max-steps", "150",
-         "--settle-seconds", "0", "--exit-when-idle"],
+        [*cli("plada-receive"), "trust", "add", f"{flow['key']}.pub", "--home", str(home)],
         flow["env"],
-    )  # fmt: skip
+    )
+    run(
+        [
+            *cli("plada-receive"),
+            "daemon",
+            "--home",
+            str(home),
+            "--reference",
+            SMALL_SPEC,
+            "--cache-dir",
+            str(flow["receiver_cache"]),
+            "--holdout",
+            str(flow["root"] / "task" / "test.npz"),
+            "--min-steps",
+            "150",
+            "--max-steps",
+            "150",
+            "--settle-seconds",
+            "0",
+            "--exit-when-idle",
+        ],
+        flow["env"],
+    )
     (result,) = (home / "results").iterdir()
     daemon_report = json.loads((result / "report.json").read_text())
     train_report = json.loads((flow["root"] / "student" / "report.json").read_text())

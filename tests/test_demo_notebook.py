@@ -17,10 +17,28 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("demo")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.demo", "--work", str(work), "--reference", SMALL_SPEC,
-         "--seeds", "0", "--steps", "40", "--teacher-epochs", "5"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.demo",
+            "--work",
+            str(work),
+            "--reference",
+            SMALL_SPEC,
+            "--seeds",
+            "0",
+            "--steps",
+            "40",
+            "--teacher-epochs",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last == f"report: {work / 'report.json'}"
@@ -32,8 +50,14 @@ def test_demo_report_has_every_row(demo_report) -> None:
     report = json.loads(path.read_text())
     schemes = [row["scheme"] for row in report["rows"]]
     assert schemes == [
-        "vanilla-1", "vanilla-5", "paper-safety-1", "safety-1", "safety-5", "inverse-1", "pixels"
-    ]  # fmt: skip
+        "vanilla-1",
+        "vanilla-5",
+        "paper-safety-1",
+        "safety-1",
+        "safety-5",
+        "inverse-1",
+        "pixels",
+    ]
     budget = next(r for r in report["rows"] if r["scheme"] == "safety-1")["payload_bytes"]
     pixels = next(r for r in report["rows"] if r["scheme"] == "pixels")
     assert pixels["payload_bytes"] <= budget

@@ -81,10 +81,25 @@ def test_bounded_atheris_run(tmp_path) -> None:
     pytest.importorskip("atheris")
     stats = tmp_path / "stats.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fuzz_payload", "--runs", "20000", "--seed", "7",
-         "--stats", str(stats), "--corpus", str(tmp_path / "corpus")],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.fuzz_payload",
+            "--runs",
+            "20000",
+            "--seed",
+            "7",
+            "--stats",
+            str(stats),
+            "--corpus",
+            str(tmp_path / "corpus"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(stats.read_text())
     assert report["inputs"] == 20000 and report["crashes"] == 0

@@ -58,9 +58,14 @@ def test_probe_teacher_on_clip_embeddings_makes_a_valid_payload(tiny_clip, small
 
     train, test = load_digits_split()
     summary = score_reference(
-        small_pool, train, test, tmp_path, teacher_kind="probe",
-        embedder=OpenClipEmbedder(*tiny_clip), progress=False,
-    )  # fmt: skip
+        small_pool,
+        train,
+        test,
+        tmp_path,
+        teacher_kind="probe",
+        embedder=OpenClipEmbedder(*tiny_clip),
+        progress=False,
+    )
     assert summary["embedder"] == "open_clip:plada-tiny-vit"
     assert summary["teacher"]["test_accuracy"] > 0.3  # random CLIP weights still separate digits
     out = tmp_path / "probe.plada"

@@ -34,10 +34,17 @@ FP = bytes(range(32))
 def make(indices, labels, n=1000, k=3, **extra) -> Payload:
     names = tuple(f"class-{i}" for i in range(k))
     return Payload(
-        task="t", reference_name="ref", reference_fingerprint=FP, reference_size=n,
-        class_names=names, indices=np.asarray(indices), labels=np.asarray(labels),
-        selection={"strategy": "safety-net", "keep": 0.01}, created=1_700_000_000, **extra,
-    )  # fmt: skip
+        task="t",
+        reference_name="ref",
+        reference_fingerprint=FP,
+        reference_size=n,
+        class_names=names,
+        indices=np.asarray(indices),
+        labels=np.asarray(labels),
+        selection={"strategy": "safety-net", "keep": 0.01},
+        created=1_700_000_000,
+        **extra,
+    )
 
 
 def forge(header: dict, raw_body: bytes, *, frame: bytes | None = None) -> bytes:
@@ -54,11 +61,14 @@ def forge(header: dict, raw_body: bytes, *, frame: bytes | None = None) -> bytes
 
 def header_for(count: int, raw_size: int, n: int = 1000, k: int = 3) -> dict:
     return {
-        "task": "t", "created": 0,
+        "task": "t",
+        "created": 0,
         "reference": {"name": "ref", "fingerprint": FP, "size": n},
-        "classes": [f"c{i}" for i in range(k)], "count": count, "selection": {},
+        "classes": [f"c{i}" for i in range(k)],
+        "count": count,
+        "selection": {},
         "body": {"coding": fmt.BODY_CODING, "raw_size": raw_size},
-    }  # fmt: skip
+    }
 
 
 def body(gaps, labels) -> bytes:
@@ -74,10 +84,16 @@ def payloads(draw):
     labels = draw(st.lists(st.integers(0, k - 1), min_size=m, max_size=m))
     task = draw(st.text(max_size=40))
     return Payload(
-        task=task, reference_name="ref", reference_fingerprint=FP, reference_size=n,
-        class_names=tuple(f"c{i}" for i in range(k)), indices=np.asarray(indices),
-        labels=np.asarray(labels), selection={"keep": 0.5}, created=1,
-    )  # fmt: skip
+        task=task,
+        reference_name="ref",
+        reference_fingerprint=FP,
+        reference_size=n,
+        class_names=tuple(f"c{i}" for i in range(k)),
+        indices=np.asarray(indices),
+        labels=np.asarray(labels),
+        selection={"keep": 0.5},
+        created=1,
+    )
 
 
 @settings(max_examples=150, deadline=None)
@@ -230,7 +246,12 @@ def test_reference_check() -> None:
     with pytest.raises(ReferenceMismatchError, match="sync the reference set"):
         make([1, 2], [0, 1]).check_reference(manifest)
     matching = Payload(
-        task="t", reference_name="other", reference_fingerprint=manifest.fingerprint,
-        reference_size=1000, class_names=("a", "b"), indices=np.array([3]), labels=np.array([1]),
-    )  # fmt: skip
+        task="t",
+        reference_name="other",
+        reference_fingerprint=manifest.fingerprint,
+        reference_size=1000,
+        class_names=("a", "b"),
+        indices=np.array([3]),
+        labels=np.array([1]),
+    )
     matching.check_reference(manifest)

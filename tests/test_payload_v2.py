@@ -151,10 +151,15 @@ def test_block_coding_round_trips(selection) -> None:
 
 def _payload(n: int, indices, labels, k: int) -> Payload:
     return Payload(
-        task="t", reference_name="ref", reference_fingerprint=FP, reference_size=n,
-        class_names=tuple(f"c{i}" for i in range(k)), indices=np.asarray(indices),
-        labels=np.asarray(labels), created=1,
-    )  # fmt: skip
+        task="t",
+        reference_name="ref",
+        reference_fingerprint=FP,
+        reference_size=n,
+        class_names=tuple(f"c{i}" for i in range(k)),
+        indices=np.asarray(indices),
+        labels=np.asarray(labels),
+        created=1,
+    )
 
 
 @settings(max_examples=40, deadline=None)

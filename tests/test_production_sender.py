@@ -39,11 +39,27 @@ def world(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, Pat
 
 def embed_args(world, reference: str, out: Path, *extra: str) -> list[str]:
     return [
-        *cli("plada-send"), "embed", "--reference", reference, "--cache-dir",
-        str(world["root"] / "cache"), "--clip-model", str(world["config"]),
-        "--clip-weights", str(world["weights"]), "--out", str(out), "--batch-size", "8",
-        "--workers", "0", "--part-rows", "16", "--quiet", *extra,
-    ]  # fmt: skip
+        *cli("plada-send"),
+        "embed",
+        "--reference",
+        reference,
+        "--cache-dir",
+        str(world["root"] / "cache"),
+        "--clip-model",
+        str(world["config"]),
+        "--clip-weights",
+        str(world["weights"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--part-rows",
+        "16",
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +99,12 @@ def test_tree_and_shards_give_the_same_embeddings(world, embedded) -> None:
 
 def test_embed_resumes_after_sigkill(world, embedded) -> None:
     out = world["root"] / "emb-killed"
-    proc = subprocess.Popen(embed_args(world, str(world["root"] / "tree"), out), env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        embed_args(world, str(world["root"] / "tree"), out),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while len(list((out / "parts").glob("part-*.npz"))) < 2 and time.monotonic() < deadline:
         assert proc.poll() is None, "embed finished before it could be killed"
@@ -120,9 +140,15 @@ def test_corrupt_images_and_truncated_shards_are_reported_and_skipped(world, tmp
     truncated.write_bytes(truncated.read_bytes()[:200])
     (tree / "n00000005" / "n00000005_485.JPEG").write_bytes(b"this is not a JPEG")
     reference = ImageFolderReference(tree)
-    summary = embed_reference(reference, tmp_path / "emb", str(world["config"]),
-                              str(world["weights"]), workers=0, part_rows=100,
-                              progress=False)  # fmt: skip
+    summary = embed_reference(
+        reference,
+        tmp_path / "emb",
+        str(world["config"]),
+        str(world["weights"]),
+        workers=0,
+        part_rows=100,
+        progress=False,
+    )
     assert summary.images_skipped == 2 and summary.images_embedded == 480
     merge_embeddings(tmp_path / "emb")
     skipped = json.loads((tmp_path / "emb" / "skipped.json").read_text())
@@ -143,11 +169,22 @@ def test_corrupt_images_and_truncated_shards_are_reported_and_skipped(world, tmp
 
 def _score(world, embedded, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return run(
-        [*cli("plada-send"), "score", "--embeddings", str(embedded), "--clip-model",
-         str(world["config"]), "--clip-weights", str(world["weights"]), "--out", str(out),
-         "--quiet", *extra],
+        [
+            *cli("plada-send"),
+            "score",
+            "--embeddings",
+            str(embedded),
+            "--clip-model",
+            str(world["config"]),
+            "--clip-weights",
+            str(world["weights"]),
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ],
         cli_env(),
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("teacher", ["probe", "zeroshot", "knn"])
@@ -162,18 +199,43 @@ def test_embedding_teachers_make_payloads_the_receiver_accepts(world, embedded, 
     payload = work / "task.plada"
     key = work / "keys" / "station"
     run([*cli("plada-send"), "keygen", "--sender-id", "station", "--out", str(key)], cli_env())
-    selected = run([*cli("plada-send"), "select", str(work), "--strategy", "auto", "--keep",
-                    "0.05", "--out", str(payload), "--json", str(work / "select.json"),
-                    "--signing-key", f"{key}.key"], cli_env())  # fmt: skip
+    selected = run(
+        [
+            *cli("plada-send"),
+            "select",
+            str(work),
+            "--strategy",
+            "auto",
+            "--keep",
+            "0.05",
+            "--out",
+            str(payload),
+            "--json",
+            str(work / "select.json"),
+            "--signing-key",
+            f"{key}.key",
+        ],
+        cli_env(),
+    )
     summary = json.loads((work / "select.json").read_text())
     assert summary["kept"] == 24 and "payload" in selected.stdout
     assert summary["signed"]["sender"] == "station" and "signed by station" in selected.stdout
     trust = ["--trust", str(work / "trust")]
     run([*cli("plada-receive"), "trust", "add", f"{key}.pub", *trust], cli_env())
     for reference in (str(world["root"] / "tree"), "wds:" + str(world["root"] / "shards")):
-        verified = run([*cli("plada-receive"), "verify", str(payload), "--reference", reference,
-                        "--cache-dir", str(world["root"] / "cache"), *trust],
-                       cli_env())  # fmt: skip
+        verified = run(
+            [
+                *cli("plada-receive"),
+                "verify",
+                str(payload),
+                "--reference",
+                reference,
+                "--cache-dir",
+                str(world["root"] / "cache"),
+                *trust,
+            ],
+            cli_env(),
+        )
         assert verified.stdout.startswith("ok:") and "signed by station" in verified.stdout
 
 
@@ -208,16 +270,36 @@ def test_planted_test_duplicates_are_found_and_excluded(world, tmp_path) -> None
     run([*cli("plada-send"), "merge", str(emb)], cli_env())
     run([*cli("plada-send"), "index", str(emb), "--kind", "flat", "--quiet"], cli_env())
     _score(world, emb, work, "--task", str(world["root"] / "task"))
-    select = [*cli("plada-send"), "select", str(work), "--strategy", "lowest", "--keep", "1.0",
-              "--leak-threshold", "0.9999", "--unsigned"]  # fmt: skip
-    run([*select, "--out", str(tmp_path / "a.plada"), "--json", str(tmp_path / "a.json")],
-        cli_env())  # fmt: skip
+    select = [
+        *cli("plada-send"),
+        "select",
+        str(work),
+        "--strategy",
+        "lowest",
+        "--keep",
+        "1.0",
+        "--leak-threshold",
+        "0.9999",
+        "--unsigned",
+    ]
+    run(
+        [*select, "--out", str(tmp_path / "a.plada"), "--json", str(tmp_path / "a.json")], cli_env()
+    )
     report = json.loads((tmp_path / "a.json").read_text())["leakage"]
     assert report["test_images_with_near_duplicates"] == 3, report
     assert report["near_duplicate_reference_images"] == 3 and report["kept_near_duplicates"] == 0
     assert json.loads((tmp_path / "a.json").read_text())["kept"] == BLOCKS * PER_BLOCK
-    run([*select, "--keep-leaks", "--out", str(tmp_path / "b.plada"), "--json",
-         str(tmp_path / "b.json")], cli_env())  # fmt: skip
+    run(
+        [
+            *select,
+            "--keep-leaks",
+            "--out",
+            str(tmp_path / "b.plada"),
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+        cli_env(),
+    )
     kept_anyway = json.loads((tmp_path / "b.json").read_text())["leakage"]
     assert kept_anyway["kept_near_duplicates"] == 3 and kept_anyway["excluded"] is False
 
@@ -236,7 +318,7 @@ def test_missing_weights_fail_with_a_clear_error(world, tmp_path) -> None:
             "--out",
             str(tmp_path / "e"),
         ]
-        return run(args, cli_env(), expect=2)  # fmt: skip
+        return run(args, cli_env(), expect=2)
 
     missing = embed_with(str(world["config"]), str(tmp_path / "absent.pt"))
     assert "WeightsError" in missing.stderr and "never downloads" in missing.stderr
@@ -251,9 +333,23 @@ def test_missing_weights_fail_with_a_clear_error(world, tmp_path) -> None:
 def test_select_with_consensus_refills_what_it_drops(world, embedded, tmp_path) -> None:
     work = tmp_path / "work"
     _score(world, embedded, work, "--task", str(world["root"] / "task"))
-    run([*cli("plada-send"), "select", str(work), "--keep", "0.1", "--consensus", "5",
-         "--unsigned", "--out", str(tmp_path / "c.plada"), "--json", str(tmp_path / "c.json")],
-        cli_env())  # fmt: skip
+    run(
+        [
+            *cli("plada-send"),
+            "select",
+            str(work),
+            "--keep",
+            "0.1",
+            "--consensus",
+            "5",
+            "--unsigned",
+            "--out",
+            str(tmp_path / "c.plada"),
+            "--json",
+            str(tmp_path / "c.json"),
+        ],
+        cli_env(),
+    )
     summary = json.loads((tmp_path / "c.json").read_text())
     assert summary["consensus"]["k"] == 5 and summary["consensus"]["dropped"] > 0
     assert summary["kept"] == 48  # dropped images were replaced
@@ -275,9 +371,16 @@ def test_torchvision_decode_matches_pil_and_handles_png_and_garbage(world, tmp_p
     stores = {}
     for decode in ("pil", "torchvision"):
         out = tmp_path / decode
-        summary = embed_reference(reference, out, str(world["config"]), str(world["weights"]),
-                                  workers=0, part_rows=100, progress=False,
-                                  decode=decode)  # fmt: skip
+        summary = embed_reference(
+            reference,
+            out,
+            str(world["config"]),
+            str(world["weights"]),
+            workers=0,
+            part_rows=100,
+            progress=False,
+            decode=decode,
+        )
         assert summary.images_skipped == 1
         merge_parts(out)
         stores[decode] = np.fromfile(out / "embeddings.f16", "<f2").astype(np.float32)

@@ -17,7 +17,7 @@ import torch
 
 from protocol.payload import BODY_CODING, Payload, SenderStamp, encode_payload
 from protocol.signing import SigningKey
-from protocol.trust import add_key
+from receiver.trust_store import add_key
 from tests.conftest import SMALL_SPEC
 from tests.subprocess_cli import cli, cli_env
 
@@ -188,12 +188,23 @@ def test_daemon_refuses_replays_and_rollbacks(tmp_path, payloads, cache_dir) -> 
     stranger = SigningKey.generate("station-x")
     blob = payloads["a.plada"]
     forged = encode_payload(
-        Payload("task-x", "ref", bytes(32), 10, ("p", "q"), [1, 2], [0, 1],
-                sender=SenderStamp("station-x", 1, int(time.time()) + 60)),
+        Payload(
+            "task-x",
+            "ref",
+            bytes(32),
+            10,
+            ("p", "q"),
+            [1, 2],
+            [0, 1],
+            sender=SenderStamp("station-x", 1, int(time.time()) + 60),
+        ),
         signer=stranger,
-    )  # fmt: skip
-    for name, data in {"a-again.plada": blob, "a-older.plada": payloads["a-older.plada"],
-                       "stranger.plada": forged}.items():  # fmt: skip
+    )
+    for name, data in {
+        "a-again.plada": blob,
+        "a-older.plada": payloads["a-older.plada"],
+        "stranger.plada": forged,
+    }.items():
         (home / "inbox" / name).write_bytes(data)
     assert _run_daemon(home, cache_dir).returncode == 0
     reasons = _quarantine_reasons(home)
@@ -206,8 +217,9 @@ def test_daemon_refuses_replays_and_rollbacks(tmp_path, payloads, cache_dir) -> 
     assert _run_daemon(home, cache_dir).returncode == 0
     jobs = _jobs(home)
     assert [(j["source_name"], j["sequence"], j["state"]) for j in jobs] == [
-        ("a.plada", 5, "done"), ("a-newer.plada", 7, "done"),
-    ]  # fmt: skip
+        ("a.plada", 5, "done"),
+        ("a-newer.plada", 7, "done"),
+    ]
 
 
 CRASH_POINTS = [
@@ -281,6 +293,11 @@ def _wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+# long enough to be stopped mid-run (the wait, `status` and the signal take ~2 s, about
+# 100 steps), short enough that finishing it after the restart costs seconds
+LONG_RUN_STEPS = 1000
+
+
 def _training_step(home: Path) -> int:
     try:
         current = json.loads((home / "health.json").read_text()).get("current") or {}
@@ -292,11 +309,12 @@ def _training_step(home: Path) -> int:
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM])
 def test_daemon_stopped_mid_training_resumes(tmp_path, payloads, cache_dir, stop_signal) -> None:
     home = _home(tmp_path, payloads, ["a.plada"])
+    steps = str(LONG_RUN_STEPS)
     long_run = [
         "--min-steps",
-        "4000",
+        steps,
         "--max-steps",
-        "4000",
+        steps,
         "--checkpoint-steps",
         "0",
         "--checkpoint-seconds",
@@ -321,7 +339,7 @@ def test_daemon_stopped_mid_training_resumes(tmp_path, payloads, cache_dir, stop
         )
         shown = json.loads(status.stdout)
         assert shown["daemons_running"] and shown["queue"]["running"] == 1
-        assert shown["health"]["current"]["total_steps"] == 4000
+        assert shown["health"]["current"]["total_steps"] == LONG_RUN_STEPS
         assert shown["health"]["current"]["images_per_second"] > 0
         daemon.send_signal(stop_signal)
         assert daemon.wait(timeout=60) == (0 if stop_signal == signal.SIGTERM else -stop_signal)
@@ -329,11 +347,11 @@ def test_daemon_stopped_mid_training_resumes(tmp_path, payloads, cache_dir, stop
         daemon.kill()
     state = _jobs(home)[0]["state"]
     assert state == ("queued" if stop_signal == signal.SIGTERM else "running")
-    finish = ["--min-steps", "4000", "--max-steps", "4000", "--checkpoint-steps", "0"]
+    finish = ["--min-steps", steps, "--max-steps", steps, "--checkpoint-steps", "0"]
     assert _run_daemon(home, cache_dir, *finish).returncode == 0
     job = _jobs(home)[0]
     report = json.loads((home / job["result_dir"] / "report.json").read_text())
-    assert job["state"] == "done" and report["runs"][0]["steps"] == 4000
+    assert job["state"] == "done" and report["runs"][0]["steps"] == LONG_RUN_STEPS
     assert report["runs"][0]["resumed_from_step"] >= 100, report["runs"][0]
 
 

@@ -42,8 +42,9 @@ def test_interrupted_runs_resume_to_identical_weights(tmp_path: Path, balanced: 
     stops = iter([False] * 3 + [True] + [False] * 5 + [True])  # stop after steps 4 and 10
     for expected_step in (4, 10):
         with pytest.raises(TrainingInterrupted) as stopped:
-            train_classifier(data, 4, config, progress=False, checkpoint=policy,
-                             should_stop=lambda: next(stops))  # fmt: skip
+            train_classifier(
+                data, 4, config, progress=False, checkpoint=policy, should_stop=lambda: next(stops)
+            )
         assert stopped.value.step == expected_step
     resumed = train_classifier(data, 4, config, progress=False, checkpoint=policy)
     assert resumed.resumed_from == 10 and resumed.steps == 17
@@ -58,8 +59,14 @@ def test_checkpoint_of_another_run_or_damaged_is_not_used(tmp_path: Path) -> Non
     data = _data()
     policy = CheckpointPolicy(tmp_path / "run.ckpt", every_seconds=1e9, every_steps=5)
     with pytest.raises(TrainingInterrupted):
-        train_classifier(data, 4, TrainConfig(**CONFIG), progress=False, checkpoint=policy,
-                         should_stop=iter([False] * 11 + [True]).__next__)  # fmt: skip
+        train_classifier(
+            data,
+            4,
+            TrainConfig(**CONFIG),
+            progress=False,
+            checkpoint=policy,
+            should_stop=iter([False] * 11 + [True]).__next__,
+        )
     assert policy.path.is_file() and previous_path(policy.path).is_file()
     other = TrainConfig(**{**CONFIG, "lr": 1e-3})
     assert train_classifier(data, 4, other, progress=False, checkpoint=policy).resumed_from == 0
@@ -105,12 +112,16 @@ def test_encoded_batches_decode_crop_and_report_unreadable(jpeg_tree, decode: st
     reference = ImageFolderReference(root, image_size=40)
     indices = np.arange(len(reference))
     labels = torch.arange(len(reference)) % 3
-    source = EncodedBatches(reference, indices, labels, 40, "crop-flip", seed=7, decode=decode,
-                            threads=2, prefetch=1)  # fmt: skip
+    source = EncodedBatches(
+        reference, indices, labels, 40, "crop-flip", seed=7, decode=decode, threads=2, prefetch=1
+    )
     plan = [(step, torch.arange(step * 12, step * 12 + 12)) for step in range(3)]
     batches = list(source.batches(iter(plan), torch.device("cpu")))
-    assert [tuple(b.images.shape) for b in batches] == [(12, 3, 40, 40), (11, 3, 40, 40),
-                                                        (12, 3, 40, 40)]  # fmt: skip
+    assert [tuple(b.images.shape) for b in batches] == [
+        (12, 3, 40, 40),
+        (11, 3, 40, 40),
+        (12, 3, 40, 40),
+    ]
     assert len(batches[1].problems) == 1 and victim.name in batches[1].problems[0]
     assert torch.equal(batches[1].labels, torch.cat([labels[12:17], labels[18:24]]))
     again = list(source.batches(iter(plan[2:]), torch.device("cpu")))
@@ -173,7 +184,9 @@ def test_worker_locks_tell_live_from_dead(tmp_path: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     owner = child.stdout.readline().strip()
     assert owner_alive(mine.directory, owner) and set(live_owners(mine.directory)) == {
-        owner, mine.owner}  # fmt: skip
+        owner,
+        mine.owner,
+    }
     child.kill()
     child.wait()
     assert not owner_alive(mine.directory, owner) and live_owners(mine.directory) == [mine.owner]
@@ -186,16 +199,35 @@ def test_job_rerun_returns_its_report_and_new_settings_train_again(tmp_path, sma
 
     manifest = small_pool.manifest
     indices = np.arange(0, len(manifest), 20)
-    payload = Payload("t", manifest.name, manifest.fingerprint, len(manifest), ("a", "b"),
-                      indices, indices % 2)  # fmt: skip
+    payload = Payload(
+        "t", manifest.name, manifest.fingerprint, len(manifest), ("a", "b"), indices, indices % 2
+    )
     path = tmp_path / "t.plada"
     write_payload(path, encode_payload(payload, reference=manifest))
     config = TrainConfig(min_steps=4, max_steps=4, batch_size=16)
-    first = run_job(path, small_pool, tmp_path / "out", JobSettings(config, export=False),
-                    progress=False, trust=None)  # fmt: skip
-    again = run_job(path, small_pool, tmp_path / "out", JobSettings(config, export=False),
-                    progress=False, trust=None)  # fmt: skip
+    first = run_job(
+        path,
+        small_pool,
+        tmp_path / "out",
+        JobSettings(config, export=False),
+        progress=False,
+        trust=None,
+    )
+    again = run_job(
+        path,
+        small_pool,
+        tmp_path / "out",
+        JobSettings(config, export=False),
+        progress=False,
+        trust=None,
+    )
     assert again == first and not (tmp_path / "out" / ".job").exists()
-    other = run_job(path, small_pool, tmp_path / "out", JobSettings(config, seeds=(1,),
-                    export=False), progress=False, trust=None)  # fmt: skip
+    other = run_job(
+        path,
+        small_pool,
+        tmp_path / "out",
+        JobSettings(config, seeds=(1,), export=False),
+        progress=False,
+        trust=None,
+    )
     assert [r["seed"] for r in other["runs"]] == [1] and other["seconds"] != first["seconds"]

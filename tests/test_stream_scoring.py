@@ -47,8 +47,14 @@ def test_streamed_scores_match_in_memory(tmp_path, chunk_rows) -> None:
     store = make_store(tmp_path, x)
     rng = np.random.default_rng(1)
     head = LinearHead(rng.normal(size=(13, 24)) * 20, rng.normal(size=13))  # 13: padded to 16
-    out = score_chunks(store.iter_chunks(chunk_rows), store.n, head, temperature=2.0,
-                       chunk_rows=chunk_rows, progress=False)  # fmt: skip
+    out = score_chunks(
+        store.iter_chunks(chunk_rows),
+        store.n,
+        head,
+        temperature=2.0,
+        chunk_rows=chunk_rows,
+        progress=False,
+    )
     logits = head.logits(store.read_rows(np.arange(500)))
     assert np.array_equal(out.predicted, logits.argmax(1))
     assert np.allclose(out.energy, energy(logits, 2.0), atol=1e-4)
@@ -71,8 +77,9 @@ def test_knn_teacher_streams_like_its_in_memory_logits(tmp_path) -> None:
     labels = np.arange(40) % 4
     teacher = KnnTeacher(task, labels, 4, k=3, max_block_floats=100)  # forces sub-blocks
     store = make_store(tmp_path, x)
-    out = score_chunks(store.iter_chunks(64), store.n, None, logit_fn=teacher.logits,
-                       num_classes=4, progress=False)  # fmt: skip
+    out = score_chunks(
+        store.iter_chunks(64), store.n, None, logit_fn=teacher.logits, num_classes=4, progress=False
+    )
     sims = store.read_rows(np.arange(300)) @ task.T
     expected = (
         np.stack([np.sort(sims[:, labels == c], axis=1)[:, -3:].mean(1) for c in range(4)], axis=1)
@@ -98,8 +105,9 @@ def _stable_sort_select(scores, predicted, k, config):
     order = np.argsort(scores, kind="stable")
     if config.strategy == "lowest":
         return np.sort(order[:budget])
-    quotas = class_quotas(np.bincount(predicted, minlength=k), round(config.reserve * budget),
-                          config.alpha)  # fmt: skip
+    quotas = class_quotas(
+        np.bincount(predicted, minlength=k), round(config.reserve * budget), config.alpha
+    )
     kept = np.zeros(n, bool)
     for c in np.flatnonzero(quotas):
         kept[order[predicted[order] == c][: quotas[c]]] = True
@@ -111,16 +119,22 @@ def _stable_sort_select(scores, predicted, k, config):
 
 @settings(max_examples=150, deadline=None)
 @given(
-    st.integers(2, 300), st.integers(2, 8), st.integers(0, 2**31), st.floats(0.005, 1.0),
-    st.floats(-1, 1), st.floats(0, 1), st.sampled_from(["lowest", "safety-net"]),
-)  # fmt: skip
+    st.integers(2, 300),
+    st.integers(2, 8),
+    st.integers(0, 2**31),
+    st.floats(0.005, 1.0),
+    st.floats(-1, 1),
+    st.floats(0, 1),
+    st.sampled_from(["lowest", "safety-net"]),
+)
 def test_linear_selection_equals_stable_sort(n, k, seed, keep, alpha, reserve, strategy) -> None:
     rng = np.random.default_rng(seed)
     scores = rng.integers(0, 6, n).astype(np.float32)  # many ties
     predicted = rng.integers(0, k, n).astype(np.int32)
     config = SelectionConfig(strategy, keep=keep, alpha=alpha, reserve=reserve)
-    assert np.array_equal(select(scores, predicted, k, config),
-                          _stable_sort_select(scores, predicted, k, config))  # fmt: skip
+    assert np.array_equal(
+        select(scores, predicted, k, config), _stable_sort_select(scores, predicted, k, config)
+    )
 
 
 def test_excluded_images_are_never_kept() -> None:

@@ -61,9 +61,16 @@ def policy(**changes) -> TrustPolicy:
 
 def make(indices=(3, 40, 41), labels=(0, 2, 1), sequence=5, expires=NOW + 3600, key=STATION):
     return Payload(
-        "task", "ref", FP, 1000, ("c0", "c1", "c2"), np.asarray(indices), np.asarray(labels),
-        created=NOW - 10, sender=SenderStamp(key.sender, sequence, expires),
-    )  # fmt: skip
+        "task",
+        "ref",
+        FP,
+        1000,
+        ("c0", "c1", "c2"),
+        np.asarray(indices),
+        np.asarray(labels),
+        created=NOW - 10,
+        sender=SenderStamp(key.sender, sequence, expires),
+    )
 
 
 def signed(payload: Payload | None = None, key: SigningKey = STATION) -> bytes:
@@ -84,25 +91,32 @@ def forge(
     sender = key.sender.encode()
     header_bytes = msgpack.packb(header, use_bin_type=True)
     head = (
-        struct.pack("<8sBB8sB", fmt.MAGIC, 3, 1, key_id or key.key_id, len(sender)) + sender
-        + struct.pack("<QQI", sequence, expires, len(header_bytes)) + header_bytes
-    )  # fmt: skip
+        struct.pack("<8sBB8sB", fmt.MAGIC, 3, 1, key_id or key.key_id, len(sender))
+        + sender
+        + struct.pack("<QQI", sequence, expires, len(header_bytes))
+        + header_bytes
+    )
     indices, labels = content if content is not None else (np.array([3]), np.array([0]))
     digest = hashlib.sha256(
-        b"plada-payload-v3" + head + indices.astype("<u8").tobytes()
+        b"plada-payload-v3"
+        + head
+        + indices.astype("<u8").tobytes()
         + labels.astype("<u4").tobytes()
-    ).digest()  # fmt: skip
+    ).digest()
     frame = head + struct.pack("<I", len(body)) + body + digest
     return frame + key.sign(frame)
 
 
 def header(count: int = 1, raw_size: int = 2, classes=("c0", "c1", "c2"), n: int = 1000) -> dict:
     return {
-        "task": "t", "created": NOW - 10,
+        "task": "t",
+        "created": NOW - 10,
         "reference": {"name": "ref", "fingerprint": FP, "size": n},
-        "classes": list(classes), "count": count, "selection": {},
+        "classes": list(classes),
+        "count": count,
+        "selection": {},
         "body": {"coding": fmt.BODY_CODING, "raw_size": raw_size},
-    }  # fmt: skip
+    }
 
 
 def zstd(raw: bytes) -> bytes:
@@ -282,8 +296,10 @@ def test_unknown_signature_algorithm_and_bad_envelope_fields() -> None:
     with pytest.raises(MalformedHeaderError, match="sequence number 0"):
         decode_payload(forge(header(), zstd(b"\0\0"), sequence=0), trust=policy())
     with pytest.raises(MalformedHeaderError, match="expires before it was created"):
-        decode_payload(forge(header(), zstd(varints([3], [0])), expires=NOW - 20),
-                       trust=policy(check_expiry=False))  # fmt: skip
+        decode_payload(
+            forge(header(), zstd(varints([3], [0])), expires=NOW - 20),
+            trust=policy(check_expiry=False),
+        )
 
 
 def test_signature_is_checked_before_anything_is_parsed_or_inflated(monkeypatch) -> None:
@@ -380,8 +396,10 @@ def test_sequence_numbers_increase_across_processes_and_a_lost_counter(tmp_path)
     first = next_sequence(counter)
     assert first >= int(time.time() * 1000) - 5000
     queue = multiprocessing.get_context("spawn").Queue()
-    workers = [multiprocessing.get_context("spawn").Process(target=_take, args=(counter, 40, queue))
-               for _ in range(2)]  # fmt: skip
+    workers = [
+        multiprocessing.get_context("spawn").Process(target=_take, args=(counter, 40, queue))
+        for _ in range(2)
+    ]
     for worker in workers:
         worker.start()
     taken = [n for _ in workers for n in queue.get(timeout=120)]

@@ -28,4 +28,3 @@ class ReferenceSource(abc.ABC):
         for start in range(0, len(self), chunk):
             stop = min(start + chunk, len(self))
             yield start, self.load(np.arange(start, stop))
-

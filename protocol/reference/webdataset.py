@@ -122,8 +122,12 @@ def _cached_scan(path: Path, cache_dir: Path | None):
             pass  # rescan below
     keys, offsets, sizes, problem = scan_shard(path)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    arrays = {"keys": np.asarray(keys, dtype=str), "offsets": offsets, "sizes": sizes,
-              "problem": np.asarray(problem or "")}  # fmt: skip
+    arrays = {
+        "keys": np.asarray(keys, dtype=str),
+        "offsets": offsets,
+        "sizes": sizes,
+        "problem": np.asarray(problem or ""),
+    }
     write_atomic(cached, lambda handle: np.savez(handle, **arrays))
     return keys, offsets, sizes, problem
 
@@ -132,9 +136,12 @@ class WebDatasetReference(EncodedReference):
     """Images inside tar shards, addressed by manifest index via cached member offsets."""
 
     def __init__(
-        self, spec: str, image_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
+        self,
+        spec: str,
+        image_size: int = 64,
+        cache_dir: str | os.PathLike[str] | None = None,
         name: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.shards = expand_shards(spec)
         self.image_size = image_size
         self.problems: list[str] = []

@@ -33,12 +33,23 @@ _RESOLUTIONS = (8, 12, 16, 24, 48)
 _STROKE_STEPS = (-1, 0, 0, 1, 1, 2, 2, 3)  # erosion (<0) or dilation (>0) steps at canvas scale
 
 _TEXT_FONTS = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
-    "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-    "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
-    "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
-)  # fmt: skip
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+)
 _TEX_FONTS = ("cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmti10.ttf", "cmtt10.ttf", "cmmi10.ttf")
 
 _GREEK_LOWER = "αβγδεζηθικλμνξοπρστυφχψω"
@@ -70,20 +81,59 @@ _GREEK_NAMES = [
     "omega",
 ]
 _SYMBOLS = {
-    "hash": "#", "dollar": "$", "percent": "%", "ampersand": "&", "at": "@", "plus": "+",
-    "equals": "=", "question": "?", "exclamation": "!", "asterisk": "*", "slash": "/",
-    "backslash": "\\", "less": "<", "greater": ">", "tilde": "~", "section": "§",
-    "pilcrow": "¶", "copyright": "©", "euro": "€", "pound": "£", "yen": "¥",
-    "infinity": "∞", "summation": "∑", "integral": "∫", "root": "√", "approx": "≈",
-    "notequal": "≠", "plusminus": "±", "divide": "÷", "times": "×",
-}  # fmt: skip
+    "hash": "#",
+    "dollar": "$",
+    "percent": "%",
+    "ampersand": "&",
+    "at": "@",
+    "plus": "+",
+    "equals": "=",
+    "question": "?",
+    "exclamation": "!",
+    "asterisk": "*",
+    "slash": "/",
+    "backslash": "\\",
+    "less": "<",
+    "greater": ">",
+    "tilde": "~",
+    "section": "§",
+    "pilcrow": "¶",
+    "copyright": "©",
+    "euro": "€",
+    "pound": "£",
+    "yen": "¥",
+    "infinity": "∞",
+    "summation": "∑",
+    "integral": "∫",
+    "root": "√",
+    "approx": "≈",
+    "notequal": "≠",
+    "plusminus": "±",
+    "divide": "÷",
+    "times": "×",
+}
 _SHAPES = {
-    "disc": "●", "circle": "○", "square-filled": "■", "square": "□", "triangle-filled": "▲",
-    "triangle": "△", "triangle-down": "▼", "diamond-filled": "◆", "diamond": "◇",
-    "star-filled": "★", "star": "☆", "spade": "♠", "club": "♣", "heart": "♥",
-    "diamond-suit": "♦", "arrow-left": "←", "arrow-right": "→", "arrow-up": "↑",
-    "arrow-down": "↓", "check": "✓",
-}  # fmt: skip
+    "disc": "●",
+    "circle": "○",
+    "square-filled": "■",
+    "square": "□",
+    "triangle-filled": "▲",
+    "triangle": "△",
+    "triangle-down": "▼",
+    "diamond-filled": "◆",
+    "diamond": "◇",
+    "star-filled": "★",
+    "star": "☆",
+    "spade": "♠",
+    "club": "♣",
+    "heart": "♥",
+    "diamond-suit": "♦",
+    "arrow-left": "←",
+    "arrow-right": "→",
+    "arrow-up": "↑",
+    "arrow-down": "↓",
+    "check": "✓",
+}
 
 
 @dataclass(frozen=True)

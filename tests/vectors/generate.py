@@ -22,8 +22,11 @@ CREATED = 1_790_000_000
 
 
 def _manifest(folder_sizes: list[int]) -> ReferenceManifest:
-    keys = [f"n{b:08d}/n{b:08d}_{i:05d}.JPEG" for b, size in enumerate(folder_sizes)
-            for i in range(size)]  # fmt: skip
+    keys = [
+        f"n{b:08d}/n{b:08d}_{i:05d}.JPEG"
+        for b, size in enumerate(folder_sizes)
+        for i in range(size)
+    ]
     return ReferenceManifest.from_unsorted("vector-reference", keys)
 
 
@@ -46,18 +49,30 @@ def vectors() -> dict[str, tuple[Payload, ReferenceManifest, tuple[str, ...]]]:
 
     def payload(task: str, idx: np.ndarray, lab: np.ndarray) -> Payload:
         return Payload(
-            task=task, reference_name=manifest.name, reference_fingerprint=manifest.fingerprint,
-            reference_size=n, class_names=tuple(f"class-{i}" for i in range(7)), indices=idx,
-            labels=lab, selection={"strategy": "safety-net", "keep": 0.01}, created=CREATED,
-        )  # fmt: skip
+            task=task,
+            reference_name=manifest.name,
+            reference_fingerprint=manifest.fingerprint,
+            reference_size=n,
+            class_names=tuple(f"class-{i}" for i in range(7)),
+            indices=idx,
+            labels=lab,
+            selection={"strategy": "safety-net", "keep": 0.01},
+            created=CREATED,
+        )
 
     return {
-        "clustered-reference-blocks": (payload("clustered", indices, labels), manifest,
-                                       (BLOCK_CODING,)),
-        "uniform-fixed-blocks": (payload("uniform", uniform, rng.integers(0, 7, 400)), None,
-                                 (BLOCK_CODING,)),
+        "clustered-reference-blocks": (
+            payload("clustered", indices, labels),
+            manifest,
+            (BLOCK_CODING,),
+        ),
+        "uniform-fixed-blocks": (
+            payload("uniform", uniform, rng.integers(0, 7, 400)),
+            None,
+            (BLOCK_CODING,),
+        ),
         "delta-varint-zstd": (payload("varint", indices, labels), manifest, (BODY_CODING,)),
-    }  # fmt: skip
+    }
 
 
 def encode_vector(name: str) -> bytes:
