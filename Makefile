@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m benchmarks.demo --work work/demo
 
+# two test processes (pytest-xdist), each test file kept in one of them so that its
+# module fixtures are built once; the slowest tests are listed at the end
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

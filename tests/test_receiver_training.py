@@ -230,4 +230,7 @@ def test_job_rerun_returns_its_report_and_new_settings_train_again(tmp_path, sma
         progress=False,
         trust=None,
     )
-    assert [r["seed"] for r in other["runs"]] == [1] and other["seconds"] != first["seconds"]
+    assert [r["seed"] for r in other["runs"]] == [1]
+    # trained anew, not the earlier report: its own identity, and its weights on disk
+    assert other["job_identity"] != first["job_identity"]
+    assert (tmp_path / "out" / "model-seed1.pt").is_file()

@@ -402,6 +402,74 @@ class TrainingRun:
         return result
 
 
+@dataclass
+class StepHooks:
+    """What a run does besides optimizing: progress, callbacks and checkpoints."""
+
+    progress: bool = True
+    on_epoch: Callable[[dict[str, float]], None] | None = None
+    on_step: Callable[[StepReport], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    checkpoint: CheckpointPolicy | None = None
+
+
+class _StepLog:
+    """Per-step bookkeeping of a training session: wall time, the training curve, epoch
+    records, progress display, callbacks and checkpoints."""
+
+    def __init__(self, run: TrainingRun, hooks: StepHooks) -> None:
+        self.run, self.hooks = run, hooks
+        self.curve_every = max(1, run.total_steps // 200)
+        self.bar = _ProgressBar(hooks.progress, run.total_steps, run.start_step, run.config.model)
+        self.started = self.last_save = self.step_start = time.perf_counter()
+        self.elapsed_before = run.stats.elapsed  # a resumed run's earlier sessions
+
+    def after_step(self, step: int, epoch: int, loss_value: float | None, epoch_done: bool) -> None:
+        run, hooks, stats = self.run, self.hooks, self.run.stats
+        now = time.perf_counter()
+        stats.epoch_seconds += now - self.step_start
+        self.step_start = now
+        stats.elapsed = self.elapsed_before + (now - self.started)
+        run.result.steps = done = step + 1
+        self.bar.step()
+        if done % self.curve_every == 0 or done == run.total_steps:
+            run.result.curve.append(stats.curve_point(done, float(run.schedule.get_last_lr()[0])))
+        if epoch_done:
+            record = run.end_epoch(epoch)
+            self.bar.epoch(record)
+            if hooks.on_epoch is not None:
+                hooks.on_epoch(record)
+        if hooks.on_step is not None:
+            hooks.on_step(run.step_report(epoch, loss_value))
+        checkpoint = hooks.checkpoint
+        if checkpoint is None or done == run.total_steps:
+            return
+        stop = hooks.should_stop is not None and hooks.should_stop()
+        due = (checkpoint.every_steps and done % checkpoint.every_steps == 0) or (
+            now - self.last_save >= checkpoint.every_seconds
+        )
+        if stop or due:
+            run.save(checkpoint.path, done)
+            self.last_save = time.perf_counter()
+        if stop:
+            self.bar.close()
+            raise TrainingInterrupted(done)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train_one_epoch(run: TrainingRun, epoch: int, batches: Iterator[Batch], log: _StepLog) -> None:
+    """The steps of ``epoch`` that remain to be run (all of them unless resuming)."""
+    first = max(run.start_step, epoch * run.steps_per_epoch)
+    last = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
+    # range first: zip stops before taking a batch of the next epoch from the stream
+    for step, batch in zip(range(first, last), batches, strict=False):
+        run.check_readable(batch, step)
+        loss_value = run.train_one_step(batch)
+        log.after_step(step, epoch, loss_value, epoch_done=step + 1 == last)
+
+
 def train_classifier(
     data: Any,
     num_classes: int,
@@ -429,50 +497,18 @@ def train_classifier(
     run = TrainingRun(source, num_classes, config, in_channels, data_id)
     if checkpoint is not None and checkpoint.resume:
         run.resume(checkpoint.path)
-    total_steps, steps_per_epoch = run.total_steps, run.steps_per_epoch
-    curve_every = max(1, total_steps // 200)
-    bar = _ProgressBar(progress, total_steps, run.start_step, config.model)
-    stats = run.stats
+    hooks = StepHooks(progress, on_epoch, on_step, should_stop, checkpoint)
+    log = _StepLog(run, hooks)
     run.result.steps = run.start_step
-    last_save = session_start = time.perf_counter()
-    step_start = session_start
-    elapsed_before = stats.elapsed
     run.model.train()
-    batches = source.batches(run.plan(), run.device)
-    for step, batch in zip(range(run.start_step, total_steps), batches, strict=True):
-        epoch = step // steps_per_epoch
-        run.check_readable(batch, step)
-        loss_value = run.train_one_step(batch)
-        now = time.perf_counter()
-        stats.epoch_seconds += now - step_start
-        step_start = now
-        stats.elapsed = elapsed_before + (now - session_start)
-        run.result.steps = steps_done = step + 1
-        bar.step()
-        if steps_done % curve_every == 0 or steps_done == total_steps:
-            lr = float(run.schedule.get_last_lr()[0])
-            run.result.curve.append(stats.curve_point(steps_done, lr))
-        if steps_done % steps_per_epoch == 0 or steps_done == total_steps:
-            record = run.end_epoch(epoch)
-            bar.epoch(record)
-            if on_epoch is not None:
-                on_epoch(record)
-        if on_step is not None:
-            on_step(run.step_report(epoch, loss_value))
-        if checkpoint is not None and steps_done < total_steps:
-            stop = should_stop is not None and should_stop()
-            due = (checkpoint.every_steps and steps_done % checkpoint.every_steps == 0) or (
-                now - last_save >= checkpoint.every_seconds
-            )
-            if stop or due:
-                run.save(checkpoint.path, steps_done)
-                last_save = time.perf_counter()
-            if stop:
-                bar.close()
-                raise TrainingInterrupted(steps_done)
-    bar.close()
-    if checkpoint is not None and run.start_step < total_steps:
-        run.save(checkpoint.path, total_steps)  # the caller removes it once the outputs are saved
+    batches = iter(source.batches(run.plan(), run.device))  # one stream: prefetch spans epochs
+    for epoch in range(run.start_step // run.steps_per_epoch, run.epochs):
+        train_one_epoch(run, epoch, batches, log)
+    log.close()
+    if next(batches, None) is not None:  # also lets the source shut its decoders down
+        raise RuntimeError("the batch source yielded more batches than the plan has steps")
+    if checkpoint is not None and run.start_step < run.total_steps:
+        run.save(checkpoint.path, run.total_steps)  # the caller removes it once outputs are saved
     return run.finish()
 
 
