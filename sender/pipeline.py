@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.atomic_files import write_atomic, write_json_atomic
+from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError, TaskDataError
 from protocol.payload import (
     Payload,
@@ -42,6 +42,7 @@ from sender.work_dir import (
     SCORES_FILE,
     TEST_EMBEDDINGS,
     ScoresFile,
+    save_embeddings,
 )
 
 INDEX_FILE = faiss_index.INDEX_FILE
@@ -56,10 +57,6 @@ def _reference_images(reference: ReferenceSource, channels: int, chunk: int = 16
             f"{images.shape[1]}: convert the task to match the reference set"
         )
     return images
-
-
-def _save_embeddings(path: Path, embeddings: np.ndarray) -> None:
-    write_atomic(path, lambda handle: np.save(handle, embeddings.astype(np.float16)))
 
 
 @dataclass
@@ -182,9 +179,9 @@ def score_reference(
     ref_emb = outputs.reference_embeddings
     gap = measure_domain_gap(ref_emb[sample_rows], ref_emb[query_rows], outputs.train_embeddings)
     faiss_index.save_index(faiss_index.build_index(outputs.duplicate_reference), out / INDEX_FILE)
-    _save_embeddings(out / REFERENCE_EMBEDDINGS, outputs.duplicate_reference)
+    save_embeddings(out / REFERENCE_EMBEDDINGS, outputs.duplicate_reference)
     if outputs.duplicate_test is not None:
-        _save_embeddings(out / TEST_EMBEDDINGS, outputs.duplicate_test)
+        save_embeddings(out / TEST_EMBEDDINGS, outputs.duplicate_test)
     manifest = reference.manifest
     ScoresFile(
         scores=scores,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocol.atomic_files import write_atomic, write_json_atomic
+from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError, TaskDataError
 from protocol.manifest import ReferenceManifest, reference_summary
 from protocol.reference.encoded import UnreadableImage, decode_rgb
@@ -30,7 +30,7 @@ from sender.embedding_store import MANIFEST_FILE, EmbeddingStore
 from sender.embedding_teachers import KnnTeacher, train_probe, zero_shot_head
 from sender.stream_scoring import LinearHead, score_chunks
 from sender.teacher_kinds import EMBEDDING_TEACHERS
-from sender.work_dir import SCORE_REPORT, SCORES_FILE, TEST_EMBEDDINGS, ScoresFile
+from sender.work_dir import SCORE_REPORT, SCORES_FILE, TEST_EMBEDDINGS, ScoresFile, save_embeddings
 
 
 def _block_starts(store_dir: str | os.PathLike[str], fingerprint_hex: str) -> np.ndarray:
@@ -199,8 +199,7 @@ def score_embeddings(
         embeddings_dir=str(Path(store_dir).resolve()),
     ).write(out / SCORES_FILE)
     if test is not None:
-        test_embeddings = test.embeddings.astype(np.float16)
-        write_atomic(out / TEST_EMBEDDINGS, lambda handle: np.save(handle, test_embeddings))
+        save_embeddings(out / TEST_EMBEDDINGS, test.embeddings)
     summary = {
         "task": task_name,
         "classes": list(names),

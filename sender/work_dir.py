@@ -27,6 +27,12 @@ SCORES_SCHEMA = 2  # 1: the unversioned files of earlier releases
 _SCORE_KEY = "score_"  # prefix of each relevance score's key
 
 
+def save_embeddings(path: str | os.PathLike[str], embeddings: np.ndarray) -> None:
+    """Write embeddings (reference or test images) as fp16 ``.npy``, atomically."""
+    half = np.asarray(embeddings).astype(np.float16)
+    write_atomic(Path(path), lambda handle: np.save(handle, half))
+
+
 def _empty_rows() -> np.ndarray:
     return np.zeros(0, np.int64)
 
