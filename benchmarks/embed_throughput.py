@@ -3,9 +3,10 @@
 Generates ImageNet-sized JPEGs (500 x 375, textured so they do not compress to
 nothing) in an ImageFolder tree and saves an open_clip architecture with random
 weights to a file. Then it prints, side by side: decoding alone with each decoder
-(PIL in DataLoader workers; torchvision batched on the device, nvJPEG on a GPU),
-the model alone on tensors already on the device, and the real embed pass with
-each decoder. It ends with how closely the two decoders' embeddings agree.
+(PIL in DataLoader workers; TorchCodec and torchvision batched on the device, nvJPEG
+on a GPU), the model alone on tensors already on the device, and the real embed pass
+with each decoder. It ends with how closely each batched decoder's embeddings agree
+with PIL's.
 
     python -m benchmarks.embed_throughput [--images 2048] [--model ViT-B-32] [--device cuda]
 """
@@ -13,9 +14,11 @@ each decoder. It ends with how closely the two decoders' embeddings agree.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +80,10 @@ def model_ceiling(model_name: str, weights: str, device: str, batch_size: int) -
     return repeats * batch_size / (time.perf_counter() - started)
 
 
-def tensor_decode_floor(reference, preprocess, device: str, batch_size: int, workers: int) -> float:
-    """Images/s of threaded byte reads + batched torchvision decode/preprocess on device."""
+def tensor_decode_floor(
+    reference, preprocess, device: str, batch_size: int, workers: int, decoder: str
+) -> float:
+    """Images/s of threaded byte reads + batched decode (``decoder``) and preprocessing."""
     import torch
 
     from protocol.reference.encoded import decode_jpeg_batch
@@ -93,7 +98,7 @@ def tensor_decode_floor(reference, preprocess, device: str, batch_size: int, wor
     for data, _, _ in loader:
         now = time.perf_counter()
         waited += now - last
-        images = decode_jpeg_batch(data, prepare.device)
+        images = decode_jpeg_batch(data, prepare.device, decoder)
         sync()
         decoded = time.perf_counter()
         decoding += decoded - now
@@ -108,7 +113,7 @@ def tensor_decode_floor(reference, preprocess, device: str, batch_size: int, wor
         fitting += last - decoded
     total = time.perf_counter() - started
     print(
-        f"  torchvision path, {rows.size} images: waiting for bytes {waited:.1f}s, "
+        f"  {decoder} path, {rows.size} images: waiting for bytes {waited:.1f}s, "
         f"decode {decoding:.1f}s, resize/crop/normalise {fitting:.1f}s, total {total:.1f}s"
     )
     return rows.size / total
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from protocol.reference.image_folder import ImageFolderReference
     from sender.embed import embed_reference
-    from sender.embedders import load_open_clip
+    from sender.embedders import load_open_clip, resolve_model_name
     from sender.embedding_store import merge_parts
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -132,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None, help="default: all cores")
     parser.add_argument("--work", default=None, help="folder for the JPEGs (default: temp)")
+    parser.add_argument(
+        "--decoders",
+        nargs="+",
+        default=["torchcodec", "torchvision"],
+        help="batched decoders to compare with PIL (those not installed are skipped)",
+    )
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    decoders = [d for d in args.decoders if d != "torchcodec" or find_spec("torchcodec")]
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.work or scratch)
@@ -140,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         if not tree.is_dir():
             print(f"writing {args.images} JPEGs to {tree} ...")
             write_jpegs(tree, args.images)
-        model = open_clip.create_model(args.model, pretrained=None)
-        weights = root / f"{args.model}-random.pt"
+        name = resolve_model_name(args.model)  # a name, or the path of a config .json
+        model = open_clip.create_model(name, pretrained=None)
+        weights = root / f"{name}-random.pt"
         torch.save(model.state_dict(), weights)
         del model
         reference = ImageFolderReference(tree)
@@ -152,21 +166,22 @@ def main(argv: list[str] | None = None) -> int:
         rates = {
             "decode + preprocess, PIL in workers": decode_floor(
                 reference, preprocess, side, args.batch_size, workers
-            ),
-            "decode + preprocess, torchvision on device": tensor_decode_floor(
-                reference, preprocess, args.device, args.batch_size, workers
-            ),
-            "model only, tensors on device": model_ceiling(
-                args.model, str(weights), args.device, args.batch_size
-            ),
+            )
         }
+        for decoder in decoders:
+            rates[f"decode + preprocess, {decoder} on device"] = tensor_decode_floor(
+                reference, preprocess, args.device, args.batch_size, workers, decoder
+            )
+        rates["model only, tensors on device"] = model_ceiling(
+            name, str(weights), args.device, args.batch_size
+        )
         stores = {}
-        for decode in ("pil", "torchvision"):
+        for decode in ("pil", *decoders):
             out = root / f"emb-{decode}"
             summary = embed_reference(
                 reference,
                 out,
-                args.model,
+                name,
                 str(weights),
                 device=args.device,
                 batch_size=args.batch_size,
@@ -179,20 +194,38 @@ def main(argv: list[str] | None = None) -> int:
             merge_parts(out)
             stores[decode] = np.fromfile(out / "embeddings.f16", dtype="<f2").astype(np.float32)
         dim = stores["pil"].size // len(reference)
-        pil, tv = stores["pil"].reshape(-1, dim), stores["torchvision"].reshape(-1, dim)
-        cosine = (pil * tv).sum(1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(tv, axis=1)
+        pil = stores["pil"].reshape(-1, dim)
+        cosines = {}
+        for decoder in decoders:
+            other = stores[decoder].reshape(-1, dim)
+            cosine = (pil * other).sum(1) / np.linalg.norm(pil, axis=1)
+            cosines[decoder] = cosine / np.linalg.norm(other, axis=1)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
         f"\n{args.model}, random weights, {args.images} JPEGs 500x375, device {device}, "
         f"{workers} reader workers, batch {args.batch_size}"
     )
     print(f"{'stage':<44} {'img/s':>9} {'14.2M images':>14}")
-    for name, value in rates.items():
-        print(f"{name:<44} {value:>9.0f} {IMAGENET_21K / value / 3600:>12.2f} h")
-    print(
-        f"embeddings, torchvision vs PIL preprocessing: cosine mean {cosine.mean():.5f}, "
-        f"min {cosine.min():.5f}"
-    )
+    for stage, value in rates.items():
+        print(f"{stage:<44} {value:>9.0f} {IMAGENET_21K / value / 3600:>12.2f} h")
+    for decoder, cosine in cosines.items():
+        print(
+            f"embeddings, {decoder} vs PIL preprocessing: cosine mean {cosine.mean():.5f}, "
+            f"min {cosine.min():.5f}"
+        )
+    if args.json:
+        result = {
+            "device": device,
+            "model": args.model,
+            "images": args.images,
+            "batch_size": args.batch_size,
+            "images_per_second": rates,
+            "cosine_vs_pil": {
+                decoder: {"mean": float(c.mean()), "min": float(c.min())}
+                for decoder, c in cosines.items()
+            },
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

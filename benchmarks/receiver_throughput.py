@@ -113,7 +113,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=0, help="0: 256 on CUDA, 32 on CPU")
     parser.add_argument("--steps", type=int, default=0, help="timed steps (0: auto)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed steps first (0: auto)")
-    parser.add_argument("--decode", choices=["auto", "pil", "tensor"], default="auto")
+    parser.add_argument(
+        "--decode", choices=["auto", "pil", "tensor", "torchcodec", "torchvision"], default="auto"
+    )
     parser.add_argument("--threads", type=int, default=0, help="loader threads (0: CPU count)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--workdir", default=None, help="where to write the JPEGs (default: tmp)")

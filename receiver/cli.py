@@ -132,10 +132,11 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seeds", type=int, nargs="+", default=[0])
     group.add_argument(
         "--decode",
-        choices=["auto", "pil", "tensor"],
+        choices=["auto", "pil", "tensor", "torchcodec", "torchvision"],
         default="auto",
-        help="image files: Pillow threads, or batched torchvision decode "
-        "(nvJPEG on CUDA); auto picks tensor on CUDA",
+        help="image files: Pillow threads, or decoded in batches on the device (nvJPEG on "
+        "CUDA) by torchcodec or torchvision; tensor: torchcodec on CUDA when installed, "
+        "else torchvision; auto: tensor on CUDA, pil on the CPU",
     )
     group.add_argument("--loader-threads", type=int, default=8)
     group.add_argument("--checkpoint-seconds", type=float, default=60.0)

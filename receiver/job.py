@@ -52,7 +52,7 @@ class JobSettings:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     seeds: tuple[int, ...] = (0,)
-    decode: str = "auto"  # encoded references: pil (CPU threads), tensor (GPU nvJPEG), auto
+    decode: str = "auto"  # encoded references: see trainer.batches.DECODE_CHOICES
     loader_threads: int = 8
     export: bool = True  # a torch.export program beside the state_dict
     checkpoint_seconds: float = 60.0

@@ -80,6 +80,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         f"{summary.images_embedded} images in {summary.seconds:.1f}s "
         f"({summary.images_per_second:.0f} img/s), {summary.images_skipped} unreadable skipped"
     )
+    if summary.formats:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in summary.formats.items())
+        print(f"files: {kinds} (only baseline JPEGs take a GPU decoder's hardware path)")
     return 0
 
 
@@ -303,10 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--part-rows", type=int, default=65536, help="rows per resumable part")
     emb.add_argument(
         "--decode",
-        choices=["pil", "torchvision"],
-        default="pil",
-        help="pil: open_clip's transform in the workers; torchvision: batched on the device "
-        "(nvJPEG on a GPU)",
+        choices=["auto", "pil", "torchcodec", "torchvision"],
+        default="auto",
+        help="pil: open_clip's transform in the workers; torchcodec, torchvision: batched on "
+        "the device (nvJPEG on a GPU); auto: torchcodec on CUDA when installed, else "
+        "torchvision on CUDA, pil on the CPU",
     )
     emb.add_argument("--shard", default="0/1", help="this machine's slice i/N of the parts")
     emb.add_argument("--out", required=True, help="embeddings directory")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,14 @@ from protocol.atomic_files import write_atomic, write_json_atomic
 from protocol.errors import ConfigError, ReferenceSetError
 from protocol.manifest import ReferenceManifest
 from protocol.reference.base import ReferenceSource
-from protocol.reference.encoded import EncodedReference
+from protocol.reference.encoded import (
+    TENSOR_DECODERS,
+    EncodedReference,
+    UnreadableImage,
+    decode_rgb,
+    image_kind,
+    resolve_tensor_decoder,
+)
 from sender.embedders import OpenClipEmbedder
 from sender.embedding_store import (
     MANIFEST_FILE,
@@ -38,6 +46,8 @@ from sender.embedding_store import (
     write_part,
 )
 from sender.tensor_decode import PreprocessSpec, TensorPreprocessor, iter_encoded_batches
+
+UNREADABLE = "unreadable"  # a file that could not even be read
 
 
 class ReferenceImages(Dataset):
@@ -54,19 +64,27 @@ class ReferenceImages(Dataset):
     def __len__(self) -> int:
         return int(self.rows.size)
 
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, str]:
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, str, str]:
+        """(preprocessed image, row, problem or '', kind of file: see :func:`image_kind`)."""
         from PIL import Image
 
         row = int(self.rows[item])
+        kind = "array"  # a set held in memory, no files
         if isinstance(self.reference, EncodedReference):
-            image, problem = self.reference.try_read_image(row)
+            image, problem, kind = None, "", UNREADABLE
+            try:
+                data = self.reference.read_bytes(row)
+                kind = image_kind(data)
+                image = decode_rgb(data, self.reference.describe(row))
+            except UnreadableImage as exc:
+                problem = str(exc)
         else:
             array = self.reference.load(np.array([row]))[0]
             image, problem = Image.fromarray(array.transpose(1, 2, 0).squeeze(2)), None
             image = image.convert("RGB")
         if image is None:
-            return torch.zeros(3, self.side, self.side), row, problem or "unreadable"
-        return self.preprocess(image), row, ""
+            return torch.zeros(3, self.side, self.side), row, problem or "unreadable", kind
+        return self.preprocess(image), row, "", kind
 
 
 @dataclass
@@ -80,6 +98,7 @@ class EmbedSummary:
     images_embedded: int
     images_skipped: int
     seconds: float
+    formats: dict[str, int] = field(default_factory=dict)  # files by image_kind()
 
     @property
     def images_per_second(self) -> float:
@@ -97,13 +116,15 @@ def embed_reference(
     part_rows: int = 65536,
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
-    decode: str = "pil",
+    decode: str = "auto",
 ) -> EmbedSummary:
     """Embed the parts of ``shard`` that are not done yet (see module docstring).
 
     ``decode="pil"`` decodes and preprocesses in the DataLoader workers with
-    open_clip's own transform; ``"torchvision"`` decodes whole batches on the
-    embedding device (nvJPEG on a GPU; see :mod:`sender.tensor_decode`).
+    open_clip's own transform; ``"torchcodec"`` or ``"torchvision"`` decode whole
+    batches on the embedding device (nvJPEG on a GPU; see :mod:`sender.tensor_decode`).
+    The summary counts the files by kind (baseline or progressive JPEG, other), since
+    only baseline JPEGs take a GPU decoder's hardware path.
     """
     from tqdm import tqdm
 
@@ -137,6 +158,9 @@ def embed_reference(
     )
     prepare = None
     batches: Any
+    if decode == "auto":
+        on_cuda = embedder.device.type == "cuda"
+        decode = resolve_tensor_decoder("auto", embedder.device) if on_cuda else "pil"
     if decode == "pil":
         batches = DataLoader(
             ReferenceImages(reference, rows, embedder.preprocess, side),
@@ -145,12 +169,13 @@ def embed_reference(
             shuffle=False,
             pin_memory=embedder.device.type == "cuda",
         )
-    elif decode == "torchvision":
+    elif decode in TENSOR_DECODERS:
         spec = PreprocessSpec.from_transform(embedder.preprocess)
-        prepare = TensorPreprocessor(spec, embedder.device)
+        prepare = TensorPreprocessor(spec, embedder.device, decode)
         batches = iter_encoded_batches(reference, rows, batch_size, threads=max(4, workers))
     else:
-        raise ConfigError(f"--decode must be pil or torchvision, not {decode!r}")
+        choices = ", ".join(("pil", *TENSOR_DECODERS))
+        raise ConfigError(f"--decode must be one of {choices}, not {decode!r}")
     bar = tqdm(
         total=int(rows.size),
         unit="img",
@@ -159,12 +184,17 @@ def embed_reference(
         desc=f"embedding {shard[0]}/{shard[1]}",
     )
     writer = _PartWriter(root, meta, pending)
-    for images, batch_rows, problems in batches:
-        problems = list(problems)
+    formats: Counter[str] = Counter()
+    for batch in batches:
         if prepare is not None:
+            encoded, batch_rows, problems = batch
+            formats.update(image_kind(data) if data else UNREADABLE for data in encoded)
             where = [reference.manifest.keys[int(r)] for r in batch_rows]
-            images, problems = prepare(images, problems, where)
-        writer.add(embedder.embed_batch(images), batch_rows.numpy(), problems)
+            images, problems = prepare(encoded, list(problems), where)
+        else:
+            images, batch_rows, problems, kinds = batch
+            formats.update(kinds)
+        writer.add(embedder.embed_batch(images), batch_rows.numpy(), list(problems))
         bar.update(len(batch_rows))
     bar.close()
     if writer.current < len(pending):
@@ -177,6 +207,7 @@ def embed_reference(
         images_embedded=int(rows.size),
         images_skipped=writer.skipped,
         seconds=time.perf_counter() - started,
+        formats=dict(sorted(formats.items())),
     )
 
 

@@ -1,9 +1,9 @@
-"""Batched JPEG decoding and CLIP preprocessing with torchvision, on the embedding device.
+"""Batched JPEG decoding and CLIP preprocessing on the embedding device.
 
-With ``--decode torchvision`` a thread pool reads the encoded bytes ahead of use;
-the main process decodes a whole batch with ``torchvision.io.decode_jpeg`` (nvJPEG when
-the device is a GPU), then resizes (shorter side, bicubic with antialiasing),
-center-crops and normalises on the same device. Output matches open_clip's PIL
+With ``--decode torchcodec`` or ``--decode torchvision`` a thread pool reads the encoded
+bytes ahead of use; the main process decodes a whole batch with that library's
+``decode_jpeg`` (nvJPEG when the device is a GPU), then resizes (shorter side, bicubic
+with antialiasing), center-crops and normalises on the same device. Output matches open_clip's PIL
 preprocessing closely, though not bit for bit. Images that nvJPEG cannot decode (PNG,
 CMYK, damaged files) are retried one by one with PIL; those that still fail are
 reported as unreadable, as in the PIL path.
@@ -45,8 +45,8 @@ class PreprocessSpec:
                 mean, std = tuple(step.mean), tuple(step.std)
         if side is None or mean is None or std is None:
             raise ConfigError(
-                "--decode torchvision supports Resize + CenterCrop + Normalize preprocessing "
-                "only; use --decode pil for this model"
+                "--decode torchcodec/torchvision support Resize + CenterCrop + Normalize "
+                "preprocessing only; use --decode pil for this model"
             )
         return cls(side, mean, std)
 
@@ -64,7 +64,7 @@ def iter_encoded_batches(
     processes without pickling every file through a pipe.
     """
     if not isinstance(reference, EncodedReference):
-        raise ConfigError("--decode torchvision needs a reference set of image files")
+        raise ConfigError("--decode torchcodec/torchvision need a reference set of image files")
 
     def read(row: int) -> tuple[bytes, str]:
         try:
@@ -98,9 +98,12 @@ def iter_encoded_batches(
 class TensorPreprocessor:
     """Decode + resize + crop + normalise a batch of encoded images on ``device``."""
 
-    def __init__(self, spec: PreprocessSpec, device: torch.device) -> None:
+    def __init__(
+        self, spec: PreprocessSpec, device: torch.device, decoder: str = "torchvision"
+    ) -> None:
         self.spec = spec
         self.device = device
+        self.decoder = decoder
         self.mean = torch.tensor(spec.mean, device=device).view(3, 1, 1)
         self.std = torch.tensor(spec.std, device=device).view(3, 1, 1)
 
@@ -120,7 +123,7 @@ class TensorPreprocessor:
         problems = list(problems)
         present = [i for i, item in enumerate(encoded) if not problems[i] and item]
         decoded = decode_files(
-            [encoded[i] for i in present], lambda k: where[present[k]], self.device
+            [encoded[i] for i in present], lambda k: where[present[k]], self.device, self.decoder
         )
         groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
         for i, image in zip(present, decoded, strict=True):

@@ -355,7 +355,7 @@ def test_select_with_consensus_refills_what_it_drops(world, embedded, tmp_path) 
     assert summary["kept"] == 48  # dropped images were replaced
 
 
-def test_torchvision_decode_matches_pil_and_handles_png_and_garbage(world, tmp_path) -> None:
+def test_batched_decoders_match_pil_and_handle_png_and_garbage(world, tmp_path) -> None:
     from PIL import Image
 
     from sender.embed import embed_reference
@@ -366,10 +366,14 @@ def test_torchvision_decode_matches_pil_and_handles_png_and_garbage(world, tmp_p
     png = tree / "n00000002" / "n00000002_120.JPEG"  # a PNG under a .JPEG name: PIL fallback
     with Image.open(png) as img:
         img.save(png, format="PNG")
+    progressive = tree / "n00000003" / "n00000003_240.JPEG"
+    with Image.open(progressive) as img:
+        img.load()
+        img.save(progressive, format="JPEG", quality=90, progressive=True)
     (tree / "n00000004" / "n00000004_360.JPEG").write_bytes(b"\xff\xd8 not really a JPEG")
     reference = ImageFolderReference(tree)
     stores = {}
-    for decode in ("pil", "torchvision"):
+    for decode in ("pil", "torchvision", "torchcodec"):
         out = tmp_path / decode
         summary = embed_reference(
             reference,
@@ -382,12 +386,18 @@ def test_torchvision_decode_matches_pil_and_handles_png_and_garbage(world, tmp_p
             decode=decode,
         )
         assert summary.images_skipped == 1
+        assert summary.formats == {
+            "baseline-jpeg": len(reference) - 3,
+            "other": 2,  # the PNG and the garbage
+            "progressive-jpeg": 1,
+        }, summary.formats
         merge_parts(out)
         stores[decode] = np.fromfile(out / "embeddings.f16", "<f2").astype(np.float32)
         stores[decode] = stores[decode].reshape(len(reference), -1)
     valid = np.load(tmp_path / "torchvision" / "valid.npy")
     bad = reference.manifest.keys.index("n00000004/n00000004_360")
     assert not valid[bad] and valid.sum() == len(reference) - 1
-    pil, tv = stores["pil"][valid], stores["torchvision"][valid]
-    cosine = (pil * tv).sum(1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(tv, axis=1)
-    assert cosine.min() > 0.999, cosine.min()
+    for decoder in ("torchvision", "torchcodec"):
+        pil, other = stores["pil"][valid], stores[decoder][valid]
+        cosine = (pil * other).sum(1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(other, axis=1)
+        assert cosine.min() > 0.999, (decoder, cosine.min())

@@ -103,7 +103,7 @@ def jpeg_tree(tmp_path_factory: pytest.TempPathFactory, small_pool):
     return root, victim
 
 
-@pytest.mark.parametrize("decode", ["pil", "tensor"])
+@pytest.mark.parametrize("decode", ["pil", "tensor", "torchcodec"])
 def test_encoded_batches_decode_crop_and_report_unreadable(jpeg_tree, decode: str) -> None:
     from protocol.reference.image_folder import ImageFolderReference
     from trainer.batches import EncodedBatches

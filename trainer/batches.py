@@ -28,13 +28,18 @@ import torch.nn.functional as F
 
 from protocol.errors import ConfigError
 from protocol.reference.encoded import (
+    TENSOR_DECODERS,
     EncodedReference,
     UnreadableImage,
     decode_files,
     decode_rgb,
+    resolve_tensor_decoder,
 )
 
 AUGMENTATIONS = ("none", "affine", "affine-flip", "crop-flip")
+# image files: Pillow threads, or batched on the device by a tensor decoder ("tensor": the
+# best one installed); auto: tensor on CUDA, Pillow on the CPU
+DECODE_CHOICES = ("auto", "pil", "tensor", *TENSOR_DECODERS)
 CROP_AREA = (0.25, 1.0)  # random-resized-crop area fraction; milder than 0.08 for short runs
 CROP_RATIO = (3 / 4, 4 / 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -181,8 +186,8 @@ class EncodedBatches:
         threads: int = 8,
         prefetch: int = 3,
     ) -> None:
-        if decode not in ("auto", "pil", "tensor"):
-            raise ConfigError(f"decode must be auto, pil or tensor, not {decode!r}")
+        if decode not in DECODE_CHOICES:
+            raise ConfigError(f"decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
         if augment not in ("none", "crop-flip"):
             raise ConfigError(
                 f"images decoded on the fly support augment none or crop-flip, not {augment!r}"
@@ -230,11 +235,13 @@ class EncodedBatches:
         self, encoded: list[tuple[bytes, str]], refs: np.ndarray, step: int, device: torch.device
     ) -> tuple[torch.Tensor, list[bool], list[str]]:
         problems = [problem for _, problem in encoded]
+        decoder = self.decode if self.decode in TENSOR_DECODERS else "auto"
         present = [i for i, (data, problem) in enumerate(encoded) if data and not problem]
         decoded = decode_files(
             [encoded[i][0] for i in present],
             lambda k: self.reference.describe(int(refs[present[k]])),
             device,
+            resolve_tensor_decoder(decoder, device),
         )
         side = self.image_size
         out = torch.empty(len(present), 3, side, side, device=device)
@@ -268,7 +275,7 @@ class EncodedBatches:
     def batches(
         self, plan: Iterator[tuple[int, torch.Tensor]], device: torch.device
     ) -> Iterator[Batch]:
-        use_tensor = self.decode == "tensor" or (self.decode == "auto" and device.type == "cuda")
+        use_tensor = self.decode != "pil" and (self.decode != "auto" or device.type == "cuda")
         with ThreadPoolExecutor(self.threads, thread_name_prefix="plada-decode") as pool:
             queued: deque[tuple[int, torch.Tensor, np.ndarray, list[Future]]] = deque()
 

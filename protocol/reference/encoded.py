@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,43 +44,148 @@ def decode_rgb(data: bytes, where: str, at_least: int | None = None):
         raise UnreadableImage(f"{where}: not a readable image ({exc})") from exc
 
 
-def decode_jpeg_batch(encoded: list[bytes], device) -> list:
-    """JPEG files decoded together by torchvision (nvJPEG on a CUDA ``device``) to uint8
-    [3, H, W] tensors; None for each file it cannot decode (PNG, CMYK, damaged)."""
+TENSOR_DECODERS = ("torchcodec", "torchvision")  # batched decoders to tensors (nvJPEG on CUDA)
+_SOF_PROGRESSIVE = (0xC2, 0xC6, 0xCA, 0xCE)
+_SOF_MARKERS = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What a JPEG's frame header says, read without decoding anything."""
+
+    width: int
+    height: int
+    progressive: bool
+
+
+def jpeg_header(data: bytes) -> JpegHeader | None:
+    """The frame header of a JPEG file, or None if ``data`` is not a (readable) JPEG."""
+    if len(data) < 4 or data[:2] != b"\xff\xd8":
+        return None
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker in _SOF_MARKERS:
+            if position + 9 > len(data) or length < 8:
+                return None
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            width = int.from_bytes(data[position + 7 : position + 9], "big")
+            return JpegHeader(width, height, marker in _SOF_PROGRESSIVE)
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image, scan data: no frame found
+            return None
+        position += 2 + length
+    return None
+
+
+def image_kind(data: bytes) -> str:
+    """``baseline-jpeg``, ``progressive-jpeg`` or ``other`` (PNG, damaged, ...): which
+    files can take a hardware JPEG decoder's fast path."""
+    header = jpeg_header(data)
+    if header is None:
+        return "other"
+    return "progressive-jpeg" if header.progressive else "baseline-jpeg"
+
+
+def pixel_limit() -> int | None:
+    """The most pixels an image may have: Pillow's decompression-bomb limit, applied to
+    every decoder so that none of them decodes what Pillow would refuse."""
+    from PIL import Image
+
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
+def resolve_tensor_decoder(decoder: str, device) -> str:
+    """``auto``: TorchCodec on CUDA when it is installed, else torchvision."""
+    if decoder in TENSOR_DECODERS:
+        return decoder
+    if decoder != "auto":
+        raise ReferenceSetError(
+            f"unknown decoder {decoder!r}: use auto or one of {', '.join(TENSOR_DECODERS)}"
+        )
+    import importlib.util
+
     import torch
+
+    on_cuda = torch.device(device).type == "cuda"
+    return "torchcodec" if on_cuda and importlib.util.find_spec("torchcodec") else "torchvision"
+
+
+def _decode_one(item, device, decoder: str):
+    if decoder == "torchcodec":
+        from torchcodec.decoders import decode_jpeg
+
+        return decode_jpeg(item, mode="RGB", device=device)
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    return decode_jpeg(item, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_jpeg_batch(encoded: list[bytes], device, decoder: str = "torchvision") -> list:
+    """JPEG files decoded together (``decoder``: torchcodec or torchvision; nvJPEG on a
+    CUDA ``device``) to uint8 [3, H, W] tensors; None for each file it cannot decode
+    (PNG, CMYK, damaged)."""
+    import torch
+
+    if decoder not in TENSOR_DECODERS:
+        raise ReferenceSetError(f"unknown decoder {decoder!r} ({', '.join(TENSOR_DECODERS)})")
     data = [torch.frombuffer(bytearray(item), dtype=torch.uint8) for item in encoded]
     if not data:
         return []
     try:
-        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        return list(_decode_one(data, device, decoder))
     except RuntimeError:  # one bad file fails the batch: retry one by one
         out = []
         for item in data:
             try:
-                out.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=device))
+                out.append(_decode_one(item, device, decoder))
             except RuntimeError:
                 out.append(None)
         return out
 
 
-def decode_files(encoded: list[bytes], where: Callable[[int], str], device) -> list:
+def decode_files(
+    encoded: list[bytes], where: Callable[[int], str], device, decoder: str = "torchvision"
+) -> list:
     """Image files as uint8 [3, H, W] tensors on ``device``: JPEGs with
     :func:`decode_jpeg_batch`, the rest with Pillow; an :class:`UnreadableImage`
-    (naming ``where(position)``) for each file neither can read."""
+    (naming ``where(position)``) for each file neither can read, and for each JPEG
+    larger than :func:`pixel_limit` (refused before it is decoded)."""
     import torch
 
-    out = []
-    for position, image in enumerate(decode_jpeg_batch(encoded, device)):
-        if image is None:
+    limit = pixel_limit()
+    out: list = [None] * len(encoded)
+    jpegs = []
+    for position, data in enumerate(encoded):
+        header = jpeg_header(data)
+        if header is None:
+            continue
+        if limit is not None and header.width * header.height > limit:
+            out[position] = UnreadableImage(
+                f"{where(position)}: refused, too many pixels ({header.width} x "
+                f"{header.height} exceeds {limit})"
+            )
+        else:
+            jpegs.append(position)
+    decoded = decode_jpeg_batch([encoded[i] for i in jpegs], device, decoder)
+    for position, image in zip(jpegs, decoded, strict=True):
+        out[position] = image
+    for position, image in enumerate(out):
+        if image is None:  # not a JPEG, or one the batched decoder could not read
             try:
                 rgb = decode_rgb(encoded[position], where(position))
             except UnreadableImage as exc:
-                out.append(exc)
+                out[position] = exc
                 continue
-            image = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).to(device)
-        out.append(image)
+            out[position] = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).to(device)
     return out
 
 
