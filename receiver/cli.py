@@ -139,6 +139,14 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "else torchvision; auto: tensor on CUDA, pil on the CPU",
     )
     group.add_argument("--loader-threads", type=int, default=8)
+    group.add_argument(
+        "--cache",
+        choices=["off", "auto", "cuda", "memory", "mmap"],
+        default="off",
+        help="image files: decode the kept images once, before the first epoch, into a uint8 "
+        "cache in GPU memory, host memory or a memory-mapped file (auto: the first that "
+        "fits); later epochs crop and flip it on the device",
+    )
     group.add_argument("--checkpoint-seconds", type=float, default=60.0)
     group.add_argument("--checkpoint-steps", type=int, default=0, help="0: by time only")
     group.add_argument("--no-export", action="store_true", help="skip the torch.export program")
@@ -172,6 +180,7 @@ def job_settings_from_args(args: argparse.Namespace):
         export=not args.no_export,
         checkpoint_seconds=args.checkpoint_seconds,
         checkpoint_steps=args.checkpoint_steps,
+        cache=args.cache,
     )
 
 

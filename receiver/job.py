@@ -29,7 +29,8 @@ from protocol.reference.encoded import EncodedReference
 from protocol.task_data import LabeledImages
 from protocol.trust import TrustPolicy
 from receiver.outputs import export_program, plot_training_curves, save_state_dict
-from trainer.batches import EncodedBatches, TensorBatches
+from trainer.batches import CachedBatches, EncodedBatches, TensorBatches
+from trainer.decoded_cache import DecodedCache, build_cache, cache_side
 from trainer.faults import crash_point
 from trainer.training import (
     CheckpointPolicy,
@@ -57,6 +58,9 @@ class JobSettings:
     export: bool = True  # a torch.export program beside the state_dict
     checkpoint_seconds: float = 60.0
     checkpoint_steps: int = 0
+    # image files: decode the kept subset once into a uint8 cache (off, or where it lives:
+    # auto, cuda, memory, mmap; see trainer.decoded_cache) instead of in every epoch
+    cache: str = "off"
 
 
 @dataclass
@@ -89,11 +93,14 @@ def _batch_source(
     reference: ReferenceSource,
     settings: JobSettings,
     seed: int,
-    images: torch.Tensor | None,
+    images: torch.Tensor | DecodedCache | None,
 ):
-    """Batches for one seed: from ``images`` in memory, else decoded on the fly from files."""
+    """Batches for one seed: from ``images`` in memory or a decoded cache, else decoded
+    on the fly from files."""
     config = settings.train
     labels = torch.from_numpy(payload.labels)
+    if isinstance(images, DecodedCache):
+        return CachedBatches(images, labels, reference.image_size, config.augment, seed)
     if images is not None:
         return TensorBatches(images, labels, config.augment, seed)
     return EncodedBatches(
@@ -172,7 +179,7 @@ class _Job:
     holdout: LabeledImages | None
     progress: bool
     control: JobControl
-    images: torch.Tensor | None  # a set held in memory, loaded once for all seeds
+    images: torch.Tensor | DecodedCache | None  # loaded once for all seeds
 
 
 def run_job(
@@ -198,6 +205,8 @@ def run_job(
     train = replace(settings.train, augment=resolve_augment(settings.train.augment, reference))
     settings = replace(settings, train=train)
     identity = {"payload_sha256": sha256, "train": asdict(train), "seeds": list(settings.seeds)}
+    if settings.cache != "off":  # other crops than decoding on the fly: another job
+        identity["cache"] = settings.cache
     done = _finished_report(out, identity)
     if done is not None:  # this payload was already trained with these settings
         return done
@@ -205,15 +214,14 @@ def run_job(
     payload.check_reference(reference.manifest)
     if holdout is not None:
         _check_holdout(holdout, payload, reference.in_channels)
-    images = None
-    if not isinstance(reference, EncodedReference):
-        images = torch.from_numpy(np.ascontiguousarray(reference.load(payload.indices)))
+    state = _job_state(out, identity)
+    images = _loaded_subset(payload, reference, settings, state, progress)
     job = _Job(
         payload,
         reference,
         settings,
         out,
-        _job_state(out, identity),
+        state,
         sha256,
         holdout,
         progress,
@@ -227,6 +235,32 @@ def run_job(
     write_json_atomic(out / REPORT_FILE, report, durable=True)  # last: marks the job complete
     shutil.rmtree(job.state, ignore_errors=True)
     return report
+
+
+def _loaded_subset(
+    payload: Payload,
+    reference: ReferenceSource,
+    settings: JobSettings,
+    state: Path,
+    progress: bool,
+) -> torch.Tensor | DecodedCache | None:
+    """The kept images, loaded once for all seeds: an in-memory set's arrays, the decoded
+    cache of image files (``settings.cache``), or None to decode files on the fly."""
+    if not isinstance(reference, EncodedReference):
+        return torch.from_numpy(np.ascontiguousarray(reference.load(payload.indices)))
+    if settings.cache == "off":
+        return None
+    side = cache_side(reference.image_size)
+    return build_cache(
+        reference,
+        payload.indices,
+        side,
+        resolve_device(settings.train.device),
+        settings.cache,
+        path=state / f"decoded-{side}px.u8",
+        threads=settings.loader_threads,
+        progress=progress,
+    )
 
 
 def _train_seed(job: _Job, seed: int) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from protocol.reference.encoded import (
     decode_rgb,
     resolve_tensor_decoder,
 )
+from trainer.decoded_cache import DecodedCache
 
 AUGMENTATIONS = ("none", "affine", "affine-flip", "crop-flip")
 # image files: Pillow threads, or batched on the device by a tensor decoder ("tensor": the
@@ -66,12 +67,14 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
-def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, kind: str, generator: torch.Generator, out_size: int | None = None
+) -> torch.Tensor:
     """Batched augmentation by one affine warp per image.
 
     ``affine``: rotation, scale and shift; ``affine-flip`` adds a horizontal flip;
     ``crop-flip``: a random resized crop (area and aspect ratio as torchvision's) with
-    a flip, for images already at training size.
+    a flip, sampled at ``out_size`` pixels (default: the input's size).
     """
     if kind == "none":
         return x
@@ -92,7 +95,8 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> tor
         theta = torch.stack(
             [torch.stack([half_w * flip, zero, cx], 1), torch.stack([zero, half_h, cy], 1)], 1
         )
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        shape = list(x.shape) if out_size is None else [n, x.shape[1], out_size, out_size]
+        grid = F.affine_grid(theta.to(x.dtype), shape, align_corners=False)
         return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     angle = uniform(-0.17, 0.17)
     scale = uniform(0.9, 1.1)
@@ -138,6 +142,67 @@ class TensorBatches:
             x = normalize(self.images[rows].to(device))
             x = augment_batch(x, self.augment, self.generator)
             yield Batch(x, self.labels[rows].to(device))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The augmentation draws of one step: a function of ``(seed, step)`` alone, so a
+    resumed run draws what an unbroken one would, with no state to checkpoint."""
+    state = np.random.SeedSequence([seed, step]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+class CachedBatches:
+    """Batches cropped and flipped on the device from a decoded cache
+    (:mod:`trainer.decoded_cache`): the images are decoded once, before the first epoch."""
+
+    def __init__(
+        self,
+        cache: DecodedCache,
+        labels: torch.Tensor,
+        image_size: int,
+        augment: str = "crop-flip",
+        seed: int = 0,
+    ) -> None:
+        if augment not in ("none", "crop-flip"):
+            raise ConfigError(
+                f"a decoded cache supports augment none or crop-flip, not {augment!r}"
+            )
+        if len(cache) != int(labels.shape[0]):
+            raise ConfigError("the decoded cache and the labels have different lengths")
+        self.cache = cache
+        self.labels = labels
+        self.image_size = image_size
+        self.augment = augment
+        self.seed = seed
+        self.image_shape = (3, image_size, image_size)
+        self._unreadable = torch.zeros(len(cache), dtype=torch.bool)
+        self._unreadable[list(cache.problems)] = True
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # draws depend on (seed, step) only
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        del state
+
+    def batches(
+        self, plan: Iterator[tuple[int, torch.Tensor]], device: torch.device
+    ) -> Iterator[Batch]:
+        images = self.cache.images
+        for step, rows in plan:
+            bad = self._unreadable[rows]
+            problems = [self.cache.problems[int(r)] for r in rows[bad]]
+            rows = rows[~bad]
+            x = normalize(images[rows.to(images.device)].to(device, non_blocking=True))
+            if self.augment == "crop-flip":
+                x = augment_batch(x, "crop-flip", step_generator(self.seed, step), self.image_size)
+            elif x.shape[-1] != self.image_size:
+                size = (self.image_size, self.image_size)
+                x = F.interpolate(x, size=size, mode="bilinear", antialias=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+            yield Batch(x, self.labels[rows].to(device), problems)
 
 
 @dataclass(frozen=True)
