@@ -83,7 +83,7 @@ class StepReport:
     step: int
     total_steps: int
     epoch: int
-    loss: float
+    loss: float  # the mean over the last curve window (read then, not at every step)
     images_per_second: float
     resumed_from: int
 
@@ -171,29 +171,43 @@ def _identity(config: TrainConfig, count: int, num_classes: int, data_id: str) -
     return {"config": settings, "count": count, "num_classes": num_classes, "data": data_id}
 
 
+Sum = float | torch.Tensor  # a running sum, kept on the training device between reads
+
+
 @dataclass
 class RunningStats:
     """Running sums of the current epoch and of the training curve's current window.
 
-    Saved in checkpoints (as a plain dict) so a resumed epoch reports what an
-    unbroken one would.
+    Loss and accuracy sums stay on the training device (float64) and are read, which
+    waits for the device, only for a curve point or an epoch record: no step waits for
+    its own loss. Saved in checkpoints as plain numbers (:meth:`state`), so a resumed
+    epoch reports what an unbroken one would.
     """
 
     seen: int = 0
-    loss_sum: float = 0.0
-    correct: int = 0
+    loss_sum: Sum = 0.0
+    correct: Sum = 0
     epoch_seconds: float = 0.0
     elapsed: float = 0.0
-    window_loss: float = 0.0
+    window_loss: Sum = 0.0
     window_images: int = 0
     unreadable: int = 0
+    last_loss: float = float("nan")  # the mean loss of the last curve window read
 
-    def add_batch(self, loss_value: float, images: int, correct: int) -> None:
+    def add_batch(self, loss: torch.Tensor, images: int, correct: torch.Tensor) -> None:
+        weighted = loss.detach().double() * images
         self.seen += images
-        self.loss_sum += loss_value * images
-        self.correct += correct
-        self.window_loss += loss_value * images
+        self.loss_sum = self.loss_sum + weighted
+        self.correct = self.correct + correct
+        self.window_loss = self.window_loss + weighted
         self.window_images += images
+
+    def state(self) -> dict[str, float | int]:
+        """The sums as numbers, for a checkpoint."""
+        values = asdict(self)
+        for name in ("loss_sum", "window_loss", "correct"):
+            values[name] = _number(values[name])
+        return values
 
     def epoch_record(self, epoch: int) -> dict[str, float]:
         """The finished epoch's history entry; starts the next epoch's sums."""
@@ -201,8 +215,8 @@ class RunningStats:
         record = {
             "epoch": float(epoch + 1),
             "images": float(self.seen),
-            "loss": self.loss_sum / seen,
-            "train_accuracy": self.correct / seen,
+            "loss": float(self.loss_sum) / seen,
+            "train_accuracy": float(self.correct) / seen,
             "images_per_second": self.seen / max(self.epoch_seconds, 1e-9),
         }
         self.seen, self.loss_sum, self.correct, self.epoch_seconds = 0, 0.0, 0, 0.0
@@ -210,13 +224,19 @@ class RunningStats:
 
     def curve_point(self, step: int, lr: float) -> dict[str, float]:
         """The curve's point for the window ending at ``step``; starts the next window."""
+        if self.window_images:
+            self.last_loss = float(self.window_loss) / self.window_images
         point = {
             "step": float(step),
-            "loss": self.window_loss / max(1, self.window_images),
+            "loss": float(self.window_loss) / max(1, self.window_images),
             "lr": lr,
         }
         self.window_loss, self.window_images = 0.0, 0
         return point
+
+
+def _number(value: Sum) -> float | int:
+    return value.item() if isinstance(value, torch.Tensor) else value
 
 
 def _warmup_cosine(warmup: int, total_steps: int) -> Callable[[int], float]:
@@ -335,7 +355,7 @@ class TrainingRun:
                 "source": self.source.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
-                "run": asdict(self.stats),
+                "run": self.stats.state(),
                 "history": self.result.history,
                 "curve": self.result.curve,
             },
@@ -360,11 +380,9 @@ class TrainingRun:
                 "the reference set and run the job again (it resumes from its last checkpoint)"
             )
 
-    def train_one_step(self, batch: Batch) -> float | None:
-        """One optimizer step on ``batch`` (none when all its images were unreadable);
-        returns its loss."""
+    def train_one_step(self, batch: Batch) -> None:
+        """One optimizer step on ``batch`` (none when all its images were unreadable)."""
         y = batch.labels
-        loss_value = None
         if y.numel():
             with autocast_for(self.config, self.device):
                 logits = self.forward(batch.images)
@@ -374,22 +392,25 @@ class TrainingRun:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            loss_value = loss.item()
-            self.stats.add_batch(loss_value, y.numel(), int((logits.argmax(1) == y).sum()))
+            self.stats.add_batch(loss, y.numel(), (logits.argmax(1) == y).sum())
         self.schedule.step()
-        return loss_value
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         record = self.stats.epoch_record(epoch)
         self.result.history.append(record)
         return record
 
-    def step_report(self, epoch: int, loss_value: float | None) -> StepReport:
+    def step_report(self, epoch: int) -> StepReport:
+        """Progress after the latest step; its loss is the last curve window's."""
         done = sum(r["images"] for r in self.result.history) + self.stats.seen
         rate = done / max(self.stats.elapsed, 1e-9)
-        shown_loss = float("nan") if loss_value is None else loss_value
         return StepReport(
-            self.result.steps, self.total_steps, epoch + 1, shown_loss, rate, self.start_step
+            self.result.steps,
+            self.total_steps,
+            epoch + 1,
+            self.stats.last_loss,
+            rate,
+            self.start_step,
         )
 
     def finish(self) -> TrainResult:
@@ -424,7 +445,7 @@ class _StepLog:
         self.started = self.last_save = self.step_start = time.perf_counter()
         self.elapsed_before = run.stats.elapsed  # a resumed run's earlier sessions
 
-    def after_step(self, step: int, epoch: int, loss_value: float | None, epoch_done: bool) -> None:
+    def after_step(self, step: int, epoch: int, epoch_done: bool) -> None:
         run, hooks, stats = self.run, self.hooks, self.run.stats
         now = time.perf_counter()
         stats.epoch_seconds += now - self.step_start
@@ -440,7 +461,7 @@ class _StepLog:
             if hooks.on_epoch is not None:
                 hooks.on_epoch(record)
         if hooks.on_step is not None:
-            hooks.on_step(run.step_report(epoch, loss_value))
+            hooks.on_step(run.step_report(epoch))
         checkpoint = hooks.checkpoint
         if checkpoint is None or done == run.total_steps:
             return
@@ -466,8 +487,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, batches: Iterator[Batch], log:
     # range first: zip stops before taking a batch of the next epoch from the stream
     for step, batch in zip(range(first, last), batches, strict=False):
         run.check_readable(batch, step)
-        loss_value = run.train_one_step(batch)
-        log.after_step(step, epoch, loss_value, epoch_done=step + 1 == last)
+        run.train_one_step(batch)
+        log.after_step(step, epoch, epoch_done=step + 1 == last)
 
 
 def train_classifier(
