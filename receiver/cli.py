@@ -128,6 +128,14 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         help="bf16 autocast (auto: on CUDA only)",
     )
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument(
+        "--progressive",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="progressive resizing: start at this fraction of the image side (e.g. 0.5) and "
+        "grow to full size by 75%% of the steps (0: off)",
+    )
     group.add_argument("--device", default="auto")
     group.add_argument("--seeds", type=int, nargs="+", default=[0])
     group.add_argument(
@@ -171,6 +179,7 @@ def job_settings_from_args(args: argparse.Namespace):
         balanced=args.balanced,
         amp=args.amp,
         compile=args.compile,
+        progressive=args.progressive,
     )
     return JobSettings(
         train=config,

@@ -234,3 +234,50 @@ def test_job_rerun_returns_its_report_and_new_settings_train_again(tmp_path, sma
     # trained anew, not the earlier report: its own identity, and its weights on disk
     assert other["job_identity"] != first["job_identity"]
     assert (tmp_path / "out" / "model-seed1.pt").is_file()
+
+
+def test_progressive_resizing_grows_to_full_size_and_resumes_exactly(tmp_path: Path) -> None:
+    from protocol.errors import ConfigError
+    from trainer.training import progressive_side
+
+    assert [progressive_side(32, 0.5, s, 100) for s in (0, 30, 74, 75, 99)] == [16, 20, 28, 32, 32]
+    assert progressive_side(224, 0.5, 0, 100) == 112 and progressive_side(224, 0.0, 0, 100) == 224
+    for bad in (0.1, 1.0):
+        with pytest.raises(ConfigError, match="progressive"):
+            TrainConfig(progressive=bad)
+    data = _data()
+    config = TrainConfig(**CONFIG, progressive=0.5)
+    straight = train_classifier(data, 4, config, progress=False)
+    plain = train_classifier(data, 4, TrainConfig(**CONFIG), progress=False)
+    assert not _same_weights(straight.model, plain.model)  # smaller images early on
+    policy = CheckpointPolicy(tmp_path / "run.ckpt", every_seconds=1e9)
+    stops = iter([False] * 5 + [True])
+    with pytest.raises(TrainingInterrupted):
+        train_classifier(
+            data, 4, config, progress=False, checkpoint=policy, should_stop=lambda: next(stops)
+        )
+    resumed = train_classifier(data, 4, config, progress=False, checkpoint=policy)
+    assert resumed.resumed_from == 6 and _same_weights(straight.model, resumed.model)
+
+
+def test_the_device_path_decodes_one_batch_ahead(jpeg_tree, monkeypatch) -> None:
+    from protocol.reference.image_folder import ImageFolderReference
+    from trainer.batches import EncodedBatches
+
+    root, _ = jpeg_tree
+    reference = ImageFolderReference(root, image_size=32)
+    labels = torch.arange(len(reference)) % 3
+    source = EncodedBatches(reference, np.arange(len(reference)), labels, 32, decode="tensor")
+    decoded_steps = []
+    original = EncodedBatches._tensor_batch
+
+    def recording(self, encoded, refs, step, device):
+        decoded_steps.append(step)
+        return original(self, encoded, refs, step, device)
+
+    monkeypatch.setattr(EncodedBatches, "_tensor_batch", recording)
+    plan = [(step, torch.arange(step * 12, step * 12 + 12)) for step in range(3)]
+    batches = source.batches(iter(plan), torch.device("cpu"))
+    next(batches)
+    assert decoded_steps == [0, 1]  # batch 1 decodes before batch 0 is trained on
+    assert len(list(batches)) == 2 and decoded_steps == [0, 1, 2]

@@ -16,6 +16,7 @@ normalised float images on the training device (channels-last) with their labels
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from collections.abc import Iterator
@@ -267,6 +268,7 @@ class EncodedBatches:
         self.threads = max(1, threads)
         self.prefetch = max(1, prefetch)
         self.image_shape = (3, image_size, image_size)
+        self._side_stream = None  # CUDA: where batches are decoded, beside the training
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -340,7 +342,35 @@ class EncodedBatches:
     def batches(
         self, plan: Iterator[tuple[int, torch.Tensor]], device: torch.device
     ) -> Iterator[Batch]:
+        """The plan's batches. On the device path each batch is decoded one batch ahead,
+        so that on CUDA its decoding (on a side stream) overlaps the previous batch's
+        training on the default stream."""
         use_tensor = self.decode != "pil" and (self.decode != "auto" or device.type == "cuda")
+        decoded = self._decoded_batches(plan, device, use_tensor)
+        if not use_tensor:
+            yield from decoded
+            return
+        held = None
+        try:
+            for batch in decoded:
+                if held is not None:
+                    yield _hand_over(held, self._side_stream, device)
+                held = batch
+            if held is not None:
+                yield _hand_over(held, self._side_stream, device)
+        finally:
+            decoded.close()  # stop the readers at once when training stops early
+
+    def _decoded_batches(
+        self, plan: Iterator[tuple[int, torch.Tensor]], device: torch.device, use_tensor: bool
+    ) -> Iterator[Batch]:
+        if use_tensor and device.type == "cuda" and self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device)
+        on_side = (
+            torch.cuda.stream(self._side_stream)
+            if use_tensor and self._side_stream is not None
+            else contextlib.nullcontext()
+        )
         with ThreadPoolExecutor(self.threads, thread_name_prefix="plada-decode") as pool:
             queued: deque[tuple[int, torch.Tensor, np.ndarray, list[Future]]] = deque()
 
@@ -368,8 +398,9 @@ class EncodedBatches:
                 results = [f.result() for f in futures]
                 labels = self.labels[rows]
                 if use_tensor:
-                    images, kept, problems = self._tensor_batch(results, refs, step, device)
-                    x = normalize(images)
+                    with on_side:
+                        images, kept, problems = self._tensor_batch(results, refs, step, device)
+                        x = normalize(images)
                 else:
                     kept = [image is not None for image, _ in results]
                     problems = [problem for _, problem in results]
@@ -378,7 +409,19 @@ class EncodedBatches:
                     cpu = torch.from_numpy(np.stack(stacked)) if stacked else torch.empty(shape)
                     x = normalize(cpu.to(device, non_blocking=True))
                 mask = torch.tensor(kept, dtype=torch.bool)
-                yield Batch(x, labels[mask].to(device), [p for p in problems if p])
+                with on_side:
+                    y = labels[mask].to(device, non_blocking=True)
+                yield Batch(x, y, [p for p in problems if p])
+
+
+def _hand_over(batch: Batch, stream, device: torch.device) -> Batch:
+    """Make a batch decoded on the side ``stream`` safe to use on the current one."""
+    if stream is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(stream)
+        batch.images.record_stream(current)
+        batch.labels.record_stream(current)
+    return batch
 
 
 def _smallest_full_side(side: int, augment: str) -> int:

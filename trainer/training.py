@@ -54,6 +54,9 @@ class TrainConfig:
     balanced: bool = False  # draw each class equally often (with replacement)
     amp: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU
     compile: bool = False
+    # progressive resizing (FFCV-style): train at this fraction of the image side at
+    # first, growing linearly to full size by 75% of the steps; 0: off
+    progressive: float = 0.0
 
     def __post_init__(self) -> None:
         if self.augment not in ("auto", *AUGMENTATIONS):
@@ -64,6 +67,11 @@ class TrainConfig:
             raise ConfigError(f"amp must be one of {AMP_MODES}, not {self.amp!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs and batch size must be >= 1 and the learning rate > 0")
+        if self.progressive and not 0.25 <= self.progressive < 1:
+            raise ConfigError(
+                f"progressive must be 0 (off) or a start fraction in [0.25, 1), "
+                f"not {self.progressive}"
+            )
 
 
 @dataclass
@@ -164,6 +172,21 @@ def autocast_for(config: TrainConfig, device: torch.device):
     if not use:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+PROGRESSIVE_RAMP = 0.75  # progressive resizing reaches full size at this share of the steps
+
+
+def progressive_side(full: int, start: float, step: int, total_steps: int) -> int:
+    """The image side for ``step`` under progressive resizing from ``start`` x ``full``:
+    linear to ``full`` at :data:`PROGRESSIVE_RAMP` of the steps, in multiples of 8 px
+    (4 px below 64 px), never under 8 px."""
+    ramp = max(1, int(PROGRESSIVE_RAMP * total_steps))
+    if not start or step >= ramp:
+        return full
+    side = full * (start + (1.0 - start) * step / ramp)
+    multiple = 8 if full >= 64 else 4
+    return max(8, min(full, int(side) // multiple * multiple))
 
 
 def _identity(config: TrainConfig, count: int, num_classes: int, data_id: str) -> dict[str, Any]:
@@ -380,12 +403,17 @@ class TrainingRun:
                 "the reference set and run the job again (it resumes from its last checkpoint)"
             )
 
-    def train_one_step(self, batch: Batch) -> None:
+    def train_one_step(self, batch: Batch, step: int) -> None:
         """One optimizer step on ``batch`` (none when all its images were unreadable)."""
         y = batch.labels
         if y.numel():
+            images = batch.images
+            full = int(images.shape[-1])
+            side = progressive_side(full, self.config.progressive, step, self.total_steps)
+            if side < full:
+                images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
             with autocast_for(self.config, self.device):
-                logits = self.forward(batch.images)
+                logits = self.forward(images)
                 loss = F.cross_entropy(
                     logits.float(), y, label_smoothing=self.config.label_smoothing
                 )
@@ -487,7 +515,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, batches: Iterator[Batch], log:
     # range first: zip stops before taking a batch of the next epoch from the stream
     for step, batch in zip(range(first, last), batches, strict=False):
         run.check_readable(batch, step)
-        run.train_one_step(batch)
+        run.train_one_step(batch, step)
         log.after_step(step, epoch, epoch_done=step + 1 == last)
 
 
