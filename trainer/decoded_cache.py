@@ -113,8 +113,10 @@ def _decode_with_pil(
         except UnreadableImage as exc:
             return position, None, str(exc)
 
+    count = int(indices.size)
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="plada-cache") as pool:
-        yield from pool.map(one, range(int(indices.size)), chunksize=64)
+        for start in range(0, count, 1024):  # bounded: a few MB in flight, not the whole set
+            yield from pool.map(one, range(start, min(count, start + 1024)))
 
 
 def _decode_on_device(
