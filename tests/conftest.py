@@ -51,3 +51,19 @@ def cli_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+# `make test` runs two pytest-xdist processes with --dist loadfile: each test file goes,
+# whole, to the next free process, in collection order. The longest files go first, so
+# that none of them starts last and leaves one process working alone at the end.
+LONGEST_FILES_FIRST = (
+    "test_receiver_daemon.py",
+    "test_production_sender.py",
+    "test_cli_end_to_end.py",
+    "test_demo_notebook.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole

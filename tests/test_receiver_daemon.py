@@ -293,9 +293,10 @@ def _wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-# long enough to be stopped mid-run (the wait, `status` and the signal take ~2 s, about
-# 100 steps), short enough that finishing it after the restart costs seconds
-LONG_RUN_STEPS = 1000
+# long enough to be stopped mid-run (the wait, `status` and the signal take ~2-3 s, under
+# 100 steps even on a loaded machine), short enough that finishing it after the restart
+# costs seconds
+LONG_RUN_STEPS = 600
 
 
 def _training_step(home: Path) -> int:
