@@ -196,7 +196,10 @@ class CachedBatches:
             bad = self._unreadable[rows]
             problems = [self.cache.problems[int(r)] for r in rows[bad]]
             rows = rows[~bad]
-            x = normalize(images[rows.to(images.device)].to(device, non_blocking=True))
+            picked = images[rows.to(images.device)]
+            if picked.device.type == "cpu" and device.type == "cuda":
+                picked = picked.pin_memory()  # cached pinned blocks: the copy runs async
+            x = normalize(picked.to(device, non_blocking=True))
             if self.augment == "crop-flip":
                 x = augment_batch(x, "crop-flip", step_generator(self.seed, step), self.image_size)
             elif x.shape[-1] != self.image_size:

@@ -8,7 +8,8 @@ later epochs cost no decoding at all.
 Where it lives (``where``):
 
 - ``cuda``: in GPU memory (142K images at 256 px are about 28 GB);
-- ``memory``: in host memory, pinned when training on CUDA;
+- ``memory``: in host memory (each batch is gathered into pinned memory, so its copy
+  to a GPU runs asynchronously);
 - ``mmap``: in a file, memory-mapped. The file is written under a temporary name and
   renamed when complete, so a killed run finds either a whole cache (and reopens it)
   or none (and builds it again);
@@ -221,8 +222,6 @@ def build_cache(
         return _mmap_cache(reference, indices, side, Path(path), decoded, progress)
     images = torch.empty(shape, dtype=torch.uint8, device=device if place == "cuda" else "cpu")
     problems = _fill(images, decoded(), progress)
-    if place == "memory" and device.type == "cuda":
-        images = images.pin_memory()
     return DecodedCache(images, problems, side, place)
 
 
