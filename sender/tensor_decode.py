@@ -66,27 +66,24 @@ def iter_encoded_batches(
     if not isinstance(reference, EncodedReference):
         raise ConfigError("--decode torchcodec/torchvision need a reference set of image files")
 
-    def read(row: int) -> tuple[bytes, str]:
-        try:
-            return reference.read_bytes(row), ""
-        except UnreadableImage as exc:
-            return b"", str(exc)
-
     starts = range(0, int(rows.size), batch_size)
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="plada-read") as pool:
         queued: deque[tuple[np.ndarray, list[Future]]] = deque()
+
+        def read_ahead(start: int) -> None:
+            batch = rows[start : start + batch_size]
+            queued.append((batch, [pool.submit(reference.try_read_bytes, int(r)) for r in batch]))
+
         upcoming = iter(starts)
         for start in upcoming:
-            batch = rows[start : start + batch_size]
-            queued.append((batch, [pool.submit(read, int(r)) for r in batch]))
+            read_ahead(start)
             if len(queued) > prefetch:
                 break
         while queued:
             batch, futures = queued.popleft()
             start = next(upcoming, None)
             if start is not None:
-                ahead = rows[start : start + batch_size]
-                queued.append((ahead, [pool.submit(read, int(r)) for r in ahead]))
+                read_ahead(start)
             results = [f.result() for f in futures]
             yield (
                 [d for d, _ in results],

@@ -336,12 +336,6 @@ class EncodedBatches:
             row += 1
         return out[:row], kept, problems
 
-    def _read(self, index: int) -> tuple[bytes, str]:
-        try:
-            return self.reference.read_bytes(index), ""
-        except UnreadableImage as exc:
-            return b"", str(exc)
-
     def batches(
         self, plan: Iterator[tuple[int, torch.Tensor]], device: torch.device
     ) -> Iterator[Batch]:
@@ -380,7 +374,7 @@ class EncodedBatches:
             def submit(step: int, rows: torch.Tensor) -> None:
                 refs = self.indices[rows.numpy()]
                 if use_tensor:
-                    futures = [pool.submit(self._read, int(i)) for i in refs]
+                    futures = [pool.submit(self.reference.try_read_bytes, int(i)) for i in refs]
                 else:
                     futures = [
                         pool.submit(self._pil_image, int(i), step, slot)

@@ -22,6 +22,7 @@ that draw them, as the on-the-fly path does.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -132,17 +133,11 @@ def _decode_on_device(
     (nvJPEG on CUDA), resized and squared there."""
     import torch.nn.functional as F
 
-    def read(index: int) -> tuple[bytes, str]:
-        try:
-            return reference.read_bytes(index), ""
-        except UnreadableImage as exc:
-            return b"", str(exc)
-
     decoder = resolve_tensor_decoder("auto", device)
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="plada-cache") as pool:
         for start in range(0, int(indices.size), batch):
             chunk = [int(i) for i in indices[start : start + batch]]
-            files = list(pool.map(read, chunk))
+            files = list(pool.map(reference.try_read_bytes, chunk))
             present = [k for k, (data, _) in enumerate(files) if data]
             decoded = decode_files(
                 [files[k][0] for k in present],
@@ -226,8 +221,6 @@ def build_cache(
 
 
 def _identity(reference: EncodedReference, indices: np.ndarray, side: int) -> dict:
-    import hashlib
-
     digest = hashlib.sha256(indices.astype("<i8").tobytes()).hexdigest()
     return {
         "format": CACHE_FORMAT,

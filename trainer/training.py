@@ -247,13 +247,10 @@ class RunningStats:
 
     def curve_point(self, step: int, lr: float) -> dict[str, float]:
         """The curve's point for the window ending at ``step``; starts the next window."""
+        mean = float(self.window_loss) / max(1, self.window_images)  # waits for the device
         if self.window_images:
-            self.last_loss = float(self.window_loss) / self.window_images
-        point = {
-            "step": float(step),
-            "loss": float(self.window_loss) / max(1, self.window_images),
-            "lr": lr,
-        }
+            self.last_loss = mean
+        point = {"step": float(step), "loss": mean, "lr": lr}
         self.window_loss, self.window_images = 0.0, 0
         return point
 

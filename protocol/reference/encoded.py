@@ -207,6 +207,14 @@ class EncodedReference(ReferenceSource):
         """Decoded RGB PIL image ``index`` (raises :class:`UnreadableImage`)."""
         return decode_rgb(self.read_bytes(index), self.describe(index))
 
+    def try_read_bytes(self, index: int) -> tuple[bytes, str]:
+        """(encoded file, '') or (b'', why it could not be read): for readers in threads
+        that report bad images instead of stopping."""
+        try:
+            return self.read_bytes(index), ""
+        except UnreadableImage as exc:
+            return b"", str(exc)
+
     def try_read_image(self, index: int):
         """(image, None) or (None, reason): for passes that skip bad images."""
         try:
