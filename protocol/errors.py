@@ -119,3 +119,7 @@ class ConfigError(PladaError):
 
 class StorageError(PladaError):
     """A file could not be written (disk full, permissions); nothing half-written is left."""
+
+
+class BudgetError(PladaError):
+    """No payload fits the byte budget (a plan's, or ``--max-bytes``)."""

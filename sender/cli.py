@@ -8,7 +8,10 @@ plada-send index EMB [--memory-budget 4GB]
 plada-send score --embeddings EMB --clip-weights W --task DIR | --classes a,b --out WORK
 plada-send score --reference SPEC --train T.npz [--test T.npz] --out WORK   (image teacher)
 plada-send keygen --sender-id ID --out keys/ID      signing key (ID.key) + public key (ID.pub)
-plada-send select WORK --strategy auto --keep 0.01 --signing-key keys/ID.key --out task.plada
+plada-send plan WORK --reference SPEC --train T.npz [--out PLAN]   predict each payload's accuracy
+plada-send select WORK --plan PLAN [--max-bytes N | --link-bps B --window 20m] \
+    --signing-key keys/ID.key --out task.plada       the best planned payload that fits
+plada-send select WORK --signing-key keys/ID.key --out task.plada   (safety-net, kNN, 1%)
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from pathlib import Path
 from plada_cli import add_reference_options, print_reference, reference_from_args, run_cli
 from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError
+from protocol.signing import check_sender_id
 from protocol.task_data import load_labeled_images
 from protocol.timestamps import utc_text
 from protocol.world.digits import load_digits_split
 from sender.embedding_store import EmbeddingStore, StoreMeta, parse_shard
-from sender.selection import SelectionConfig
-from sender.signer import PayloadSigner, generate_key_files
+from sender.selection import STRATEGIES, SelectionConfig
+from sender.signer import PayloadSigner, generate_key_files, parse_duration
 from sender.teacher_kinds import EMBEDDING_TEACHERS, IMAGE_TEACHERS, TEACHERS
 
 # Subcommands import the modules that load torch or faiss when they run, so that
@@ -128,17 +132,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise ConfigError("give --train (labeled task images)")
     from sender.pipeline import score_reference
 
-    embedder = None
-    if args.clip_model or args.clip_weights:
-        if not (args.clip_model and args.clip_weights):
-            raise ConfigError("give both --clip-model and --clip-weights")
-        from sender.embedders import OpenClipEmbedder
-
-        embedder = OpenClipEmbedder(args.clip_model, args.clip_weights, args.device)
+    embedder = _embedder_from_args(args)
     reference = reference_from_args(args)
-    size = args.image_size if reference.in_channels == 3 else None
-    train = load_labeled_images(args.train, size)
-    test = load_labeled_images(args.test, size) if args.test else None
+    train = _task_images(args.train, reference, args)
+    test = _task_images(args.test, reference, args) if args.test else None
     summary = score_reference(
         reference,
         train,
@@ -153,6 +150,83 @@ def _cmd_score(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     return _print_score_summary(summary, "reference images", args.out)
+
+
+def _embedder_from_args(args: argparse.Namespace):
+    """The CLIP embedder of --clip-model/--clip-weights, or None when neither is given."""
+    if not (args.clip_model or args.clip_weights):
+        return None
+    if not (args.clip_model and args.clip_weights):
+        raise ConfigError("give both --clip-model and --clip-weights")
+    from sender.embedders import OpenClipEmbedder
+
+    return OpenClipEmbedder(args.clip_model, args.clip_weights, args.device)
+
+
+def _task_images(path: str, reference, args: argparse.Namespace):
+    """Labeled task images at the reference set's size (RGB sets) or as stored."""
+    size = args.image_size if reference.in_channels == 3 else None
+    return load_labeled_images(path, size)
+
+
+def _parse_keeps(text: str) -> tuple[float, ...]:
+    """Keep fractions from '0.25%,1%,0.05' (percent or fraction)."""
+    keeps = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            keeps.append(float(part[:-1]) / 100 if part.endswith("%") else float(part))
+        except ValueError as exc:
+            raise ConfigError(f"cannot read {part!r} as a keep fraction (e.g. 0.5%,1%,5%)") from exc
+    return tuple(keeps)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from sender.plan import PLAN_FILE, PLAN_PLOT, PLAN_SUMMARY, PlanSettings, make_plan
+
+    work = Path(args.work)
+    report_path = work / "score_report.json"
+    if not report_path.is_file():
+        raise ConfigError(f"{report_path} not found: run 'plada-send score' first")
+    try:
+        teacher_kind = json.loads(report_path.read_text())["teacher"]["kind"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{report_path} is damaged: run 'plada-send score' again") from exc
+    if teacher_kind not in IMAGE_TEACHERS:
+        raise ConfigError(
+            f"{work} was scored from stored embeddings ({teacher_kind} teacher); the plan "
+            "retrains the teacher on images: score with --reference and --train to plan"
+        )
+    embedder = _embedder_from_args(args)
+    reference = reference_from_args(args)
+    train = _task_images(args.train, reference, args)
+    settings = PlanSettings(
+        keeps=_parse_keeps(args.keeps) if args.keeps else PlanSettings().keeps,
+        validation_fraction=args.validation_fraction,
+        screen_steps=args.screen_steps,
+        confirm_steps=args.confirm_steps,
+        max_images=args.max_images,
+        seed=args.seed,
+        sender_id=check_sender_id(args.sender_id),
+        teacher={
+            "teacher_kind": teacher_kind,
+            "embedder": embedder,
+            "teacher_epochs": args.teacher_epochs,
+            "knn_k": args.knn_k,
+        },
+    )
+    out = Path(args.out) if args.out else work / "plan"
+    plan = make_plan(reference, train, work, out, settings, progress=not args.quiet)
+    print((out / PLAN_SUMMARY).read_text(), end="")
+    chosen = next(r for r in plan["candidates"] if r["name"] == plan["chosen"])
+    print(
+        f"chosen: {chosen['name']}, {chosen['payload_bytes']} bytes, predicted "
+        f"{100 * chosen['predicted_accuracy']:.1f}%"
+    )
+    print(f"plan: {out / PLAN_FILE} (plot {out / PLAN_PLOT})")
+    return 0
 
 
 def _print_score_summary(summary: dict, what: str, out: str) -> int:
@@ -220,25 +294,70 @@ def _signer_from_args(args: argparse.Namespace):
     return PayloadSigner.from_files(args.signing_key, args.expires_in, args.sequence_file)
 
 
+SELECTION_FLAGS = ("strategy", "score", "keep", "alpha", "reserve", "seed")
+
+
+def _byte_budget(args: argparse.Namespace) -> int | None:
+    """--max-bytes, or what --link-bps carries in --window; None without a budget."""
+    if args.max_bytes is not None and args.link_bps is not None:
+        raise ConfigError("give --max-bytes or --link-bps/--window, not both")
+    if args.link_bps is not None:
+        if args.window is None:
+            raise ConfigError("--link-bps needs --window (how long the link is up, e.g. 20m)")
+        if args.link_bps <= 0:
+            raise ConfigError(f"--link-bps must be positive, not {args.link_bps}")
+        return int(args.link_bps * parse_duration(args.window) / 8)
+    if args.window is not None:
+        raise ConfigError("--window needs --link-bps (the link's rate in bits per second)")
+    if args.max_bytes is not None and args.max_bytes < 1:
+        raise ConfigError(f"--max-bytes must be positive, not {args.max_bytes}")
+    return args.max_bytes
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from sender.pipeline import make_payload
 
+    budget = _byte_budget(args)
+    planned = None
+    if args.plan:
+        from sender.plan import load_plan, planned_candidate
+
+        given = [f"--{name}" for name in SELECTION_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise ConfigError(f"--plan chooses the selection: drop {' '.join(given)}")
+        candidate, planned = planned_candidate(load_plan(args.plan, args.work), budget)
+        config, score = candidate.config(), candidate.score
+    else:
+        defaults = SelectionConfig()
+        config = SelectionConfig(
+            strategy=args.strategy or defaults.strategy,
+            keep=defaults.keep if args.keep is None else args.keep,
+            alpha=defaults.alpha if args.alpha is None else args.alpha,
+            reserve=defaults.reserve if args.reserve is None else args.reserve,
+            seed=defaults.seed if args.seed is None else args.seed,
+        )
+        score = args.score
     signer = _signer_from_args(args)
-    config = SelectionConfig(
-        strategy=args.strategy, keep=args.keep, alpha=args.alpha, reserve=args.reserve
-    )
     summary = make_payload(
         args.work,
         config,
         args.out,
-        score=args.score,
+        score=score,
         task_id=args.task_id,
         leak_threshold=args.leak_threshold,
         exclude_leaks=not args.keep_leaks,
         consensus_k=args.consensus,
         consensus_agreement=args.consensus_agreement,
         signer=signer,
+        max_bytes=budget,
     )
+    if planned is not None:
+        summary["plan"] = {
+            "candidate": planned["name"],
+            "predicted_accuracy": planned["predicted_accuracy"],
+            "planned_bytes": planned["payload_bytes"],
+            "budget_bytes": budget,
+        }
     if args.json:
         write_json_atomic(Path(args.json), summary)
     hist = " ".join(f"{k}:{v}" for k, v in summary["class_histogram"].items())
@@ -267,6 +386,12 @@ def _cmd_select(args: argparse.Namespace) -> int:
         f"payload {args.out}: {summary['payload_bytes']} bytes "
         f"(information bound {summary['information_bound_bytes']:.0f} bytes)"
     )
+    if planned is not None:
+        fits = "" if budget is None else f" (budget {budget} bytes)"
+        print(
+            f"planned: {planned['name']}, predicted accuracy "
+            f"{100 * planned['predicted_accuracy']:.1f}%{fits}"
+        )
     signed = summary["signed"]
     if signed is None:
         print("UNSIGNED (development): receivers accept it only with --allow-unsigned")
@@ -362,10 +487,18 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="select from a scored work directory and write a payload")
     sel.add_argument("work")
     sel.add_argument(
+        "--plan",
+        help="a plan (plada-send plan): send its best candidate within the byte budget",
+    )
+    sel.add_argument("--max-bytes", type=int, help="byte budget: refuse larger payloads")
+    sel.add_argument("--link-bps", type=float, help="byte budget from a link rate (bits/s) ...")
+    sel.add_argument("--window", help="... and how long it is up: seconds or 30m / 2h")
+    sel.add_argument(
         "--strategy",
-        choices=["auto", "lowest", "safety-net", "inverse"],
-        default="safety-net",
-        help="auto: the one the domain-gap measurement recommended when scoring",
+        choices=["auto", *STRATEGIES],
+        default=None,
+        help="default safety-net; auto: the one the domain-gap measurement recommended; "
+        "random, random-balanced: the controls",
     )
     sel.add_argument(
         "--score",
@@ -385,9 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop kept images whose K nearest kept neighbours mostly disagree (0: off)",
     )
     sel.add_argument("--consensus-agreement", type=float, default=0.5)
-    sel.add_argument("--keep", type=float, default=0.01, help="fraction of the reference set")
-    sel.add_argument("--alpha", type=float, default=-0.2, help="safety-net quota exponent")
-    sel.add_argument("--reserve", type=float, default=0.5, help="safety-net share of the budget")
+    sel.add_argument("--keep", type=float, help="fraction of the reference set (default 0.01)")
+    sel.add_argument("--alpha", type=float, help="safety-net quota exponent (default -0.2)")
+    sel.add_argument(
+        "--reserve", type=float, help="safety-net share of the budget (default 1.0: all)"
+    )
+    sel.add_argument("--seed", type=int, help="the random controls' draw (default 0)")
     sel.add_argument("--task-id", help="task id written into the payload")
     sel.add_argument("--json", help="also write the summary as JSON here")
     sel.add_argument("--out", required=True)
@@ -403,6 +539,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--unsigned", action="store_true", help="write an unsigned payload (development only)"
     )
     sel.set_defaults(func=_cmd_select)
+
+    plan = sub.add_parser(
+        "plan", help="predict each candidate payload's accuracy and size; choose the best"
+    )
+    plan.add_argument("work", help="the scored work directory (plada-send score)")
+    add_reference_options(plan)
+    plan.add_argument("--train", required=True, help="the labeled task images that were scored")
+    plan.add_argument("--out", help="plan directory (default WORK/plan)")
+    plan.add_argument(
+        "--keeps", help="keep fractions to try, e.g. 0.25%%,1%%,5%% (default 0.25%%..10%%)"
+    )
+    plan.add_argument("--validation-fraction", type=float, default=0.25)
+    plan.add_argument("--screen-steps", type=int, default=100, help="proxy steps, every candidate")
+    plan.add_argument("--confirm-steps", type=int, default=200, help="proxy steps, the best")
+    plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
+    plan.add_argument("--teacher-epochs", type=int, default=40)
+    plan.add_argument("--knn-k", type=int, default=5)
+    plan.add_argument("--clip-model", help="open_clip model name (probe teacher)")
+    plan.add_argument("--clip-weights", help="local open_clip weights file (probe teacher)")
+    plan.add_argument("--device", default="cpu")
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument(
+        "--sender-id", default="plan", help="sizes are of payloads signed as this sender"
+    )
+    plan.add_argument("--quiet", action="store_true")
+    plan.set_defaults(func=_cmd_plan)
 
     keygen = sub.add_parser("keygen", help="create a sender signing key and its public key")
     keygen.add_argument("--sender-id", required=True, help="this station's sender id")

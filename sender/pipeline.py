@@ -16,18 +16,21 @@ from typing import Any
 import numpy as np
 
 from protocol.atomic_files import write_json_atomic
-from protocol.errors import ConfigError, TaskDataError
+from protocol.errors import BudgetError, ConfigError, TaskDataError
 from protocol.payload import (
+    EncodedPayload,
     Payload,
+    SenderStamp,
     encode_payload_detailed,
     information_bound_bytes,
     write_payload,
 )
 from protocol.reference.base import ReferenceSource
+from protocol.signing import SigningKey
 from protocol.task_data import LabeledImages
 from sender import index as faiss_index
 from sender.consensus import consensus_outliers
-from sender.domain_gap import measure_domain_gap, split_reference_sample
+from sender.domain_gap import DomainGap, measure_domain_gap, split_reference_sample
 from sender.embedders import Embedder, PixelEmbedder
 from sender.embedding_store import EmbeddingStore
 from sender.embedding_teachers import train_probe
@@ -48,7 +51,7 @@ from sender.work_dir import (
 INDEX_FILE = faiss_index.INDEX_FILE
 
 
-def _reference_images(reference: ReferenceSource, channels: int, chunk: int = 16384) -> np.ndarray:
+def reference_images(reference: ReferenceSource, channels: int, chunk: int = 16384) -> np.ndarray:
     """The whole (in-memory sized) reference set; its channels must be the task's."""
     images = np.concatenate([images for _, images in reference.iter_chunks(chunk)])
     if images.shape[1] != channels:
@@ -70,6 +73,7 @@ class TeacherOutputs:
     train_embeddings: np.ndarray  # [t, d]
     duplicate_reference: np.ndarray  # [n, d'] for the leakage index
     duplicate_test: np.ndarray | None  # [s, d'] test images, if any
+    duplicate_train: np.ndarray  # [t, d'] the task's training images, for the domain gap
     embedder: str
     duplicate_embedder: str
     score_start: float  # when scoring (as opposed to teacher training) began
@@ -102,6 +106,7 @@ def _cnn_teacher(
         train_embeddings=train_emb,
         duplicate_reference=pixels.embed(images),
         duplicate_test=None if test is None else pixels.embed(test.images),
+        duplicate_train=pixels.embed(train.images),
         embedder="teacher-features",
         duplicate_embedder=pixels.name,
         score_start=score_start,
@@ -134,9 +139,51 @@ def _probe_teacher(
         train_embeddings=train_emb,
         duplicate_reference=ref_emb,
         duplicate_test=test_emb,
+        duplicate_train=train_emb,
         embedder=embedder.name,
         duplicate_embedder=embedder.name,
         score_start=score_start,
+    )
+
+
+def teacher_scores(
+    images: np.ndarray,
+    train: LabeledImages,
+    test: LabeledImages | None,
+    teacher_kind: str = "cnn",
+    embedder: Embedder | None = None,
+    temperature: float = 1.0,
+    knn_k: int = 5,
+    teacher_epochs: int = 40,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[TeacherOutputs, dict[str, np.ndarray], np.ndarray]:
+    """Train the teacher on ``train`` and score ``images``: (outputs, scores, predicted)."""
+    if teacher_kind not in IMAGE_TEACHERS:
+        raise ConfigError(f"unknown teacher {teacher_kind!r} ({' or '.join(IMAGE_TEACHERS)})")
+    if teacher_kind == "cnn":
+        outputs = _cnn_teacher(images, train, test, teacher_epochs, seed, progress)
+    else:
+        outputs = _probe_teacher(images, train, test, embedder, seed)
+    predicted = outputs.logits.argmax(1).astype(np.int64)
+    scores = {
+        "energy": energy(outputs.logits, temperature),
+        "entropy": entropy(outputs.logits),
+        "knn": knn_relevance(
+            outputs.reference_embeddings, predicted, outputs.train_embeddings, train.labels, knn_k
+        ),
+    }
+    return outputs, scores, predicted
+
+
+def domain_gap(outputs: TeacherOutputs) -> DomainGap:
+    """How far the task's training images are from the reference set, measured in the
+    duplicate-check embedding: pixels or CLIP, never the teacher's own features, which
+    are trained to map any image onto the task's classes and so call everything near."""
+    reference = outputs.duplicate_reference
+    sample_rows, query_rows = split_reference_sample(reference.shape[0], sample=20_000)
+    return measure_domain_gap(
+        reference[sample_rows], reference[query_rows], outputs.duplicate_train
     )
 
 
@@ -161,23 +208,21 @@ def score_reference(
     if test is not None and test.class_names != train.class_names:
         raise TaskDataError("train and test splits list different classes")
     started = time.perf_counter()
-    images = _reference_images(reference, train.images.shape[1])
-    if teacher_kind == "cnn":
-        outputs = _cnn_teacher(images, train, test, teacher_epochs, seed, progress)
-    else:
-        outputs = _probe_teacher(images, train, test, embedder, seed)
-    predicted = outputs.logits.argmax(1).astype(np.int64)
-    scores = {
-        "energy": energy(outputs.logits, temperature),
-        "entropy": entropy(outputs.logits),
-        "knn": knn_relevance(
-            outputs.reference_embeddings, predicted, outputs.train_embeddings, train.labels, knn_k
-        ),
-    }
+    images = reference_images(reference, train.images.shape[1])
+    outputs, scores, predicted = teacher_scores(
+        images,
+        train,
+        test,
+        teacher_kind,
+        embedder,
+        temperature,
+        knn_k,
+        teacher_epochs,
+        seed,
+        progress,
+    )
     scoring_seconds = time.perf_counter() - outputs.score_start
-    sample_rows, query_rows = split_reference_sample(len(reference), sample=20_000)
-    ref_emb = outputs.reference_embeddings
-    gap = measure_domain_gap(ref_emb[sample_rows], ref_emb[query_rows], outputs.train_embeddings)
+    gap = domain_gap(outputs)
     faiss_index.save_index(faiss_index.build_index(outputs.duplicate_reference), out / INDEX_FILE)
     save_embeddings(out / REFERENCE_EMBEDDINGS, outputs.duplicate_reference)
     if outputs.duplicate_test is not None:
@@ -211,12 +256,83 @@ def score_reference(
     return summary
 
 
-def _leakage_index(work: Path, embeddings_dir: str | None) -> Path | None:
-    """The index to search for near-duplicates: the work directory's, else the store's."""
-    candidates = [work / INDEX_FILE]
-    if embeddings_dir:
-        candidates.append(Path(embeddings_dir) / INDEX_FILE)
-    return next((path for path in candidates if path.is_file()), None)
+@dataclass
+class ScoredWork:
+    """A scored work directory opened for selecting: its scores, and the rows no
+    payload may keep (unreadable images, and near-duplicates of the task's test images
+    unless the leakage check only reports them)."""
+
+    path: Path
+    scored: ScoresFile
+    duplicates: np.ndarray
+    leakage: dict[str, Any] | None
+    excluded: np.ndarray
+
+    @classmethod
+    def open(
+        cls,
+        work_dir: str | os.PathLike[str],
+        leak_threshold: float = 0.97,
+        exclude_leaks: bool = True,
+    ) -> ScoredWork:
+        """Read ``scores.npz`` and run the leakage check once, for any number of selections."""
+        work = Path(work_dir)
+        scored = ScoresFile.read(work / SCORES_FILE)
+        duplicates, leakage = _leakage_check(work, scored, leak_threshold, exclude_leaks)
+        excluded = np.union1d(scored.excluded, duplicates) if exclude_leaks else scored.excluded
+        return cls(work, scored, duplicates, leakage, excluded)
+
+    def resolve(self, config: SelectionConfig, score: str | None) -> tuple[SelectionConfig, str]:
+        """The concrete configuration and score: ``auto`` becomes the recommended
+        strategy, no score the best one present (knn, else energy)."""
+        available = self.scored.available_scores
+        score = score or ("knn" if "knn" in available else "energy")
+        if score not in available:
+            raise ConfigError(
+                f"score {score!r} is not in {self.path / SCORES_FILE} "
+                f"(available: {', '.join(available)})"
+            )
+        if config.strategy == "auto":
+            config = replace(config, strategy=self.scored.recommended_strategy)
+        return config, score
+
+    def select(
+        self, config: SelectionConfig, score: str, excluded: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The kept rows of a resolved configuration (``excluded``: further rows to skip)."""
+        scored = self.scored
+        skip = self.excluded if excluded is None else np.union1d(self.excluded, excluded)
+        return select(
+            scored.scores[score], scored.predicted, len(scored.class_names), config, excluded=skip
+        )
+
+    def payload(
+        self,
+        kept: np.ndarray,
+        config: SelectionConfig,
+        score: str,
+        task_id: str | None = None,
+        sender: SenderStamp | None = None,
+        created: int | None = None,
+    ) -> Payload:
+        """The payload of ``kept`` rows with the teacher's labels."""
+        scored = self.scored
+        return Payload(
+            task=task_id or scored.task,
+            reference_name=scored.reference_name,
+            reference_fingerprint=scored.reference_fingerprint,
+            reference_size=scored.reference_size,
+            class_names=scored.class_names,
+            indices=kept,
+            labels=scored.predicted[kept].astype(np.int64),
+            selection=config.as_header() | {"score": score},
+            created=int(time.time()) if created is None else created,
+            sender=sender,
+        )
+
+    def encode(self, payload: Payload, key: SigningKey | None = None) -> EncodedPayload:
+        """The payload's bytes, in the smallest coding this reference's layout allows."""
+        return encode_payload_detailed(payload, reference=self.scored.block_layout(), signer=key)
 
 
 def make_payload(
@@ -230,6 +346,7 @@ def make_payload(
     consensus_k: int = 0,
     consensus_agreement: float = 0.5,
     signer: PayloadSigner | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Select from a scored work directory, write the payload, and return a summary.
 
@@ -242,50 +359,36 @@ def make_payload(
     embedding) are excluded before selecting, unless ``exclude_leaks`` is False;
     unreadable reference images are always excluded. ``consensus_k > 0`` drops kept
     images whose nearest kept neighbours disagree with their label and refills them
-    (see :mod:`sender.consensus`).
+    (see :mod:`sender.consensus`). A payload larger than ``max_bytes`` is not written
+    (``BudgetError``).
     """
-    work = Path(work_dir)
-    scored = ScoresFile.read(work / SCORES_FILE)
-    available = scored.available_scores
-    score = score or ("knn" if "knn" in available else "energy")
-    if score not in available:
-        raise ConfigError(
-            f"score {score!r} is not in {work / SCORES_FILE} (available: {', '.join(available)})"
-        )
-    if config.strategy == "auto":
-        config = replace(config, strategy=scored.recommended_strategy)
-    duplicates, leakage = _leakage_check(work, scored, leak_threshold, exclude_leaks)
-    excluded = np.union1d(scored.excluded, duplicates) if exclude_leaks else scored.excluded
-    values, predicted, k = scored.scores[score], scored.predicted, len(scored.class_names)
-    kept = select(values, predicted, k, config, excluded=excluded)
+    work = ScoredWork.open(work_dir, leak_threshold, exclude_leaks)
+    config, score = work.resolve(config, score)
+    scored = work.scored
+    kept = work.select(config, score)
     consensus = None
     if consensus_k > 0:
-        dropped = _consensus_outliers(work, scored, kept, consensus_k, consensus_agreement)
-        kept = select(values, predicted, k, config, excluded=np.union1d(excluded, dropped))
+        dropped = _consensus_outliers(work.path, scored, kept, consensus_k, consensus_agreement)
+        kept = work.select(config, score, excluded=dropped)
         consensus = {
             "k": consensus_k,
             "min_agreement": consensus_agreement,
             "dropped": int(dropped.size),
         }
+    leakage = None if work.leakage is None else dict(work.leakage)
     if leakage is not None:
-        leakage["kept_near_duplicates"] = int(np.intersect1d(kept, duplicates).size)
+        leakage["kept_near_duplicates"] = int(np.intersect1d(kept, work.duplicates).size)
     created = int(time.time())
-    payload = Payload(
-        task=task_id or scored.task,
-        reference_name=scored.reference_name,
-        reference_fingerprint=scored.reference_fingerprint,
-        reference_size=scored.reference_size,
-        class_names=scored.class_names,
-        indices=kept,
-        labels=predicted[kept].astype(np.int64),
-        selection=config.as_header() | {"score": score},
-        created=created,
-        sender=signer.stamp(created) if signer else None,
-    )
-    encoded = encode_payload_detailed(
-        payload, reference=scored.block_layout(), signer=signer.key if signer else None
-    )
+    stamp = signer.stamp(created) if signer else None
+    payload = work.payload(kept, config, score, task_id, stamp, created)
+    encoded = work.encode(payload, signer.key if signer else None)
+    if max_bytes is not None and len(encoded.data) > max_bytes:
+        raise BudgetError(
+            f"the payload is {len(encoded.data)} bytes, over the budget of {max_bytes}: "
+            "keep fewer images or raise the budget (nothing written)"
+        )
     write_payload(out_path, encoded.data)
+    k = len(scored.class_names)
     return {
         "payload": str(out_path),
         "payload_bytes": len(encoded.data),

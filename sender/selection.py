@@ -8,7 +8,14 @@ Strategies (scores: lower = more relevant):
   quota K_c proportional to N_c ** alpha (N_c = reference images predicted as c), each
   class filling its quota with its lowest-scoring images; the rest of the budget
   goes to the globally lowest-scoring images not yet kept. alpha < 0 favours rare
-  classes, 0 gives equal quotas, 1 follows the predicted distribution.
+  classes, 0 gives equal quotas, 1 follows the predicted distribution;
+- ``random``: a uniformly random ``keep`` fraction, labelled by the teacher (the
+  control every selection rule must beat);
+- ``random-balanced``: the safety-net's per-class quotas, filled at random within
+  each class (the control for the quota alone).
+
+The two controls ignore the score; they draw from ``seed``, so a payload is
+reproducible.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import numpy as np
 
 from protocol.errors import ConfigError
 
-STRATEGIES = ("lowest", "safety-net", "inverse")
+STRATEGIES = ("lowest", "safety-net", "inverse", "random", "random-balanced")
+RANDOM_STRATEGIES = ("random", "random-balanced")
 AUTO = "auto"  # resolved from the domain-gap measurement before selecting
 
 
@@ -30,7 +38,8 @@ class SelectionConfig:
     strategy: str = "safety-net"
     keep: float = 0.01  # fraction of the reference set
     alpha: float = -0.2
-    reserve: float = 0.5
+    reserve: float = 1.0
+    seed: int = 0  # the random controls' draw
 
     def __post_init__(self) -> None:
         if self.strategy not in (*STRATEGIES, AUTO):
@@ -42,8 +51,16 @@ class SelectionConfig:
         if not 0.0 <= self.reserve <= 1.0:
             raise ConfigError(f"safety-net reserve must be in [0, 1], not {self.reserve}")
 
+    @property
+    def is_random(self) -> bool:
+        return self.strategy in RANDOM_STRATEGIES
+
     def as_header(self) -> dict[str, float | str]:
-        return asdict(self)
+        """The configuration as recorded in the payload (the seed only where it is used)."""
+        header = asdict(self)
+        if not self.is_random:
+            del header["seed"]
+        return header
 
 
 def class_quotas(predicted_counts: np.ndarray, budget: int, alpha: float) -> np.ndarray:
@@ -97,13 +114,16 @@ def select(
         raise ConfigError("resolve the auto strategy before selecting (see make_payload)")
     n = scores.shape[0]
     budget = max(1, round(config.keep * n))
-    values = -scores if config.strategy == "inverse" else scores
     eligible = np.ones(n, dtype=bool)
     if excluded is not None:
         eligible[excluded] = False
-    eligible &= ~np.isnan(values)
+    if config.is_random:  # a random order stands in for the score; unscored rows stay eligible
+        values = np.random.default_rng(config.seed).random(n, dtype=np.float32)
+    else:
+        values = -scores if config.strategy == "inverse" else scores
+        eligible &= ~np.isnan(values)
     candidates = np.flatnonzero(eligible)
-    if config.strategy in ("lowest", "inverse"):
+    if config.strategy in ("lowest", "inverse", "random"):
         return smallest(values, candidates, budget)
     labels = predicted[candidates]
     counts = np.bincount(labels, minlength=num_classes)

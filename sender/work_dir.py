@@ -9,6 +9,7 @@ being half read.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,15 @@ class ScoresFile:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path} not found: run 'plada-send score' first")
+        try:
+            return cls._read(path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ConfigError(
+                f"{path} is damaged ({type(exc).__name__}): run 'plada-send score' again"
+            ) from exc
+
+    @classmethod
+    def _read(cls, path: Path) -> ScoresFile:
         with np.load(path, allow_pickle=False) as data:
             schema = int(data["schema"]) if "schema" in data.files else 1
             if schema != SCORES_SCHEMA:

@@ -52,7 +52,27 @@ def test_strategies() -> None:
     assert scores[low].max() <= np.sort(scores)[49] and scores[inv].min() >= np.sort(scores)[-50]
     assert np.sum(predicted[net] == 1) == 10  # all of the rare class, quota 25 capped at 10
     with pytest.raises(ConfigError):
-        SelectionConfig("random")
+        SelectionConfig("uniform")
+
+
+def test_random_controls_ignore_the_score_and_are_reproducible() -> None:
+    rng = np.random.default_rng(2)
+    scores = rng.normal(size=2000)
+    predicted = np.where(np.arange(2000) < 1900, 0, 1)  # class 1 is rare
+    uniform = select(scores, predicted, 2, SelectionConfig("random", keep=0.05))
+    again = select(-scores, predicted, 2, SelectionConfig("random", keep=0.05))
+    other = select(scores, predicted, 2, SelectionConfig("random", keep=0.05, seed=1))
+    assert uniform.size == 100 and np.array_equal(uniform, again)
+    assert not np.array_equal(uniform, other)
+    # not the lowest scores: a uniform draw spans the score distribution
+    assert scores[uniform].max() > np.sort(scores)[99] + 1.0
+    balanced = select(
+        scores, predicted, 2, SelectionConfig("random-balanced", keep=0.05, alpha=0, reserve=1)
+    )
+    assert balanced.size == 100 and np.sum(predicted[balanced] == 1) == 50
+    assert np.sum(predicted[uniform] == 1) < 20  # the uniform draw follows the 95:5 mix
+    header = SelectionConfig("random", seed=3).as_header()
+    assert header["seed"] == 3 and "seed" not in SelectionConfig().as_header()
 
 
 def test_knn_relevance_prefers_images_near_their_predicted_class() -> None:
