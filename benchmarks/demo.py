@@ -37,6 +37,7 @@ class Scheme:
     score: str
     keep: float
     reserve: float = 1.0
+    alpha: float = -0.2
 
 
 SCHEMES = (
@@ -46,7 +47,18 @@ SCHEMES = (
     Scheme("safety-1", "safety-net, kNN relevance (ours)", "safety-net", "knn", 0.01),
     Scheme("safety-5", "safety-net, kNN relevance (ours)", "safety-net", "knn", 0.05),
     Scheme("inverse-1", "inverse: highest energy", "inverse", "energy", 0.01),
+    Scheme("random-1", "random subset (control)", "random", "energy", 0.01),
+    Scheme(
+        "random-balanced-1",
+        "random, equal per class (control)",
+        "random-balanced",
+        "energy",
+        0.01,
+        1.0,
+        0.0,
+    ),
 )
+PLAN = "plan"  # the payload the plan chose
 BUDGET_SCHEME = "safety-1"  # the pixel baseline gets exactly this (signed) payload's byte budget
 
 
@@ -111,6 +123,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--steps", type=int, default=250, help="student optimizer steps")
     parser.add_argument("--teacher-epochs", type=int, default=40)
+    parser.add_argument("--plan-keeps", help="the plan's keep fractions (default: its own grid)")
     args = parser.parse_args()
     started = time.perf_counter()
     work = Path(args.work)
@@ -165,6 +178,8 @@ def main() -> None:
                 str(scheme.keep),
                 "--reserve",
                 str(scheme.reserve),
+                "--alpha",
+                str(scheme.alpha),
                 "--signing-key",
                 str(key.with_suffix(".key")),
                 "--out",
@@ -176,6 +191,34 @@ def main() -> None:
         )
         payloads[scheme.name] = json.loads(summary_path.read_text())
 
+    plan_dir = work / "plan"
+    plan_cmd = [*send, "plan", str(work / "sender"), *sender_ref, "--train"]
+    plan_cmd += [str(work / "task/train.npz"), "--out", str(plan_dir), "--quiet"]
+    plan_cmd += ["--teacher-epochs", str(args.teacher_epochs)]
+    plan_cmd += ["--screen-steps", str(max(1, round(0.4 * args.steps)))]
+    plan_cmd += ["--confirm-steps", str(max(1, round(0.8 * args.steps)))]
+    if args.plan_keeps:
+        plan_cmd += ["--keeps", args.plan_keeps]
+    run(plan_cmd, logs / "plan.log")
+    plan_summary = work / "payloads" / f"{PLAN}.json"
+    run(
+        [
+            *send,
+            "select",
+            str(work / "sender"),
+            "--plan",
+            str(plan_dir),
+            "--signing-key",
+            str(key.with_suffix(".key")),
+            "--out",
+            str(work / "payloads" / f"{PLAN}.plada"),
+            "--json",
+            str(plan_summary),
+        ],
+        logs / "select-plan.log",
+    )
+    payloads[PLAN] = json.loads(plan_summary.read_text())
+
     print("receiver (edge device):")
     receiver_fp = run([*receive, "reference", *receiver_ref], logs / "receiver-reference.log")
     receiver_fp = receiver_fp.split()[-1]
@@ -184,13 +227,13 @@ def main() -> None:
     trust = ["--trust", str(work / "receiver-trust")]
     run([*receive, "trust", "add", str(key.with_suffix(".pub")), *trust], logs / "trust.log")
     students: dict[str, dict[str, Any]] = {}
-    for scheme in SCHEMES:
-        out = work / "students" / scheme.name
+    for name in [scheme.name for scheme in SCHEMES] + [PLAN]:
+        out = work / "students" / name
         run(
             [
                 *receive,
                 "train",
-                str(work / "payloads" / f"{scheme.name}.plada"),
+                str(work / "payloads" / f"{name}.plada"),
                 *receiver_ref,
                 *trust,
                 "--holdout",
@@ -205,9 +248,9 @@ def main() -> None:
                 str(out),
                 "--quiet",
             ],
-            logs / f"train-{scheme.name}.log",
+            logs / f"train-{name}.log",
         )
-        students[scheme.name] = json.loads((out / "report.json").read_text())
+        students[name] = json.loads((out / "report.json").read_text())
 
     print("baseline: real target pixels in the same byte budget:")
     budget = payloads[BUDGET_SCHEME]["payload_bytes"]
@@ -234,6 +277,23 @@ def main() -> None:
                 "leakage": payloads[scheme.name]["leakage"],
             }
         )
+    planned = payloads[PLAN]["plan"]
+    accs = [r["holdout_accuracy"] for r in students[PLAN]["runs"]]
+    rows.append(
+        {
+            "scheme": PLAN,
+            "description": "plan's choice (predicted best)",
+            "keep": payloads[PLAN]["selection"]["keep"],
+            "kept_images": payloads[PLAN]["kept"],
+            "payload_bytes": payloads[PLAN]["payload_bytes"],
+            "accuracy_mean": float(np.mean(accs)),
+            "accuracy_std": float(np.std(accs)),
+            "accuracies": accs,
+            "leakage": payloads[PLAN]["leakage"],
+            "candidate": planned["candidate"],
+            "predicted_accuracy": planned["predicted_accuracy"],
+        }
+    )
     rows.append(
         {
             "scheme": "pixels",
@@ -280,12 +340,19 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for row in rows:
-        keep = "-" if row["keep"] is None else f"{100 * row['keep']:.0f}%"
+        keep = "-" if row["keep"] is None else f"{100 * row['keep']:.2g}%"
         acc = f"{100 * row['accuracy_mean']:.1f} +- {100 * row['accuracy_std']:.1f}%"
         print(
             f"{row['description']:36s} {keep:>5s} {row['kept_images']:7d} "
             f"{row['payload_bytes']:7d} {acc:>18s}"
         )
+    plan_row = next(row for row in rows if row["scheme"] == PLAN)
+    print(
+        f"plan's choice: {plan_row['candidate']}, "
+        f"predicted {100 * plan_row['predicted_accuracy']:.1f}% "
+        f"(short student on the validation split), real {100 * plan_row['accuracy_mean']:.1f}%, "
+        f"{plan_row['payload_bytes']} bytes (plot: {work / 'plan' / 'plan.png'})"
+    )
     print(f"\ntotal {elapsed:.0f}s")
     print(f"report: {report_path}")
 

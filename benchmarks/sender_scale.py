@@ -2,8 +2,10 @@
 
 Writes a synthetic embeddings directory in plada's on-disk format (clustered unit
 vectors, n = 14.2M by default: 14.5 GB), then for each class count k runs the real
-scoring pass (``sender.stream_scoring`` over ``EmbeddingStore``) and the real
-selection (safety-net, 1%) in a fresh process, and prints wall time, rows/s, peak
+scoring pass (``sender.stream_scoring`` over ``EmbeddingStore``), with ``--knn`` the
+real kNN relevance (10 labeled task images per class searching the store's IVF-PQ
+index, ``sender.stream_knn``; the index is built once, like the embeddings), and the
+real selection (safety-net, 1%) in a fresh process, and prints wall time, rows/s, peak
 resident memory and the ratio to two floors measured in the same run:
 
 - read floor: the file's size over its sequential read bandwidth (warm page cache);
@@ -12,7 +14,7 @@ resident memory and the ratio to two floors measured in the same run:
 A naive baseline (numpy memmap + ``astype`` + numpy matmul + scipy logsumexp, the
 obvious implementation) runs on a slice and is extrapolated to n.
 
-    python -m benchmarks.sender_scale [--n 14200000] [--work work/scale] [--k 10 100 365]
+    python -m benchmarks.sender_scale [--n 14200000] [--work work/scale] [--k 10 100 365] [--knn]
 """
 
 from __future__ import annotations
@@ -131,12 +133,32 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_ours(store_dir: str, k: int, chunk_rows: int, source: str) -> dict[str, float]:
-    """Score + select in this (fresh) process; report times and peak memory."""
+TASK_PER_CLASS = 10  # labeled task images per class searching the index (kNN relevance)
+
+
+def task_queries(store, head, k: int, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """A labeled task: perturbed stored rows, labelled by the head (10 per class seen)."""
+    from sender.scoring import l2_normalize
+
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(store.n, 40 * k * TASK_PER_CLASS, replace=False))
+    x = l2_normalize(store.read_rows(rows) + rng.normal(0, 0.02, (rows.size, DIM)))
+    labels = head.logits(x).argmax(1)
+    picked = np.concatenate([np.flatnonzero(labels == c)[:TASK_PER_CLASS] for c in range(k)])
+    return x[picked], labels[picked]
+
+
+def child_ours(
+    store_dir: str, k: int, chunk_rows: int, source: str, index_path: str | None = None
+) -> dict[str, float]:
+    """Score (+ kNN relevance through the index) + select in this (fresh) process;
+    report times and peak memory."""
     import torch
 
     from sender.embedding_store import EmbeddingStore
+    from sender.index import load_index
     from sender.selection import SelectionConfig, select
+    from sender.stream_knn import stream_knn_relevance
     from sender.stream_scoring import score_chunks
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -149,15 +171,26 @@ def child_ours(store_dir: str, k: int, chunk_rows: int, source: str) -> dict[str
         chunk_rows=chunk_rows,
         progress=False,
     )
-    scored = time.perf_counter()
-    kept = select(scores.energy, scores.predicted, k, SelectionConfig(keep=0.01))
-    done = time.perf_counter()
+    score_s = time.perf_counter() - started
+    values, knn = scores.energy, {}
+    if index_path:  # the task's embeddings exist before scoring: not timed
+        queries, labels = task_queries(store, _head(k), k)
+        values, stats = stream_knn_relevance(
+            load_index(index_path), queries, labels, scores.predicted, scores.energy
+        )
+        knn = {f"knn_{key}": value for key, value in stats.items()}
+    selecting = time.perf_counter()
+    kept = select(values, scores.predicted, k, SelectionConfig(keep=0.01))
+    select_s = time.perf_counter() - selecting
+    knn_s = knn.get("knn_seconds", 0.0)
     return {
-        "score_s": scored - started,
-        "select_s": done - scored,
-        "wall_s": done - started,
+        "score_s": score_s,
+        "knn_s": knn_s,
+        "select_s": select_s,
+        "wall_s": score_s + knn_s + select_s,
         "kept": int(kept.size),
         "peak_rss_mb": peak_rss_mb(),
+        **knn,
     }
 
 
@@ -179,6 +212,18 @@ def child_naive(store_dir: str, k: int, rows: int) -> dict[str, float]:
     return {"wall_s": seconds, "rows": rows}
 
 
+def build_scale_index(root: Path, nlist: int) -> Path:
+    """The production IVF-PQ index over the store (built once, kept beside it)."""
+    from sender.embedding_store import EmbeddingStore
+    from sender.index import INDEX_FILE, build_store_index, save_index
+
+    started = time.perf_counter()
+    index, plan = build_store_index(EmbeddingStore(root), 2 << 30, kind="ivfpq", nlist=nlist)
+    save_index(index, root / INDEX_FILE)
+    print(f"index {plan} built in {time.perf_counter() - started:.0f}s")
+    return root / INDEX_FILE
+
+
 def _run_child(args: list[str]) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.sender_scale", "--child", *args],
@@ -197,13 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-rows", type=int, default=8192)
     parser.add_argument("--source", choices=["f16", "i8"], default="f16")
     parser.add_argument("--naive-rows", type=int, default=500_000)
+    parser.add_argument(
+        "--knn", action="store_true", help="also kNN relevance through an IVF-PQ index"
+    )
+    parser.add_argument("--nlist", type=int, default=1024, help="the index's IVF lists")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         kind, store, k, extra = args.child[0], args.child[1], int(args.child[2]), args.child[3]
         if kind == "ours":
-            result = child_ours(store, k, args.chunk_rows, extra)
+            index = args.child[4] if len(args.child) > 4 else None
+            result = child_ours(store, k, args.chunk_rows, extra, index)
         else:
             result = child_naive(store, k, int(extra))
         print(json.dumps(result))
@@ -222,11 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     file_bytes = f16.stat().st_size
     read_floor = file_bytes / bandwidth
     print(f"read bandwidth (warm): {bandwidth / 1e9:.2f} GB/s -> read floor {read_floor:.1f}s")
+    index_path = root / "reference.faiss"
+    if args.knn and not index_path.is_file():
+        index_path = build_scale_index(root, args.nlist)
     rows = []
     for k in args.k:
         flops = measure_gemm_flops(k)
         gemm_floor = 2 * args.n * DIM * k / flops
-        ours = _run_child(["ours", str(root), str(k), args.source])
+        extra = [str(index_path)] if args.knn else []
+        ours = _run_child(["ours", str(root), str(k), args.source, *extra])
         naive = _run_child(["naive", str(root), str(k), str(min(args.naive_rows, args.n))])
         naive_full = naive["wall_s"] * args.n / naive["rows"]
         floor = max(read_floor, gemm_floor)
@@ -244,19 +298,27 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     header = (
-        f"{'k':>4} {'score s':>8} {'select s':>8} {'total s':>8} {'Mrows/s':>8} "
+        f"{'k':>4} {'score s':>8} {'kNN s':>6} {'select s':>8} {'total s':>8} {'Mrows/s':>8} "
         f"{'peak MB':>8} {'read fl.':>8} {'GEMM fl.':>8} {'x floor':>7} {'naive s':>8}"
     )
     print(f"\nn = {args.n:,} x {DIM} fp16, {os.cpu_count()} cores, keep 1% safety-net")
     print(header)
     for r in rows:
         print(
-            f"{r['k']:>4} {r['score_s']:>8.1f} {r['select_s']:>8.1f} {r['wall_s']:>8.1f} "
+            f"{r['k']:>4} {r['score_s']:>8.1f} {r['knn_s']:>6.1f} {r['select_s']:>8.1f} "
+            f"{r['wall_s']:>8.1f} "
             f"{r['rows_per_s'] / 1e6:>8.2f} {r['peak_rss_mb']:>8.0f} {r['read_floor_s']:>8.1f} "
             f"{r['gemm_floor_s']:>8.1f} {r['ratio_to_floor']:>7.2f} "
             f"{r['naive_extrapolated_s']:>8.0f}"
         )
     print("x floor = total / max(read floor, GEMM floor); naive = numpy/scipy, extrapolated")
+    for r in rows:
+        if "knn_depth" in r:
+            print(
+                f"k={r['k']}: kNN relevance from {r['knn_task_images']} task images x "
+                f"{r['knn_depth']} neighbours (nprobe {r['knn_nprobe']}): "
+                f"{r['knn_candidates']:,} candidates, search {r['knn_search_seconds']:.1f}s"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

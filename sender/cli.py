@@ -239,6 +239,15 @@ def _print_score_summary(summary: dict, what: str, out: str) -> int:
     )
     if summary.get("domain_gap") is not None:
         print(f"domain gap: {summary['domain_gap']['reason']}")
+    knn = summary.get("knn_relevance")
+    if knn is not None:
+        if "skipped" in knn:
+            print(f"kNN relevance: skipped ({knn['skipped']})")
+        else:
+            print(
+                f"kNN relevance: {knn['task_images']} task images x {knn['depth']} nearest "
+                f"reference rows -> {knn['candidates']} candidates in {knn['seconds']:.1f}s"
+            )
     print(f"recommended strategy: {summary['recommended_strategy']}")
     print(f"work directory: {out}")
     return 0

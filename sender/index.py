@@ -36,11 +36,14 @@ def load_index(path: str | os.PathLike[str]) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
-def choose_index(n: int, dim: int, memory_budget: int) -> dict[str, int | str]:
-    """Exact flat index when it fits ``memory_budget`` bytes, else IVF-PQ sized to fit."""
+def choose_index(
+    n: int, dim: int, memory_budget: int, nlist: int | None = None
+) -> dict[str, int | str]:
+    """Exact flat index when it fits ``memory_budget`` bytes, else IVF-PQ sized to fit
+    (``nlist`` lists: default ~4 sqrt(n); fewer build faster on a small machine)."""
     if n * dim * 4 <= memory_budget:
         return {"kind": "flat"}
-    nlist = int(2 ** round(np.log2(max(1.0, 4 * np.sqrt(n)))))
+    nlist = nlist or int(2 ** round(np.log2(max(1.0, 4 * np.sqrt(n)))))
     nlist = max(1, min(nlist, n // 39))
     for m in (64, 32, 16, 8, 4):
         if dim % m == 0 and n * (m + 8) + nlist * dim * 4 <= memory_budget:
@@ -59,17 +62,18 @@ def build_store_index(
     chunk_rows: int = 65536,
     seed: int = 0,
     progress: bool = True,
+    nlist: int | None = None,
 ) -> tuple[faiss.Index, dict[str, int | str]]:
     """A FAISS inner-product index over a merged :class:`EmbeddingStore` (valid rows only)."""
     from tqdm import tqdm
 
     n, dim = store.n, store.dim
-    plan = choose_index(n, dim, memory_budget) if kind == "auto" else {"kind": kind}
+    plan = choose_index(n, dim, memory_budget, nlist) if kind == "auto" else {"kind": kind}
     if plan["kind"] == "flat":
         index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif plan["kind"] == "ivfpq":
         if "nlist" not in plan:
-            plan = choose_index(n, dim, min(memory_budget, n * dim * 4 - 1))
+            plan = choose_index(n, dim, min(memory_budget, n * dim * 4 - 1), nlist)
         quantizer = faiss.IndexFlatIP(dim)
         ivf = faiss.IndexIVFPQ(
             quantizer, dim, int(plan["nlist"]), int(plan["m"]), 8, faiss.METRIC_INNER_PRODUCT

@@ -195,7 +195,8 @@ def rate_front(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def choose(rows: list[dict[str, Any]], max_bytes: int | None = None) -> dict[str, Any]:
-    """The row with the highest predicted accuracy within ``max_bytes`` (ties: fewer bytes)."""
+    """The row with the highest predicted accuracy within ``max_bytes`` (ties: fewer bytes),
+    among the confirmed rows when any fits: their estimates come from the longer runs."""
     fitting = [r for r in rows if max_bytes is None or r["payload_bytes"] <= max_bytes]
     if not fitting:
         smallest = min(rows, key=lambda r: r["payload_bytes"])
@@ -204,7 +205,8 @@ def choose(rows: list[dict[str, Any]], max_bytes: int | None = None) -> dict[str
             f"is {smallest['payload_bytes']}): raise the budget, or plan with smaller "
             "keep fractions (--keeps)"
         )
-    return max(fitting, key=lambda r: (r["predicted_accuracy"], -r["payload_bytes"]))
+    confirmed = [r for r in fitting if r["stage"] == "confirm"]  # the longer runs' estimates
+    return max(confirmed or fitting, key=lambda r: (r["predicted_accuracy"], -r["payload_bytes"]))
 
 
 def file_digest(path: Path) -> str:

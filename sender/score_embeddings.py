@@ -28,7 +28,9 @@ from sender.domain_gap import DomainGap, measure_domain_gap, split_reference_sam
 from sender.embedders import ClipEmbedder
 from sender.embedding_store import MANIFEST_FILE, EmbeddingStore
 from sender.embedding_teachers import KnnTeacher, train_probe, zero_shot_head
-from sender.stream_scoring import LinearHead, score_chunks
+from sender.index import INDEX_FILE, load_index
+from sender.stream_knn import stream_knn_relevance
+from sender.stream_scoring import LinearHead, StreamScores, score_chunks
 from sender.teacher_kinds import EMBEDDING_TEACHERS
 from sender.work_dir import SCORE_REPORT, SCORES_FILE, TEST_EMBEDDINGS, ScoresFile, save_embeddings
 
@@ -139,6 +141,32 @@ def _store_domain_gap(store: EmbeddingStore, target: np.ndarray) -> DomainGap:
     )
 
 
+def _store_knn(
+    store: EmbeddingStore,
+    train: EmbeddedSplit | None,
+    scores: StreamScores,
+    k: int,
+    per_row: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """Add the ``knn`` score (task images searching the store's FAISS index, see
+    :mod:`sender.stream_knn`) to ``per_row`` when there are labeled task images and an
+    index; returns what it took, or why it was skipped."""
+    index_path = store.root / INDEX_FILE
+    if train is None:
+        return {"skipped": "no labeled task images"}
+    if not index_path.is_file():
+        return {"skipped": f"no index at {index_path}: run 'plada-send index {store.root}'"}
+    per_row["knn"], stats = stream_knn_relevance(
+        load_index(index_path),
+        train.embeddings,
+        train.labels,
+        scores.predicted,
+        scores.energy,
+        k=k,
+    )
+    return stats
+
+
 def score_embeddings(
     store_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -185,8 +213,10 @@ def score_embeddings(
     invalid = np.flatnonzero(~store.valid)
     strategy = gap.strategy if gap else "safety-net"
     meta = store.meta
+    per_row = {"energy": scores.energy, "entropy": scores.entropy}
+    knn_stats = _store_knn(store, train, scores, knn_k, per_row)
     ScoresFile(
-        scores={"energy": scores.energy, "entropy": scores.entropy},
+        scores=per_row,
         predicted=scores.predicted,
         class_names=names,
         reference_name=meta.reference_name,
@@ -216,6 +246,7 @@ def score_embeddings(
         "predicted_histogram": np.bincount(scores.predicted, minlength=len(names)).tolist(),
         "scoring_seconds": scores.seconds,
         "scoring_images_per_second": scores.stats["rows_per_second"],
+        "knn_relevance": knn_stats,
         "total_seconds": time.perf_counter() - started,
     }
     write_json_atomic(out / SCORE_REPORT, summary)

@@ -31,6 +31,8 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory):
             "40",
             "--teacher-epochs",
             "5",
+            "--plan-keeps",
+            "0.5%,1%,5%",
         ],
         capture_output=True,
         text=True,
@@ -56,8 +58,19 @@ def test_demo_report_has_every_row(demo_report) -> None:
         "safety-1",
         "safety-5",
         "inverse-1",
+        "random-1",
+        "random-balanced-1",
+        "plan",
         "pixels",
     ]
+    plan = next(r for r in report["rows"] if r["scheme"] == "plan")
+    plan_json = json.loads((path.parent / "plan" / "plan.json").read_text())
+    chosen = next(r for r in plan_json["candidates"] if r["name"] == plan_json["chosen"])
+    assert plan["candidate"] == plan_json["chosen"] and chosen["stage"] == "confirm"
+    assert plan["predicted_accuracy"] == chosen["predicted_accuracy"]
+    assert plan["payload_bytes"] <= chosen["payload_bytes"] + 16  # signed as another sender
+    assert len(plan_json["candidates"]) == 3 * 16 and (path.parent / "plan" / "plan.png").is_file()
+    assert "plan's choice" in stdout
     budget = next(r for r in report["rows"] if r["scheme"] == "safety-1")["payload_bytes"]
     pixels = next(r for r in report["rows"] if r["scheme"] == "pixels")
     assert pixels["payload_bytes"] <= budget

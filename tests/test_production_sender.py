@@ -219,6 +219,13 @@ def test_embedding_teachers_make_payloads_the_receiver_accepts(world, embedded, 
     )
     summary = json.loads((work / "select.json").read_text())
     assert summary["kept"] == 24 and "payload" in selected.stdout
+    knn = json.loads((work / "score_report.json").read_text())["knn_relevance"]
+    if teacher == "zeroshot":  # no labeled task images to search the index with
+        assert "no labeled task images" in knn["skipped"]
+        assert summary["selection"]["score"] == "energy"
+    else:  # the task's images searched the store's index: kNN relevance is the default score
+        assert knn["candidates"] > 0 and knn["task_images"] > 0
+        assert summary["selection"]["score"] == "knn"
     assert summary["signed"]["sender"] == "station" and "signed by station" in selected.stdout
     trust = ["--trust", str(work / "trust")]
     run([*cli("plada-receive"), "trust", "add", f"{key}.pub", *trust], cli_env())

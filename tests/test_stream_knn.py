@@ -35,7 +35,8 @@ def test_stream_knn_matches_brute_force_through_the_store_index(tmp_path) -> Non
     index, plan = build_store_index(store, 1 << 30, kind="flat", progress=False)
     assert plan["kind"] == "flat"
     rng = np.random.default_rng(4)
-    task = l2_normalize(reference[rng.choice(600, 40, replace=False)] + rng.normal(0, 0.2, (40, 16)))
+    near = reference[rng.choice(600, 40, replace=False)]
+    task = l2_normalize(near + rng.normal(0, 0.2, (40, 16)))
     labels = rng.integers(0, 3, 40)
     predicted = rng.integers(0, 3, 600)
     energy = rng.normal(size=600).astype(np.float32)
@@ -51,9 +52,10 @@ def test_stream_knn_matches_brute_force_through_the_store_index(tmp_path) -> Non
     candidates = np.flatnonzero(scores < 1)
     assert stats["candidates"] < kept.size and np.isin(candidates, kept).all()
     rest = np.setdiff1d(kept, candidates)
-    assert energy[rest].max() <= np.sort(energy[np.setdiff1d(np.arange(600), candidates)])[
-        rest.size - 1
-    ]
+    assert (
+        energy[rest].max()
+        <= np.sort(energy[np.setdiff1d(np.arange(600), candidates)])[rest.size - 1]
+    )
 
 
 def test_default_depth_covers_a_ten_percent_keep() -> None:

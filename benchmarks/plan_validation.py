@@ -1,0 +1,249 @@
+"""Does the plan predict what a payload teaches? Predicted vs real students, per target.
+
+For each target task: ``plada-send score`` and ``plada-send plan`` (the real CLIs), then
+real students trained by ``plada-receive train`` on the payloads of at least 12 of the
+plan's candidates: the fixed schemes of ``make demo`` (the paper's, ours, the random
+controls), the plan's choice, and candidates spread over the plan's predicted ranking.
+Prints, per target, the table, Spearman(predicted, real), and the plan's choice
+against the best evaluated candidate (the bar: within 2 points).
+
+    python -m benchmarks.plan_validation --work work/plan-validation \
+        [--targets digits font-digits font-letters photos]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.demo import run
+from benchmarks.heldout_targets import TARGETS, make_target
+
+FIXED = {  # make demo's fixed schemes, as plan candidate names
+    "vanilla-1": "lowest/energy/1%",
+    "vanilla-5": "lowest/energy/5%",
+    "paper-safety-1": "safety-net/energy/1%/r0.5/a-0.2",
+    "safety-1": "safety-net/knn/1%/r1/a-0.2",
+    "safety-5": "safety-net/knn/5%/r1/a-0.2",
+    "inverse-1": "inverse/energy/1%",
+    "random-1": "random/1%",
+    "random-balanced-1": "random-balanced/1%/a0",
+}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def evaluated_names(plan: dict[str, Any], count: int) -> list[str]:
+    """The fixed schemes, the plan's choice, and candidates at evenly spaced predicted ranks."""
+    names = [name for name in FIXED.values()] + [plan["chosen"]]
+    ranked = sorted(plan["candidates"], key=lambda r: -r["predicted_accuracy"])
+    for position in np.linspace(0, len(ranked) - 1, num=max(count, 2)).round().astype(int):
+        if len(dict.fromkeys(names)) >= count:
+            break
+        names.append(ranked[position]["name"])
+    return list(dict.fromkeys(names))
+
+
+def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Score, plan, and train real students on the evaluated candidates of one target."""
+    send = [sys.executable, "-m", "sender.cli"]
+    receive = [sys.executable, "-m", "receiver.cli"]
+    ref = ["--reference", args.reference, "--cache-dir", str(work.parent / "cache")]
+    logs = work / "logs"
+    for sub in ("task", "payloads", "students", "logs"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    task = work / "task"
+    if target == "digits":
+        run([*send, "task", "digits", "--out", str(task)], logs / "task.log")
+    else:
+        train, test = make_target(target)
+        train.save(task / "train.npz")
+        test.save(task / "test.npz")
+    train_file, test_file = str(task / "train.npz"), str(task / "test.npz")
+    scored = work / "sender"
+    run(
+        [
+            *send,
+            "score",
+            *ref,
+            "--train",
+            train_file,
+            "--test",
+            test_file,
+            "--out",
+            str(scored),
+            "--quiet",
+        ],
+        logs / "score.log",
+    )
+    run(
+        [
+            *send,
+            "plan",
+            str(scored),
+            *ref,
+            "--train",
+            train_file,
+            "--out",
+            str(work / "plan"),
+            "--quiet",
+        ],
+        logs / "plan.log",
+    )
+    plan = json.loads((work / "plan" / "plan.json").read_text())
+    rows = {r["name"]: r for r in plan["candidates"]}
+    results = []
+    for number, name in enumerate(evaluated_names(plan, args.candidates)):
+        candidate = rows[name]["candidate"]
+        payload = work / "payloads" / f"{number:02d}.plada"
+        run(
+            [
+                *send,
+                "select",
+                str(scored),
+                "--strategy",
+                candidate["strategy"],
+                "--score",
+                candidate["score"],
+                "--keep",
+                str(candidate["keep"]),
+                "--reserve",
+                str(candidate["reserve"]),
+                "--alpha",
+                str(candidate["alpha"]),
+                "--unsigned",
+                "--out",
+                str(payload),
+            ],
+            logs / f"select-{number:02d}.log",
+        )
+        out = work / "students" / f"{number:02d}"
+        run(
+            [
+                *receive,
+                "train",
+                str(payload),
+                *ref,
+                "--allow-unsigned",
+                "--holdout",
+                test_file,
+                "--seeds",
+                *map(str, args.seeds),
+                "--min-steps",
+                str(args.steps),
+                "--max-steps",
+                str(args.steps),
+                "--out",
+                str(out),
+                "--quiet",
+            ],
+            logs / f"train-{number:02d}.log",
+        )
+        report = json.loads((out / "report.json").read_text())
+        accs = [r["holdout_accuracy"] for r in report["runs"]]
+        results.append(
+            {
+                "name": name,
+                "fixed": [k for k, v in FIXED.items() if v == name],
+                "chosen": name == plan["chosen"],
+                "payload_bytes": rows[name]["payload_bytes"],
+                "predicted_accuracy": rows[name]["predicted_accuracy"],
+                "stage": rows[name]["stage"],
+                "real_accuracy": float(np.mean(accs)),
+                "real_std": float(np.std(accs)),
+            }
+        )
+    chosen = next(r for r in results if r["chosen"])
+    best = max(results, key=lambda r: r["real_accuracy"])
+    best_fixed = max((r for r in results if r["fixed"]), key=lambda r: r["real_accuracy"])
+    return {
+        "target": target,
+        "plan_seconds": plan["seconds"],
+        "domain_gap": plan["evidence"]["domain_gap"]["reason"],
+        "rows": results,
+        "spearman": spearman(
+            [r["predicted_accuracy"] for r in results], [r["real_accuracy"] for r in results]
+        ),
+        "chosen": chosen["name"],
+        "chosen_real": chosen["real_accuracy"],
+        "best": best["name"],
+        "best_real": best["real_accuracy"],
+        "best_fixed": best_fixed["name"],
+        "best_fixed_real": best_fixed["real_accuracy"],
+        "gap_to_best_points": 100 * (best["real_accuracy"] - chosen["real_accuracy"]),
+    }
+
+
+def print_target(result: dict[str, Any]) -> None:
+    print(f"\ntarget {result['target']}  (domain gap: {result['domain_gap']})")
+    header = f"{'candidate':34s} {'fixed scheme':18s} {'bytes':>7s} {'predicted':>9s} {'real':>13s}"
+    print(header)
+    print("-" * len(header))
+    for r in sorted(result["rows"], key=lambda r: -r["real_accuracy"]):
+        mark = "*" if r["chosen"] else " "
+        fixed = ",".join(r["fixed"]) or "-"
+        print(
+            f"{mark}{r['name']:33s} {fixed:18s} {r['payload_bytes']:7d} "
+            f"{100 * r['predicted_accuracy']:8.1f}% "
+            f"{100 * r['real_accuracy']:6.1f} +- {100 * r['real_std']:.1f}%"
+        )
+    print(
+        f"spearman: {result['spearman']:.3f} over {len(result['rows'])} candidates; "
+        f"plan's choice {result['chosen']} real {100 * result['chosen_real']:.1f}% vs best "
+        f"{result['best']} {100 * result['best_real']:.1f}% "
+        f"({result['gap_to_best_points']:+.1f} points; best fixed scheme "
+        f"{100 * result['best_fixed_real']:.1f}%)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default="work/plan-validation")
+    parser.add_argument("--reference", default="glyphs")
+    parser.add_argument("--targets", nargs="+", default=["digits", *TARGETS])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=250, help="real student steps")
+    parser.add_argument("--candidates", type=int, default=14, help="candidates trained per target")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    work = Path(args.work)
+    results = []
+    for target in args.targets:
+        print(f"target {target}:")
+        results.append(validate_target(target, work / target, args))
+        print_target(results[-1])
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "targets": results,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\nsummary")
+    print(f"{'target':14s} {'spearman':>8s} {'chosen real':>11s} {'best real':>9s} {'gap':>6s}")
+    for r in results:
+        print(
+            f"{r['target']:14s} {r['spearman']:8.3f} {100 * r['chosen_real']:10.1f}% "
+            f"{100 * r['best_real']:8.1f}% {r['gap_to_best_points']:+5.1f}"
+        )
+    print(f"total {report['seconds']:.0f}s; report: {work / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""plada-send plan and select --plan: the real CLIs on a small world, and the pure parts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol.errors import BudgetError, TaskDataError
+from protocol.task_data import LabeledImages
+from sender.plan import Candidate, candidate_grid, choose, rate_front, split_task
+from tests.conftest import SMALL_SPEC
+from tests.subprocess_cli import cli, cli_env, run
+
+KEEPS = "1%,5%"
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("plan")
+    env, send = cli_env(), cli("plada-send")
+    ref = ["--reference", SMALL_SPEC, "--cache-dir", str(root / "cache")]
+    run([*send, "task", "digits", "--out", str(root / "task")], env)
+    train = ["--train", str(root / "task" / "train.npz")]
+    work = root / "work"
+    run(
+        [
+            *send,
+            "score",
+            *ref,
+            *train,
+            "--test",
+            str(root / "task" / "test.npz"),
+            "--out",
+            str(work),
+            "--teacher-epochs",
+            "3",
+            "--quiet",
+        ],
+        env,
+    )
+    quick = ["--keeps", KEEPS, "--screen-steps", "4", "--confirm-steps", "8"]
+    quick += ["--teacher-epochs", "3", "--quiet"]
+    out = run([*send, "plan", str(work), *ref, *train, *quick], env)
+    return {"root": root, "work": work, "ref": ref, "train": train, "quick": quick, "out": out}
+
+
+def _select(planned, *extra: str, expect: int = 0, name: str = "p.plada"):
+    out = planned["root"] / name
+    proc = run(
+        [
+            *cli("plada-send"),
+            "select",
+            str(planned["work"]),
+            "--unsigned",
+            "--out",
+            str(out),
+            "--json",
+            str(out.with_suffix(".json")),
+            *extra,
+        ],
+        cli_env(),
+        expect=expect,
+    )
+    return proc, out
+
+
+def test_plan_writes_table_front_plot_and_json(planned) -> None:
+    plan_dir = planned["work"] / "plan"
+    plan = json.loads((plan_dir / "plan.json").read_text())
+    assert len(plan["candidates"]) == 2 * 16
+    strategies = {r["candidate"]["strategy"] for r in plan["candidates"]}
+    assert strategies == {"lowest", "inverse", "safety-net", "random", "random-balanced"}
+    rows = {r["name"]: r for r in plan["candidates"]}
+    chosen = rows[plan["chosen"]]
+    assert chosen["stage"] == "confirm" and plan["chosen"] in planned["out"].stdout
+    screened = [dict(r, predicted_accuracy=r["screen_accuracy"]) for r in rows.values()]
+    assert all(rows[name]["stage"] == "confirm" for name in rate_front(screened))
+    front = [rows[name] for name in plan["front"]]
+    assert [r["payload_bytes"] for r in front] == sorted(r["payload_bytes"] for r in front)
+    assert all(r["kept_images"] > 0 and 0 <= r["predicted_accuracy"] <= 1 for r in rows.values())
+    assert plan["split"]["validation"] + plan["split"]["teacher_train"] == 898
+    assert "domain_gap" in plan["evidence"]
+    assert (plan_dir / "plan.png").stat().st_size > 10_000
+    assert (
+        "rate-accuracy front" in (plan_dir / "plan.txt").read_text()
+        or "front" in (plan_dir / "plan.txt").read_text()
+    )
+
+
+def test_select_plan_sends_the_best_that_fits_the_budget(planned) -> None:
+    plan = json.loads((planned["work"] / "plan" / "plan.json").read_text())
+    sizes = sorted({r["payload_bytes"] for r in plan["candidates"]})
+    budget = sizes[len(sizes) // 2]
+    proc, out = _select(
+        planned, "--plan", str(planned["work"] / "plan"), "--max-bytes", str(budget)
+    )
+    summary = json.loads(out.with_suffix(".json").read_text())
+    want = choose(plan["candidates"], budget)
+    assert summary["plan"]["candidate"] == want["name"] and summary["payload_bytes"] <= budget
+    assert f"planned: {want['name']}" in proc.stdout
+    # a link budget: 500 bit/s for 20 minutes carries 75,000 bytes, more than any candidate
+    _, out = _select(
+        planned,
+        "--plan",
+        str(planned["work"] / "plan"),
+        "--link-bps",
+        "500",
+        "--window",
+        "20m",
+        name="link.plada",
+    )
+    assert json.loads(out.with_suffix(".json").read_text())["plan"]["candidate"] == plan["chosen"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-bytes", "10"], "BudgetError: no planned payload fits 10 bytes"),
+        (["--link-bps", "8", "--window", "1"], "BudgetError: no planned payload fits 1 bytes"),
+        (["--keep", "0.05"], "--plan chooses the selection: drop --keep"),
+        (["--link-bps", "500"], "--link-bps needs --window"),
+        (["--max-bytes", "900", "--link-bps", "500", "--window", "1m"], "not both"),
+    ],
+)
+def test_select_plan_refuses_what_it_cannot_do(planned, extra, message) -> None:
+    plan = str(planned["work"] / "plan")
+    proc, out = _select(planned, "--plan", plan, *extra, expect=2, name="refused.plada")
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_plan_over_a_damaged_or_mismatched_work_directory_is_a_typed_error(planned) -> None:
+    send, env = cli("plada-send"), cli_env()
+    damaged = planned["root"] / "damaged"
+    shutil.copytree(planned["work"], damaged)
+    scores = damaged / "scores.npz"
+    scores.write_bytes(scores.read_bytes()[:1000])
+    proc = run(
+        [*send, "plan", str(damaged), *planned["ref"], *planned["train"], *planned["quick"]],
+        env,
+        expect=2,
+    )
+    assert "is damaged" in proc.stderr and "plada-send score" in proc.stderr
+    # the plan no longer matches the (changed) scores it was made for
+    proc = run(
+        [
+            *send,
+            "select",
+            str(damaged),
+            "--plan",
+            str(damaged / "plan"),
+            "--unsigned",
+            "--out",
+            str(damaged / "x.plada"),
+        ],
+        env,
+        expect=2,
+    )
+    assert "made for another scoring" in proc.stderr and not (damaged / "x.plada").exists()
+    (damaged / "plan" / "plan.json").write_text("{not json")
+    proc = run(
+        [
+            *send,
+            "select",
+            str(planned["work"]),
+            "--plan",
+            str(damaged / "plan"),
+            "--unsigned",
+            "--out",
+            str(damaged / "x.plada"),
+        ],
+        env,
+        expect=2,
+    )
+    assert "is unreadable" in proc.stderr
+    other = SMALL_SPEC.replace("glyphs:", "glyphs:seed=7,")
+    proc = run(
+        [
+            *send,
+            "plan",
+            str(planned["work"]),
+            "--reference",
+            other,
+            "--cache-dir",
+            str(planned["root"] / "cache"),
+            *planned["train"],
+            *planned["quick"],
+        ],
+        env,
+        expect=2,
+    )
+    assert "ReferenceMismatchError" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_split_is_stratified_deterministic_and_needs_two_per_class() -> None:
+    labels = np.repeat(np.arange(3), [10, 4, 2])
+    task = LabeledImages(np.zeros((16, 1, 4, 4), np.uint8), labels, ("a", "b", "c"))
+    teacher, validation = split_task(task, 0.25, seed=0)
+    again, _ = split_task(task, 0.25, seed=0)
+    assert np.bincount(validation.labels).tolist() == [2, 1, 1]
+    assert np.array_equal(teacher.labels, again.labels) and len(teacher) + len(validation) == 16
+    lonely = LabeledImages(task.images[:11], labels[:11], ("a", "b", "c"))
+    with pytest.raises(TaskDataError, match="at least two per class"):
+        split_task(lonely, 0.25, seed=0)
+
+
+def test_front_and_choice() -> None:
+    rows = [
+        {"name": n, "payload_bytes": b, "predicted_accuracy": a, "stage": s}
+        for n, b, a, s in [
+            ("a", 100, 0.5, "confirm"),
+            ("b", 200, 0.4, "confirm"),
+            ("c", 300, 0.7, "confirm"),
+            ("d", 400, 0.9, "screen"),
+            ("e", 500, 0.8, "confirm"),
+        ]
+    ]
+    assert rate_front(rows) == ["a", "c", "d"]
+    assert choose(rows)["name"] == "e"  # confirmed estimates first
+    assert choose(rows, 350)["name"] == "c"
+    assert choose(rows[3:4], 450)["name"] == "d"  # only a screened row fits
+    with pytest.raises(BudgetError, match="smallest, a, is 100"):
+        choose(rows, 99)
+
+
+def test_grid_spans_every_strategy_and_score() -> None:
+    grid = candidate_grid((0.01,))
+    assert len(grid) == 16 and len({c.name for c in grid}) == 16
+    assert Candidate("random", "energy", 0.01).config().strategy == "random"
+    assert not any(c.strategy == "inverse" and c.score == "knn" for c in grid)
