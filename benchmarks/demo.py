@@ -194,7 +194,7 @@ def main() -> None:
     plan_dir = work / "plan"
     plan_cmd = [*send, "plan", str(work / "sender"), *sender_ref, "--train"]
     plan_cmd += [str(work / "task/train.npz"), "--out", str(plan_dir), "--quiet"]
-    plan_cmd += ["--teacher-epochs", str(args.teacher_epochs)]
+    plan_cmd += ["--teacher-epochs", str(args.teacher_epochs), "--sender-id", "demo-station"]
     plan_cmd += ["--screen-steps", str(max(1, round(0.4 * args.steps)))]
     plan_cmd += ["--confirm-steps", str(max(1, round(0.8 * args.steps)))]
     if args.plan_keeps:

@@ -11,7 +11,10 @@ elsewhere:
 - ``font-letters``: the letters a-j in the same fonts;
 - ``photos``: real photographs (the ones scikit-learn and matplotlib ship: a temple,
   a flower, a portrait), grayscale patches; the class is the photograph, and train
-  and test patches come from disjoint parts of it. Far out of the pool's domain.
+  and test patches come from disjoint parts of it (the left 60%, the right 40%), so
+  the test set is shifted from the labeled images. Far out of the pool's domain;
+- ``photos-iid``: the same patches drawn from the whole photograph and split at
+  random, the usual i.i.d. protocol.
 
 Each is written as ``train.npz`` / ``test.npz`` in the task format (uint8 [N, 1, 32,
 32], white on black like the pool):
@@ -30,7 +33,7 @@ import numpy as np
 from protocol.task_data import LabeledImages
 
 SIDE = 32
-TARGETS = ("font-digits", "font-letters", "photos")
+TARGETS = ("font-digits", "font-letters", "photos", "photos-iid")
 # font files outside matplotlib, from the Debian packages named in the module docstring
 FONT_FILES = (
     "truetype/humor-sans/Humor-Sans.ttf",
@@ -150,8 +153,11 @@ def _photographs() -> dict[str, np.ndarray]:
     return photos
 
 
-def photo_task(per_class: int = 300, seed: int = 0) -> tuple[LabeledImages, LabeledImages]:
-    """Patches of each photograph: train from its left 60%, test from its right 40%."""
+def photo_task(
+    per_class: int = 300, seed: int = 0, shifted: bool = True
+) -> tuple[LabeledImages, LabeledImages]:
+    """Patches of each photograph: shifted, train from its left 60% and test from its
+    right 40%; otherwise from anywhere, split at random."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -159,9 +165,12 @@ def photo_task(per_class: int = 300, seed: int = 0) -> tuple[LabeledImages, Labe
     splits: dict[str, tuple[list[np.ndarray], list[int]]] = {"train": ([], []), "test": ([], [])}
     for label, photo in enumerate(photos.values()):
         height, width = photo.shape
-        cut = int(0.6 * width)
-        for split, (x_low, x_high) in (("train", (0, cut)), ("test", (cut, width))):
-            for _ in range(per_class // 2):
+        cut = int(0.6 * width) if shifted else width
+        regions = (
+            (("train", (0, cut)), ("test", (cut, width))) if shifted else (("train", (0, width)),)
+        )
+        for split, (x_low, x_high) in regions:
+            for _ in range(per_class // len(regions)):
                 side = int(rng.uniform(0.15, 0.35) * min(height, x_high - x_low))
                 y = rng.integers(0, height - side)
                 x = rng.integers(x_low, x_high - side)
@@ -170,6 +179,9 @@ def photo_task(per_class: int = 300, seed: int = 0) -> tuple[LabeledImages, Labe
                 splits[split][0].append(small)
                 splits[split][1].append(label)
     classes = tuple(photos)
+    if not shifted:
+        images, labels = splits["train"]
+        return _split(np.stack(images)[:, None], np.array(labels), classes, "photos-iid", rng)
     return tuple(  # type: ignore[return-value]
         LabeledImages(np.stack(imgs)[:, None], np.array(labs), classes, "photos")
         for imgs, labs in splits.values()
@@ -184,6 +196,8 @@ def make_target(name: str, seed: int = 0) -> tuple[LabeledImages, LabeledImages]
         return font_task("abcdefghij", name, seed=seed)
     if name == "photos":
         return photo_task(seed=seed)
+    if name == "photos-iid":
+        return photo_task(seed=seed, shifted=False)
     raise SystemExit(f"unknown target {name!r} (known: {', '.join(TARGETS)})")
 
 

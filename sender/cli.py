@@ -191,8 +191,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if not report_path.is_file():
         raise ConfigError(f"{report_path} not found: run 'plada-send score' first")
     try:
-        teacher_kind = json.loads(report_path.read_text())["teacher"]["kind"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        teacher = json.loads(report_path.read_text())["teacher"]
+        teacher_kind = teacher["kind"]
+        epochs = args.teacher_epochs or int(teacher.get("details", {}).get("epochs", 40))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{report_path} is damaged: run 'plada-send score' again") from exc
     if teacher_kind not in IMAGE_TEACHERS:
         raise ConfigError(
@@ -213,7 +215,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         teacher={
             "teacher_kind": teacher_kind,
             "embedder": embedder,
-            "teacher_epochs": args.teacher_epochs,
+            "teacher_epochs": epochs,
             "knn_k": args.knn_k,
         },
     )
@@ -563,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--screen-steps", type=int, default=100, help="proxy steps, every candidate")
     plan.add_argument("--confirm-steps", type=int, default=200, help="proxy steps, the best")
     plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
-    plan.add_argument("--teacher-epochs", type=int, default=40)
+    plan.add_argument(
+        "--teacher-epochs", type=int, help="default: the epochs the work directory's teacher had"
+    )
     plan.add_argument("--knn-k", type=int, default=5)
     plan.add_argument("--clip-model", help="open_clip model name (probe teacher)")
     plan.add_argument("--clip-weights", help="local open_clip weights file (probe teacher)")

@@ -284,16 +284,18 @@ class ScoredWork:
 
     def resolve(self, config: SelectionConfig, score: str | None) -> tuple[SelectionConfig, str]:
         """The concrete configuration and score: ``auto`` becomes the recommended
-        strategy, no score the best one present (knn, else energy)."""
+        strategy, no score the best one present (knn, else energy; energy for inverse)."""
         available = self.scored.available_scores
-        score = score or ("knn" if "knn" in available else "energy")
+        if config.strategy == "auto":
+            config = replace(config, strategy=self.scored.recommended_strategy)
+        if score is None:  # high energy is the inverse rule; "least relevant" means nothing
+            relevance = config.strategy != "inverse" and "knn" in available
+            score = "knn" if relevance else "energy"
         if score not in available:
             raise ConfigError(
                 f"score {score!r} is not in {self.path / SCORES_FILE} "
                 f"(available: {', '.join(available)})"
             )
-        if config.strategy == "auto":
-            config = replace(config, strategy=self.scored.recommended_strategy)
         return config, score
 
     def select(

@@ -177,7 +177,7 @@ def test_plan_over_a_damaged_or_mismatched_work_directory_is_a_typed_error(plann
         expect=2,
     )
     assert "is unreadable" in proc.stderr
-    other = SMALL_SPEC.replace("glyphs:", "glyphs:seed=7,")
+    other = "glyphs:per=4,concepts=digit-0+digit-1"  # another (tiny) reference set
     proc = run(
         [
             *send,
@@ -232,3 +232,22 @@ def test_grid_spans_every_strategy_and_score() -> None:
     assert len(grid) == 16 and len({c.name for c in grid}) == 16
     assert Candidate("random", "energy", 0.01).config().strategy == "random"
     assert not any(c.strategy == "inverse" and c.score == "knn" for c in grid)
+
+
+def test_image_path_domain_gap_is_measured_outside_the_teacher(small_pool) -> None:
+    """The teacher's features map anything onto the task's classes; the gap is measured
+    in the class-agnostic pixel embedding, where photographs are far from glyphs."""
+    from benchmarks.heldout_targets import photo_task
+    from protocol.world.digits import load_digits_split
+    from sender.pipeline import domain_gap, reference_images, teacher_scores
+
+    images = reference_images(small_pool, 1)
+    digits, _ = load_digits_split()
+    photos, _ = photo_task(per_class=60)
+    verdicts = {}
+    for name, task in (("digits", digits), ("photos", photos)):
+        # 15 epochs: enough for the teacher's own features to call the photographs near
+        outputs, _, _ = teacher_scores(images, task, None, teacher_epochs=15, progress=False)
+        verdicts[name] = domain_gap(outputs)
+    assert verdicts["digits"].strategy == "safety-net"
+    assert verdicts["photos"].strategy == "inverse" and verdicts["photos"].outlier_fraction > 0.5
