@@ -5,7 +5,10 @@ real students trained by ``plada-receive train`` on the payloads of at least 12 
 plan's candidates: the fixed schemes of ``make demo`` (the paper's, ours, the random
 controls), the plan's choice, and candidates spread over the plan's predicted ranking.
 Prints, per target, the table, Spearman(predicted, real), and the plan's choice
-against the best evaluated candidate (the bar: within 2 points).
+against the best evaluated candidate (the bar: within 2 points); also the same real
+students scored on the plan's validation split, which separates the proxy's errors
+from the difference between validation and test. Rerunning on the same ``--work``
+skips every step whose outputs exist.
 
     python -m benchmarks.plan_validation --work work/plan-validation \
         [--targets digits font-digits font-letters photos]
@@ -57,6 +60,26 @@ def evaluated_names(plan: dict[str, Any], count: int) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def plan_validation_split(train_file: Path, plan: dict[str, Any]):
+    """The plan's validation split of the task's labeled images, as the plan drew it."""
+    from protocol.task_data import load_labeled_images
+    from sender.plan import split_task
+
+    settings = plan["settings"]
+    train = load_labeled_images(train_file)
+    return split_task(train, settings["validation_fraction"], settings["seed"])[1]
+
+
+def student_accuracy(program: Path, images) -> float:
+    """Accuracy of a receiver's exported student (``model-seed*.pt2``) on labeled images."""
+    import torch
+
+    module = torch.export.load(str(program)).module()
+    with torch.no_grad():
+        logits = module(torch.from_numpy(images.images).float())
+    return float((logits.argmax(1).numpy() == images.labels).mean())
+
+
 def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Score, plan, and train real students on the evaluated candidates of one target."""
     send = [sys.executable, "-m", "sender.cli"]
@@ -66,94 +89,44 @@ def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[s
     for sub in ("task", "payloads", "students", "logs"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     task = work / "task"
-    if target == "digits":
+    if (task / "test.npz").is_file():
+        pass  # resuming: every step below is skipped when its outputs exist
+    elif target == "digits":
         run([*send, "task", "digits", "--out", str(task)], logs / "task.log")
     else:
         train, test = make_target(target)
         train.save(task / "train.npz")
         test.save(task / "test.npz")
     train_file, test_file = str(task / "train.npz"), str(task / "test.npz")
-    scored = work / "sender"
-    run(
-        [
-            *send,
-            "score",
-            *ref,
-            "--train",
-            train_file,
-            "--test",
-            test_file,
-            "--out",
-            str(scored),
-            "--quiet",
-        ],
-        logs / "score.log",
-    )
-    run(
-        [
-            *send,
-            "plan",
-            str(scored),
-            *ref,
-            "--train",
-            train_file,
-            "--out",
-            str(work / "plan"),
-            "--quiet",
-        ],
-        logs / "plan.log",
-    )
-    plan = json.loads((work / "plan" / "plan.json").read_text())
+    scored, plan_dir = work / "sender", work / "plan"
+    if not (scored / "score_report.json").is_file():
+        score = [*send, "score", *ref, "--train", train_file, "--test", test_file]
+        run([*score, "--out", str(scored), "--quiet"], logs / "score.log")
+    if not (plan_dir / "plan.json").is_file():
+        plan_cmd = [*send, "plan", str(scored), *ref, "--train", train_file]
+        run([*plan_cmd, "--out", str(plan_dir), "--quiet"], logs / "plan.log")
+    plan = json.loads((plan_dir / "plan.json").read_text())
+    validation = plan_validation_split(Path(train_file), plan)
     rows = {r["name"]: r for r in plan["candidates"]}
     results = []
     for number, name in enumerate(evaluated_names(plan, args.candidates)):
-        candidate = rows[name]["candidate"]
+        c = rows[name]["candidate"]
         payload = work / "payloads" / f"{number:02d}.plada"
-        run(
-            [
-                *send,
-                "select",
-                str(scored),
-                "--strategy",
-                candidate["strategy"],
-                "--score",
-                candidate["score"],
-                "--keep",
-                str(candidate["keep"]),
-                "--reserve",
-                str(candidate["reserve"]),
-                "--alpha",
-                str(candidate["alpha"]),
-                "--unsigned",
-                "--out",
-                str(payload),
-            ],
-            logs / f"select-{number:02d}.log",
-        )
         out = work / "students" / f"{number:02d}"
-        run(
-            [
-                *receive,
-                "train",
-                str(payload),
-                *ref,
-                "--allow-unsigned",
-                "--holdout",
-                test_file,
-                "--seeds",
-                *map(str, args.seeds),
-                "--min-steps",
-                str(args.steps),
-                "--max-steps",
-                str(args.steps),
-                "--out",
-                str(out),
-                "--quiet",
-            ],
-            logs / f"train-{number:02d}.log",
-        )
+        if not (out / "report.json").is_file():
+            select = [*send, "select", str(scored), "--strategy", c["strategy"]]
+            select += ["--score", c["score"], "--keep", str(c["keep"])]
+            select += ["--reserve", str(c["reserve"]), "--alpha", str(c["alpha"])]
+            run([*select, "--unsigned", "--out", str(payload)], logs / f"select-{number:02d}.log")
+            train = [*receive, "train", str(payload), *ref, "--allow-unsigned"]
+            train += ["--holdout", test_file, "--seeds", *map(str, args.seeds)]
+            train += ["--min-steps", str(args.steps), "--max-steps", str(args.steps)]
+            run([*train, "--out", str(out), "--quiet"], logs / f"train-{number:02d}.log")
         report = json.loads((out / "report.json").read_text())
         accs = [r["holdout_accuracy"] for r in report["runs"]]
+        on_validation = [
+            student_accuracy(out / f"model-seed{r['seed']}.pt2", validation) for r in report["runs"]
+        ]
         results.append(
             {
                 "name": name,
@@ -164,10 +137,12 @@ def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[s
                 "stage": rows[name]["stage"],
                 "real_accuracy": float(np.mean(accs)),
                 "real_std": float(np.std(accs)),
+                "real_validation_accuracy": float(np.mean(on_validation)),
             }
         )
     chosen = next(r for r in results if r["chosen"])
     best = max(results, key=lambda r: r["real_accuracy"])
+    best_on_validation = max(results, key=lambda r: r["real_validation_accuracy"])
     best_fixed = max((r for r in results if r["fixed"]), key=lambda r: r["real_accuracy"])
     return {
         "target": target,
@@ -184,13 +159,27 @@ def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[s
         "best_fixed": best_fixed["name"],
         "best_fixed_real": best_fixed["real_accuracy"],
         "gap_to_best_points": 100 * (best["real_accuracy"] - chosen["real_accuracy"]),
+        # the same students scored on the plan's validation split: how well validation
+        # stands in for the test set, and how well the proxy predicts the real students there
+        "spearman_predicted_vs_real_on_validation": spearman(
+            [r["predicted_accuracy"] for r in results],
+            [r["real_validation_accuracy"] for r in results],
+        ),
+        "spearman_validation_vs_test": spearman(
+            [r["real_validation_accuracy"] for r in results],
+            [r["real_accuracy"] for r in results],
+        ),
+        "best_on_validation": best_on_validation["name"],
+        "best_on_validation_real": best_on_validation["real_accuracy"],
     }
 
 
 def print_target(result: dict[str, Any]) -> None:
     print(f"\ntarget {result['target']}  (domain gap: {result['domain_gap']})")
-    header = f"{'candidate':34s} {'fixed scheme':18s} {'bytes':>7s} {'predicted':>9s} {'real':>13s}"
-    print(header)
+    header = (
+        f"{'candidate':34s} {'fixed scheme':18s} {'bytes':>7s} {'predicted':>9s} "
+        f"{'real, validation':>16s} {'real, test':>13s}"
+    )
     print("-" * len(header))
     for r in sorted(result["rows"], key=lambda r: -r["real_accuracy"]):
         mark = "*" if r["chosen"] else " "
@@ -198,8 +187,15 @@ def print_target(result: dict[str, Any]) -> None:
         print(
             f"{mark}{r['name']:33s} {fixed:18s} {r['payload_bytes']:7d} "
             f"{100 * r['predicted_accuracy']:8.1f}% "
+            f"{100 * r['real_validation_accuracy']:15.1f}% "
             f"{100 * r['real_accuracy']:6.1f} +- {100 * r['real_std']:.1f}%"
         )
+    print(
+        f"the same students on the plan's validation split: Spearman(predicted, real there) "
+        f"{result['spearman_predicted_vs_real_on_validation']:.3f}, Spearman(validation, test) "
+        f"{result['spearman_validation_vs_test']:.3f}; best there {result['best_on_validation']} "
+        f"(real on test {100 * result['best_on_validation_real']:.1f}%)"
+    )
     print(
         f"spearman: {result['spearman']:.3f} over {len(result['rows'])} candidates; "
         f"plan's choice {result['chosen']} real {100 * result['chosen_real']:.1f}% vs best "

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -112,6 +112,14 @@ class PlanSettings:
     seed: int = 0
     sender_id: str = PLAN_SENDER
     teacher: dict[str, Any] = field(default_factory=dict)  # teacher_scores keyword arguments
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as JSON (the teacher's embedder by name only)."""
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "teacher"}
+        teacher = {k: v for k, v in self.teacher.items() if k != "embedder"}
+        embedder = self.teacher.get("embedder")
+        teacher["embedder"] = None if embedder is None else getattr(embedder, "name", "custom")
+        return plain | {"keeps": list(self.keeps), "teacher": teacher}
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.validation_fraction <= 0.5:
@@ -351,8 +359,7 @@ def make_plan(
         },
         "split_teacher_validation_accuracy": outputs.report["test_accuracy"],
         "evidence": {"domain_gap": gap.as_dict(), "recommended_by_gap": gap.strategy},
-        "settings": {k: v for k, v in asdict(settings).items() if k not in ("teacher",)}
-        | {"teacher": {k: v for k, v in settings.teacher.items() if k != "embedder"}},
+        "settings": settings.as_dict(),
         "proxy": (
             f"small CNN trained from scratch on the selected reference images with the split "
             f"teacher's hard labels ({settings.screen_steps} steps for all, "
