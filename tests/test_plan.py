@@ -15,7 +15,7 @@ from sender.plan import Candidate, candidate_grid, choose, rate_front, split_tas
 from tests.conftest import SMALL_SPEC
 from tests.subprocess_cli import cli, cli_env, run
 
-KEEPS = "1%,5%"
+KEEPS = "1%,5%"  # two keeps: the front and the budgets have sizes to choose among
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +243,7 @@ def test_image_path_domain_gap_is_measured_outside_the_teacher(small_pool) -> No
 
     images = reference_images(small_pool, 1)
     digits, _ = load_digits_split()
+    digits = LabeledImages(digits.images[:300], digits.labels[:300], digits.class_names)
     photos, _ = photo_task(per_class=60)
     verdicts = {}
     for name, task in (("digits", digits), ("photos", photos)):
