@@ -13,6 +13,7 @@ import fcntl
 import os
 import secrets
 import socket
+import threading
 from pathlib import Path
 
 LOCK_SUFFIX = ".lock"
@@ -45,9 +46,22 @@ class WorkerLock:
         os.close(self._fd)
 
 
+# Probing takes the lock for a moment, and flock locks conflict between two open files
+# even within one process: without this, the intake thread probing a dead owner would
+# make the worker thread's probe of the same owner, at the same moment, see it alive.
+_PROBE = threading.Lock()
+
+
 def owner_alive(directory: Path, owner: str) -> bool:
-    """True while the daemon ``owner`` holds its lock; a dead owner's file is removed."""
-    path = directory / (owner + LOCK_SUFFIX)
+    """True while the daemon ``owner`` holds its lock; a dead owner's file is removed.
+
+    Another process probing the same owner at the same moment can make a dead owner
+    look alive once; that only delays its recovery to the next pass."""
+    with _PROBE:
+        return _probe(directory / (owner + LOCK_SUFFIX))
+
+
+def _probe(path: Path) -> bool:
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
