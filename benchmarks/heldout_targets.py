@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from protocol.task_data import LabeledImages
+from protocol.world.glyphs import glyph_ink
 
 SIDE = 32
 TARGETS = ("font-digits", "font-letters", "photos", "photos-iid")
@@ -60,23 +61,6 @@ def available_fonts() -> list[Path]:
             "fonts-comic-neue fonts-urw-base35 fonts-freefont-ttf fonts-liberation2"
         )
     return fonts
-
-
-def _render(font_file: Path, char: str, px: int = 64) -> np.ndarray | None:
-    """The glyph's ink as float [h, w] in [0, 1], cropped to its bounding box."""
-    from matplotlib.ft2font import FT2Font
-
-    font = FT2Font(str(font_file))
-    if font.get_char_index(ord(char)) == 0:
-        return None
-    font.set_size(px, 72)
-    font.set_text(char, 0.0)
-    font.draw_glyphs_to_bitmap(antialiased=True)
-    ink = np.asarray(font.get_image(), dtype=np.float64) / 255.0
-    rows, cols = np.flatnonzero(ink.max(1) > 0.1), np.flatnonzero(ink.max(0) > 0.1)
-    if rows.size == 0:
-        return None
-    return ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
 def _warp(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -116,7 +100,7 @@ def font_task(
     fonts = available_fonts()
     images, labels = [], []
     for label, char in enumerate(chars):
-        inks = [ink for ink in (_render(font, char) for font in fonts) if ink is not None]
+        inks = [ink for ink in (glyph_ink(font, char, 64) for font in fonts) if ink is not None]
         for i in range(per_class):
             images.append(_warp(inks[i % len(inks)], rng))
             labels.append(label)

@@ -338,15 +338,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
             raise ConfigError(f"--plan chooses the selection: drop {' '.join(given)}")
         candidate, planned = planned_candidate(load_plan(args.plan, args.work), budget)
         config, score = candidate.config(), candidate.score
-    else:
-        defaults = SelectionConfig()
-        config = SelectionConfig(
-            strategy=args.strategy or defaults.strategy,
-            keep=defaults.keep if args.keep is None else args.keep,
-            alpha=defaults.alpha if args.alpha is None else args.alpha,
-            reserve=defaults.reserve if args.reserve is None else args.reserve,
-            seed=defaults.seed if args.seed is None else args.seed,
-        )
+    else:  # the flags given, SelectionConfig's defaults for the rest
+        given = {name: getattr(args, name) for name in SELECTION_FLAGS if name != "score"}
+        config = SelectionConfig(**{k: v for k, v in given.items() if v is not None})
         score = args.score
     signer = _signer_from_args(args)
     summary = make_payload(

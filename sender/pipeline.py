@@ -146,6 +146,12 @@ def _probe_teacher(
     )
 
 
+def check_image_teacher(kind: str) -> None:
+    """Refuse a teacher that does not train on images (before any work is done)."""
+    if kind not in IMAGE_TEACHERS:
+        raise ConfigError(f"unknown teacher {kind!r} ({' or '.join(IMAGE_TEACHERS)})")
+
+
 def teacher_scores(
     images: np.ndarray,
     train: LabeledImages,
@@ -159,8 +165,7 @@ def teacher_scores(
     progress: bool = True,
 ) -> tuple[TeacherOutputs, dict[str, np.ndarray], np.ndarray]:
     """Train the teacher on ``train`` and score ``images``: (outputs, scores, predicted)."""
-    if teacher_kind not in IMAGE_TEACHERS:
-        raise ConfigError(f"unknown teacher {teacher_kind!r} ({' or '.join(IMAGE_TEACHERS)})")
+    check_image_teacher(teacher_kind)
     if teacher_kind == "cnn":
         outputs = _cnn_teacher(images, train, test, teacher_epochs, seed, progress)
     else:
@@ -201,8 +206,7 @@ def score_reference(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the teacher, score every reference image, and write the work directory."""
-    if teacher_kind not in IMAGE_TEACHERS:
-        raise ConfigError(f"unknown teacher {teacher_kind!r} ({' or '.join(IMAGE_TEACHERS)})")
+    check_image_teacher(teacher_kind)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if test is not None and test.class_names != train.class_names:

@@ -146,17 +146,16 @@ def _store_knn(
     train: EmbeddedSplit | None,
     scores: StreamScores,
     k: int,
-    per_row: dict[str, np.ndarray],
-) -> dict[str, Any]:
-    """Add the ``knn`` score (task images searching the store's FAISS index, see
-    :mod:`sender.stream_knn`) to ``per_row`` when there are labeled task images and an
-    index; returns what it took, or why it was skipped."""
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """The ``knn`` score (task images searching the store's FAISS index, see
+    :mod:`sender.stream_knn`) when there are labeled task images and an index, and
+    what it took; else None and why it was skipped."""
     index_path = store.root / INDEX_FILE
     if train is None:
-        return {"skipped": "no labeled task images"}
+        return None, {"skipped": "no labeled task images"}
     if not index_path.is_file():
-        return {"skipped": f"no index at {index_path}: run 'plada-send index {store.root}'"}
-    per_row["knn"], stats = stream_knn_relevance(
+        return None, {"skipped": f"no index at {index_path}: run 'plada-send index {store.root}'"}
+    return stream_knn_relevance(
         load_index(index_path),
         train.embeddings,
         train.labels,
@@ -164,7 +163,6 @@ def _store_knn(
         scores.energy,
         k=k,
     )
-    return stats
 
 
 def score_embeddings(
@@ -214,7 +212,9 @@ def score_embeddings(
     strategy = gap.strategy if gap else "safety-net"
     meta = store.meta
     per_row = {"energy": scores.energy, "entropy": scores.entropy}
-    knn_stats = _store_knn(store, train, scores, knn_k, per_row)
+    knn, knn_stats = _store_knn(store, train, scores, knn_k)
+    if knn is not None:
+        per_row["knn"] = knn
     ScoresFile(
         scores=per_row,
         predicted=scores.predicted,

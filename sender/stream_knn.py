@@ -46,10 +46,7 @@ def search_task_images(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, reference ids) [t, depth] of each task image's nearest rows (-1: none);
     an IVF index visits ``nprobe`` lists (default :func:`default_nprobe`)."""
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:  # a flat index: exact search
-        ivf = None
+    ivf = _ivf_of(index)
     if ivf is not None:
         ivf.nprobe = nprobe or default_nprobe(index.ntotal, ivf.nlist)
     queries = np.ascontiguousarray(task_embeddings, dtype=np.float32)
@@ -83,7 +80,7 @@ def reverse_knn_relevance(
     e = energy.astype(np.float64)
     low, high = float(np.nanmin(e)), float(np.nanmax(e))
     scores = (1.0 + (e - low) / (high - low + 1e-12)).astype(np.float32)
-    candidates = np.unique(rows)
+    candidates = rows[starts]  # the rows, sorted, once each
     scores[candidates] = (-total[candidates] / k).astype(np.float32)
     return scores, int(candidates.size)
 
@@ -118,9 +115,15 @@ def stream_knn_relevance(
     }
 
 
+def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The IVF part of ``index``, or None for an exact (flat) index."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
 def _nprobe_of(index: faiss.Index) -> int:
     """The lists the last search visited (0 for an exact index)."""
-    try:
-        return int(faiss.extract_index_ivf(index).nprobe)
-    except RuntimeError:
-        return 0
+    ivf = _ivf_of(index)
+    return 0 if ivf is None else int(ivf.nprobe)

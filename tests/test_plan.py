@@ -133,6 +133,12 @@ def test_select_plan_refuses_what_it_cannot_do(planned, extra, message) -> None:
     assert not out.exists()
 
 
+def _refused_select(work: Path, plan: Path, out: Path):
+    """``select --plan`` that must end in a typed error (exit 2)."""
+    args = [*cli("plada-send"), "select", str(work), "--plan", str(plan), "--unsigned"]
+    return run([*args, "--out", str(out)], cli_env(), expect=2)
+
+
 def test_plan_over_a_damaged_or_mismatched_work_directory_is_a_typed_error(planned) -> None:
     send, env = cli("plada-send"), cli_env()
     damaged = planned["root"] / "damaged"
@@ -146,36 +152,10 @@ def test_plan_over_a_damaged_or_mismatched_work_directory_is_a_typed_error(plann
     )
     assert "is damaged" in proc.stderr and "plada-send score" in proc.stderr
     # the plan no longer matches the (changed) scores it was made for
-    proc = run(
-        [
-            *send,
-            "select",
-            str(damaged),
-            "--plan",
-            str(damaged / "plan"),
-            "--unsigned",
-            "--out",
-            str(damaged / "x.plada"),
-        ],
-        env,
-        expect=2,
-    )
+    proc = _refused_select(damaged, damaged / "plan", damaged / "x.plada")
     assert "made for another scoring" in proc.stderr and not (damaged / "x.plada").exists()
     (damaged / "plan" / "plan.json").write_text("{not json")
-    proc = run(
-        [
-            *send,
-            "select",
-            str(planned["work"]),
-            "--plan",
-            str(damaged / "plan"),
-            "--unsigned",
-            "--out",
-            str(damaged / "x.plada"),
-        ],
-        env,
-        expect=2,
-    )
+    proc = _refused_select(planned["work"], damaged / "plan", damaged / "x.plada")
     assert "is unreadable" in proc.stderr
     other = "glyphs:per=4,concepts=digit-0+digit-1"  # another (tiny) reference set
     proc = run(

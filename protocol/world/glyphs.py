@@ -238,15 +238,15 @@ def _font_dir() -> Path:
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
-@lru_cache(maxsize=256)
-def _render(font_file: str, char: str) -> np.ndarray | None:
-    """Rasterize one character, centred on its ink box in a zero square; None if absent."""
+def glyph_ink(font_path: str | os.PathLike[str], char: str, px: int) -> np.ndarray | None:
+    """One character rasterized at ``px`` pixels by FreeType, as float [h, w] in [0, 1]
+    cropped to its ink box; None when the font lacks it or it draws nothing."""
     from matplotlib.ft2font import FT2Font
 
-    font = FT2Font(str(_font_dir() / font_file))
+    font = FT2Font(str(font_path))
     if font.get_char_index(ord(char)) == 0:
         return None
-    font.set_size(_GLYPH_PX, 72)
+    font.set_size(px, 72)
     font.set_text(char, 0.0)
     font.draw_glyphs_to_bitmap(antialiased=True)
     bitmap = np.asarray(font.get_image(), dtype=np.float64) / 255.0
@@ -254,8 +254,14 @@ def _render(font_file: str, char: str) -> np.ndarray | None:
     cols = np.flatnonzero(bitmap.max(axis=0) > 0.1)
     if rows.size == 0 or cols.size == 0:
         return None
-    ink = bitmap[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    if max(ink.shape) > _SOURCE - 4:
+    return bitmap[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+@lru_cache(maxsize=256)
+def _render(font_file: str, char: str) -> np.ndarray | None:
+    """Rasterize one character, centred on its ink box in a zero square; None if absent."""
+    ink = glyph_ink(_font_dir() / font_file, char, _GLYPH_PX)
+    if ink is None or max(ink.shape) > _SOURCE - 4:
         return None
     square = np.zeros((_SOURCE, _SOURCE), dtype=np.float64)
     top = (_SOURCE - ink.shape[0]) // 2
