@@ -87,3 +87,21 @@ def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
 def write_json_atomic(path: Path, data: Any, durable: bool = False) -> None:
     """Write JSON via a temporary file and rename."""
     write_text_atomic(path, json.dumps(data, indent=2) + "\n", durable)
+
+
+def writable_directory(path: str | os.PathLike[str], what: str = "output directory") -> Path:
+    """Create ``path`` (with parents) if needed and prove it takes a file, before any
+    work starts; a bad path, a file in the way or missing permissions is a
+    :class:`StorageError` naming ``what``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".plada-write-check.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StorageError(
+            f"cannot write to {what} {path}: {reason}; choose a writable directory"
+        ) from exc
+    return path

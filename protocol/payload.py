@@ -795,3 +795,10 @@ def information_bound_bytes(n: int, labels: np.ndarray, k: int) -> float:
     p = p[p > 0]
     entropy = float(-(p * np.log2(p)).sum())
     return (log_binom + m * entropy) / 8.0
+
+
+def selection_text(selection: dict[str, Any]) -> str:
+    """A payload's selection header in a few words, e.g. ``safety-net knn 1%``."""
+    keep = selection.get("keep")
+    shown = f" {100 * keep:g}%" if isinstance(keep, (int, float)) else ""
+    return f"{selection.get('strategy', '?')} {selection.get('score', '')}".strip() + shown

@@ -1,8 +1,11 @@
 """Labeled image sets: a task's training images on the sender, a holdout on the receiver.
 
 Two on-disk forms: a ``.npz`` file (``images`` uint8 [N, C, H, W] or [N, H, W],
-``labels`` int64, ``class_names`` str) and an ImageFolder tree
-(``<class>/<image>``, classes sorted by name).
+``labels`` integers, ``class_names`` str, optional ``name``: the task's name) and
+an ImageFolder tree (``<class>/<image>``, classes sorted by name).
+
+A task's name is the ``.npz``'s ``name``, else the file or folder name, unless
+that only names a split (``train``, ``test``, ...): then the folder above it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from protocol.atomic_files import write_atomic
 from protocol.errors import TaskDataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SPLIT_NAMES = frozenset(
+    {"train", "training", "test", "testing", "val", "valid", "validation", "holdout", "eval"}
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,8 @@ class LabeledImages:
             raise TaskDataError(f"{self.name}: images must be uint8 [N, C, H, W]")
         if self.labels.shape != (self.images.shape[0],):
             raise TaskDataError(f"{self.name}: need one label per image")
+        if self.labels.size == 0:
+            raise TaskDataError(f"{self.name}: holds no images: give labeled images")
         if len(self.class_names) < 2:
             raise TaskDataError(f"{self.name}: a task needs at least two classes")
         if self.labels.size and (
@@ -49,28 +57,90 @@ class LabeledImages:
             "images": self.images,
             "labels": self.labels,
             "class_names": np.asarray(self.class_names),
+            "name": np.asarray(self.name),
         }
         write_atomic(Path(path), lambda handle: np.savez_compressed(handle, **arrays))
 
 
-def load_labeled_images(path: str | os.PathLike[str], size: int | None = None) -> LabeledImages:
-    """Load a ``.npz`` labeled set, or an ImageFolder tree resized to ``size`` (RGB)."""
+def task_name(path: Path) -> str:
+    """The name a task file or folder stands for (see the module docstring)."""
+    stem = path.stem if path.is_file() else path.name
+    if stem.lower() in SPLIT_NAMES and path.resolve().parent.name:
+        return path.resolve().parent.name
+    return stem
+
+
+def load_labeled_images(
+    path: str | os.PathLike[str],
+    size: int | None = None,
+    channels: int | None = None,
+) -> LabeledImages:
+    """Load a ``.npz`` labeled set or an ImageFolder tree.
+
+    ImageFolder images are converted to ``channels`` (1: grayscale, 3: RGB; default
+    RGB) and resized to ``size`` (default 224). A ``.npz`` is taken as stored: one
+    whose images have another shape than (``channels``, ``size``, ``size``) is a
+    ``TaskDataError`` naming the fix.
+    """
     path = Path(path)
     if path.is_dir():
-        return _load_image_folder(path, size or 224)
+        return _load_image_folder(path, size or 224, channels or 3)
     if not path.is_file():
         raise TaskDataError(f"{path} does not exist: give a .npz file or an ImageFolder directory")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            images, labels = data["images"], data["labels"].astype(np.int64)
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise TaskDataError(f"{path} is not a labeled .npz file: {exc}") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise TaskDataError(
+            f"{path} is a single .npy array, not a labeled .npz: save images, labels and "
+            "class_names together with numpy.savez (or give an ImageFolder directory)"
+        )
+    try:
+        with data:
+            images, raw_labels = data["images"], data["labels"]
             names = tuple(str(n) for n in data["class_names"])
-    except (OSError, ValueError, KeyError) as exc:
+            name = str(data["name"]) if "name" in data.files else task_name(path)
+    except (OSError, ValueError, KeyError, EOFError) as exc:
         raise TaskDataError(
             f"{path} is not a labeled .npz (needs images, labels, class_names): {exc}"
         ) from exc
     if images.ndim == 3:
         images = images[:, None]
-    return LabeledImages(images=images, labels=labels, class_names=names, name=path.stem)
+    if images.dtype != np.uint8:
+        raise TaskDataError(
+            f"{path}: images are {images.dtype}, not uint8: scale them to 0..255 and convert "
+            "(numpy: images.astype(np.uint8))"
+        )
+    labeled = LabeledImages(
+        images=images, labels=_integer_labels(raw_labels, path), class_names=names, name=name
+    )
+    _check_shape(labeled, path, size, channels)
+    return labeled
+
+
+def _integer_labels(labels: np.ndarray, path: Path) -> np.ndarray:
+    """int64 labels; float labels only when every value is a whole number."""
+    if labels.dtype.kind in "iu":
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels % 1 == 0):
+        return labels.astype(np.int64)
+    raise TaskDataError(
+        f"{path}: labels must be whole class numbers, got {labels.dtype} values such as "
+        f"{labels.ravel()[:3].tolist()}: store the class index of each image"
+    )
+
+
+def _check_shape(images: LabeledImages, path: Path, size: int | None, channels: int | None) -> None:
+    c, h, w = images.images.shape[1:]
+    want_c = channels or c
+    want_hw = (size, size) if size else (h, w)
+    if (c, h, w) != (want_c, *want_hw):
+        raise TaskDataError(
+            f"{path}: images are {c}x{h}x{w} (channels x height x width), the reference set's "
+            f"are {want_c}x{want_hw[0]}x{want_hw[1]}: resize them, or give the images as an "
+            "ImageFolder directory, which is converted"
+        )
 
 
 def image_folder_files(
@@ -95,18 +165,20 @@ def image_folder_files(
     return files, np.asarray(labels, np.int64), classes
 
 
-def _load_image_folder(root: Path, size: int) -> LabeledImages:
+def _load_image_folder(root: Path, size: int, channels: int) -> LabeledImages:
     from PIL import Image, UnidentifiedImageError
 
     files, labels, classes = image_folder_files(root)
+    mode = {1: "L", 3: "RGB"}[channels]
     images = []
     for file in files:
         try:
             with Image.open(file) as img:
-                rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        except (OSError, UnidentifiedImageError) as exc:
+                converted = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             raise TaskDataError(f"cannot read image {file}: {exc}") from exc
-        images.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
+        array = np.asarray(converted, dtype=np.uint8)
+        images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     return LabeledImages(
-        images=np.stack(images), labels=labels, class_names=classes, name=root.name
+        images=np.stack(images), labels=labels, class_names=classes, name=task_name(root)
     )

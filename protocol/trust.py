@@ -61,7 +61,8 @@ class TrustStore:
             raise UnknownSenderError(
                 f"payload is from sender {sender!r}, which this receiver does not trust "
                 f"(trusted senders: {known}): install its public key with "
-                "`plada-receive trust add SENDER.pub` if it is genuine"
+                "`plada-receive trust add SENDER.pub --trust DIR` (a daemon: --home HOME) "
+                "if it is genuine"
             )
         key = keys.get(key_id)
         if key is None:

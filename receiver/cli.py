@@ -1,11 +1,11 @@
 """``plada-receive``: the edge device's command line.
 
-plada-receive trust add --trust DIR SENDER.pub        trust a sender's public key
+plada-receive trust add SENDER.pub --trust DIR        trust a sender's public key
 plada-receive verify PAYLOAD --reference SPEC --trust DIR
 plada-receive train PAYLOAD --reference SPEC --trust DIR [--holdout test.npz] --out DIR
 plada-receive daemon --home DIR --reference SPEC      watch an inbox, train every payload
 plada-receive status --home DIR                       queue, current job, progress
-plada-receive retry --home DIR JOB                    queue a failed job again
+plada-receive retry --home DIR JOB                    queue a failed job again (JOB: its number)
 plada-receive reference --reference SPEC              build/verify the local set
 """
 
@@ -16,11 +16,18 @@ import os
 import sys
 from pathlib import Path
 
-from plada_cli import add_reference_options, print_reference, reference_from_args, run_cli
-from protocol.errors import ConfigError
+from plada_cli import (
+    add_reference_options,
+    description,
+    print_reference,
+    reference_from_args,
+    run_cli,
+    task_images_for,
+)
+from protocol.atomic_files import writable_directory
+from protocol.errors import ConfigError, TrustStoreError
 from protocol.payload import decode_payload, read_payload, read_payload_bytes
 from protocol.signing import SenderKey
-from protocol.task_data import load_labeled_images
 from protocol.timestamps import utc_text
 from receiver.ledger import SequenceLedger
 from receiver.status import open_home_queue, print_status
@@ -61,15 +68,28 @@ def _trust_dir(args: argparse.Namespace) -> Path | None:
     return Path(chosen) if chosen else None
 
 
-def _ledger(args: argparse.Namespace):
+def _existing_trust_dir(args: argparse.Namespace) -> Path | None:
+    """The named trust store, which must exist (a typo must not look like 'trusts nobody')."""
     trust_dir = _trust_dir(args)
+    if trust_dir is not None and not trust_dir.is_dir():
+        state = "is not a directory" if trust_dir.exists() else "does not exist"
+        raise TrustStoreError(
+            f"trust store {trust_dir} {state}: name the right --trust (or ${TRUST_ENV}), or "
+            f"install a sender key there with `plada-receive trust add SENDER.pub --trust "
+            f"{trust_dir}`"
+        )
+    return trust_dir
+
+
+def _ledger(args: argparse.Namespace, read_only: bool = False) -> SequenceLedger | None:
+    trust_dir = _existing_trust_dir(args)
     path = args.ledger or (trust_dir / LEDGER_FILE if trust_dir else None)
-    return SequenceLedger(path) if path else None
+    return SequenceLedger(path, read_only=read_only) if path else None
 
 
 def _policy(args: argparse.Namespace, ledger=None):
     return build_trust_policy(
-        _trust_dir(args),
+        _existing_trust_dir(args),
         args.allow_unsigned,
         check_expiry=not args.no_expiry_check,
         last_sequence=ledger.last if ledger is not None else None,
@@ -87,7 +107,7 @@ def _origin(payload) -> str:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    ledger = _ledger(args)
+    ledger = _ledger(args, read_only=True)  # verify writes nothing
     try:
         payload = read_payload(
             args.payload, reference=reference_from_args(args).manifest, trust=_policy(args, ledger)
@@ -108,12 +128,25 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--model", default="small-cnn", help="small-cnn or a torchvision model name")
     group.add_argument("--weights", help="local state_dict to start from (no download)")
-    group.add_argument("--epochs", type=int, default=30)
-    group.add_argument("--min-steps", type=int, default=250)
-    group.add_argument("--max-steps", type=int, default=250, help="0: no limit")
-    group.add_argument("--batch-size", type=int, default=128)
-    group.add_argument("--lr", type=float, default=3e-3)
-    group.add_argument("--label-smoothing", type=float, default=0.1)
+    group.add_argument(
+        "--epochs",
+        type=int,
+        default=30,
+        help="passes over the kept images; the run takes epochs x steps-per-epoch optimizer "
+        "steps, raised to --min-steps and capped at --max-steps, and ends with the epoch "
+        "that holds its last step (so a small payload may run more epochs than this)",
+    )
+    group.add_argument(
+        "--min-steps", type=int, default=250, help="train at least this many steps (0: no floor)"
+    )
+    group.add_argument(
+        "--max-steps", type=int, default=250, help="train at most this many steps (0: no cap)"
+    )
+    group.add_argument("--batch-size", type=int, default=128, help="images per optimizer step")
+    group.add_argument(
+        "--lr", type=float, default=3e-3, help="peak AdamW learning rate (warmup, cosine)"
+    )
+    group.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy smoothing")
     group.add_argument(
         "--augment",
         choices=["auto", "none", "affine", "affine-flip", "crop-flip"],
@@ -136,8 +169,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         help="progressive resizing: start at this fraction of the image side (e.g. 0.5) and "
         "grow to full size by 75%% of the steps (0: off)",
     )
-    group.add_argument("--device", default="auto")
-    group.add_argument("--seeds", type=int, nargs="+", default=[0])
+    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
+    group.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="one student per seed (mean accuracy)"
+    )
     group.add_argument(
         "--decode",
         choices=["auto", "pil", "tensor", "torchcodec", "torchvision"],
@@ -146,7 +181,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "CUDA) by torchcodec or torchvision; tensor: torchcodec on CUDA when installed, "
         "else torchvision; auto: tensor on CUDA, pil on the CPU",
     )
-    group.add_argument("--loader-threads", type=int, default=8)
+    group.add_argument(
+        "--loader-threads", type=int, default=8, help="Pillow decoding threads (image files)"
+    )
     group.add_argument(
         "--cache",
         choices=["off", "auto", "cuda", "memory", "mmap"],
@@ -155,7 +192,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "cache in GPU memory, host memory or a memory-mapped file (auto: the first that "
         "fits); later epochs crop and flip it on the device",
     )
-    group.add_argument("--checkpoint-seconds", type=float, default=60.0)
+    group.add_argument(
+        "--checkpoint-seconds", type=float, default=60.0, help="save training state this often"
+    )
     group.add_argument("--checkpoint-steps", type=int, default=0, help="0: by time only")
     group.add_argument("--no-export", action="store_true", help="skip the torch.export program")
 
@@ -196,60 +235,87 @@ def job_settings_from_args(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> int:
     import hashlib
 
-    from receiver.job import run_job, started_with, summarize
+    from receiver.job import (
+        check_trainable,
+        claim_output_dir,
+        job_identity,
+        run_job,
+        started_with,
+        summarize,
+    )
 
-    raw = read_payload_bytes(args.payload)  # read once: hashed, then verified
+    raw = read_payload_bytes(args.payload)  # read once: hashed, verified, trained
     sha256 = hashlib.sha256(raw).hexdigest()
     reference = reference_from_args(args)
-    resuming = started_with(args.out, sha256)  # accepted before: resume, no freshness checks
+    settings = job_settings_from_args(args)
+    # every local argument is checked before the payload is accepted: a mistake here
+    # must not use it up
+    out = writable_directory(args.out, "--out")
+    claim_output_dir(out, job_identity(sha256, settings, reference), args.overwrite)
+    holdout = task_images_for(args.holdout, reference, "holdout") if args.holdout else None
     ledger = _ledger(args)
     try:
+        accepted_before = ledger is not None and ledger.was_accepted(sha256)
+        # accepted here before (another run, other settings, a failed job): train again
+        # without the freshness checks, which are about acceptance
+        again = accepted_before or started_with(out, sha256)
         policy = _policy(args, ledger)
-        if resuming:
+        if again:
             policy = policy.without_freshness()
         payload = decode_payload(raw, reference=reference.manifest, trust=policy)
-        if payload.sender is not None and ledger is not None and not resuming:
+        check_trainable(payload, reference, settings, holdout)
+        if payload.sender is not None and ledger is not None and not again:
             ledger.record(payload.sender.sender, payload.sender.sequence, sha256)
     finally:
         if ledger is not None:
             ledger.close()
-    print(f"accepted: {_origin(payload)}")
-    size = args.image_size if reference.in_channels == 3 else None
-    holdout = load_labeled_images(args.holdout, size) if args.holdout else None
-    settings = job_settings_from_args(args)
+    verb = "accepted before on this device, training again" if again else "accepted"
+    print(f"{verb}: {_origin(payload)}")
     report = run_job(
         args.payload,
         reference,
-        args.out,
+        out,
         settings,
         holdout,
         not args.quiet,
         trust=policy.without_freshness(),
+        raw=raw,
     )
     print(summarize(report))
-    print(f"report: {args.out}/report.json")
+    print(f"report: {out / 'report.json'}")
     return 0
 
 
-def _cmd_trust(args: argparse.Namespace) -> int:
+def _trust_store_dir(args: argparse.Namespace) -> Path:
     trust_dir = Path(args.home) / "trust" if args.home else _trust_dir(args)
     if trust_dir is None:
         raise ConfigError(f"name the trust store: --trust DIR, --home HOME or ${TRUST_ENV}")
-    if args.action == "add":
-        for path in args.keys:
-            key = SenderKey.load(path)
-            written = add_key(trust_dir, key)
-            print(f"trusted sender {key.sender}, key {key.key_id.hex()} ({written})")
-    elif args.action == "remove":
-        removed = remove_keys(trust_dir, args.keys[0]) if args.keys else []
-        if not removed:
-            raise ConfigError(f"no trusted key matches {args.keys[:1]}: see `trust list`")
-        print(f"removed {len(removed)} key(s): " + ", ".join(p.name for p in removed))
-    else:
-        store = load_trust_store(trust_dir)
-        for key in store:
-            print(f"{key.sender}\t{key.key_id.hex()}\t{key.public_key.hex()}")
-        print(f"{len(store)} trusted key(s) in {trust_dir}")
+    return trust_dir
+
+
+def _cmd_trust_add(args: argparse.Namespace) -> int:
+    trust_dir = _trust_store_dir(args)
+    for path in args.keys:
+        key = SenderKey.load(path)
+        written = add_key(trust_dir, key)
+        print(f"trusted sender {key.sender}, key {key.key_id.hex()} ({written})")
+    return 0
+
+
+def _cmd_trust_remove(args: argparse.Namespace) -> int:
+    removed = remove_keys(_trust_store_dir(args), args.selector)
+    if not removed:
+        raise ConfigError(f"no trusted key matches {args.selector!r}: see `trust list`")
+    print(f"removed {len(removed)} key(s): " + ", ".join(p.name for p in removed))
+    return 0
+
+
+def _cmd_trust_list(args: argparse.Namespace) -> int:
+    trust_dir = _trust_store_dir(args)
+    store = load_trust_store(trust_dir)
+    for key in store:
+        print(f"{key.sender}\t{key.key_id.hex()}\t{key.public_key.hex()}")
+    print(f"{len(store)} trusted key(s) in {trust_dir}")
     return 0
 
 
@@ -295,7 +361,7 @@ def _cmd_retry(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plada-receive", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="plada-receive", description=description(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
 
     ref = sub.add_parser("reference", help="build or verify the local reference set")
@@ -312,8 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("payload")
     add_reference_options(train)
     train.add_argument("--holdout", help="labeled images to evaluate on (.npz or ImageFolder)")
-    train.add_argument("--out", required=True)
-    train.add_argument("--quiet", action="store_true")
+    train.add_argument(
+        "--out", required=True, help="output directory: models, report.json, summary, plot"
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace another run's outputs in --out (default: refuse, so that one "
+        "directory never mixes two runs)",
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
     add_trust_options(train)
     add_training_options(train)
     train.set_defaults(func=_cmd_train)
@@ -328,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--http-port", type=int, default=0, help="also accept uploads on 127.0.0.1:PORT (0: off)"
     )
-    daemon.add_argument("--poll-seconds", type=float, default=1.0)
+    daemon.add_argument(
+        "--poll-seconds", type=float, default=1.0, help="how often the inbox and queue are read"
+    )
     daemon.add_argument(
         "--settle-seconds",
         type=float,
@@ -351,22 +427,31 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.set_defaults(func=_cmd_daemon)
 
     status = sub.add_parser("status", help="queue, current job, progress and throughput")
-    status.add_argument("--home", required=True)
+    status.add_argument("--home", required=True, help="the daemon's home")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=_cmd_status)
 
-    retry = sub.add_parser("retry", help="queue a failed job again")
-    retry.add_argument("--home", required=True)
-    retry.add_argument("job", type=int)
+    retry = sub.add_parser(
+        "retry", help="queue a failed job again", description="Queue a failed job again."
+    )
+    retry.add_argument("--home", required=True, help="the daemon's home")
+    retry.add_argument("job", type=int, help="the job's number, as `plada-receive status` lists it")
     retry.set_defaults(func=_cmd_retry)
 
     trust = sub.add_parser("trust", help="list, add or remove trusted sender keys")
-    trust.add_argument("action", choices=["list", "add", "remove"])
-    trust.add_argument("keys", nargs="*", help="add: .pub files; remove: a sender id or key id")
-    where = trust.add_mutually_exclusive_group()
-    where.add_argument("--trust", help=f"trust store directory (default ${TRUST_ENV})")
-    where.add_argument("--home", help="a daemon's home: its trust store HOME/trust")
-    trust.set_defaults(func=_cmd_trust)
+    actions = trust.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="trust the senders of these public keys")
+    add.add_argument("keys", nargs="+", metavar="KEY.pub", help="public key files (keygen)")
+    add.set_defaults(func=_cmd_trust_add)
+    remove = actions.add_parser("remove", help="stop trusting a sender or one of its keys")
+    remove.add_argument("selector", metavar="SENDER|KEYID", help="a sender id or a key id (hex)")
+    remove.set_defaults(func=_cmd_trust_remove)
+    listing = actions.add_parser("list", help="the trusted keys")
+    listing.set_defaults(func=_cmd_trust_list)
+    for command in (add, remove, listing):
+        where = command.add_mutually_exclusive_group()
+        where.add_argument("--trust", help=f"trust store directory (default ${TRUST_ENV})")
+        where.add_argument("--home", help="a daemon's home: its trust store HOME/trust")
     return parser
 
 

@@ -191,6 +191,7 @@ class Daemon:
             )
             return
         crash_point("job-published")
+        self.queue.progress(job.id, owner, max(run["steps"] for run in report["runs"]))
         self.queue.finish(job.id, owner, str(out.relative_to(self.home)))
         accuracy = report["accuracy_mean"]
         shown = "" if accuracy is None else f", holdout accuracy {accuracy:.4f}"
@@ -254,12 +255,29 @@ class Daemon:
             extra={"event": "daemon-start", "owner": self.worker.owner},
         )
         reference = open_reference(config.reference, config.cache_dir, config.image_size)
-        size = config.image_size if reference.in_channels == 3 else None
-        holdout = load_labeled_images(config.holdout, size) if config.holdout else None
+        holdout = None
+        if config.holdout:
+            holdout = load_labeled_images(
+                config.holdout, reference.image_size, reference.in_channels
+            )
         self.health.update(
             force=True,
             reference=reference.manifest.summary(),
         )
+        # bound before any thread starts: a busy port ends the process at once (exit 2)
+        server = None
+        if config.http_port:
+            server = start_http(
+                config.http_port,
+                self.inbox,
+                self.home,
+                config.max_payload_bytes,
+                lambda: collect_status(self.home),
+            )
+            log.info(
+                f"accepting uploads on http://127.0.0.1:{config.http_port}/payloads",
+                extra={"event": "http-start", "port": config.http_port},
+            )
         self.intake = Intake(
             self.home,
             self.inbox,
@@ -274,19 +292,6 @@ class Daemon:
         )
         intake_thread = threading.Thread(target=self._intake_loop, name="plada-intake")
         intake_thread.start()
-        server = None
-        if config.http_port:
-            server = start_http(
-                config.http_port,
-                self.inbox,
-                self.home,
-                config.max_payload_bytes,
-                lambda: collect_status(self.home),
-            )
-            log.info(
-                f"accepting uploads on http://127.0.0.1:{config.http_port}/payloads",
-                extra={"event": "http-start", "port": config.http_port},
-            )
         try:
             while not self.stop.is_set():
                 self._recover()

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from protocol.atomic_files import write_json_atomic, write_text_atomic
-from protocol.errors import TaskDataError
-from protocol.payload import Payload, decode_payload, read_payload_bytes
+from protocol.errors import ConfigError, TaskDataError
+from protocol.payload import Payload, decode_payload, read_payload_bytes, selection_text
 from protocol.reference.base import ReferenceSource
 from protocol.reference.encoded import EncodedReference
 from protocol.task_data import LabeledImages
@@ -71,14 +71,115 @@ class JobControl:
     on_step: Callable[[int, StepReport], None] | None = None  # (seed, report)
 
 
-def _check_holdout(holdout: LabeledImages, payload: Payload, channels: int) -> None:
+def class_difference(have: tuple[str, ...], want: tuple[str, ...]) -> str:
+    """How two class lists differ, in words: what is missing, what is extra, or where
+    the order first parts."""
+    if set(have) == set(want):
+        at = next(i for i, (a, b) in enumerate(zip(have, want, strict=False)) if a != b)
+        return (
+            f"the same {len(want)} classes in another order (position {at}: {have[at]!r} "
+            f"where the payload has {want[at]!r})"
+        )
+    missing = [name for name in want if name not in set(have)]
+    extra = [name for name in have if name not in set(want)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the payload's classes missing: {_names(missing)}")
+    if extra:
+        parts.append(f"{len(extra)} classes the payload does not have: {_names(extra)}")
+    return "; ".join(parts)
+
+
+def _names(names: list[str], shown: int = 6) -> str:
+    listed = ", ".join(repr(n) for n in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_holdout(holdout: LabeledImages, payload: Payload, reference: ReferenceSource) -> None:
+    """A holdout must have the payload's classes, in order, and the reference's image shape."""
     if holdout.class_names != payload.class_names:
         raise TaskDataError(
-            f"holdout classes {list(holdout.class_names)[:5]}... differ from the payload's "
-            f"{list(payload.class_names)[:5]}...: use the holdout of this task"
+            f"holdout {holdout.name!r} does not match the payload's classes: "
+            f"{class_difference(holdout.class_names, payload.class_names)}; use the holdout "
+            "of this task"
         )
-    if holdout.images.shape[1] != channels:
-        raise TaskDataError(f"holdout images must have {channels} channels like the reference set")
+    shape = holdout.images.shape[1:]
+    expected = (reference.in_channels, reference.image_size, reference.image_size)
+    if tuple(shape) != expected:
+        raise TaskDataError(
+            f"holdout images are {'x'.join(map(str, shape))}, the reference set's "
+            f"{'x'.join(map(str, expected))}: give the holdout in the reference set's shape"
+        )
+
+
+def check_trainable(
+    payload: Payload,
+    reference: ReferenceSource,
+    settings: JobSettings,
+    holdout: LabeledImages | None,
+) -> None:
+    """Everything that can be checked before training starts: the reference set, the
+    holdout, the model and its weights. ``plada-receive train`` runs it before it
+    accepts a payload, so that a local mistake never uses one up."""
+    from trainer.models import build_model
+
+    payload.check_reference(reference.manifest)
+    if holdout is not None:
+        check_holdout(holdout, payload, reference)
+    build_model(
+        settings.train.model,
+        len(payload.class_names),
+        reference.in_channels,
+        settings.train.weights,
+    )
+
+
+OUTPUT_GLOBS = ("model-seed*.pt", "model-seed*.pt2", REPORT_FILE, SUMMARY_FILE, CURVE_FILE)
+
+
+def job_identity(sha256: str, settings: JobSettings, reference: ReferenceSource) -> dict[str, Any]:
+    """What makes two runs the same job: the payload, the training settings, the seeds."""
+    train = replace(settings.train, augment=resolve_augment(settings.train.augment, reference))
+    identity = {"payload_sha256": sha256, "train": asdict(train), "seeds": list(settings.seeds)}
+    if settings.cache != "off":  # other crops than decoding on the fly: another job
+        identity["cache"] = settings.cache
+    return identity
+
+
+def _recorded_identity(out: Path) -> dict[str, Any] | None:
+    for path in (out / REPORT_FILE, out / STATE_DIR / "identity.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        identity = record.get("job_identity", record) if isinstance(record, dict) else None
+        if isinstance(identity, dict):
+            return identity
+    return None
+
+
+def claim_output_dir(out: Path, identity: dict[str, Any], overwrite: bool = False) -> None:
+    """Make sure ``out`` holds nothing but this job's outputs: empty, or this job's own
+    (finished or interrupted: it resumes). Another run's outputs are refused, or with
+    ``overwrite`` removed first, so one directory never mixes two runs."""
+    recorded = _recorded_identity(out)
+    ours = recorded == identity
+    leftovers = [p for pattern in OUTPUT_GLOBS for p in out.glob(pattern)]
+    if ours or (recorded is None and not leftovers):
+        return
+    if not overwrite:
+        if recorded is None:
+            what = f"outputs of another run ({', '.join(sorted(p.name for p in leftovers)[:3])})"
+        elif recorded.get("payload_sha256") != identity["payload_sha256"]:
+            what = f"a run of another payload ({str(recorded.get('payload_sha256'))[:12]}...)"
+        else:
+            what = "a run of this payload with other settings or seeds"
+        raise ConfigError(
+            f"--out {out} holds {what}: choose a new --out, or pass --overwrite to replace it"
+        )
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 
 def resolve_augment(augment: str, reference: ReferenceSource) -> str:
@@ -139,16 +240,8 @@ def _finished_report(out: Path, identity: dict[str, Any]) -> dict[str, Any] | No
 
 def started_with(out_dir: str | os.PathLike[str], sha256: str) -> bool:
     """Whether ``out_dir`` holds a job (finished or interrupted) for the payload ``sha256``."""
-    out = Path(out_dir)
-    for path in (out / REPORT_FILE, out / STATE_DIR / "identity.json"):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        identity = record.get("job_identity", record) if isinstance(record, dict) else None
-        if isinstance(identity, dict) and identity.get("payload_sha256") == sha256:
-            return True
-    return False
+    recorded = _recorded_identity(Path(out_dir))
+    return recorded is not None and recorded.get("payload_sha256") == sha256
 
 
 def _job_state(out: Path, identity: dict[str, Any]) -> Path:
@@ -192,28 +285,28 @@ def run_job(
     control: JobControl | None = None,
     *,
     trust: TrustPolicy | None,
+    raw: bytes | None = None,
 ) -> dict[str, Any]:
     """Train one student per seed from a payload; write weights, an exported program,
     report.json, summary.txt and a training-curve plot. Resumes an interrupted run.
 
     The payload is verified again under ``trust`` (the caller has checked its
-    freshness when accepting it)."""
+    freshness when accepting it). ``raw``: the payload's bytes as the caller read and
+    verified them (else the file is read)."""
     started = time.perf_counter()
-    raw = read_payload_bytes(payload_path)
+    raw = read_payload_bytes(payload_path) if raw is None else raw
     sha256 = hashlib.sha256(raw).hexdigest()
     out = Path(out_dir)
-    train = replace(settings.train, augment=resolve_augment(settings.train.augment, reference))
+    identity = job_identity(sha256, settings, reference)
+    train = replace(settings.train, augment=identity["train"]["augment"])
     settings = replace(settings, train=train)
-    identity = {"payload_sha256": sha256, "train": asdict(train), "seeds": list(settings.seeds)}
-    if settings.cache != "off":  # other crops than decoding on the fly: another job
-        identity["cache"] = settings.cache
     done = _finished_report(out, identity)
     if done is not None:  # this payload was already trained with these settings
         return done
     payload = decode_payload(raw, reference=reference.manifest, trust=trust)
     payload.check_reference(reference.manifest)
     if holdout is not None:
-        _check_holdout(holdout, payload, reference.in_channels)
+        check_holdout(holdout, payload, reference)
     state = _job_state(out, identity)
     images = _loaded_subset(payload, reference, settings, state, progress)
     job = _Job(
@@ -229,7 +322,8 @@ def run_job(
         images,
     )
     runs = [_train_seed(job, seed) for seed in settings.seeds]
-    plot_training_curves(runs, out / CURVE_FILE, f"{payload.task}: {settings.train.model}")
+    title = f"{payload.task}: {selection_text(payload.selection)}, {settings.train.model}"
+    plot_training_curves(runs, out / CURVE_FILE, title)
     report = _job_report(job, runs, str(payload_path), len(raw), identity, started)
     write_text_atomic(out / SUMMARY_FILE, summarize(report) + "\n")
     write_json_atomic(out / REPORT_FILE, report, durable=True)  # last: marks the job complete
@@ -263,6 +357,14 @@ def _loaded_subset(
     )
 
 
+def _holdout_evaluator(holdout: LabeledImages | None) -> Callable[[torch.nn.Module], float] | None:
+    """Accuracy on the holdout, for the training curve (None without a holdout)."""
+    if holdout is None:
+        return None
+    images, labels = torch.from_numpy(holdout.images), torch.from_numpy(holdout.labels)
+    return lambda model: accuracy(model, images, labels)
+
+
 def _train_seed(job: _Job, seed: int) -> dict[str, Any]:
     """Train (or resume, or recall) the student of one seed and save its outputs; returns
     the seed's record for the report."""
@@ -287,6 +389,7 @@ def _train_seed(job: _Job, seed: int) -> dict[str, Any]:
         should_stop=job.control.should_stop,
         data_id=job.sha256,
         on_step=_step_hook(job.control.on_step, seed),
+        evaluate=_holdout_evaluator(job.holdout),
     )
     run: dict[str, Any] = {
         "seed": seed,
@@ -302,10 +405,10 @@ def _train_seed(job: _Job, seed: int) -> dict[str, Any]:
         "curve": result.curve,
     }
     if job.holdout is not None:
-        holdout = job.holdout
-        run["holdout_accuracy"] = accuracy(
-            result.model, torch.from_numpy(holdout.images), torch.from_numpy(holdout.labels)
-        )
+        last = result.history[-1] if result.history else {}
+        if "holdout_accuracy" not in last:  # e.g. a run resumed after its last epoch
+            last = {"holdout_accuracy": _holdout_evaluator(job.holdout)(result.model)}
+        run["holdout_accuracy"] = last["holdout_accuracy"]
     crash_point("outputs-saving")
     save_state_dict(result.model, job.out / run["model_file"])
     if settings.export:

@@ -37,7 +37,11 @@ def export_program(model: nn.Module, image_shape: tuple[int, ...], path: Path) -
     The ``.pt2`` file runs without this package: ``torch.export.load(path).module()(pixels)``,
     or compiled ahead of time for C++ with AOTInductor. Returns a description for the report.
     """
-    module = PixelClassifier(copy.deepcopy(model).float().cpu()).eval()
+    # training keeps conv weights channels-last; the archive stores only contiguous
+    # tensors whole (a non-contiguous one is taken for a slice of a shared storage and
+    # torch warns "No complete tensor found in the group!"), so export a contiguous copy
+    model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
+    module = PixelClassifier(model).eval()
     example = torch.rand(2, *image_shape) * 255
     batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
@@ -59,26 +63,56 @@ def export_program(model: nn.Module, image_shape: tuple[int, ...], path: Path) -
 
 
 def plot_training_curves(runs: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Loss per step for each seed, learning rate on a second axis, to a PNG."""
+    """Per seed: training loss by step with the learning rate (top); training accuracy
+    per epoch and, with a holdout, held-out accuracy (bottom). To a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, loss_axis = plt.subplots(figsize=(7, 4))
+    figure, (loss_axis, accuracy_axis) = plt.subplots(
+        2, 1, figsize=(7.5, 6.5), sharex=True, height_ratios=(3, 2)
+    )
     rate_axis = loss_axis.twinx()
-    for run in runs:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for number, run in enumerate(runs):
+        colour = colours[number % len(colours)]
         curve = run.get("curve") or []
-        if not curve:
-            continue
-        steps = [point["step"] for point in curve]
-        loss_axis.plot(steps, [point["loss"] for point in curve], label=f"loss, seed {run['seed']}")
-        rate_axis.plot(steps, [point["lr"] for point in curve], color="grey", lw=0.8, ls="--")
-    loss_axis.set_xlabel("optimizer step")
+        if curve:
+            steps = [point["step"] for point in curve]
+            loss_axis.plot(
+                steps, [p["loss"] for p in curve], color=colour, label=f"seed {run['seed']}"
+            )
+            rate_axis.plot(steps, [p["lr"] for p in curve], color="grey", lw=0.8, ls="--")
+        history = [r for r in run.get("history") or [] if "step" in r]
+        if history:
+            accuracy_axis.plot(
+                [r["step"] for r in history],
+                [100 * r["train_accuracy"] for r in history],
+                color=colour,
+                ls=":",
+                label=f"training, seed {run['seed']}",
+            )
+        held = [r for r in history if "holdout_accuracy" in r]
+        if held:
+            accuracy_axis.plot(
+                [r["step"] for r in held],
+                [100 * r["holdout_accuracy"] for r in held],
+                color=colour,
+                marker="o",
+                ms=3,
+                label=f"holdout, seed {run['seed']}",
+            )
     loss_axis.set_ylabel("training loss")
     rate_axis.set_ylabel("learning rate (dashed)")
     loss_axis.set_title(title)
-    loss_axis.legend(loc="upper right")
+    loss_axis.legend(loc="upper right", fontsize=8)
+    accuracy_axis.set_xlabel("optimizer step")
+    accuracy_axis.set_ylabel("accuracy (%)")
+    accuracy_axis.set_ylim(0, 100)
+    accuracy_axis.grid(alpha=0.3)
+    if accuracy_axis.lines:
+        accuracy_axis.legend(loc="lower right", fontsize=8, ncol=2)
     figure.tight_layout()
     write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=110))
     plt.close(figure)

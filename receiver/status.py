@@ -72,8 +72,11 @@ def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
     except (OSError, ValueError):
         health = {}
     owners = live_owners(home / "workers")
+    for job in jobs:  # its daemon died (kill -9, power cut): requeued when one starts
+        if job["state"] == "running" and job.get("owner") not in owners:
+            job["state"] = "interrupted"
     quarantine = home / "quarantine"
-    quarantined = sorted(quarantine.glob("*.reason.json")) if quarantine.is_dir() else []
+    quarantined = _by_age(quarantine.glob("*.reason.json")) if quarantine.is_dir() else []
     reasons = []
     for path in quarantined[-recent:]:
         try:
@@ -90,6 +93,17 @@ def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
         "quarantined": len(quarantined),
         "recent_quarantine": reasons,
     }
+
+
+def _by_age(paths) -> list[Path]:
+    """Oldest first, by modification time (files that vanish meanwhile are left out)."""
+    dated = []
+    for path in paths:
+        try:
+            dated.append((path.stat().st_mtime, path.name, path))
+        except OSError:
+            continue
+    return [path for _, _, path in sorted(dated)]
 
 
 def _clock(seconds: float | None) -> str:
@@ -128,11 +142,11 @@ def render_status(status: dict[str, Any]) -> str:
         + f"; {status['quarantined']} quarantined"
     )
     if status["jobs"]:
-        lines.append(f"{'job':>5} {'state':8} {'images':>8}  task / result")
+        lines.append(f"{'job':>5} {'state':11} {'images':>8}  task / result")
         for job in status["jobs"]:
             detail = job["result_dir"] or job["error"] or job["source_name"]
             lines.append(
-                f"{job['id']:>5} {job['state']:8} {job['images']:>8}  {job['task']}: {detail}"
+                f"{job['id']:>5} {job['state']:11} {job['images']:>8}  {job['task']}: {detail}"
             )
     for sender in status["senders"]:
         lines.append(

@@ -18,19 +18,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from plada_cli import add_reference_options, print_reference, reference_from_args, run_cli
-from protocol.atomic_files import write_json_atomic
+from plada_cli import (
+    add_reference_options,
+    description,
+    print_reference,
+    reference_from_args,
+    run_cli,
+    task_images_for,
+)
+from protocol.atomic_files import writable_directory, write_json_atomic
 from protocol.errors import ConfigError
+from protocol.reference.factory import open_reference
 from protocol.signing import check_sender_id
-from protocol.task_data import load_labeled_images
 from protocol.timestamps import utc_text
 from protocol.world.digits import load_digits_split
 from sender.embedding_store import EmbeddingStore, StoreMeta, parse_shard
 from sender.selection import STRATEGIES, SelectionConfig
 from sender.signer import PayloadSigner, generate_key_files, parse_duration
 from sender.teacher_kinds import EMBEDDING_TEACHERS, IMAGE_TEACHERS, TEACHERS
+from sender.work_dir import record_reference_spec, recorded_reference_spec
 
 # Subcommands import the modules that load torch or faiss when they run, so that
 # --help and the light subcommands start in a fraction of a second.
@@ -39,11 +48,10 @@ from sender.teacher_kinds import EMBEDDING_TEACHERS, IMAGE_TEACHERS, TEACHERS
 def _cmd_task(args: argparse.Namespace) -> int:
     if args.name != "digits":
         raise ConfigError(f"unknown built-in task {args.name!r} (available: digits)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_directory(args.out, "--out")
     train, test = load_digits_split(seed=args.seed)
-    train.save(out / "train.npz")
-    test.save(out / "test.npz")
+    replace(train, name=args.name).save(out / "train.npz")
+    replace(test, name=args.name).save(out / "test.npz")
     print(f"task digits: {len(train)} train and {len(test)} test images in {out}")
     return 0
 
@@ -135,7 +143,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     embedder = _embedder_from_args(args)
     reference = reference_from_args(args)
     train = _task_images(args.train, reference, args)
-    test = _task_images(args.test, reference, args) if args.test else None
+    test = _task_images(args.test, reference, args, "test") if args.test else None
     summary = score_reference(
         reference,
         train,
@@ -149,6 +157,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
+    record_reference_spec(args.out, args.reference, args.image_size)
     return _print_score_summary(summary, "reference images", args.out)
 
 
@@ -163,10 +172,9 @@ def _embedder_from_args(args: argparse.Namespace):
     return OpenClipEmbedder(args.clip_model, args.clip_weights, args.device)
 
 
-def _task_images(path: str, reference, args: argparse.Namespace):
-    """Labeled task images at the reference set's size (RGB sets) or as stored."""
-    size = args.image_size if reference.in_channels == 3 else None
-    return load_labeled_images(path, size)
+def _task_images(path: str, reference, args: argparse.Namespace, what: str = "task"):
+    """Labeled task images in the reference set's channels and size, named by --task-id."""
+    return task_images_for(path, reference, what, getattr(args, "task_id", None))
 
 
 def _parse_keeps(text: str) -> tuple[float, ...]:
@@ -285,6 +293,7 @@ def _score_embeddings(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    writable_directory(Path(args.out).parent, "the --out directory")
     key = generate_key_files(args.sender_id, args.out, args.encrypt)
     print(f"sender {key.sender}: key id {key.key_id.hex()}")
     print(f"private key: {args.out}.key (keep it on this station; mode 0600)")
@@ -325,6 +334,21 @@ def _byte_budget(args: argparse.Namespace) -> int | None:
     return args.max_bytes
 
 
+def _sheet_target(args: argparse.Namespace):
+    """(reference set, PNG path) for select's contact sheet: the set --reference names,
+    else the one score recorded in the work directory; None without either."""
+    if args.no_sheet:
+        return None
+    recorded = recorded_reference_spec(args.work) or {}
+    spec = args.reference or recorded.get("spec")
+    if spec is None:
+        return None
+    size = args.image_size or int(recorded.get("image_size", 64))
+    reference = open_reference(spec, args.cache_dir, size)
+    out = Path(args.out)
+    return reference, out.with_name(f"{out.stem}.selection.png")
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from sender.pipeline import make_payload
 
@@ -343,6 +367,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
         config = SelectionConfig(**{k: v for k, v in given.items() if v is not None})
         score = args.score
     signer = _signer_from_args(args)
+    sheet = _sheet_target(args)
     summary = make_payload(
         args.work,
         config,
@@ -355,6 +380,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
         consensus_agreement=args.consensus_agreement,
         signer=signer,
         max_bytes=budget,
+        sheet=sheet,
     )
     if planned is not None:
         summary["plan"] = {
@@ -372,6 +398,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
         f"strategy {chosen['strategy']}, score {chosen['score']}"
     )
     print(f"class histogram: {hist}")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
     leak = summary["leakage"]
     if leak is not None:
         action = "excluded" if leak["excluded"] else "NOT excluded (--keep-leaks)"
@@ -397,6 +425,12 @@ def _cmd_select(args: argparse.Namespace) -> int:
             f"planned: {planned['name']}, predicted accuracy "
             f"{100 * planned['predicted_accuracy']:.1f}%{fits}"
         )
+    drawn = summary["contact_sheet"]
+    if drawn is not None:
+        shown = drawn.get("file") or f"skipped ({drawn['skipped']})"
+        print(f"contact sheet: {shown}")
+    elif not args.no_sheet:
+        print("contact sheet: skipped (name the reference set with --reference to draw it)")
     signed = summary["signed"]
     if signed is None:
         print("UNSIGNED (development): receivers accept it only with --allow-unsigned")
@@ -409,7 +443,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plada-send", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="plada-send", description=description(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
 
     task = sub.add_parser("task", help="export a built-in task as train.npz / test.npz")
@@ -531,7 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--seed", type=int, help="the random controls' draw (default 0)")
     sel.add_argument("--task-id", help="task id written into the payload")
     sel.add_argument("--json", help="also write the summary as JSON here")
-    sel.add_argument("--out", required=True)
+    sel.add_argument("--out", required=True, help="the payload file to write")
+    sheet = sel.add_argument_group("contact sheet (OUT.selection.png: kept images per class)")
+    sheet.add_argument(
+        "--reference", help="the reference set to draw from (default: the one score used)"
+    )
+    sheet.add_argument("--cache-dir", help="reference cache (default $PLADA_CACHE)")
+    sheet.add_argument("--image-size", type=int, help="image side for ImageFolders")
+    sheet.add_argument("--no-sheet", action="store_true", help="do not draw the contact sheet")
     signing = sel.add_argument_group("signing")
     signing.add_argument("--signing-key", help="the sender's private key (plada-send keygen)")
     signing.add_argument(

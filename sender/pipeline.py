@@ -23,6 +23,7 @@ from protocol.payload import (
     SenderStamp,
     encode_payload_detailed,
     information_bound_bytes,
+    selection_text,
     write_payload,
 )
 from protocol.reference.base import ReferenceSource
@@ -91,7 +92,7 @@ def _cnn_teacher(
     teacher = CnnTeacher(epochs=epochs, seed=seed)
     report = teacher.fit(train, progress=progress)
     score_start = time.perf_counter()
-    logits, ref_emb = teacher.logits(images)
+    logits, ref_emb = teacher.logits(images, progress=progress)
     _, train_emb = teacher.logits(train.images)
     accuracy = None
     if test is not None:
@@ -353,6 +354,7 @@ def make_payload(
     consensus_agreement: float = 0.5,
     signer: PayloadSigner | None = None,
     max_bytes: int | None = None,
+    sheet: tuple[ReferenceSource, Path] | None = None,
 ) -> dict[str, Any]:
     """Select from a scored work directory, write the payload, and return a summary.
 
@@ -366,7 +368,8 @@ def make_payload(
     unreadable reference images are always excluded. ``consensus_k > 0`` drops kept
     images whose nearest kept neighbours disagree with their label and refills them
     (see :mod:`sender.consensus`). A payload larger than ``max_bytes`` is not written
-    (``BudgetError``).
+    (``BudgetError``). ``sheet``: (the local reference set, a PNG path) for a contact
+    sheet of the kept images per class (:mod:`sender.contact_sheet`).
     """
     work = ScoredWork.open(work_dir, leak_threshold, exclude_leaks)
     config, score = work.resolve(config, score)
@@ -381,6 +384,7 @@ def make_payload(
             "min_agreement": consensus_agreement,
             "dropped": int(dropped.size),
         }
+    warnings = selection_warnings(int(kept.size), len(scored.class_names), scored.reference_size)
     leakage = None if work.leakage is None else dict(work.leakage)
     if leakage is not None:
         leakage["kept_near_duplicates"] = int(np.intersect1d(kept, work.duplicates).size)
@@ -394,6 +398,7 @@ def make_payload(
             "keep fewer images or raise the budget (nothing written)"
         )
     write_payload(out_path, encoded.data)
+    drawn = None if sheet is None else _contact_sheet(payload, scored, *sheet)
     k = len(scored.class_names)
     return {
         "payload": str(out_path),
@@ -410,7 +415,46 @@ def make_payload(
         ),
         "leakage": leakage,
         "consensus": consensus,
+        "warnings": warnings,
+        "contact_sheet": drawn,
     }
+
+
+def _contact_sheet(
+    payload: Payload, scored: ScoresFile, reference: ReferenceSource, path: Path
+) -> dict[str, Any]:
+    """Draw the selection's contact sheet, or say why not (another reference set)."""
+    from sender.contact_sheet import write_contact_sheet
+
+    if reference.manifest.fingerprint != scored.reference_fingerprint:
+        return {
+            "skipped": f"the reference set {reference.manifest.name} is not the one this work "
+            f"directory scored ({scored.reference_name}): name it with --reference"
+        }
+    title = f"{payload.task}: {selection_text(payload.selection)}"
+    write_contact_sheet(
+        path, reference, payload.indices, payload.labels, payload.class_names, title
+    )
+    return {"file": str(path)}
+
+
+MIN_IMAGES_PER_CLASS = 10  # fewer, on average, is worth a warning
+
+
+def selection_warnings(kept: int, classes: int, reference_size: int) -> list[str]:
+    """Refuse a selection too small to teach every class; warn about a thin one."""
+    if kept < classes:
+        need = classes / reference_size
+        raise ConfigError(
+            f"the selection keeps {kept} of {reference_size} reference images, fewer than the "
+            f"task's {classes} classes: raise --keep to at least {need:.2g} (nothing written)"
+        )
+    if kept < MIN_IMAGES_PER_CLASS * classes:
+        return [
+            f"only {kept / classes:.1f} kept images per class on average (fewer than "
+            f"{MIN_IMAGES_PER_CLASS}): the student will learn little; raise --keep"
+        ]
+    return []
 
 
 def _leakage_index(work: Path, embeddings_dir: str | None) -> Path | None:

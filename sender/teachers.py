@@ -53,9 +53,11 @@ class CnnTeacher:
             details={"model": self.model_name, "epochs": self.epochs, "seconds": result.seconds},
         )
 
-    def logits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def logits(self, images: np.ndarray, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(logits, L2-normalised penultimate features) for uint8 images."""
         assert self.model is not None, "fit the teacher first"
-        logits, features = predict(self.model, torch.from_numpy(images), with_features=True)
+        logits, features = predict(
+            self.model, torch.from_numpy(images), with_features=True, progress=progress
+        )
         assert features is not None
         return logits.numpy(), l2_normalize(features.numpy())

@@ -8,6 +8,7 @@ being half read.
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.atomic_files import write_atomic
+from protocol.atomic_files import write_atomic, write_json_atomic
 from protocol.errors import ConfigError
 from protocol.manifest import BlockLayout
 from sender.scoring import SCORES
@@ -24,6 +25,7 @@ SCORES_FILE = "scores.npz"
 REFERENCE_EMBEDDINGS = "reference_embeddings.npy"
 TEST_EMBEDDINGS = "test_embeddings.npy"
 SCORE_REPORT = "score_report.json"
+REFERENCE_SPEC = "reference.json"  # how score named the reference set: select draws from it
 SCORES_SCHEMA = 2  # 1: the unversioned files of earlier releases
 _SCORE_KEY = "score_"  # prefix of each relevance score's key
 
@@ -32,6 +34,20 @@ def save_embeddings(path: str | os.PathLike[str], embeddings: np.ndarray) -> Non
     """Write embeddings (reference or test images) as fp16 ``.npy``, atomically."""
     half = np.asarray(embeddings).astype(np.float16)
     write_atomic(Path(path), lambda handle: np.save(handle, half))
+
+
+def record_reference_spec(work: str | os.PathLike[str], spec: str, image_size: int) -> None:
+    """Note how the reference set was named when the work directory was scored."""
+    write_json_atomic(Path(work) / REFERENCE_SPEC, {"spec": spec, "image_size": image_size})
+
+
+def recorded_reference_spec(work: str | os.PathLike[str]) -> dict | None:
+    """What :func:`record_reference_spec` wrote, or None."""
+    try:
+        recorded = json.loads((Path(work) / REFERENCE_SPEC).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) and "spec" in recorded else None
 
 
 def _empty_rows() -> np.ndarray:

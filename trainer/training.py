@@ -457,6 +457,10 @@ class StepHooks:
     on_step: Callable[[StepReport], None] | None = None
     should_stop: Callable[[], bool] | None = None
     checkpoint: CheckpointPolicy | None = None
+    # held-out accuracy of the model, measured at about ``evaluations`` epoch ends
+    # (always the last) and kept in the epoch's history entry
+    evaluate: Callable[[nn.Module], float] | None = None
+    evaluations: int = 12
 
 
 class _StepLog:
@@ -482,6 +486,11 @@ class _StepLog:
             run.result.curve.append(stats.curve_point(done, float(run.schedule.get_last_lr()[0])))
         if epoch_done:
             record = run.end_epoch(epoch)
+            record["step"] = float(done)
+            if self._evaluated(epoch, done):
+                record["holdout_accuracy"] = hooks.evaluate(run.model)
+                run.model.train()
+                self.step_start = time.perf_counter()  # evaluating is not training time
             self.bar.epoch(record)
             if hooks.on_epoch is not None:
                 hooks.on_epoch(record)
@@ -500,6 +509,13 @@ class _StepLog:
         if stop:
             self.bar.close()
             raise TrainingInterrupted(done)
+
+    def _evaluated(self, epoch: int, done: int) -> bool:
+        """Whether this epoch's end is one of the held-out evaluation points."""
+        if self.hooks.evaluate is None:
+            return False
+        every = max(1, math.ceil(self.run.epochs / max(1, self.hooks.evaluations)))
+        return (epoch + 1) % every == 0 or done == self.run.total_steps
 
     def close(self) -> None:
         self.bar.close()
@@ -527,13 +543,15 @@ def train_classifier(
     on_step: Callable[[StepReport], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     data_id: str = "",
+    evaluate: Callable[[nn.Module], float] | None = None,
 ) -> TrainResult:
     """Train ``config.model`` from scratch (or local weights).
 
     ``data``: ``(uint8 images, labels)`` or a batch source from :mod:`trainer.batches`.
     With ``checkpoint``, state is saved periodically, on ``should_stop()`` (which then
     raises :class:`TrainingInterrupted`) and at the end, and a saved run is resumed;
-    the caller deletes the file once it has stored the model.
+    the caller deletes the file once it has stored the model. ``evaluate(model)``
+    measures held-out accuracy at up to a dozen epoch ends (see :class:`StepHooks`).
     """
     if isinstance(data, tuple):
         augment = "affine" if config.augment == "auto" else config.augment
@@ -543,7 +561,7 @@ def train_classifier(
     run = TrainingRun(source, num_classes, config, in_channels, data_id)
     if checkpoint is not None and checkpoint.resume:
         run.resume(checkpoint.path)
-    hooks = StepHooks(progress, on_epoch, on_step, should_stop, checkpoint)
+    hooks = StepHooks(progress, on_epoch, on_step, should_stop, checkpoint, evaluate)
     log = _StepLog(run, hooks)
     run.result.steps = run.start_step
     run.model.train()
@@ -574,12 +592,12 @@ def predict(
     device = next(model.parameters()).device
     logits_out: list[torch.Tensor] = []
     features_out: list[torch.Tensor] = []
-    starts = range(0, images.shape[0], batch_size)
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        starts = tqdm(starts, desc="score", unit="batch", leave=False)
-    for start in starts:
+    bar = tqdm(
+        total=images.shape[0], desc="scoring", unit="img", unit_scale=True, disable=not progress
+    )
+    for start in range(0, images.shape[0], batch_size):
         x = normalize(images[start : start + batch_size].to(device))
         if isinstance(model, FeatureClassifier) and with_features:
             feats = model.features(x)
@@ -588,6 +606,8 @@ def predict(
         else:
             logits = model(x)
         logits_out.append(logits.float().cpu())
+        bar.update(min(batch_size, images.shape[0] - start))
+    bar.close()
     features = torch.cat(features_out) if with_features else None
     return torch.cat(logits_out), features
 

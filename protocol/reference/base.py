@@ -15,6 +15,7 @@ class ReferenceSource(abc.ABC):
 
     manifest: ReferenceManifest
     in_channels: int
+    image_size: int  # the side of the square images it loads
 
     def __len__(self) -> int:
         return len(self.manifest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -21,6 +22,11 @@ from protocol.world import glyphs
 # Fingerprint of the default world (seed 0, 700 images per concept), published so that
 # a device can tell that its regenerated pool is byte-identical to everyone else's.
 DEFAULT_FINGERPRINT = "7ae5b8f90e9e18eb133e3b8bb45b0177152a438d5882f39ccd266bd9f3acdcca"
+
+
+def _progress_wanted() -> bool:
+    """PLADA_PROGRESS=1 shows progress bars also when stderr is not a terminal."""
+    return os.environ.get("PLADA_PROGRESS", "") == "1"
 
 
 def parse_glyph_spec(spec: str) -> glyphs.GlyphWorldSpec:
@@ -57,21 +63,37 @@ def _render_range(spec: glyphs.GlyphWorldSpec, names: list[str]) -> np.ndarray:
     )
 
 
-def generate_pool(spec: glyphs.GlyphWorldSpec, workers: int | None = None) -> np.ndarray:
-    """Render the pool, spreading concepts over worker processes (the bytes do not change)."""
+def generate_pool(
+    spec: glyphs.GlyphWorldSpec, workers: int | None = None, progress: bool = False
+) -> np.ndarray:
+    """Render the pool, one concept per task over worker processes (the bytes do not
+    change with the number of workers); ``progress`` shows a bar with images/s."""
+    from tqdm import tqdm
+
     names = [concept.name for concept in spec.concepts()]
-    workers = workers or min(len(names), os.cpu_count() or 1, 4)
-    if workers <= 1 or len(names) < 8:
-        return _render_range(spec, names)
-    parts = [names[i::workers] for i in range(workers)]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        rendered = list(pool.map(_render_range, [spec] * workers, parts))
     per = spec.images_per_concept
+    workers = workers or min(len(names), os.cpu_count() or 1, 4)
     images = np.empty((len(names) * per, glyphs.IMAGE_SIZE, glyphs.IMAGE_SIZE), np.uint8)
-    for w, part in enumerate(parts):
-        for j, name in enumerate(part):
-            pos = names.index(name)
-            images[pos * per : (pos + 1) * per] = rendered[w][j * per : (j + 1) * per]
+    bar = tqdm(
+        total=images.shape[0],
+        unit="img",
+        desc="rendering pool",
+        disable=not progress,
+        file=sys.stderr,
+        smoothing=0.1,
+    )
+    with contextlib.ExitStack() as stack:
+        if workers <= 1 or len(names) < 8:
+            rendered = (_render_range(spec, [name]) for name in names)
+        else:
+            pool = stack.enter_context(
+                ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+            )
+            rendered = pool.map(_render_range, [spec] * len(names), [[n] for n in names])
+        for position, concept in enumerate(rendered):
+            images[position * per : (position + 1) * per] = concept
+            bar.update(per)
+    bar.close()
     return images
 
 
@@ -79,6 +101,7 @@ class GlyphPool(ReferenceSource):
     """Cached glyph world: ``<cache>/<tag>/images.npy`` + ``manifest.txt``."""
 
     in_channels = 1
+    image_size = glyphs.IMAGE_SIZE
 
     def __init__(
         self, spec: glyphs.GlyphWorldSpec, images: np.ndarray, manifest: ReferenceManifest
@@ -96,8 +119,12 @@ class GlyphPool(ReferenceSource):
         folder = root / spec.tag
         pool = cls._load_cached(spec, folder)
         if pool is None:
-            print(f"generating reference pool {spec.tag} into {folder} ...", file=sys.stderr)
-            images = generate_pool(spec)
+            print(
+                f"generating reference pool {spec.tag} into {folder} (once per cache; "
+                "about 2 minutes on 2 cores for the default world) ...",
+                file=sys.stderr,
+            )
+            images = generate_pool(spec, progress=sys.stderr.isatty() or _progress_wanted())
             manifest = glyphs.manifest_for(spec, images)
             cls._check_published(spec, manifest)
             cls._store(folder, images, manifest)
