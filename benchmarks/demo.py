@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.numerics import numerics_report, reexec_pinned
+
 SEEDS = (0, 1, 2)
 
 
@@ -62,16 +64,26 @@ PLAN = "plan"  # the payload the plan chose
 BUDGET_SCHEME = "safety-1"  # the pixel baseline gets exactly this (signed) payload's byte budget
 
 
-def run(cmd: list[str], log: Path) -> str:
-    """Run a CLI, tee its stdout to ``log``; stop the demo with its stderr if it fails."""
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"demo: command failed ({proc.returncode}): {' '.join(cmd)}")
-    print(f"  [{time.perf_counter() - started:5.1f}s] {' '.join(cmd[2:4])} ...")
-    return proc.stdout
+class Steps:
+    """The demo's commands, run one after another with a numbered progress line each."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self.started = time.perf_counter()
+
+    def run(self, cmd: list[str], log: Path, what: str) -> str:
+        """Run a CLI, keep its output in ``log``; stop the demo with it if it fails."""
+        self.done += 1
+        started = time.perf_counter()
+        print(f"  [{self.done:2d}/{self.total}] {what} ...", end="", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        log.write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            sys.stderr.write("\n" + proc.stdout + proc.stderr)
+            raise SystemExit(f"demo: command failed ({proc.returncode}): {' '.join(cmd)}")
+        total = time.perf_counter() - self.started
+        print(f" {time.perf_counter() - started:5.1f}s (total {total / 60:4.1f} min)")
+        return proc.stdout
 
 
 def pixel_baseline(
@@ -125,6 +137,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=40)
     parser.add_argument("--plan-keeps", help="the plan's keep fractions (default: its own grid)")
     args = parser.parse_args()
+    reexec_pinned()  # the same table on any x86 machine (benchmarks/numerics.py)
     started = time.perf_counter()
     work = Path(args.work)
     for sub in ("task", "sender", "payloads", "students", "logs", "keys"):
@@ -135,9 +148,18 @@ def main() -> None:
     receiver_ref = ["--reference", args.reference, "--cache-dir", str(work / "receiver-cache")]
     logs = work / "logs"
 
+    # task, reference, score, keygen, one select per scheme, plan, its select; receiver:
+    # reference, trust, one train per payload
+    key = work / "keys" / "demo-station"
+    need_key = not key.with_suffix(".key").is_file()  # the station's signing key, made once
+    run = Steps(6 + need_key + 2 * len(SCHEMES) + 3).run
     print("sender (ground station):")
-    run([*send, "task", "digits", "--out", str(work / "task")], logs / "task.log")
-    sender_fp = run([*send, "reference", *sender_ref], logs / "sender-reference.log").split()[-1]
+    run([*send, "task", "digits", "--out", str(work / "task")], logs / "task.log", "sender task")
+    sender_fp = run(
+        [*send, "reference", *sender_ref],
+        logs / "sender-reference.log",
+        "sender reference (renders the pool once per cache)",
+    ).split()[-1]
     run(
         [
             *send,
@@ -154,12 +176,14 @@ def main() -> None:
             str(args.teacher_epochs),
         ],
         logs / "score.log",
+        "sender score (teacher on the digits, every reference image scored)",
     )
     score_report = json.loads((work / "sender/score_report.json").read_text())
-    key = work / "keys" / "demo-station"
-    if not key.with_suffix(".key").is_file():  # the station's signing key, made once
+    if need_key:
         run(
-            [*send, "keygen", "--sender-id", "demo-station", "--out", str(key)], logs / "keygen.log"
+            [*send, "keygen", "--sender-id", "demo-station", "--out", str(key)],
+            logs / "keygen.log",
+            "sender keygen (the station's signing key)",
         )
     payloads: dict[str, dict[str, Any]] = {}
     for scheme in SCHEMES:
@@ -186,8 +210,10 @@ def main() -> None:
                 str(out),
                 "--json",
                 str(summary_path),
+                *([] if scheme.name == BUDGET_SCHEME else ["--no-sheet"]),
             ],
             logs / f"select-{scheme.name}.log",
+            f"sender select {scheme.name}",
         )
         payloads[scheme.name] = json.loads(summary_path.read_text())
 
@@ -199,7 +225,7 @@ def main() -> None:
     plan_cmd += ["--confirm-steps", str(max(1, round(0.8 * args.steps)))]
     if args.plan_keeps:
         plan_cmd += ["--keeps", args.plan_keeps]
-    run(plan_cmd, logs / "plan.log")
+    run(plan_cmd, logs / "plan.log", "sender plan (every candidate measured, ~3 min)")
     plan_summary = work / "payloads" / f"{PLAN}.json"
     run(
         [
@@ -216,16 +242,25 @@ def main() -> None:
             str(plan_summary),
         ],
         logs / "select-plan.log",
+        "sender select plan",
     )
     payloads[PLAN] = json.loads(plan_summary.read_text())
 
     print("receiver (edge device):")
-    receiver_fp = run([*receive, "reference", *receiver_ref], logs / "receiver-reference.log")
+    receiver_fp = run(
+        [*receive, "reference", *receiver_ref],
+        logs / "receiver-reference.log",
+        "receiver reference (its own copy of the pool)",
+    )
     receiver_fp = receiver_fp.split()[-1]
     if receiver_fp != sender_fp:
         raise SystemExit(f"demo: reference fingerprints differ: {sender_fp} vs {receiver_fp}")
     trust = ["--trust", str(work / "receiver-trust")]
-    run([*receive, "trust", "add", str(key.with_suffix(".pub")), *trust], logs / "trust.log")
+    run(
+        [*receive, "trust", "add", str(key.with_suffix(".pub")), *trust],
+        logs / "trust.log",
+        "receiver trust add",
+    )
     students: dict[str, dict[str, Any]] = {}
     for name in [scheme.name for scheme in SCHEMES] + [PLAN]:
         out = work / "students" / name
@@ -249,6 +284,7 @@ def main() -> None:
                 "--quiet",
             ],
             logs / f"train-{name}.log",
+            f"receiver train {name}",
         )
         students[name] = json.loads((out / "report.json").read_text())
 
@@ -317,6 +353,7 @@ def main() -> None:
         "teacher": score_report["teacher"],
         "seeds": list(args.seeds),
         "rows": rows,
+        "numerics": numerics_report(),
         "seconds": round(elapsed, 1),
     }
     report_path = work / "report.json"
@@ -353,6 +390,8 @@ def main() -> None:
         f"(short student on the validation split), real {100 * plan_row['accuracy_mean']:.1f}%, "
         f"{plan_row['payload_bytes']} bytes (plot: {work / 'plan' / 'plan.png'})"
     )
+    sheet = work / "payloads" / f"{BUDGET_SCHEME}.selection.png"
+    print(f"what the {BUDGET_SCHEME} payload teaches: {sheet}")
     print(f"\ntotal {elapsed:.0f}s")
     print(f"report: {report_path}")
 

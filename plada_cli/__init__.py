@@ -53,6 +53,13 @@ def _prepare(parser: argparse.ArgumentParser) -> None:
     for command in command_parsers(parser):
         command.formatter_class = HelpFormatter
         command.set_defaults(_command_parser=command)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {choice.dest: choice.help for choice in action._choices_actions}
+                for name, child in action.choices.items():
+                    if not child.description and helps.get(name):
+                        text = helps[name]
+                        child.description = text[0].upper() + text[1:] + "."
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

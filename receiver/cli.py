@@ -26,7 +26,7 @@ from plada_cli import (
 )
 from protocol.atomic_files import writable_directory
 from protocol.errors import ConfigError, TrustStoreError
-from protocol.payload import decode_payload, read_payload, read_payload_bytes
+from protocol.payload import decode_payload, read_payload_bytes
 from protocol.signing import SenderKey
 from protocol.timestamps import utc_text
 from receiver.ledger import SequenceLedger
@@ -107,11 +107,19 @@ def _origin(payload) -> str:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    import hashlib
+
+    raw = read_payload_bytes(args.payload)
+    reference = reference_from_args(args)
     ledger = _ledger(args, read_only=True)  # verify writes nothing
     try:
-        payload = read_payload(
-            args.payload, reference=reference_from_args(args).manifest, trust=_policy(args, ledger)
+        accepted_before = ledger is not None and ledger.was_accepted(
+            hashlib.sha256(raw).hexdigest()
         )
+        policy = _policy(args, ledger)
+        if accepted_before:
+            policy = policy.without_freshness()
+        payload = decode_payload(raw, reference=reference.manifest, trust=policy)
     finally:
         if ledger is not None:
             ledger.close()
@@ -120,6 +128,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         f"reference {payload.reference_name} ({payload.reference_fingerprint.hex()[:16]}...)"
     )
     print(f"origin: {_origin(payload)}")
+    if accepted_before:
+        print("accepted before on this device: `train` trains it again without a replay check")
     return 0
 
 
@@ -369,13 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     ref.set_defaults(func=print_reference)
 
     verify = sub.add_parser("verify", help="verify a payload against the local reference set")
-    verify.add_argument("payload")
+    verify.add_argument("payload", help="the payload file (.plada)")
     add_reference_options(verify)
     add_trust_options(verify)
     verify.set_defaults(func=_cmd_verify)
 
     train = sub.add_parser("train", help="train a student from a payload")
-    train.add_argument("payload")
+    train.add_argument("payload", help="the payload file (.plada)")
     add_reference_options(train)
     train.add_argument("--holdout", help="labeled images to evaluate on (.npz or ImageFolder)")
     train.add_argument(

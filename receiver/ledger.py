@@ -91,7 +91,10 @@ class SequenceLedger:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.db = open_database(self.path, LEDGER_SCHEMA, timeout=30.0)
             elif self.path.is_file():
-                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                # with no write-ahead log beside it (no writer, none crashed) the file is
+                # read as immutable: SQLite then creates no -wal/-shm files either
+                quiet = not self.path.with_name(self.path.name + "-wal").exists()
+                uri = f"{self.path.resolve().as_uri()}?mode=ro" + ("&immutable=1" if quiet else "")
                 self.db = sqlite3.connect(uri, uri=True, timeout=30.0)
                 self.db.execute("SELECT 1 FROM sender_sequences LIMIT 1").fetchall()
         except (OSError, sqlite3.Error) as exc:

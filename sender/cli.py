@@ -157,7 +157,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
-    record_reference_spec(args.out, args.reference, args.image_size)
+    record_reference_spec(args.out, args.reference, args.image_size, args.cache_dir)
     return _print_score_summary(summary, "reference images", args.out)
 
 
@@ -344,7 +344,8 @@ def _sheet_target(args: argparse.Namespace):
     if spec is None:
         return None
     size = args.image_size or int(recorded.get("image_size", 64))
-    reference = open_reference(spec, args.cache_dir, size)
+    cache_dir = args.cache_dir or (recorded.get("cache_dir") if not args.reference else None)
+    reference = open_reference(spec, cache_dir, size)
     out = Path(args.out)
     return reference, out.with_name(f"{out.stem}.selection.png")
 
@@ -447,9 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     task = sub.add_parser("task", help="export a built-in task as train.npz / test.npz")
-    task.add_argument("name", choices=["digits"])
-    task.add_argument("--out", required=True)
-    task.add_argument("--seed", type=int, default=0)
+    task.add_argument("name", choices=["digits"], help="the built-in task")
+    task.add_argument("--out", required=True, help="directory for train.npz and test.npz")
+    task.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     task.set_defaults(func=_cmd_task)
 
     ref = sub.add_parser("reference", help="build or verify a reference set; print its fingerprint")
@@ -465,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="local weights file, or a pretrained tag already cached",
     )
     emb.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    emb.add_argument("--batch-size", type=int, default=256)
+    emb.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     emb.add_argument("--workers", type=int, default=4, help="image-decoding processes")
     emb.add_argument("--part-rows", type=int, default=65536, help="rows per resumable part")
     emb.add_argument(
@@ -478,11 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emb.add_argument("--shard", default="0/1", help="this machine's slice i/N of the parts")
     emb.add_argument("--out", required=True, help="embeddings directory")
-    emb.add_argument("--quiet", action="store_true")
+    emb.add_argument("--quiet", action="store_true", help="no progress bar")
     emb.set_defaults(func=_cmd_embed)
 
     merge = sub.add_parser("merge", help="check all parts are there and merge them")
-    merge.add_argument("embeddings")
+    merge.add_argument("embeddings", help="the embeddings directory (plada-send embed --out)")
     merge.add_argument(
         "--from", dest="sources", nargs="*", default=[], help="other machines' embeddings dirs"
     )
@@ -490,11 +491,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=_cmd_merge)
 
     idx = sub.add_parser("index", help="FAISS index over merged embeddings (leakage, kNN)")
-    idx.add_argument("embeddings")
-    idx.add_argument("--kind", choices=["auto", "flat", "ivfpq"], default="auto")
+    idx.add_argument("embeddings", help="the merged embeddings directory")
+    idx.add_argument(
+        "--kind",
+        choices=["auto", "flat", "ivfpq"],
+        default="auto",
+        help="flat: exact; ivfpq: compressed, approximate; auto: flat if it fits the budget",
+    )
     idx.add_argument("--memory-budget", default="4GB", help="index size limit, e.g. 2GB")
     idx.add_argument("--out", help="index file (default EMB/reference.faiss)")
-    idx.add_argument("--quiet", action="store_true")
+    idx.add_argument("--quiet", action="store_true", help="no progress bar")
     idx.set_defaults(func=_cmd_index)
 
     score = sub.add_parser("score", help="train the teacher and score every reference image")
@@ -512,19 +518,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cnn (images; default) or probe (default with --embeddings), zeroshot, knn",
     )
-    score.add_argument("--teacher-epochs", type=int, default=40)
+    score.add_argument("--teacher-epochs", type=int, default=40, help="cnn teacher's epochs")
     score.add_argument("--clip-model", help="open_clip model name, e.g. ViT-B-32")
     score.add_argument("--clip-weights", help="local open_clip weights file")
-    score.add_argument("--device", default="cpu")
+    score.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     score.add_argument("--temperature", type=float, default=1.0, help="energy temperature")
-    score.add_argument("--knn-k", type=int, default=5)
-    score.add_argument("--seed", type=int, default=0)
+    score.add_argument(
+        "--knn-k", type=int, default=5, help="labeled images per class for kNN relevance"
+    )
+    score.add_argument("--seed", type=int, default=0, help="the teacher's seed")
     score.add_argument("--out", required=True, help="work directory")
-    score.add_argument("--quiet", action="store_true")
+    score.add_argument("--quiet", action="store_true", help="no progress bars")
     score.set_defaults(func=_cmd_score)
 
     sel = sub.add_parser("select", help="select from a scored work directory and write a payload")
-    sel.add_argument("work")
+    sel.add_argument("work", help="the scored work directory (plada-send score --out)")
     sel.add_argument(
         "--plan",
         help="a plan (plada-send plan): send its best candidate within the byte budget",
@@ -556,7 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="drop kept images whose K nearest kept neighbours mostly disagree (0: off)",
     )
-    sel.add_argument("--consensus-agreement", type=float, default=0.5)
+    sel.add_argument(
+        "--consensus-agreement",
+        type=float,
+        default=0.5,
+        help="with --consensus: the share of neighbours that must agree",
+    )
     sel.add_argument("--keep", type=float, help="fraction of the reference set (default 0.01)")
     sel.add_argument("--alpha", type=float, help="safety-net quota exponent (default -0.2)")
     sel.add_argument(
@@ -596,22 +609,29 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--keeps", help="keep fractions to try, e.g. 0.25%%,1%%,5%% (default 0.25%%..10%%)"
     )
-    plan.add_argument("--validation-fraction", type=float, default=0.25)
+    plan.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.25,
+        help="share of the labeled images held out (per class) to score the proxy students",
+    )
     plan.add_argument("--screen-steps", type=int, default=100, help="proxy steps, every candidate")
     plan.add_argument("--confirm-steps", type=int, default=200, help="proxy steps, the best")
     plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
     plan.add_argument(
         "--teacher-epochs", type=int, help="default: the epochs the work directory's teacher had"
     )
-    plan.add_argument("--knn-k", type=int, default=5)
+    plan.add_argument(
+        "--knn-k", type=int, default=5, help="labeled images per class for kNN relevance"
+    )
     plan.add_argument("--clip-model", help="open_clip model name (probe teacher)")
     plan.add_argument("--clip-weights", help="local open_clip weights file (probe teacher)")
-    plan.add_argument("--device", default="cpu")
-    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    plan.add_argument("--seed", type=int, default=0, help="split, teacher and proxy seed")
     plan.add_argument(
         "--sender-id", default="plan", help="sizes are of payloads signed as this sender"
     )
-    plan.add_argument("--quiet", action="store_true")
+    plan.add_argument("--quiet", action="store_true", help="no progress bars")
     plan.set_defaults(func=_cmd_plan)
 
     keygen = sub.add_parser("keygen", help="create a sender signing key and its public key")

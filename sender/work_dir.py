@@ -36,9 +36,14 @@ def save_embeddings(path: str | os.PathLike[str], embeddings: np.ndarray) -> Non
     write_atomic(Path(path), lambda handle: np.save(handle, half))
 
 
-def record_reference_spec(work: str | os.PathLike[str], spec: str, image_size: int) -> None:
-    """Note how the reference set was named when the work directory was scored."""
-    write_json_atomic(Path(work) / REFERENCE_SPEC, {"spec": spec, "image_size": image_size})
+def record_reference_spec(
+    work: str | os.PathLike[str], spec: str, image_size: int, cache_dir: str | None
+) -> None:
+    """Note how the reference set was named (and cached, on this station) when the work
+    directory was scored."""
+    cache = None if cache_dir is None else str(Path(cache_dir).resolve())
+    record = {"spec": spec, "image_size": image_size, "cache_dir": cache}
+    write_json_atomic(Path(work) / REFERENCE_SPEC, record)
 
 
 def recorded_reference_spec(work: str | os.PathLike[str]) -> dict | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from receiver.ledger import SequenceLedger
 from tests.conftest import SMALL_SPEC
 from tests.subprocess_cli import cli, run
 
@@ -162,33 +163,26 @@ def test_receiver_rejects_payload_for_another_reference(flow) -> None:
 
 
 def test_trust_replay_and_unsigned_through_the_clis(flow) -> None:
-    """Without the sender's key the payload is refused; train records its sequence number,
-    so training the same payload again elsewhere is a replay; an unsigned payload needs
-    --allow-unsigned; trust list/remove work."""
+    """Without the sender's key the payload is refused; train records the payload, so
+    verify knows it was accepted here, and an older payload never accepted is a rollback;
+    an unsigned payload needs --allow-unsigned; trust list/remove work."""
     env, root = flow["env"], flow["root"]
+    (root / "no-keys").mkdir(exist_ok=True)  # a trust store that trusts nobody
     empty = _verify(flow, flow["payload"], "--trust", str(root / "no-keys"), expect=2)
     assert "UnknownSenderError" in empty.stderr and "trust add" in empty.stderr
-    again = run(
-        [
-            *cli("plada-receive"),
-            "train",
-            str(flow["payload"]),
-            "--reference",
-            SMALL_SPEC,
-            "--cache-dir",
-            str(flow["receiver_cache"]),
-            "--trust",
-            str(flow["trust"]),
-            "--out",
-            str(root / "student-again"),
-            "--quiet",
-        ],
-        env,
-        expect=2,
-    )
-    assert "ReplayError" in again.stderr and not (root / "student-again" / "report.json").exists()
+    assert "--home" in empty.stderr  # the hint also names a daemon's store
     recorded = str(flow["trust"] / "ledger.sqlite")
-    assert "ReplayError" in _verify(flow, flow["payload"], "--ledger", recorded, expect=2).stderr
+    seen = _verify(flow, flow["payload"], "--ledger", recorded).stdout
+    assert "accepted before on this device" in seen
+    # a payload older than one this device accepted, never accepted itself: a rollback
+    older = root / "older.plada"
+    older.write_bytes(flow["payload"].read_bytes())
+    ledger = SequenceLedger(root / "rollback-ledger.sqlite")
+    signed = json.loads((root / "select.json").read_text())["signed"]
+    ledger.record(signed["sender"], signed["sequence"] + 1, "a newer payload's digest")
+    ledger.close()
+    rolled = _verify(flow, older, "--ledger", str(root / "rollback-ledger.sqlite"), expect=2)
+    assert "RollbackError" in rolled.stderr
     unsigned = root / "unsigned.plada"
     run(
         [
@@ -253,3 +247,258 @@ def test_daemon_trains_the_senders_payload_to_the_same_accuracy(flow) -> None:
     train_report = json.loads((flow["root"] / "student" / "report.json").read_text())
     assert daemon_report["accuracy_mean"] == train_report["accuracy_mean"] > 0.4
     assert (result / "model-seed0.pt2").is_file() and (result / "training-curve.png").is_file()
+
+
+# --- a newcomer's first hour: careless input never costs a payload or shows a traceback
+
+
+def _cli(flow, name: str, *args: str, expect: int = 0):
+    proc = run([*cli(name), *args], flow["env"], expect=expect)
+    if expect == 2:  # one typed line, never a traceback
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith(f"{name}: error: "), lines
+    return proc
+
+
+def _train(flow, out: Path, *extra: str, expect: int = 0):
+    steps = ["--min-steps", "20", "--max-steps", "20", "--no-export"]
+    return _cli(
+        flow,
+        "plada-receive",
+        "train",
+        str(flow["payload"]),
+        "--reference",
+        SMALL_SPEC,
+        "--cache-dir",
+        str(flow["receiver_cache"]),
+        "--trust",
+        str(flow["trust"]),
+        "--out",
+        str(out),
+        "--quiet",
+        *steps,
+        *extra,
+        expect=expect,
+    )
+
+
+def test_local_mistakes_before_acceptance_cost_no_payload(flow) -> None:
+    """A typo in --holdout, an empty or mismatched holdout, a .npy, an --out that cannot be
+    written: each is a typed error, and the payload is not used up (it trains after)."""
+    import numpy as np
+
+    root = flow["root"]
+    fresh = root / "fresh.plada"  # signed later than the flow's payload: never accepted
+    _cli(
+        flow,
+        "plada-send",
+        "select",
+        str(flow["work"]),
+        "--keep",
+        "0.1",
+        "--no-sheet",
+        "--signing-key",
+        f"{flow['key']}.key",
+        "--out",
+        str(fresh),
+    )
+    flow = {**flow, "payload": fresh}
+    test = np.load(root / "task" / "test.npz")
+    np.save(root / "holdout.npy", test["images"])
+    np.savez(
+        root / "empty.npz",
+        images=test["images"][:0],
+        labels=test["labels"][:0],
+        class_names=test["class_names"],
+    )
+    renamed = np.array([f"class-{name}" for name in test["class_names"]])
+    np.savez(
+        root / "renamed.npz", images=test["images"], labels=test["labels"], class_names=renamed
+    )
+    (root / "a-file").write_text("in the way")
+    cases = [
+        (["--holdout", str(root / "task" / "tset.npz")], "TaskDataError", "does not exist"),
+        (["--holdout", str(root / "holdout.npy")], "TaskDataError", "single .npy array"),
+        (["--holdout", str(root / "empty.npz")], "TaskDataError", "holds no images"),
+        (["--holdout", str(root / "renamed.npz")], "TaskDataError", "'class-0'"),
+        (["--model", "resnet-9000"], "ConfigError", "unknown model"),
+    ]
+    for extra, error, detail in cases:
+        out = _train(flow, root / "student-mistake", *extra, expect=2)
+        assert error in out.stderr and detail in out.stderr, out.stderr
+    unwritable = _train(flow, root / "a-file" / "student", expect=2)
+    assert "StorageError" in unwritable.stderr and "--out" in unwritable.stderr
+    good = _train(flow, str(root / "student-first") + "/", "--holdout", str(root / "task/test.npz"))
+    assert "accepted: signed by station-1" in good.stdout
+    assert f"report: {root / 'student-first' / 'report.json'}" in good.stdout
+    assert "No complete tensor" not in good.stderr
+    report = json.loads((root / "student-first" / "report.json").read_text())
+    assert report["task"] == "digits"  # the task's own name, not the file's ("train")
+    history = report["runs"][0]["history"]
+    assert "holdout_accuracy" in history[-1] and history[-1]["step"] == 20
+
+
+def test_an_accepted_payload_trains_again_but_never_into_a_used_out(flow) -> None:
+    root = flow["root"]
+    again = _train(flow, root / "student-seed1", "--seeds", "1")
+    assert "accepted before on this device, training again" in again.stdout
+    assert sorted(p.name for p in (root / "student-seed1").glob("model-*")) == ["model-seed1.pt"]
+    mixed = _train(flow, root / "student-seed1", "--seeds", "2", expect=2)
+    assert "other settings or seeds" in mixed.stderr and "--overwrite" in mixed.stderr
+    _train(flow, root / "student-seed1", "--seeds", "2", "--overwrite")
+    assert sorted(p.name for p in (root / "student-seed1").glob("model-*")) == ["model-seed2.pt"]
+
+
+def test_sender_refuses_careless_task_files_and_tiny_selections(flow) -> None:
+    import numpy as np
+    from PIL import Image
+
+    root = flow["root"]
+    train = np.load(root / "task" / "train.npz")
+    np.savez(
+        root / "tiny.npz",
+        images=train["images"][:, :, ::4, ::4],
+        labels=train["labels"],
+        class_names=train["class_names"],
+    )
+    np.savez(
+        root / "float.npz",
+        images=train["images"],
+        labels=train["labels"] + 0.5,
+        class_names=train["class_names"],
+    )
+    np.save(root / "train.npy", train["images"])
+    score = [
+        "score",
+        "--reference",
+        SMALL_SPEC,
+        "--cache-dir",
+        str(root / "sender-cache"),
+        "--teacher-epochs",
+        "1",
+        "--quiet",
+    ]
+    for task, detail in [
+        ("tiny.npz", "1x8x8"),
+        ("float.npz", "whole class numbers"),
+        ("train.npy", "single .npy array"),
+    ]:
+        out = _cli(
+            flow,
+            "plada-send",
+            *score,
+            "--train",
+            str(root / task),
+            "--out",
+            str(root / "scored-bad"),
+            expect=2,
+        )
+        assert "TaskDataError" in out.stderr and detail in out.stderr, out.stderr
+    folder = root / "my-glyph-task" / "train"  # a user's ImageFolder of RGB 16x16 PNGs
+    for label in range(10):
+        (folder / str(label)).mkdir(parents=True)
+        for i in np.flatnonzero(train["labels"] == label)[:6]:
+            rgb = np.repeat(train["images"][i, 0, ::2, ::2][..., None], 3, axis=2)[:20, :20]
+            Image.fromarray(np.ascontiguousarray(rgb)).save(folder / str(label) / f"{i}.png")
+    scored = _cli(
+        flow, "plada-send", *score, "--train", str(folder), "--out", str(root / "scored-folder")
+    )
+    assert "converted 60 images" in scored.stdout and "grayscale 32x32" in scored.stdout
+    summary = json.loads((root / "scored-folder" / "score_report.json").read_text())
+    assert summary["task"] == "my-glyph-task"
+    select = ["select", str(root / "scored-folder"), "--unsigned", "--no-sheet", "--out"]
+    tiny = _cli(flow, "plada-send", *select, str(root / "tiny.plada"), "--keep", "1e-9", expect=2)
+    assert "fewer than the task's 10 classes" in tiny.stderr
+    assert not (root / "tiny.plada").exists()
+    thin = _cli(flow, "plada-send", *select, str(root / "thin.plada"), "--keep", "0.02")
+    assert "warning: only" in thin.stdout
+
+
+def test_unwritable_outputs_and_a_missing_trust_store_are_typed_errors(flow) -> None:
+    root = flow["root"]
+    (root / "not-a-dir").write_text("a file")
+    task = _cli(
+        flow, "plada-send", "task", "digits", "--out", str(root / "not-a-dir" / "t"), expect=2
+    )
+    assert "StorageError" in task.stderr and "--out" in task.stderr
+    key = _cli(
+        flow,
+        "plada-send",
+        "keygen",
+        "--sender-id",
+        "s",
+        "--out",
+        str(root / "not-a-dir" / "k"),
+        expect=2,
+    )
+    assert "StorageError" in key.stderr
+    missing = root / "no-such-trust"
+    verify = _verify(flow, flow["payload"], "--trust", str(missing), expect=2)
+    assert "TrustStoreError" in verify.stderr and "does not exist" in verify.stderr
+    assert not missing.exists()
+    before = sorted(p.name for p in flow["trust"].iterdir())
+    _cli(
+        flow,
+        "plada-receive",
+        "verify",
+        str(flow["payload"]),
+        "--reference",
+        SMALL_SPEC,
+        "--cache-dir",
+        str(flow["receiver_cache"]),
+        "--trust",
+        str(flow["trust"]),
+    )
+    assert sorted(p.name for p in flow["trust"].iterdir()) == before  # verify writes nothing
+
+
+def test_trust_add_takes_the_store_before_or_after_the_keys(flow) -> None:
+    store = flow["root"] / "trust-either-order"
+    _cli(flow, "plada-receive", "trust", "add", "--trust", str(store), f"{flow['key']}.pub")
+    _cli(flow, "plada-receive", "trust", "add", f"{flow['key']}.pub", "--trust", str(store))
+    listed = _cli(flow, "plada-receive", "trust", "list", "--trust", str(store))
+    assert "1 trusted key(s)" in listed.stdout
+
+
+def test_help_shows_defaults_and_a_mistyped_flag_its_own_usage(flow) -> None:
+    helped = " ".join(_cli(flow, "plada-receive", "train", "--help").stdout.split())
+    assert "(default: 250)" in helped and "capped at --max-steps" in helped
+    assert "``" not in _cli(flow, "plada-send", "--help").stdout
+    assert (
+        "as `plada-receive status` lists it"
+        in _cli(flow, "plada-receive", "retry", "--help").stdout
+    )
+    wrong = run(
+        [*cli("plada-send"), "select", "w", "--kepe", "0.1", "--out", "x"], flow["env"], expect=2
+    )
+    assert "usage: plada-send select" in wrong.stderr and "--kepe" in wrong.stderr
+
+
+def test_status_into_a_closed_pipe_ends_quietly(flow) -> None:
+    import subprocess
+
+    from receiver.job_queue import JobQueue
+
+    home = flow["root"] / "status-home"
+    home.mkdir()
+    JobQueue(home / "queue.sqlite").close()
+    proc = subprocess.Popen(
+        [*cli("plada-receive"), "status", "--home", str(home)],
+        env=flow["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # like `| head` that has already exited
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and proc.returncode == 141, err
+
+
+def test_the_contact_sheet_shows_what_the_payload_teaches(flow) -> None:
+    from PIL import Image
+
+    sheet = flow["payload"].with_name("task.selection.png")
+    assert "contact sheet: " in flow["select_out"] and sheet.is_file()
+    with Image.open(sheet) as image:
+        width, height = image.size
+    assert width > 600 and height > 10 * 60  # ten class rows of sample images

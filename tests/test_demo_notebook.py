@@ -75,6 +75,9 @@ def test_demo_report_has_every_row(demo_report) -> None:
     pixels = next(r for r in report["rows"] if r["scheme"] == "pixels")
     assert pixels["payload_bytes"] <= budget
     assert report["reference"]["fingerprint"] == report["reference_fingerprint_receiver"]
+    numerics = report["numerics"]  # what decides the numbers, pinned (benchmarks/numerics.py)
+    assert numerics["pinned"] and numerics["torch_cpu_capability"] == "AVX2", numerics
+    assert numerics["packages"]["torch"] and numerics["torch_threads"] == 2
     assert "teacher" in stdout and "student accuracy" in stdout
 
 

@@ -348,11 +348,21 @@ def test_daemon_stopped_mid_training_resumes(tmp_path, payloads, cache_dir, stop
         daemon.kill()
     state = _jobs(home)[0]["state"]
     assert state == ("queued" if stop_signal == signal.SIGTERM else "running")
+    if stop_signal == signal.SIGKILL:  # status tells the truth about the dead daemon's job
+        shown = subprocess.run(
+            [*cli("plada-receive"), "status", "--home", str(home), "--json"],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert json.loads(shown.stdout)["jobs"][0]["state"] == "interrupted"
     finish = ["--min-steps", steps, "--max-steps", steps, "--checkpoint-steps", "0"]
     assert _run_daemon(home, cache_dir, *finish).returncode == 0
     job = _jobs(home)[0]
     report = json.loads((home / job["result_dir"] / "report.json").read_text())
     assert job["state"] == "done" and report["runs"][0]["steps"] == LONG_RUN_STEPS
+    assert job["progress_step"] == LONG_RUN_STEPS  # a finished job's progress is complete
     assert report["runs"][0]["resumed_from_step"] >= 100, report["runs"][0]
 
 
@@ -428,6 +438,17 @@ def test_http_upload_is_verified_queued_and_followed(tmp_path, payloads, cache_d
         assert call(bad["follow"])[1]["error"] == "TruncatedPayloadError"
         assert call("/status")[1]["queue"]["done"] == 1
         assert call("/nowhere")[0] == 404
+        assert call("/jobs/" + "0" * 64)[0] == 404  # never received
+        assert call("/jobs/not-a-digest")[0] == 400
+        busy = subprocess.run(  # a second daemon on the same port ends at once, typed
+            _daemon_args(tmp_path / "home-2", cache_dir, "--http-port", str(port)),
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert busy.returncode == 2 and "--http-port" in busy.stderr, busy.stderr
+        assert "Traceback" not in busy.stderr
     finally:
         daemon.terminate()
         assert daemon.wait(timeout=60) == 0
@@ -442,3 +463,18 @@ def _port_open(port: int) -> bool:
 
 def test_env_is_clean() -> None:
     assert "PLADA_CRASH_AT" not in os.environ
+
+
+def test_daemon_with_a_npy_holdout_stops_with_a_typed_error(tmp_path, cache_dir) -> None:
+    import numpy as np
+
+    np.save(tmp_path / "holdout.npy", np.zeros((4, 1, 32, 32), np.uint8))
+    started = subprocess.run(
+        _daemon_args(tmp_path / "home", cache_dir, "--holdout", str(tmp_path / "holdout.npy")),
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 2 and "TaskDataError" in started.stderr, started.stderr
+    assert "Traceback" not in started.stderr

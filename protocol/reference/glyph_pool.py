@@ -120,8 +120,7 @@ class GlyphPool(ReferenceSource):
         pool = cls._load_cached(spec, folder)
         if pool is None:
             print(
-                f"generating reference pool {spec.tag} into {folder} (once per cache; "
-                "about 2 minutes on 2 cores for the default world) ...",
+                f"generating reference pool {spec.tag} into {folder} (once per cache) ...",
                 file=sys.stderr,
             )
             images = generate_pool(spec, progress=sys.stderr.isatty() or _progress_wanted())
