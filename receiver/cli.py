@@ -12,9 +12,11 @@ plada-receive reference --reference SPEC              build/verify the local set
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from plada_cli import (
     add_reference_options,
@@ -25,13 +27,20 @@ from plada_cli import (
     task_images_for,
 )
 from protocol.atomic_files import writable_directory
-from protocol.errors import ConfigError, TrustStoreError
+from protocol.errors import ConfigError, PladaError, TrustStoreError
 from protocol.payload import decode_payload, read_payload_bytes
 from protocol.signing import SenderKey
 from protocol.timestamps import utc_text
 from receiver.ledger import SequenceLedger
 from receiver.status import open_home_queue, print_status
 from receiver.trust_store import add_key, build_trust_policy, load_trust_store, remove_keys
+
+if TYPE_CHECKING:
+    from protocol.payload import Payload
+    from protocol.reference.base import ReferenceSource
+    from protocol.task_data import LabeledImages
+    from protocol.trust import TrustPolicy
+    from receiver.job import JobSettings
 
 # Subcommands import the modules that load torch or faiss when they run, so that
 # --help and the light subcommands start in a fraction of a second.
@@ -245,40 +254,27 @@ def job_settings_from_args(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> int:
     import hashlib
 
-    from receiver.job import (
-        check_trainable,
-        claim_output_dir,
-        job_identity,
-        run_job,
-        started_with,
-        summarize,
-    )
-
     raw = read_payload_bytes(args.payload)  # read once: hashed, verified, trained
     sha256 = hashlib.sha256(raw).hexdigest()
     reference = reference_from_args(args)
-    settings = job_settings_from_args(args)
     # every local argument is checked before the payload is accepted: a mistake here
-    # must not use it up
-    out = writable_directory(args.out, "--out")
-    claim_output_dir(out, job_identity(sha256, settings, reference), args.overwrite)
-    holdout = task_images_for(args.holdout, reference, "holdout") if args.holdout else None
-    ledger = _ledger(args)
+    # must not use it up, nor leave an empty --out behind
+    created = not Path(args.out).exists()
     try:
-        accepted_before = ledger is not None and ledger.was_accepted(sha256)
-        # accepted here before (another run, other settings, a failed job): train again
-        # without the freshness checks, which are about acceptance
-        again = accepted_before or started_with(out, sha256)
-        policy = _policy(args, ledger)
-        if again:
-            policy = policy.without_freshness()
-        payload = decode_payload(raw, reference=reference.manifest, trust=policy)
-        check_trainable(payload, reference, settings, holdout)
-        if payload.sender is not None and ledger is not None and not again:
-            ledger.record(payload.sender.sender, payload.sender.sequence, sha256)
-    finally:
-        if ledger is not None:
-            ledger.close()
+        out = writable_directory(args.out, "--out")
+        holdout = task_images_for(args.holdout, reference, "holdout") if args.holdout else None
+        settings = job_settings_from_args(args)  # from here on torch is loaded
+        from receiver.job import claim_output_dir, job_identity
+
+        claim_output_dir(out, job_identity(sha256, settings, reference), args.overwrite)
+        again, policy, payload = _accept(args, raw, sha256, reference, settings, holdout, out)
+    except PladaError:
+        if created:
+            with contextlib.suppress(OSError):
+                Path(args.out).rmdir()
+        raise
+    from receiver.job import run_job, summarize
+
     verb = "accepted before on this device, training again" if again else "accepted"
     print(f"{verb}: {_origin(payload)}")
     report = run_job(
@@ -294,6 +290,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(summarize(report))
     print(f"report: {out / 'report.json'}")
     return 0
+
+
+def _accept(
+    args: argparse.Namespace,
+    raw: bytes,
+    sha256: str,
+    reference: ReferenceSource,
+    settings: JobSettings,
+    holdout: LabeledImages | None,
+    out: Path,
+) -> tuple[bool, TrustPolicy, Payload]:
+    """Verify the payload and check that it can train here; only then record it in the
+    ledger. A payload accepted here before (another run, other settings, a failed job)
+    trains again without the freshness checks, which are about acceptance. Returns
+    (accepted before, the policy it passed, the payload)."""
+    from receiver.job import check_trainable, started_with
+
+    ledger = _ledger(args)
+    try:
+        again = (ledger is not None and ledger.was_accepted(sha256)) or started_with(out, sha256)
+        policy = _policy(args, ledger)
+        if again:
+            policy = policy.without_freshness()
+        payload = decode_payload(raw, reference=reference.manifest, trust=policy)
+        check_trainable(payload, reference, settings, holdout)
+        if payload.sender is not None and ledger is not None and not again:
+            ledger.record(payload.sender.sender, payload.sender.sequence, sha256)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    return again, policy, payload
 
 
 def _trust_store_dir(args: argparse.Namespace) -> Path:

@@ -267,6 +267,7 @@ class Daemon:
         # bound before any thread starts: a busy port ends the process at once (exit 2)
         server = None
         if config.http_port:
+            self.inbox.mkdir(parents=True, exist_ok=True)  # uploads land there at once
             server = start_http(
                 config.http_port,
                 self.inbox,

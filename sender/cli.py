@@ -138,12 +138,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise ConfigError(f"--teacher {args.teacher} needs --embeddings (see 'plada-send embed')")
     if not args.train:
         raise ConfigError("give --train (labeled task images)")
+    reference = reference_from_args(args)
+    train = _task_images(args.train, reference, args)  # checked before torch loads
+    test = _task_images(args.test, reference, args, "test") if args.test else None
+    embedder = _embedder_from_args(args)
     from sender.pipeline import score_reference
 
-    embedder = _embedder_from_args(args)
-    reference = reference_from_args(args)
-    train = _task_images(args.train, reference, args)
-    test = _task_images(args.test, reference, args, "test") if args.test else None
     summary = score_reference(
         reference,
         train,

@@ -58,9 +58,9 @@ PYTHON = sys.executable
 # that none of them starts last and leaves one process working alone at the end.
 LONGEST_FILES_FIRST = (
     "test_receiver_daemon.py",
+    "test_demo_notebook.py",  # one module fixture of ~2 minutes: start it early
     "test_production_sender.py",
     "test_cli_end_to_end.py",
-    "test_demo_notebook.py",
 )
 
 

@@ -262,7 +262,7 @@ def _cli(flow, name: str, *args: str, expect: int = 0):
 
 
 def _train(flow, out: Path, *extra: str, expect: int = 0):
-    steps = ["--min-steps", "20", "--max-steps", "20", "--no-export"]
+    steps = ["--min-steps", "12", "--max-steps", "12", "--no-export"]
     return _cli(
         flow,
         "plada-receive",
@@ -286,24 +286,16 @@ def _train(flow, out: Path, *extra: str, expect: int = 0):
 def test_local_mistakes_before_acceptance_cost_no_payload(flow) -> None:
     """A typo in --holdout, an empty or mismatched holdout, a .npy, an --out that cannot be
     written: each is a typed error, and the payload is not used up (it trains after)."""
+    import shutil
+
     import numpy as np
 
     root = flow["root"]
-    fresh = root / "fresh.plada"  # signed later than the flow's payload: never accepted
-    _cli(
-        flow,
-        "plada-send",
-        "select",
-        str(flow["work"]),
-        "--keep",
-        "0.1",
-        "--no-sheet",
-        "--signing-key",
-        f"{flow['key']}.key",
-        "--out",
-        str(fresh),
-    )
-    flow = {**flow, "payload": fresh}
+    device = root / "another-device-trust"  # trusts the station; has accepted nothing yet
+    device.mkdir()
+    for key in flow["trust"].glob("*.pub"):
+        shutil.copy(key, device)
+    flow = {**flow, "trust": device}
     test = np.load(root / "task" / "test.npz")
     np.save(root / "holdout.npy", test["images"])
     np.savez(
@@ -327,6 +319,7 @@ def test_local_mistakes_before_acceptance_cost_no_payload(flow) -> None:
     for extra, error, detail in cases:
         out = _train(flow, root / "student-mistake", *extra, expect=2)
         assert error in out.stderr and detail in out.stderr, out.stderr
+        assert not (root / "student-mistake").exists()  # no empty --out left behind
     unwritable = _train(flow, root / "a-file" / "student", expect=2)
     assert "StorageError" in unwritable.stderr and "--out" in unwritable.stderr
     good = _train(flow, str(root / "student-first") + "/", "--holdout", str(root / "task/test.npz"))
@@ -336,7 +329,7 @@ def test_local_mistakes_before_acceptance_cost_no_payload(flow) -> None:
     report = json.loads((root / "student-first" / "report.json").read_text())
     assert report["task"] == "digits"  # the task's own name, not the file's ("train")
     history = report["runs"][0]["history"]
-    assert "holdout_accuracy" in history[-1] and history[-1]["step"] == 20
+    assert "holdout_accuracy" in history[-1] and history[-1]["step"] == 12
 
 
 def test_an_accepted_payload_trains_again_but_never_into_a_used_out(flow) -> None:
