@@ -148,11 +148,11 @@ def main() -> None:
     receiver_ref = ["--reference", args.reference, "--cache-dir", str(work / "receiver-cache")]
     logs = work / "logs"
 
-    # task, reference, score, keygen, one select per scheme, plan, its select; receiver:
-    # reference, trust, one train per payload
+    # sender: task, reference, score, keygen, one select per scheme, plan, its select;
+    # receiver: reference, trust, one train per payload and the plan's
     key = work / "keys" / "demo-station"
     need_key = not key.with_suffix(".key").is_file()  # the station's signing key, made once
-    run = Steps(6 + need_key + 2 * len(SCHEMES) + 3).run
+    run = Steps(8 + need_key + 2 * len(SCHEMES)).run
     print("sender (ground station):")
     run([*send, "task", "digits", "--out", str(work / "task")], logs / "task.log", "sender task")
     sender_fp = run(
@@ -225,7 +225,7 @@ def main() -> None:
     plan_cmd += ["--confirm-steps", str(max(1, round(0.8 * args.steps)))]
     if args.plan_keeps:
         plan_cmd += ["--keeps", args.plan_keeps]
-    run(plan_cmd, logs / "plan.log", "sender plan (every candidate measured, ~3 min)")
+    run(plan_cmd, logs / "plan.log", "sender plan (every candidate measured: the longest step)")
     plan_summary = work / "payloads" / f"{PLAN}.json"
     run(
         [

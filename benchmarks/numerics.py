@@ -10,7 +10,8 @@ these alone changes the teacher's weights: ATen's vector width
 
 :data:`PINNED_ENV` fixes them all at what every x86-64 machine of the last decade has
 (AVX2) and at two threads; FAISS and OpenBLAS get the same treatment. The cost on
-2 cores is small (the demo's teacher trains in 2.0 s instead of 1.9 s).
+2 cores: the demo's teacher trains as fast, its students about 1.5x slower (oneDNN's
+AVX2 convolutions against AVX-512 ones), so ``make demo`` takes ~10 minutes, not 7.
 """
 
 from __future__ import annotations

@@ -80,6 +80,7 @@ def test_demo_report_has_every_row(demo_report) -> None:
     numerics = report["numerics"]  # what decides the numbers (benchmarks/numerics.py)
     assert not numerics["pinned"] and numerics["packages"]["torch"] and numerics["cpu"]
     assert "teacher" in stdout and "student accuracy" in stdout
+    assert "[25/25] receiver train plan ..." in stdout  # each step numbered and named
 
 
 def test_notebook_executes_on_the_report(demo_report) -> None:

@@ -60,3 +60,12 @@ def test_bad_specs() -> None:
         parse_glyph_spec("glyphs:colour=red")
     with pytest.raises(ReferenceSetError):
         parse_glyph_spec("glyphs:concepts=digit-1+no-such").concepts()
+
+
+def test_rendering_the_pool_shows_progress_and_throughput(capsys) -> None:
+    from protocol.reference.glyph_pool import generate_pool, parse_glyph_spec
+
+    spec = parse_glyph_spec("glyphs:per=3,concepts=digit-0+digit-1")
+    assert generate_pool(spec, workers=1, progress=True).shape == (6, 32, 32)
+    shown = capsys.readouterr().err
+    assert "rendering pool" in shown and "6/6" in shown and "img/s" in shown
