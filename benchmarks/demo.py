@@ -136,6 +136,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250, help="student optimizer steps")
     parser.add_argument("--teacher-epochs", type=int, default=40)
     parser.add_argument("--plan-keeps", help="the plan's keep fractions (default: its own grid)")
+    parser.add_argument(
+        "--no-export",
+        action="store_true",
+        help="skip the students' torch.export programs (quicker checks of the table)",
+    )
     args = parser.parse_args()
     reexec_pinned()  # the same table on any x86 machine (benchmarks/numerics.py)
     started = time.perf_counter()
@@ -282,6 +287,7 @@ def main() -> None:
                 "--out",
                 str(out),
                 "--quiet",
+                *(["--no-export"] if args.no_export else []),
             ],
             logs / f"train-{name}.log",
             f"receiver train {name}",

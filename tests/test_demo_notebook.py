@@ -35,6 +35,7 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory):
             "5",
             "--plan-keeps",
             "1%",
+            "--no-export",  # the export is tested with the receiver's own tests
         ],
         capture_output=True,
         text=True,
