@@ -30,7 +30,7 @@ from plada_cli import (
     task_images_for,
 )
 from protocol.atomic_files import writable_directory, write_json_atomic
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, PladaError
 from protocol.reference.factory import open_reference
 from protocol.signing import check_sender_id
 from protocol.timestamps import utc_text
@@ -345,7 +345,11 @@ def _sheet_target(args: argparse.Namespace):
         return None
     size = args.image_size or int(recorded.get("image_size", 64))
     cache_dir = args.cache_dir or (recorded.get("cache_dir") if not args.reference else None)
-    reference = open_reference(spec, cache_dir, size)
+    try:
+        reference = open_reference(spec, cache_dir, size)
+    except PladaError as exc:  # the picture is an extra: the payload does not wait for it
+        print(f"warning: no contact sheet, the reference set cannot be read: {exc}")
+        return None
     out = Path(args.out)
     return reference, out.with_name(f"{out.stem}.selection.png")
 
