@@ -296,7 +296,7 @@ def _wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
 # long enough to be stopped mid-run (the wait, `status` and the signal take ~2-3 s, under
 # 100 steps even on a loaded machine), short enough that finishing it after the restart
 # costs seconds
-LONG_RUN_STEPS = 600
+LONG_RUN_STEPS = 450  # the signal lands by ~step 250 even on a loaded machine
 
 
 def _training_step(home: Path) -> int:
