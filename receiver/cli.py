@@ -286,6 +286,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         not args.quiet,
         trust=policy.without_freshness(),
         raw=raw,
+        verified=payload,
     )
     print(summarize(report))
     print(f"report: {out / 'report.json'}")

@@ -286,13 +286,15 @@ def run_job(
     *,
     trust: TrustPolicy | None,
     raw: bytes | None = None,
+    verified: Payload | None = None,
 ) -> dict[str, Any]:
     """Train one student per seed from a payload; write weights, an exported program,
     report.json, summary.txt and a training-curve plot. Resumes an interrupted run.
 
     The payload is verified again under ``trust`` (the caller has checked its
     freshness when accepting it). ``raw``: the payload's bytes as the caller read and
-    verified them (else the file is read)."""
+    verified them (else the file is read); ``verified``: the payload the caller decoded
+    from ``raw`` under ``trust``, which is then not decoded again."""
     started = time.perf_counter()
     raw = read_payload_bytes(payload_path) if raw is None else raw
     sha256 = hashlib.sha256(raw).hexdigest()
@@ -303,7 +305,9 @@ def run_job(
     done = _finished_report(out, identity)
     if done is not None:  # this payload was already trained with these settings
         return done
-    payload = decode_payload(raw, reference=reference.manifest, trust=trust)
+    payload = verified
+    if payload is None:
+        payload = decode_payload(raw, reference=reference.manifest, trust=trust)
     payload.check_reference(reference.manifest)
     if holdout is not None:
         check_holdout(holdout, payload, reference)
@@ -379,6 +383,7 @@ def _train_seed(job: _Job, seed: int) -> dict[str, Any]:
     policy = CheckpointPolicy(
         job.state / f"seed{seed}.ckpt", settings.checkpoint_seconds, settings.checkpoint_steps
     )
+    evaluate = _holdout_evaluator(job.holdout)
     result = train_classifier(
         source,
         len(job.payload.class_names),
@@ -389,7 +394,7 @@ def _train_seed(job: _Job, seed: int) -> dict[str, Any]:
         should_stop=job.control.should_stop,
         data_id=job.sha256,
         on_step=_step_hook(job.control.on_step, seed),
-        evaluate=_holdout_evaluator(job.holdout),
+        evaluate=evaluate,
     )
     run: dict[str, Any] = {
         "seed": seed,
@@ -404,10 +409,10 @@ def _train_seed(job: _Job, seed: int) -> dict[str, Any]:
         "history": result.history,
         "curve": result.curve,
     }
-    if job.holdout is not None:
+    if evaluate is not None:
         last = result.history[-1] if result.history else {}
         if "holdout_accuracy" not in last:  # e.g. a run resumed after its last epoch
-            last = {"holdout_accuracy": _holdout_evaluator(job.holdout)(result.model)}
+            last = {"holdout_accuracy": evaluate(result.model)}
         run["holdout_accuracy"] = last["holdout_accuracy"]
     crash_point("outputs-saving")
     save_state_dict(result.model, job.out / run["model_file"])

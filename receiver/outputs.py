@@ -62,6 +62,13 @@ def export_program(model: nn.Module, image_shape: tuple[int, ...], path: Path) -
     }
 
 
+# the lower panel: (history key, legend name, line style)
+ACCURACY_LINES = (
+    ("train_accuracy", "training", {"ls": ":"}),
+    ("holdout_accuracy", "holdout", {"marker": "o", "ms": 3}),
+)
+
+
 def plot_training_curves(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     """Per seed: training loss by step with the learning rate (top); training accuracy
     per epoch and, with a holdout, held-out accuracy (bottom). To a PNG."""
@@ -85,24 +92,16 @@ def plot_training_curves(runs: list[dict[str, Any]], path: Path, title: str) -> 
             )
             rate_axis.plot(steps, [p["lr"] for p in curve], color="grey", lw=0.8, ls="--")
         history = [r for r in run.get("history") or [] if "step" in r]
-        if history:
-            accuracy_axis.plot(
-                [r["step"] for r in history],
-                [100 * r["train_accuracy"] for r in history],
-                color=colour,
-                ls=":",
-                label=f"training, seed {run['seed']}",
-            )
-        held = [r for r in history if "holdout_accuracy" in r]
-        if held:
-            accuracy_axis.plot(
-                [r["step"] for r in held],
-                [100 * r["holdout_accuracy"] for r in held],
-                color=colour,
-                marker="o",
-                ms=3,
-                label=f"holdout, seed {run['seed']}",
-            )
+        for key, name, style in ACCURACY_LINES:
+            points = [r for r in history if key in r]
+            if points:
+                accuracy_axis.plot(
+                    [r["step"] for r in points],
+                    [100 * r[key] for r in points],
+                    color=colour,
+                    label=f"{name}, seed {run['seed']}",
+                    **style,
+                )
     loss_axis.set_ylabel("training loss")
     rate_axis.set_ylabel("learning rate (dashed)")
     loss_axis.set_title(title)

@@ -101,10 +101,19 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _verify(flow, payload: Path, *extra: str, expect: int = 0, reference: str = SMALL_SPEC):
+def _verify(
+    flow,
+    payload: Path,
+    *extra: str,
+    expect: int = 0,
+    reference: str = SMALL_SPEC,
+    own_ledger: bool = False,
+):
     """`verify` against a ledger that has accepted nothing (`train` recorded the payload's
-    sequence number in TRUST/ledger.sqlite, so there it would be a replay)."""
-    extra = ("--ledger", str(flow["root"] / "empty-ledger.sqlite"), *extra)
+    sequence number in TRUST/ledger.sqlite, so there it would be a replay); with
+    ``own_ledger``, against TRUST/ledger.sqlite itself."""
+    if not own_ledger:
+        extra = ("--ledger", str(flow["root"] / "empty-ledger.sqlite"), *extra)
     return run(
         [
             *cli("plada-receive"),
@@ -438,18 +447,7 @@ def test_unwritable_outputs_and_a_missing_trust_store_are_typed_errors(flow) -> 
     assert "TrustStoreError" in verify.stderr and "does not exist" in verify.stderr
     assert not missing.exists()
     before = sorted(p.name for p in flow["trust"].iterdir())
-    _cli(
-        flow,
-        "plada-receive",
-        "verify",
-        str(flow["payload"]),
-        "--reference",
-        SMALL_SPEC,
-        "--cache-dir",
-        str(flow["receiver_cache"]),
-        "--trust",
-        str(flow["trust"]),
-    )
+    _verify(flow, flow["payload"], own_ledger=True)
     assert sorted(p.name for p in flow["trust"].iterdir()) == before  # verify writes nothing
 
 

@@ -440,15 +440,9 @@ def test_http_upload_is_verified_queued_and_followed(tmp_path, payloads, cache_d
         assert call("/nowhere")[0] == 404
         assert call("/jobs/" + "0" * 64)[0] == 404  # never received
         assert call("/jobs/not-a-digest")[0] == 400
-        busy = subprocess.run(  # a second daemon on the same port ends at once, typed
-            _daemon_args(tmp_path / "home-2", cache_dir, "--http-port", str(port)),
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert busy.returncode == 2 and "--http-port" in busy.stderr, busy.stderr
-        assert "Traceback" not in busy.stderr
+        # a second daemon on the same port ends at once, typed
+        busy = _refused_start(tmp_path / "home-2", cache_dir, "--http-port", str(port))
+        assert "--http-port" in busy
     finally:
         daemon.terminate()
         assert daemon.wait(timeout=60) == 0
@@ -469,12 +463,19 @@ def test_daemon_with_a_npy_holdout_stops_with_a_typed_error(tmp_path, cache_dir)
     import numpy as np
 
     np.save(tmp_path / "holdout.npy", np.zeros((4, 1, 32, 32), np.uint8))
+    holdout = str(tmp_path / "holdout.npy")
+    assert "TaskDataError" in _refused_start(tmp_path / "home", cache_dir, "--holdout", holdout)
+
+
+def _refused_start(home: Path, cache_dir: Path, *extra: str) -> str:
+    """Start a daemon that must stop at once with a typed error (exit 2, no traceback);
+    returns its stderr."""
     started = subprocess.run(
-        _daemon_args(tmp_path / "home", cache_dir, "--holdout", str(tmp_path / "holdout.npy")),
+        _daemon_args(home, cache_dir, *extra),
         env=cli_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert started.returncode == 2 and "TaskDataError" in started.stderr, started.stderr
-    assert "Traceback" not in started.stderr
+    assert started.returncode == 2 and "Traceback" not in started.stderr, started.stderr
+    return started.stderr
