@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -43,7 +44,8 @@ def fsync_directory(path: Path) -> None:
 
 
 def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """A hidden name beside ``path`` that no other writer (process or thread) uses."""
+    return path.with_name(f".{path.name[:180]}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
 
 
 @contextlib.contextmanager

@@ -77,6 +77,14 @@ class ExpiredPayloadError(TrustError):
     """The payload's expiry time has passed on the receiver's clock."""
 
 
+class LifetimeError(TrustError):
+    """The payload's lifetime or sequence number is beyond what the receiver's clock allows."""
+
+
+class WrongAudienceError(TrustError):
+    """The payload is addressed to another device or group."""
+
+
 class ReplayError(TrustError):
     """The payload's sequence number was already accepted from its sender."""
 

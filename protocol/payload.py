@@ -3,11 +3,14 @@
 Layout (all integers little-endian; see ``protocol/FORMAT.md``)::
 
     magic   8 bytes   89 50 4C 44 0D 0A 1A 0A   ("\\x89PLD\\r\\n\\x1a\\n")
-    version 1 byte    3: signed; 2: unsigned (1 is still read)
-    [version 3 only: the signed envelope]
+    version 1 byte    4: signed, for one audience; 3: signed; 2: unsigned (1 is still read)
+    [versions 3 and 4: the signed envelope]
     algorithm 1 byte  1 = Ed25519
     key id  8 bytes   which of the sender's keys signed
     slen    u8        length of the sender id, then the sender id (ASCII)
+    [version 4 only]
+    alen    u8        length of the audience, then the audience (ASCII, the rule of a
+                      sender id): the device id or device group the payload is for
     sequence u64      the sender's sequence number (replay and rollback protection)
     expires  u64      Unix seconds after which the payload is refused
     hlen    u32       length of the header
@@ -18,7 +21,7 @@ Layout (all integers little-endian; see ``protocol/FORMAT.md``)::
                       "blocks/rans": the block-aware rANS code of ``protocol/block_code.py``
     digest  32 bytes  SHA-256 over "plada-payload-v<version>", the bytes from magic to the
                       end of the header, and the decoded content (indices u64, labels u32)
-    [version 3 only]
+    [versions 3 and 4]
     signature 64 bytes  Ed25519 over "plada-signed-payload-v3\\n" + every byte before it
 
 The encoder tries every coding available for the selection and keeps the
@@ -81,7 +84,8 @@ from protocol.varint import decode_uvarints, encode_uvarints
 MAGIC = b"\x89PLD\r\n\x1a\n"
 FORMAT_VERSION = 2  # unsigned payloads
 SIGNED_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+AUDIENCE_VERSION = 4  # signed, with an audience
+READABLE_VERSIONS = (1, 2, 3, 4)
 BODY_CODING = "delta-varint/zstd"
 BLOCK_CODING = "blocks/rans"
 ZSTD_LEVEL = 19
@@ -112,10 +116,13 @@ class SenderStamp:
     sender: str
     sequence: int
     expires: int  # Unix seconds
+    audience: str | None = None  # the device id or group it is for (None: any receiver)
 
     def __post_init__(self) -> None:
         if not is_valid_sender_id(self.sender):
             raise MalformedHeaderError(f"invalid sender id {self.sender!r}")
+        if self.audience is not None and not is_valid_sender_id(self.audience):
+            raise MalformedHeaderError(f"invalid audience {self.audience!r}")
         if not 1 <= self.sequence <= MAX_SEQUENCE:
             raise MalformedHeaderError(f"sequence number {self.sequence} outside [1, 2^63)")
         if not 0 < self.expires <= MAX_SEQUENCE:
@@ -272,8 +279,9 @@ def encode_payload_detailed(
 ) -> EncodedPayload:
     """Serialize ``payload``, keeping the smallest of the body ``codings``.
 
-    With ``signer`` the payload is format v3, stamped with ``payload.sender``
-    (whose sender id must be the key's) and signed; without it, unsigned v2.
+    With ``signer`` the payload is signed and stamped with ``payload.sender`` (whose
+    sender id must be the key's): format v4 when the stamp names an audience, else
+    v3; without it, unsigned v2.
     ``reference`` (the sender's manifest or its block layout) lets ``blocks/rans``
     follow the reference folders; without it only fixed-size blocks are tried.
     """
@@ -297,7 +305,7 @@ def encode_payload_detailed(
         version = FORMAT_VERSION
         head = _PREFIX.pack(MAGIC, version, len(header_bytes)) + header_bytes
     else:
-        version = SIGNED_VERSION
+        version = envelope[len(MAGIC)]
         head = envelope + _U32.pack(len(header_bytes)) + header_bytes
     digest = _digest(version, head, payload.indices, payload.labels)
     encoded = head + _U32.pack(len(body)) + body + digest
@@ -357,8 +365,13 @@ def _envelope(payload: Payload, signer: SigningKey | None, created: int) -> byte
     if stamp.expires <= created:
         raise ValueError("a payload must expire after it is created")
     sender = stamp.sender.encode("ascii")
-    head = _ENVELOPE_HEAD.pack(MAGIC, SIGNED_VERSION, ALGORITHM_ED25519, signer.key_id, len(sender))
-    return head + sender + struct.pack("<QQ", stamp.sequence, stamp.expires)
+    version = SIGNED_VERSION if stamp.audience is None else AUDIENCE_VERSION
+    head = _ENVELOPE_HEAD.pack(MAGIC, version, ALGORITHM_ED25519, signer.key_id, len(sender))
+    head += sender
+    if stamp.audience is not None:
+        audience = stamp.audience.encode("ascii")
+        head += bytes([len(audience)]) + audience
+    return head + struct.pack("<QQ", stamp.sequence, stamp.expires)
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -422,12 +435,13 @@ class _Frame:
     header_end: int
     body_start: int
     digest_start: int
-    total: int  # the end of the digest, or of the signature (v3)
+    total: int  # the end of the digest, or of the signature (v3, v4)
     algorithm: int = 0
     key_id: bytes = b""
     sender: str = ""
     sequence: int = 0
     expires: int = 0
+    audience: str | None = None
 
     @property
     def digest_end(self) -> int:
@@ -490,7 +504,7 @@ def _frame(data: bytes, max_bytes: int) -> _Frame:
 
 
 def _parse_envelope(data: bytes) -> tuple[dict[str, Any], int]:
-    """The fixed fields of a v3 envelope and where its header starts."""
+    """The fixed fields of a v3 or v4 envelope and where its header starts."""
     if len(data) < _ENVELOPE_HEAD.size:
         raise TruncatedPayloadError("payload ends inside its envelope: the file is truncated")
     _, _, algorithm, key_id, sender_len = _ENVELOPE_HEAD.unpack_from(data)
@@ -502,13 +516,21 @@ def _parse_envelope(data: bytes) -> tuple[dict[str, Any], int]:
     if not 1 <= sender_len <= MAX_SENDER_ID:
         raise MalformedHeaderError(f"sender id length {sender_len} outside [1, {MAX_SENDER_ID}]")
     tail = _ENVELOPE_HEAD.size + sender_len
+    sender = _envelope_id(data, _ENVELOPE_HEAD.size, tail, "sender id")
+    audience = None
+    if data[len(MAGIC)] >= AUDIENCE_VERSION:
+        if len(data) < tail + 1:
+            raise TruncatedPayloadError("payload ends inside its envelope: the file is truncated")
+        audience_len = data[tail]
+        if not 1 <= audience_len <= MAX_SENDER_ID:
+            raise MalformedHeaderError(
+                f"audience length {audience_len} outside [1, {MAX_SENDER_ID}]"
+            )
+        audience = _envelope_id(data, tail + 1, tail + 1 + audience_len, "audience")
+        tail += 1 + audience_len
     header_start = tail + _ENVELOPE_TAIL.size
     if len(data) < header_start:
         raise TruncatedPayloadError("payload ends inside its envelope: the file is truncated")
-    raw_sender = data[_ENVELOPE_HEAD.size : tail]
-    sender = raw_sender.decode("ascii", errors="replace")
-    if not is_valid_sender_id(sender):
-        raise MalformedHeaderError(f"sender id {raw_sender!r} is not a valid sender id")
     sequence, expires, _ = _ENVELOPE_TAIL.unpack_from(data, tail)
     fields = {
         "algorithm": algorithm,
@@ -516,12 +538,24 @@ def _parse_envelope(data: bytes) -> tuple[dict[str, Any], int]:
         "sender": sender,
         "sequence": sequence,
         "expires": expires,
+        "audience": audience,
     }
     return fields, header_start
 
 
+def _envelope_id(data: bytes, start: int, end: int, what: str) -> str:
+    """The sender id or audience at ``data[start:end]``, checked against the id rule."""
+    if len(data) < end:
+        raise TruncatedPayloadError("payload ends inside its envelope: the file is truncated")
+    raw = data[start:end]
+    text = raw.decode("ascii", errors="replace")
+    if not is_valid_sender_id(text):
+        raise MalformedHeaderError(f"{what} {raw!r} is not a valid {what}")
+    return text
+
+
 def _check_origin(data: bytes, frame: _Frame, trust: TrustPolicy | None) -> SenderStamp | None:
-    """Signature, expiry, replay and rollback: everything before the header is read."""
+    """Signature, audience, expiry, replay and rollback: all before the header is read."""
     if frame.version < SIGNED_VERSION:
         if trust is not None:
             trust.check_unsigned(frame.version)
@@ -533,8 +567,9 @@ def _check_origin(data: bytes, frame: _Frame, trust: TrustPolicy | None) -> Send
             data[frame.digest_end : frame.total],
             data[: frame.digest_end],
         )
-    stamp = SenderStamp(frame.sender, frame.sequence, frame.expires)
+    stamp = SenderStamp(frame.sender, frame.sequence, frame.expires, frame.audience)
     if trust is not None:
+        trust.check_audience(stamp.sender, stamp.audience)
         trust.check_freshness(stamp.sender, stamp.sequence, stamp.expires)
     return stamp
 

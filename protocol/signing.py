@@ -60,6 +60,47 @@ def check_sender_id(sender: str) -> str:
     return sender
 
 
+_P = 2**255 - 19
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+def _edwards_add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    (x1, y1), (x2, y2) = a, b
+    t = _D * x1 * x2 * y1 * y2 % _P
+    x3 = (x1 * y2 + y1 * x2) * pow(1 + t, _P - 2, _P) % _P
+    y3 = (y1 * y2 + x1 * x2) * pow(1 - t, _P - 2, _P) % _P
+    return x3, y3
+
+
+def public_key_problem(raw: bytes) -> str | None:
+    """Why ``raw`` is not a usable Ed25519 public key (None: it is): not 32 bytes, a
+    non-canonical encoding, not a point of the curve, or a point of small order (such
+    a "key" accepts signatures nobody made, so it must never be trusted)."""
+    if len(raw) != PUBLIC_KEY_BYTES:
+        return "an Ed25519 public key is 32 bytes"
+    encoded = int.from_bytes(raw, "little")
+    y, sign = encoded & ((1 << 255) - 1), encoded >> 255
+    if y >= _P:
+        return "non-canonical encoding (y >= 2^255 - 19)"
+    xx = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P) % _P
+    x = pow(xx, (_P + 3) // 8, _P)
+    if (x * x - xx) % _P:
+        x = x * _SQRT_M1 % _P
+    if (x * x - xx) % _P:
+        return "not a point of the Ed25519 curve"
+    if x == 0 and sign:
+        return "non-canonical encoding (negative zero)"
+    if x & 1 != sign:
+        x = _P - x
+    point = (x, y)
+    for _ in range(3):  # 8 P: the identity exactly when P has small order
+        point = _edwards_add(point, point)
+    if point == (0, 1):
+        return "a point of small order (a weak key that verifies forged signatures)"
+    return None
+
+
 def key_id_of(public_key: bytes) -> bytes:
     """The 8-byte id of a raw Ed25519 public key."""
     return hashlib.sha256(b"plada-key-v1\n" + public_key).digest()[:KEY_ID_BYTES]
@@ -74,8 +115,9 @@ class SenderKey:
 
     def __post_init__(self) -> None:
         check_sender_id(self.sender)
-        if len(self.public_key) != PUBLIC_KEY_BYTES:
-            raise SigningKeyError("an Ed25519 public key is 32 bytes")
+        problem = public_key_problem(bytes(self.public_key))
+        if problem is not None:
+            raise SigningKeyError(f"refused public key of sender {self.sender!r}: {problem}")
 
     @property
     def key_id(self) -> bytes:
@@ -101,8 +143,9 @@ class SenderKey:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the public key file (JSON) atomically."""
+        """Write the public key file (JSON, mode 0644 whatever the umask) atomically."""
         write_json_atomic(Path(path), self.as_dict(), durable=True)
+        os.chmod(path, 0o644)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SenderKey:
@@ -189,6 +232,12 @@ class SigningKey:
         ``PLADA_SIGNING_PASSPHRASE`` environment variable)."""
         path = Path(path)
         data = _read_json(path, "signing key")
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise SigningKeyError(
+                f"signing key {path} is readable or writable by others (mode {mode:o}): anyone "
+                f"on this machine could sign as its sender; run `chmod 600 {path}`"
+            )
         if data.get("format") != PRIVATE_FORMAT or "private_key_pem" not in data:
             raise SigningKeyError(
                 f"{path} is not a plada signing key file: use the .key file `plada-send keygen` "

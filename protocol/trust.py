@@ -11,6 +11,18 @@ Clock: expiry is compared with ``time.time()``, the system's real-time clock
 (UTC seconds). On a device that keeps it with NTP, GNSS or a battery-backed RTC
 that is the right source; a device with no trusted clock disables the check
 (``check_expiry=False``, ``--no-expiry-check``) and relies on sequence numbers.
+
+Sanity limits, so that one signed but careless (or stolen-key) payload cannot lock a
+sender out for good: senders number payloads with at least the milliseconds since
+1970 (``plada-send``'s counter), so with a trusted clock a sequence number more than
+``max_clock_ahead`` past the receiver's clock is refused, and so is a lifetime
+(expiry minus now) above ``max_lifetime``. ``plada-receive trust reset-sequence``
+is the operator's way out of a lockout that happened anyway.
+
+Audience: a payload may be addressed to one device id or device group (format v4);
+a receiver accepts it only if that is its own id or one of its groups. Payloads
+without an audience are for any receiver that trusts the sender, unless the policy
+requires one.
 """
 
 from __future__ import annotations
@@ -22,14 +34,19 @@ from dataclasses import dataclass, field, replace
 from protocol.errors import (
     BadSignatureError,
     ExpiredPayloadError,
+    LifetimeError,
     ReplayError,
     RollbackError,
     UnknownSenderError,
     UnsignedPayloadError,
+    WrongAudienceError,
     WrongKeyError,
 )
 from protocol.signing import SenderKey
 from protocol.timestamps import utc_text
+
+DEFAULT_MAX_LIFETIME = 400 * 86400.0
+DEFAULT_MAX_CLOCK_AHEAD = 86400.0
 
 
 class TrustStore:
@@ -89,6 +106,10 @@ class TrustPolicy:
     check_expiry: bool = True
     clock: Callable[[], float] = time.time
     last_sequence: Callable[[str], int | None] | None = None
+    audiences: frozenset[str] = frozenset()  # this device's id and groups
+    require_audience: bool = False
+    max_lifetime: float = DEFAULT_MAX_LIFETIME  # seconds from now to expiry
+    max_clock_ahead: float = DEFAULT_MAX_CLOCK_AHEAD  # seconds a sequence may lead the clock
 
     def without_freshness(self) -> TrustPolicy:
         """The same keys and unsigned rule, without expiry and sequence checks: for a
@@ -116,8 +137,27 @@ class TrustPolicy:
             )
         return key
 
+    def check_audience(self, sender: str, audience: str | None) -> None:
+        """Refuse a payload addressed to another device or group (or to none, when this
+        receiver requires an audience)."""
+        if audience is None:
+            if self.require_audience:
+                raise WrongAudienceError(
+                    f"payload from {sender!r} names no audience and this receiver requires "
+                    "one: ask the sender to address it (plada-send select --audience ID)"
+                )
+            return
+        if audience not in self.audiences:
+            mine = ", ".join(sorted(self.audiences)) or "none set"
+            raise WrongAudienceError(
+                f"payload from {sender!r} is addressed to {audience!r}, not to this device "
+                f"(its id and groups: {mine}): refused; if this device should take it, start "
+                "the receiver with --device-id or --group naming it"
+            )
+
     def check_freshness(self, sender: str, sequence: int, expires: int) -> None:
-        """Refuse an expired payload, a replayed one and a rolled-back one."""
+        """Refuse an expired payload, a replayed one and a rolled-back one; with a trusted
+        clock also a lifetime over ``max_lifetime`` and a sequence number too far ahead."""
         if self.check_expiry:
             now = self.clock()
             if now >= expires:
@@ -125,6 +165,20 @@ class TrustPolicy:
                     f"payload expired at {utc_text(expires)} (receiver clock: {utc_text(now)}): "
                     "ask the sender for a fresh one; if this device's clock is wrong, fix it, "
                     "or run without a trusted clock using --no-expiry-check"
+                )
+            if expires - now > self.max_lifetime:
+                raise LifetimeError(
+                    f"payload from {sender!r} expires {(expires - now) / 86400:.3g} days from "
+                    f"now, over this receiver's limit of {self.max_lifetime / 86400:.3g} days: "
+                    "refused; ask the sender for one with a shorter --expires-in"
+                )
+            ahead = sequence / 1000 - now
+            if ahead > self.max_clock_ahead:
+                raise LifetimeError(
+                    f"payload from {sender!r} has sequence number {sequence}, "
+                    f"{ahead / 86400:.3g} days ahead of this device's clock (limit "
+                    f"{self.max_clock_ahead / 86400:.3g}): refused, since accepting it would "
+                    "lock the sender out; fix the sender's sequence counter or this clock"
                 )
         if self.last_sequence is None:
             return

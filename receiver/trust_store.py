@@ -26,8 +26,10 @@ def load_trust_store(directory: str | os.PathLike[str]) -> TrustStore:
         return TrustStore()
     if not directory.is_dir():
         raise TrustStoreError(f"trust store {directory} is not a directory")
+    check_not_writable_by_others(directory, "trust store")
     keys = []
     for path in sorted(directory.glob(f"*{KEY_SUFFIX}")):
+        check_not_writable_by_others(path, "trusted key")
         try:
             keys.append(SenderKey.load(path))
         except SigningKeyError as exc:
@@ -37,10 +39,22 @@ def load_trust_store(directory: str | os.PathLike[str]) -> TrustStore:
     return TrustStore(keys)
 
 
+def check_not_writable_by_others(path: Path, what: str) -> None:
+    """``TrustStoreError`` if users other than the owner may change ``path``: whoever can
+    write a trust store can make this device trust any key."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o022:
+        raise TrustStoreError(
+            f"{what} {path} is writable by group or others (mode {mode:o}): anyone among them "
+            f"could install a key this device then trusts; run `chmod go-w {path}`"
+        )
+
+
 def add_key(directory: str | os.PathLike[str], key: SenderKey) -> Path:
     """Install ``key`` into the trust store ``directory``; returns the file written."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    check_not_writable_by_others(directory, "trust store")
     path = directory / f"{key.sender}.{key.key_id.hex()}{KEY_SUFFIX}"
     key.save(path)
     return path

@@ -4,6 +4,7 @@ keys, trust store, sender sequence numbers and the receiver's ledger."""
 from __future__ import annotations
 
 import hashlib
+import math
 import multiprocessing
 import os
 import stat
@@ -335,16 +336,20 @@ SIGNED_SAMPLE = signed()
     k=st.integers(2, 50),
     sequence=st.integers(1, (1 << 63) - 1),
     seed=st.integers(0, 2**32 - 1),
+    audience=st.none() | st.sampled_from(["rover-7", "fleet.north", "x" * 64]),
 )
-def test_signed_round_trip_property(indices, k, sequence, seed) -> None:
+def test_signed_round_trip_property(indices, k, sequence, seed, audience) -> None:
     idx = np.array(sorted(indices))
     labels = np.random.default_rng(seed).integers(0, k, idx.size)
-    stamp = SenderStamp("station-1", sequence, NOW + 1)
+    stamp = SenderStamp("station-1", sequence, NOW + 1, audience)
     names = tuple(f"c{i}" for i in range(k))
     payload = Payload("t", "ref", FP, 1000, names, idx, labels, created=NOW - 1, sender=stamp)
-    got = decode_payload(encode_payload(payload, signer=STATION), trust=policy())
+    data = encode_payload(payload, signer=STATION)
+    assert data[8] == (3 if audience is None else 4)  # v3 stays v3: old receivers read it
+    receiver = policy(max_clock_ahead=math.inf, audiences=frozenset({audience or "rover-7"}))
+    got = decode_payload(data, trust=receiver)
     assert np.array_equal(got.indices, idx) and np.array_equal(got.labels, labels)
-    assert got.sender.sequence == sequence
+    assert got.sender == stamp
 
 
 # --- keys, trust store, sequence numbers, ledger --------------------------------------------
