@@ -52,6 +52,11 @@ class ReferenceRequiredError(PayloadError):
     """The payload's body can only be decoded with the reference set's manifest."""
 
 
+class InboxEntryError(PayloadError):
+    """An inbox entry is not a payload file this device may read: a link, a FIFO or
+    device, or a file that cannot be read."""
+
+
 class TrustError(PayloadError):
     """The payload's origin or freshness could not be established (signature, sender,
     sequence number, expiry)."""

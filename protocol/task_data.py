@@ -168,12 +168,14 @@ def image_folder_files(
 def _load_image_folder(root: Path, size: int, channels: int) -> LabeledImages:
     from PIL import Image, UnidentifiedImageError
 
+    from protocol.images import opened_image
+
     files, labels, classes = image_folder_files(root)
     mode = {1: "L", 3: "RGB"}[channels]
     images = []
     for file in files:
         try:
-            with Image.open(file) as img:
+            with opened_image(file) as img:
                 converted = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             raise TaskDataError(f"cannot read image {file}: {exc}") from exc

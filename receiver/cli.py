@@ -1,6 +1,7 @@
 """``plada-receive``: the edge device's command line.
 
 plada-receive trust add SENDER.pub --trust DIR        trust a sender's public key
+plada-receive trust reset-sequence SENDER --home DIR  forget a sender's last sequence number
 plada-receive verify PAYLOAD --reference SPEC --trust DIR
 plada-receive train PAYLOAD --reference SPEC --trust DIR [--holdout test.npz] --out DIR
 plada-receive daemon --home DIR --reference SPEC      watch an inbox, train every payload
@@ -31,9 +32,16 @@ from protocol.errors import ConfigError, PladaError, TrustStoreError
 from protocol.payload import decode_payload, read_payload_bytes
 from protocol.signing import SenderKey
 from protocol.timestamps import utc_text
-from receiver.ledger import SequenceLedger
+from receiver.intake import IntakeSettings, check_job_size
+from receiver.ledger import LEDGER_FILE, SequenceLedger
 from receiver.status import open_home_queue, print_status
-from receiver.trust_store import add_key, build_trust_policy, load_trust_store, remove_keys
+from receiver.trust_store import (
+    TrustOptions,
+    add_key,
+    build_trust_policy,
+    load_trust_store,
+    remove_keys,
+)
 
 if TYPE_CHECKING:
     from protocol.payload import Payload
@@ -46,7 +54,7 @@ if TYPE_CHECKING:
 # --help and the light subcommands start in a fraction of a second.
 
 TRUST_ENV = "PLADA_TRUST_DIR"
-LEDGER_FILE = "ledger.sqlite"
+DEFAULT_INTAKE = IntakeSettings()
 
 
 def add_trust_options(parser: argparse.ArgumentParser, daemon: bool = False) -> None:
@@ -69,6 +77,58 @@ def add_trust_options(parser: argparse.ArgumentParser, daemon: bool = False) -> 
         action="store_true",
         help="for a device without a trusted clock: ignore payload expiry (sequence numbers "
         "still stop replays)",
+    )
+    group.add_argument(
+        "--device-id", help="this device's id: payloads addressed to it are accepted"
+    )
+    group.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        help="a device group this device belongs to (repeat for several)",
+    )
+    group.add_argument(
+        "--require-audience",
+        action="store_true",
+        help="refuse payloads that name no audience (device id or group)",
+    )
+    group.add_argument(
+        "--max-lifetime-days",
+        type=float,
+        default=400.0,
+        help="refuse payloads that expire further ahead than this",
+    )
+    group.add_argument(
+        "--max-clock-ahead-hours",
+        type=float,
+        default=24.0,
+        help="refuse sequence numbers (milliseconds since 1970) this far past the clock",
+    )
+    caps = parser.add_argument_group("caps per job")
+    caps.add_argument(
+        "--max-job-images",
+        type=int,
+        default=DEFAULT_INTAKE.max_images,
+        help="refuse payloads that keep more reference images",
+    )
+    caps.add_argument(
+        "--max-job-classes",
+        type=int,
+        default=DEFAULT_INTAKE.max_classes,
+        help="refuse payloads with more classes",
+    )
+
+
+def trust_options_from_args(args: argparse.Namespace) -> TrustOptions:
+    """The freshness and audience rules of the trust options."""
+    audiences = set(args.group) | ({args.device_id} if args.device_id else set())
+    return TrustOptions(
+        allow_unsigned=args.allow_unsigned,
+        check_expiry=not args.no_expiry_check,
+        audiences=frozenset(audiences),
+        require_audience=args.require_audience,
+        max_lifetime=args.max_lifetime_days * 86400,
+        max_clock_ahead=args.max_clock_ahead_hours * 3600,
     )
 
 
@@ -99,8 +159,7 @@ def _ledger(args: argparse.Namespace, read_only: bool = False) -> SequenceLedger
 def _policy(args: argparse.Namespace, ledger=None):
     return build_trust_policy(
         _existing_trust_dir(args),
-        args.allow_unsigned,
-        check_expiry=not args.no_expiry_check,
+        trust_options_from_args(args),
         last_sequence=ledger.last if ledger is not None else None,
     )
 
@@ -315,6 +374,7 @@ def _accept(
         if again:
             policy = policy.without_freshness()
         payload = decode_payload(raw, reference=reference.manifest, trust=policy)
+        check_job_size(payload, args.max_job_images, args.max_job_classes)
         check_trainable(payload, reference, settings, holdout)
         if payload.sender is not None and ledger is not None and not again:
             ledger.record(payload.sender.sender, payload.sender.sequence, sha256)
@@ -348,6 +408,24 @@ def _cmd_trust_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trust_reset_sequence(args: argparse.Namespace) -> int:
+    path = Path(args.home) / LEDGER_FILE if args.home else _trust_store_dir(args) / LEDGER_FILE
+    if not path.is_file():
+        raise TrustStoreError(f"no sequence ledger at {path}: nothing to reset")
+    ledger = SequenceLedger(path)
+    try:
+        forgotten = ledger.reset(args.sender)
+    finally:
+        ledger.close()
+    if forgotten is None:
+        raise ConfigError(f"the ledger {path} holds no sequence number of {args.sender!r}")
+    print(
+        f"forgot sequence {forgotten} of sender {args.sender} in {path}: its next payload is "
+        "accepted whatever its sequence number, and replays are refused from then on"
+    )
+    return 0
+
+
 def _cmd_trust_list(args: argparse.Namespace) -> int:
     trust_dir = _trust_store_dir(args)
     store = load_trust_store(trust_dir)
@@ -359,6 +437,7 @@ def _cmd_trust_list(args: argparse.Namespace) -> int:
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
     from receiver.daemon import DaemonConfig, run_daemon
+    from receiver.http_upload import HttpLimits
 
     config = DaemonConfig(
         home=args.home,
@@ -369,13 +448,22 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         settings=job_settings_from_args(args),
         http_port=args.http_port,
+        http=HttpLimits(args.http_max_connections, args.http_timeout_seconds),
         poll_seconds=args.poll_seconds,
-        settle_seconds=args.settle_seconds,
+        intake=IntakeSettings(
+            settle_seconds=args.settle_seconds,
+            reorder_seconds=args.reorder_seconds,
+            max_bytes=args.max_payload_bytes,
+            max_images=args.max_job_images,
+            max_classes=args.max_job_classes,
+            quarantine_max_files=args.quarantine_max_files,
+            quarantine_max_bytes=int(args.quarantine_max_mb * 2**20),
+        ),
         exit_when_idle=args.exit_when_idle,
         max_restarts=args.max_restarts,
         trust_dir=args.trust,
-        allow_unsigned=args.allow_unsigned,
-        check_expiry=not args.no_expiry_check,
+        trust=trust_options_from_args(args),
+        accept_empty_ledger=args.accept_empty_ledger,
     )
     return run_daemon(config)
 
@@ -450,6 +538,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="a file must be unchanged this long before it is read",
     )
     daemon.add_argument(
+        "--reorder-seconds",
+        type=float,
+        default=DEFAULT_INTAKE.reorder_seconds,
+        help="a verified payload waits this long, so that older ones of its sender that "
+        "arrive just after it are accepted first",
+    )
+    daemon.add_argument(
+        "--max-payload-bytes",
+        type=int,
+        default=DEFAULT_INTAKE.max_bytes,
+        help="refuse inbox files and uploads larger than this",
+    )
+    daemon.add_argument(
+        "--quarantine-max-files",
+        type=int,
+        default=DEFAULT_INTAKE.quarantine_max_files,
+        help="quarantine quota: the oldest entries are purged beyond it",
+    )
+    daemon.add_argument(
+        "--quarantine-max-mb",
+        type=float,
+        default=DEFAULT_INTAKE.quarantine_max_bytes / 2**20,
+        help="quarantine quota in MiB: the oldest entries are purged beyond it",
+    )
+    daemon.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=16,
+        help="requests served at once; more are answered 503",
+    )
+    daemon.add_argument(
+        "--http-timeout-seconds",
+        type=float,
+        default=10.0,
+        help="an HTTP client silent this long is disconnected",
+    )
+    daemon.add_argument(
+        "--accept-empty-ledger",
+        action="store_true",
+        help="start even though the sequence ledger is lost and cannot be rebuilt (old "
+        "payloads would be accepted again)",
+    )
+    daemon.add_argument(
         "--max-restarts",
         type=int,
         default=3,
@@ -486,7 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
     remove.set_defaults(func=_cmd_trust_remove)
     listing = actions.add_parser("list", help="the trusted keys")
     listing.set_defaults(func=_cmd_trust_list)
-    for command in (add, remove, listing):
+    reset = actions.add_parser(
+        "reset-sequence",
+        help="forget a sender's last accepted sequence number (after a lockout)",
+    )
+    reset.add_argument("sender", metavar="SENDER", help="the sender id")
+    reset.set_defaults(func=_cmd_trust_reset_sequence)
+    for command in (add, remove, listing, reset):
         where = command.add_mutually_exclusive_group()
         where.add_argument("--trust", help=f"trust store directory (default ${TRUST_ENV})")
         where.add_argument("--home", help="a daemon's home: its trust store HOME/trust")

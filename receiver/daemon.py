@@ -25,15 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.errors import PladaError
-from protocol.payload import MAX_PAYLOAD_BYTES
 from protocol.reference.factory import open_reference
 from protocol.task_data import load_labeled_images
-from receiver.http_upload import start_http
-from receiver.intake import Intake
+from receiver.http_upload import HttpLimits, start_http
+from receiver.intake import Intake, IntakeSettings
 from receiver.job import JobControl, JobSettings, run_job
 from receiver.job_queue import Job, JobQueue
+from receiver.ledger import open_home_ledger
 from receiver.logs import setup_logging
 from receiver.status import HEALTH_FILE, QUEUE_FILE, HealthFile, collect_status
+from receiver.trust_store import TrustOptions
 from receiver.workers import WorkerLock
 from trainer.faults import crash_point
 from trainer.training import StepReport, TrainingInterrupted
@@ -54,14 +55,14 @@ class DaemonConfig:
     holdout: str | None = None
     settings: JobSettings = field(default_factory=JobSettings)
     http_port: int = 0
+    http: HttpLimits = field(default_factory=HttpLimits)
     poll_seconds: float = 1.0
-    settle_seconds: float = 2.0
+    intake: IntakeSettings = field(default_factory=IntakeSettings)
     exit_when_idle: bool = False
     max_restarts: int = 3
-    max_payload_bytes: int = MAX_PAYLOAD_BYTES
     trust_dir: str | None = None  # default HOME/trust
-    allow_unsigned: bool = False  # development only
-    check_expiry: bool = True
+    trust: TrustOptions = field(default_factory=TrustOptions)
+    accept_empty_ledger: bool = False
 
 
 def _folder_name(job: Job) -> str:
@@ -82,7 +83,7 @@ class Daemon:
         self.results.mkdir(exist_ok=True)
         setup_logging(self.home / "logs" / "daemon.jsonl")
         self.worker = WorkerLock(self.home)
-        self.queue = JobQueue(self.home / QUEUE_FILE)
+        self.queue = JobQueue(self.home / QUEUE_FILE, check=True)
         self.health = HealthFile(
             self.home / HEALTH_FILE,
             owner=self.worker.owner,
@@ -264,6 +265,12 @@ class Daemon:
             force=True,
             reference=reference.manifest.summary(),
         )
+        ledger = open_home_ledger(
+            self.home,
+            self.queue.signed_history(),
+            has_history=_has_history(self.home),
+            accept_empty=config.accept_empty_ledger,
+        )
         # bound before any thread starts: a busy port ends the process at once (exit 2)
         server = None
         if config.http_port:
@@ -272,11 +279,13 @@ class Daemon:
                 config.http_port,
                 self.inbox,
                 self.home,
-                config.max_payload_bytes,
+                config.intake.max_bytes,
                 lambda: collect_status(self.home),
+                config.http,
             )
             log.info(
-                f"accepting uploads on http://127.0.0.1:{config.http_port}/payloads",
+                f"accepting uploads on http://127.0.0.1:{config.http_port}/payloads "
+                f"(token in {server.token_file})",
                 extra={"event": "http-start", "port": config.http_port},
             )
         self.intake = Intake(
@@ -284,12 +293,11 @@ class Daemon:
             self.inbox,
             reference.manifest,
             JobQueue(self.home / QUEUE_FILE),
+            ledger,
             self.worker,
-            config.settle_seconds,
-            config.max_payload_bytes,
+            config.intake,
             Path(config.trust_dir) if config.trust_dir else None,
-            config.allow_unsigned,
-            config.check_expiry,
+            config.trust,
         )
         intake_thread = threading.Thread(target=self._intake_loop, name="plada-intake")
         intake_thread.start()
@@ -315,6 +323,14 @@ class Daemon:
             log.info("daemon stopped", extra={"event": "daemon-stop"})
             self.worker.release()
         return 0
+
+
+def _has_history(home: Path) -> bool:
+    """Whether this home has taken payloads in before (spooled payloads or results)."""
+    return any(
+        folder.is_dir() and any(folder.iterdir())
+        for folder in (home / "spool", home / "results", home / "quarantine")
+    )
 
 
 def run_daemon(config: DaemonConfig) -> int:

@@ -1,75 +1,209 @@
 """Optional localhost HTTP endpoint: upload payloads, read status.
 
-- ``POST /payloads`` (body: the payload bytes): stored in the inbox under
-  ``upload-<sha256 prefix>.plada`` (temp file + rename), then verified and queued
-  like any inbox file; answers ``202`` with the file name, the SHA-256 and where to
-  follow it.
+- ``POST /payloads`` (body: the payload bytes, with ``Content-Length``, and the
+  header ``Authorization: Bearer <token>``): streamed to disk in chunks under a
+  hidden unique name in the inbox, then renamed to ``upload-<sha256 prefix>.plada``
+  and verified and queued like any inbox file; answers ``202`` with the file name,
+  the SHA-256 and where to follow it.
 - ``GET /jobs/<sha256>``: the job of that payload, its quarantine reason, or
   ``pending`` while intake has not reached it; 404 for a payload never received.
 - ``GET /status``: what ``plada-receive status --json`` prints.
 
 It listens on 127.0.0.1 only: local link software hands payloads over; it is not a
-network service.
+network service. The token is in ``HOME/http.token`` (mode 0600, made at the first
+start), so only the daemon's user (and root) can upload. Requests from web pages
+are refused: any request with an ``Origin`` header, or a ``Host`` other than the
+loopback address, gets 403 (no cross-origin upload, no DNS rebinding).
+
+Bounded resources: at most ``max_connections`` requests at once (more are answered
+503 and closed at once), a socket timeout and a deadline per request, bodies over
+the byte cap refused before they are read (413), and never more than one chunk of
+a body in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import json
 import logging
+import os
+import secrets
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from protocol.atomic_files import write_bytes_atomic
+from protocol.atomic_files import fsync_directory
 from protocol.errors import ConfigError, StorageError
+from receiver.intake import ORIGIN_SUFFIX
 from receiver.status import open_home_queue
 
 log = logging.getLogger("plada.receiver")
+TOKEN_FILE = "http.token"
+CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one client may hold of the daemon."""
+
+    max_connections: int = 16
+    timeout_seconds: float = 10.0  # per read or write on the socket
+    request_seconds: float = 120.0  # a whole request, however slow its client
+
+
+def http_token(home: Path) -> str:
+    """The upload token of the daemon home ``home`` (created, mode 0600, if missing)."""
+    path = Path(home) / TOKEN_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        token = path.read_text().strip()
+        if len(token) < 32:
+            raise ConfigError(f"{path} holds no valid token: delete it to make a new one") from None
+        return token
+    token = secrets.token_hex(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return token
+
+
+class UploadServer(ThreadingHTTPServer):
+    """A threading HTTP server that serves at most ``limits.max_connections`` at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, limits: HttpLimits, token_file: Path) -> None:
+        self.limits = limits
+        self.token_file = token_file
+        self.slots = threading.BoundedSemaphore(limits.max_connections)
+        self.refused = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                    b"Retry-After: 5\r\nConnection: close\r\n\r\n"
+                )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 def start_http(
-    port: int, inbox: Path, home: Path, max_bytes: int, status: Callable[[], dict[str, Any]]
-) -> ThreadingHTTPServer:
+    port: int,
+    inbox: Path,
+    home: Path,
+    max_bytes: int,
+    status: Callable[[], dict[str, Any]],
+    limits: HttpLimits | None = None,
+) -> UploadServer:
     """Serve on 127.0.0.1:``port`` from a background thread; returns the server."""
+    limits = limits or HttpLimits()
+    token = http_token(home).encode()
+    hosts = {f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1", "localhost"}
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "plada-receive"
+        timeout = limits.timeout_seconds
 
         def _reply(self, code: int, body: dict[str, Any]) -> None:
             data = (json.dumps(body, default=str) + "\n").encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
+        def _refused(self) -> bool:
+            """403 for requests a web page could make (cross-origin, DNS rebinding)."""
+            if self.headers.get("Origin") is not None or self.headers.get("Host") not in hosts:
+                self._reply(403, {"error": "requests from web pages are refused"})
+                return True
+            return False
+
         def do_POST(self) -> None:
+            if self._refused():
+                return None
             if self.path.rstrip("/") != "/payloads":
                 return self._reply(404, {"error": "POST payloads to /payloads"})
+            given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), token):
+                return self._reply(
+                    401,
+                    {"error": f"send the token of {TOKEN_FILE} as 'Authorization: Bearer TOKEN'"},
+                )
             length = self.headers.get("Content-Length")
             if length is None or not length.isdigit():
                 return self._reply(411, {"error": "send the payload with a Content-Length"})
             if int(length) > max_bytes:
                 return self._reply(413, {"error": f"payload over the cap of {max_bytes} bytes"})
-            data = self.rfile.read(int(length))
-            if len(data) != int(length):
-                return self._reply(400, {"error": "the upload ended early; send it again"})
-            sha256 = hashlib.sha256(data).hexdigest()
-            name = upload_name(sha256)
+            return self._receive(int(length))
+
+        def _receive(self, length: int) -> None:
+            """Stream the body to a hidden unique file, then rename it into the inbox."""
+            deadline = time.monotonic() + limits.request_seconds
+            temporary = inbox / f".upload-{secrets.token_hex(8)}.tmp"
+            digest = hashlib.sha256()
             try:
-                write_bytes_atomic(inbox / name, data, durable=True)
-            except StorageError as exc:
-                return self._reply(507, {"error": str(exc)})
+                with open(temporary, "wb") as handle:
+                    left = length
+                    while left:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("request deadline")
+                        chunk = self.rfile.read(min(CHUNK_BYTES, left))
+                        if not chunk:
+                            break
+                        digest.update(chunk)
+                        handle.write(chunk)
+                        left -= len(chunk)
+                    if left:
+                        temporary.unlink(missing_ok=True)
+                        return self._reply(400, {"error": "the upload ended early; send it again"})
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                sha256 = digest.hexdigest()
+                name = upload_name(sha256)
+                os.replace(temporary, inbox / name)
+                fsync_directory(inbox)
+            except TimeoutError:
+                temporary.unlink(missing_ok=True)
+                return self._reply(408, {"error": "the upload was too slow; send it again"})
+            except (OSError, StorageError) as exc:
+                temporary.unlink(missing_ok=True)
+                reason = getattr(exc, "strerror", None) or str(exc)
+                return self._reply(507, {"error": f"cannot store the upload: {reason}"})
             log.info(
-                f"received {name} over HTTP ({len(data)} bytes)",
+                f"received {name} over HTTP ({length} bytes)",
                 extra={"event": "http-upload", "file": name, "sha256": sha256},
             )
             return self._reply(202, {"file": name, "sha256": sha256, "follow": f"/jobs/{sha256}"})
 
         def do_GET(self) -> None:
+            if self._refused():
+                return None
             if self.path.rstrip("/") == "/status":
                 return self._reply(200, status())
             if self.path.startswith("/jobs/"):
@@ -80,7 +214,7 @@ def start_http(
             log.debug(format % args)
 
     try:
-        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        server = UploadServer(("127.0.0.1", port), Handler, limits, Path(home) / TOKEN_FILE)
     except OSError as exc:
         raise ConfigError(
             f"cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}): stop the process that "
@@ -93,6 +227,15 @@ def start_http(
 def upload_name(sha256: str) -> str:
     """The inbox file name of an upload."""
     return f"upload-{sha256[:16]}.plada"
+
+
+def _claimed_under(home: Path, name: str) -> bool:
+    """Whether an intake folder holds a claimed file that arrived as ``name``."""
+    for origin in (home / "intake").glob(f"*/*{ORIGIN_SUFFIX}"):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(origin.read_text()).get("name") == name:
+                return True
+    return False
 
 
 def job_state(home: Path, inbox: Path, sha256: str) -> tuple[int, dict[str, Any]]:
@@ -111,6 +254,6 @@ def job_state(home: Path, inbox: Path, sha256: str) -> tuple[int, dict[str, Any]
     for reason in sorted((home / "quarantine").glob(f"{sha256[:12]}-*.reason.json")):
         return 200, {"state": "quarantined", **json.loads(reason.read_text())}
     name = upload_name(sha256)
-    if (inbox / name).exists() or any((home / "intake").glob(f"*/{name}")):
+    if (inbox / name).exists() or _claimed_under(home, name):
         return 200, {"state": "pending"}
     return 404, {"state": "unknown", "error": "no payload with this SHA-256 was received"}

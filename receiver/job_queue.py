@@ -9,6 +9,10 @@ A job's life: ``queued`` -> ``running`` (owned by one daemon) -> ``done`` or
 ``failed``. A running job whose owner died (its worker lock is free) goes back to
 ``queued``; one that crashed its daemon ``max_restarts`` times without training
 further is ``failed`` instead, so one bad job cannot stop the queue.
+
+The queue holds jobs only: replay protection lives in its own file
+(:mod:`receiver.ledger`), so a damaged queue can be moved aside without losing it.
+Any ``sqlite3.DatabaseError`` becomes ``StorageError``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ from typing import Any
 
 from protocol.errors import StorageError
 from protocol.payload import SenderStamp
-from receiver.ledger import LEDGER_SCHEMA, last_sequence, record_sequence, sender_sequences
-from receiver.sqlite_store import open_database, write_transaction
+from receiver.sqlite_store import (
+    check_integrity,
+    database_errors,
+    open_database,
+    write_transaction,
+)
 
 STATES = ("queued", "running", "done", "failed")
 _SCHEMA = """
@@ -91,20 +99,27 @@ class Job:
 class JobQueue:
     """Jobs in ``<home>/queue.sqlite``; each method is one transaction."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, check: bool = False) -> None:
+        """Open (or create) the queue; ``check`` runs SQLite's quick integrity check."""
         self.path = Path(path)
         try:
-            self.db = open_database(self.path, _SCHEMA + LEDGER_SCHEMA)
+            self.db = open_database(self.path, _SCHEMA)
             self.db.row_factory = sqlite3.Row
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
             for name, kind in _ADDED_COLUMNS.items():  # queues made by earlier releases
                 if name not in columns:
                     self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+            if check:
+                check_integrity(self.db)
         except sqlite3.DatabaseError as exc:
             raise StorageError(
-                f"job queue {self.path} cannot be opened ({exc}): check the disk and "
-                "permissions; a damaged file can be moved aside to start an empty queue"
+                f"job queue {self.path} cannot be used ({exc}): check the disk and "
+                "permissions; a damaged file can be moved aside to start an empty queue (the "
+                "replay ledger is kept apart, in ledger.sqlite)"
             ) from exc
+
+    def _reading(self) -> AbstractContextManager[None]:
+        return database_errors(f"job queue {self.path}")
 
     def close(self) -> None:
         self.db.close()
@@ -124,18 +139,12 @@ class JobQueue:
         intake_name: str | None = None,
         stamp: SenderStamp | None = None,
     ) -> tuple[Job, bool]:
-        """Queue a verified payload; (job, True), or (the existing job, False) for a copy.
-
-        A signed payload's sequence number is recorded in the same transaction, which
-        raises ``ReplayError`` / ``RollbackError`` (queueing nothing) unless it is newer
-        than the last one accepted from its sender.
-        """
+        """Queue a verified payload (its sequence number already in the ledger); (job,
+        True), or (the existing job, False) for a copy."""
         with self._write() as db:
             row = db.execute("SELECT * FROM jobs WHERE sha256 = ?", (sha256,)).fetchone()
             if row is not None:
                 return Job(**dict(row)), False
-            if stamp is not None:
-                record_sequence(db, stamp.sender, stamp.sequence, sha256)
             cursor = db.execute(
                 "INSERT INTO jobs (sha256, payload, source_name, task, images, classes,"
                 " payload_bytes, state, received, intake_name, sender, sequence)"
@@ -156,12 +165,20 @@ class JobQueue:
             )
             return self._get(db, int(cursor.lastrowid)), True
 
-    def last_sequence(self, sender: str) -> int | None:
-        """The last sequence number accepted from ``sender``."""
-        return last_sequence(self.db, sender)
-
-    def sender_sequences(self) -> list[dict[str, object]]:
-        return sender_sequences(self.db)
+    def signed_history(self) -> list[dict[str, Any]]:
+        """Each sender's highest sequence number among the jobs (and in the ledger table
+        that queues of earlier releases kept): for rebuilding a lost ledger."""
+        with self._reading():
+            rows = self.db.execute(
+                "SELECT sender, MAX(sequence) AS sequence, '' AS sha256 FROM jobs"
+                " WHERE sender IS NOT NULL GROUP BY sender"
+            ).fetchall()
+            history = [dict(row) for row in rows]
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
+            if "sender_sequences" in tables:
+                rows = self.db.execute("SELECT sender, sequence, sha256 FROM sender_sequences")
+                history += [dict(row) for row in rows.fetchall()]
+        return history
 
     def recover(self, alive: Callable[[str], bool], max_restarts: int) -> list[Job]:
         """Requeue running jobs whose owner died; fail those that keep crashing. Returns them."""
@@ -252,19 +269,26 @@ class JobQueue:
         return Job(**dict(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()))
 
     def get(self, job_id: int) -> Job | None:
-        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._reading():
+            row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else Job(**dict(row))
 
     def find(self, sha256: str) -> Job | None:
-        row = self.db.execute("SELECT * FROM jobs WHERE sha256 = ?", (sha256,)).fetchone()
+        with self._reading():
+            row = self.db.execute("SELECT * FROM jobs WHERE sha256 = ?", (sha256,)).fetchone()
         return None if row is None else Job(**dict(row))
 
     def counts(self) -> dict[str, int]:
         """Jobs per state."""
-        found = dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        with self._reading():
+            rows = self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        found = dict(rows)
         return {state: int(found.get(state, 0)) for state in STATES}
 
     def jobs(self, limit: int = 20) -> list[Job]:
         """The newest jobs, newest first."""
-        rows = self.db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        with self._reading():
+            rows = self.db.execute(
+                "SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
         return [Job(**dict(row)) for row in rows]

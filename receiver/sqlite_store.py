@@ -7,6 +7,7 @@ cut, an uncommitted one is rolled back. Writers take the write lock first
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,20 +27,42 @@ def open_database(path: Path, schema: str, timeout: float = 60.0) -> sqlite3.Con
 
 
 @contextmanager
+def database_errors(what: str) -> Iterator[None]:
+    """Turn any ``sqlite3.DatabaseError`` (a damaged page, a full disk, a locked file)
+    into a ``StorageError`` naming ``what``: a local fault, never the input's."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"{what}: {exc}; check the disk (the file may be damaged)") from exc
+
+
+def check_integrity(db: sqlite3.Connection) -> None:
+    """``PRAGMA quick_check``; raises ``sqlite3.DatabaseError`` unless the file is sound."""
+    problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+    if problems != ["ok"]:
+        raise sqlite3.DatabaseError("integrity check failed: " + "; ".join(problems[:3]))
+
+
+@contextmanager
 def write_transaction(db: sqlite3.Connection, what: str) -> Iterator[sqlite3.Connection]:
     """One ``BEGIN IMMEDIATE`` transaction, committed on success and rolled back on any
-    exception; a locked, unwritable or full database is a ``StorageError`` naming ``what``."""
+    exception; a locked, unwritable, full or damaged database is a ``StorageError``
+    naming ``what``."""
     try:
         db.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:
         raise StorageError(f"{what} is locked or unwritable: {exc}") from exc
     try:
         yield db
-    except BaseException:
-        db.execute("ROLLBACK")
+    except BaseException as exc:
+        with contextlib.suppress(sqlite3.DatabaseError):
+            db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.DatabaseError):
+            raise StorageError(f"{what}: {exc}; check the disk (the file may be damaged)") from exc
         raise
     try:
         db.execute("COMMIT")
-    except sqlite3.OperationalError as exc:  # e.g. disk full: nothing was changed
-        db.execute("ROLLBACK")
+    except sqlite3.DatabaseError as exc:  # e.g. disk full: nothing was changed
+        with contextlib.suppress(sqlite3.DatabaseError):
+            db.execute("ROLLBACK")
         raise StorageError(f"{what}: cannot commit ({exc}); free space") from exc

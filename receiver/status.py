@@ -18,6 +18,7 @@ from typing import Any
 from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError, StorageError
 from receiver.job_queue import JobQueue
+from receiver.ledger import LEDGER_FILE, SequenceLedger
 from receiver.workers import live_owners
 
 HEALTH_FILE = "health.json"
@@ -64,9 +65,13 @@ def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
     try:
         counts = queue.counts()
         jobs = [job.as_dict() for job in queue.jobs(recent)]
-        senders = queue.sender_sequences()
     finally:
         queue.close()
+    ledger = SequenceLedger(home / LEDGER_FILE, read_only=True)
+    try:
+        senders = ledger.senders()
+    finally:
+        ledger.close()
     try:
         health = json.loads((home / HEALTH_FILE).read_text())
     except (OSError, ValueError):
@@ -141,6 +146,16 @@ def render_status(status: dict[str, Any]) -> str:
         + ", ".join(f"{counts[s]} {s}" for s in counts)
         + f"; {status['quarantined']} quarantined"
     )
+    quota = (health.get("intake") or {}).get("quarantine")
+    if quota:
+        lines.append(
+            f"quarantine: {quota['files']} of {quota['max_files']} files, "
+            f"{quota['bytes'] / 2**20:.1f} of {quota['max_bytes'] / 2**20:.0f} MiB; "
+            f"{quota['purged']} oldest purged"
+        )
+    skipped = (health.get("intake") or {}).get("skipped")
+    if skipped:
+        lines.append(f"inbox: {skipped} entries could not be claimed (see the log)")
     if status["jobs"]:
         lines.append(f"{'job':>5} {'state':11} {'images':>8}  task / result")
         for job in status["jobs"]:

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.errors import SigningKeyError, TrustStoreError
 from protocol.signing import SenderKey
-from protocol.trust import TrustPolicy, TrustStore
+from protocol.trust import (
+    DEFAULT_MAX_CLOCK_AHEAD,
+    DEFAULT_MAX_LIFETIME,
+    TrustPolicy,
+    TrustStore,
+)
 
 KEY_SUFFIX = ".pub"
 
@@ -74,16 +80,36 @@ def remove_keys(directory: str | os.PathLike[str], selector: str) -> list[Path]:
     return removed
 
 
+@dataclass(frozen=True)
+class TrustOptions:
+    """A receiver's freshness and audience rules, as its command line sets them."""
+
+    allow_unsigned: bool = False
+    check_expiry: bool = True
+    audiences: frozenset[str] = frozenset()  # this device's id and groups
+    require_audience: bool = False
+    max_lifetime: float = DEFAULT_MAX_LIFETIME
+    max_clock_ahead: float = DEFAULT_MAX_CLOCK_AHEAD
+
+
 def build_trust_policy(
     trust_dir: str | os.PathLike[str] | None,
-    allow_unsigned: bool,
-    check_expiry: bool,
+    options: TrustOptions,
     last_sequence: Callable[[str], int | None] | None,
 ) -> TrustPolicy:
     """The policy of a receiver whose trusted keys are in ``trust_dir`` (None: nobody).
 
     ``last_sequence`` gives the last sequence number accepted from each sender (the
-    ledger's or the daemon queue's); None leaves replay checks to the caller.
+    ledger's); None leaves replay checks to the caller.
     """
     store = load_trust_store(trust_dir) if trust_dir is not None else TrustStore()
-    return TrustPolicy(store, allow_unsigned, check_expiry, last_sequence=last_sequence)
+    return TrustPolicy(
+        store,
+        options.allow_unsigned,
+        options.check_expiry,
+        last_sequence=last_sequence,
+        audiences=options.audiences,
+        require_audience=options.require_audience,
+        max_lifetime=options.max_lifetime,
+        max_clock_ahead=options.max_clock_ahead,
+    )

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from protocol import images
 from protocol.reference import encoded
 from protocol.reference.encoded import (
     TENSOR_DECODERS,
@@ -66,12 +67,12 @@ def test_the_pixel_limit_holds_on_every_decoder(decoder: str, monkeypatch) -> No
     big = _encode(_image(800, 600), format="JPEG")
     calls = []
     monkeypatch.setattr(encoded, "decode_jpeg_batch", lambda files, *a: calls.append(files) or [])
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 2x: 200,000 < 800 x 600
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 200_000)  # < 800 x 600
     (refused,) = decode_files([big], lambda i: "big.JPEG", torch.device("cpu"), decoder)
     assert isinstance(refused, UnreadableImage) and "too many pixels" in str(refused)
     assert calls == [[]]  # refused from its header: nothing was handed to the decoder
     with pytest.raises(UnreadableImage, match="too many pixels"):
-        decode_rgb(big, "big.JPEG")  # Pillow's own limit, which the others follow
+        decode_rgb(big, "big.JPEG")  # the same limit on the Pillow path
 
 
 def test_auto_picks_torchcodec_only_on_cuda_and_names_bad_choices() -> None:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protocol import images
 from protocol.errors import ReferenceSetError
+from protocol.images import opened_image, pixel_problem
 from protocol.reference.base import ReferenceSource
 
 
@@ -33,7 +35,7 @@ def decode_rgb(data: bytes, where: str, at_least: int | None = None):
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with opened_image(io.BytesIO(data)) as img:
             if at_least is not None and img.format == "JPEG":
                 img.draft("RGB", (at_least, at_least))
             img.load()  # decode now: truncation surfaces here, not later
@@ -95,12 +97,16 @@ def image_kind(data: bytes) -> str:
     return "progressive-jpeg" if header.progressive else "baseline-jpeg"
 
 
-def pixel_limit() -> int | None:
-    """The most pixels an image may have: Pillow's decompression-bomb limit, applied to
-    every decoder so that none of them decodes what Pillow would refuse."""
-    from PIL import Image
+def pixel_limit() -> int:
+    """The most pixels an image may have, on every decode path."""
+    return images.MAX_IMAGE_PIXELS
 
-    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+def _complete_jpeg(data: bytes) -> bool:
+    """Whether a JPEG file ends with its end-of-image marker (padding aside): batched
+    decoders fill a truncated file with grey and only warn, so one without it goes to
+    Pillow, which refuses truncation."""
+    return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
 
 def resolve_tensor_decoder(decoder: str, device) -> str:
@@ -158,7 +164,8 @@ def decode_files(
     """Image files as uint8 [3, H, W] tensors on ``device``: JPEGs with
     :func:`decode_jpeg_batch`, the rest with Pillow; an :class:`UnreadableImage`
     (naming ``where(position)``) for each file neither can read, and for each JPEG
-    larger than :func:`pixel_limit` (refused before it is decoded)."""
+    larger than :func:`pixel_limit` (refused before it is decoded). JPEGs that do not
+    end with their end-of-image marker are read by Pillow, which refuses truncation."""
     import torch
 
     limit = pixel_limit()
@@ -166,13 +173,11 @@ def decode_files(
     jpegs = []
     for position, data in enumerate(encoded):
         header = jpeg_header(data)
-        if header is None:
+        if header is None or not _complete_jpeg(data):
             continue
-        if limit is not None and header.width * header.height > limit:
-            out[position] = UnreadableImage(
-                f"{where(position)}: refused, too many pixels ({header.width} x "
-                f"{header.height} exceeds {limit})"
-            )
+        problem = pixel_problem(header.width, header.height, limit)
+        if problem is not None:
+            out[position] = UnreadableImage(f"{where(position)}: {problem}")
         else:
             jpegs.append(position)
     decoded = decode_jpeg_batch([encoded[i] for i in jpegs], device, decoder)

@@ -7,29 +7,53 @@ from pathlib import Path
 
 from protocol.errors import ReferenceSetError
 from protocol.manifest import ReferenceManifest
+from protocol.names import printable_name, unusable_name
 from protocol.reference.encoded import EncodedReference, UnreadableImage
 from protocol.task_data import IMAGE_SUFFIXES
 
 
-def _scan(root: Path) -> dict[str, str]:
-    """canonical key -> path relative to ``root``."""
+def _scan(root: Path, problems: list[str]) -> dict[str, str]:
+    """canonical key -> path relative to ``root``; entries that cannot be keys or read
+    are skipped and described in ``problems``."""
     found: dict[str, str] = {}
     with os.scandir(root) as folders:
-        for folder in folders:
+        listed = sorted(folders, key=lambda entry: entry.name)
+    for folder in listed:
+        try:
             if not folder.is_dir() or folder.name.startswith("."):
                 continue
-            with os.scandir(folder.path) as files:
-                for entry in files:
-                    stem, ext = os.path.splitext(entry.name)
-                    if ext.lower() not in IMAGE_SUFFIXES or not entry.is_file():
-                        continue
-                    key = f"{folder.name}/{stem}"
-                    if key in found:
-                        raise ReferenceSetError(
-                            f"{root}: {found[key]} and {folder.name}/{entry.name} have the same "
-                            "key; keep one image per file name"
-                        )
-                    found[key] = f"{folder.name}/{entry.name}"
+            if unusable_name(folder.name):
+                problems.append(f"{root}: skipped folder {printable_name(folder.name)} (not UTF-8)")
+                continue
+            with os.scandir(folder.path) as scan:
+                files = sorted(scan, key=lambda entry: entry.name)
+        except OSError as exc:
+            problems.append(
+                f"{root}: skipped folder {printable_name(folder.name)} ({exc.strerror})"
+            )
+            continue
+        for entry in files:
+            stem, ext = os.path.splitext(entry.name)
+            if ext.lower() not in IMAGE_SUFFIXES:
+                continue
+            if unusable_name(entry.name):
+                problems.append(
+                    f"{root}: skipped {folder.name}/{printable_name(entry.name)} (not a UTF-8 name)"
+                )
+                continue
+            try:
+                if not entry.is_file():
+                    continue
+            except OSError as exc:
+                problems.append(f"{root}: skipped {folder.name}/{entry.name} ({exc.strerror})")
+                continue
+            key = f"{folder.name}/{stem}"
+            if key in found:
+                raise ReferenceSetError(
+                    f"{root}: {found[key]} and {folder.name}/{entry.name} have the same "
+                    "key; keep one image per file name"
+                )
+            found[key] = f"{folder.name}/{entry.name}"
     return found
 
 
@@ -39,7 +63,8 @@ class ImageFolderReference(EncodedReference):
     def __init__(self, root: str | os.PathLike[str], image_size: int = 64) -> None:
         self.root = Path(root)
         self.image_size = image_size
-        files = _scan(self.root)
+        self.problems: list[str] = []  # entries skipped, for reports
+        files = _scan(self.root, self.problems)
         if not files:
             raise ReferenceSetError(f"{self.root} holds no <folder>/<image> files")
         self.manifest = ReferenceManifest.from_unsorted(self.root.name, files)

@@ -26,6 +26,7 @@ import numpy as np
 from protocol.atomic_files import write_atomic
 from protocol.errors import ReferenceSetError
 from protocol.manifest import ReferenceManifest
+from protocol.names import printable_name, unusable_name
 from protocol.reference.encoded import EncodedReference, UnreadableImage
 from protocol.task_data import IMAGE_SUFFIXES
 
@@ -75,6 +76,7 @@ def scan_shard(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, str | Non
     offsets: list[int] = []
     sizes: list[int] = []
     problem = None
+    skipped: list[str] = []
     file_size = path.stat().st_size
     try:
         with tarfile.open(path, mode="r:") as tar:
@@ -88,6 +90,9 @@ def scan_shard(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, str | Non
                 stem, dot, ext = base.partition(".")
                 if not dot or "." + ext.lower() not in IMAGE_SUFFIXES:
                     continue
+                if unusable_name(member.name):
+                    skipped.append(printable_name(member.name))
+                    continue
                 keys.append(canonical_key(f"{folder}/{stem}" if folder else stem))
                 offsets.append(member.offset_data)
                 sizes.append(member.size)
@@ -96,6 +101,10 @@ def scan_shard(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, str | Non
             problem = f"{path}: truncated (no end-of-archive marker after {len(keys)} images)"
     except (tarfile.TarError, EOFError, OSError) as exc:
         problem = f"{path}: unreadable after {len(keys)} images ({exc})"
+    if skipped:
+        names = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        note = f"{path}: skipped {len(skipped)} member(s) whose names are not UTF-8 ({names})"
+        problem = note if problem is None else f"{problem}; {note}"
     return keys, np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), problem
 
 
