@@ -173,7 +173,7 @@ def start_http(
                     while left:
                         if time.monotonic() > deadline:
                             raise TimeoutError("request deadline")
-                        chunk = self.rfile.read(min(CHUNK_BYTES, left))
+                        chunk = self.rfile.read1(min(CHUNK_BYTES, left))  # what has come
                         if not chunk:
                             break
                         digest.update(chunk)

@@ -311,7 +311,9 @@ def _signer_from_args(args: argparse.Namespace):
             "payloads are signed: pass --signing-key KEY (create one with `plada-send keygen`), "
             "or --unsigned for development (receivers refuse unsigned payloads by default)"
         )
-    return PayloadSigner.from_files(args.signing_key, args.expires_in, args.sequence_file)
+    return PayloadSigner.from_files(
+        args.signing_key, args.expires_in, args.sequence_file, getattr(args, "audience", None)
+    )
 
 
 SELECTION_FLAGS = ("strategy", "score", "keep", "alpha", "reserve", "seed")
@@ -597,6 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     signing.add_argument(
         "--sequence-file", help="sequence counter (default: SENDER.sequence beside the key)"
+    )
+    signing.add_argument(
+        "--audience",
+        help="address the payload to one device id or device group (receivers with another "
+        "--device-id / --group refuse it); default: any receiver that trusts this sender",
     )
     signing.add_argument(
         "--unsigned", action="store_true", help="write an unsigned payload (development only)"

@@ -21,7 +21,7 @@ from pathlib import Path
 from protocol.atomic_files import write_text_atomic
 from protocol.errors import ConfigError, SigningKeyError, StorageError
 from protocol.payload import MAX_SEQUENCE, SenderStamp
-from protocol.signing import PASSPHRASE_ENV, SigningKey
+from protocol.signing import PASSPHRASE_ENV, SigningKey, is_valid_sender_id
 
 DEFAULT_LIFETIME = "7d"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -94,6 +94,7 @@ class PayloadSigner:
     key: SigningKey
     sequence_file: Path
     lifetime_seconds: int
+    audience: str | None = None  # the device id or group the payloads are for
 
     @classmethod
     def from_files(
@@ -101,13 +102,24 @@ class PayloadSigner:
         key_path: str | os.PathLike[str],
         lifetime: str = DEFAULT_LIFETIME,
         sequence_file: str | os.PathLike[str] | None = None,
+        audience: str | None = None,
     ) -> PayloadSigner:
+        """The signer of a key file; ``audience`` (a device id or group) addresses every
+        payload it signs (format v4) to those receivers only."""
+        if audience is not None and not is_valid_sender_id(audience):
+            raise ConfigError(
+                f"invalid --audience {audience!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
         key = SigningKey.load(key_path)
         counter = Path(sequence_file) if sequence_file else sequence_file_for(key_path, key.sender)
-        return cls(key, counter, parse_duration(lifetime))
+        return cls(key, counter, parse_duration(lifetime), audience)
 
     def stamp(self, created: int) -> SenderStamp:
         """The next stamp: a fresh sequence number, expiring ``lifetime`` after ``created``."""
         return SenderStamp(
-            self.key.sender, next_sequence(self.sequence_file), created + self.lifetime_seconds
+            self.key.sender,
+            next_sequence(self.sequence_file),
+            created + self.lifetime_seconds,
+            self.audience,
         )
