@@ -28,7 +28,13 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["protocol", "benchmarks.fuzz_target"]):
-    from benchmarks.fuzz_target import MODES, decode_input, seed_inputs
+    from benchmarks.fuzz_target import (
+        INTAKE_MODE,
+        MODES,
+        decode_input,
+        intake_input,
+        seed_inputs,
+    )
 
 
 class Stats:
@@ -83,7 +89,10 @@ MODE: str | None = None
 def test_one_input(data: bytes) -> None:
     """The fuzz target: decode, and let anything but a ``PladaError`` escape."""
     started = time.perf_counter()
-    mode, outcome = decode_input(data, MODE)
+    if MODE == INTAKE_MODE:
+        mode, outcome = MODE, intake_input(data)
+    else:
+        mode, outcome = decode_input(data, MODE)
     if STATS is not None:
         STATS.record(mode, outcome, time.perf_counter() - started, len(data))
 
@@ -98,9 +107,10 @@ def main() -> None:
     parser.add_argument("--corpus", help="corpus directory (default: a temporary one)")
     parser.add_argument(
         "--mode",
-        choices=["all", *MODES],
+        choices=["all", *MODES, INTAKE_MODE],
         default="all",
-        help="one mode for every input (all: the first byte of each input picks it)",
+        help="one mode for every input (all: the first byte of each input picks one of the "
+        "decoder modes; intake: inbox entries through a real intake pass)",
     )
     args, extra = parser.parse_known_args()
     MODE = None if args.mode == "all" else args.mode

@@ -15,9 +15,20 @@ by its first byte:
 A campaign can also fix one mode for every input (``--mode``), so that its corpus
 keeps what is new for that mode. The contract: decoding returns a payload or
 raises a ``PladaError`` subtype.
+
+``intake`` (its own campaign, ``--mode intake``) puts each input into a daemon
+inbox, name and content both from the input, and runs a real intake pass: the
+entry must be queued or quarantined with a typed reason, and nothing may be left
+behind or escape as an exception.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -27,6 +38,11 @@ from protocol.errors import PladaError
 from protocol.manifest import BlockLayout
 from protocol.signing import SigningKey
 from protocol.trust import TrustPolicy, TrustStore
+from receiver.intake import Intake, IntakeSettings, is_candidate
+from receiver.job_queue import JobQueue
+from receiver.ledger import SequenceLedger
+from receiver.trust_store import add_key
+from receiver.workers import WorkerLock
 
 NOW = 1_800_000_000
 FINGERPRINT = bytes(range(32))
@@ -36,6 +52,7 @@ KEY = SigningKey("fuzz-station", Ed25519PrivateKey.from_private_bytes(bytes(rang
 STRICT = TrustPolicy(TrustStore([KEY.public]), clock=lambda: NOW, last_sequence=lambda s: 3)
 UNSIGNED = TrustPolicy(TrustStore([KEY.public]), allow_unsigned=True, clock=lambda: NOW)
 MODES = ("raw", "resigned", "unsigned")
+INTAKE_MODE = "intake"
 SIGNATURE = 64
 
 
@@ -99,6 +116,9 @@ def prepare(data: bytes, mode: str | None = None) -> tuple[str, bytes, TrustPoli
 
 def seed_inputs(mode: str | None = None) -> list[bytes]:
     """The seed corpus as fuzz inputs for ``mode`` (``None``: with the mode byte)."""
+    if mode == INTAKE_MODE:  # signed payloads under an ordinary inbox name
+        name = b"seed.plada"
+        return [bytes([len(name)]) + name + blob for blob in seed_payloads() if blob[8] == 3]
     inputs = []
     for blob in seed_payloads():
         signed = blob[8] == payload.SIGNED_VERSION
@@ -121,3 +141,68 @@ def decode_input(data: bytes, mode: str | None = None) -> tuple[str, str]:
     except PladaError as exc:
         return mode, type(exc).__name__
     return mode, "accepted"
+
+
+# --- the daemon's intake as a fuzz target ---------------------------------------------------
+
+
+class _FuzzIntake(Intake):
+    """The real intake on the fuzz world's clock, remembering the last refusal."""
+
+    last_error = ""
+
+    def _policy(self) -> TrustPolicy:
+        return replace(super()._policy(), clock=lambda: NOW)
+
+    def _quarantine(self, path, sha256, error) -> None:
+        self.last_error = type(error).__name__
+        super()._quarantine(path, sha256, error)
+
+
+_INTAKE: list[_FuzzIntake] = []
+
+
+def _intake() -> _FuzzIntake:
+    if not _INTAKE:
+        logging.getLogger("plada.receiver").addHandler(logging.NullHandler())  # no stderr
+        home = Path(tempfile.mkdtemp(prefix="plada-fuzz-intake-"))
+        add_key(home / "trust", KEY.public)
+        queue = JobQueue(home / "queue.sqlite")
+        ledger = SequenceLedger(home / "ledger.sqlite")
+        settings = IntakeSettings(settle_seconds=0, reorder_seconds=0, quarantine_max_files=50)
+        _INTAKE.append(
+            _FuzzIntake(home, home / "inbox", LAYOUT, queue, ledger, WorkerLock(home), settings)
+        )
+    return _INTAKE[0]
+
+
+def entry_name(data: bytes) -> tuple[bytes, bytes]:
+    """(inbox file name, file content) of an intake input: its first byte is the name's
+    length, the name's bytes follow (``/`` and NUL replaced), then the content."""
+    length = data[0] if data else 0
+    name = data[1 : 1 + length].replace(b"/", b"_").replace(b"\0", b"_")
+    if name in (b"", b".", b".."):
+        name = b"entry" + name
+    return name, data[1 + length :]
+
+
+def intake_input(data: bytes) -> str:
+    """One inbox entry through a real intake pass: "accepted", or the typed error it was
+    quarantined with ("ignored" for names intake never reads, such as ``x.part``).
+    Anything left behind in the inbox or an intake folder is a finding."""
+    intake = _intake()
+    name, content = entry_name(data)
+    if intake.ledger.last(KEY.sender) is not None:
+        intake.ledger.reset(KEY.sender)  # every input is judged as if it came first
+    path = os.path.join(os.fsencode(intake.inbox), name)
+    with open(path, "wb") as handle:
+        handle.write(content)
+    accepted, intake.last_error = intake.stats["accepted"], ""
+    intake.poll()
+    if not is_candidate(os.fsdecode(name)):
+        os.unlink(path)
+        return "ignored"
+    left = os.listdir(intake.inbox) + os.listdir(intake.claimed)
+    if left:
+        raise AssertionError(f"intake left {left!r} behind")
+    return "accepted" if intake.stats["accepted"] > accepted else intake.last_error

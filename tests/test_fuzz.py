@@ -12,7 +12,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.fuzz_target import MODES, SIGNATURE, decode_input, seed_inputs, seed_payloads
+from benchmarks.fuzz_target import (
+    INTAKE_MODE,
+    MODES,
+    SIGNATURE,
+    decode_input,
+    intake_input,
+    seed_inputs,
+    seed_payloads,
+)
 from tests.conftest import ROOT
 
 SEEDS = seed_payloads()
@@ -73,6 +81,26 @@ def mutated(draw) -> bytes:
 def test_mutated_payloads_give_a_payload_or_a_typed_error(data: bytes) -> None:
     mode, outcome = decode_input(data)
     assert outcome == "accepted" or outcome.endswith("Error"), (mode, outcome)
+
+
+def test_intake_takes_every_seed() -> None:
+    outcomes = {intake_input(data) for data in seed_inputs(INTAKE_MODE)}
+    assert outcomes <= {"accepted", "ReplayError"} and "accepted" in outcomes  # copies: replays
+
+
+@st.composite
+def inbox_entries(draw) -> bytes:
+    """An inbox entry: any name of up to 255 bytes, and arbitrary or mutated content."""
+    name = draw(st.binary(min_size=0, max_size=255))
+    content = draw(st.binary(max_size=2048) | mutated().map(lambda data: data[1:]))
+    return bytes([len(name)]) + name + content
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inbox_entries())
+def test_inbox_entries_are_queued_or_quarantined_with_a_typed_reason(data: bytes) -> None:
+    outcome = intake_input(data)
+    assert outcome in ("accepted", "ignored") or outcome.endswith("Error"), outcome
 
 
 def test_bounded_atheris_run(tmp_path) -> None:
