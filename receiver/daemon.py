@@ -109,10 +109,15 @@ class Daemon:
                 self._intake_error = f"{type(exc).__name__}: {exc}"
                 log.exception("intake pass failed", extra={"event": "intake-error"})
             self._intake_passes += 1
+            try:
+                counts = self.intake.queue.counts()
+            except PladaError:  # a damaged queue: reported by the pass above, next time too
+                counts = None
             self.health.update(
                 intake=dict(self.intake.stats),
                 intake_error=self._intake_error,
-                queue=self.intake.queue.counts(),
+                intake_passes=self._intake_passes,
+                queue=counts,
             )
             self.stop.wait(self.config.poll_seconds)
 

@@ -621,6 +621,8 @@ class Intake:
             extra={
                 "event": "payload-quarantined",
                 "file": origin,
+                "sha256": sha256 or None,
+                "stored": stem,
                 "error": type(error).__name__,
                 "reason": str(error),
             },

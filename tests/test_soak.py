@@ -1,0 +1,278 @@
+"""Soak: one daemon home for hundreds of intake passes, fed a random mix of valid
+payloads from three senders (some delivered out of order), junk, symlinks, long and
+non-UTF-8 names, uploads and slow HTTP clients, with SIGKILLs at random moments.
+
+Every valid payload must end trained exactly once, or refused for a reason that is
+right (a rollback: an older payload that arrived after a newer one of its sender was
+accepted); junk never becomes a job; descriptors, memory and disk stay bounded.
+
+``make test`` runs a short soak; ``make soak`` (``PLADA_SOAK=full``) the full one:
+200 passes, 3 kills. Its figures are printed and recorded in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol.payload import BODY_CODING, Payload, SenderStamp, encode_payload
+from receiver.trust_store import add_key
+from tests.conftest import SMALL_SPEC
+from tests.hostile import SENDERS
+from tests.subprocess_cli import cli, cli_env
+
+pytestmark = pytest.mark.slow
+FULL = os.environ.get("PLADA_SOAK") == "full"
+PASSES, KILLS, VALID = (200, 3, 18) if FULL else (70, 1, 5)
+QUOTA_FILES, QUOTA_MB = 40, 1.0
+TRAIN = ["--min-steps", "2", "--max-steps", "2", "--batch-size", "16", "--no-export"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Feeder:
+    """Makes the traffic and remembers what each valid payload was."""
+
+    def __init__(self, home: Path, manifest, rng: random.Random) -> None:
+        self.home, self.manifest, self.rng = home, manifest, rng
+        self.inbox = home / "inbox"
+        self.sequence = {name: int(time.time() * 1000) for name in SENDERS}
+        self.valid: dict[str, tuple[str, int]] = {}  # sha256 -> (sender, sequence)
+        self.junk = 0
+        self.count = 0
+
+    def payload(self, sender: str | None = None) -> bytes:
+        sender = sender or self.rng.choice(sorted(SENDERS))
+        self.sequence[sender] += self.rng.randint(1, 1000)
+        rng = np.random.default_rng(self.count)
+        self.count += 1
+        indices = np.sort(rng.choice(len(self.manifest), 60, replace=False))
+        payload = Payload(
+            f"soak-{self.count}",
+            self.manifest.name,
+            self.manifest.fingerprint,
+            len(self.manifest),
+            ("a", "b", "c", "d"),
+            indices,
+            rng.integers(0, 4, 60),
+            created=int(time.time()),
+            sender=SenderStamp(sender, self.sequence[sender], int(time.time()) + 3600),
+        )
+        data = encode_payload(payload, codings=(BODY_CODING,), signer=SENDERS[sender])
+        self.valid[hashlib.sha256(data).hexdigest()] = (sender, self.sequence[sender])
+        return data
+
+    def drop(self, name: str | bytes, data: bytes) -> None:
+        """Write like a link does: a hidden temp file, then a rename."""
+        final = os.path.join(os.fsencode(self.inbox), os.fsencode(name))
+        temporary = os.path.join(os.fsencode(self.inbox), b".incoming.part")
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, final)
+
+    def valid_file(self) -> None:
+        if self.rng.random() < 0.3:  # two of one sender, the newer delivered first
+            sender = self.rng.choice(sorted(SENDERS))
+            older, newer = self.payload(sender), self.payload(sender)
+            self.drop(f"newer-{self.count}.plada", newer)
+            self.drop(f"older-{self.count}.plada", older)
+            return
+        self.drop(f"payload-{self.count}.plada", self.payload())
+
+    def junk_entry(self) -> None:
+        self.junk += 1
+        kind = self.rng.choice(["bytes", "long", "odd", "link", "loop", "truncated"])
+        if kind == "bytes":
+            self.drop(f"junk-{self.junk}.plada", os.urandom(self.rng.randint(1, 20000)))
+        elif kind == "long":
+            self.drop("L" * 250 + str(self.junk)[:4], b"long name")
+        elif kind == "odd":
+            self.drop(b"odd-\xff\xfe-" + str(self.junk).encode(), b"odd name")
+        elif kind == "link":
+            os.symlink("/etc/hostname", self.inbox / f"link-{self.junk}.plada")
+        elif kind == "loop":
+            os.symlink(f"loop-{self.junk}", self.inbox / f"loop-{self.junk}")
+        else:
+            self.drop(f"cut-{self.junk}.plada", self.payload()[:100])
+            self.valid.popitem()  # never delivered whole: not a valid payload
+
+
+class Probe:
+    """Descriptors and memory of the running daemon, at their peaks."""
+
+    def __init__(self) -> None:
+        self.fds = self.rss_mb = 0
+
+    def sample(self, pid: int) -> None:
+        with contextlib.suppress(OSError):
+            self.fds = max(self.fds, len(os.listdir(f"/proc/{pid}/fd")))
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    self.rss_mb = max(self.rss_mb, int(line.split()[1]) // 1024)
+
+
+def _upload(port: int, token: str, data: bytes) -> bool:
+    """Whether the daemon took the upload (202); busy (503) or down, it did not."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/payloads", data=data, headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status == 202
+    except OSError:
+        return False
+
+
+def _passes(home: Path) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return int(json.loads((home / "health.json").read_text()).get("intake_passes", 0))
+    return 0
+
+
+def test_soak(tmp_path, small_pool, cache_dir) -> None:
+    rng = random.Random(1234)
+    home = tmp_path / "home"
+    (home / "inbox").mkdir(parents=True)
+    for key in SENDERS.values():
+        add_key(home / "trust", key.public)
+    port = _free_port()
+    args = [
+        *cli("plada-receive"),
+        "daemon",
+        "--home",
+        str(home),
+        "--reference",
+        SMALL_SPEC,
+        "--cache-dir",
+        str(cache_dir),
+        "--settle-seconds",
+        "0",
+        "--poll-seconds",
+        "0.1",
+        "--reorder-seconds",
+        "0.5",
+        "--http-port",
+        str(port),
+        "--http-timeout-seconds",
+        "2",
+        "--quarantine-max-files",
+        str(QUOTA_FILES),
+        "--quarantine-max-mb",
+        str(QUOTA_MB),
+        *TRAIN,
+    ]
+    feeder, probe = Feeder(home, small_pool.manifest, rng), Probe()
+    slow: list[socket.socket] = []
+    started = time.monotonic()
+    kills, passes_done, busy = 0, 0, 0
+    kill_at = sorted(rng.sample(range(10, PASSES - 10), KILLS))
+    daemon = subprocess.Popen(args, env=cli_env(), stderr=subprocess.DEVNULL)
+    try:
+        while passes_done + _passes(home) < PASSES:
+            time.sleep(0.15)
+            probe.sample(daemon.pid)
+            action = rng.random()
+            if action < 0.25 and len(feeder.valid) < VALID:
+                feeder.valid_file()
+            elif action < 0.55:
+                feeder.junk_entry()
+            elif action < 0.65 and (home / "http.token").is_file():
+                token = (home / "http.token").read_text().strip()
+                data = feeder.payload() if len(feeder.valid) < VALID else os.urandom(500)
+                if not _upload(port, token, data):  # not delivered: not counted
+                    feeder.valid.pop(hashlib.sha256(data).hexdigest(), None)
+                    busy += 1
+            elif action < 0.75:  # a slow client that opens, says little and stays
+                with contextlib.suppress(OSError):
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=1)
+                    sock.sendall(b"POST /payloads HTTP/1.0\r\nContent-Le")
+                    slow.append(sock)
+                while len(slow) > 30:
+                    slow.pop(0).close()
+            if kill_at and passes_done + _passes(home) >= kill_at[0]:
+                kill_at.pop(0)
+                passes_done += _passes(home)
+                daemon.send_signal(signal.SIGKILL)
+                daemon.wait()
+                kills += 1
+                (home / "health.json").unlink(missing_ok=True)  # count the next one's passes
+                daemon = subprocess.Popen(args, env=cli_env(), stderr=subprocess.DEVNULL)
+        passes_done += _passes(home)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=120) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        for sock in slow:
+            sock.close()
+    drain = subprocess.run(
+        [*args, "--exit-when-idle"], env=cli_env(), capture_output=True, text=True
+    )
+    assert drain.returncode == 0, drain.stderr[-2000:]
+
+    with sqlite3.connect(home / "queue.sqlite") as db:
+        jobs = {
+            row[0]: row[1:]
+            for row in db.execute("SELECT sha256, state, sender, sequence FROM jobs")
+        }
+    records = [json.loads(p.read_text()) for p in (home / "quarantine").glob("*.reason.json")]
+    events = [
+        json.loads(line) for line in (home / "logs" / "daemon.jsonl").read_text().splitlines()
+    ]
+    refused = {  # from the log: the quota may have purged the reason file since
+        e["sha256"]: e["error"] for e in events if e.get("event") == "payload-quarantined"
+    }
+    accepted_max: dict[str, int] = {}
+    for _, sender, sequence in jobs.values():
+        accepted_max[sender] = max(sequence, accepted_max.get(sender, 0))
+    trained = rollbacks = 0
+    for sha256, (sender, sequence) in feeder.valid.items():
+        if sha256 in jobs:
+            assert jobs[sha256][0] == "done", jobs[sha256]
+            trained += 1
+        else:  # refused only as a rollback, behind a newer accepted payload of its sender
+            assert refused.get(sha256) == "RollbackError", (sha256, refused.get(sha256))
+            assert accepted_max[sender] > sequence
+            rollbacks += 1
+    assert set(jobs) <= set(feeder.valid)  # junk never became a job
+    assert not list((home / "intake").rglob("*.origin"))  # nothing left half-claimed
+    quarantine_bytes = sum(p.lstat().st_size for p in (home / "quarantine").iterdir())
+    disk_mb = sum(p.lstat().st_size for p in home.rglob("*")) / 2**20
+    assert len(records) <= QUOTA_FILES and quarantine_bytes <= QUOTA_MB * 2**20
+    assert probe.fds < 120, probe.fds
+    assert probe.rss_mb < 2000, probe.rss_mb
+    summary = {
+        "passes": passes_done,
+        "kills": kills,
+        "valid_payloads": len(feeder.valid),
+        "trained": trained,
+        "refused_rollbacks": rollbacks,
+        "junk_entries": feeder.junk,
+        "uploads_not_taken": busy,
+        "quarantined_now": len(records),
+        "peak_fds": probe.fds,
+        "peak_rss_mb": probe.rss_mb,
+        "home_disk_mb": round(disk_mb, 1),
+        "quarantine_kb": round(quarantine_bytes / 1024, 1),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    print("soak:", json.dumps(summary))
+    (tmp_path / "soak.json").write_text(json.dumps(summary, indent=2))
+    assert trained >= len(feeder.valid) - rollbacks > 0
