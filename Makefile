@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.plada-installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test soak lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+
+# the full soak of the receiver daemon (200 intake passes, 3 SIGKILLs; under a minute)
+soak: $(STAMP)
+	PLADA_SOAK=full $(PY) -m pytest -q -s tests/test_soak.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -39,6 +39,8 @@ from protocol.rans import (
     normalize_weights,
     split_lanes,
 )
+from protocol.signing import SenderKey
+from protocol.trust import TrustPolicy, TrustStore
 from tests.vectors.generate import encode_vector, vectors
 
 VECTORS = Path(__file__).parent / "vectors"
@@ -223,6 +225,23 @@ def test_vectors_decode_and_reencode_bit_exactly(name: str) -> None:
     if expected["reference_folder_sizes"] is not None:
         assert np.diff(manifest.block_starts()).tolist() == expected["reference_folder_sizes"]
     assert encode_vector(name) == data
+    if "signed" in expected:  # verified as a receiver does: its key, its audience, its clock
+        signed = expected["signed"]
+        key = SenderKey(signed["sender"], bytes.fromhex(signed["public_key"]))
+        policy = TrustPolicy(
+            TrustStore([key]),
+            clock=lambda: signed["expires"] - 3600,
+            audiences=frozenset({signed["audience"]}),
+            max_clock_ahead=float("inf"),
+        )
+        stamp = decode_payload(data, reference=manifest, trust=policy).sender
+        assert (stamp.sender, stamp.sequence, stamp.expires, stamp.audience) == (
+            signed["sender"],
+            signed["sequence"],
+            signed["expires"],
+            signed["audience"],
+        )
+        assert data[8] == 4 and key.key_id.hex() == signed["key_id"]
 
 
 # --- hostile input ----------------------------------------------------------------------------

@@ -9,16 +9,28 @@ format itself changes, and then bump its version.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.manifest import ReferenceManifest
-from protocol.payload import BLOCK_CODING, BODY_CODING, Payload, encode_payload
+from protocol.payload import BLOCK_CODING, BODY_CODING, Payload, SenderStamp, encode_payload
+from protocol.signing import SigningKey
 
 HERE = Path(__file__).parent
 CREATED = 1_790_000_000
+# the signed vector's key: public test material, derived from a fixed seed
+VECTOR_KEY = SigningKey(
+    "vector-station",
+    Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"plada-test-vector-key").digest()),
+)
+SIGNED = {
+    "signed-audience-v4": SenderStamp("vector-station", CREATED * 1000, CREATED + 86400, "rover-7")
+}
 
 
 def _manifest(folder_sizes: list[int]) -> ReferenceManifest:
@@ -72,16 +84,24 @@ def vectors() -> dict[str, tuple[Payload, ReferenceManifest, tuple[str, ...]]]:
             (BLOCK_CODING,),
         ),
         "delta-varint-zstd": (payload("varint", indices, labels), manifest, (BODY_CODING,)),
+        "signed-audience-v4": (payload("signed", uniform, labels[:400] % 7), None, (BODY_CODING,)),
     }
 
 
 def encode_vector(name: str) -> bytes:
     payload, manifest, codings = vectors()[name]
+    if name in SIGNED:  # Ed25519 signatures are deterministic: the bytes are too
+        from dataclasses import replace
+
+        stamped = replace(payload, sender=SIGNED[name])
+        return encode_payload(stamped, reference=manifest, codings=codings, signer=VECTOR_KEY)
     return encode_payload(payload, reference=manifest, codings=codings)
 
 
 def main() -> None:
     for name, (payload, manifest, _) in vectors().items():
+        if (HERE / f"{name}.plada").exists() and "--all" not in sys.argv:
+            continue  # the existing vectors are fixed: written once, checked forever
         data = encode_vector(name)
         (HERE / f"{name}.plada").write_bytes(data)
         folders = None if manifest is None else np.diff(manifest.block_starts()).tolist()
@@ -92,6 +112,16 @@ def main() -> None:
             "indices": payload.indices.tolist(),
             "labels": payload.labels.tolist(),
         }
+        if name in SIGNED:
+            stamp = SIGNED[name]
+            expected["signed"] = {
+                "sender": stamp.sender,
+                "sequence": stamp.sequence,
+                "expires": stamp.expires,
+                "audience": stamp.audience,
+                "public_key": VECTOR_KEY.public.public_key.hex(),
+                "key_id": VECTOR_KEY.key_id.hex(),
+            }
         (HERE / f"{name}.json").write_text(json.dumps(expected) + "\n")
         print(f"{name}: {len(data)} bytes, {payload.count} images")
 
