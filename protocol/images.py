@@ -21,7 +21,7 @@ def pixel_problem(width: int, height: int, limit: int | None = None) -> str | No
     defaults to :data:`MAX_IMAGE_PIXELS`."""
     limit = MAX_IMAGE_PIXELS if limit is None else limit
     if width * height > limit:
-        return f"refused, too many pixels ({width} x {height} exceeds {limit})"
+        return f"too many pixels ({width} x {height} exceeds {limit})"
     return None
 
 

@@ -41,7 +41,7 @@ def decode_rgb(data: bytes, where: str, at_least: int | None = None):
             img.load()  # decode now: truncation surfaces here, not later
             return img.convert("RGB")
     except Image.DecompressionBombError as exc:
-        raise UnreadableImage(f"{where}: refused, too many pixels ({exc})") from exc
+        raise UnreadableImage(f"{where}: refused, {exc}") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for bad/truncated data
         raise UnreadableImage(f"{where}: not a readable image ({exc})") from exc
 
@@ -177,7 +177,7 @@ def decode_files(
             continue
         problem = pixel_problem(header.width, header.height, limit)
         if problem is not None:
-            out[position] = UnreadableImage(f"{where(position)}: {problem}")
+            out[position] = UnreadableImage(f"{where(position)}: refused, {problem}")
         else:
             jpegs.append(position)
     decoded = decode_jpeg_batch([encoded[i] for i in jpegs], device, decoder)
