@@ -169,7 +169,8 @@ def render_status(status: dict[str, Any]) -> str:
             f"({sender['accepted']})"
         )
     for reason in status["recent_quarantine"][-3:]:
-        lines.append(f"quarantined {reason['file']}: {reason['error']}: {reason['message']}")
+        name = reason["file"] if len(reason["file"]) <= 60 else reason["file"][:57] + "..."
+        lines.append(f"quarantined {name}: {reason['error']}: {reason['message']}")
     return "\n".join(lines)
 
 

@@ -64,10 +64,10 @@ def _inbox(server) -> list[str]:
 
 def test_idle_connections_are_bounded_and_time_out(server) -> None:
     before_fds, before_threads = _open_fds(), threading.active_count()
-    idle = [socket.create_connection(server.server_address) for _ in range(40)]
+    idle = [socket.create_connection(server.server_address) for _ in range(24)]
     busiest = 0
-    deadline = time.monotonic() + 8
-    while server.refused < 20 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 1.5  # longer than one socket timeout
+    while time.monotonic() < deadline:
         busiest = max(busiest, threading.active_count() - before_threads)
         time.sleep(0.02)
     assert server.refused > 0  # beyond the 4 slots: answered 503 at once and closed
@@ -80,7 +80,7 @@ def test_idle_connections_are_bounded_and_time_out(server) -> None:
         sock.close()
     assert _post(server, signed_payload(sequence=1))[0] == 202  # and uploads go on
     time.sleep(0.3)
-    assert _open_fds() <= before_fds + 2  # nothing of the 40 is left open
+    assert _open_fds() <= before_fds + 2  # nothing of the 24 is left open
 
 
 def test_slow_clients_and_short_bodies_are_cut_off_and_leave_nothing(server) -> None:
@@ -118,8 +118,13 @@ def test_slow_clients_and_short_bodies_are_cut_off_and_leave_nothing(server) -> 
 
 
 def test_bodies_stream_to_disk_under_a_cap(server) -> None:
-    status, answer = _post(server, b"z" * (CAP + 1))
-    assert status == 413 and "cap" in answer["error"]
+    oversized = socket.create_connection(server.server_address)  # refused from its headers
+    oversized.sendall(
+        f"POST /payloads HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {_token(server)}"
+        f"\r\nContent-Length: {CAP + 1}\r\n\r\n".encode()
+    )
+    assert b" 413 " in oversized.recv(200)
+    oversized.close()
     body = os.urandom(CAP)
     tracemalloc.start()
     status, answer = _post(server, body)

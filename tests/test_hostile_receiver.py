@@ -437,3 +437,57 @@ def test_ledger_backup_is_written_durably_with_every_acceptance(tmp_path) -> Non
         json.loads(backup_path(tmp_path / LEDGER_FILE).read_text())["senders"][0]["sequence"] == 3
     )
     ledger.close()
+
+
+# --- 14. train trains the bytes it verified ---------------------------------------------------
+
+
+def test_train_trains_the_bytes_it_verified_even_if_the_file_is_swapped(
+    tmp_path, small_pool, monkeypatch
+) -> None:
+    """`plada-receive train` verifies what it read and hands those bytes (and the decoded
+    payload) to the job: a file swapped after verification is never read, let alone
+    trained, and the payload is decoded once."""
+    import hashlib
+
+    import numpy as np
+
+    from protocol.payload import Payload, encode_payload, write_payload
+    from receiver import job as job_module
+    from receiver.job import JobSettings, run_job
+    from trainer.training import TrainConfig
+
+    manifest = small_pool.manifest
+    indices = np.arange(0, len(manifest), 20)
+    verified_bytes = encode_payload(
+        Payload(
+            "verified",
+            manifest.name,
+            manifest.fingerprint,
+            len(manifest),
+            ("a", "b"),
+            indices,
+            indices % 2,
+        ),
+        reference=manifest,
+    )
+    path = tmp_path / "t.plada"
+    write_payload(path, b"swapped after verification: never to be read")
+    verified = decode_payload(verified_bytes, reference=manifest, trust=None)
+    decodes = []
+    monkeypatch.setattr(job_module, "decode_payload", lambda *a, **k: decodes.append(a))
+    monkeypatch.setattr(
+        job_module, "read_payload_bytes", lambda *a, **k: pytest.fail("the file was read again")
+    )
+    report = run_job(
+        path,
+        small_pool,
+        tmp_path / "out",
+        JobSettings(TrainConfig(min_steps=2, max_steps=2, batch_size=16), export=False),
+        progress=False,
+        trust=None,
+        raw=verified_bytes,
+        verified=verified,
+    )
+    assert decodes == [] and report["task"] == "verified"
+    assert report["payload_sha256"] == hashlib.sha256(verified_bytes).hexdigest()

@@ -185,8 +185,9 @@ def test_daemon_serves_inbox_and_quarantines_bad_payloads(tmp_path, payloads, ca
 
 
 def test_daemon_refuses_replays_and_rollbacks(tmp_path, payloads, cache_dir) -> None:
-    """Sender station-a's payload 5 is accepted; a copy of it (replay), its payload 4
-    (rollback) and a payload of an untrusted sender are quarantined; payload 7 is taken."""
+    """Sender station-a's payload 5 is accepted; then, in one pass, a copy of it (replay),
+    its payload 4 (rollback) and a payload of an untrusted sender are quarantined and its
+    payload 7 is taken."""
     home = _home(tmp_path, payloads, ["a.plada"])
     assert _run_daemon(home, cache_dir).returncode == 0
     stranger = SigningKey.generate("station-x")
@@ -204,9 +205,10 @@ def test_daemon_refuses_replays_and_rollbacks(tmp_path, payloads, cache_dir) -> 
         ),
         signer=stranger,
     )
-    for name, data in {
+    for name, data in {  # in one pass: queued in sequence order, whatever their names
         "a-again.plada": blob,
         "a-older.plada": payloads["a-older.plada"],
+        "a-newer.plada": payloads["a-newer.plada"],
         "stranger.plada": forged,
     }.items():
         (home / "inbox" / name).write_bytes(data)
@@ -217,8 +219,6 @@ def test_daemon_refuses_replays_and_rollbacks(tmp_path, payloads, cache_dir) -> 
         "a-older.plada": "RollbackError",
         "stranger.plada": "UnknownSenderError",
     }, reasons
-    (home / "inbox" / "a-newer.plada").write_bytes(payloads["a-newer.plada"])
-    assert _run_daemon(home, cache_dir).returncode == 0
     jobs = _jobs(home)
     assert [(j["source_name"], j["sequence"], j["state"]) for j in jobs] == [
         ("a.plada", 5, "done"),
