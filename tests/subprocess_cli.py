@@ -30,3 +30,25 @@ def run(args: list[str], env: dict[str, str], expect: int = 0) -> subprocess.Com
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, check=False)
     assert proc.returncode == expect, proc.stdout + proc.stderr
     return proc
+
+
+def daemon_command(home: Path, reference: str, cache_dir: Path, *extra: str) -> list[str]:
+    """``plada-receive daemon`` over ``home`` for tests: files are taken at once (no
+    settle time, no reorder window) and the inbox is polled ten times a second."""
+    return [
+        *cli("plada-receive"),
+        "daemon",
+        "--home",
+        str(home),
+        "--reference",
+        reference,
+        "--cache-dir",
+        str(cache_dir),
+        "--settle-seconds",
+        "0",
+        "--poll-seconds",
+        "0.1",
+        "--reorder-seconds",
+        "0",
+        *extra,
+    ]

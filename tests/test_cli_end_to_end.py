@@ -9,7 +9,7 @@ import pytest
 
 from receiver.ledger import SequenceLedger
 from tests.conftest import SMALL_SPEC
-from tests.subprocess_cli import cli, run
+from tests.subprocess_cli import cli, daemon_command, run
 
 
 @pytest.fixture(scope="module")
@@ -230,25 +230,18 @@ def test_daemon_trains_the_senders_payload_to_the_same_accuracy(flow) -> None:
         flow["env"],
     )
     run(
-        [
-            *cli("plada-receive"),
-            "daemon",
-            "--home",
-            str(home),
-            "--reference",
+        daemon_command(
+            home,
             SMALL_SPEC,
-            "--cache-dir",
-            str(flow["receiver_cache"]),
+            flow["receiver_cache"],
             "--holdout",
             str(flow["root"] / "task" / "test.npz"),
             "--min-steps",
             "150",
             "--max-steps",
             "150",
-            "--settle-seconds",
-            "0",
             "--exit-when-idle",
-        ],
+        ),
         flow["env"],
     )
     (result,) = (home / "results").iterdir()

@@ -19,7 +19,7 @@ from protocol.payload import BODY_CODING, Payload, SenderStamp, encode_payload
 from protocol.signing import SigningKey
 from receiver.trust_store import add_key
 from tests.conftest import SMALL_SPEC
-from tests.subprocess_cli import cli, cli_env
+from tests.subprocess_cli import cli, cli_env, daemon_command
 
 pytestmark = pytest.mark.slow
 STATION_A, STATION_B = SigningKey.generate("station-a"), SigningKey.generate("station-b")
@@ -83,24 +83,7 @@ def _home(tmp_path: Path, payloads: dict[str, bytes], names=BASIC) -> Path:
 def _daemon_args(home: Path, cache_dir: Path, *extra: str) -> list[str]:
     for key in (STATION_A, STATION_B):  # the daemon's trust store: HOME/trust
         add_key(home / "trust", key.public)
-    return [
-        *cli("plada-receive"),
-        "daemon",
-        "--home",
-        str(home),
-        "--reference",
-        SMALL_SPEC,
-        "--cache-dir",
-        str(cache_dir),
-        "--settle-seconds",
-        "0",
-        "--poll-seconds",
-        "0.1",
-        "--reorder-seconds",
-        "0",
-        *TRAIN,
-        *extra,
-    ]
+    return daemon_command(home, SMALL_SPEC, cache_dir, *TRAIN, *extra)
 
 
 def _run_daemon(home: Path, cache_dir: Path, *extra: str, crash: str | None = None):

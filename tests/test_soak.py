@@ -32,7 +32,7 @@ from protocol.payload import BODY_CODING, Payload, SenderStamp, encode_payload
 from receiver.trust_store import add_key
 from tests.conftest import SMALL_SPEC
 from tests.hostile import SENDERS
-from tests.subprocess_cli import cli, cli_env
+from tests.subprocess_cli import cli_env, daemon_command
 
 pytestmark = pytest.mark.slow
 FULL = os.environ.get("PLADA_SOAK") == "full"
@@ -153,20 +153,11 @@ def test_soak(tmp_path, small_pool, cache_dir) -> None:
     for key in SENDERS.values():
         add_key(home / "trust", key.public)
     port = _free_port()
-    args = [
-        *cli("plada-receive"),
-        "daemon",
-        "--home",
-        str(home),
-        "--reference",
+    args = daemon_command(
+        home,
         SMALL_SPEC,
-        "--cache-dir",
-        str(cache_dir),
-        "--settle-seconds",
-        "0",
-        "--poll-seconds",
-        "0.1",
-        "--reorder-seconds",
+        cache_dir,
+        "--reorder-seconds",  # a window for the payloads delivered out of order
         "0.5",
         "--http-port",
         str(port),
@@ -177,7 +168,7 @@ def test_soak(tmp_path, small_pool, cache_dir) -> None:
         "--quarantine-max-mb",
         str(QUOTA_MB),
         *TRAIN,
-    ]
+    )
     feeder, probe = Feeder(home, small_pool.manifest, rng), Probe()
     slow: list[socket.socket] = []
     started = time.monotonic()
