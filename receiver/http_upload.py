@@ -12,8 +12,8 @@
 It listens on 127.0.0.1 only: local link software hands payloads over; it is not a
 network service. The token is in ``HOME/http.token`` (mode 0600, made at the first
 start), so only the daemon's user (and root) can upload. Requests from web pages
-are refused: any request with an ``Origin`` header, or a ``Host`` other than the
-loopback address, gets 403 (no cross-origin upload, no DNS rebinding).
+are refused: any request with an ``Origin`` header, or a ``Host`` header other
+than the loopback address, gets 403 (no cross-origin upload, no DNS rebinding).
 
 Bounded resources: at most ``max_connections`` requests at once (more are answered
 503 and closed at once), a socket timeout and a deadline per request, bodies over
@@ -139,7 +139,8 @@ def start_http(
 
         def _refused(self) -> bool:
             """403 for requests a web page could make (cross-origin, DNS rebinding)."""
-            if self.headers.get("Origin") is not None or self.headers.get("Host") not in hosts:
+            host = self.headers.get("Host")
+            if self.headers.get("Origin") is not None or host not in (None, *hosts):
                 self._reply(403, {"error": "requests from web pages are refused"})
                 return True
             return False

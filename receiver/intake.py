@@ -267,8 +267,8 @@ class Intake:
         return now - seen[2] >= self.settings.settle_seconds
 
     def _claim_id(self) -> str:
-        self._counter += 1
-        return f"{time.time_ns():020d}-{self._counter % 1000000:06d}"
+        self._counter += 1  # the owner's tail keeps ids unique across daemons of one home
+        return f"{time.time_ns():020d}-{self._counter % 1000000:06d}-{self.worker.owner[-6:]}"
 
     def claim_ready(self) -> int:
         """Move every settled inbox entry into this daemon's intake folder, each under a

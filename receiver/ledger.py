@@ -243,13 +243,12 @@ def open_home_ledger(
     ``accept_empty``.
     """
     path = Path(home) / LEDGER_FILE
-    backup = read_backup(path)
     ledger = SequenceLedger(path, check=True)
     if not ledger.created:
         if not backup_path(path).is_file():
             ledger.write_backup()
         return ledger
-    rows = backup + history
+    rows = read_backup(path) + history
     if rows:
         restored = ledger.restore(rows)
         log.warning(

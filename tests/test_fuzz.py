@@ -96,7 +96,7 @@ def inbox_entries(draw) -> bytes:
     return bytes([len(name)]) + name + content
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(inbox_entries())
 def test_inbox_entries_are_queued_or_quarantined_with_a_typed_reason(data: bytes) -> None:
     outcome = intake_input(data)

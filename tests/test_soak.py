@@ -36,7 +36,7 @@ from tests.subprocess_cli import cli_env, daemon_command
 
 pytestmark = pytest.mark.slow
 FULL = os.environ.get("PLADA_SOAK") == "full"
-PASSES, KILLS, VALID = (200, 3, 18) if FULL else (70, 1, 5)
+PASSES, KILLS, VALID = (200, 3, 18) if FULL else (45, 1, 4)
 QUOTA_FILES, QUOTA_MB = 40, 1.0
 TRAIN = ["--min-steps", "2", "--max-steps", "2", "--batch-size", "16", "--no-export"]
 
@@ -173,7 +173,7 @@ def test_soak(tmp_path, small_pool, cache_dir) -> None:
     slow: list[socket.socket] = []
     started = time.monotonic()
     kills, passes_done, busy = 0, 0, 0
-    kill_at = sorted(rng.sample(range(10, PASSES - 10), KILLS))
+    kill_at = sorted(rng.sample(range(10, PASSES - 10), KILLS))  # passes to kill at
     daemon = subprocess.Popen(args, env=cli_env(), stderr=subprocess.DEVNULL)
     try:
         while passes_done + _passes(home) < PASSES:
