@@ -157,7 +157,7 @@ def _damage(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_damaged_queue_is_a_typed_error_and_keeps_payloads_in_the_inbox(tmp_path) -> None:
+def test_a_damaged_queue_is_a_typed_error_and_keeps_payloads_for_a_retry(tmp_path) -> None:
     home = tmp_path / "home"
     intake = make_intake(home)
     intake.queue.close()
