@@ -491,3 +491,14 @@ def test_train_trains_the_bytes_it_verified_even_if_the_file_is_swapped(
     )
     assert decodes == [] and report["task"] == "verified"
     assert report["payload_sha256"] == hashlib.sha256(verified_bytes).hexdigest()
+
+
+def test_the_sender_addresses_payloads_with_audience(tmp_path) -> None:
+    from protocol.errors import ConfigError
+    from sender.signer import PayloadSigner, generate_key_files
+
+    generate_key_files("gs-7", tmp_path / "gs-7", encrypt=False)
+    signer = PayloadSigner.from_files(tmp_path / "gs-7.key", "1h", audience="rover-7")
+    assert signer.stamp(int(time.time())).audience == "rover-7"
+    with pytest.raises(ConfigError, match="invalid --audience"):
+        PayloadSigner.from_files(tmp_path / "gs-7.key", "1h", audience="no spaces")
