@@ -147,6 +147,23 @@ def policy_for(trust):
     return build_trust_policy(trust, TrustOptions(), lambda sender: None)
 
 
+def http_daemon(folder):
+    """A daemon over ``folder`` with its HTTP endpoint, once it listens: (process, port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        daemon_args(folder, "--http-port", str(port)), env=ENV, stderr=subprocess.DEVNULL
+    )
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return process, port
+
+
 results = {}
 # 2. long names and a symlink loop
 h = home("names")
@@ -231,16 +248,7 @@ p = subprocess.run([PY, "-W", "ignore", "-c", code], env=ENV, capture_output=Tru
 results["9 136 KB PNG of 12000x12000"] = p.stdout.strip() or p.stderr.strip()[-200:]
 # 1. HTTP: upload without a token; idle connections
 h = home("http")
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-d = subprocess.Popen(daemon_args(h, "--http-port", str(port)), env=ENV, stderr=subprocess.DEVNULL)
-for _ in range(600):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        break
-    except OSError:
-        time.sleep(0.1)
+d, port = http_daemon(h)
 req = urllib.request.Request(f"http://127.0.0.1:{port}/payloads", data=payload(3))
 try:
     status = urllib.request.urlopen(req, timeout=10).status
@@ -321,16 +329,7 @@ except Exception as exc:
     results["11 ImageFolder with a non-UTF-8 name"] = f"{type(exc).__name__}: {exc}"[:100]
 # 13. eight concurrent identical uploads
 h = home("http13")
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-d = subprocess.Popen(daemon_args(h, "--http-port", str(port)), env=ENV, stderr=subprocess.DEVNULL)
-for _ in range(600):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        break
-    except OSError:
-        time.sleep(0.1)
+d, port = http_daemon(h)
 time.sleep(0.5)
 token = (h / "http.token").read_text().strip() if (h / "http.token").exists() else ""
 blob = os.urandom(200_000)
