@@ -188,6 +188,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         if accepted_before:
             policy = policy.without_freshness()
         payload = decode_payload(raw, reference=reference.manifest, trust=policy)
+        check_job_size(payload, args.max_job_images, args.max_job_classes)
     finally:
         if ledger is not None:
             ledger.close()

@@ -502,3 +502,52 @@ def test_the_sender_addresses_payloads_with_audience(tmp_path) -> None:
     assert signer.stamp(int(time.time())).audience == "rover-7"
     with pytest.raises(ConfigError, match="invalid --audience"):
         PayloadSigner.from_files(tmp_path / "gs-7.key", "1h", audience="no spaces")
+
+
+def test_verify_and_train_apply_the_per_job_caps(tmp_path, small_pool, cache_dir) -> None:
+    import numpy as np
+
+    from protocol.payload import BODY_CODING, Payload, SenderStamp, encode_payload
+    from tests.conftest import SMALL_SPEC
+
+    manifest = small_pool.manifest
+    now = int(time.time())
+    blob = encode_payload(
+        Payload(
+            "big",
+            manifest.name,
+            manifest.fingerprint,
+            len(manifest),
+            ("a", "b"),
+            np.arange(0, 600),
+            np.arange(600) % 2,
+            created=now,
+            sender=SenderStamp("station-a", int(now * 1000), now + 3600),
+        ),
+        codings=(BODY_CODING,),
+        signer=SENDERS["station-a"],
+    )
+    (tmp_path / "big.plada").write_bytes(blob)
+    add_key(tmp_path / "trust", SENDERS["station-a"].public)
+    common = [
+        "--reference",
+        SMALL_SPEC,
+        "--cache-dir",
+        str(cache_dir),
+        "--trust",
+        str(tmp_path / "trust"),
+        "--max-job-images",
+        "500",
+    ]
+    for command in (["verify"], ["train", "--out", str(tmp_path / "out")]):
+        proc = subprocess.run(
+            [*cli("plada-receive"), command[0], str(tmp_path / "big.plada"), *command[1:], *common],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2 and "PayloadLimitError" in proc.stderr, proc.stderr
+        assert "at most 500 images" in proc.stderr
+    assert (
+        SequenceLedger(tmp_path / "trust" / LEDGER_FILE, read_only=True).last("station-a") is None
+    )
