@@ -57,6 +57,10 @@ class InboxEntryError(PayloadError):
     device, or a file that cannot be read."""
 
 
+class FrameError(PayloadError):
+    """A frame is damaged, foreign or inconsistent with its transfer; it is dropped."""
+
+
 class TrustError(PayloadError):
     """The payload's origin or freshness could not be established (signature, sender,
     sequence number, expiry)."""

@@ -1,4 +1,4 @@
-"""Times as people and logs read them: ISO 8601 in UTC."""
+"""Times as people and logs read them: ISO 8601 in UTC, durations as H:MM:SS."""
 
 from __future__ import annotations
 
@@ -15,3 +15,11 @@ def utc_text(seconds: float | None = None, timespec: str = "seconds") -> str:
         return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec=timespec)
     except (OverflowError, ValueError, OSError):
         return f"Unix time {int(seconds)}"
+
+
+def duration_text(seconds: float | None) -> str:
+    """``H:MM:SS`` of a duration in seconds (``?`` when unknown)."""
+    if seconds is None or seconds != seconds:
+        return "?"
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

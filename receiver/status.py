@@ -17,6 +17,7 @@ from typing import Any
 
 from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError, StorageError
+from protocol.timestamps import duration_text
 from receiver.job_queue import JobQueue
 from receiver.ledger import LEDGER_FILE, SequenceLedger
 from receiver.workers import live_owners
@@ -111,13 +112,6 @@ def _by_age(paths) -> list[Path]:
     return [path for _, _, path in sorted(dated)]
 
 
-def _clock(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds:
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 def render_status(status: dict[str, Any]) -> str:
     """Human-readable lines for a terminal."""
     health = status["health"]
@@ -137,7 +131,7 @@ def render_status(status: dict[str, Any]) -> str:
             f"training job {current['job']} ({current['task']}), seed {current['seed']}: "
             f"step {current['step']}/{current['total_steps']} epoch {current['epoch']}, "
             f"loss {current['loss']:.3f}, {current['images_per_second']:.0f} img/s, "
-            f"eta {_clock(current.get('eta_seconds'))}"
+            f"eta {duration_text(current.get('eta_seconds'))}"
             + (f", resumed at step {current['resumed_from']}" if current["resumed_from"] else "")
         )
     counts = status["queue"]

@@ -8,6 +8,7 @@ plada-send index EMB [--memory-budget 4GB]
 plada-send score --embeddings EMB --clip-weights W --task DIR | --classes a,b --out WORK
 plada-send score --reference SPEC --train T.npz [--test T.npz] --out WORK   (image teacher)
 plada-send keygen --sender-id ID --out keys/ID      signing key (ID.key) + public key (ID.pub)
+plada-send frames task.plada --link lora-sf9 --out FRAMES [--repair 30%]   frames for a link
 plada-send plan WORK --reference SPEC --train T.npz [--out PLAN]   predict each payload's accuracy
 plada-send select WORK --plan PLAN [--max-bytes N | --link-bps B --window 20m] \
     --signing-key keys/ID.key --out task.plada       the best planned payload that fits
@@ -31,6 +32,7 @@ from plada_cli import (
 )
 from protocol.atomic_files import writable_directory, write_json_atomic
 from protocol.errors import ConfigError, PladaError
+from protocol.frames import PROFILES, link_profile
 from protocol.reference.factory import open_reference
 from protocol.signing import check_sender_id
 from protocol.timestamps import utc_text
@@ -298,6 +300,16 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     print(f"sender {key.sender}: key id {key.key_id.hex()}")
     print(f"private key: {args.out}.key (keep it on this station; mode 0600)")
     print(f"public key:  {args.out}.pub (install on receivers: plada-receive trust add)")
+    return 0
+
+
+def _cmd_frames(args: argparse.Namespace) -> int:
+    from sender.link_frames import write_frames
+
+    profile = link_profile(args.link, args.mtu)
+    written = write_frames(args.payload, profile, args.out, args.repair, args.stream)
+    print(written.summary(profile))
+    print(f"frames: {Path(written.written[0]).parent}")
     return 0
 
 
@@ -644,6 +656,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--quiet", action="store_true", help="no progress bars")
     plan.set_defaults(func=_cmd_plan)
+
+    frames = sub.add_parser(
+        "frames", help="cut a payload into fountain-coded frames for a narrow, lossy link"
+    )
+    frames.add_argument("payload", help="the payload file (.plada)")
+    link = frames.add_mutually_exclusive_group(required=True)
+    link.add_argument("--link", help=f"link profile: {', '.join(PROFILES)}", metavar="PROFILE")
+    link.add_argument("--mtu", type=int, help="custom frame size in bytes")
+    frames.add_argument("--out", required=True, help="folder for the frame files")
+    frames.add_argument(
+        "--repair",
+        default="0",
+        help="repair frames after the source frames: a count, or a share of them (30%%)",
+    )
+    frames.add_argument(
+        "--stream",
+        action="store_true",
+        help="one stream file of length-prefixed frames instead of one file per frame",
+    )
+    frames.set_defaults(func=_cmd_frames)
 
     keygen = sub.add_parser("keygen", help="create a sender signing key and its public key")
     keygen.add_argument("--sender-id", required=True, help="this station's sender id")

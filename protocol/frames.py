@@ -1,0 +1,248 @@
+"""Frames: a payload carried over a narrow, lossy, often one-way link.
+
+A payload becomes self-describing frames of a chosen size, each holding one symbol
+of a RaptorQ fountain code (RFC 6330, through the ``raptorq`` package, a compiled
+implementation of the RFC): source symbols first, then as many repair symbols as
+the link needs. Any K or K+1 distinct frames of a transfer, in any order and with
+duplicates, rebuild the payload (K = ceil(length / symbol size)); a frame damaged
+on the way fails its CRC and is dropped. The rebuilt bytes are an ordinary payload:
+the receiver verifies them (signature first) like any file, so forged or corrupt
+frames can never yield an accepted payload. Layout (``protocol/FORMAT.md``)::
+
+    magic     1 byte   0xF1 (frames, version 1)
+    transfer  4 bytes  the first 4 bytes of SHA-256(payload): which transfer
+    length    uvarint  the payload's length in bytes
+    mtu       uvarint  the coding parameter both sides derive the symbol size from
+    block     uvarint  the RaptorQ source block number
+    symbol id uvarint  the encoding symbol id within the block
+    symbol    T bytes  one encoding symbol (all the bytes up to the CRC)
+    crc       4 bytes  CRC-32 (zlib) of every byte before it, little-endian
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol.errors import FrameError, PayloadError
+from protocol.varint import decode_uvarints, encode_uvarints
+
+FRAME_MAGIC = 0xF1
+TRANSFER_ID_BYTES = 4
+CRC_BYTES = 4
+MIN_FRAME_BYTES = 24
+MAX_FRAME_BYTES = 65535
+MAX_TRANSFER_BYTES = 64 * 1024 * 1024  # the payload format's own cap
+_CRC = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """A link by name: the most bytes one frame may hold and its raw bit rate."""
+
+    name: str
+    frame_bytes: int
+    bits_per_second: float
+    note: str = ""
+
+    def airtime_seconds(self, total_bytes: int) -> float:
+        """Time on air for ``total_bytes`` at the profile's bit rate (no duty cycle)."""
+        return total_bytes * 8 / self.bits_per_second
+
+
+# EU868 LoRaWAN at 125 kHz: the largest application payload and the raw bit rate per
+# spreading factor; Iridium SBD mobile-originated messages at the 2.4 kbps channel
+PROFILES = {
+    profile.name: profile
+    for profile in (
+        LinkProfile("iridium-sbd-340", 340, 2400, "Iridium SBD, small modems (9602/9603)"),
+        LinkProfile("iridium-sbd-1960", 1960, 2400, "Iridium SBD, full modems (9522)"),
+        LinkProfile("lora-sf7", 222, 5470, "LoRa SF7/125 kHz, 1% duty cycle in EU868"),
+        LinkProfile("lora-sf8", 222, 3125, "LoRa SF8/125 kHz"),
+        LinkProfile("lora-sf9", 115, 1760, "LoRa SF9/125 kHz"),
+        LinkProfile("lora-sf10", 51, 980, "LoRa SF10/125 kHz"),
+        LinkProfile("lora-sf11", 51, 440, "LoRa SF11/125 kHz"),
+        LinkProfile("lora-sf12", 51, 250, "LoRa SF12/125 kHz"),
+        LinkProfile("acoustic-64", 64, 300, "underwater acoustic modem, 64-byte frames"),
+    )
+}
+
+
+def link_profile(name: str | None = None, mtu: int | None = None) -> LinkProfile:
+    """The profile ``name``, or a custom one of ``mtu`` bytes per frame (1 kbps)."""
+    if mtu is not None:
+        if not MIN_FRAME_BYTES <= mtu <= MAX_FRAME_BYTES:
+            raise FrameError(
+                f"--mtu {mtu} is outside [{MIN_FRAME_BYTES}, {MAX_FRAME_BYTES}] bytes per frame"
+            )
+        return LinkProfile(f"custom-{mtu}", mtu, 1000.0, "custom frame size")
+    if name not in PROFILES:
+        raise FrameError(
+            f"unknown link profile {name!r}: use one of {', '.join(PROFILES)}, or --mtu BYTES"
+        )
+    return PROFILES[name]
+
+
+def transfer_id(payload: bytes) -> bytes:
+    """The 4-byte id of the transfer of ``payload``."""
+    return hashlib.sha256(payload).digest()[:TRANSFER_ID_BYTES]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One parsed frame."""
+
+    transfer: bytes
+    length: int
+    mtu: int
+    block: int
+    symbol_id: int
+    symbol: bytes
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.block, self.symbol_id
+
+    def packet(self) -> bytes:
+        """The RaptorQ packet: its 4-byte payload id (block, symbol id) and the symbol."""
+        return bytes([self.block]) + self.symbol_id.to_bytes(3, "big") + self.symbol
+
+
+def _head(transfer: bytes, length: int, mtu: int, block: int, symbol_id: int) -> bytes:
+    fields = np.array([length, mtu, block, symbol_id], dtype=np.uint64)
+    return bytes([FRAME_MAGIC]) + transfer + encode_uvarints(fields)
+
+
+def build_frame(frame: Frame) -> bytes:
+    """The bytes of ``frame``, CRC included."""
+    body = _head(frame.transfer, frame.length, frame.mtu, frame.block, frame.symbol_id)
+    body += frame.symbol
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def parse_frame(data: bytes) -> Frame:
+    """A frame from untrusted bytes; ``FrameError`` for a damaged or foreign one."""
+    if len(data) < MIN_FRAME_BYTES - 8 or data[0] != FRAME_MAGIC:
+        raise FrameError("not a plada frame (magic byte or length)")
+    body, crc = data[:-CRC_BYTES], data[-CRC_BYTES:]
+    if zlib.crc32(body) != _CRC.unpack(crc)[0]:
+        raise FrameError("frame fails its CRC: damaged on the link; dropped")
+    transfer = body[1 : 1 + TRANSFER_ID_BYTES]
+    try:
+        values, used = decode_uvarints(body[1 + TRANSFER_ID_BYTES :], 4)
+    except PayloadError as exc:
+        raise FrameError(f"frame header is malformed ({exc})") from exc
+    length, mtu, block, symbol_id = (int(v) for v in values)
+    symbol = body[1 + TRANSFER_ID_BYTES + used :]
+    if not 1 <= length <= MAX_TRANSFER_BYTES or not 8 <= mtu <= MAX_FRAME_BYTES:
+        raise FrameError(f"frame declares length {length} and mtu {mtu}: out of range")
+    if block > 255 or symbol_id >= 1 << 24 or not symbol:
+        raise FrameError("frame declares a block or symbol id out of range")
+    return Frame(transfer, length, mtu, block, symbol_id, symbol)
+
+
+def _fitting_mtu(length: int, frame_bytes: int) -> int:
+    """The coding parameter whose frames fit ``frame_bytes`` (header at its largest)."""
+    from raptorq import Encoder
+
+    probe = b"\0" * min(length, 4096)
+    widest = np.array([length, frame_bytes, 255, (1 << 24) - 1], dtype=np.uint64)
+    overhead = 1 + TRANSFER_ID_BYTES + len(encode_uvarints(widest))
+    mtu = frame_bytes - overhead - CRC_BYTES
+    while mtu >= 8:
+        symbol = len(Encoder.with_defaults(probe, mtu).get_encoded_packets(0)[0]) - 4
+        if overhead + symbol + CRC_BYTES <= frame_bytes:
+            return mtu
+        mtu -= 1
+    raise FrameError(f"frames of {frame_bytes} bytes cannot hold a symbol; use larger frames")
+
+
+@dataclass
+class FrameEncoder:
+    """The frames of one payload for one frame size: source frames, then repair."""
+
+    payload: bytes
+    frame_bytes: int
+    mtu: int = 0
+    _packets: list[bytes] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.payload) <= MAX_TRANSFER_BYTES:
+            raise FrameError(f"a payload of {len(self.payload)} bytes cannot be framed")
+        from raptorq import Encoder
+
+        self.mtu = self.mtu or _fitting_mtu(len(self.payload), self.frame_bytes)
+        self._encoder = Encoder.with_defaults(self.payload, self.mtu)
+        self.transfer = transfer_id(self.payload)
+        self.source_count = len(self._encoder.get_encoded_packets(0))
+
+    def frames(self, repair: int = 0) -> list[bytes]:
+        """The source frames, then ``repair`` repair frames (spread over the blocks)."""
+        blocks = max(1, len({packet[0] for packet in self._encoder.get_encoded_packets(0)}))
+        per_block = -(-repair // blocks) if repair else 0
+        packets = self._encoder.get_encoded_packets(per_block)
+        return [self._frame(packet) for packet in packets[: self.source_count + repair]]
+
+    def carousel(self) -> Iterator[bytes]:
+        """Source frames, then fresh repair frames for ever (a one-way link's loop)."""
+        sent, repair = 0, 0
+        while True:
+            frames = self.frames(repair)
+            yield from frames[sent:]
+            sent = len(frames)
+            repair += max(16, self.source_count // 4)
+
+    def _frame(self, packet: bytes) -> bytes:
+        block, symbol_id = packet[0], int.from_bytes(packet[1:4], "big")
+        return build_frame(
+            Frame(self.transfer, len(self.payload), self.mtu, block, symbol_id, packet[4:])
+        )
+
+
+@dataclass
+class TransferAssembler:
+    """Collects the frames of one transfer until the payload decodes."""
+
+    transfer: bytes
+    length: int
+    mtu: int
+    held: dict[tuple[int, int], Frame] = field(default_factory=dict)
+    duplicates: int = 0
+    payload: bytes | None = None
+
+    def __post_init__(self) -> None:
+        from raptorq import Decoder
+
+        self._decoder = Decoder.with_defaults(self.length, self.mtu)
+
+    @property
+    def needed(self) -> int:
+        """How many distinct frames a decode takes at least (K)."""
+        return -(-self.length // max(1, self._symbol_size))
+
+    _symbol_size: int = 1
+
+    def add(self, frame: Frame) -> bytes | None:
+        """Take one frame; the payload once it decodes (and matches its transfer id)."""
+        if self.payload is not None:
+            return self.payload
+        if (frame.length, frame.mtu) != (self.length, self.mtu):
+            raise FrameError("frame disagrees with its transfer's length or coding")
+        if frame.key in self.held:
+            self.duplicates += 1
+            return None
+        self.held[frame.key] = frame
+        self._symbol_size = len(frame.symbol)
+        decoded = self._decoder.decode(frame.packet())
+        if decoded is None:
+            return None
+        decoded = bytes(decoded)
+        if transfer_id(decoded) != self.transfer:
+            raise FrameError("frames decoded to bytes that are not their transfer's payload")
+        self.payload = decoded
+        return decoded

@@ -1,0 +1,115 @@
+"""``plada-send frames``: a signed payload as frame files (or one stream file) for a link.
+
+Source frames come first, then ``repair`` repair frames: on a link with loss rate p
+a transfer needs about K / (1 - p) frames, so ``--repair 30%`` covers about 23% loss
+without a return path. The floor a link cannot beat is K frames (the payload's bytes
+in whole symbols); what is printed beside the frames is that floor and the airtime.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.atomic_files import atomic_outputs, writable_directory
+from protocol.errors import ConfigError
+from protocol.frames import FrameEncoder, LinkProfile
+from protocol.payload import read_payload_bytes
+from protocol.timestamps import duration_text
+
+STREAM_LENGTH = struct.Struct("<H")  # each frame of a stream file: u16 length, then the frame
+
+
+def parse_repair(text: str, source_count: int) -> int:
+    """``--repair``: a count of repair frames, or a percentage of the source frames."""
+    try:
+        if text.endswith("%"):
+            value = float(text[:-1])
+            if not 0 <= value <= 1000:
+                raise ValueError
+            return int(-(-source_count * value // 100))
+        value = int(text)
+        if value < 0:
+            raise ValueError
+        return value
+    except ValueError as exc:
+        raise ConfigError(f"--repair {text!r}: give a count (40) or a percentage (30%)") from exc
+
+
+@dataclass(frozen=True)
+class FramedTransfer:
+    """What ``plada-send frames`` wrote."""
+
+    transfer: str
+    payload_bytes: int
+    source_frames: int
+    repair_frames: int
+    frame_bytes: int
+    bytes_on_air: int
+    airtime_seconds: float
+    written: list[str]
+
+    def summary(self, profile: LinkProfile) -> str:
+        total = self.source_frames + self.repair_frames
+        floor = self.source_frames
+        return (
+            f"transfer {self.transfer}: {self.payload_bytes} B payload -> {total} frames "
+            f"({self.source_frames} source + {self.repair_frames} repair) of up to "
+            f"{self.frame_bytes} B for {profile.name}; {self.bytes_on_air} B on air, "
+            f"{duration_text(self.airtime_seconds)} at {profile.bits_per_second:g} bps; "
+            f"the floor is {floor} frames"
+        )
+
+
+def write_frames(
+    payload_path: str | Path,
+    profile: LinkProfile,
+    out: str | Path,
+    repair: str = "0",
+    stream: bool = False,
+) -> FramedTransfer:
+    """Frame the payload at ``payload_path`` for ``profile`` into ``out`` (a folder of
+    ``<transfer>-<n>.frame`` files, or with ``stream`` one ``<transfer>.frames`` file of
+    length-prefixed frames), written atomically."""
+    data = read_payload_bytes(payload_path)
+    encoder = FrameEncoder(data, profile.frame_bytes)
+    repairs = parse_repair(repair, encoder.source_count)
+    frames = encoder.frames(repairs)
+    folder = writable_directory(out, "--out")
+    transfer = encoder.transfer.hex()
+    if stream:
+        paths = [folder / f"{transfer}.frames"]
+        with atomic_outputs(*paths, durable=True) as (handle,):
+            for frame in frames:
+                handle.write(STREAM_LENGTH.pack(len(frame)) + frame)
+    else:
+        paths = [folder / f"{transfer}-{number:06d}.frame" for number in range(len(frames))]
+        with atomic_outputs(*paths, durable=True) as handles:
+            for handle, frame in zip(handles, frames, strict=True):
+                handle.write(frame)
+    on_air = sum(len(frame) for frame in frames)
+    return FramedTransfer(
+        transfer,
+        len(data),
+        encoder.source_count,
+        repairs,
+        max(len(frame) for frame in frames),
+        on_air,
+        profile.airtime_seconds(on_air),
+        [str(path) for path in paths],
+    )
+
+
+def read_stream(path: str | Path) -> list[bytes]:
+    """The frames of a stream file (a truncated last frame is left out)."""
+    data = Path(path).read_bytes()
+    frames, position = [], 0
+    while position + STREAM_LENGTH.size <= len(data):
+        (length,) = STREAM_LENGTH.unpack_from(data, position)
+        position += STREAM_LENGTH.size
+        if position + length > len(data):
+            break
+        frames.append(data[position : position + length])
+        position += length
+    return frames
