@@ -222,10 +222,9 @@ class TransferAssembler:
 
     @property
     def needed(self) -> int:
-        """How many distinct frames a decode takes at least (K)."""
-        return -(-self.length // max(1, self._symbol_size))
-
-    _symbol_size: int = 1
+        """How many distinct frames a decode takes at least (K; 0 before the first)."""
+        sizes = {len(frame.symbol) for frame in self.held.values()}
+        return -(-self.length // max(sizes)) if sizes else 0
 
     def add(self, frame: Frame) -> bytes | None:
         """Take one frame; the payload once it decodes (and matches its transfer id)."""
@@ -237,7 +236,6 @@ class TransferAssembler:
             self.duplicates += 1
             return None
         self.held[frame.key] = frame
-        self._symbol_size = len(frame.symbol)
         decoded = self._decoder.decode(frame.packet())
         if decoded is None:
             return None

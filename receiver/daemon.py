@@ -2,9 +2,10 @@
 
 Two threads share a daemon home (see the README for its layout):
 
-- intake: claims payload files from the inbox, verifies them and queues or
-  quarantines them (:mod:`receiver.intake`), every ``poll_seconds``, also while a
-  job trains;
+- intake: rebuilds payloads from the frames in ``HOME/frames/``
+  (:mod:`receiver.frames_inbox`), claims payload files from the inbox, verifies
+  them and queues or quarantines them (:mod:`receiver.intake`), every
+  ``poll_seconds``, also while a job trains;
 - jobs (main thread): takes the oldest queued job, trains it with checkpoints
   (:mod:`receiver.job`), records the result, and goes on with the next one.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from protocol.errors import PladaError
 from protocol.reference.factory import open_reference
 from protocol.task_data import load_labeled_images
+from receiver.frames_inbox import FramesInbox
 from receiver.http_upload import HttpLimits, start_http
 from receiver.intake import Intake, IntakeSettings
 from receiver.job import JobControl, JobSettings, run_job
@@ -91,18 +93,21 @@ class Daemon:
             inbox=str(self.inbox),
         )
         self.intake: Intake | None = None
+        self.frames: FramesInbox | None = None
         self._intake_error: str | None = None
         self._intake_passes = 0  # completed intake passes
         self._intake_idle = False  # whether the last one found nothing to take in
 
     # --- intake thread -------------------------------------------------------------
     def _intake_loop(self) -> None:
-        assert self.intake is not None
+        assert self.intake is not None and self.frames is not None
         while not self.stop.is_set():
             try:
-                processed = self.intake.poll()
+                processed = self.frames.poll() + self.intake.poll()
                 # judged by this thread, the only one that moves this daemon's files
-                self._intake_idle = processed == 0 and self.intake.waiting() == 0
+                self._intake_idle = (
+                    processed == 0 and self.intake.waiting() == 0 and self.frames.waiting() == 0
+                )
                 self._intake_error = None
             except Exception as exc:  # keep serving; the log has the traceback
                 self._intake_idle = False
@@ -118,6 +123,8 @@ class Daemon:
                 intake_error=self._intake_error,
                 intake_passes=self._intake_passes,
                 queue=counts,
+                frames=dict(self.frames.stats),
+                transfers=self.frames.report()[:20],
             )
             self.stop.wait(self.config.poll_seconds)
 
@@ -304,6 +311,7 @@ class Daemon:
             Path(config.trust_dir) if config.trust_dir else None,
             config.trust,
         )
+        self.frames = FramesInbox(self.home, self.inbox)
         intake_thread = threading.Thread(target=self._intake_loop, name="plada-intake")
         intake_thread.start()
         try:

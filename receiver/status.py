@@ -147,6 +147,12 @@ def render_status(status: dict[str, Any]) -> str:
             f"{quota['bytes'] / 2**20:.1f} of {quota['max_bytes'] / 2**20:.0f} MiB; "
             f"{quota['purged']} oldest purged"
         )
+    for transfer in health.get("transfers") or []:
+        lines.append(
+            f"transfer {transfer['transfer']}: {transfer['held']} of {transfer['needed']} "
+            f"frames held ({transfer['bytes']} B), first {transfer['first_seen']}, "
+            f"last {transfer['last_seen']}"
+        )
     skipped = (health.get("intake") or {}).get("skipped")
     if skipped:
         lines.append(f"inbox: {skipped} entries could not be claimed (see the log)")

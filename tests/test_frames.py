@@ -4,9 +4,11 @@ test vector holds; `plada-send frames` writes what it says."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import subprocess
+import time
 import zlib
 from pathlib import Path
 
@@ -184,3 +186,116 @@ def test_plada_send_frames_writes_files_and_streams(tmp_path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "--repair 'lots'" in bad.stderr
+
+
+# --- the receiver's frames inbox -------------------------------------------------------------
+
+
+def _frames_inbox(home: Path, **settings):
+    from receiver.frames_inbox import FrameSettings, FramesInbox
+
+    (home / "inbox").mkdir(parents=True, exist_ok=True)
+    return FramesInbox(home, home / "inbox", FrameSettings(**settings))
+
+
+def _drop(home: Path, frames: list[bytes], start: int = 0) -> None:
+    for number, frame in enumerate(frames, start):
+        (home / "frames" / f"f{number:06d}.frame").write_bytes(frame)
+
+
+def test_frames_inbox_rebuilds_after_a_restart_and_ignores_late_frames(tmp_path) -> None:
+    home = tmp_path / "home"
+    payload = random.Random(3).randbytes(3000)
+    frames = FrameEncoder(payload, 64).frames(repair=20)
+    inbox = _frames_inbox(home)
+    _drop(home, frames[:30])
+    assert inbox.poll() == 0
+    (report,) = inbox.report()
+    assert report["held"] == 30 and report["needed"] == len(frames) - 20
+    restarted = _frames_inbox(home)  # as after a reboot: the log rebuilds the transfer
+    assert restarted.report()[0]["held"] == 30
+    damaged = bytearray(frames[40])
+    damaged[10] ^= 0x04
+    _drop(home, [bytes(damaged), *frames[30:75]], start=100)
+    assert restarted.poll() == 1 and restarted.stats["crc_rejected"] == 1
+    (written,) = (home / "inbox").iterdir()
+    assert written.read_bytes() == payload and restarted.report() == []
+    _drop(home, frames[75:], start=200)  # late frames of a finished transfer
+    assert restarted.poll() == 0 and list((home / "inbox").iterdir()) == [written]
+    assert not list((home / "transfers").glob("*.log"))
+
+
+def test_a_flood_of_junk_frames_is_bounded(tmp_path) -> None:
+    home = tmp_path / "home"
+    inbox = _frames_inbox(home, max_transfers=4, max_log_bytes=20_000)
+    rng = random.Random(5)
+    for round_ in range(10):  # valid frames of 30 made-up transfers, plus random junk
+        junk = [FrameEncoder(rng.randbytes(4000), 64).frames()[0] for _ in range(3)]
+        junk += [rng.randbytes(60) for _ in range(20)]
+        _drop(home, junk, start=round_ * 100)
+        inbox.poll()
+    assert len(inbox.transfers) <= 4 and inbox.stats["evicted"] >= 26
+    assert sum(p.stat().st_size for p in (home / "transfers").glob("*.log")) <= 20_000
+    assert inbox.stats["crc_rejected"] == 200
+    payload = rng.randbytes(2000)  # a genuine transfer still gets through
+    _drop(home, FrameEncoder(payload, 64).frames(repair=4), start=5000)
+    assert inbox.poll() == 1
+
+
+def test_frames_at_30_percent_loss_train_through_the_daemon(tmp_path, small_pool, cache_dir):
+    """payload -> frames -> 30% loss -> the daemon's frames inbox -> a trained student."""
+    from protocol.payload import BODY_CODING, Payload, SenderStamp, encode_payload
+    from receiver.trust_store import add_key
+    from tests.conftest import SMALL_SPEC
+    from tests.hostile import SENDERS
+    from tests.subprocess_cli import daemon_command
+
+    manifest = small_pool.manifest
+    rng = random.Random(11)
+    now = int(time.time())
+    indices = sorted(rng.sample(range(len(manifest)), 300))
+    payload = encode_payload(
+        Payload(
+            "framed",
+            manifest.name,
+            manifest.fingerprint,
+            len(manifest),
+            ("a", "b"),
+            indices,
+            [i % 2 for i in indices],
+            created=now,
+            sender=SenderStamp("station-a", now * 1000, now + 3600),
+        ),
+        codings=(BODY_CODING,),
+        signer=SENDERS["station-a"],
+    )
+    home = tmp_path / "home"
+    (home / "frames").mkdir(parents=True)
+    add_key(home / "trust", SENDERS["station-a"].public)
+    encoder = FrameEncoder(payload, PROFILES["lora-sf9"].frame_bytes)
+    frames = encoder.frames(repair=encoder.source_count)
+    kept = [frame for frame in frames if rng.random() >= 0.3]
+    _drop(home, kept)
+    proc = subprocess.run(
+        daemon_command(
+            home,
+            SMALL_SPEC,
+            cache_dir,
+            "--min-steps",
+            "4",
+            "--max-steps",
+            "4",
+            "--no-export",
+            "--exit-when-idle",
+        ),
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = (home / "results").iterdir()
+    report = json.loads((result / "report.json").read_text())
+    assert report["task"] == "framed" and report["kept"] == 300
+    # the very bytes the sender signed: the student is the one the file itself trains
+    assert report["payload_sha256"] == hashlib.sha256(payload).hexdigest()

@@ -1,0 +1,239 @@
+"""The daemon's frames inbox: frames in, payloads out, durably and within a quota.
+
+Link software drops frame files (``*.frame``, one frame each) or stream files
+(``*.frames``, length-prefixed frames) into ``HOME/frames/``. Each pass reads them,
+drops every frame that fails its CRC (counted), and appends each valid new frame to
+its transfer's log ``HOME/transfers/<transfer id>.log`` (length-prefixed frames,
+fsynced before the frame file is removed), so a reboot loses nothing that was
+written; on start the assemblers are rebuilt from the logs. As soon as a transfer
+holds enough frames its payload decodes and is written into the payload inbox
+(``frames-<transfer id>.plada``), where the ordinary intake verifies it, signature
+first: frames carry no trust of their own. A finished transfer leaves a small
+``<id>.done`` record, so its late frames are ignored cheaply.
+
+Bounded: at most ``max_transfers`` open transfers and ``max_log_bytes`` of logs (a
+flood of junk frames for made-up transfers evicts the stalest partial transfer
+first), and partial transfers silent for ``expire_seconds`` are expired and logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.atomic_files import fsync_directory, write_bytes_atomic
+from protocol.errors import FrameError
+from protocol.frames import Frame, TransferAssembler, parse_frame
+from protocol.timestamps import utc_text
+
+log = logging.getLogger("plada.receiver")
+LENGTH = struct.Struct("<H")
+MAX_FRAME_FILE = 1 << 20
+
+
+@dataclass(frozen=True)
+class FrameSettings:
+    """How much the frames inbox may hold."""
+
+    max_transfers: int = 64
+    max_log_bytes: int = 64 << 20
+    expire_seconds: float = 7 * 86400.0
+
+
+def split_stream(data: bytes) -> list[bytes]:
+    """The frames of length-prefixed stream bytes (a torn last frame is left out)."""
+    frames, position = [], 0
+    while position + LENGTH.size <= len(data):
+        (length,) = LENGTH.unpack_from(data, position)
+        position += LENGTH.size
+        if position + length > len(data):
+            break
+        frames.append(data[position : position + length])
+        position += length
+    return frames
+
+
+@dataclass
+class _Transfer:
+    assembler: TransferAssembler
+    first_seen: float
+    last_seen: float
+    log_bytes: int = 0
+
+
+@dataclass
+class FramesInbox:
+    """Frames of every open transfer of one daemon home."""
+
+    home: Path
+    inbox: Path
+    settings: FrameSettings = field(default_factory=FrameSettings)
+
+    def __post_init__(self) -> None:
+        self.folder = self.home / "frames"
+        self.logs = self.home / "transfers"
+        for folder in (self.folder, self.logs):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.transfers: dict[bytes, _Transfer] = {}
+        self.stats: dict[str, int] = {
+            "frames": 0,
+            "crc_rejected": 0,
+            "duplicates": 0,
+            "decoded": 0,
+            "expired": 0,
+            "evicted": 0,
+        }
+        for path in sorted(self.logs.glob("*.log")):
+            self._replay(path)
+
+    # --- the logs ---------------------------------------------------------------------
+    def _log_path(self, transfer: bytes) -> Path:
+        return self.logs / f"{transfer.hex()}.log"
+
+    def _done(self, transfer: bytes) -> bool:
+        return (self.logs / f"{transfer.hex()}.done").exists()
+
+    def _replay(self, path: Path) -> None:
+        """Rebuild a transfer from its log (after a restart)."""
+        frames = split_stream(path.read_bytes())
+        mtime = path.stat().st_mtime
+        for data in frames:
+            with contextlib.suppress(FrameError):
+                self._hold(parse_frame(data), data, mtime, logged=True)
+
+    def _hold(self, frame: Frame, data: bytes, now: float, logged: bool = False) -> bytes | None:
+        """Hold one valid frame (appended to its transfer's log, fsynced, unless it came
+        from the log); the payload once the transfer decodes."""
+        transfer = self.transfers.get(frame.transfer)
+        if transfer is None:
+            assembler = TransferAssembler(frame.transfer, frame.length, frame.mtu)
+            transfer = self.transfers[frame.transfer] = _Transfer(assembler, now, now)
+        if frame.key in transfer.assembler.held:
+            self.stats["duplicates"] += 1
+            return None
+        transfer.last_seen = now
+        record = LENGTH.pack(len(data)) + data
+        if not logged:
+            with open(self._log_path(frame.transfer), "ab") as handle:
+                handle.write(record)
+                handle.flush()
+                os.fsync(handle.fileno())
+        transfer.log_bytes += len(record)
+        return transfer.assembler.add(frame)
+
+    # --- one pass ---------------------------------------------------------------------
+    def waiting(self) -> int:
+        """Frame files not read yet."""
+        with os.scandir(self.folder) as scan:
+            return sum(1 for e in scan if e.name.endswith((".frame", ".frames")))
+
+    def poll(self) -> int:
+        """Read every frame file once; returns how many payloads were completed."""
+        completed = 0
+        now = time.time()
+        with os.scandir(self.folder) as scan:
+            entries = sorted(
+                (e for e in scan if e.name.endswith((".frame", ".frames"))),
+                key=lambda e: e.name,
+            )
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    raise OSError("not a regular file")
+                with open(entry.path, "rb") as handle:
+                    data = handle.read(MAX_FRAME_FILE + 1)
+            except OSError:
+                Path(entry.path).unlink(missing_ok=True)
+                continue
+            pieces = split_stream(data) if entry.name.endswith(".frames") else [data]
+            for piece in pieces:
+                completed += self._take(piece, now)
+            Path(entry.path).unlink(missing_ok=True)  # every frame in it is logged
+        self._expire(now)
+        return completed
+
+    def _take(self, data: bytes, now: float) -> int:
+        try:
+            frame = parse_frame(data)
+        except FrameError:
+            self.stats["crc_rejected"] += 1
+            return 0
+        self.stats["frames"] += 1
+        if self._done(frame.transfer):
+            return 0  # a late frame of a finished transfer
+        if frame.transfer not in self.transfers:
+            self._make_room(now)
+        try:
+            payload = self._hold(frame, data, now)
+        except FrameError as exc:
+            log.warning(
+                f"frames of transfer {frame.transfer.hex()} failed: {exc}",
+                extra={"event": "transfer-failed", "transfer": frame.transfer.hex()},
+            )
+            self._close(frame.transfer, done=True)
+            return 0
+        if payload is None:
+            return 0
+        name = f"frames-{frame.transfer.hex()}.plada"
+        write_bytes_atomic(self.inbox / name, payload, durable=True)
+        held = len(self.transfers[frame.transfer].assembler.held)
+        self._close(frame.transfer, done=True)
+        self.stats["decoded"] += 1
+        log.info(
+            f"transfer {frame.transfer.hex()} complete from {held} frames: {name}",
+            extra={"event": "transfer-done", "transfer": frame.transfer.hex(), "frames": held},
+        )
+        return 1
+
+    def _close(self, transfer: bytes, done: bool) -> None:
+        self.transfers.pop(transfer, None)
+        if done:
+            (self.logs / f"{transfer.hex()}.done").write_text(utc_text() + "\n")
+        self._log_path(transfer).unlink(missing_ok=True)
+        fsync_directory(self.logs)
+
+    def _make_room(self, now: float) -> None:
+        """Evict the stalest partial transfers while a new one would break the quota."""
+        limits = self.settings
+        while self.transfers and (
+            len(self.transfers) + 1 > limits.max_transfers
+            or sum(t.log_bytes for t in self.transfers.values()) > limits.max_log_bytes
+        ):
+            stalest = min(self.transfers, key=lambda key: self.transfers[key].last_seen)
+            self.stats["evicted"] += 1
+            log.warning(
+                f"frames inbox over its quota: dropped partial transfer {stalest.hex()}",
+                extra={"event": "transfer-evicted", "transfer": stalest.hex()},
+            )
+            self._close(stalest, done=False)
+
+    def _expire(self, now: float) -> None:
+        for key, transfer in list(self.transfers.items()):
+            if now - transfer.last_seen > self.settings.expire_seconds:
+                self.stats["expired"] += 1
+                log.warning(
+                    f"partial transfer {key.hex()} expired with {len(transfer.assembler.held)} "
+                    "frames",
+                    extra={"event": "transfer-expired", "transfer": key.hex()},
+                )
+                self._close(key, done=False)
+
+    def report(self) -> list[dict[str, Any]]:
+        """Each open transfer: frames held and needed, first and last seen."""
+        return [
+            {
+                "transfer": key.hex(),
+                "bytes": transfer.assembler.length,
+                "held": len(transfer.assembler.held),
+                "needed": transfer.assembler.needed,
+                "first_seen": utc_text(transfer.first_seen),
+                "last_seen": utc_text(transfer.last_seen),
+            }
+            for key, transfer in sorted(self.transfers.items())
+        ]
