@@ -182,11 +182,21 @@ class FrameEncoder:
         self.source_count = len(self._encoder.get_encoded_packets(0))
 
     def frames(self, repair: int = 0) -> list[bytes]:
-        """The source frames, then ``repair`` repair frames (spread over the blocks)."""
-        blocks = max(1, len({packet[0] for packet in self._encoder.get_encoded_packets(0)}))
-        per_block = -(-repair // blocks) if repair else 0
-        packets = self._encoder.get_encoded_packets(per_block)
-        return [self._frame(packet) for packet in packets[: self.source_count + repair]]
+        """Every source frame (all blocks), then ``repair`` repair frames, spread over the
+        blocks."""
+        source = self._encoder.get_encoded_packets(0)
+        packets = list(source)
+        if repair:
+            blocks = len({packet[0] for packet in source})
+            keys = {packet[:4] for packet in source}
+            every = self._encoder.get_encoded_packets(-(-repair // blocks))
+            by_block: dict[int, list[bytes]] = {}
+            for packet in every:
+                if packet[:4] not in keys:
+                    by_block.setdefault(packet[0], []).append(packet)
+            rounds = zip(*by_block.values(), strict=False)  # block after block, in turn
+            packets += [packet for turn in rounds for packet in turn][:repair]
+        return [self._frame(packet) for packet in packets]
 
     def carousel(self) -> Iterator[bytes]:
         """Source frames, then fresh repair frames for ever (a one-way link's loop)."""
