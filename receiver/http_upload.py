@@ -5,6 +5,9 @@
   hidden unique name in the inbox, then renamed to ``upload-<sha256 prefix>.plada``
   and verified and queued like any inbox file; answers ``202`` with the file name,
   the SHA-256 and where to follow it.
+- ``POST /frames`` (body: frames, each a u16 length then the frame, as
+  ``plada-send frames --stream`` writes them; same token): stored in
+  ``HOME/frames/`` for the frames inbox (:mod:`receiver.frames_inbox`).
 - ``GET /jobs/<sha256>``: the job of that payload, its quarantine reason, or
   ``pending`` while intake has not reached it; 404 for a payload never received.
 - ``GET /status``: what ``plada-receive status --json`` prints.
@@ -122,6 +125,8 @@ def start_http(
     """Serve on 127.0.0.1:``port`` from a background thread; returns the server."""
     limits = limits or HttpLimits()
     token = http_token(home).encode()
+    frames_folder = Path(home) / "frames"
+    frames_folder.mkdir(parents=True, exist_ok=True)
     hosts = {f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1", "localhost"}
 
     class Handler(BaseHTTPRequestHandler):
@@ -148,8 +153,9 @@ def start_http(
         def do_POST(self) -> None:
             if self._refused():
                 return None
-            if self.path.rstrip("/") != "/payloads":
-                return self._reply(404, {"error": "POST payloads to /payloads"})
+            target = self.path.rstrip("/")
+            if target not in ("/payloads", "/frames"):
+                return self._reply(404, {"error": "POST payloads to /payloads, frames to /frames"})
             given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), token):
                 return self._reply(
@@ -161,12 +167,14 @@ def start_http(
                 return self._reply(411, {"error": "send the payload with a Content-Length"})
             if int(length) > max_bytes:
                 return self._reply(413, {"error": f"payload over the cap of {max_bytes} bytes"})
-            return self._receive(int(length))
+            return self._receive(int(length), target == "/frames")
 
-        def _receive(self, length: int) -> None:
-            """Stream the body to a hidden unique file, then rename it into the inbox."""
+        def _receive(self, length: int, frames: bool = False) -> None:
+            """Stream the body to a hidden unique file, then rename it into the inbox (a
+            payload) or into HOME/frames (a stream of length-prefixed frames)."""
             deadline = time.monotonic() + limits.request_seconds
-            temporary = inbox / f".upload-{secrets.token_hex(8)}.tmp"
+            folder = frames_folder if frames else inbox
+            temporary = folder / f".upload-{secrets.token_hex(8)}.tmp"
             digest = hashlib.sha256()
             try:
                 with open(temporary, "wb") as handle:
@@ -186,9 +194,9 @@ def start_http(
                     handle.flush()
                     os.fsync(handle.fileno())
                 sha256 = digest.hexdigest()
-                name = upload_name(sha256)
-                os.replace(temporary, inbox / name)
-                fsync_directory(inbox)
+                name = f"http-{sha256[:16]}.frames" if frames else upload_name(sha256)
+                os.replace(temporary, folder / name)
+                fsync_directory(folder)
             except TimeoutError:
                 temporary.unlink(missing_ok=True)
                 return self._reply(408, {"error": "the upload was too slow; send it again"})
@@ -200,6 +208,8 @@ def start_http(
                 f"received {name} over HTTP ({length} bytes)",
                 extra={"event": "http-upload", "file": name, "sha256": sha256},
             )
+            if frames:  # frames name no payload yet: `status` shows their transfer
+                return self._reply(202, {"file": name, "bytes": length})
             return self._reply(202, {"file": name, "sha256": sha256, "follow": f"/jobs/{sha256}"})
 
         def do_GET(self) -> None:

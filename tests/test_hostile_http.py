@@ -167,3 +167,22 @@ def test_concurrent_identical_uploads_all_succeed(server) -> None:
         thread.join()
     assert results == [202] * 4
     assert len(_inbox(server)) == 1  # one file, and no temp file left
+
+
+def test_frames_are_posted_as_a_stream_for_the_frames_inbox(server) -> None:
+    from protocol.frames import FrameEncoder
+    from receiver.frames_inbox import LENGTH, FramesInbox
+
+    payload = signed_payload(sequence=9)
+    frames = FrameEncoder(payload, 115).frames(repair=3)
+    body = b"".join(LENGTH.pack(len(frame)) + frame for frame in frames)
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    connection.request(
+        "POST", "/frames", body=body, headers={"Authorization": f"Bearer {_token(server)}"}
+    )
+    response = connection.getresponse()
+    assert response.status == 202 and json.loads(response.read())["file"].endswith(".frames")
+    connection.close()
+    inbox = FramesInbox(server.home, server.home / "inbox")
+    assert inbox.poll() == 1
+    assert [p.read_bytes() for p in (server.home / "inbox").glob("frames-*.plada")] == [payload]
