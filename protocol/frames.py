@@ -39,6 +39,7 @@ MIN_FRAME_BYTES = 24
 MAX_FRAME_BYTES = 65535
 MAX_TRANSFER_BYTES = 64 * 1024 * 1024  # the payload format's own cap
 _CRC = struct.Struct("<I")
+STREAM_LENGTH = struct.Struct("<H")  # a frame stream: each frame as u16 length, then its bytes
 
 
 @dataclass(frozen=True)
@@ -254,3 +255,21 @@ class TransferAssembler:
             raise FrameError("frames decoded to bytes that are not their transfer's payload")
         self.payload = decoded
         return decoded
+
+
+def pack_stream(frames: list[bytes]) -> bytes:
+    """Frames as one stream (``plada-send frames --stream``, ``POST /frames``)."""
+    return b"".join(STREAM_LENGTH.pack(len(frame)) + frame for frame in frames)
+
+
+def split_stream(data: bytes) -> list[bytes]:
+    """The frames of a stream (a torn last frame is left out)."""
+    frames, position = [], 0
+    while position + STREAM_LENGTH.size <= len(data):
+        (length,) = STREAM_LENGTH.unpack_from(data, position)
+        position += STREAM_LENGTH.size
+        if position + length > len(data):
+            break
+        frames.append(data[position : position + length])
+        position += length
+    return frames

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +28,10 @@ from typing import Any
 
 from protocol.atomic_files import fsync_directory, write_bytes_atomic
 from protocol.errors import FrameError
-from protocol.frames import Frame, TransferAssembler, parse_frame
+from protocol.frames import Frame, TransferAssembler, pack_stream, parse_frame, split_stream
 from protocol.timestamps import utc_text
 
 log = logging.getLogger("plada.receiver")
-LENGTH = struct.Struct("<H")
 MAX_FRAME_FILE = 1 << 20
 
 
@@ -44,19 +42,6 @@ class FrameSettings:
     max_transfers: int = 64
     max_log_bytes: int = 64 << 20
     expire_seconds: float = 7 * 86400.0
-
-
-def split_stream(data: bytes) -> list[bytes]:
-    """The frames of length-prefixed stream bytes (a torn last frame is left out)."""
-    frames, position = [], 0
-    while position + LENGTH.size <= len(data):
-        (length,) = LENGTH.unpack_from(data, position)
-        position += LENGTH.size
-        if position + length > len(data):
-            break
-        frames.append(data[position : position + length])
-        position += length
-    return frames
 
 
 @dataclass
@@ -118,7 +103,7 @@ class FramesInbox:
             self.stats["duplicates"] += 1
             return None
         transfer.last_seen = now
-        record = LENGTH.pack(len(data)) + data
+        record = pack_stream([data])
         if not logged:
             with open(self._log_path(frame.transfer), "ab") as handle:
                 handle.write(record)

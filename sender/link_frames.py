@@ -8,17 +8,14 @@ in whole symbols); what is printed beside the frames is that floor and the airti
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.atomic_files import atomic_outputs, writable_directory
 from protocol.errors import ConfigError
-from protocol.frames import FrameEncoder, LinkProfile
+from protocol.frames import FrameEncoder, LinkProfile, pack_stream, split_stream
 from protocol.payload import read_payload_bytes
 from protocol.timestamps import duration_text
-
-STREAM_LENGTH = struct.Struct("<H")  # each frame of a stream file: u16 length, then the frame
 
 
 def parse_repair(text: str, source_count: int) -> int:
@@ -81,8 +78,7 @@ def write_frames(
     if stream:
         paths = [folder / f"{transfer}.frames"]
         with atomic_outputs(*paths, durable=True) as (handle,):
-            for frame in frames:
-                handle.write(STREAM_LENGTH.pack(len(frame)) + frame)
+            handle.write(pack_stream(frames))
     else:
         paths = [folder / f"{transfer}-{number:06d}.frame" for number in range(len(frames))]
         with atomic_outputs(*paths, durable=True) as handles:
@@ -103,13 +99,4 @@ def write_frames(
 
 def read_stream(path: str | Path) -> list[bytes]:
     """The frames of a stream file (a truncated last frame is left out)."""
-    data = Path(path).read_bytes()
-    frames, position = [], 0
-    while position + STREAM_LENGTH.size <= len(data):
-        (length,) = STREAM_LENGTH.unpack_from(data, position)
-        position += STREAM_LENGTH.size
-        if position + length > len(data):
-            break
-        frames.append(data[position : position + length])
-        position += length
-    return frames
+    return split_stream(Path(path).read_bytes())

@@ -170,12 +170,12 @@ def test_concurrent_identical_uploads_all_succeed(server) -> None:
 
 
 def test_frames_are_posted_as_a_stream_for_the_frames_inbox(server) -> None:
-    from protocol.frames import FrameEncoder
-    from receiver.frames_inbox import LENGTH, FramesInbox
+    from protocol.frames import FrameEncoder, pack_stream
+    from receiver.frames_inbox import FramesInbox
 
     payload = signed_payload(sequence=9)
     frames = FrameEncoder(payload, 115).frames(repair=3)
-    body = b"".join(LENGTH.pack(len(frame)) + frame for frame in frames)
+    body = pack_stream(frames)
     connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
     connection.request(
         "POST", "/frames", body=body, headers={"Authorization": f"Bearer {_token(server)}"}
