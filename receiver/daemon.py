@@ -28,7 +28,7 @@ from pathlib import Path
 from protocol.errors import PladaError
 from protocol.reference.factory import open_reference
 from protocol.task_data import load_labeled_images
-from receiver.frames_inbox import FramesInbox
+from receiver.frames_inbox import FrameSettings, FramesInbox
 from receiver.http_upload import HttpLimits, start_http
 from receiver.intake import Intake, IntakeSettings
 from receiver.job import JobControl, JobSettings, run_job
@@ -102,8 +102,13 @@ class Daemon:
     def _intake_loop(self) -> None:
         assert self.intake is not None and self.frames is not None
         while not self.stop.is_set():
+            try:  # a fault in the frames inbox must not stop payload intake
+                framed = self.frames.poll()
+            except Exception:
+                framed = 0
+                log.exception("frames pass failed", extra={"event": "frames-error"})
             try:
-                processed = self.frames.poll() + self.intake.poll()
+                processed = framed + self.intake.poll()
                 # judged by this thread, the only one that moves this daemon's files
                 self._intake_idle = (
                     processed == 0 and self.intake.waiting() == 0 and self.frames.waiting() == 0
@@ -311,7 +316,9 @@ class Daemon:
             Path(config.trust_dir) if config.trust_dir else None,
             config.trust,
         )
-        self.frames = FramesInbox(self.home, self.inbox)
+        self.frames = FramesInbox(
+            self.home, self.inbox, FrameSettings(max_payload_bytes=config.intake.max_bytes)
+        )
         intake_thread = threading.Thread(target=self._intake_loop, name="plada-intake")
         intake_thread.start()
         try:

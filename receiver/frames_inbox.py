@@ -11,7 +11,9 @@ holds enough frames its payload decodes and is written into the payload inbox
 first: frames carry no trust of their own. A finished transfer leaves a small
 ``<id>.done`` record, so its late frames are ignored cheaply.
 
-Bounded: at most ``max_transfers`` open transfers and ``max_log_bytes`` of logs (a
+Bounded: frames of transfers longer than ``max_payload_bytes`` (the intake's cap)
+are dropped before a decoder is made for them; at most ``max_transfers`` open
+transfers and ``max_log_bytes`` of logs (a
 flood of junk frames for made-up transfers evicts the stalest partial transfer
 first), and partial transfers silent for ``expire_seconds`` are expired and logged.
 """
@@ -42,6 +44,7 @@ class FrameSettings:
     max_transfers: int = 64
     max_log_bytes: int = 64 << 20
     expire_seconds: float = 7 * 86400.0
+    max_payload_bytes: int = 1 << 20  # frames of longer transfers are dropped unread
 
 
 @dataclass
@@ -150,6 +153,9 @@ class FramesInbox:
             self.stats["crc_rejected"] += 1
             return 0
         self.stats["frames"] += 1
+        if frame.length > self.settings.max_payload_bytes:  # a CRC is no proof of anything
+            self.stats["too_long"] = self.stats.get("too_long", 0) + 1
+            return 0
         if self._done(frame.transfer):
             return 0  # a late frame of a finished transfer
         if frame.transfer not in self.transfers:

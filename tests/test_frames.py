@@ -237,6 +237,12 @@ def test_a_flood_of_junk_frames_is_bounded(tmp_path) -> None:
     assert len(inbox.transfers) <= 4 and inbox.stats["evicted"] >= 26
     assert sum(p.stat().st_size for p in (home / "transfers").glob("*.log")) <= 20_000
     assert inbox.stats["crc_rejected"] == 200
+    from protocol.frames import Frame, build_frame
+
+    huge = build_frame(Frame(b"\x01\x02\x03\x04", 64 << 20, 64, 0, 0, b"x" * 40))
+    _drop(home, [huge], start=4000)  # a valid CRC claiming 64 MiB: no decoder is made
+    inbox.poll()
+    assert inbox.stats["too_long"] == 1 and b"\x01\x02\x03\x04" not in inbox.transfers
     payload = rng.randbytes(2000)  # a genuine transfer still gets through
     _drop(home, FrameEncoder(payload, 64).frames(repair=4), start=5000)
     assert inbox.poll() == 1
