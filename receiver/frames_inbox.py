@@ -24,17 +24,25 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from protocol.atomic_files import fsync_directory, write_bytes_atomic
 from protocol.errors import FrameError
-from protocol.frames import Frame, TransferAssembler, pack_stream, parse_frame, split_stream
+from protocol.frames import (
+    MAX_FRAME_BYTES,
+    STREAM_LENGTH,
+    Frame,
+    TransferAssembler,
+    pack_stream,
+    parse_frame,
+    split_stream,
+)
 from protocol.timestamps import utc_text
 
 log = logging.getLogger("plada.receiver")
-MAX_FRAME_FILE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,8 @@ class FramesInbox:
             "expired": 0,
             "evicted": 0,
         }
+        self._finished = {bytes.fromhex(path.stem) for path in self.logs.glob("*.done")}
+        self._open_logs: dict[bytes, BinaryIO] = {}  # appended to in this pass, not synced
         for path in sorted(self.logs.glob("*.log")):
             self._replay(path)
 
@@ -85,7 +95,15 @@ class FramesInbox:
         return self.logs / f"{transfer.hex()}.log"
 
     def _done(self, transfer: bytes) -> bool:
-        return (self.logs / f"{transfer.hex()}.done").exists()
+        return transfer in self._finished
+
+    def _sync_logs(self) -> None:
+        """Make every frame appended since the last call durable."""
+        for handle in self._open_logs.values():
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+        self._open_logs.clear()
 
     def _replay(self, path: Path) -> None:
         """Rebuild a transfer from its log (after a restart)."""
@@ -96,8 +114,8 @@ class FramesInbox:
                 self._hold(parse_frame(data), data, mtime, logged=True)
 
     def _hold(self, frame: Frame, data: bytes, now: float, logged: bool = False) -> bytes | None:
-        """Hold one valid frame (appended to its transfer's log, fsynced, unless it came
-        from the log); the payload once the transfer decodes."""
+        """Hold one valid frame (appended to its transfer's log, unless it came from the
+        log; durable at the next :meth:`_sync_logs`); the payload once it decodes."""
         transfer = self.transfers.get(frame.transfer)
         if transfer is None:
             assembler = TransferAssembler(frame.transfer, frame.length, frame.mtu)
@@ -108,10 +126,13 @@ class FramesInbox:
         transfer.last_seen = now
         record = pack_stream([data])
         if not logged:
-            with open(self._log_path(frame.transfer), "ab") as handle:
-                handle.write(record)
-                handle.flush()
-                os.fsync(handle.fileno())
+            handle = self._open_logs.get(frame.transfer)
+            if handle is None:
+                # kept open for the rest of the frame file, closed by _sync_logs
+                handle = self._open_logs[frame.transfer] = open(  # noqa: SIM115
+                    self._log_path(frame.transfer), "ab"
+                )
+            handle.write(record)
         transfer.log_bytes += len(record)
         return transfer.assembler.add(frame)
 
@@ -134,15 +155,15 @@ class FramesInbox:
             try:
                 if not entry.is_file(follow_symlinks=False):
                     raise OSError("not a regular file")
-                with open(entry.path, "rb") as handle:
-                    data = handle.read(MAX_FRAME_FILE + 1)
-            except OSError:
+                handle = open(entry.path, "rb")  # noqa: SIM115 (closed below)
+            except OSError:  # unreadable: lost to this device, as a lost frame is
                 Path(entry.path).unlink(missing_ok=True)
                 continue
-            pieces = split_stream(data) if entry.name.endswith(".frames") else [data]
-            for piece in pieces:
-                completed += self._take(piece, now)
-            Path(entry.path).unlink(missing_ok=True)  # every frame in it is logged
+            with handle:
+                for piece in _frames_in(handle, entry.name.endswith(".frames")):
+                    completed += self._take(piece, now)
+            self._sync_logs()  # every frame the file held is durable: it may go
+            Path(entry.path).unlink(missing_ok=True)
         self._expire(now)
         return completed
 
@@ -184,8 +205,12 @@ class FramesInbox:
 
     def _close(self, transfer: bytes, done: bool) -> None:
         self.transfers.pop(transfer, None)
+        handle = self._open_logs.pop(transfer, None)
+        if handle is not None:
+            handle.close()
         if done:
             (self.logs / f"{transfer.hex()}.done").write_text(utc_text() + "\n")
+            self._finished.add(transfer)
         self._log_path(transfer).unlink(missing_ok=True)
         fsync_directory(self.logs)
 
@@ -228,3 +253,20 @@ class FramesInbox:
             }
             for key, transfer in sorted(self.transfers.items())
         ]
+
+
+def _frames_in(handle: BinaryIO, stream: bool) -> Iterator[bytes]:
+    """The frames of a frame file (one frame) or of a stream file (u16 length, then
+    the frame, to the end; a torn last frame is left out), read as they come."""
+    try:
+        if not stream:
+            yield handle.read(MAX_FRAME_BYTES + 1)
+            return
+        while len(head := handle.read(STREAM_LENGTH.size)) == STREAM_LENGTH.size:
+            (length,) = STREAM_LENGTH.unpack(head)
+            frame = handle.read(length)
+            if len(frame) < length:
+                return
+            yield frame
+    except OSError:  # unreadable from here on: the rest is lost, as on the link
+        return

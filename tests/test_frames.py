@@ -305,3 +305,16 @@ def test_frames_at_30_percent_loss_train_through_the_daemon(tmp_path, small_pool
     assert report["task"] == "framed" and report["kept"] == 300
     # the very bytes the sender signed: the student is the one the file itself trains
     assert report["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+def test_a_stream_file_over_a_mebibyte_is_read_whole(tmp_path) -> None:
+    from protocol.frames import pack_stream
+
+    home = tmp_path / "home"
+    inbox = _frames_inbox(home)
+    payload = random.Random(9).randbytes(800_000)
+    stream = pack_stream(FrameEncoder(payload, 64).frames())
+    assert len(stream) > 1 << 20
+    (home / "frames" / "pass.frames").write_bytes(stream)
+    assert inbox.poll() == 1
+    assert (home / "inbox" / f"frames-{transfer_id(payload).hex()}.plada").read_bytes() == payload
