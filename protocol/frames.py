@@ -180,16 +180,16 @@ class FrameEncoder:
         self.mtu = self.mtu or _fitting_mtu(len(self.payload), self.frame_bytes)
         self._encoder = Encoder.with_defaults(self.payload, self.mtu)
         self.transfer = transfer_id(self.payload)
-        self.source_count = len(self._encoder.get_encoded_packets(0))
+        self._source = self._encoder.get_encoded_packets(0)  # the payload's own symbols
+        self.source_count = len(self._source)
 
     def frames(self, repair: int = 0) -> list[bytes]:
         """Every source frame (all blocks), then ``repair`` repair frames, spread over the
         blocks."""
-        source = self._encoder.get_encoded_packets(0)
-        packets = list(source)
+        packets = list(self._source)
         if repair:
-            blocks = len({packet[0] for packet in source})
-            keys = {packet[:4] for packet in source}
+            blocks = len({packet[0] for packet in self._source})
+            keys = {packet[:4] for packet in self._source}
             every = self._encoder.get_encoded_packets(-(-repair // blocks))
             by_block: dict[int, list[bytes]] = {}
             for packet in every:
