@@ -165,10 +165,13 @@ class _Verified:
 
 @dataclass
 class _QuarantineUsage:
-    files: int = 0
-    bytes: int = 0
-    purged: int = 0
     entries: list[tuple[float, str, int]] = field(default_factory=list)  # (mtime, stem, bytes)
+    bytes: int = 0  # the sum of the entries' bytes, kept as they come and go
+    purged: int = 0
+
+    @property
+    def files(self) -> int:
+        return len(self.entries)
 
 
 class Intake:
@@ -553,7 +556,6 @@ class Intake:
                     continue
                 usage.entries.append((mtime, stem, size))
         usage.entries.sort()
-        usage.files = len(usage.entries)
         usage.bytes = sum(size for _, _, size in usage.entries)
         return usage
 
@@ -568,7 +570,6 @@ class Intake:
             _, stem, size = usage.entries.pop(0)
             (self.quarantine / stem).unlink(missing_ok=True)
             (self.quarantine / (stem + REASON_SUFFIX)).unlink(missing_ok=True)
-            usage.files -= 1
             usage.bytes -= size
             usage.purged += 1
             log.warning(
@@ -612,7 +613,6 @@ class Intake:
         fsync_directory(self.quarantine)
         usage = self.quarantine_usage
         usage.entries.append((time.time(), stem, entry_bytes))
-        usage.files += 1
         usage.bytes += entry_bytes
         self.stats["quarantined"] += 1
         self._report_quarantine()
