@@ -53,12 +53,11 @@ def write_transaction(db: sqlite3.Connection, what: str) -> Iterator[sqlite3.Con
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"{what} is locked or unwritable: {exc}") from exc
     try:
-        yield db
-    except BaseException as exc:
+        with database_errors(what):
+            yield db
+    except BaseException:
         with contextlib.suppress(sqlite3.DatabaseError):
             db.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.DatabaseError):
-            raise StorageError(f"{what}: {exc}; check the disk (the file may be damaged)") from exc
         raise
     try:
         db.execute("COMMIT")
