@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -140,27 +141,44 @@ def parse_frame(data: bytes) -> Frame:
         raise FrameError(f"frame header is malformed ({exc})") from exc
     length, mtu, block, symbol_id = (int(v) for v in values)
     symbol = body[1 + TRANSFER_ID_BYTES + used :]
-    if not 1 <= length <= MAX_TRANSFER_BYTES or not 8 <= mtu <= MAX_FRAME_BYTES:
+    if not 1 <= length <= MAX_TRANSFER_BYTES or not MIN_MTU <= mtu <= MAX_FRAME_BYTES:
         raise FrameError(f"frame declares length {length} and mtu {mtu}: out of range")
-    if block > 255 or symbol_id >= 1 << 24 or not symbol:
+    if block > 255 or symbol_id > MAX_SYMBOL_ID or not symbol:
         raise FrameError("frame declares a block or symbol id out of range")
     return Frame(transfer, length, mtu, block, symbol_id, symbol)
 
 
-def _fitting_mtu(length: int, frame_bytes: int) -> int:
-    """The coding parameter whose frames fit ``frame_bytes`` (header at its largest)."""
+MIN_MTU = 8
+MAX_SYMBOL_ID = (1 << 21) - 1  # a 3-byte uvarint; a carousel starts over past it
+
+
+def _overhead(length: int, mtu: int, last_block: int) -> int:
+    """Header and CRC bytes of the widest frame of a transfer (its last block, the
+    largest symbol id)."""
+    return len(_head(bytes(TRANSFER_ID_BYTES), length, mtu, last_block, MAX_SYMBOL_ID)) + CRC_BYTES
+
+
+def _symbol_bytes(length: int, mtu: int) -> int:
+    """The symbol size raptorq derives from (``length``, ``mtu``): the mtu, rounded down
+    to its alignment, which depends on the size."""
     from raptorq import Encoder
 
-    probe = b"\0" * min(length, 4096)
-    widest = np.array([length, frame_bytes, 255, (1 << 24) - 1], dtype=np.uint64)
-    overhead = 1 + TRANSFER_ID_BYTES + len(encode_uvarints(widest))
-    mtu = frame_bytes - overhead - CRC_BYTES
-    while mtu >= 8:
-        symbol = len(Encoder.with_defaults(probe, mtu).get_encoded_packets(0)[0]) - 4
-        if overhead + symbol + CRC_BYTES <= frame_bytes:
+    probe = bytes(min(length, 4096))
+    return len(Encoder.with_defaults(probe, mtu).get_encoded_packets(0)[0]) - 4
+
+
+def _fitting_mtu(length: int, frame_bytes: int, last_block: int = 0) -> int:
+    """The coding parameter for a payload of ``length`` in frames of ``frame_bytes``: the
+    largest symbols that fit give the fewest frames, K; of the sizes that make K frames
+    the smallest is taken, so the padding of the last symbol is not paid in every frame."""
+    widest = frame_bytes - _overhead(length, frame_bytes, last_block)
+    if widest < MIN_MTU:
+        raise FrameError(f"frames of {frame_bytes} bytes cannot hold a symbol; use larger frames")
+    source = -(-length // _symbol_bytes(length, widest))
+    for mtu in range(max(MIN_MTU, -(-length // source)), widest):
+        if -(-length // _symbol_bytes(length, mtu)) == source:
             return mtu
-        mtu -= 1
-    raise FrameError(f"frames of {frame_bytes} bytes cannot hold a symbol; use larger frames")
+    return widest
 
 
 @dataclass
@@ -170,27 +188,42 @@ class FrameEncoder:
     payload: bytes
     frame_bytes: int
     mtu: int = 0
-    _packets: list[bytes] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.payload) <= MAX_TRANSFER_BYTES:
             raise FrameError(f"a payload of {len(self.payload)} bytes cannot be framed")
         from raptorq import Encoder
 
-        self.mtu = self.mtu or _fitting_mtu(len(self.payload), self.frame_bytes)
-        self._encoder = Encoder.with_defaults(self.payload, self.mtu)
+        chosen = self.mtu
+        self.mtu = chosen or _fitting_mtu(len(self.payload), self.frame_bytes)
+        while True:
+            self._encoder = Encoder.with_defaults(self.payload, self.mtu)
+            self._source = self._encoder.get_encoded_packets(0)  # the payload's own symbols
+            last_block = self._source[-1][0]
+            if chosen or not last_block:
+                break
+            fitting = _fitting_mtu(len(self.payload), self.frame_bytes, last_block)
+            if fitting == self.mtu:
+                break
+            self.mtu = fitting  # so many blocks that the block field takes another byte
         self.transfer = transfer_id(self.payload)
-        self._source = self._encoder.get_encoded_packets(0)  # the payload's own symbols
         self.source_count = len(self._source)
+        self._blocks = self._source[-1][0] + 1
+        widest_block = max(Counter(packet[0] for packet in self._source).values())
+        self.max_repair = self._blocks * (MAX_SYMBOL_ID + 1 - widest_block)
 
     def frames(self, repair: int = 0) -> list[bytes]:
         """Every source frame (all blocks), then ``repair`` repair frames, spread over the
         blocks."""
+        if repair > self.max_repair:
+            raise FrameError(
+                f"{repair} repair frames run past the largest symbol id; at most "
+                f"{self.max_repair} for this payload"
+            )
         packets = list(self._source)
         if repair:
-            blocks = len({packet[0] for packet in self._source})
             keys = {packet[:4] for packet in self._source}
-            every = self._encoder.get_encoded_packets(-(-repair // blocks))
+            every = self._encoder.get_encoded_packets(-(-repair // self._blocks))
             by_block: dict[int, list[bytes]] = {}
             for packet in every:
                 if packet[:4] not in keys:
@@ -200,13 +233,17 @@ class FrameEncoder:
         return [self._frame(packet) for packet in packets]
 
     def carousel(self) -> Iterator[bytes]:
-        """Source frames, then fresh repair frames for ever (a one-way link's loop)."""
-        sent, repair = 0, 0
+        """Source frames, then fresh repair frames, for ever (a one-way link's loop);
+        past the largest symbol id it starts over."""
         while True:
-            frames = self.frames(repair)
-            yield from frames[sent:]
-            sent = len(frames)
-            repair += max(16, self.source_count // 4)
+            sent, repair = 0, 0
+            while True:
+                frames = self.frames(repair)
+                yield from frames[sent:]
+                if repair == self.max_repair:
+                    break
+                sent = len(frames)  # then twice as many: making them costs twice the last
+                repair = min(self.max_repair, max(16, 2 * repair, self.source_count // 4))
 
     def _frame(self, packet: bytes) -> bytes:
         block, symbol_id = packet[0], int.from_bytes(packet[1:4], "big")

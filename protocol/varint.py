@@ -53,6 +53,42 @@ def decode_uvarints(
         raise ValueError("count must be >= 0")
     if count == 0:
         return np.zeros(0, dtype=np.uint64), 0
+    if count <= FEW_VARINTS:
+        return _decode_few(data, count, max_bytes)
+    return _decode_many(data, count, max_bytes)
+
+
+FEW_VARINTS = 8  # up to this many (a frame header), a plain loop beats NumPy's set-up
+
+
+def _decode_few(data: bytes | memoryview, count: int, max_bytes: int) -> tuple[np.ndarray, int]:
+    """:func:`decode_uvarints` for a handful of values, byte by byte (the same checks,
+    in the same order: truncation, then length, then minimality)."""
+    values, position, overlong, non_minimal = [], 0, False, False
+    while len(values) < count:
+        value, start = 0, position
+        while position < len(data) and data[position] >= 0x80:
+            value |= (data[position] & 0x7F) << (7 * (position - start))
+            position += 1
+        if position >= len(data):
+            raise TruncatedPayloadError(
+                f"expected {count} varints but the data holds {len(values)}: "
+                "the payload is truncated"
+            )
+        value |= data[position] << (7 * (position - start))
+        position += 1
+        overlong |= position - start > max_bytes
+        non_minimal |= position - start > 1 and data[position - 1] == 0
+        values.append(value)
+    if overlong:
+        raise CorruptPayloadError(f"a varint is longer than {max_bytes} bytes")
+    if non_minimal:
+        raise CorruptPayloadError("a varint is not minimally encoded")
+    return np.array(values, dtype=np.uint64), position
+
+
+def _decode_many(data: bytes | memoryview, count: int, max_bytes: int) -> tuple[np.ndarray, int]:
+    """:func:`decode_uvarints` vectorised, for long lists."""
     raw = np.frombuffer(data, dtype=np.uint8)
     ends = np.flatnonzero(raw < 0x80)
     if ends.size < count:

@@ -4,7 +4,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol.errors import CorruptPayloadError, TruncatedPayloadError
-from protocol.varint import MAX_VARINT_BYTES, decode_uvarints, encode_uvarints
+from protocol.varint import (
+    MAX_VARINT_BYTES,
+    _decode_few,
+    _decode_many,
+    decode_uvarints,
+    encode_uvarints,
+)
 
 values = st.lists(st.integers(0, (1 << (7 * MAX_VARINT_BYTES)) - 1), min_size=0, max_size=300)
 
@@ -43,3 +49,18 @@ def test_overlong_and_non_minimal() -> None:
 def test_rejects_negative() -> None:
     with pytest.raises(ValueError):
         encode_uvarints(np.array([-1]))
+
+
+def _outcome(decode, data: bytes, count: int, max_bytes: int):
+    try:
+        values, used = decode(data, count, max_bytes)
+    except (CorruptPayloadError, TruncatedPayloadError) as exc:
+        return type(exc)
+    return values.tolist(), used
+
+
+@given(st.binary(max_size=40), st.integers(1, 8), st.integers(1, MAX_VARINT_BYTES))
+def test_the_loop_for_few_values_agrees_with_the_vector_path(data, count, max_bytes) -> None:
+    """Frame headers take the byte loop; it must accept and refuse exactly as NumPy does."""
+    few = _outcome(_decode_few, data, count, max_bytes)
+    assert few == _outcome(_decode_many, data, count, max_bytes)
