@@ -91,6 +91,21 @@ def write_json_atomic(path: Path, data: Any, durable: bool = False) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n", durable)
 
 
+def create_secret_file(path: Path, text: str) -> None:
+    """Create ``path`` readable by its owner only (mode 0600) holding ``text``, durably;
+    ``FileExistsError`` if it exists (a secret is never overwritten), and nothing left
+    behind if the write fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def writable_directory(path: str | os.PathLike[str], what: str = "output directory") -> Path:
     """Create ``path`` (with parents) if needed and prove it takes a file, before any
     work starts; a bad path, a file in the way or missing permissions is a

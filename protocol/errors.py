@@ -61,6 +61,15 @@ class FrameError(PayloadError):
     """A frame is damaged, foreign or inconsistent with its transfer; it is dropped."""
 
 
+class ReplyError(PladaError):
+    """A reply from a device (or its key) is malformed, damaged or not MACed with the key
+    given."""
+
+
+class TransferRefusedError(PladaError):
+    """The device rebuilt the payload from its frames and its intake refused it."""
+
+
 class TrustError(PayloadError):
     """The payload's origin or freshness could not be established (signature, sender,
     sequence number, expiry)."""

@@ -301,12 +301,18 @@ def pack_stream(frames: list[bytes]) -> bytes:
 
 def split_stream(data: bytes) -> list[bytes]:
     """The frames of a stream (a torn last frame is left out)."""
+    return whole_frames(data)[0]
+
+
+def whole_frames(data: bytes) -> tuple[list[bytes], int]:
+    """The frames of a stream and how many of its bytes they take: what follows them is
+    a torn last frame (a write cut short), if anything."""
     frames, position = [], 0
     while position + STREAM_LENGTH.size <= len(data):
         (length,) = STREAM_LENGTH.unpack_from(data, position)
-        position += STREAM_LENGTH.size
-        if position + length > len(data):
+        if position + STREAM_LENGTH.size + length > len(data):
             break
+        position += STREAM_LENGTH.size
         frames.append(data[position : position + length])
         position += length
-    return frames
+    return frames, position

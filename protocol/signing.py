@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from protocol.atomic_files import write_json_atomic
+from protocol.atomic_files import create_secret_file, write_json_atomic
 from protocol.errors import SigningKeyError
 
 ALGORITHM_ED25519 = 1
@@ -212,18 +212,12 @@ class SigningKey:
             indent=2,
         )
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            create_secret_file(path, text + "\n")
         except FileExistsError as exc:
             raise SigningKeyError(
                 f"{path} exists: refusing to overwrite a signing key (move it away first)"
             ) from exc
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
         except OSError as exc:
-            path.unlink(missing_ok=True)
             raise SigningKeyError(f"cannot write {path}: {exc.strerror}") from exc
 
     @classmethod

@@ -6,6 +6,7 @@ plada-receive verify PAYLOAD --reference SPEC --trust DIR
 plada-receive train PAYLOAD --reference SPEC --trust DIR [--holdout test.npz] --out DIR
 plada-receive daemon --home DIR --reference SPEC      watch an inbox, train every payload
 plada-receive status --home DIR                       queue, current job, progress
+plada-receive reply-key --home DIR                    the key replies to frames are MACed with
 plada-receive retry --home DIR JOB                    queue a failed job again (JOB: its number)
 plada-receive reference --reference SPEC              build/verify the local set
 """
@@ -465,8 +466,24 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         trust_dir=args.trust,
         trust=trust_options_from_args(args),
         accept_empty_ledger=args.accept_empty_ledger,
+        reply_outbox=args.reply_outbox,
+        reply_progress_seconds=args.reply_progress_seconds,
     )
     return run_daemon(config)
+
+
+def _cmd_reply_key(args: argparse.Namespace) -> int:
+    from receiver.reply_outbox import REPLY_KEY_FILE, reply_key
+
+    home = writable_directory(args.home, "--home")
+    key = reply_key(home)
+    print(
+        f"reply key of {home / REPLY_KEY_FILE}; give it to the ground station as the file of "
+        "`plada-send frames --reply-key`",
+        file=sys.stderr,
+    )
+    print(key.hex())
+    return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -582,6 +599,17 @@ def build_parser() -> argparse.ArgumentParser:
         "payloads would be accepted again)",
     )
     daemon.add_argument(
+        "--reply-outbox",
+        help="write a 24-byte reply per frames transfer here (held/needed, then done), "
+        "for an uplink to send; MACed with HOME/reply.key (see `plada-receive reply-key`)",
+    )
+    daemon.add_argument(
+        "--reply-progress-seconds",
+        type=float,
+        default=30.0,
+        help="at most one held/needed reply per transfer this often",
+    )
+    daemon.add_argument(
         "--max-restarts",
         type=int,
         default=3,
@@ -595,6 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_options(daemon, daemon=True)
     add_training_options(daemon)
     daemon.set_defaults(func=_cmd_daemon)
+
+    key = sub.add_parser(
+        "reply-key", help="print the key this device MACs its replies with (made if missing)"
+    )
+    key.add_argument("--home", required=True, help="the daemon's state directory")
+    key.set_defaults(func=_cmd_reply_key)
 
     status = sub.add_parser("status", help="queue, current job, progress and throughput")
     status.add_argument("--home", required=True, help="the daemon's home")

@@ -28,13 +28,14 @@ from pathlib import Path
 from protocol.errors import PladaError
 from protocol.reference.factory import open_reference
 from protocol.task_data import load_labeled_images
-from receiver.frames_inbox import FrameSettings, FramesInbox
+from receiver.frames_inbox import FrameSettings, FramesInbox, transfer_of
 from receiver.http_upload import HttpLimits, start_http
 from receiver.intake import Intake, IntakeSettings
 from receiver.job import JobControl, JobSettings, run_job
 from receiver.job_queue import Job, JobQueue
 from receiver.ledger import open_home_ledger
 from receiver.logs import setup_logging
+from receiver.reply_outbox import ReplyOutbox
 from receiver.status import HEALTH_FILE, QUEUE_FILE, HealthFile, collect_status
 from receiver.trust_store import TrustOptions
 from receiver.workers import WorkerLock
@@ -65,6 +66,15 @@ class DaemonConfig:
     trust_dir: str | None = None  # default HOME/trust
     trust: TrustOptions = field(default_factory=TrustOptions)
     accept_empty_ledger: bool = False
+    reply_outbox: str | None = None  # where replies for the uplink go; none without it
+    reply_progress_seconds: float = 30.0
+
+
+def _reply_outcome(replies: ReplyOutbox, name: str, queued: bool) -> None:
+    """A file the intake took in or refused: a reply if it came as frames."""
+    transfer = transfer_of(name)
+    if transfer is not None:
+        replies.outcome(transfer, queued)
 
 
 def _folder_name(job: Job) -> str:
@@ -288,6 +298,13 @@ class Daemon:
             has_history=_has_history(self.home),
             accept_empty=config.accept_empty_ledger,
         )
+        replies = None  # the reply key is read (or made) before any thread starts
+        if config.reply_outbox:
+            replies = ReplyOutbox(
+                self.home,
+                Path(config.reply_outbox),
+                progress_seconds=config.reply_progress_seconds,
+            )
         # bound before any thread starts: a busy port ends the process at once (exit 2)
         server = None
         if config.http_port:
@@ -316,8 +333,13 @@ class Daemon:
             Path(config.trust_dir) if config.trust_dir else None,
             config.trust,
         )
+        if replies is not None:
+            self.intake.on_outcome = lambda name, queued: _reply_outcome(replies, name, queued)
         self.frames = FramesInbox(
-            self.home, self.inbox, FrameSettings(max_payload_bytes=config.intake.max_bytes)
+            self.home,
+            self.inbox,
+            FrameSettings(max_payload_bytes=config.intake.max_bytes),
+            replies,
         )
         intake_thread = threading.Thread(target=self._intake_loop, name="plada-intake")
         intake_thread.start()

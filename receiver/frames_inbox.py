@@ -27,20 +27,25 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from protocol.atomic_files import fsync_directory, write_bytes_atomic
 from protocol.errors import FrameError
 from protocol.frames import (
     MAX_FRAME_BYTES,
     STREAM_LENGTH,
+    TRANSFER_ID_BYTES,
     Frame,
     TransferAssembler,
     pack_stream,
     parse_frame,
-    split_stream,
+    whole_frames,
 )
 from protocol.timestamps import utc_text
+from trainer.faults import crash_point
+
+if TYPE_CHECKING:
+    from receiver.reply_outbox import ReplyOutbox
 
 log = logging.getLogger("plada.receiver")
 
@@ -70,6 +75,7 @@ class FramesInbox:
     home: Path
     inbox: Path
     settings: FrameSettings = field(default_factory=FrameSettings)
+    replies: ReplyOutbox | None = None  # where the device's word on each transfer goes
 
     def __post_init__(self) -> None:
         self.folder = self.home / "frames"
@@ -87,7 +93,12 @@ class FramesInbox:
         }
         self._finished = {bytes.fromhex(path.stem) for path in self.logs.glob("*.done")}
         self._open_logs: dict[bytes, BinaryIO] = {}  # appended to in this pass, not synced
+        self._touched: set[bytes] = set()  # transfers that gained frames in this pass
+        self._late: set[bytes] = set()  # finished transfers whose frames still come
         for path in sorted(self.logs.glob("*.log")):
+            if bytes.fromhex(path.stem) in self._finished:  # closed, but the log outlived it
+                path.unlink()
+                continue
             self._replay(path)
 
     # --- the logs ---------------------------------------------------------------------
@@ -106,12 +117,21 @@ class FramesInbox:
         self._open_logs.clear()
 
     def _replay(self, path: Path) -> None:
-        """Rebuild a transfer from its log (after a restart)."""
-        frames = split_stream(path.read_bytes())
+        """Rebuild a transfer from its log (after a restart): a record torn by a crash
+        mid-append is cut off first, so that what is appended next stays readable."""
+        data = path.read_bytes()
+        frames, whole = whole_frames(data)
+        if whole < len(data):
+            with open(path, "r+b") as handle:
+                handle.truncate(whole)
+                os.fsync(handle.fileno())
         mtime = path.stat().st_mtime
         for data in frames:
             with contextlib.suppress(FrameError):
-                self._hold(parse_frame(data), data, mtime, logged=True)
+                frame = parse_frame(data)
+                if self._done(frame.transfer):
+                    return  # it decoded (handed to the intake) or failed: closed
+                self._accept(frame, data, mtime, logged=True)
 
     def _hold(self, frame: Frame, data: bytes, now: float, logged: bool = False) -> bytes | None:
         """Hold one valid frame (appended to its transfer's log, unless it came from the
@@ -126,6 +146,7 @@ class FramesInbox:
         transfer.last_seen = now
         record = pack_stream([data])
         if not logged:
+            self._touched.add(frame.transfer)
             handle = self._open_logs.get(frame.transfer)
             if handle is None:
                 # kept open for the rest of the frame file, closed by _sync_logs
@@ -133,6 +154,7 @@ class FramesInbox:
                     self._log_path(frame.transfer), "ab"
                 )
             handle.write(record)
+            crash_point("frames-appended")
         transfer.log_bytes += len(record)
         return transfer.assembler.add(frame)
 
@@ -163,9 +185,24 @@ class FramesInbox:
                 for piece in _frames_in(handle, entry.name.endswith(".frames")):
                     completed += self._take(piece, now)
             self._sync_logs()  # every frame the file held is durable: it may go
+            crash_point("frames-synced")
             Path(entry.path).unlink(missing_ok=True)
         self._expire(now)
+        self._reply()
         return completed
+
+    def _reply(self) -> None:
+        """Tell the uplink how far this pass got (held of needed; a finished transfer's
+        outcome again when its frames still come)."""
+        touched, late = self._touched, self._late
+        self._touched, self._late = set(), set()
+        if self.replies is None:
+            return
+        for key in sorted(touched & self.transfers.keys()):
+            assembler = self.transfers[key].assembler
+            self.replies.progress(key, len(assembler.held), assembler.needed)
+        for key in sorted(late):
+            self.replies.remind(key)
 
     def _take(self, data: bytes, now: float) -> int:
         try:
@@ -178,22 +215,31 @@ class FramesInbox:
             self.stats["too_long"] = self.stats.get("too_long", 0) + 1
             return 0
         if self._done(frame.transfer):
+            self._late.add(frame.transfer)
             return 0  # a late frame of a finished transfer
         if frame.transfer not in self.transfers:
             self._make_room(now)
+        return self._accept(frame, data, now)
+
+    def _accept(self, frame: Frame, data: bytes, now: float, logged: bool = False) -> int:
+        """Hold a valid frame of an open transfer; once the transfer decodes, hand its
+        payload to the intake and close it (1), else 0."""
         try:
-            payload = self._hold(frame, data, now)
+            payload = self._hold(frame, data, now, logged)
         except FrameError as exc:
             log.warning(
                 f"frames of transfer {frame.transfer.hex()} failed: {exc}",
                 extra={"event": "transfer-failed", "transfer": frame.transfer.hex()},
             )
             self._close(frame.transfer, done=True)
+            if self.replies is not None:
+                self.replies.outcome(frame.transfer, queued=False)
             return 0
         if payload is None:
             return 0
-        name = f"frames-{frame.transfer.hex()}.plada"
+        name = inbox_name(frame.transfer)
         write_bytes_atomic(self.inbox / name, payload, durable=True)
+        crash_point("frames-decoded")
         held = len(self.transfers[frame.transfer].assembler.held)
         self._close(frame.transfer, done=True)
         self.stats["decoded"] += 1
@@ -253,6 +299,23 @@ class FramesInbox:
             }
             for key, transfer in sorted(self.transfers.items())
         ]
+
+
+INBOX_PREFIX = "frames-"
+
+
+def inbox_name(transfer: bytes) -> str:
+    """The payload inbox's name for the payload rebuilt from ``transfer``'s frames."""
+    return f"{INBOX_PREFIX}{transfer.hex()}.plada"
+
+
+def transfer_of(name: str) -> bytes | None:
+    """The transfer whose frames made the inbox file ``name``; None for other files."""
+    stem = name.removeprefix(INBOX_PREFIX).removesuffix(".plada")
+    hex_digits = len(stem) == 2 * TRANSFER_ID_BYTES and all(c in "0123456789abcdef" for c in stem)
+    if hex_digits and name == inbox_name(bytes.fromhex(stem)):
+        return bytes.fromhex(stem)
+    return None
 
 
 def _frames_in(handle: BinaryIO, stream: bool) -> Iterator[bytes]:

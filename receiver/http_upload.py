@@ -41,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from protocol.atomic_files import fsync_directory
+from protocol.atomic_files import create_secret_file, fsync_directory
 from protocol.errors import ConfigError, StorageError
 from receiver.intake import ORIGIN_SUFFIX
 from receiver.status import open_home_queue
@@ -63,18 +63,13 @@ class HttpLimits:
 def http_token(home: Path) -> str:
     """The upload token of the daemon home ``home`` (created, mode 0600, if missing)."""
     path = Path(home) / TOKEN_FILE
+    token = secrets.token_hex(32)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        create_secret_file(path, token + "\n")
     except FileExistsError:
         token = path.read_text().strip()
         if len(token) < 32:
             raise ConfigError(f"{path} holds no valid token: delete it to make a new one") from None
-        return token
-    token = secrets.token_hex(32)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
     return token
 
 

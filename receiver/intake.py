@@ -49,6 +49,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,16 @@ class Intake:
         self._counter = 0
         self.quarantine_usage = self._scan_quarantine()
         self._report_quarantine()
+        # told of each file's outcome: (the name it came in under, queued or not)
+        self.on_outcome: Callable[[str, bool], None] | None = None
+
+    def _tell(self, origin: str, queued: bool) -> None:
+        if self.on_outcome is None:
+            return
+        try:
+            self.on_outcome(origin, queued)
+        except Exception:  # a reply that cannot be written must not stop the intake
+            log.exception("outcome hook failed", extra={"event": "outcome-hook-error"})
 
     # --- finding work ----------------------------------------------------------------
     def _claimed_files(self, folder: Path) -> list[str]:
@@ -501,6 +512,7 @@ class Intake:
         crash_point("intake-queued")
         self._remove_claimed(path)
         self.stats["accepted"] += 1
+        self._tell(item.origin, queued=True)
         origin = "unsigned" if signed is None else f"{signed.sender} #{signed.sequence}"
         log.info(
             f"queued job {job.id}: {item.origin} ({payload.task}, {payload.count} images, "
@@ -529,6 +541,7 @@ class Intake:
         (same claimed name; removed) or a replay (quarantined)."""
         if job.intake_name == path.name:
             self._remove_claimed(path)
+            self._tell(origin, queued=True)
             return
         self._quarantine(
             path,
@@ -616,6 +629,7 @@ class Intake:
         usage.bytes += entry_bytes
         self.stats["quarantined"] += 1
         self._report_quarantine()
+        self._tell(origin, queued=False)
         log.warning(
             f"quarantined {origin}: {type(error).__name__}: {error}",
             extra={

@@ -9,6 +9,7 @@ plada-send score --embeddings EMB --clip-weights W --task DIR | --classes a,b --
 plada-send score --reference SPEC --train T.npz [--test T.npz] --out WORK   (image teacher)
 plada-send keygen --sender-id ID --out keys/ID      signing key (ID.key) + public key (ID.pub)
 plada-send frames task.plada --link lora-sf9 --out FRAMES [--repair 30%]   frames for a link
+plada-send frames task.plada --link acoustic-64 --carousel --out - [--until-done DIR --reply-key F]
 plada-send plan WORK --reference SPEC --train T.npz [--out PLAN]   predict each payload's accuracy
 plada-send select WORK --plan PLAN [--max-bytes N | --link-bps B --window 20m] \
     --signing-key keys/ID.key --out task.plada       the best planned payload that fits
@@ -31,7 +32,7 @@ from plada_cli import (
     task_images_for,
 )
 from protocol.atomic_files import writable_directory, write_json_atomic
-from protocol.errors import ConfigError, PladaError
+from protocol.errors import ConfigError, PladaError, TransferRefusedError
 from protocol.frames import PROFILES, link_profile
 from protocol.reference.factory import open_reference
 from protocol.signing import check_sender_id
@@ -307,10 +308,73 @@ def _cmd_frames(args: argparse.Namespace) -> int:
     from sender.link_frames import write_frames
 
     profile = link_profile(args.link, args.mtu)
+    if args.carousel:
+        return _frames_carousel(args, profile)
+    for option in ("until_done", "reply_key", "rate", "max_frames"):
+        if getattr(args, option) is not None:
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(f"{flag} goes with --carousel (frame files are written once)")
     written = write_frames(args.payload, profile, args.out, args.repair, args.stream)
     print(written.summary(profile))
     print(f"frames: {Path(written.written[0]).parent}")
     return 0
+
+
+def _frames_carousel(args: argparse.Namespace, profile) -> int:
+    from tqdm import tqdm
+
+    from protocol.frames import FrameEncoder
+    from protocol.payload import read_payload_bytes
+    from protocol.timestamps import duration_text
+    from sender.carousel import (
+        ReplyWatch,
+        close_link_output,
+        open_link_output,
+        read_reply_key_file,
+        run_carousel,
+    )
+
+    if args.stream or args.repair != "0":
+        raise ConfigError("--carousel sends repair frames for ever: drop --stream and --repair")
+    if (args.until_done is None) != (args.reply_key is None):
+        raise ConfigError("--until-done and --reply-key go together: the replies' folder and key")
+    rate = profile.bits_per_second if args.rate is None else args.rate
+    if rate < 0 or (args.max_frames or 0) < 0:
+        raise ConfigError("--rate and --max-frames take a number >= 0")
+    encoder = FrameEncoder(read_payload_bytes(args.payload), profile.frame_bytes)
+    watch = None
+    if args.until_done is not None:
+        watch = ReplyWatch(
+            Path(args.until_done), read_reply_key_file(args.reply_key), encoder.transfer
+        )
+    pace = f"{rate:g} bps" if rate else "as fast as the reader takes them"
+    print(
+        f"carousel of transfer {encoder.transfer.hex()}: {encoder.source_count} source frames, "
+        f"then repair frames, to {args.out} at {pace} for {profile.name}",
+        file=sys.stderr,
+    )
+    out = open_link_output(args.out)
+    bar = tqdm(unit="frame", file=sys.stderr, desc="on air", disable=None)
+    try:
+        run = run_carousel(
+            encoder, out, rate, args.max_frames or 0, watch, on_frame=lambda _: bar.update()
+        )
+    finally:
+        bar.close()
+        close_link_output(out)
+    said = f"; the device said: {run.reply.text()}" if run.reply else ""
+    ignored = f" ({run.ignored_replies} replies failed their MAC)" if run.ignored_replies else ""
+    print(
+        f"carousel stopped ({run.stopped}) after {run.frames} frames, {run.bytes_on_air} B on "
+        f"air in {duration_text(run.seconds)}{said}{ignored}",
+        file=sys.stderr,
+    )
+    if run.stopped == "refused":
+        raise TransferRefusedError(
+            f"the device rebuilt transfer {encoder.transfer.hex()} and refused its payload: "
+            "see its quarantine; fix the payload, then send it again"
+        )
+    return 130 if run.stopped == "interrupted" else 0
 
 
 def _signer_from_args(args: argparse.Namespace):
@@ -664,7 +728,11 @@ def build_parser() -> argparse.ArgumentParser:
     link = frames.add_mutually_exclusive_group(required=True)
     link.add_argument("--link", help=f"link profile: {', '.join(PROFILES)}", metavar="PROFILE")
     link.add_argument("--mtu", type=int, help="custom frame size in bytes")
-    frames.add_argument("--out", required=True, help="folder for the frame files")
+    frames.add_argument(
+        "--out",
+        required=True,
+        help="folder for the frame files; with --carousel `-` (stdout), a named pipe or a device",
+    )
     frames.add_argument(
         "--repair",
         default="0",
@@ -675,6 +743,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one stream file of length-prefixed frames instead of one file per frame",
     )
+    frames.add_argument(
+        "--carousel",
+        action="store_true",
+        help="send for ever (source, then fresh repair frames) as a stream to --out",
+    )
+    frames.add_argument(
+        "--rate",
+        type=float,
+        help="carousel pace in bits per second on air (default: the profile's; 0: unpaced)",
+    )
+    frames.add_argument(
+        "--until-done",
+        metavar="OUTBOX_REPLY",
+        help="stop the carousel once a reply in this folder (or file) says the device is done",
+    )
+    frames.add_argument(
+        "--reply-key", help="the device's reply key file (from `plada-receive reply-key`)"
+    )
+    frames.add_argument("--max-frames", type=int, help="stop the carousel after this many frames")
     frames.set_defaults(func=_cmd_frames)
 
     keygen = sub.add_parser("keygen", help="create a sender signing key and its public key")

@@ -61,6 +61,7 @@ LONGEST_FILES_FIRST = (
     "test_demo_notebook.py",  # one module fixture of ~2 minutes: start it early
     "test_production_sender.py",
     "test_cli_end_to_end.py",
+    "test_link_daemon.py",
 )
 
 

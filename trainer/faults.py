@@ -5,7 +5,10 @@ kill itself with SIGKILL when it reaches that point: no cleanup handler, no flus
 exactly like a power cut or the kernel's OOM killer. Unset (always, in production),
 a crash point is a dictionary lookup.
 
-Points: ``intake-verified``, ``intake-spooled``, ``intake-queued``, ``job-claimed``,
+Points: ``frames-appended`` (a frame written to its transfer's log, not yet synced),
+``frames-synced`` (a frame file's frames durable, the file not yet removed),
+``frames-decoded`` (a rebuilt payload in the inbox, its transfer not yet closed),
+``intake-verified``, ``intake-spooled``, ``intake-queued``, ``job-claimed``,
 ``training-step``, ``checkpoint-written``, ``outputs-saving``, ``outputs-saved``,
 ``job-published``.
 """

@@ -1,0 +1,186 @@
+"""``plada-send frames --carousel``: frames for ever, paced for a modem, until done.
+
+On a one-way link the sender cannot know what arrived, so it loops: source frames,
+then fresh repair frames, as a stream of length-prefixed frames (the format of
+``--stream``) to standard output, a named pipe or a serial device, at ``--rate`` bits
+per second (the profile's rate by default). Where a return link exists the device's
+24-byte replies (:mod:`protocol.replies`) land in a folder or file, ``--until-done``;
+the carousel stops once a reply MACed with the device's key says the transfer is
+done (or its payload refused). Replies that fail the MAC are counted and ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from protocol.errors import ConfigError, ReplyError, StorageError
+from protocol.frames import STREAM_LENGTH, FrameEncoder
+from protocol.replies import Reply, ReplyState, decode_reply, parse_reply_key, split_replies
+
+MAX_REPLY_FILE_BYTES = 64 << 10  # a reply file is 24 bytes; anything far larger is junk
+
+
+def read_reply_key_file(path: str | Path) -> bytes:
+    """The device's reply key from the file ``plada-receive reply-key`` printed."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReplyError(f"cannot read the reply key {path}: {exc}") from exc
+    try:
+        return parse_reply_key(text)
+    except ReplyError as exc:
+        raise ReplyError(f"{path}: {exc}; copy it from `plada-receive reply-key`") from None
+
+
+@dataclass
+class ReplyWatch:
+    """Reads the device's replies about one transfer where the uplink delivers them."""
+
+    location: Path
+    key: bytes
+    transfer: bytes
+    ignored: int = 0  # replies that failed their MAC or were malformed
+    latest: Reply | None = None
+    _seen: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+
+    def poll(self) -> Reply | None:
+        """The device's latest word on the transfer (a final one wins), if any."""
+        for data in self._new_files():
+            for raw in split_replies(data):
+                try:
+                    reply = decode_reply(raw, self.key)
+                except ReplyError:
+                    self.ignored += 1
+                    continue
+                if reply.transfer == self.transfer and _newer(reply, self.latest):
+                    self.latest = reply
+        return self.latest
+
+    def _new_files(self) -> list[bytes]:
+        if self.location.is_dir():
+            paths = sorted(self.location.iterdir())
+        else:
+            paths = [self.location] if self.location.exists() else []
+        contents = []
+        for path in paths:
+            try:
+                info = path.stat()
+                if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_REPLY_FILE_BYTES:
+                    continue
+                if self._seen.get(path.name) == (info.st_mtime_ns, info.st_size):
+                    continue
+                contents.append(path.read_bytes())
+                self._seen[path.name] = (info.st_mtime_ns, info.st_size)
+            except OSError:  # removed or unreadable meanwhile: read it next time
+                continue
+        return contents
+
+
+def _newer(reply: Reply, than: Reply | None) -> bool:
+    if than is None or than.state.final:
+        return than is None
+    return reply.state.final or reply.time >= than.time
+
+
+def open_link_output(out: str) -> BinaryIO:
+    """``--out`` of a carousel: ``-`` (standard output), a named pipe or a device; a
+    regular file would grow without end."""
+    if out == "-":
+        return sys.stdout.buffer
+    path = Path(out)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        mode = 0
+    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        raise ConfigError(
+            f"--out {out} is not a named pipe or device: an endless carousel needs `-` "
+            f"(standard output), a pipe made with `mkfifo {out}`, or a modem's device"
+        )
+    try:
+        return open(path, "wb", buffering=0)
+    except OSError as exc:
+        raise StorageError(f"cannot open --out {out}: {exc.strerror}") from exc
+
+
+@dataclass
+class CarouselRun:
+    """What a carousel sent, and why it stopped."""
+
+    frames: int = 0
+    bytes_on_air: int = 0
+    seconds: float = 0.0
+    stopped: str = ""  # done, refused, max-frames or interrupted
+    reply: Reply | None = None
+    ignored_replies: int = 0
+
+
+def run_carousel(
+    encoder: FrameEncoder,
+    out: BinaryIO,
+    rate_bps: float = 0.0,
+    max_frames: int = 0,
+    watch: ReplyWatch | None = None,
+    poll_seconds: float = 1.0,
+    on_frame: Callable[[CarouselRun], None] | None = None,
+) -> CarouselRun:
+    """Write ``encoder``'s carousel to ``out`` as length-prefixed frames, at most
+    ``rate_bps`` bits per second (0: as fast as ``out`` takes them), until ``watch``
+    reads a final reply, ``max_frames`` are sent (0: no limit) or an interrupt."""
+    run = CarouselRun()
+    started = last_poll = time.monotonic()
+    try:
+        for frame in encoder.carousel():
+            record = STREAM_LENGTH.pack(len(frame)) + frame
+            try:
+                out.write(record)
+                out.flush()
+            except BrokenPipeError as exc:
+                raise StorageError(
+                    f"the reader of --out went away after {run.frames} frames; start it "
+                    "again, then the carousel"
+                ) from exc
+            except OSError as exc:
+                raise StorageError(f"cannot write frames to --out: {exc.strerror}") from exc
+            run.frames += 1
+            run.bytes_on_air += len(frame)
+            if on_frame is not None:
+                on_frame(run)
+            if rate_bps:
+                time.sleep(max(0.0, started + run.bytes_on_air * 8 / rate_bps - time.monotonic()))
+            now = time.monotonic()
+            if watch is not None and now - last_poll >= poll_seconds:
+                last_poll = now
+                reply = watch.poll()
+                if reply is not None and reply.state.final:
+                    run.stopped = "done" if reply.state is ReplyState.QUEUED else "refused"
+                    break
+            if max_frames and run.frames >= max_frames:
+                run.stopped = "max-frames"
+                break
+    except KeyboardInterrupt:
+        run.stopped = "interrupted"
+    run.seconds = time.monotonic() - started
+    if watch is not None:
+        run.reply, run.ignored_replies = watch.latest, watch.ignored
+    return run
+
+
+def close_link_output(out: BinaryIO) -> None:
+    """Close ``out`` unless it is standard output (whose broken pipe, once its reader
+    left, is pointed at /dev/null so that the interpreter's last flush is quiet)."""
+    try:
+        if out is sys.stdout.buffer:
+            out.flush()
+        else:
+            out.close()
+    except BrokenPipeError:
+        if out is sys.stdout.buffer:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
