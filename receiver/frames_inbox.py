@@ -91,12 +91,17 @@ class FramesInbox:
             "expired": 0,
             "evicted": 0,
         }
-        self._finished = {bytes.fromhex(path.stem) for path in self.logs.glob("*.done")}
+        self._finished = {
+            transfer for path in self.logs.glob("*.done") if (transfer := _hex_id(path.stem))
+        }
         self._open_logs: dict[bytes, BinaryIO] = {}  # appended to in this pass, not synced
         self._touched: set[bytes] = set()  # transfers that gained frames in this pass
         self._late: set[bytes] = set()  # finished transfers whose frames still come
         for path in sorted(self.logs.glob("*.log")):
-            if bytes.fromhex(path.stem) in self._finished:  # closed, but the log outlived it
+            transfer = _hex_id(path.stem)
+            if transfer is None:  # not a log this inbox wrote: left alone
+                continue
+            if transfer in self._finished:  # closed, but the log outlived it
                 path.unlink()
                 continue
             self._replay(path)
@@ -311,11 +316,15 @@ def inbox_name(transfer: bytes) -> str:
 
 def transfer_of(name: str) -> bytes | None:
     """The transfer whose frames made the inbox file ``name``; None for other files."""
-    stem = name.removeprefix(INBOX_PREFIX).removesuffix(".plada")
-    hex_digits = len(stem) == 2 * TRANSFER_ID_BYTES and all(c in "0123456789abcdef" for c in stem)
-    if hex_digits and name == inbox_name(bytes.fromhex(stem)):
-        return bytes.fromhex(stem)
-    return None
+    transfer = _hex_id(name.removeprefix(INBOX_PREFIX).removesuffix(".plada"))
+    return transfer if transfer is not None and name == inbox_name(transfer) else None
+
+
+def _hex_id(text: str) -> bytes | None:
+    """The transfer id written as ``text`` (lowercase hex), or None."""
+    if len(text) != 2 * TRANSFER_ID_BYTES or any(c not in "0123456789abcdef" for c in text):
+        return None
+    return bytes.fromhex(text)
 
 
 def _frames_in(handle: BinaryIO, stream: bool) -> Iterator[bytes]:

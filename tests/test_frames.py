@@ -260,6 +260,8 @@ def test_a_log_torn_by_a_crash_is_cut_to_its_whole_frames_and_appends_stay_reada
     whole = log.stat().st_size
     with open(log, "ab") as handle:  # a record cut short by a power cut mid-append
         handle.write(pack_stream([frames[12]])[:20])
+    (home / "transfers" / "notes.log").write_text("not ours")  # stray files: left alone
+    (home / "transfers" / "zz.done").write_text("")
     restarted = _frames_inbox(home)
     assert log.stat().st_size == whole and restarted.report()[0]["held"] == 12
     _drop(home, frames[12:], start=100)

@@ -26,7 +26,7 @@ from protocol.frames import (
 )
 from protocol.replies import ReplyState, decode_reply, parse_reply_key
 from tests.conftest import SMALL_SPEC
-from tests.subprocess_cli import cli, cli_env, daemon_command
+from tests.subprocess_cli import cli, cli_env, daemon_command, wait_for
 
 TRAIN_STEPS = ("--min-steps", "4", "--max-steps", "4", "--no-export")
 
@@ -69,16 +69,6 @@ def _home(tmp_path: Path) -> Path:
     (home / "frames").mkdir(parents=True)
     add_key(home / "trust", SENDERS["station-a"].public)
     return home
-
-
-def _wait_for(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _drop(home: Path, frames: list[bytes], start: int) -> None:
@@ -192,12 +182,12 @@ def test_carousel_over_a_lossy_link_trains_what_the_file_trains(tmp_path, small_
         assert "carousel stopped (done)" in sent.stderr, sent.stderr[-2000:]
         assert "done, job queued" in sent.stderr
         bridge.join(timeout=30)
-        report_file = _wait_for(
+        report_file = wait_for(
             lambda: next((home / "results").glob("*/report.json"), None), 300, "the job"
         )
         # every frame delivered is read; the damaged ones are all refused and counted
-        _wait_for(lambda: not list((home / "frames").glob("*.frame")), 60, "the frames")
-        rejected = _wait_for(
+        wait_for(lambda: not list((home / "frames").glob("*.frame")), 60, "the frames")
+        rejected = wait_for(
             lambda: _status(home)["frames"]["crc_rejected"] == flipped[0] or None, 30, "health"
         )
     finally:

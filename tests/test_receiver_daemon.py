@@ -19,7 +19,7 @@ from protocol.payload import BODY_CODING, Payload, SenderStamp, encode_payload
 from protocol.signing import SigningKey
 from receiver.trust_store import add_key
 from tests.conftest import SMALL_SPEC
-from tests.subprocess_cli import cli, cli_env, daemon_command
+from tests.subprocess_cli import cli, cli_env, daemon_command, wait_for
 
 pytestmark = pytest.mark.slow
 STATION_A, STATION_B = SigningKey.generate("station-a"), SigningKey.generate("station-b")
@@ -270,16 +270,6 @@ def test_job_that_keeps_killing_the_daemon_is_failed_and_queue_moves_on(
     assert [j["state"] for j in _jobs(home)] == ["done", "done"]
 
 
-def _wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 # long enough to be stopped mid-run (the wait, `status` and the signal take ~2-3 s, under
 # 100 steps even on a loaded machine), short enough that finishing it after the restart
 # costs seconds
@@ -317,7 +307,7 @@ def test_daemon_stopped_mid_training_resumes(tmp_path, payloads, cache_dir, stop
         text=True,
     )
     try:
-        _wait_for(lambda: _training_step(home) >= 150, what="training to reach step 150")
+        wait_for(lambda: _training_step(home) >= 150, what="training to reach step 150")
         status = subprocess.run(
             [*cli("plada-receive"), "status", "--home", str(home), "--json"],
             env=cli_env(),
@@ -417,12 +407,12 @@ def test_http_upload_is_verified_queued_and_followed(tmp_path, payloads, cache_d
             return exc.code, json.loads(exc.read())
 
     try:
-        _wait_for(lambda: (home / "health.json").is_file() and _port_open(port), what="http")
+        wait_for(lambda: (home / "health.json").is_file() and _port_open(port), what="http")
         code, answer = call("/payloads", payloads["a.plada"])
         assert code == 202 and answer["file"].startswith("upload-")
         bad_code, bad = call("/payloads", payloads["truncated.plada"])
         assert bad_code == 202
-        done = _wait_for(lambda: call(answer["follow"])[1].get("state") == "done", what="job")
+        done = wait_for(lambda: call(answer["follow"])[1].get("state") == "done", what="job")
         assert done
         assert call(bad["follow"])[1]["error"] == "TruncatedPayloadError"
         assert call("/status")[1]["queue"]["done"] == 1
