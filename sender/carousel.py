@@ -89,21 +89,28 @@ def _newer(reply: Reply, than: Reply | None) -> bool:
     return reply.state.final or reply.time >= than.time
 
 
-def open_link_output(out: str) -> BinaryIO:
-    """``--out`` of a carousel: ``-`` (standard output), a named pipe or a device; a
-    regular file would grow without end."""
-    if out == "-":
-        return sys.stdout.buffer
+def check_link_output(out: str) -> Path:
+    """``--out`` of a carousel that is not ``-``: a named pipe or a device, else
+    ``ConfigError`` (a regular file would grow without end)."""
     path = Path(out)
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
+    except OSError:
         mode = 0
     if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
         raise ConfigError(
             f"--out {out} is not a named pipe or device: an endless carousel needs `-` "
             f"(standard output), a pipe made with `mkfifo {out}`, or a modem's device"
         )
+    return path
+
+
+def open_link_output(out: str) -> BinaryIO:
+    """``--out`` of a carousel: ``-`` (standard output), a named pipe or a device; a
+    regular file would grow without end."""
+    if out == "-":
+        return sys.stdout.buffer
+    path = check_link_output(out)
     try:
         return open(path, "wb", buffering=0)
     except OSError as exc:

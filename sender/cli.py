@@ -347,6 +347,10 @@ def _frames_carousel(args: argparse.Namespace, profile) -> int:
         watch = ReplyWatch(
             Path(args.until_done), read_reply_key_file(args.reply_key), encoder.transfer
         )
+    if args.out != "-":  # refused before a word is said; a pipe is opened below
+        from sender.carousel import check_link_output
+
+        check_link_output(args.out)
     pace = f"{rate:g} bps" if rate else "as fast as the reader takes them"
     print(
         f"carousel of transfer {encoder.transfer.hex()}: {encoder.source_count} source frames, "
