@@ -125,7 +125,7 @@ def fountain_transfer(payload: bytes, frame_bytes: int, channel: str, seed: int)
         "latest": latest,
         "crc_rejected": stats["crc_rejected"],
         "source": encoder.source_count,
-        "symbol": len(parse_frame(encoder.frames()[0]).symbol),
+        "symbol": encoder.symbol_bytes,
         "on_air_bytes": sum(sizes[:needed]),
     }
 

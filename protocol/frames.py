@@ -22,11 +22,13 @@ frames can never yield an accepted payload. Layout (``protocol/FORMAT.md``)::
 from __future__ import annotations
 
 import hashlib
+import io
 import struct
 import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 
@@ -212,9 +214,18 @@ class FrameEncoder:
         widest_block = max(Counter(packet[0] for packet in self._source).values())
         self.max_repair = self._blocks * (MAX_SYMBOL_ID + 1 - widest_block)
 
+    @property
+    def symbol_bytes(self) -> int:
+        """The size of one symbol (each frame carries one)."""
+        return len(self._source[0]) - 4
+
     def frames(self, repair: int = 0) -> list[bytes]:
         """Every source frame (all blocks), then ``repair`` repair frames, spread over the
         blocks."""
+        return [self._frame(packet) for packet in self._packets(repair)]
+
+    def _packets(self, repair: int) -> list[bytes]:
+        """The RaptorQ packets of :meth:`frames`."""
         if repair > self.max_repair:
             raise FrameError(
                 f"{repair} repair frames run past the largest symbol id; at most "
@@ -230,7 +241,7 @@ class FrameEncoder:
                     by_block.setdefault(packet[0], []).append(packet)
             rounds = zip(*by_block.values(), strict=False)  # block after block, in turn
             packets += [packet for turn in rounds for packet in turn][:repair]
-        return [self._frame(packet) for packet in packets]
+        return packets
 
     def carousel(self) -> Iterator[bytes]:
         """Source frames, then fresh repair frames, for ever (a one-way link's loop);
@@ -238,11 +249,11 @@ class FrameEncoder:
         while True:
             sent, repair = 0, 0
             while True:
-                frames = self.frames(repair)
-                yield from frames[sent:]
+                packets = self._packets(repair)  # the binding makes them from the first
+                yield from (self._frame(packet) for packet in packets[sent:])
                 if repair == self.max_repair:
                     break
-                sent = len(frames)  # then twice as many: making them costs twice the last
+                sent = len(packets)  # then twice as many: making them costs twice the last
                 repair = min(self.max_repair, max(16, 2 * repair, self.source_count // 4))
 
     def _frame(self, packet: bytes) -> bytes:
@@ -301,18 +312,22 @@ def pack_stream(frames: list[bytes]) -> bytes:
 
 def split_stream(data: bytes) -> list[bytes]:
     """The frames of a stream (a torn last frame is left out)."""
-    return whole_frames(data)[0]
+    return list(read_stream(io.BytesIO(data)))
 
 
 def whole_frames(data: bytes) -> tuple[list[bytes], int]:
     """The frames of a stream and how many of its bytes they take: what follows them is
     a torn last frame (a write cut short), if anything."""
-    frames, position = [], 0
-    while position + STREAM_LENGTH.size <= len(data):
-        (length,) = STREAM_LENGTH.unpack_from(data, position)
-        if position + STREAM_LENGTH.size + length > len(data):
-            break
-        position += STREAM_LENGTH.size
-        frames.append(data[position : position + length])
-        position += length
-    return frames, position
+    frames = split_stream(data)
+    return frames, sum(STREAM_LENGTH.size + len(frame) for frame in frames)
+
+
+def read_stream(handle: BinaryIO) -> Iterator[bytes]:
+    """The frames of a stream read from ``handle`` as they come, to its end (a torn last
+    frame is left out)."""
+    while len(head := handle.read(STREAM_LENGTH.size)) == STREAM_LENGTH.size:
+        (length,) = STREAM_LENGTH.unpack(head)
+        frame = handle.read(length)
+        if len(frame) < length:
+            return
+        yield frame

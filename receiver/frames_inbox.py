@@ -33,12 +33,12 @@ from protocol.atomic_files import fsync_directory, write_bytes_atomic
 from protocol.errors import FrameError
 from protocol.frames import (
     MAX_FRAME_BYTES,
-    STREAM_LENGTH,
     TRANSFER_ID_BYTES,
     Frame,
     TransferAssembler,
     pack_stream,
     parse_frame,
+    read_stream,
     whole_frames,
 )
 from protocol.timestamps import utc_text
@@ -124,9 +124,9 @@ class FramesInbox:
     def _replay(self, path: Path) -> None:
         """Rebuild a transfer from its log (after a restart): a record torn by a crash
         mid-append is cut off first, so that what is appended next stays readable."""
-        data = path.read_bytes()
-        frames, whole = whole_frames(data)
-        if whole < len(data):
+        logged = path.read_bytes()
+        frames, whole = whole_frames(logged)
+        if whole < len(logged):
             with open(path, "r+b") as handle:
                 handle.truncate(whole)
                 os.fsync(handle.fileno())
@@ -331,14 +331,9 @@ def _frames_in(handle: BinaryIO, stream: bool) -> Iterator[bytes]:
     """The frames of a frame file (one frame) or of a stream file (u16 length, then
     the frame, to the end; a torn last frame is left out), read as they come."""
     try:
-        if not stream:
+        if stream:
+            yield from read_stream(handle)
+        else:
             yield handle.read(MAX_FRAME_BYTES + 1)
-            return
-        while len(head := handle.read(STREAM_LENGTH.size)) == STREAM_LENGTH.size:
-            (length,) = STREAM_LENGTH.unpack(head)
-            frame = handle.read(length)
-            if len(frame) < length:
-                return
-            yield frame
     except OSError:  # unreadable from here on: the rest is lost, as on the link
         return

@@ -64,7 +64,7 @@ class ReplyOutbox:
     repeat_seconds: float = 60.0
     max_files: int = 256
     max_remembered: int = 1024
-    _said: dict[str, dict] = field(default_factory=dict, repr=False)
+    _said: dict[str, dict] = field(init=False, repr=False)  # the last word, by transfer
 
     def __post_init__(self) -> None:
         self.key = reply_key(self.home)

@@ -84,8 +84,11 @@ class ReplyWatch:
 
 
 def _newer(reply: Reply, than: Reply | None) -> bool:
-    if than is None or than.state.final:
-        return than is None
+    """Whether ``reply`` replaces ``than``: the first final word stands, else the latest."""
+    if than is None:
+        return True
+    if than.state.final:
+        return False
     return reply.state.final or reply.time >= than.time
 
 
@@ -105,16 +108,15 @@ def check_link_output(out: str) -> Path:
     return path
 
 
-def open_link_output(out: str) -> BinaryIO:
-    """``--out`` of a carousel: ``-`` (standard output), a named pipe or a device; a
-    regular file would grow without end."""
-    if out == "-":
+def open_link_output(path: Path | None) -> BinaryIO:
+    """The carousel's output: standard output (None), or the pipe or device ``path``
+    that :func:`check_link_output` passed (opening a pipe waits for its reader)."""
+    if path is None:
         return sys.stdout.buffer
-    path = check_link_output(out)
     try:
         return open(path, "wb", buffering=0)
     except OSError as exc:
-        raise StorageError(f"cannot open --out {out}: {exc.strerror}") from exc
+        raise StorageError(f"cannot open --out {path}: {exc.strerror}") from exc
 
 
 @dataclass

@@ -328,6 +328,7 @@ def _frames_carousel(args: argparse.Namespace, profile) -> int:
     from protocol.timestamps import duration_text
     from sender.carousel import (
         ReplyWatch,
+        check_link_output,
         close_link_output,
         open_link_output,
         read_reply_key_file,
@@ -347,17 +348,14 @@ def _frames_carousel(args: argparse.Namespace, profile) -> int:
         watch = ReplyWatch(
             Path(args.until_done), read_reply_key_file(args.reply_key), encoder.transfer
         )
-    if args.out != "-":  # refused before a word is said; a pipe is opened below
-        from sender.carousel import check_link_output
-
-        check_link_output(args.out)
+    target = None if args.out == "-" else check_link_output(args.out)  # before a word is said
     pace = f"{rate:g} bps" if rate else "as fast as the reader takes them"
     print(
         f"carousel of transfer {encoder.transfer.hex()}: {encoder.source_count} source frames, "
         f"then repair frames, to {args.out} at {pace} for {profile.name}",
         file=sys.stderr,
     )
-    out = open_link_output(args.out)
+    out = open_link_output(target)
     bar = tqdm(unit="frame", file=sys.stderr, desc="on air", disable=None)
     try:
         run = run_carousel(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from protocol.atomic_files import atomic_outputs, writable_directory
 from protocol.errors import ConfigError
-from protocol.frames import FrameEncoder, LinkProfile, pack_stream, split_stream
+from protocol.frames import FrameEncoder, LinkProfile, pack_stream
 from protocol.payload import read_payload_bytes
 from protocol.timestamps import duration_text
 
@@ -95,8 +95,3 @@ def write_frames(
         profile.airtime_seconds(on_air),
         [str(path) for path in paths],
     )
-
-
-def read_stream(path: str | Path) -> list[bytes]:
-    """The frames of a stream file (a truncated last frame is left out)."""
-    return split_stream(Path(path).read_bytes())

@@ -22,9 +22,9 @@ from protocol.frames import (
     link_profile,
     pack_stream,
     parse_frame,
+    split_stream,
     transfer_id,
 )
-from sender.link_frames import read_stream
 from tests.subprocess_cli import cli, cli_env
 
 VECTOR = Path(__file__).parent / "vectors" / "frames-acoustic-64.json"
@@ -163,7 +163,7 @@ def test_plada_send_frames_writes_files_and_streams(tmp_path) -> None:
         assert proc.returncode == 0, proc.stderr
         assert "11 source + 4 repair" in proc.stdout and "at 1760 bps" in proc.stdout
         frames = (
-            read_stream(next(out.iterdir()))
+            split_stream(next(out.iterdir()).read_bytes())
             if extra
             else [path.read_bytes() for path in sorted(out.iterdir())]
         )
