@@ -61,6 +61,10 @@ class FrameError(PayloadError):
     """A frame is damaged, foreign or inconsistent with its transfer; it is dropped."""
 
 
+class TransferError(FrameError):
+    """A transfer's frames decoded to bytes that are not its payload: the transfer fails."""
+
+
 class ReplyError(PladaError):
     """A reply from a device (or its key) is malformed, damaged or not MACed with the key
     given."""

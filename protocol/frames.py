@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from protocol.errors import FrameError, PayloadError
+from protocol.errors import FrameError, PayloadError, TransferError
 from protocol.varint import decode_uvarints, encode_uvarints
 
 FRAME_MAGIC = 0xF1
@@ -278,29 +278,45 @@ class TransferAssembler:
         from raptorq import Decoder
 
         self._decoder = Decoder.with_defaults(self.length, self.mtu)
+        self.symbol_bytes = _symbol_bytes(self.length, self.mtu)  # every frame's, in a transfer
 
     @property
     def needed(self) -> int:
         """How many distinct frames a decode takes at least (K; 0 before the first)."""
-        sizes = {len(frame.symbol) for frame in self.held.values()}
-        return -(-self.length // max(sizes)) if sizes else 0
+        return -(-self.length // self.symbol_bytes) if self.held else 0
 
     def add(self, frame: Frame) -> bytes | None:
-        """Take one frame; the payload once it decodes (and matches its transfer id)."""
+        """Take one frame; the payload once it decodes (and matches its transfer id).
+
+        ``FrameError`` for a frame that cannot belong to this transfer (other length,
+        coding or symbol size, a block it has not got): dropped, the transfer goes on.
+        ``TransferError`` when the frames decode to bytes that are not the payload."""
         if self.payload is not None:
             return self.payload
         if (frame.length, frame.mtu) != (self.length, self.mtu):
             raise FrameError("frame disagrees with its transfer's length or coding")
+        if len(frame.symbol) != self.symbol_bytes:
+            raise FrameError(
+                f"frame holds a {len(frame.symbol)}-byte symbol; its transfer's are "
+                f"{self.symbol_bytes} bytes"
+            )
         if frame.key in self.held:
             self.duplicates += 1
             return None
+        try:
+            decoded = self._decoder.decode(frame.packet())
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # raptorq panics (a BaseException) on a foreign block
+            raise FrameError(
+                f"frame names block {frame.block}, which its transfer has not"
+            ) from exc
         self.held[frame.key] = frame
-        decoded = self._decoder.decode(frame.packet())
         if decoded is None:
             return None
         decoded = bytes(decoded)
         if transfer_id(decoded) != self.transfer:
-            raise FrameError("frames decoded to bytes that are not their transfer's payload")
+            raise TransferError("frames decoded to bytes that are not their transfer's payload")
         self.payload = decoded
         return decoded
 

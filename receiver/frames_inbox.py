@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from protocol.atomic_files import fsync_directory, write_bytes_atomic
-from protocol.errors import FrameError
+from protocol.errors import FrameError, TransferError
 from protocol.frames import (
     MAX_FRAME_BYTES,
     TRANSFER_ID_BYTES,
@@ -148,6 +148,7 @@ class FramesInbox:
         if frame.key in transfer.assembler.held:
             self.stats["duplicates"] += 1
             return None
+        payload = transfer.assembler.add(frame)  # raises, before it is logged, for a stray
         transfer.last_seen = now
         record = pack_stream([data])
         if not logged:
@@ -161,7 +162,7 @@ class FramesInbox:
             handle.write(record)
             crash_point("frames-appended")
         transfer.log_bytes += len(record)
-        return transfer.assembler.add(frame)
+        return payload
 
     # --- one pass ---------------------------------------------------------------------
     def waiting(self) -> int:
@@ -231,7 +232,7 @@ class FramesInbox:
         payload to the intake and close it (1), else 0."""
         try:
             payload = self._hold(frame, data, now, logged)
-        except FrameError as exc:
+        except TransferError as exc:
             log.warning(
                 f"frames of transfer {frame.transfer.hex()} failed: {exc}",
                 extra={"event": "transfer-failed", "transfer": frame.transfer.hex()},
@@ -239,6 +240,11 @@ class FramesInbox:
             self._close(frame.transfer, done=True)
             if self.replies is not None:
                 self.replies.outcome(frame.transfer, queued=False)
+            return 0
+        except FrameError:  # a frame that cannot be this transfer's: dropped, counted
+            self.stats["inconsistent"] = self.stats.get("inconsistent", 0) + 1
+            if not self.transfers[frame.transfer].assembler.held:  # it would have opened it
+                del self.transfers[frame.transfer]
             return 0
         if payload is None:
             return 0

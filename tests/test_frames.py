@@ -112,6 +112,31 @@ def test_foreign_and_inconsistent_frames_are_refused() -> None:
         link_profile(mtu=8)
 
 
+def test_stray_frames_with_a_valid_crc_are_dropped_and_the_transfer_goes_on(tmp_path) -> None:
+    """Frames that name the transfer but a block it has not got (raptorq itself would
+    panic on them) or a symbol of another size are dropped and counted, never held, and
+    the genuine frames still rebuild the payload."""
+    from protocol.frames import Frame, build_frame
+
+    home = tmp_path / "home"
+    payload = random.Random(8).randbytes(2000)
+    frames = FrameEncoder(payload, 64).frames(repair=6)
+    first = parse_frame(frames[0])
+    strays = [
+        build_frame(Frame(first.transfer, first.length, first.mtu, 3, 1, first.symbol)),
+        build_frame(Frame(first.transfer, first.length, first.mtu, 0, 90, b"x" * 5)),
+    ]
+    assembler = TransferAssembler(first.transfer, first.length, first.mtu)
+    for stray, reason in zip(strays, ("block 3", "5-byte symbol"), strict=True):
+        with pytest.raises(FrameError, match=reason):
+            assembler.add(parse_frame(stray))
+    assert not assembler.held
+    inbox = _frames_inbox(home)
+    _drop(home, [strays[0], strays[1], *frames[:3], *strays, *frames[3:]])
+    assert inbox.poll() == 1 and inbox.stats["inconsistent"] == 4
+    assert (home / "inbox" / f"frames-{transfer_id(payload).hex()}.plada").read_bytes() == payload
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_are_a_typed_refusal(data: bytes) -> None:
