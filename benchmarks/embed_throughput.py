@@ -91,7 +91,8 @@ def tensor_decode_floor(
 
     rows = np.arange(len(reference))
     prepare = TensorPreprocessor(PreprocessSpec.from_transform(preprocess), torch.device(device))
-    loader = iter_encoded_batches(reference, rows, batch_size, threads=max(4, workers))
+    ranges = [(s, min(s + batch_size, rows.size)) for s in range(0, rows.size, batch_size)]
+    loader = iter_encoded_batches(reference, ranges, threads=max(4, workers))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     waited = decoding = fitting = 0.0
     started = last = time.perf_counter()

@@ -105,6 +105,68 @@ class EmbedSummary:
         return self.images_embedded / max(self.seconds, 1e-9)
 
 
+@dataclass
+class EmbedPlan:
+    """An embeddings directory opened for one run: what it holds and which parts remain."""
+
+    root: Path
+    meta: StoreMeta
+    mine: list[int]  # the parts of this run's --shard slice
+    pending: list[int]  # those not on disk yet
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The manifest rows of the pending parts, in order."""
+        if not self.pending:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(*self.meta.part_range(p)) for p in self.pending])
+
+    def batches(self, batch_size: int) -> list[tuple[int, int]]:
+        """[start, stop) row ranges of at most ``batch_size`` rows, cut at every part start.
+
+        Every engine embeds exactly these batches, so a row's embedding never depends
+        on which engine, shard or resumed run computed it (a forward pass's numbers can
+        change with the rows it shares a batch with).
+        """
+        ranges = []
+        for part in self.pending:
+            start, stop = self.meta.part_range(part)
+            ranges.extend((s, min(s + batch_size, stop)) for s in range(start, stop, batch_size))
+        return ranges
+
+
+def open_embedding_dir(
+    reference: ReferenceSource,
+    out_dir: str | os.PathLike[str],
+    embedder: OpenClipEmbedder,
+    pretrained: str,
+    part_rows: int,
+    shard: tuple[int, int],
+) -> EmbedPlan:
+    """Create (or check, when resuming) the directory for ``reference`` and list the parts
+    of ``shard`` still to do."""
+    if part_rows < 1:
+        raise ConfigError("--part-rows must be positive")
+    root = Path(out_dir)
+    side = embedder.image_size
+    dim = int(embedder.embed_batch(torch.zeros(1, 3, side, side)).shape[1])
+    manifest = reference.manifest
+    meta = StoreMeta(
+        model=embedder.model_name,
+        pretrained=Path(pretrained).name,
+        dim=dim,
+        n=len(manifest),
+        part_rows=part_rows,
+        reference_name=manifest.name,
+        reference_fingerprint=manifest.fingerprint_hex,
+    )
+    create_store_meta(root, meta)
+    if not (root / MANIFEST_FILE).is_file():
+        manifest.save(root / MANIFEST_FILE)
+    mine = parts_of_shard(meta, shard)
+    return EmbedPlan(root, meta, mine, [p for p in mine if read_part(root, p, meta) is None])
+
+
 def embed_reference(
     reference: ReferenceSource,
     out_dir: str | os.PathLike[str],
@@ -126,64 +188,30 @@ def embed_reference(
     The summary counts the files by kind (baseline or progressive JPEG, other), since
     only baseline JPEGs take a GPU decoder's hardware path.
     """
-    from tqdm import tqdm
-
-    if part_rows < 1 or batch_size < 1:
-        raise ConfigError("--part-rows and --batch-size must be positive")
-    root = Path(out_dir)
+    if batch_size < 1:
+        raise ConfigError("--batch-size must be positive")
     embedder = OpenClipEmbedder(model_name, pretrained, device)
-    side = embedder.image_size
-    dim = int(embedder.embed_batch(torch.zeros(1, 3, side, side)).shape[1])
-    manifest = reference.manifest
-    meta = StoreMeta(
-        model=embedder.model_name,
-        pretrained=Path(pretrained).name,
-        dim=dim,
-        n=len(manifest),
-        part_rows=part_rows,
-        reference_name=manifest.name,
-        reference_fingerprint=manifest.fingerprint_hex,
-    )
-    create_store_meta(root, meta)
-    if not (root / MANIFEST_FILE).is_file():
-        manifest.save(root / MANIFEST_FILE)
-    mine = parts_of_shard(meta, shard)
-    pending = [p for p in mine if read_part(root, p, meta) is None]
-    resumed = len(mine) - len(pending)
+    plan = open_embedding_dir(reference, out_dir, embedder, pretrained, part_rows, shard)
     started = time.perf_counter()
-    rows = (
-        np.concatenate([np.arange(*meta.part_range(p)) for p in pending])
-        if pending
-        else np.zeros(0, dtype=np.int64)
-    )
+    rows = plan.rows
+    batch_ranges = plan.batches(batch_size)
+    decode = choose_decoder(decode, embedder.device)
     prepare = None
     batches: Any
-    if decode == "auto":
-        on_cuda = embedder.device.type == "cuda"
-        decode = resolve_tensor_decoder("auto", embedder.device) if on_cuda else "pil"
     if decode == "pil":
+        offsets = np.cumsum([0] + [stop - start for start, stop in batch_ranges])
         batches = DataLoader(
-            ReferenceImages(reference, rows, embedder.preprocess, side),
-            batch_size=batch_size,
+            ReferenceImages(reference, rows, embedder.preprocess, embedder.image_size),
+            batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batch_ranges))],
             num_workers=workers,
-            shuffle=False,
             pin_memory=embedder.device.type == "cuda",
         )
-    elif decode in TENSOR_DECODERS:
+    else:
         spec = PreprocessSpec.from_transform(embedder.preprocess)
         prepare = TensorPreprocessor(spec, embedder.device, decode)
-        batches = iter_encoded_batches(reference, rows, batch_size, threads=max(4, workers))
-    else:
-        choices = ", ".join(("pil", *TENSOR_DECODERS))
-        raise ConfigError(f"--decode must be one of {choices}, not {decode!r}")
-    bar = tqdm(
-        total=int(rows.size),
-        unit="img",
-        unit_scale=True,
-        disable=not progress,
-        desc=f"embedding {shard[0]}/{shard[1]}",
-    )
-    writer = _PartWriter(root, meta, pending)
+        batches = iter_encoded_batches(reference, batch_ranges, threads=max(4, workers))
+    bar = progress_bar(int(rows.size), f"embedding {shard[0]}/{shard[1]}", progress)
+    writer = PartCollector(plan)
     formats: Counter[str] = Counter()
     for batch in batches:
         if prepare is not None:
@@ -194,16 +222,15 @@ def embed_reference(
         else:
             images, batch_rows, problems, kinds = batch
             formats.update(kinds)
-        writer.add(embedder.embed_batch(images), batch_rows.numpy(), list(problems))
+        writer.add(batch_rows.numpy(), embedder.embed_batch(images), list(problems))
         bar.update(len(batch_rows))
     bar.close()
-    if writer.current < len(pending):
-        raise ReferenceSetError(f"embedding stopped inside part {pending[writer.current]}")
+    writer.finish()
     return EmbedSummary(
-        parts_total=meta.num_parts,
-        parts_in_slice=len(mine),
-        parts_resumed=resumed,
-        parts_written=writer.current,
+        parts_total=plan.meta.num_parts,
+        parts_in_slice=len(plan.mine),
+        parts_resumed=len(plan.mine) - len(plan.pending),
+        parts_written=writer.written,
         images_embedded=int(rows.size),
         images_skipped=writer.skipped,
         seconds=time.perf_counter() - started,
@@ -211,47 +238,94 @@ def embed_reference(
     )
 
 
-class _PartWriter:
-    """Fills the pending parts in order from embedded batches; writes each when complete."""
+def choose_decoder(decode: str, device: torch.device) -> str:
+    """The decoder ``--decode`` names; ``auto`` is a batched one on CUDA, else PIL."""
+    if decode == "auto":
+        return resolve_tensor_decoder("auto", device) if device.type == "cuda" else "pil"
+    if decode != "pil" and decode not in TENSOR_DECODERS:
+        choices = ", ".join(("pil", *TENSOR_DECODERS))
+        raise ConfigError(f"--decode must be one of {choices}, not {decode!r}")
+    return decode
 
-    def __init__(self, root: Path, meta: StoreMeta, pending: list[int]) -> None:
-        self.root, self.meta, self.pending = root, meta, pending
-        self.current = 0
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """The embedding progress bar (images, with throughput), shared by every engine."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", unit_scale=True, disable=not enabled, desc=desc)
+
+
+class PartCollector:
+    """Fills the pending parts from embedded batches, in any order; writes each part
+    atomically once every one of its rows has arrived exactly once."""
+
+    def __init__(self, plan: EmbedPlan) -> None:
+        self.root, self.meta = plan.root, plan.meta
+        self.waiting = set(plan.pending)
+        self.done: set[int] = set()
+        self.open: dict[int, _OpenPart] = {}
+        self.written = 0
         self.skipped = 0
-        self._reset()
 
-    def _reset(self) -> None:
-        if self.current < len(self.pending):
-            start, stop = self.meta.part_range(self.pending[self.current])
-            self.start = start
-            self.embeddings = np.zeros((stop - start, self.meta.dim), dtype=np.float16)
-            self.valid = np.ones(stop - start, dtype=bool)
-            self.problems: dict[int, str] = {}
-            self.filled = 0
+    def add(self, rows: np.ndarray, embeddings: np.ndarray, problems: list[str]) -> None:
+        """One batch: manifest rows, their embeddings, and a problem per row ('' when fine)."""
+        parts = np.asarray(rows, dtype=np.int64) // self.meta.part_rows
+        for part in np.unique(parts).tolist():
+            if part in self.done:
+                continue  # delivered again (an engine's retry): the part is on disk already
+            if part not in self.waiting:
+                raise ReferenceSetError(f"embedded rows of part {part}, which is not pending")
+            mask = parts == part
+            held = self.open.get(part)
+            if held is None:
+                held = self.open[part] = _OpenPart(*self.meta.part_range(part), self.meta.dim)
+            chosen = np.flatnonzero(mask)
+            self.skipped += held.fill(
+                rows[chosen], embeddings[chosen], [problems[i] for i in chosen]
+            )
+            if held.complete:
+                write_part(self.root, part, held.embeddings, held.valid, held.problems)
+                del self.open[part]
+                self.waiting.discard(part)
+                self.done.add(part)
+                self.written += 1
 
-    def add(self, embeddings: np.ndarray, rows: np.ndarray, problems: list[str]) -> None:
-        offset = 0
-        while offset < len(rows):
-            size = self.embeddings.shape[0]
-            take = min(len(rows) - offset, size - self.filled)
-            if rows[offset] != self.start + self.filled:
-                raise ReferenceSetError("embedding batches arrived out of order")
-            block = slice(self.filled, self.filled + take)
-            self.embeddings[block] = embeddings[offset : offset + take]
-            for j in range(offset, offset + take):
-                if problems[j]:
-                    local = int(rows[j]) - self.start
-                    self.valid[local] = False
-                    self.embeddings[local] = 0.0
-                    self.problems[int(rows[j])] = problems[j]
-                    self.skipped += 1
-            self.filled += take
-            offset += take
-            if self.filled == size:
-                part = self.pending[self.current]
-                write_part(self.root, part, self.embeddings, self.valid, self.problems)
-                self.current += 1
-                self._reset()
+    def finish(self) -> None:
+        """Raise unless every pending part was written."""
+        if self.waiting:
+            first = min(self.waiting)
+            raise ReferenceSetError(
+                f"embedding stopped with {len(self.waiting)} parts unfinished (first: part "
+                f"{first}); rerun the same command to finish them"
+            )
+
+
+class _OpenPart:
+    def __init__(self, start: int, stop: int, dim: int) -> None:
+        self.start = start
+        self.embeddings = np.zeros((stop - start, dim), dtype=np.float16)
+        self.valid = np.ones(stop - start, dtype=bool)
+        self.seen = np.zeros(stop - start, dtype=bool)
+        self.problems: dict[int, str] = {}
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.seen.all())
+
+    def fill(self, rows: np.ndarray, embeddings: np.ndarray, problems: list[str]) -> int:
+        local = np.asarray(rows, dtype=np.int64) - self.start
+        if self.seen[local].any() or np.unique(local).size != local.size:
+            raise ReferenceSetError(f"row {int(rows[0])} was embedded twice")
+        self.seen[local] = True
+        self.embeddings[local] = embeddings
+        skipped = 0
+        for j, problem in enumerate(problems):
+            if problem:
+                self.valid[local[j]] = False
+                self.embeddings[local[j]] = 0.0
+                self.problems[int(rows[j])] = problem
+                skipped += 1
+        return skipped
 
 
 def merge_embeddings(

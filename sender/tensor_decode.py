@@ -53,12 +53,12 @@ class PreprocessSpec:
 
 def iter_encoded_batches(
     reference: ReferenceSource,
-    rows: np.ndarray,
-    batch_size: int,
+    batches: list[tuple[int, int]],
     threads: int = 16,
     prefetch: int = 2,
 ) -> Iterator[tuple[list[bytes], torch.Tensor, list[str]]]:
-    """(encoded files, rows, problems) per batch, read by a thread pool ahead of use.
+    """(encoded files, rows, problems) per [start, stop) row range, read by a thread pool
+    ahead of use.
 
     File reads release the GIL, so threads in this process read as fast as worker
     processes without pickling every file through a pipe.
@@ -66,30 +66,25 @@ def iter_encoded_batches(
     if not isinstance(reference, EncodedReference):
         raise ConfigError("--decode torchcodec/torchvision need a reference set of image files")
 
-    starts = range(0, int(rows.size), batch_size)
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="plada-read") as pool:
         queued: deque[tuple[np.ndarray, list[Future]]] = deque()
 
-        def read_ahead(start: int) -> None:
-            batch = rows[start : start + batch_size]
-            queued.append((batch, [pool.submit(reference.try_read_bytes, int(r)) for r in batch]))
+        def read_ahead(start: int, stop: int) -> None:
+            rows = np.arange(start, stop, dtype=np.int64)
+            queued.append((rows, [pool.submit(reference.try_read_bytes, int(r)) for r in rows]))
 
-        upcoming = iter(starts)
-        for start in upcoming:
-            read_ahead(start)
+        upcoming = iter(batches)
+        for start, stop in upcoming:
+            read_ahead(start, stop)
             if len(queued) > prefetch:
                 break
         while queued:
-            batch, futures = queued.popleft()
-            start = next(upcoming, None)
-            if start is not None:
-                read_ahead(start)
+            rows, futures = queued.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                read_ahead(*following)
             results = [f.result() for f in futures]
-            yield (
-                [d for d, _ in results],
-                torch.from_numpy(batch.astype(np.int64)),
-                [p for _, p in results],
-            )
+            yield [d for d, _ in results], torch.from_numpy(rows), [p for _, p in results]
 
 
 class TensorPreprocessor:
