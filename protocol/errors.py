@@ -153,3 +153,12 @@ class StorageError(PladaError):
 
 class BudgetError(PladaError):
     """No payload fits the byte budget (a plan's, or ``--max-bytes``)."""
+
+
+class MissingExtraError(ConfigError):
+    """An option needs an optional dependency group (a pip extra) that is not installed."""
+
+
+class EngineError(PladaError):
+    """A distributed run failed: its workers gave up on a batch, or the cluster cannot
+    be reached or started; the finished parts are kept for the rerun."""

@@ -3,6 +3,7 @@
 plada-send task digits --out DIR          export the embedded default task
 plada-send reference --reference SPEC     build/verify a reference set, print its fingerprint
 plada-send embed --reference SPEC --clip-model M --clip-weights W --out EMB [--shard i/N]
+                 [--engine ray [--address HOST:PORT] [--actors N]]
 plada-send merge EMB [--from OTHER ...] [--int8]
 plada-send index EMB [--memory-budget 4GB]
 plada-send score --embeddings EMB --clip-weights W --task DIR | --classes a,b --out WORK
@@ -73,6 +74,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from sender.embed import embed_reference
 
     shard = parse_shard(args.shard)
+    if args.engine == "ray":
+        return _print_embed_summary(args, _embed_on_ray(args, shard))
+    for flag in ("address", "actors", "actor_cpus", "actor_gpus", "ray_cpus"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} goes with --engine ray")
     reference = reference_from_args(args)
     for problem in getattr(reference, "problems", []):
         print(f"warning: {problem}")
@@ -89,6 +95,40 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         decode=args.decode,
     )
+    return _print_embed_summary(args, summary)
+
+
+def _embed_on_ray(args: argparse.Namespace, shard: tuple[int, int]):
+    from sender.embed_ray import RayOptions, embed_reference_ray, import_ray
+
+    import_ray(loopback=not args.address)  # a missing extra is named before anything opens
+    options = RayOptions(
+        address=args.address,
+        actors=args.actors,
+        actor_cpus=args.actor_cpus,
+        actor_gpus=args.actor_gpus,
+        local_cpus=args.ray_cpus,
+        retries=args.retries,
+    )
+    return embed_reference_ray(
+        args.reference,
+        args.out,
+        args.clip_model,
+        args.clip_weights,
+        options,
+        cache_dir=args.cache_dir,
+        image_size=args.image_size,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        part_rows=args.part_rows,
+        shard=shard,
+        progress=not args.quiet,
+        decode=args.decode,
+    )
+
+
+def _print_embed_summary(args: argparse.Namespace, summary) -> int:
     print(
         f"shard {args.shard}: {summary.parts_in_slice} of {summary.parts_total} parts, "
         f"{summary.parts_resumed} already done, {summary.parts_written} written; "
@@ -564,6 +604,29 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--shard", default="0/1", help="this machine's slice i/N of the parts")
     emb.add_argument("--out", required=True, help="embeddings directory")
     emb.add_argument("--quiet", action="store_true", help="no progress bar")
+    emb.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (and its decoding workers); ray: a Ray Data actor pool, "
+        "on a local instance or the cluster of --address (needs plada[distributed])",
+    )
+    emb.add_argument(
+        "--address",
+        help="Ray cluster to join (head host:port or ray://host:10001); default: a local "
+        "instance bound to 127.0.0.1",
+    )
+    emb.add_argument(
+        "--actors", type=int, help="Ray actors, one model each (default: one per GPU, else one)"
+    )
+    emb.add_argument("--actor-cpus", type=float, help="CPUs reserved per Ray actor")
+    emb.add_argument(
+        "--actor-gpus", type=float, help="GPUs per Ray actor (default: 1 with a cuda --device)"
+    )
+    emb.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    emb.add_argument(
+        "--retries", type=int, default=3, help="Ray: tries of a failed batch after the first"
+    )
     emb.set_defaults(func=_cmd_embed)
 
     merge = sub.add_parser("merge", help="check all parts are there and merge them")

@@ -11,6 +11,9 @@ Points: ``frames-appended`` (a frame written to its transfer's log, not yet sync
 ``intake-verified``, ``intake-spooled``, ``intake-queued``, ``job-claimed``,
 ``training-step``, ``checkpoint-written``, ``outputs-saving``, ``outputs-saved``,
 ``job-published``.
+
+``PLADA_RAISE_AT=<point>[@<n>]`` raises an exception there instead (see
+:func:`raise_point`); point: ``embed-batch`` (a batch on a Ray embedding worker).
 """
 
 from __future__ import annotations
@@ -32,3 +35,26 @@ def crash_point(name: str) -> None:
     _visits[name] = _visits.get(name, 0) + 1
     if _visits[name] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InjectedFault(RuntimeError):
+    """The exception a raise point throws (a stand-in for a transient worker failure)."""
+
+
+def raise_point(name: str) -> None:
+    """Raise :class:`InjectedFault` if ``PLADA_RAISE_AT`` names this point and visit.
+
+    Unlike a crash point the process lives on, so this tests the retry of one failed
+    unit of work (a batch on a Ray worker) rather than the restart of a process. Visits
+    are counted per process: ``embed-batch@2`` fails the second batch a worker takes,
+    once, and its retry (the third visit) goes through.
+    """
+    target = os.environ.get("PLADA_RAISE_AT")
+    if not target:
+        return
+    point, _, nth = target.partition("@")
+    if point != name:
+        return
+    _visits[f"raise:{name}"] = _visits.get(f"raise:{name}", 0) + 1
+    if _visits[f"raise:{name}"] == int(nth or 1):
+        raise InjectedFault(f"injected fault at {name} (PLADA_RAISE_AT={target})")

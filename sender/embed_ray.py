@@ -1,0 +1,387 @@
+"""``plada-send embed --engine ray``: the same parts, embedded by a Ray Data actor pool.
+
+What runs where:
+
+- the **driver** (this process) opens the reference set and the embeddings directory
+  exactly as the local engine does (:func:`sender.embed.open_embedding_dir`), lists the
+  batches of the parts still to do (:meth:`EmbedPlan.batches`: the same row ranges the
+  local engine embeds, so the numbers come out the same), and writes each part as soon
+  as all its rows are back (:class:`sender.embed.PartCollector`);
+- each **actor** (one per GPU, or one per node's CPUs) opens the reference set from the
+  same spec on its own node, checks its fingerprint, loads the CLIP model once, and per
+  batch reads, decodes and embeds the rows with the code the local engine uses, returning
+  rows, keys, fp16 embeddings and problems.
+
+Only part files cross to disk, so ``merge``, resuming and the coverage check work as for
+the local engine; a rerun after a killed driver embeds only the parts that are missing.
+A batch whose worker raises is retried (``--retries``); one that keeps failing stops the
+run with the finished parts kept.
+
+Without ``--address`` a private Ray instance starts on this machine, bound to 127.0.0.1
+only, with the dashboard off; usage-stats reporting is always off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from protocol.errors import ConfigError, EngineError, MissingExtraError, ReferenceSetError
+from protocol.reference.encoded import image_kind
+from protocol.reference.factory import open_reference
+from sender.embed import (
+    UNREADABLE,
+    EmbedSummary,
+    PartCollector,
+    ReferenceImages,
+    choose_decoder,
+    open_embedding_dir,
+    progress_bar,
+)
+from sender.embedders import OpenClipEmbedder
+from sender.tensor_decode import PreprocessSpec, TensorPreprocessor
+from trainer.faults import raise_point
+
+EXTRA = "distributed"
+BATCHES_PER_CALL = 4  # an actor decodes the later batches of a call while it embeds the first
+
+
+def import_ray(loopback: bool = False) -> Any:
+    """The ``ray`` module with Ray Data, usage stats off; a typed error naming the extra.
+
+    ``loopback``: for a local instance, turn on Ray's single-machine switch, under which
+    every server of the instance listens on 127.0.0.1 instead of the machine's address.
+    Ray reads it when it is first imported, so this must come before any ``import ray``.
+    """
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    if loopback:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    elif "ray" not in sys.modules:
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"--engine ray needs Ray Data, which is not installed ({exc}): "
+            f"pip install 'plada[{EXTRA}]' (on every machine of the cluster)"
+        ) from exc
+    return ray
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where to run and how big the actor pool is; None picks a default from the cluster."""
+
+    address: str | None = None  # an existing cluster (ray://... or host:port); None: local
+    actors: int | None = None
+    actor_cpus: float | None = None
+    actor_gpus: float | None = None
+    local_cpus: int | None = None  # CPUs of the local instance (default: all)
+    retries: int = 3  # tries of a failed batch after the first
+
+    def __post_init__(self) -> None:
+        for name in ("actors", "actor_cpus", "local_cpus"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.actor_gpus is not None and self.actor_gpus < 0:
+            raise ConfigError("--actor-gpus must be >= 0")
+        if self.retries < 0:
+            raise ConfigError("--retries must be >= 0")
+
+
+def start_ray(ray: Any, options: RayOptions, device: str) -> str:
+    """Join the cluster at ``options.address`` or start a loopback-only local instance;
+    return a line saying which."""
+    if options.address:
+        try:
+            ray.init(address=options.address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise EngineError(
+                f"cannot join the Ray cluster at {options.address} ({exc}): check the "
+                "address ('ray status' on the head node prints it)"
+            ) from exc
+        where = f"joined the Ray cluster at {options.address}"
+    else:
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:  # imported before import_ray(loopback=True)
+            raise EngineError(
+                "Ray was imported before plada could bind its local instance to 127.0.0.1: "
+                "run 'plada-send embed --engine ray' in a fresh process"
+            )
+        gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+        ray.init(
+            address="local",
+            num_cpus=options.local_cpus or os.cpu_count() or 1,
+            num_gpus=gpus,
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
+        where = "started a local Ray instance on 127.0.0.1 only (dashboard off)"
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    hint = "" if options.address else "; pass --address HOST:PORT to join a cluster"
+    return f"{where}: {cpus:g} CPUs, {gpus:g} GPUs{hint}"
+
+
+def actor_pool(ray: Any, options: RayOptions, device: str) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor): one actor per GPU (with its share of
+    the CPUs) on CUDA, else one per node's worth of CPUs."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    on_cuda = device.startswith("cuda")
+    actor_gpus = options.actor_gpus if options.actor_gpus is not None else float(on_cuda)
+    if actor_gpus > 0 and actor_gpus > gpus:
+        raise EngineError(
+            f"each actor needs {actor_gpus:g} GPUs but the cluster has {gpus:g}: "
+            "lower --actor-gpus or add GPU nodes"
+        )
+    if actor_gpus > 0:
+        actors = options.actors or max(1, int(gpus // actor_gpus))
+        actor_cpus = options.actor_cpus or max(1.0, float(cpus // max(1, int(gpus))))
+    else:
+        node_cpus = max(
+            (node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]),
+            default=cpus,
+        )
+        actor_cpus = options.actor_cpus or node_cpus
+        actors = options.actors or max(1, int(cpus // actor_cpus))
+    if actor_cpus * actors > cpus:
+        raise EngineError(
+            f"{actors} actors of {actor_cpus:g} CPUs need more than the cluster's {cpus:g} "
+            "CPUs: lower --actors or --actor-cpus"
+        )
+    return actors, actor_cpus, actor_gpus
+
+
+class EmbedBatches:
+    """A Ray Data actor: one reference reader and one CLIP model, many batches."""
+
+    def __init__(
+        self,
+        reference_spec: str,
+        cache_dir: str | None,
+        image_size: int,
+        fingerprint: str,
+        model_name: str,
+        weights: str,
+        device: str,
+        decode: str,
+        threads: int,
+    ) -> None:
+        self.reference = open_reference(reference_spec, cache_dir, image_size)
+        found = self.reference.manifest.fingerprint_hex
+        if found != fingerprint:
+            raise ReferenceSetError(
+                f"the reference set {reference_spec} on this worker has fingerprint "
+                f"{found[:16]}..., the driver's has {fingerprint[:16]}...: every node must "
+                "hold the same reference set at the same path"
+            )
+        self.embedder = OpenClipEmbedder(model_name, weights, device)
+        self.decode = choose_decoder(decode, self.embedder.device)
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="plada-decode")
+        self.prepare = None
+        if self.decode != "pil":
+            spec = PreprocessSpec.from_transform(self.embedder.preprocess)
+            self.prepare = TensorPreprocessor(spec, self.embedder.device, self.decode)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Embed each [start, stop) range of ``batch`` as one forward pass; all rows back
+        in one table (so a retried call can never deliver half its rows twice)."""
+        ranges = list(zip(batch["start"].tolist(), batch["stop"].tolist(), strict=True))
+        loading = [self._submit(start, stop) for start, stop in ranges]
+        out: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("row", "key", "embedding", "problem", "kind")
+        }
+        for (start, stop), futures in zip(ranges, loading, strict=True):
+            images, problems, kinds = self._gather(start, stop, futures)
+            raise_point("embed-batch")
+            rows = np.arange(start, stop, dtype=np.int64)
+            out["row"].append(rows)
+            out["key"].append(np.asarray(self.reference.manifest.keys[start:stop], dtype=str))
+            out["embedding"].append(self.embedder.embed_batch(images).astype(np.float16))
+            out["problem"].append(np.asarray(problems, dtype=str))
+            out["kind"].append(np.asarray(kinds, dtype=str))
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def _submit(self, start: int, stop: int) -> list[Any]:
+        if self.prepare is None:
+            images = ReferenceImages(
+                self.reference,
+                np.arange(start, stop, dtype=np.int64),
+                self.embedder.preprocess,
+                self.embedder.image_size,
+            )
+            return [self.pool.submit(images.__getitem__, i) for i in range(stop - start)]
+        return [self.pool.submit(self.reference.try_read_bytes, r) for r in range(start, stop)]
+
+    def _gather(self, start: int, stop: int, futures: list[Any]):
+        results = [f.result() for f in futures]
+        if self.prepare is None:
+            images = torch.stack([image for image, _, _, _ in results])
+            return images, [p for _, _, p, _ in results], [k for _, _, _, k in results]
+        encoded, problems = [d for d, _ in results], [p for _, p in results]
+        kinds = [image_kind(d) if d else UNREADABLE for d in encoded]
+        where = list(self.reference.manifest.keys[start:stop])
+        images, problems = self.prepare(encoded, problems, where)
+        return images, problems, kinds
+
+
+def embed_reference_ray(
+    reference_spec: str,
+    out_dir: str | os.PathLike[str],
+    model_name: str,
+    pretrained: str,
+    options: RayOptions,
+    cache_dir: str | None = None,
+    image_size: int = 64,
+    device: str = "cpu",
+    batch_size: int = 256,
+    workers: int = 4,
+    part_rows: int = 65536,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    decode: str = "auto",
+    say: Any = print,
+) -> EmbedSummary:
+    """Embed the parts of ``shard`` not done yet on a Ray actor pool (see module docstring).
+
+    The result is the local engine's, part for part; ``say`` gets the one-line notes
+    (which cluster, how many actors).
+    """
+    if batch_size < 1:
+        raise ConfigError("--batch-size must be positive")
+    ray = import_ray(loopback=not options.address)
+    reference = open_reference(reference_spec, cache_dir, image_size)
+    for problem in getattr(reference, "problems", []):
+        say(f"warning: {problem}")
+    embedder = OpenClipEmbedder(model_name, pretrained, "cpu")  # checks the weights here first
+    plan = open_embedding_dir(reference, out_dir, embedder, pretrained, part_rows, shard)
+    del embedder
+    batches = plan.batches(batch_size)
+    collector = PartCollector(plan)
+    formats: Counter[str] = Counter()
+    resumed = len(plan.mine) - len(plan.pending)
+    rows = sum(stop - start for start, stop in batches)
+    started = time.perf_counter()
+    if batches:
+        say(start_ray(ray, options, device))
+        try:
+            actors, actor_cpus, actor_gpus = actor_pool(ray, options, device)
+            say(
+                f"{actors} actor(s) of {actor_cpus:g} CPUs and {actor_gpus:g} GPUs; "
+                f"{len(plan.pending)} of {len(plan.mine)} parts to embed ({resumed} done)"
+            )
+            constructor = {
+                "reference_spec": reference_spec,
+                "cache_dir": None if cache_dir is None else str(cache_dir),
+                "image_size": image_size,
+                "fingerprint": plan.meta.reference_fingerprint,
+                "model_name": model_name,
+                "weights": str(pretrained),
+                "device": device,
+                "decode": decode,
+                "threads": workers,
+            }
+            bar = progress_bar(rows, f"embedding {shard[0]}/{shard[1]} on ray", progress)
+            pool = (actors, actor_cpus, actor_gpus)
+            for out in _run_pool(ray, batches, constructor, options, *pool):
+                _check_keys(out, reference.manifest.keys, reference_spec)
+                collector.add(out["row"], out["embedding"], out["problem"].tolist())
+                formats.update(out["kind"].tolist())
+                bar.update(len(out["row"]))
+            bar.close()
+        finally:
+            ray.shutdown()
+    collector.finish()
+    return EmbedSummary(
+        parts_total=plan.meta.num_parts,
+        parts_in_slice=len(plan.mine),
+        parts_resumed=resumed,
+        parts_written=collector.written,
+        images_embedded=rows,
+        images_skipped=collector.skipped,
+        seconds=time.perf_counter() - started,
+        formats=dict(sorted(formats.items())),
+    )
+
+
+def _run_pool(
+    ray: Any,
+    batches: list[tuple[int, int]],
+    constructor: dict[str, Any],
+    options: RayOptions,
+    actors: int,
+    actor_cpus: float,
+    actor_gpus: float,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The embedded batches as the actor pool returns them (in any order)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False  # the one bar is plada's, as in the local engine
+    # a batch whose code raises is tried again on its worker, at most --retries times (a
+    # worker process that dies is restarted by Ray and its batches rerun elsewhere)
+    context.retried_map_errors = True
+    context.max_map_retries = options.retries
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # not "progress bars disabled"
+    ranges = ray.data.from_items(
+        [{"start": start, "stop": stop} for start, stop in batches],
+        override_num_blocks=min(len(batches), max(1, 8 * actors)),
+    )
+    embedded = ranges.map_batches(
+        EmbedBatches,
+        fn_constructor_kwargs=constructor,
+        batch_size=BATCHES_PER_CALL,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=actor_cpus,
+        num_gpus=actor_gpus,
+    )
+    try:
+        yield from embedded.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.RayError as exc:
+        raise EngineError(
+            f"a Ray worker gave up on a batch after {options.retries + 1} tries: "
+            f"{_root_cause(exc)}; the finished parts are kept: rerun the same command"
+        ) from exc
+
+
+_RAISED = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Fault)): (.+)$")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The worker's own error as one line. Ray passes it back only as the text of its
+    traceback, inside its own wrappers; the first raised line not of Ray's is it."""
+    text = str(exc)
+    for line in text.splitlines():
+        found = _RAISED.match(line.strip())
+        if found and not line.strip().startswith("ray."):
+            return f"{found.group(1)}: {found.group(2)}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}"
+
+
+def _check_keys(out: dict[str, np.ndarray], keys: tuple[str, ...], spec: str) -> None:
+    """Coverage: each returned row must carry the driver's manifest key for that row."""
+    for row, key in zip(out["row"].tolist(), out["key"].tolist(), strict=True):
+        if keys[row] != key:
+            raise ReferenceSetError(
+                f"a worker's reference set {spec} has {key!r} at row {row}, the manifest "
+                f"has {keys[row]!r}: every node must hold the same reference set"
+            )

@@ -1,0 +1,83 @@
+"""The embedding plan and part collector every engine shares: batches cut at part starts,
+parts written once all their rows are in, whatever order batches arrive in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import ReferenceSetError
+from sender.embed import EmbedPlan, PartCollector
+from sender.embedding_store import StoreMeta, read_part
+
+
+def plan_of(root, n: int, part_rows: int, pending: list[int] | None = None) -> EmbedPlan:
+    meta = StoreMeta("m", "w", 4, n, part_rows, "ref", "00" * 32)
+    parts = list(range(meta.num_parts))
+    return EmbedPlan(root, meta, parts, parts if pending is None else pending)
+
+
+def embeddings_of(rows: np.ndarray) -> np.ndarray:
+    return np.stack([rows * 0.5, rows + 1.0, -rows * 0.25, np.ones(rows.size)], 1)
+
+
+@given(
+    n=st.integers(1, 60),
+    part_rows=st.integers(1, 17),
+    batch_size=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None)
+def test_batches_cover_the_pending_parts_once_and_never_straddle_a_part(
+    tmp_path_factory, n, part_rows, batch_size, seed
+) -> None:
+    root = tmp_path_factory.mktemp("parts")
+    (root / "parts").mkdir()
+    total = -(-n // part_rows)
+    rng = np.random.default_rng(seed)
+    pending = sorted(rng.choice(total, size=rng.integers(1, total + 1), replace=False).tolist())
+    plan = plan_of(root, n, part_rows, pending)
+    batches = plan.batches(batch_size)
+    rows = np.concatenate([np.arange(a, b) for a, b in batches])
+    assert rows.tolist() == plan.rows.tolist()
+    for start, stop in batches:
+        assert 0 < stop - start <= batch_size
+        assert start // part_rows == (stop - 1) // part_rows
+        assert (start % part_rows) % batch_size == 0  # same cuts in every run
+    collector = PartCollector(plan)
+    for index in rng.permutation(len(batches)):
+        start, stop = batches[index]
+        rows = np.arange(start, stop)
+        problems = ["bad" if r % 7 == 3 else "" for r in rows]
+        collector.add(rows, embeddings_of(rows), problems)
+    collector.finish()
+    assert collector.written == len(pending)
+    for part in pending:
+        found = read_part(root, part, plan.meta)
+        start, stop = plan.meta.part_range(part)
+        rows = np.arange(start, stop)
+        expected = embeddings_of(rows).astype(np.float16)
+        expected[rows % 7 == 3] = 0
+        assert found is not None and np.array_equal(found.embeddings, expected)
+        assert found.valid.tolist() == (rows % 7 != 3).tolist()
+        assert found.skipped == {int(r): "bad" for r in rows if r % 7 == 3}
+
+
+def test_missing_repeated_and_foreign_rows_are_refused(tmp_path) -> None:
+    (tmp_path / "parts").mkdir()
+    plan = plan_of(tmp_path, 20, 8, pending=[0, 2])
+    collector = PartCollector(plan)
+    rows = np.arange(0, 4)
+    collector.add(rows, embeddings_of(rows), [""] * 4)
+    with pytest.raises(ReferenceSetError, match="embedded twice"):
+        collector.add(rows, embeddings_of(rows), [""] * 4)
+    with pytest.raises(ReferenceSetError, match="not pending"):
+        collector.add(np.arange(8, 12), embeddings_of(np.arange(8, 12)), [""] * 4)
+    with pytest.raises(ReferenceSetError, match="2 parts unfinished"):
+        collector.finish()
+    rest = np.arange(4, 8)
+    collector.add(rest, embeddings_of(rest), [""] * 4)
+    collector.add(rest, embeddings_of(rest), [""] * 4)  # a retry's second delivery: on disk
+    assert collector.written == 1

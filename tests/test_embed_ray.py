@@ -1,0 +1,243 @@
+"""``plada-send embed --engine ray`` on Ray's local instance (2 CPUs, one actor): the same
+bytes as the local engine, a failed batch retried, a killed driver resumed, nothing
+listening or connecting beyond loopback, and the typed errors."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from protocol.errors import MissingExtraError, ReferenceSetError
+from tests.subprocess_cli import cli, cli_env, run, wait_for
+from tests.worlds import save_tiny_clip, write_reference_tree, write_shards
+
+if not os.environ.get("CI"):  # CI installs the extra: there a missing Ray must fail
+    pytest.importorskip("ray")
+
+BLOCKS, PER_BLOCK, PART_ROWS, BATCH = 12, 20, 16, 8
+PARTS = BLOCKS * PER_BLOCK // PART_ROWS
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, Path]:
+    """A JPEG tree, the same images as WebDataset shards, a tiny random-weight CLIP, and
+    the local engine's merged embeddings of the tree (the reference result)."""
+    from protocol.reference.image_folder import ImageFolderReference
+    from sender.embed import embed_reference, merge_embeddings
+
+    root = tmp_path_factory.mktemp("ray-world")
+    write_reference_tree(small_pool, root / "tree", PER_BLOCK, BLOCKS)
+    write_shards(root / "tree", root / "shards", per_shard=50)
+    model, weights = save_tiny_clip(root)
+    world = {"root": root, "config": root / f"{model}.json", "weights": Path(weights)}
+    local = root / "emb-local"
+    embed_reference(
+        ImageFolderReference(root / "tree"),
+        local,
+        str(world["config"]),
+        weights,
+        batch_size=BATCH,
+        workers=0,
+        part_rows=PART_ROWS,
+        progress=False,
+    )
+    merge_embeddings(local)
+    return world | {"local": local}
+
+
+def ray_embed(world, out: Path, *extra: str) -> list[str]:
+    return [
+        *cli("plada-send"),
+        "embed",
+        "--engine",
+        "ray",
+        "--reference",
+        "wds:" + str(world["root"] / "shards"),
+        "--cache-dir",
+        str(world["root"] / "cache"),
+        "--clip-model",
+        str(world["config"]),
+        "--clip-weights",
+        str(world["weights"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(BATCH),
+        "--part-rows",
+        str(PART_ROWS),
+        "--workers",
+        "2",
+        "--ray-cpus",
+        "2",
+        "--quiet",
+        *extra,
+    ]
+
+
+def merged_bytes(out: Path) -> bytes:
+    run([*cli("plada-send"), "merge", str(out)], cli_env())
+    return (out / "embeddings.f16").read_bytes()
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+class SocketWatch:
+    """Every TCP/UDP endpoint that a process and its descendants hold, sampled while it
+    runs (Ray's servers and workers are all descendants of a driver that started them)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.root = psutil.Process(proc.pid)
+        self.tree: set[psutil.Process] = set()
+        self.endpoints: set[tuple[str, str, str]] = set()  # (process, local ip, remote ip)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                self.tree |= {self.root, *self.root.children(recursive=True)}
+            for process in list(self.tree):
+                try:
+                    name = process.name()
+                    for c in process.net_connections(kind="inet"):
+                        remote = c.raddr.ip if c.raddr else ""
+                        self.endpoints.add((name, c.laddr.ip, remote))
+                except psutil.Error:
+                    continue
+            self._stop.wait(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def kill_leftovers(self) -> None:
+        """SIGKILL what is left of the tree (Ray's agents outlive a SIGKILLed driver for
+        a few minutes before they notice)."""
+        for process in self.tree:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def test_ray_matches_the_local_engine_retries_a_failed_batch_and_stays_on_loopback(world):
+    out = world["root"] / "emb-ray"
+    env = cli_env() | {"PLADA_RAISE_AT": "embed-batch@2"}  # the 2nd call fails once
+    proc = subprocess.Popen(
+        ray_embed(world, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    watch = SocketWatch(proc)
+    stdout, stderr = proc.communicate(timeout=600)
+    watch.stop()
+    assert proc.returncode == 0, stdout + stderr
+    assert "local Ray instance on 127.0.0.1 only" in stdout
+    assert f"{PARTS} of {PARTS} parts, 0 already done, {PARTS} written" in stdout
+    assert merged_bytes(out) == (world["local"] / "embeddings.f16").read_bytes()
+    names = {name for name, _, _ in watch.endpoints}
+    assert "raylet" in names and "gcs_server" in names, names  # the watch saw Ray at work
+    outside = {e for e in watch.endpoints if not _loopback(e[1]) or (e[2] and not _loopback(e[2]))}
+    assert not outside, outside
+
+
+def test_killed_driver_keeps_its_parts_a_failing_rerun_loses_none_and_a_rerun_finishes(world):
+    out = world["root"] / "emb-ray-killed"
+    proc = subprocess.Popen(
+        ray_embed(world, out), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    watch = SocketWatch(proc)
+    try:
+        parts = out / "parts"
+        wait_for(lambda: len(list(parts.glob("part-*.npz"))) >= 2, 300, "two parts")
+        assert proc.poll() is None, "embed finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        watch.stop()
+        watch.kill_leftovers()
+    kept = sorted(p.name for p in parts.glob("part-*.npz"))
+    assert 2 <= len(kept) < PARTS, kept
+    missing = run([*cli("plada-send"), "merge", str(out)], cli_env(), expect=2)
+    assert f"{PARTS - len(kept)} of {PARTS} parts are missing" in missing.stderr
+
+    failing = cli_env() | {"PLADA_RAISE_AT": "embed-batch@1"}  # every worker's first batch
+    failed = run(ray_embed(world, out, "--retries", "0"), failing, expect=2)
+    error = failed.stderr.strip().splitlines()[-1]
+    assert "EngineError: a Ray worker gave up on a batch after 1 tries" in error
+    assert "InjectedFault: injected fault at embed-batch" in error
+    assert "Traceback" not in failed.stderr
+    assert set(kept) <= {p.name for p in parts.glob("part-*.npz")}
+
+    done = len(list(parts.glob("part-*.npz")))
+    resumed = run(ray_embed(world, out), cli_env())
+    assert f"{done} already done, {PARTS - done} written" in resumed.stdout
+    assert merged_bytes(out) == (world["local"] / "embeddings.f16").read_bytes()
+
+
+def test_engine_ray_without_the_extra_names_it(world, monkeypatch, capsys) -> None:
+    from sender.cli import main
+
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray -> ImportError
+    for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED"):
+        monkeypatch.setenv(name, "")  # import_ray sets them: put them back afterwards
+    status = main(ray_embed(world, world["root"] / "emb-no-ray")[len(cli("plada-send")) :])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert "MissingExtraError" in err and "pip install 'plada[distributed]'" in err
+    assert not (world["root"] / "emb-no-ray").exists()
+    from sender.embed_ray import import_ray
+
+    with pytest.raises(MissingExtraError):
+        import_ray()
+
+
+def test_a_worker_with_another_reference_set_is_refused(world) -> None:
+    from sender.embed_ray import EmbedBatches
+
+    with pytest.raises(ReferenceSetError, match="every node must hold the same reference set"):
+        EmbedBatches(
+            "wds:" + str(world["root"] / "shards"),
+            str(world["root"] / "cache"),
+            64,
+            "00" * 32,
+            str(world["config"]),
+            str(world["weights"]),
+            "cpu",
+            "pil",
+            1,
+        )
+
+
+def test_a_worker_batch_is_the_local_engines_batch(world) -> None:
+    """The actor's call embeds each range as one batch, with the manifest's keys."""
+    from protocol.reference.image_folder import ImageFolderReference
+    from sender.embed_ray import EmbedBatches
+    from sender.embedding_store import StoreMeta, read_part
+
+    tree = ImageFolderReference(world["root"] / "tree")
+    actor = EmbedBatches(
+        str(world["root"] / "tree"),
+        None,
+        64,
+        tree.manifest.fingerprint_hex,
+        str(world["config"]),
+        str(world["weights"]),
+        "cpu",
+        "pil",
+        2,
+    )
+    out = actor({"start": np.array([16, 24]), "stop": np.array([24, 32])})
+    assert out["row"].tolist() == list(range(16, 32))
+    assert out["key"].tolist() == list(tree.manifest.keys[16:32])
+    part = read_part(world["local"], 1, StoreMeta.load(world["local"]))
+    assert part is not None and np.array_equal(out["embedding"], part.embeddings)
