@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_report DIR [--mode full|smoke]
 
 Reads ``DIR/embed.json``, ``DIR/receiver.json`` and, when present,
-``DIR/receiver-compiled.json``; prints the table and writes it to
+``DIR/receiver-compiled.json`` and ``DIR/embed-distributed.json``; prints the table and writes it to
 ``DIR/gpu_suite.md``, with the device and date in its heading.
 """
 
@@ -67,7 +67,28 @@ def report(folder: Path, mode: str) -> str:
     for label, result in receivers.items():
         for path, minutes in result["paper_run_minutes"].items():
             lines.append(f"- paper run (142K x 5 epochs){label}, {path}: {minutes:.1f} min")
+    distributed = folder / "embed-distributed.json"
+    if distributed.is_file():
+        lines += ["", *_ray_lines(json.loads(distributed.read_text()))]
     return "\n".join(lines) + "\n"
+
+
+def _ray_lines(result: dict) -> list[str]:
+    """The local engine against Ray's actor pool (benchmarks/embed_distributed.py)."""
+    lines = [
+        "| embed engine | actors | start-up s | steady img/s | vs local | Ray ms/batch "
+        "| same bytes |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in result["runs"]:
+        ratio = f"{run.get('vs_local', 1.0):.2f}x"
+        overhead = f"{run['overhead_ms_per_batch']:+.1f}" if "overhead_ms_per_batch" in run else ""
+        same = {True: "yes", False: "NO"}.get(run.get("identical_to_local"), "")
+        lines.append(
+            f"| {run['model']} {run['engine']} | {run['actors']} | {run['startup_seconds']:.1f} "
+            f"| {run['steady_images_per_second']:,.0f} | {ratio} | {overhead} | {same} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

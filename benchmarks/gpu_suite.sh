@@ -8,7 +8,8 @@
 # It measures embed_throughput for each decoder (PIL, torchcodec, torchvision),
 # receiver_throughput decoding every epoch and with the decode-once cache (epoch 1 with
 # the decode, later epochs), torch.compile off and on (full mode only), and the
-# compute-only ceilings of both, then writes one table naming the device to
+# compute-only ceilings of both, the Ray embedding engine against the local one (full
+# mode only), then writes one table naming the device to
 # DIR/gpu_suite.md (paste it into benchmarks/RESULTS.md) and the raw numbers as JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,5 +47,9 @@ fi
 if [ "$mode" = full ]; then  # compiling takes minutes on a CPU: measured on the GPU only
   "$python" -m benchmarks.receiver_throughput "${receiver[@]}" --compile \
     --json "$out/receiver-compiled.json"
+  # the Ray engine against the local one, 1, 2 and 4 actors sharing the GPU(s); its CPU
+  # numbers are in RESULTS.md and tests/test_embed_ray.py covers the engine itself
+  "$python" -m benchmarks.embed_distributed --images 8192 --model ViT-B-32 --batch-size 512 \
+    --device cuda --actors 1 2 4 --json "$out/embed-distributed.json"
 fi
 "$python" -m benchmarks.gpu_report "$out" --mode "$mode"

@@ -135,6 +135,11 @@ def _print_embed_summary(args: argparse.Namespace, summary) -> int:
         f"{summary.images_embedded} images in {summary.seconds:.1f}s "
         f"({summary.images_per_second:.0f} img/s), {summary.images_skipped} unreadable skipped"
     )
+    if args.engine == "ray" and summary.images_embedded:
+        print(
+            f"ray: {summary.first_batch_seconds:.1f}s to the first batch (cluster and actors "
+            f"starting), then {summary.steady_images_per_second:.0f} img/s"
+        )
     if summary.formats:
         kinds = ", ".join(f"{count} {kind}" for kind, count in summary.formats.items())
         print(f"files: {kinds} (only baseline JPEGs take a GPU decoder's hardware path)")

@@ -99,10 +99,18 @@ class EmbedSummary:
     images_skipped: int
     seconds: float
     formats: dict[str, int] = field(default_factory=dict)  # files by image_kind()
+    first_batch_seconds: float = 0.0  # start-up: until the first batch was embedded
+    first_batch_images: int = 0
 
     @property
     def images_per_second(self) -> float:
         return self.images_embedded / max(self.seconds, 1e-9)
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """Images/s after the first batch: the rate without the start-up."""
+        images = self.images_embedded - self.first_batch_images
+        return images / max(self.seconds - self.first_batch_seconds, 1e-9)
 
 
 @dataclass
@@ -213,6 +221,7 @@ def embed_reference(
     bar = progress_bar(int(rows.size), f"embedding {shard[0]}/{shard[1]}", progress)
     writer = PartCollector(plan)
     formats: Counter[str] = Counter()
+    first: tuple[float, int] | None = None
     for batch in batches:
         if prepare is not None:
             encoded, batch_rows, problems = batch
@@ -224,6 +233,8 @@ def embed_reference(
             formats.update(kinds)
         writer.add(batch_rows.numpy(), embedder.embed_batch(images), list(problems))
         bar.update(len(batch_rows))
+        if not first:
+            first = (time.perf_counter() - started, len(batch_rows))
     bar.close()
     writer.finish()
     return EmbedSummary(
@@ -235,6 +246,8 @@ def embed_reference(
         images_skipped=writer.skipped,
         seconds=time.perf_counter() - started,
         formats=dict(sorted(formats.items())),
+        first_batch_seconds=first[0] if first else 0.0,
+        first_batch_images=first[1] if first else 0,
     )
 
 

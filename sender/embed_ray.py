@@ -278,6 +278,7 @@ def embed_reference_ray(
     formats: Counter[str] = Counter()
     resumed = len(plan.mine) - len(plan.pending)
     rows = sum(stop - start for start, stop in batches)
+    first: tuple[float, int] | None = None
     started = time.perf_counter()
     if batches:
         say(start_ray(ray, options, device))
@@ -287,13 +288,13 @@ def embed_reference_ray(
                 f"{actors} actor(s) of {actor_cpus:g} CPUs and {actor_gpus:g} GPUs; "
                 f"{len(plan.pending)} of {len(plan.mine)} parts to embed ({resumed} done)"
             )
-            constructor = {
-                "reference_spec": reference_spec,
-                "cache_dir": None if cache_dir is None else str(cache_dir),
+            constructor = {  # paths made absolute: workers do not share the driver's cwd
+                "reference_spec": _absolute_spec(reference_spec),
+                "cache_dir": None if cache_dir is None else os.path.abspath(cache_dir),
                 "image_size": image_size,
                 "fingerprint": plan.meta.reference_fingerprint,
-                "model_name": model_name,
-                "weights": str(pretrained),
+                "model_name": _absolute_if_file(model_name),
+                "weights": _absolute_if_file(str(pretrained)),
                 "device": device,
                 "decode": decode,
                 "threads": workers,
@@ -305,6 +306,8 @@ def embed_reference_ray(
                 collector.add(out["row"], out["embedding"], out["problem"].tolist())
                 formats.update(out["kind"].tolist())
                 bar.update(len(out["row"]))
+                if not first:
+                    first = (time.perf_counter() - started, len(out["row"]))
             bar.close()
         finally:
             ray.shutdown()
@@ -318,7 +321,21 @@ def embed_reference_ray(
         images_skipped=collector.skipped,
         seconds=time.perf_counter() - started,
         formats=dict(sorted(formats.items())),
+        first_batch_seconds=first[0] if first else 0.0,
+        first_batch_images=first[1] if first else 0,
     )
+
+
+def _absolute_if_file(text: str) -> str:
+    """A path that exists here, made absolute; anything else (a model name, a tag) as is."""
+    return os.path.abspath(text) if os.path.exists(text) else text
+
+
+def _absolute_spec(spec: str) -> str:
+    """A reference spec with its path absolute (``glyphs`` specs have none)."""
+    if spec.startswith("wds:"):
+        return "wds:" + os.path.abspath(spec[4:])
+    return _absolute_if_file(spec)
 
 
 def _run_pool(

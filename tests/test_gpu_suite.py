@@ -38,6 +38,7 @@ def test_gpu_suite_smoke_mode_writes_its_table(tmp_path) -> None:
     assert all(c["min"] >= 0.999 for c in embed["cosine_vs_pil"].values()), embed
     receiver = json.loads((tmp_path / "receiver.json").read_text())
     assert receiver["cache"] == "memory" and receiver["images_per_second"]["end to end"] > 0
+    _check_ray_rows(tmp_path)
     refused = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--bogus"],
         capture_output=True,
@@ -46,3 +47,22 @@ def test_gpu_suite_smoke_mode_writes_its_table(tmp_path) -> None:
         check=False,
     )
     assert refused.returncode == 2 and "unknown option --bogus" in refused.stderr
+
+
+def _check_ray_rows(folder) -> None:
+    """The full run's embed_distributed rows (measured on the GPU only) reach the table."""
+    from benchmarks.embed_distributed import _row
+    from benchmarks.gpu_report import report
+    from sender.embed import EmbedSummary
+
+    def summary(seconds: float) -> EmbedSummary:
+        return EmbedSummary(4, 4, 0, 4, 1024, 0, seconds, {}, seconds / 4, 256)
+
+    local, ray = (
+        _row("ViT-B-32", "local", 1, summary(2.0), 4),
+        _row("ViT-B-32", "ray", 2, summary(4.0), 4),
+    )
+    ray |= {"vs_local": 0.5, "overhead_ms_per_batch": 500.0, "identical_to_local": True}
+    (folder / "embed-distributed.json").write_text(json.dumps({"runs": [local, ray]}))
+    table = report(folder, "full")
+    assert "| ViT-B-32 ray | 2 | 1.0 | 256 | 0.50x | +500.0 | yes |" in table, table
