@@ -1,6 +1,7 @@
 """``plada-send embed --engine ray`` on Ray's local instance (2 CPUs, one actor): the same
 bytes as the local engine, a failed batch retried, a killed driver resumed, nothing
-listening or connecting beyond loopback, and the typed errors."""
+listening or connecting beyond loopback, and the typed errors. Each Ray instance costs
+seconds to start on 2 cores, so one test runs the three instances in sequence."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import psutil
 import pytest
 
 from protocol.errors import MissingExtraError, ReferenceSetError
-from tests.subprocess_cli import cli, cli_env, run, wait_for
+from tests.subprocess_cli import cli, cli_env, wait_for
 from tests.worlds import save_tiny_clip, write_reference_tree, write_shards
 from trainer.faults import InjectedFault
 
@@ -135,57 +136,64 @@ class SocketWatch:
                 process.kill()
 
 
-def test_ray_matches_the_local_engine_retries_a_failed_batch_and_stays_on_loopback(world):
+def test_killed_driver_a_failing_rerun_and_a_retried_batch_end_in_the_local_bytes(world):
+    """Three runs into one directory, each Ray instance watched for sockets: a driver
+    SIGKILLed mid-run keeps its parts; a rerun whose batches keep failing ends in a typed
+    error and loses none; a rerun whose one batch fails once retries it and finishes with
+    the local engine's bytes. Nothing listens or connects beyond loopback."""
     out = world["root"] / "emb-ray"
-    env = cli_env() | {"PLADA_RAISE_AT": "embed-batch@2"}  # the 2nd call fails once
-    proc = subprocess.Popen(
-        ray_embed(world, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    watch = SocketWatch(proc)
-    stdout, stderr = proc.communicate(timeout=600)
-    watch.stop()
-    assert proc.returncode == 0, stdout + stderr
-    assert "local Ray instance on 127.0.0.1 only" in stdout
-    assert f"{PARTS} of {PARTS} parts, 0 already done, {PARTS} written" in stdout
-    assert merged_bytes(out) == (world["local"] / "embeddings.f16").read_bytes()
-    names = {name for name, _, _ in watch.endpoints}
-    assert "raylet" in names and "gcs_server" in names, names  # the watch saw Ray at work
-    outside = {e for e in watch.endpoints if not _loopback(e[1]) or (e[2] and not _loopback(e[2]))}
-    assert not outside, outside
+    parts = out / "parts"
+    watches: list[SocketWatch] = []
 
+    def watched(env: dict[str, str], *extra: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            ray_embed(world, out, *extra),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        watches.append(SocketWatch(proc))
+        return proc
 
-def test_killed_driver_keeps_its_parts_a_failing_rerun_loses_none_and_a_rerun_finishes(world):
-    out = world["root"] / "emb-ray-killed"
-    proc = subprocess.Popen(
-        ray_embed(world, out), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    watch = SocketWatch(proc)
     try:
-        parts = out / "parts"
+        killed = watched(cli_env())
         wait_for(lambda: len(list(parts.glob("part-*.npz"))) >= 2, 300, "two parts")
-        assert proc.poll() is None, "embed finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert killed.poll() is None, "embed finished before it could be killed"
+        killed.send_signal(signal.SIGKILL)
+        killed.communicate()
+        kept = sorted(p.name for p in parts.glob("part-*.npz"))
+        assert 2 <= len(kept) < PARTS, kept
+        with pytest.raises(ReferenceSetError, match=f"{PARTS - len(kept)} of {PARTS} parts are"):
+            merged_bytes(out)  # the coverage check names the gap
+
+        # every worker's first batch fails, and no retry is allowed
+        failing = watched(cli_env() | {"PLADA_RAISE_AT": "embed-batch@1"}, "--retries", "0")
+        _, stderr = failing.communicate(timeout=600)
+        assert failing.returncode == 2, stderr
+        error = stderr.strip().splitlines()[-1]
+        assert "EngineError: a Ray worker gave up on a batch after 1 tries" in error
+        assert "InjectedFault: injected fault at embed-batch" in error
+        assert "Traceback" not in stderr
+        assert set(kept) <= {p.name for p in parts.glob("part-*.npz")}
+
+        # the worker's second call fails once: retried, and the run finishes
+        done = len(list(parts.glob("part-*.npz")))
+        resumed = watched(cli_env() | {"PLADA_RAISE_AT": "embed-batch@2"})
+        stdout, stderr = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, stdout + stderr
     finally:
-        watch.stop()
-        watch.kill_leftovers()
-    kept = sorted(p.name for p in parts.glob("part-*.npz"))
-    assert 2 <= len(kept) < PARTS, kept
-    with pytest.raises(ReferenceSetError, match=f"{PARTS - len(kept)} of {PARTS} parts are"):
-        merged_bytes(out)  # the coverage check names the gap
-
-    failing = cli_env() | {"PLADA_RAISE_AT": "embed-batch@1"}  # every worker's first batch
-    failed = run(ray_embed(world, out, "--retries", "0"), failing, expect=2)
-    error = failed.stderr.strip().splitlines()[-1]
-    assert "EngineError: a Ray worker gave up on a batch after 1 tries" in error
-    assert "InjectedFault: injected fault at embed-batch" in error
-    assert "Traceback" not in failed.stderr
-    assert set(kept) <= {p.name for p in parts.glob("part-*.npz")}
-
-    done = len(list(parts.glob("part-*.npz")))
-    resumed = run(ray_embed(world, out), cli_env())
-    assert f"{done} already done, {PARTS - done} written" in resumed.stdout
+        for watch in watches:
+            watch.stop()
+            watch.kill_leftovers()
+    assert "local Ray instance on 127.0.0.1 only" in stdout
+    assert f"{done} already done, {PARTS - done} written" in stdout
     assert merged_bytes(out) == (world["local"] / "embeddings.f16").read_bytes()
+    endpoints = set().union(*(watch.endpoints for watch in watches))
+    names = {name for name, _, _ in endpoints}
+    assert "raylet" in names and "gcs_server" in names, names  # the watch saw Ray at work
+    outside = {e for e in endpoints if not _loopback(e[1]) or (e[2] and not _loopback(e[2]))}
+    assert not outside, outside
 
 
 def test_engine_ray_without_the_extra_names_it(world, monkeypatch, capsys) -> None:

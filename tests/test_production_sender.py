@@ -124,8 +124,19 @@ def test_embed_resumes_after_sigkill(world, embedded) -> None:
 
 def test_shards_on_two_machines_merge_to_the_same_file(world, embedded) -> None:
     first, second = world["root"] / "emb-0of2", world["root"] / "emb-1of2"
-    for shard, out in (("0/2", first), ("1/2", second)):
-        run(embed_args(world, str(world["root"] / "tree"), out, "--shard", shard), cli_env())
+    machines = [  # both at once, as two machines would run them
+        subprocess.Popen(
+            embed_args(world, str(world["root"] / "tree"), out, "--shard", shard),
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for shard, out in (("0/2", first), ("1/2", second))
+    ]
+    for machine in machines:
+        stdout, stderr = machine.communicate(timeout=600)
+        assert machine.returncode == 0, stdout + stderr
     merged = run([*cli("plada-send"), "merge", str(first), "--from", str(second)], cli_env())
     assert "480 readable" in merged.stdout
     assert (first / "embeddings.f16").read_bytes() == (embedded / "embeddings.f16").read_bytes()
