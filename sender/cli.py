@@ -596,7 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emb.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     emb.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    emb.add_argument("--workers", type=int, default=4, help="image-decoding processes")
+    emb.add_argument(
+        "--workers", type=int, default=4, help="image-decoding processes (ray: threads per actor)"
+    )
     emb.add_argument("--part-rows", type=int, default=65536, help="rows per resumable part")
     emb.add_argument(
         "--decode",
@@ -622,7 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
         "instance bound to 127.0.0.1",
     )
     emb.add_argument(
-        "--actors", type=int, help="Ray actors, one model each (default: one per GPU, else one)"
+        "--actors",
+        type=int,
+        help="Ray actors, one model each (default: one per GPU, else one per node's CPUs)",
     )
     emb.add_argument("--actor-cpus", type=float, help="CPUs reserved per Ray actor")
     emb.add_argument(
