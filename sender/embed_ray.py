@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
 import time
 from collections import Counter
@@ -140,6 +141,23 @@ def start_ray(ray: Any, options: RayOptions, device: str) -> str:
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     hint = "" if options.address else "; pass --address HOST:PORT to join a cluster"
     return f"{where}: {cpus:g} CPUs, {gpus:g} GPUs{hint}"
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, with a typed error, when nothing answers at a cluster address (Ray
+    itself keeps retrying an unreachable head for minutes)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address must look like HOST:PORT or ray://HOST:PORT, not {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise EngineError(
+            f"nothing answers at the Ray cluster address {address} ({exc}): start the head "
+            "with 'ray start --head' or check --address ('ray status' on the head prints it)"
+        ) from exc
 
 
 def actor_pool(ray: Any, options: RayOptions, device: str) -> tuple[int, float, float]:
@@ -270,6 +288,8 @@ def embed_reference_ray(
     if batch_size < 1:
         raise ConfigError("--batch-size must be positive")
     ray = import_ray(loopback=not options.address)
+    if options.address:
+        check_reachable(options.address)  # before anything is opened or written
     reference = open_reference(reference_spec, cache_dir, image_size)
     for problem in getattr(reference, "problems", []):
         say(f"warning: {problem}")

@@ -9,6 +9,7 @@ import contextlib
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 
-from protocol.errors import MissingExtraError, ReferenceSetError
+from protocol.errors import ConfigError, EngineError, MissingExtraError, ReferenceSetError
 from tests.subprocess_cli import cli, cli_env, wait_for
 from tests.worlds import save_tiny_clip, write_reference_tree, write_shards
 from trainer.faults import InjectedFault
@@ -177,7 +178,7 @@ def test_killed_driver_a_failing_rerun_and_a_retried_batch_end_in_the_local_byte
         assert "Traceback" not in stderr
         assert set(kept) <= {p.name for p in parts.glob("part-*.npz")}
 
-        # the worker's second call fails once: retried, and the run finishes
+        # the worker's second batch fails once: its call is retried, and the run finishes
         done = len(list(parts.glob("part-*.npz")))
         resumed = watched(cli_env() | {"PLADA_RAISE_AT": "embed-batch@2"})
         stdout, stderr = resumed.communicate(timeout=600)
@@ -257,3 +258,17 @@ def test_a_worker_batch_is_the_local_engines_batch(world, monkeypatch) -> None:
     assert out["key"].tolist() == list(tree.manifest.keys[16:32])
     part = read_part(world["local"], 1, StoreMeta.load(world["local"]))
     assert part is not None and np.array_equal(out["embedding"], part.embeddings)
+
+
+def test_an_address_where_no_cluster_answers_is_a_typed_error(world, capsys) -> None:
+    from sender.embed_ray import check_reachable
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(EngineError, match="nothing answers at the Ray cluster address"):
+        check_reachable(f"127.0.0.1:{port}", timeout=2)
+    with pytest.raises(EngineError):
+        check_reachable(f"ray://127.0.0.1:{port}", timeout=2)
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        check_reachable("no-port-here")
