@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.embed_throughput import model_ceiling, write_jpegs
+from benchmarks.embed_throughput import jpeg_tree, model_ceiling
 
 SMOKE_CLIP = Path(__file__).with_name("smoke-clip.json")
 
@@ -183,10 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.work or scratch)
-        tree = root / "tree"
-        if not tree.is_dir():
-            print(f"writing {args.images} JPEGs to {tree} ...")
-            write_jpegs(tree, args.images)
+        tree = jpeg_tree(root, args.images)
         models = [args.model] + ([args.overhead_model] if args.overhead_model else [])
         for model in models:
             print(f"{Path(model).stem}: local engine, then Ray with {args.actors} actors ...")

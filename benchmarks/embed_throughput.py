@@ -44,6 +44,15 @@ def write_jpegs(
         Image.fromarray(big + noise).save(folder / f"{folder.name}_{i}.JPEG", quality=90)
 
 
+def jpeg_tree(root: Path, count: int) -> Path:
+    """``root/tree`` with ``count`` JPEGs, written unless a tree is there already."""
+    tree = root / "tree"
+    if not tree.is_dir():
+        print(f"writing {count} JPEGs to {tree} ...")
+        write_jpegs(tree, count)
+    return tree
+
+
 def decode_floor(reference, preprocess, side: int, batch_size: int, workers: int) -> float:
     """Images/s of the DataLoader alone (read + JPEG decode + preprocess)."""
     from torch.utils.data import DataLoader
@@ -150,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.work or scratch)
-        tree = root / "tree"
-        if not tree.is_dir():
-            print(f"writing {args.images} JPEGs to {tree} ...")
-            write_jpegs(tree, args.images)
+        tree = jpeg_tree(root, args.images)
         name = resolve_model_name(args.model)  # a name, or the path of a config .json
         model = open_clip.create_model(name, pretrained=None)
         weights = root / f"{name}-random.pt"

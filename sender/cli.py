@@ -99,9 +99,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _embed_on_ray(args: argparse.Namespace, shard: tuple[int, int]):
-    from sender.embed_ray import RayOptions, embed_reference_ray, import_ray
+    from sender.embed_ray import RayOptions, embed_reference_ray
 
-    import_ray(loopback=not args.address)  # a missing extra is named before anything opens
     options = RayOptions(
         address=args.address,
         actors=args.actors,

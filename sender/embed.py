@@ -200,7 +200,7 @@ def embed_reference(
         raise ConfigError("--batch-size must be positive")
     embedder = OpenClipEmbedder(model_name, pretrained, device)
     plan = open_embedding_dir(reference, out_dir, embedder, pretrained, part_rows, shard)
-    started = time.perf_counter()
+    writer = PartCollector(plan)  # the run's clock starts here
     rows = plan.rows
     batch_ranges = plan.batches(batch_size)
     decode = choose_decoder(decode, embedder.device)
@@ -219,36 +219,18 @@ def embed_reference(
         prepare = TensorPreprocessor(spec, embedder.device, decode)
         batches = iter_encoded_batches(reference, batch_ranges, threads=max(4, workers))
     bar = progress_bar(int(rows.size), f"embedding {shard[0]}/{shard[1]}", progress)
-    writer = PartCollector(plan)
-    formats: Counter[str] = Counter()
-    first: tuple[float, int] | None = None
     for batch in batches:
         if prepare is not None:
             encoded, batch_rows, problems = batch
-            formats.update(image_kind(data) if data else UNREADABLE for data in encoded)
+            kinds = [image_kind(data) if data else UNREADABLE for data in encoded]
             where = [reference.manifest.keys[int(r)] for r in batch_rows]
             images, problems = prepare(encoded, list(problems), where)
         else:
             images, batch_rows, problems, kinds = batch
-            formats.update(kinds)
-        writer.add(batch_rows.numpy(), embedder.embed_batch(images), list(problems))
+        writer.add(batch_rows.numpy(), embedder.embed_batch(images), list(problems), kinds)
         bar.update(len(batch_rows))
-        if not first:
-            first = (time.perf_counter() - started, len(batch_rows))
     bar.close()
-    writer.finish()
-    return EmbedSummary(
-        parts_total=plan.meta.num_parts,
-        parts_in_slice=len(plan.mine),
-        parts_resumed=len(plan.mine) - len(plan.pending),
-        parts_written=writer.written,
-        images_embedded=int(rows.size),
-        images_skipped=writer.skipped,
-        seconds=time.perf_counter() - started,
-        formats=dict(sorted(formats.items())),
-        first_batch_seconds=first[0] if first else 0.0,
-        first_batch_images=first[1] if first else 0,
-    )
+    return writer.summary()
 
 
 def choose_decoder(decode: str, device: torch.device) -> str:
@@ -270,29 +252,41 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 class PartCollector:
     """Fills the pending parts from embedded batches, in any order; writes each part
-    atomically once every one of its rows has arrived exactly once."""
+    atomically once every one of its rows has arrived exactly once. It also keeps the
+    run's tally for its :class:`EmbedSummary` (its clock starts when it is made)."""
 
     def __init__(self, plan: EmbedPlan) -> None:
-        self.root, self.meta = plan.root, plan.meta
+        self.plan, self.root, self.meta = plan, plan.root, plan.meta
         self.waiting = set(plan.pending)
         self.done: set[int] = set()
         self.open: dict[int, _OpenPart] = {}
-        self.written = 0
         self.skipped = 0
+        self.formats: Counter[str] = Counter()  # files by image_kind()
+        self.started = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (seconds, rows) of the first batch
 
-    def add(self, rows: np.ndarray, embeddings: np.ndarray, problems: list[str]) -> None:
-        """One batch: manifest rows, their embeddings, and a problem per row ('' when fine)."""
+    @property
+    def written(self) -> int:
+        return len(self.done)
+
+    def add(
+        self, rows: np.ndarray, embeddings: np.ndarray, problems: list[str], kinds: list[str]
+    ) -> None:
+        """One batch: manifest rows, their embeddings, a problem per row ('' when fine)
+        and the kind of each row's file."""
+        if self.first is None:
+            self.first = (time.perf_counter() - self.started, len(rows))
+        self.formats.update(kinds)
         parts = np.asarray(rows, dtype=np.int64) // self.meta.part_rows
         for part in np.unique(parts).tolist():
             if part in self.done:
                 continue  # delivered again (an engine's retry): the part is on disk already
             if part not in self.waiting:
                 raise ReferenceSetError(f"embedded rows of part {part}, which is not pending")
-            mask = parts == part
             held = self.open.get(part)
             if held is None:
                 held = self.open[part] = _OpenPart(*self.meta.part_range(part), self.meta.dim)
-            chosen = np.flatnonzero(mask)
+            chosen = np.flatnonzero(parts == part)
             self.skipped += held.fill(
                 rows[chosen], embeddings[chosen], [problems[i] for i in chosen]
             )
@@ -301,7 +295,6 @@ class PartCollector:
                 del self.open[part]
                 self.waiting.discard(part)
                 self.done.add(part)
-                self.written += 1
 
     def finish(self) -> None:
         """Raise unless every pending part was written."""
@@ -311,6 +304,26 @@ class PartCollector:
                 f"embedding stopped with {len(self.waiting)} parts unfinished (first: part "
                 f"{first}); rerun the same command to finish them"
             )
+
+    def summary(self) -> EmbedSummary:
+        """What the run did; raises first unless every pending part was written."""
+        self.finish()
+        plan = self.plan
+        first_seconds, first_images = self.first or (0.0, 0)
+        return EmbedSummary(
+            parts_total=plan.meta.num_parts,
+            parts_in_slice=len(plan.mine),
+            parts_resumed=len(plan.mine) - len(plan.pending),
+            parts_written=self.written,
+            images_embedded=sum(
+                stop - start for start, stop in map(plan.meta.part_range, plan.pending)
+            ),
+            images_skipped=self.skipped,
+            seconds=time.perf_counter() - self.started,
+            formats=dict(sorted(self.formats.items())),
+            first_batch_seconds=first_seconds,
+            first_batch_images=first_images,
+        )
 
 
 class _OpenPart:

@@ -28,8 +28,6 @@ import os
 import re
 import socket
 import sys
-import time
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -297,16 +295,12 @@ def embed_reference_ray(
     plan = open_embedding_dir(reference, out_dir, embedder, pretrained, part_rows, shard)
     del embedder
     batches = plan.batches(batch_size)
-    collector = PartCollector(plan)
-    formats: Counter[str] = Counter()
-    resumed = len(plan.mine) - len(plan.pending)
-    rows = sum(stop - start for start, stop in batches)
-    first: tuple[float, int] | None = None
-    started = time.perf_counter()
+    collector = PartCollector(plan)  # the run's clock starts here
     if batches:
         say(start_ray(ray, options, device))
         try:
             actors, actor_cpus, actor_gpus = actor_pool(ray, options, device)
+            resumed = len(plan.mine) - len(plan.pending)
             say(
                 f"{actors} actor(s) of {actor_cpus:g} CPUs and {actor_gpus:g} GPUs; "
                 f"{len(plan.pending)} of {len(plan.mine)} parts to embed ({resumed} done)"
@@ -322,31 +316,19 @@ def embed_reference_ray(
                 "decode": decode,
                 "threads": workers,
             }
+            rows = sum(stop - start for start, stop in batches)
             bar = progress_bar(rows, f"embedding {shard[0]}/{shard[1]} on ray", progress)
             pool = (actors, actor_cpus, actor_gpus)
             for out in _run_pool(ray, batches, constructor, options, *pool):
                 _check_keys(out, reference.manifest.keys, reference_spec)
-                collector.add(out["row"], out["embedding"], out["problem"].tolist())
-                formats.update(out["kind"].tolist())
+                collector.add(
+                    out["row"], out["embedding"], out["problem"].tolist(), out["kind"].tolist()
+                )
                 bar.update(len(out["row"]))
-                if not first:
-                    first = (time.perf_counter() - started, len(out["row"]))
             bar.close()
         finally:
             ray.shutdown()
-    collector.finish()
-    return EmbedSummary(
-        parts_total=plan.meta.num_parts,
-        parts_in_slice=len(plan.mine),
-        parts_resumed=resumed,
-        parts_written=collector.written,
-        images_embedded=rows,
-        images_skipped=collector.skipped,
-        seconds=time.perf_counter() - started,
-        formats=dict(sorted(formats.items())),
-        first_batch_seconds=first[0] if first else 0.0,
-        first_batch_images=first[1] if first else 0,
-    )
+    return collector.summary()
 
 
 def _absolute_if_file(text: str) -> str:

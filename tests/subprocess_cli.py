@@ -27,6 +27,35 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def embed_args(
+    world: dict[str, Path], reference: str, out: Path, *extra: str, workers: int = 0
+) -> list[str]:
+    """``plada-send embed`` of a test world (its tiny CLIP at ``world["config"]`` and
+    ``world["weights"]``, its cache under ``world["root"]``): batches of 8, parts of 16."""
+    return [
+        *cli("plada-send"),
+        "embed",
+        "--reference",
+        reference,
+        "--cache-dir",
+        str(world["root"] / "cache"),
+        "--clip-model",
+        str(world["config"]),
+        "--clip-weights",
+        str(world["weights"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--workers",
+        str(workers),
+        "--part-rows",
+        "16",
+        "--quiet",
+        *extra,
+    ]
+
+
 def run(args: list[str], env: dict[str, str], expect: int = 0) -> subprocess.CompletedProcess:
     """Run to completion; the exit status must be ``expect``."""
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, check=False)

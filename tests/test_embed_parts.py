@@ -51,9 +51,10 @@ def test_batches_cover_the_pending_parts_once_and_never_straddle_a_part(
         start, stop = batches[index]
         rows = np.arange(start, stop)
         problems = ["bad" if r % 7 == 3 else "" for r in rows]
-        collector.add(rows, embeddings_of(rows), problems)
-    collector.finish()
-    assert collector.written == len(pending)
+        collector.add(rows, embeddings_of(rows), problems, ["baseline-jpeg"] * rows.size)
+    summary = collector.summary()
+    assert collector.written == summary.parts_written == len(pending)
+    assert summary.images_embedded == plan.rows.size == summary.formats["baseline-jpeg"]
     for part in pending:
         found = read_part(root, part, plan.meta)
         start, stop = plan.meta.part_range(part)
@@ -70,14 +71,16 @@ def test_missing_repeated_and_foreign_rows_are_refused(tmp_path) -> None:
     plan = plan_of(tmp_path, 20, 8, pending=[0, 2])
     collector = PartCollector(plan)
     rows = np.arange(0, 4)
-    collector.add(rows, embeddings_of(rows), [""] * 4)
+    collector.add(rows, embeddings_of(rows), [""] * 4, ["png"] * 4)
     with pytest.raises(ReferenceSetError, match="embedded twice"):
-        collector.add(rows, embeddings_of(rows), [""] * 4)
+        collector.add(rows, embeddings_of(rows), [""] * 4, ["png"] * 4)
     with pytest.raises(ReferenceSetError, match="not pending"):
-        collector.add(np.arange(8, 12), embeddings_of(np.arange(8, 12)), [""] * 4)
+        collector.add(np.arange(8, 12), embeddings_of(np.arange(8, 12)), [""] * 4, ["png"] * 4)
     with pytest.raises(ReferenceSetError, match="2 parts unfinished"):
         collector.finish()
     rest = np.arange(4, 8)
-    collector.add(rest, embeddings_of(rest), [""] * 4)
-    collector.add(rest, embeddings_of(rest), [""] * 4)  # a retry's second delivery: on disk
+    collector.add(rest, embeddings_of(rest), [""] * 4, ["png"] * 4)
+    collector.add(
+        rest, embeddings_of(rest), [""] * 4, ["png"] * 4
+    )  # a retry's second delivery: on disk
     assert collector.written == 1

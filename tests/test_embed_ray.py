@@ -19,14 +19,14 @@ import psutil
 import pytest
 
 from protocol.errors import ConfigError, EngineError, MissingExtraError, ReferenceSetError
-from tests.subprocess_cli import cli, cli_env, wait_for
+from tests.subprocess_cli import cli, cli_env, embed_args, wait_for
 from tests.worlds import save_tiny_clip, write_reference_tree, write_shards
 from trainer.faults import InjectedFault
 
 if not os.environ.get("CI"):  # CI installs the extra: there a missing Ray must fail
     pytest.importorskip("ray")
 
-BLOCKS, PER_BLOCK, PART_ROWS, BATCH = 12, 20, 16, 8
+BLOCKS, PER_BLOCK, PART_ROWS, BATCH = 12, 20, 16, 8  # embed_args' batches and parts
 PARTS = BLOCKS * PER_BLOCK // PART_ROWS
 
 
@@ -58,32 +58,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, Pat
 
 
 def ray_embed(world, out: Path, *extra: str) -> list[str]:
-    return [
-        *cli("plada-send"),
-        "embed",
-        "--engine",
-        "ray",
-        "--reference",
-        "wds:" + str(world["root"] / "shards"),
-        "--cache-dir",
-        str(world["root"] / "cache"),
-        "--clip-model",
-        str(world["config"]),
-        "--clip-weights",
-        str(world["weights"]),
-        "--out",
-        str(out),
-        "--batch-size",
-        str(BATCH),
-        "--part-rows",
-        str(PART_ROWS),
-        "--workers",
-        "2",
-        "--ray-cpus",
-        "2",
-        "--quiet",
-        *extra,
-    ]
+    shards = "wds:" + str(world["root"] / "shards")
+    return embed_args(world, shards, out, "--engine", "ray", "--ray-cpus", "2", *extra, workers=2)
 
 
 def merged_bytes(out: Path) -> bytes:

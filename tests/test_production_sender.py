@@ -17,7 +17,7 @@ from protocol.errors import ReferenceSetError
 from protocol.reference.factory import open_reference
 from protocol.reference.image_folder import ImageFolderReference
 from protocol.reference.webdataset import WebDatasetReference
-from tests.subprocess_cli import cli, cli_env, run
+from tests.subprocess_cli import cli, cli_env, embed_args, run
 from tests.worlds import save_tiny_clip, write_reference_tree, write_shards, write_task_tree
 
 BLOCKS, PER_BLOCK = 24, 20
@@ -35,31 +35,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, Pat
     write_task_tree(test, root / "task" / "test", limit_per_class=10)
     model, weights = save_tiny_clip(root)
     return {"root": root, "config": root / f"{model}.json", "weights": Path(weights)}
-
-
-def embed_args(world, reference: str, out: Path, *extra: str) -> list[str]:
-    return [
-        *cli("plada-send"),
-        "embed",
-        "--reference",
-        reference,
-        "--cache-dir",
-        str(world["root"] / "cache"),
-        "--clip-model",
-        str(world["config"]),
-        "--clip-weights",
-        str(world["weights"]),
-        "--out",
-        str(out),
-        "--batch-size",
-        "8",
-        "--workers",
-        "0",
-        "--part-rows",
-        "16",
-        "--quiet",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,23 @@ import signal
 _visits: dict[str, int] = {}
 
 
-def crash_point(name: str) -> None:
-    """SIGKILL this process if ``PLADA_CRASH_AT`` names this point (and visit)."""
-    target = os.environ.get("PLADA_CRASH_AT")
+def _visit_hits(variable: str, name: str) -> tuple[int, int] | None:
+    """(this visit's number, the visit ``variable`` names) when it names point ``name``."""
+    target = os.environ.get(variable)
     if not target:
-        return
+        return None
     point, _, nth = target.partition("@")
     if point != name:
-        return
-    _visits[name] = _visits.get(name, 0) + 1
-    if _visits[name] >= int(nth or 1):
+        return None
+    key = f"{variable}:{name}"
+    _visits[key] = _visits.get(key, 0) + 1
+    return _visits[key], int(nth or 1)
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process if ``PLADA_CRASH_AT`` names this point (and visit)."""
+    hit = _visit_hits("PLADA_CRASH_AT", name)
+    if hit and hit[0] >= hit[1]:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -49,12 +56,7 @@ def raise_point(name: str) -> None:
     are counted per process: ``embed-batch@2`` fails the second batch a worker takes,
     once, and its retry (the third visit) goes through.
     """
-    target = os.environ.get("PLADA_RAISE_AT")
-    if not target:
-        return
-    point, _, nth = target.partition("@")
-    if point != name:
-        return
-    _visits[f"raise:{name}"] = _visits.get(f"raise:{name}", 0) + 1
-    if _visits[f"raise:{name}"] == int(nth or 1):
+    hit = _visit_hits("PLADA_RAISE_AT", name)
+    if hit and hit[0] == hit[1]:
+        target = os.environ["PLADA_RAISE_AT"]
         raise InjectedFault(f"injected fault at {name} (PLADA_RAISE_AT={target})")
