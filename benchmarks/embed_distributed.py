@@ -35,7 +35,7 @@ def _random_weights(model: str, folder: Path) -> tuple[str, str]:
     import open_clip
     import torch
 
-    from sender.embedders import resolve_model_name
+    from sender.embedding.embedders import resolve_model_name
 
     name = resolve_model_name(model)
     weights = folder / f"{name}-random.pt"
@@ -68,8 +68,8 @@ def measure(
     import torch
 
     from protocol.reference.image_folder import ImageFolderReference
-    from sender.embed import embed_reference
-    from sender.embed_ray import RayOptions, embed_reference_ray
+    from sender.embedding.local import embed_reference
+    from sender.embedding.ray_engine import RayOptions, embed_reference_ray
 
     name, weights = _random_weights(model, root)
     label = Path(model).stem

@@ -57,7 +57,7 @@ def decode_floor(reference, preprocess, side: int, batch_size: int, workers: int
     """Images/s of the DataLoader alone (read + JPEG decode + preprocess)."""
     from torch.utils.data import DataLoader
 
-    from sender.embed import ReferenceImages
+    from sender.embedding.local import ReferenceImages
 
     rows = np.arange(len(reference))
     loader = DataLoader(
@@ -75,7 +75,7 @@ def model_ceiling(model_name: str, weights: str, device: str, batch_size: int) -
     """Images/s of the model alone on preprocessed tensors already on the device."""
     import torch
 
-    from sender.embedders import OpenClipEmbedder
+    from sender.embedding.embedders import OpenClipEmbedder
 
     embedder = OpenClipEmbedder(model_name, weights, device)
     side = embedder.image_size
@@ -96,7 +96,11 @@ def tensor_decode_floor(
     import torch
 
     from protocol.reference.encoded import decode_jpeg_batch
-    from sender.tensor_decode import PreprocessSpec, TensorPreprocessor, iter_encoded_batches
+    from sender.embedding.tensor_decode import (
+        PreprocessSpec,
+        TensorPreprocessor,
+        iter_encoded_batches,
+    )
 
     rows = np.arange(len(reference))
     prepare = TensorPreprocessor(PreprocessSpec.from_transform(preprocess), torch.device(device))
@@ -136,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from protocol.reference.image_folder import ImageFolderReference
-    from sender.embed import embed_reference
-    from sender.embedders import load_open_clip, resolve_model_name
-    from sender.embedding_store import merge_parts
+    from sender.embedding.embedders import load_open_clip, resolve_model_name
+    from sender.embedding.local import embed_reference
+    from sender.embedding.store import merge_parts
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2048)

@@ -63,7 +63,7 @@ def evaluated_names(plan: dict[str, Any], count: int) -> list[str]:
 def plan_validation_split(train_file: Path, plan: dict[str, Any]):
     """The plan's validation split of the task's labeled images, as the plan drew it."""
     from protocol.task_data import load_labeled_images
-    from sender.plan import split_task
+    from sender.selection.plan import split_task
 
     settings = plan["settings"]
     train = load_labeled_images(train_file)

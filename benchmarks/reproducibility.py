@@ -44,7 +44,7 @@ def child(epochs: int) -> None:
     import torch
 
     from protocol.world.digits import load_digits_split
-    from sender.teachers import CnnTeacher
+    from sender.scoring.image_teachers import CnnTeacher
 
     train, test = load_digits_split()
     started = time.perf_counter()

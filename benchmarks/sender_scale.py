@@ -2,9 +2,9 @@
 
 Writes a synthetic embeddings directory in plada's on-disk format (clustered unit
 vectors, n = 14.2M by default: 14.5 GB), then for each class count k runs the real
-scoring pass (``sender.stream_scoring`` over ``EmbeddingStore``), with ``--knn`` the
+scoring pass (``sender.scoring.stream`` over ``EmbeddingStore``), with ``--knn`` the
 real kNN relevance (10 labeled task images per class searching the store's IVF-PQ
-index, ``sender.stream_knn``; the index is built once, like the embeddings), and the
+index, ``sender.scoring.stream_knn``; the index is built once, like the embeddings), and the
 real selection (safety-net, 1%) in a fresh process, and prints wall time, rows/s, peak
 resident memory and the ratio to two floors measured in the same run:
 
@@ -35,7 +35,7 @@ CENTERS = 4096
 
 
 def _store_is_ready(root: Path, n: int) -> bool:
-    from sender.embedding_store import F16_FILE, StoreMeta
+    from sender.embedding.store import F16_FILE, StoreMeta
 
     try:
         meta = StoreMeta.load(root)
@@ -50,7 +50,7 @@ def write_synthetic_store(root: Path, n: int, seed: int = 0) -> float:
     from tqdm import tqdm
 
     from protocol.atomic_files import write_json_atomic
-    from sender.embedding_store import F16_FILE, VALID_FILE, StoreMeta
+    from sender.embedding.store import F16_FILE, VALID_FILE, StoreMeta
 
     started = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def measure_gemm_flops(k: int) -> float:
 
 
 def _head(k: int, seed: int = 1):
-    from sender.stream_scoring import LinearHead
+    from sender.scoring.stream import LinearHead
 
     rng = np.random.default_rng(seed)
     weight = rng.normal(size=(k, DIM)).astype(np.float32)
@@ -138,8 +138,8 @@ TASK_PER_CLASS = 10  # labeled task images per class searching the index (kNN re
 
 def task_queries(store, head, k: int, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """A labeled task: perturbed stored rows, labelled by the head (10 per class seen)."""
-    from sender.embedding_store import F16_FILE
-    from sender.scoring import l2_normalize
+    from sender.embedding.store import F16_FILE
+    from sender.scoring.scores import l2_normalize
 
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(store.n, 40 * k * TASK_PER_CLASS, replace=False))
@@ -162,11 +162,11 @@ def child_ours(
     report times and peak memory."""
     import torch
 
-    from sender.embedding_store import EmbeddingStore
-    from sender.index import load_index
-    from sender.selection import SelectionConfig, select
-    from sender.stream_knn import stream_knn_relevance
-    from sender.stream_scoring import score_chunks
+    from sender.embedding.index import load_index
+    from sender.embedding.store import EmbeddingStore
+    from sender.scoring.stream import score_chunks
+    from sender.scoring.stream_knn import stream_knn_relevance
+    from sender.selection.strategies import SelectionConfig, select
 
     torch.set_num_threads(os.cpu_count() or 1)
     store = EmbeddingStore(store_dir)
@@ -205,7 +205,7 @@ def child_naive(store_dir: str, k: int, rows: int) -> dict[str, float]:
     """The obvious implementation on the first ``rows`` rows (numpy/scipy only)."""
     from scipy.special import logsumexp
 
-    from sender.embedding_store import F16_FILE
+    from sender.embedding.store import F16_FILE
 
     head = _head(k)
     mapped = np.memmap(Path(store_dir) / F16_FILE, dtype=np.float16, mode="r").reshape(-1, DIM)
@@ -221,8 +221,8 @@ def child_naive(store_dir: str, k: int, rows: int) -> dict[str, float]:
 
 def build_scale_index(root: Path, nlist: int) -> Path:
     """The production IVF-PQ index over the store (built once, kept beside it)."""
-    from sender.embedding_store import EmbeddingStore
-    from sender.index import INDEX_FILE, build_store_index, save_index
+    from sender.embedding.index import INDEX_FILE, build_store_index, save_index
+    from sender.embedding.store import EmbeddingStore
 
     started = time.perf_counter()
     index, plan = build_store_index(EmbeddingStore(root), 2 << 30, kind="ivfpq", nlist=nlist)

@@ -39,11 +39,11 @@ from protocol.reference.factory import open_reference
 from protocol.signing import check_sender_id
 from protocol.timestamps import utc_text
 from protocol.world.digits import load_digits_split
-from sender.embedding_store import EmbeddingStore, StoreMeta, parse_shard
-from sender.selection import STRATEGIES, SelectionConfig
+from sender.embedding.store import EmbeddingStore, StoreMeta, parse_shard
+from sender.scoring.teacher_kinds import EMBEDDING_TEACHERS, IMAGE_TEACHERS, TEACHERS
+from sender.scoring.work_dir import record_reference_spec, recorded_reference_spec
+from sender.selection.strategies import STRATEGIES, SelectionConfig
 from sender.signer import PayloadSigner, generate_key_files, parse_duration
-from sender.teacher_kinds import EMBEDDING_TEACHERS, IMAGE_TEACHERS, TEACHERS
-from sender.work_dir import record_reference_spec, recorded_reference_spec
 
 # Subcommands import the modules that load torch or faiss when they run, so that
 # --help and the light subcommands start in a fraction of a second.
@@ -71,7 +71,7 @@ def _parse_bytes(text: str) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from sender.embed import embed_reference
+    from sender.embedding.local import embed_reference
 
     shard = parse_shard(args.shard)
     if args.engine == "ray":
@@ -99,7 +99,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _embed_on_ray(args: argparse.Namespace, shard: tuple[int, int]):
-    from sender.embed_ray import RayOptions, embed_reference_ray
+    from sender.embedding.ray_engine import RayOptions, embed_reference_ray
 
     options = RayOptions(
         address=args.address,
@@ -146,7 +146,7 @@ def _print_embed_summary(args: argparse.Namespace, summary) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from sender.embed import merge_embeddings
+    from sender.embedding.local import merge_embeddings
 
     summary = merge_embeddings(args.embeddings, args.sources, int8=args.int8)
     print(
@@ -160,7 +160,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
     import time
 
-    from sender.index import INDEX_FILE, build_store_index, save_index
+    from sender.embedding.index import INDEX_FILE, build_store_index, save_index
 
     started = time.perf_counter()
     store = EmbeddingStore(args.embeddings)
@@ -189,7 +189,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     train = _task_images(args.train, reference, args)  # checked before torch loads
     test = _task_images(args.test, reference, args, "test") if args.test else None
     embedder = _embedder_from_args(args)
-    from sender.pipeline import score_reference
+    from sender.scoring.images import score_reference
 
     summary = score_reference(
         reference,
@@ -214,7 +214,7 @@ def _embedder_from_args(args: argparse.Namespace):
         return None
     if not (args.clip_model and args.clip_weights):
         raise ConfigError("give both --clip-model and --clip-weights")
-    from sender.embedders import OpenClipEmbedder
+    from sender.embedding.embedders import OpenClipEmbedder
 
     return OpenClipEmbedder(args.clip_model, args.clip_weights, args.device)
 
@@ -239,7 +239,7 @@ def _parse_keeps(text: str) -> tuple[float, ...]:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from sender.plan import PLAN_FILE, PLAN_PLOT, PLAN_SUMMARY, PlanSettings, make_plan
+    from sender.selection.plan import PLAN_FILE, PLAN_PLOT, PLAN_SUMMARY, PlanSettings, make_plan
 
     work = Path(args.work)
     report_path = work / "score_report.json"
@@ -311,8 +311,8 @@ def _print_score_summary(summary: dict, what: str, out: str) -> int:
 
 
 def _score_embeddings(args: argparse.Namespace) -> int:
-    from sender.embedders import OpenClipEmbedder
-    from sender.score_embeddings import read_class_names, score_embeddings
+    from sender.embedding.embedders import OpenClipEmbedder
+    from sender.scoring.embeddings import read_class_names, score_embeddings
 
     if not args.clip_weights:
         raise ConfigError("--embeddings needs --clip-weights (the weights that embedded them)")
@@ -349,7 +349,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_frames(args: argparse.Namespace) -> int:
-    from sender.link_frames import write_frames
+    from sender.link.frames import write_frames
 
     profile = link_profile(args.link, args.mtu)
     if args.carousel:
@@ -370,7 +370,7 @@ def _frames_carousel(args: argparse.Namespace, profile) -> int:
     from protocol.frames import FrameEncoder
     from protocol.payload import read_payload_bytes
     from protocol.timestamps import duration_text
-    from sender.carousel import (
+    from sender.link.carousel import (
         ReplyWatch,
         check_link_output,
         close_link_output,
@@ -479,12 +479,12 @@ def _sheet_target(args: argparse.Namespace):
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from sender.pipeline import make_payload
+    from sender.selection.payloads import make_payload
 
     budget = _byte_budget(args)
     planned = None
     if args.plan:
-        from sender.plan import load_plan, planned_candidate
+        from sender.selection.plan import load_plan, planned_candidate
 
         given = [f"--{name}" for name in SELECTION_FLAGS if getattr(args, name) is not None]
         if given:

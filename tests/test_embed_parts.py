@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ReferenceSetError
-from sender.embed import EmbedPlan, PartCollector
-from sender.embedding_store import StoreMeta, read_part
+from sender.embedding.local import EmbedPlan, PartCollector
+from sender.embedding.store import StoreMeta, read_part
 
 
 def plan_of(root, n: int, part_rows: int, pending: list[int] | None = None) -> EmbedPlan:

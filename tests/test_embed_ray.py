@@ -35,7 +35,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, Pat
     """A JPEG tree, the same images as WebDataset shards, a tiny random-weight CLIP, and
     the local engine's merged embeddings of the tree (the reference result)."""
     from protocol.reference.image_folder import ImageFolderReference
-    from sender.embed import embed_reference, merge_embeddings
+    from sender.embedding.local import embed_reference, merge_embeddings
 
     root = tmp_path_factory.mktemp("ray-world")
     write_reference_tree(small_pool, root / "tree", PER_BLOCK, BLOCKS)
@@ -64,7 +64,7 @@ def ray_embed(world, out: Path, *extra: str) -> list[str]:
 
 def merged_bytes(out: Path) -> bytes:
     """The merged file (merge itself runs in this process: its CLI is tested elsewhere)."""
-    from sender.embed import merge_embeddings
+    from sender.embedding.local import merge_embeddings
 
     merge_embeddings(out)
     return (out / "embeddings.f16").read_bytes()
@@ -184,14 +184,14 @@ def test_engine_ray_without_the_extra_names_it(world, monkeypatch, capsys) -> No
     assert status == 2 and len(err.splitlines()) == 1, err
     assert "MissingExtraError" in err and "pip install 'plada[distributed]'" in err
     assert not (world["root"] / "emb-no-ray").exists()
-    from sender.embed_ray import import_ray
+    from sender.embedding.ray_engine import import_ray
 
     with pytest.raises(MissingExtraError):
         import_ray()
 
 
 def test_a_worker_with_another_reference_set_is_refused(world) -> None:
-    from sender.embed_ray import EmbedBatches
+    from sender.embedding.ray_engine import EmbedBatches
 
     with pytest.raises(ReferenceSetError, match="every node must hold the same reference set"):
         EmbedBatches(
@@ -210,8 +210,8 @@ def test_a_worker_with_another_reference_set_is_refused(world) -> None:
 def test_a_worker_batch_is_the_local_engines_batch(world, monkeypatch) -> None:
     """The actor's call embeds each range as one batch, with the manifest's keys."""
     from protocol.reference.image_folder import ImageFolderReference
-    from sender.embed_ray import EmbedBatches
-    from sender.embedding_store import StoreMeta, read_part
+    from sender.embedding.ray_engine import EmbedBatches
+    from sender.embedding.store import StoreMeta, read_part
 
     tree = ImageFolderReference(world["root"] / "tree")
     actor = EmbedBatches(
@@ -237,7 +237,7 @@ def test_a_worker_batch_is_the_local_engines_batch(world, monkeypatch) -> None:
 
 
 def test_an_address_where_no_cluster_answers_is_a_typed_error(world, capsys) -> None:
-    from sender.embed_ray import check_reachable
+    from sender.embedding.ray_engine import check_reachable
 
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens
         probe.bind(("127.0.0.1", 0))

@@ -53,7 +53,7 @@ def _check_ray_rows(folder) -> None:
     """The full run's embed_distributed rows (measured on the GPU only) reach the table."""
     from benchmarks.embed_distributed import _row
     from benchmarks.gpu_report import report
-    from sender.embed import EmbedSummary
+    from sender.embedding.local import EmbedSummary
 
     def summary(seconds: float) -> EmbedSummary:
         return EmbedSummary(4, 4, 0, 4, 1024, 0, seconds, {}, seconds / 4, 256)

@@ -1,7 +1,7 @@
 import numpy as np
 
-from sender.embedders import PixelEmbedder
-from sender.index import build_index, near_duplicate_ids
+from sender.embedding.embedders import PixelEmbedder
+from sender.embedding.index import build_index, near_duplicate_ids
 
 
 def test_planted_duplicates_are_found_and_nothing_else() -> None:

@@ -16,7 +16,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def test_embeds_generated_images(tiny_clip, small_pool) -> None:
-    from sender.embedders import OpenClipEmbedder
+    from sender.embedding.embedders import OpenClipEmbedder
 
     embedder = OpenClipEmbedder(*tiny_clip)
     images = small_pool.load(np.arange(0, 40, 4))
@@ -30,7 +30,7 @@ def test_embeds_generated_images(tiny_clip, small_pool) -> None:
 def test_loaded_weights_are_the_saved_ones(tiny_clip) -> None:
     import open_clip
 
-    from sender.embedders import OpenClipEmbedder
+    from sender.embedding.embedders import OpenClipEmbedder
 
     saved = torch.load(tiny_clip[1], weights_only=True)
     loaded = OpenClipEmbedder(*tiny_clip).model.state_dict()
@@ -39,7 +39,7 @@ def test_loaded_weights_are_the_saved_ones(tiny_clip) -> None:
 
 
 def test_missing_or_unreadable_weights(tiny_clip, tmp_path) -> None:
-    from sender.embedders import OpenClipEmbedder
+    from sender.embedding.embedders import OpenClipEmbedder
 
     with pytest.raises(WeightsError, match="not found"):
         OpenClipEmbedder(tiny_clip[0], tmp_path / "absent.pt")
@@ -52,9 +52,10 @@ def test_missing_or_unreadable_weights(tiny_clip, tmp_path) -> None:
 def test_probe_teacher_on_clip_embeddings_makes_a_valid_payload(tiny_clip, small_pool, tmp_path):
     from protocol.payload import read_payload
     from protocol.world.digits import load_digits_split
-    from sender.embedders import OpenClipEmbedder
-    from sender.pipeline import make_payload, score_reference
-    from sender.selection import SelectionConfig
+    from sender.embedding.embedders import OpenClipEmbedder
+    from sender.scoring.images import score_reference
+    from sender.selection.payloads import make_payload
+    from sender.selection.strategies import SelectionConfig
 
     train, test = load_digits_split()
     summary = score_reference(

@@ -11,7 +11,7 @@ import pytest
 
 from protocol.errors import BudgetError, TaskDataError
 from protocol.task_data import LabeledImages
-from sender.plan import Candidate, candidate_grid, choose, rate_front, split_task
+from sender.selection.plan import Candidate, candidate_grid, choose, rate_front, split_task
 from tests.conftest import SMALL_SPEC
 from tests.subprocess_cli import cli, cli_env, run
 
@@ -219,7 +219,7 @@ def test_image_path_domain_gap_is_measured_outside_the_teacher(small_pool) -> No
     in the class-agnostic pixel embedding, where photographs are far from glyphs."""
     from benchmarks.heldout_targets import photo_task
     from protocol.world.digits import load_digits_split
-    from sender.pipeline import domain_gap, reference_images, teacher_scores
+    from sender.scoring.images import domain_gap, reference_images, teacher_scores
 
     images = reference_images(small_pool, 1)
     digits, _ = load_digits_split()

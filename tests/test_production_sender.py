@@ -118,7 +118,7 @@ def test_shards_on_two_machines_merge_to_the_same_file(world, embedded) -> None:
 
 
 def test_corrupt_images_and_truncated_shards_are_reported_and_skipped(world, tmp_path) -> None:
-    from sender.embed import embed_reference, merge_embeddings
+    from sender.embedding.local import embed_reference, merge_embeddings
 
     tree = tmp_path / "tree"
     shutil.copytree(world["root"] / "tree", tree)
@@ -351,8 +351,8 @@ def test_select_with_consensus_refills_what_it_drops(world, embedded, tmp_path) 
 def test_batched_decoders_match_pil_and_handle_png_and_garbage(world, tmp_path) -> None:
     from PIL import Image
 
-    from sender.embed import embed_reference
-    from sender.embedding_store import merge_parts
+    from sender.embedding.local import embed_reference
+    from sender.embedding.store import merge_parts
 
     tree = tmp_path / "tree"
     shutil.copytree(world["root"] / "tree", tree)

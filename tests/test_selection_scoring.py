@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ConfigError
-from sender.scoring import energy, entropy, knn_relevance, l2_normalize
-from sender.selection import SelectionConfig, class_quotas, select
+from sender.scoring.scores import energy, entropy, knn_relevance, l2_normalize
+from sender.selection.strategies import SelectionConfig, class_quotas, select
 
 
 def test_energy_and_entropy_match_torch() -> None:

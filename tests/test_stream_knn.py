@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from sender.index import build_store_index
-from sender.scoring import l2_normalize
-from sender.selection import SelectionConfig, select
-from sender.stream_knn import default_depth, stream_knn_relevance
+from sender.embedding.index import build_store_index
+from sender.scoring.scores import l2_normalize
+from sender.scoring.stream_knn import default_depth, stream_knn_relevance
+from sender.selection.strategies import SelectionConfig, select
 from tests.test_stream_scoring import clustered, make_store
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ConfigError, ReferenceSetError
-from sender.embedding_store import (
+from sender.embedding.store import (
     EmbeddingStore,
     StoreMeta,
     create_store_meta,
@@ -18,10 +18,10 @@ from sender.embedding_store import (
     parts_of_shard,
     write_part,
 )
-from sender.embedding_teachers import KnnTeacher, train_probe
-from sender.scoring import energy, entropy, l2_normalize
-from sender.selection import SelectionConfig, class_quotas, select
-from sender.stream_scoring import LinearHead, score_chunks
+from sender.scoring.embedding_teachers import KnnTeacher, train_probe
+from sender.scoring.scores import energy, entropy, l2_normalize
+from sender.scoring.stream import LinearHead, score_chunks
+from sender.selection.strategies import SelectionConfig, class_quotas, select
 
 
 def make_store(root, embeddings: np.ndarray, part_rows: int = 64, int8: bool = False):
@@ -167,7 +167,7 @@ def test_store_guards(tmp_path) -> None:
 
 
 def test_ivfpq_index_under_budget_finds_planted_duplicates(tmp_path) -> None:
-    from sender.index import build_store_index, choose_index, near_duplicate_ids
+    from sender.embedding.index import build_store_index, choose_index, near_duplicate_ids
 
     x = clustered(6000, 32, seed=4)
     store = make_store(tmp_path, x, part_rows=2048)
@@ -184,7 +184,7 @@ def test_ivfpq_index_under_budget_finds_planted_duplicates(tmp_path) -> None:
 
 
 def test_domain_gap_tells_far_from_near() -> None:
-    from sender.domain_gap import measure_domain_gap
+    from sender.scoring.domain_gap import measure_domain_gap
 
     reference = clustered(3000, 16)
     near = clustered(200, 16, seed=0)[::-1].copy()
@@ -227,7 +227,7 @@ def test_full_disk_is_a_storage_error_and_leaves_no_partial_file(tmp_path, monke
 
 
 def test_consensus_drops_planted_mislabels_only() -> None:
-    from sender.consensus import consensus_outliers
+    from sender.selection.consensus import consensus_outliers
 
     rng = np.random.default_rng(11)
     centers = l2_normalize(rng.normal(size=(3, 16)))

@@ -10,7 +10,7 @@ import pytest
 
 from protocol.atomic_files import atomic_outputs
 from protocol.errors import ConfigError, StorageError
-from sender.work_dir import SCORES_SCHEMA, ScoresFile
+from sender.scoring.work_dir import SCORES_SCHEMA, ScoresFile
 
 
 def _scores(**changes) -> ScoresFile:

@@ -37,10 +37,11 @@ from protocol.payload import SenderStamp
 from protocol.reference.base import ReferenceSource
 from protocol.signing import SigningKey
 from protocol.task_data import LabeledImages
-from sender.pipeline import ScoredWork, domain_gap, reference_images, teacher_scores
-from sender.scoring import SCORES
-from sender.selection import SelectionConfig, select
-from sender.work_dir import SCORES_FILE
+from sender.scoring.images import domain_gap, reference_images, teacher_scores
+from sender.scoring.scores import SCORES
+from sender.scoring.work_dir import SCORES_FILE
+from sender.selection.payloads import ScoredWork
+from sender.selection.strategies import SelectionConfig, select
 
 PLAN_FILE = "plan.json"
 PLAN_PLOT = "plan.png"

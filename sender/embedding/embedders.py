@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from protocol.errors import ConfigError, WeightsError
-from sender.scoring import l2_normalize
+from sender.scoring.scores import l2_normalize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -2,7 +2,7 @@
 
 ``cnn`` trains with the shared training loop (:mod:`trainer.training`) and labels
 and embeds the reference set with one forward pass. The ``probe`` teacher on
-(CLIP) embeddings is :func:`sender.embedding_teachers.train_probe`, the same for
+(CLIP) embeddings is :func:`sender.scoring.embedding_teachers.train_probe`, the same for
 both scoring paths.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from protocol.task_data import LabeledImages
-from sender.scoring import l2_normalize
+from sender.scoring.scores import l2_normalize
 from trainer.models import SMALL_CNN
 from trainer.training import TrainConfig, predict, train_classifier
 

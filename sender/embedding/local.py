@@ -33,8 +33,8 @@ from protocol.reference.encoded import (
     image_kind,
     resolve_tensor_decoder,
 )
-from sender.embedders import OpenClipEmbedder
-from sender.embedding_store import (
+from sender.embedding.embedders import OpenClipEmbedder
+from sender.embedding.store import (
     MANIFEST_FILE,
     SKIPPED_FILE,
     StoreMeta,
@@ -45,7 +45,7 @@ from sender.embedding_store import (
     read_part,
     write_part,
 )
-from sender.tensor_decode import PreprocessSpec, TensorPreprocessor, iter_encoded_batches
+from sender.embedding.tensor_decode import PreprocessSpec, TensorPreprocessor, iter_encoded_batches
 
 UNREADABLE = "unreadable"  # a file that could not even be read
 
@@ -192,7 +192,7 @@ def embed_reference(
 
     ``decode="pil"`` decodes and preprocesses in the DataLoader workers with
     open_clip's own transform; ``"torchcodec"`` or ``"torchvision"`` decode whole
-    batches on the embedding device (nvJPEG on a GPU; see :mod:`sender.tensor_decode`).
+    batches on the embedding device (nvJPEG on a GPU; see :mod:`sender.embedding.tensor_decode`).
     The summary counts the files by kind (baseline or progressive JPEG, other), since
     only baseline JPEGs take a GPU decoder's hardware path.
     """

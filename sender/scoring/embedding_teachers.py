@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from protocol.errors import ConfigError, TaskDataError
-from sender.embedders import ClipEmbedder
-from sender.stream_scoring import LinearHead
+from sender.embedding.embedders import ClipEmbedder
+from sender.scoring.stream import LinearHead
 
 PROMPT_TEMPLATES = (
     "a photo of a {}.",

@@ -11,7 +11,7 @@ import numpy as np
 
 from protocol.atomic_files import write_atomic
 from protocol.errors import ReferenceSetError
-from sender.embedding_store import EmbeddingStore
+from sender.embedding.store import EmbeddingStore
 
 INDEX_FILE = "reference.faiss"
 

@@ -24,15 +24,21 @@ from protocol.errors import ConfigError, TaskDataError
 from protocol.manifest import ReferenceManifest, reference_summary
 from protocol.reference.encoded import UnreadableImage, decode_rgb
 from protocol.task_data import image_folder_files
-from sender.domain_gap import DomainGap, measure_domain_gap, split_reference_sample
-from sender.embedders import ClipEmbedder
-from sender.embedding_store import MANIFEST_FILE, EmbeddingStore
-from sender.embedding_teachers import KnnTeacher, train_probe, zero_shot_head
-from sender.index import INDEX_FILE, load_index
-from sender.stream_knn import stream_knn_relevance
-from sender.stream_scoring import LinearHead, StreamScores, score_chunks
-from sender.teacher_kinds import EMBEDDING_TEACHERS
-from sender.work_dir import SCORE_REPORT, SCORES_FILE, TEST_EMBEDDINGS, ScoresFile, save_embeddings
+from sender.embedding.embedders import ClipEmbedder
+from sender.embedding.index import INDEX_FILE, load_index
+from sender.embedding.store import MANIFEST_FILE, EmbeddingStore
+from sender.scoring.domain_gap import DomainGap, measure_domain_gap, split_reference_sample
+from sender.scoring.embedding_teachers import KnnTeacher, train_probe, zero_shot_head
+from sender.scoring.stream import LinearHead, StreamScores, score_chunks
+from sender.scoring.stream_knn import stream_knn_relevance
+from sender.scoring.teacher_kinds import EMBEDDING_TEACHERS
+from sender.scoring.work_dir import (
+    SCORE_REPORT,
+    SCORES_FILE,
+    TEST_EMBEDDINGS,
+    ScoresFile,
+    save_embeddings,
+)
 
 
 def _block_starts(store_dir: str | os.PathLike[str], fingerprint_hex: str) -> np.ndarray:
@@ -148,7 +154,7 @@ def _store_knn(
     k: int,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """The ``knn`` score (task images searching the store's FAISS index, see
-    :mod:`sender.stream_knn`) when there are labeled task images and an index, and
+    :mod:`sender.scoring.stream_knn`) when there are labeled task images and an index, and
     what it took; else None and why it was skipped."""
     index_path = store.root / INDEX_FILE
     if train is None:

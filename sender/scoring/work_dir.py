@@ -19,7 +19,7 @@ import numpy as np
 from protocol.atomic_files import write_atomic, write_json_atomic
 from protocol.errors import ConfigError
 from protocol.manifest import BlockLayout
-from sender.scoring import SCORES
+from sender.scoring.scores import SCORES
 
 SCORES_FILE = "scores.npz"
 REFERENCE_EMBEDDINGS = "reference_embeddings.npy"
@@ -83,7 +83,7 @@ class ScoresFile:
 
     @property
     def available_scores(self) -> list[str]:
-        """The scores present, in :data:`~sender.scoring.SCORES` order."""
+        """The scores present, in :data:`~sender.scoring.scores.SCORES` order."""
         return [name for name in SCORES if name in self.scores]
 
     def block_layout(self) -> BlockLayout | None:

@@ -3,10 +3,10 @@
 What runs where:
 
 - the **driver** (this process) opens the reference set and the embeddings directory
-  exactly as the local engine does (:func:`sender.embed.open_embedding_dir`), lists the
+  exactly as the local engine does (:func:`sender.embedding.local.open_embedding_dir`), lists the
   batches of the parts still to do (:meth:`EmbedPlan.batches`: the same row ranges the
   local engine embeds, so the numbers come out the same), and writes each part as soon
-  as all its rows are back (:class:`sender.embed.PartCollector`);
+  as all its rows are back (:class:`sender.embedding.local.PartCollector`);
 - each **actor** (one per GPU, or one per node's CPUs) opens the reference set from the
   same spec on its own node, checks its fingerprint, loads the CLIP model once, and per
   batch reads, decodes and embeds the rows with the code the local engine uses, returning
@@ -39,7 +39,8 @@ import torch
 from protocol.errors import ConfigError, EngineError, MissingExtraError, ReferenceSetError
 from protocol.reference.encoded import image_kind
 from protocol.reference.factory import open_reference
-from sender.embed import (
+from sender.embedding.embedders import OpenClipEmbedder
+from sender.embedding.local import (
     UNREADABLE,
     EmbedSummary,
     PartCollector,
@@ -48,8 +49,7 @@ from sender.embed import (
     open_embedding_dir,
     progress_bar,
 )
-from sender.embedders import OpenClipEmbedder
-from sender.tensor_decode import PreprocessSpec, TensorPreprocessor
+from sender.embedding.tensor_decode import PreprocessSpec, TensorPreprocessor
 from trainer.faults import raise_point
 
 EXTRA = "distributed"

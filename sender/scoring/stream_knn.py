@@ -1,7 +1,7 @@
 """kNN relevance at production scale: the task's images search the reference index.
 
 On the in-memory path every reference image is compared with every task image of its
-predicted class (:func:`sender.scoring.knn_relevance`). At 14.2M rows that is a GEMM
+predicted class (:func:`sender.scoring.scores.knn_relevance`). At 14.2M rows that is a GEMM
 against the whole task, so here the direction is reversed: each labeled task image t
 (label y_t) asks the FAISS index over the reference embeddings for its ``depth``
 nearest reference rows. A row r is a *candidate* when some task image of its predicted
