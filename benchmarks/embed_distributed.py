@@ -67,18 +67,17 @@ def measure(
     """One row per engine run for ``model`` over the JPEG tree."""
     import torch
 
-    from protocol.reference.image_folder import ImageFolderReference
-    from sender.embedding.local import embed_reference
-    from sender.embedding.ray_engine import RayOptions, embed_reference_ray
+    from protocol.reference.factory import ReferenceLocation
+    from sender.embedding.engine import EmbedSettings
+    from sender.embedding.local import LocalEngine
+    from sender.embedding.ray_engine import RayEngine, RayOptions
 
     name, weights = _random_weights(model, root)
     label = Path(model).stem
     part_rows = batch_size * 4
     rows = []
     local_out = root / f"emb-{label}-local"
-    local = embed_reference(
-        ImageFolderReference(tree),
-        local_out,
+    settings = EmbedSettings(
         model,
         weights,
         device=device,
@@ -87,6 +86,8 @@ def measure(
         part_rows=part_rows,
         progress=False,
     )
+    location = ReferenceLocation(str(tree))
+    local = LocalEngine().embed(location, local_out, settings)
     batches = -(-local.images_embedded // batch_size)
     local_row = _row(label, "local", 1, local, batches)
     rows.append(local_row | {"ceiling": model_ceiling(name, weights, device, batch_size)})
@@ -99,18 +100,8 @@ def measure(
             actor_cpus=max(1.0, (os.cpu_count() or 1) // actors),
             actor_gpus=min(1.0, gpus / actors) if gpus else 0.0,
         )
-        summary = embed_reference_ray(
-            str(tree),
-            out,
-            model,
-            weights,
-            options,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            part_rows=part_rows,
-            progress=False,
-            say=lambda line: print(f"  {line}"),
+        summary = RayEngine(options).embed(
+            location, out, settings, say=lambda line: print(f"  {line}")
         )
         row = _row(label, "ray", actors, summary, batches)
         row["identical_to_local"] = _parts_bytes(out) == reference_parts

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from protocol.reference.image_folder import ImageFolderReference
     from sender.embedding.embedders import load_open_clip, resolve_model_name
+    from sender.embedding.engine import EmbedSettings
     from sender.embedding.local import embed_reference
     from sender.embedding.store import merge_parts
 
@@ -189,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         stores = {}
         for decode in ("pil", *decoders):
             out = root / f"emb-{decode}"
-            summary = embed_reference(
-                reference,
-                out,
+            settings = EmbedSettings(
                 name,
                 str(weights),
                 device=args.device,
@@ -201,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=False,
                 decode=decode,
             )
+            summary = embed_reference(reference, out, settings)
             rates[f"embed --decode {decode}"] = summary.images_per_second
             merge_parts(out)
             stores[decode] = np.fromfile(out / "embeddings.f16", dtype="<f2").astype(np.float32)

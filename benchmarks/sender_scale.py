@@ -164,7 +164,7 @@ def child_ours(
 
     from sender.embedding.index import load_index
     from sender.embedding.store import EmbeddingStore
-    from sender.scoring.stream import score_chunks
+    from sender.scoring.stream import StreamOptions, score_chunks
     from sender.scoring.stream_knn import stream_knn_relevance
     from sender.selection.strategies import SelectionConfig, select
 
@@ -175,8 +175,7 @@ def child_ours(
         store.iter_chunks(chunk_rows, source),
         store.n,
         _head(k),
-        chunk_rows=chunk_rows,
-        progress=False,
+        StreamOptions(chunk_rows=chunk_rows, progress=False),
     )
     score_s = time.perf_counter() - started
     values, knn = scores.energy, {}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from protocol.errors import PladaError
 from protocol.reference.base import ReferenceSource
-from protocol.reference.factory import open_reference
+from protocol.reference.factory import ReferenceLocation
 from protocol.task_data import LabeledImages, load_labeled_images
 
 EXIT_USER_ERROR = 2
@@ -98,9 +98,14 @@ def add_reference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=64, help="image side for ImageFolders")
 
 
+def reference_location(args: argparse.Namespace) -> ReferenceLocation:
+    """Where the reference set the options name is."""
+    return ReferenceLocation(args.reference, args.cache_dir, args.image_size)
+
+
 def reference_from_args(args: argparse.Namespace) -> ReferenceSource:
     """The reference set the options name."""
-    return open_reference(args.reference, args.cache_dir, args.image_size)
+    return reference_location(args).open()
 
 
 def task_images_for(

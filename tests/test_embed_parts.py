@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ReferenceSetError
-from sender.embedding.local import EmbedPlan, PartCollector
+from sender.embedding.engine import EmbedPlan, PartCollector
 from sender.embedding.store import StoreMeta, read_part
 
 

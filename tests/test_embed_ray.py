@@ -19,6 +19,8 @@ import psutil
 import pytest
 
 from protocol.errors import ConfigError, EngineError, MissingExtraError, ReferenceSetError
+from protocol.reference.factory import ReferenceLocation
+from sender.embedding.engine import EmbedSettings
 from tests.subprocess_cli import cli, cli_env, embed_args, wait_for
 from tests.worlds import save_tiny_clip, write_reference_tree, write_shards
 from trainer.faults import InjectedFault
@@ -35,7 +37,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, Pat
     """A JPEG tree, the same images as WebDataset shards, a tiny random-weight CLIP, and
     the local engine's merged embeddings of the tree (the reference result)."""
     from protocol.reference.image_folder import ImageFolderReference
-    from sender.embedding.local import embed_reference, merge_embeddings
+    from sender.embedding.local import embed_reference
+    from sender.embedding.store import merge_embeddings
 
     root = tmp_path_factory.mktemp("ray-world")
     write_reference_tree(small_pool, root / "tree", PER_BLOCK, BLOCKS)
@@ -43,9 +46,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, Pat
     model, weights = save_tiny_clip(root)
     world = {"root": root, "config": root / f"{model}.json", "weights": Path(weights)}
     local = root / "emb-local"
-    embed_reference(
-        ImageFolderReference(root / "tree"),
-        local,
+    settings = EmbedSettings(
         str(world["config"]),
         weights,
         batch_size=BATCH,
@@ -53,6 +54,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, small_pool) -> dict[str, Pat
         part_rows=PART_ROWS,
         progress=False,
     )
+    embed_reference(ImageFolderReference(root / "tree"), local, settings)
     merge_embeddings(local)
     return world | {"local": local}
 
@@ -64,7 +66,7 @@ def ray_embed(world, out: Path, *extra: str) -> list[str]:
 
 def merged_bytes(out: Path) -> bytes:
     """The merged file (merge itself runs in this process: its CLI is tested elsewhere)."""
-    from sender.embedding.local import merge_embeddings
+    from sender.embedding.store import merge_embeddings
 
     merge_embeddings(out)
     return (out / "embeddings.f16").read_bytes()
@@ -195,15 +197,9 @@ def test_a_worker_with_another_reference_set_is_refused(world) -> None:
 
     with pytest.raises(ReferenceSetError, match="every node must hold the same reference set"):
         EmbedBatches(
-            "wds:" + str(world["root"] / "shards"),
-            str(world["root"] / "cache"),
-            64,
+            ReferenceLocation("wds:" + str(world["root"] / "shards"), str(world["root"] / "cache")),
             "00" * 32,
-            str(world["config"]),
-            str(world["weights"]),
-            "cpu",
-            "pil",
-            1,
+            EmbedSettings(str(world["config"]), str(world["weights"]), decode="pil", workers=1),
         )
 
 
@@ -215,15 +211,9 @@ def test_a_worker_batch_is_the_local_engines_batch(world, monkeypatch) -> None:
 
     tree = ImageFolderReference(world["root"] / "tree")
     actor = EmbedBatches(
-        str(world["root"] / "tree"),
-        None,
-        64,
+        ReferenceLocation(str(world["root"] / "tree")),
         tree.manifest.fingerprint_hex,
-        str(world["config"]),
-        str(world["weights"]),
-        "cpu",
-        "pil",
-        2,
+        EmbedSettings(str(world["config"]), str(world["weights"]), decode="pil", workers=2),
     )
     out = actor({"start": np.array([16, 24]), "stop": np.array([24, 32])})
     with monkeypatch.context() as patched:  # the fault the Ray tests inject fires here

@@ -1,7 +1,8 @@
 import numpy as np
 
 from sender.embedding.embedders import PixelEmbedder
-from sender.embedding.index import build_index, near_duplicate_ids
+from sender.embedding.index import build_index
+from sender.scoring.work_dir import LeakageCandidates
 
 
 def test_planted_duplicates_are_found_and_nothing_else() -> None:
@@ -14,7 +15,7 @@ def test_planted_duplicates_are_found_and_nothing_else() -> None:
     embed = PixelEmbedder()
     index = build_index(embed.embed(reference))
     queries = embed.embed(test)
-    duplicates, hit_queries = near_duplicate_ids(index, queries, threshold=0.97)
+    duplicates, hit_queries = LeakageCandidates.find(index, queries).duplicates(threshold=0.97)
     assert duplicates.tolist() == [10, 20, 30] and hit_queries == 3
     sims, ids = index.search(queries[[3, 7]], 1)
     assert ids[:, 0].tolist() == [10, 20] and sims.min() > 0.99

@@ -53,24 +53,17 @@ def test_probe_teacher_on_clip_embeddings_makes_a_valid_payload(tiny_clip, small
     from protocol.payload import read_payload
     from protocol.world.digits import load_digits_split
     from sender.embedding.embedders import OpenClipEmbedder
-    from sender.scoring.images import score_reference
-    from sender.selection.payloads import make_payload
+    from sender.scoring.images import TeacherSettings, score_reference
+    from sender.selection.payloads import Selection, make_payload
     from sender.selection.strategies import SelectionConfig
 
     train, test = load_digits_split()
-    summary = score_reference(
-        small_pool,
-        train,
-        test,
-        tmp_path,
-        teacher_kind="probe",
-        embedder=OpenClipEmbedder(*tiny_clip),
-        progress=False,
-    )
-    assert summary["embedder"] == "open_clip:plada-tiny-vit"
-    assert summary["teacher"]["test_accuracy"] > 0.3  # random CLIP weights still separate digits
+    teacher = TeacherSettings("probe", embedder=OpenClipEmbedder(*tiny_clip))
+    summary = score_reference(small_pool, train, test, tmp_path, teacher, progress=False)
+    assert summary.embedder == "open_clip:plada-tiny-vit"
+    assert summary.teacher.test_accuracy > 0.3  # random CLIP weights still separate digits
     out = tmp_path / "probe.plada"
-    made = make_payload(tmp_path, SelectionConfig(keep=0.05), out)
+    made = make_payload(tmp_path, Selection(SelectionConfig(keep=0.05)), out)
     payload = read_payload(out, reference=small_pool.manifest, trust=None)
     payload.check_reference(small_pool.manifest)
-    assert payload.count == made["kept"] == round(0.05 * len(small_pool))
+    assert payload.count == made.kept == round(0.05 * len(small_pool))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 
 from protocol.errors import BudgetError, TaskDataError
 from protocol.task_data import LabeledImages
-from sender.selection.plan import Candidate, candidate_grid, choose, rate_front, split_task
+from sender.selection.plan import candidate_grid, split_task
+from sender.selection.plan_file import Candidate, PlanRow, choose, rate_front
 from tests.conftest import SMALL_SPEC
 from tests.subprocess_cli import cli, cli_env, run
 
@@ -77,7 +79,10 @@ def test_plan_writes_table_front_plot_and_json(planned) -> None:
     rows = {r["name"]: r for r in plan["candidates"]}
     chosen = rows[plan["chosen"]]
     assert chosen["stage"] == "confirm" and plan["chosen"] in planned["out"].stdout
-    screened = [dict(r, predicted_accuracy=r["screen_accuracy"]) for r in rows.values()]
+    screened = [
+        replace(PlanRow.from_json(r), predicted_accuracy=r["screen_accuracy"])
+        for r in rows.values()
+    ]
     assert all(rows[name]["stage"] == "confirm" for name in rate_front(screened))
     front = [rows[name] for name in plan["front"]]
     assert [r["payload_bytes"] for r in front] == sorted(r["payload_bytes"] for r in front)
@@ -99,9 +104,9 @@ def test_select_plan_sends_the_best_that_fits_the_budget(planned) -> None:
         planned, "--plan", str(planned["work"] / "plan"), "--max-bytes", str(budget)
     )
     summary = json.loads(out.with_suffix(".json").read_text())
-    want = choose(plan["candidates"], budget)
-    assert summary["plan"]["candidate"] == want["name"] and summary["payload_bytes"] <= budget
-    assert f"planned: {want['name']}" in proc.stdout
+    want = choose([PlanRow.from_json(r) for r in plan["candidates"]], budget)
+    assert summary["plan"]["candidate"] == want.name and summary["payload_bytes"] <= budget
+    assert f"planned: {want.name}" in proc.stdout
     # a link budget: 500 bit/s for 20 minutes carries 75,000 bytes, more than any candidate
     _, out = _select(
         planned,
@@ -190,7 +195,7 @@ def test_split_is_stratified_deterministic_and_needs_two_per_class() -> None:
 
 def test_front_and_choice() -> None:
     rows = [
-        {"name": n, "payload_bytes": b, "predicted_accuracy": a, "stage": s}
+        PlanRow(n, Candidate("lowest", "energy", 0.01), b, predicted_accuracy=a, stage=s)
         for n, b, a, s in [
             ("a", 100, 0.5, "confirm"),
             ("b", 200, 0.4, "confirm"),
@@ -200,9 +205,9 @@ def test_front_and_choice() -> None:
         ]
     ]
     assert rate_front(rows) == ["a", "c", "d"]
-    assert choose(rows)["name"] == "e"  # confirmed estimates first
-    assert choose(rows, 350)["name"] == "c"
-    assert choose(rows[3:4], 450)["name"] == "d"  # only a screened row fits
+    assert choose(rows).name == "e"  # confirmed estimates first
+    assert choose(rows, 350).name == "c"
+    assert choose(rows[3:4], 450).name == "d"  # only a screened row fits
     with pytest.raises(BudgetError, match="smallest, a, is 100"):
         choose(rows, 99)
 
@@ -219,7 +224,12 @@ def test_image_path_domain_gap_is_measured_outside_the_teacher(small_pool) -> No
     in the class-agnostic pixel embedding, where photographs are far from glyphs."""
     from benchmarks.heldout_targets import photo_task
     from protocol.world.digits import load_digits_split
-    from sender.scoring.images import domain_gap, reference_images, teacher_scores
+    from sender.scoring.images import (
+        TeacherSettings,
+        domain_gap,
+        reference_images,
+        teacher_scores,
+    )
 
     images = reference_images(small_pool, 1)
     digits, _ = load_digits_split()
@@ -228,7 +238,7 @@ def test_image_path_domain_gap_is_measured_outside_the_teacher(small_pool) -> No
     verdicts = {}
     for name, task in (("digits", digits), ("photos", photos)):
         # 15 epochs: enough for the teacher's own features to call the photographs near
-        outputs, _, _ = teacher_scores(images, task, None, teacher_epochs=15, progress=False)
-        verdicts[name] = domain_gap(outputs)
+        scored = teacher_scores(images, task, None, TeacherSettings(epochs=15), progress=False)
+        verdicts[name] = domain_gap(scored.outputs)
     assert verdicts["digits"].strategy == "safety-net"
     assert verdicts["photos"].strategy == "inverse" and verdicts["photos"].outlier_fraction > 0.5

@@ -118,7 +118,9 @@ def test_shards_on_two_machines_merge_to_the_same_file(world, embedded) -> None:
 
 
 def test_corrupt_images_and_truncated_shards_are_reported_and_skipped(world, tmp_path) -> None:
-    from sender.embedding.local import embed_reference, merge_embeddings
+    from sender.embedding.engine import EmbedSettings
+    from sender.embedding.local import embed_reference
+    from sender.embedding.store import merge_embeddings
 
     tree = tmp_path / "tree"
     shutil.copytree(world["root"] / "tree", tree)
@@ -126,15 +128,10 @@ def test_corrupt_images_and_truncated_shards_are_reported_and_skipped(world, tmp
     truncated.write_bytes(truncated.read_bytes()[:200])
     (tree / "n00000005" / "n00000005_485.JPEG").write_bytes(b"this is not a JPEG")
     reference = ImageFolderReference(tree)
-    summary = embed_reference(
-        reference,
-        tmp_path / "emb",
-        str(world["config"]),
-        str(world["weights"]),
-        workers=0,
-        part_rows=100,
-        progress=False,
+    settings = EmbedSettings(
+        str(world["config"]), str(world["weights"]), workers=0, part_rows=100, progress=False
     )
+    summary = embed_reference(reference, tmp_path / "emb", settings)
     assert summary.images_skipped == 2 and summary.images_embedded == 480
     merge_embeddings(tmp_path / "emb")
     skipped = json.loads((tmp_path / "emb" / "skipped.json").read_text())
@@ -351,6 +348,7 @@ def test_select_with_consensus_refills_what_it_drops(world, embedded, tmp_path) 
 def test_batched_decoders_match_pil_and_handle_png_and_garbage(world, tmp_path) -> None:
     from PIL import Image
 
+    from sender.embedding.engine import EmbedSettings
     from sender.embedding.local import embed_reference
     from sender.embedding.store import merge_parts
 
@@ -368,9 +366,7 @@ def test_batched_decoders_match_pil_and_handle_png_and_garbage(world, tmp_path) 
     stores = {}
     for decode in ("pil", "torchvision", "torchcodec"):
         out = tmp_path / decode
-        summary = embed_reference(
-            reference,
-            out,
+        settings = EmbedSettings(
             str(world["config"]),
             str(world["weights"]),
             workers=0,
@@ -378,6 +374,7 @@ def test_batched_decoders_match_pil_and_handle_png_and_garbage(world, tmp_path) 
             progress=False,
             decode=decode,
         )
+        summary = embed_reference(reference, out, settings)
         assert summary.images_skipped == 1
         assert summary.formats == {
             "baseline-jpeg": len(reference) - 3,
@@ -394,3 +391,98 @@ def test_batched_decoders_match_pil_and_handle_png_and_garbage(world, tmp_path) 
         pil, other = stores["pil"][valid], stores[decoder][valid]
         cosine = (pil * other).sum(1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(other, axis=1)
         assert cosine.min() > 0.999, (decoder, cosine.min())
+
+
+@pytest.fixture
+def toy_score():
+    """A selection score registered once, as a maintainer would add one."""
+    from sender.scoring.scores import ROW_SCORES, ScoreRows, row_score
+
+    @row_score("toy")
+    def toy(rows: ScoreRows) -> np.ndarray:
+        return -rows.embeddings[:, 0]  # rows far along the first axis first
+
+    yield "toy"
+    del ROW_SCORES["toy"]
+
+
+def _lowest(values: np.ndarray, keep: float) -> list[int]:
+    """The rows ``lowest`` keeps: the smallest values, ties to the lower row."""
+    count = max(1, round(keep * values.size))
+    return sorted(np.argsort(values, kind="stable")[:count].tolist())
+
+
+def test_a_score_registered_once_is_scored_and_selected_on_both_paths(
+    world, embedded, small_pool, tmp_path, toy_score
+) -> None:
+    from protocol.payload import read_payload
+    from protocol.world.digits import load_digits_split
+    from sender.embedding.embedders import OpenClipEmbedder
+    from sender.embedding.store import EmbeddingStore
+    from sender.scoring.embeddings import EmbeddingTask, StreamScoring, score_embeddings
+    from sender.scoring.images import TeacherSettings, score_reference
+    from sender.scoring.work_dir import ScoresFile
+    from sender.selection.payloads import Selection, make_payload
+    from sender.selection.plan import candidate_grid
+    from sender.selection.scored_work import LeakageRule
+    from sender.selection.strategies import SelectionConfig
+
+    assert {c.score for c in candidate_grid((0.01,))} >= {toy_score}  # the plan tries it too
+    train, test = load_digits_split()
+    in_memory, stored = tmp_path / "in-memory", tmp_path / "stored"
+    score_reference(small_pool, train, test, in_memory, TeacherSettings(epochs=1), False)
+    embedder = OpenClipEmbedder(str(world["config"]), str(world["weights"]))
+    task = EmbeddingTask.from_folders(str(world["root"] / "task"))
+    score_embeddings(embedded, stored, embedder, task, StreamScoring(progress=False))
+    store = EmbeddingStore(embedded)
+    toy_of_store = -store.read_rows(np.arange(store.n))[:, 0]
+    tree = ImageFolderReference(world["root"] / "tree").manifest
+    for work, manifest in ((in_memory, small_pool.manifest), (stored, tree)):
+        scored = ScoresFile.read(work / "scores.npz")
+        values = scored.scores[toy_score]
+        assert values.shape == (scored.reference_size,) and np.isfinite(values).all()
+        if work == stored:  # the streamed pass computed it from the stored rows
+            assert np.array_equal(values, toy_of_store)
+        out = work / "toy.plada"
+        config = SelectionConfig("lowest", keep=0.05)
+        selection = Selection(config, toy_score, LeakageRule(exclude=False))
+        made = make_payload(work, selection, out)
+        payload = read_payload(out, reference=manifest, trust=None)
+        assert made.selection["score"] == toy_score
+        assert payload.indices.tolist() == _lowest(values, 0.05)
+        assert payload.indices.tolist() != _lowest(scored.scores["energy"], 0.05)
+
+
+def test_a_copied_work_directory_selects_with_its_embeddings_store_moved(
+    world, embedded, tmp_path
+) -> None:
+    """A work directory holds what select needs (the leakage candidates found when
+    scoring; the store recorded relative to itself): copied elsewhere, with the store it
+    was scored from moved away, it selects the same payload. Only the consensus filter
+    reads the store, and then says where it looked."""
+    from protocol.payload import read_payload
+
+    store, work = tmp_path / "site" / "emb", tmp_path / "site" / "work"
+    shutil.copytree(embedded, store)
+    _score(world, store, work, "--task", str(world["root"] / "task"))
+
+    def select(folder: Path, name: str, *extra: str, expect: int = 0):
+        args = [*cli("plada-send"), "select", str(folder), "--keep", "0.05", "--unsigned"]
+        out = tmp_path / f"{name}.plada"
+        args += ["--out", str(out), "--json", str(out.with_suffix(".json")), *extra]
+        return run(args, cli_env(), expect=expect), out
+
+    _, before = select(work, "before")
+    copied = tmp_path / "elsewhere" / "work"
+    shutil.copytree(work, copied)
+    store.rename(tmp_path / "site" / "emb-moved")
+    _, after = select(copied, "after")
+    manifest = ImageFolderReference(world["root"] / "tree").manifest
+    first, second = (read_payload(p, reference=manifest, trust=None) for p in (before, after))
+    assert first.indices.tolist() == second.indices.tolist()
+    assert first.labels.tolist() == second.labels.tolist()
+    leaks = [json.loads(p.with_suffix(".json").read_text())["leakage"] for p in (before, after)]
+    assert leaks[0] == leaks[1] and leaks[0]["test_images_checked"] == 100
+    refused, out = select(copied, "consensus", "--consensus", "5", expect=2)
+    assert "ConfigError" in refused.stderr and "without --consensus" in refused.stderr
+    assert "Traceback" not in refused.stderr and not out.exists()

@@ -20,7 +20,7 @@ from sender.embedding.store import (
 )
 from sender.scoring.embedding_teachers import KnnTeacher, train_probe
 from sender.scoring.scores import energy, entropy, l2_normalize
-from sender.scoring.stream import LinearHead, score_chunks
+from sender.scoring.stream import LinearHead, StreamOptions, score_chunks
 from sender.selection.strategies import SelectionConfig, class_quotas, select
 
 
@@ -51,9 +51,7 @@ def test_streamed_scores_match_in_memory(tmp_path, chunk_rows) -> None:
         store.iter_chunks(chunk_rows),
         store.n,
         head,
-        temperature=2.0,
-        chunk_rows=chunk_rows,
-        progress=False,
+        StreamOptions(temperature=2.0, chunk_rows=chunk_rows, progress=False),
     )
     logits = head.logits(store.read_rows(np.arange(500)))
     assert np.array_equal(out.predicted, logits.argmax(1))
@@ -65,8 +63,9 @@ def test_int8_copy_scores_like_fp16(tmp_path) -> None:
     x = clustered(400, 32)
     store = make_store(tmp_path, x, int8=True)
     head = LinearHead(np.random.default_rng(2).normal(size=(5, 32)) * 10, np.zeros(5))
-    f16 = score_chunks(store.iter_chunks(100), store.n, head, progress=False)
-    i8 = score_chunks(store.iter_chunks(100, "i8"), store.n, head, progress=False)
+    quiet = StreamOptions(progress=False)
+    f16 = score_chunks(store.iter_chunks(100), store.n, head, quiet)
+    i8 = score_chunks(store.iter_chunks(100, "i8"), store.n, head, quiet)
     assert np.mean(f16.predicted == i8.predicted) > 0.97
     assert np.corrcoef(f16.energy, i8.energy)[0, 1] > 0.999
 
@@ -77,9 +76,7 @@ def test_knn_teacher_streams_like_its_in_memory_logits(tmp_path) -> None:
     labels = np.arange(40) % 4
     teacher = KnnTeacher(task, labels, 4, k=3, max_block_floats=100)  # forces sub-blocks
     store = make_store(tmp_path, x)
-    out = score_chunks(
-        store.iter_chunks(64), store.n, None, logit_fn=teacher.logits, num_classes=4, progress=False
-    )
+    out = score_chunks(store.iter_chunks(64), store.n, teacher, StreamOptions(progress=False))
     sims = store.read_rows(np.arange(300)) @ task.T
     expected = (
         np.stack([np.sort(sims[:, labels == c], axis=1)[:, -3:].mean(1) for c in range(4)], axis=1)
@@ -167,7 +164,8 @@ def test_store_guards(tmp_path) -> None:
 
 
 def test_ivfpq_index_under_budget_finds_planted_duplicates(tmp_path) -> None:
-    from sender.embedding.index import build_store_index, choose_index, near_duplicate_ids
+    from sender.embedding.index import build_store_index, choose_index
+    from sender.scoring.work_dir import LeakageCandidates
 
     x = clustered(6000, 32, seed=4)
     store = make_store(tmp_path, x, part_rows=2048)
@@ -177,7 +175,8 @@ def test_ivfpq_index_under_budget_finds_planted_duplicates(tmp_path) -> None:
     assert plan["kind"] == "ivfpq" and index.ntotal == 6000
     planted = np.array([17, 2500, 5999])
     queries = np.concatenate([store.read_rows(planted), clustered(5, 32, seed=9)])
-    found, hits = near_duplicate_ids(index, queries, 0.999, exact=store.read_rows)
+    candidates = LeakageCandidates.find(index, queries, exact=store.read_rows)
+    found, hits = candidates.duplicates(0.999)
     assert found.tolist() == planted.tolist() and hits == 3
     with pytest.raises(ReferenceSetError, match="memory-budget"):
         choose_index(10**9, 512, 10**6)
@@ -199,7 +198,7 @@ def test_domain_gap_tells_far_from_near() -> None:
 def test_scoring_leaves_denormals_as_it_found_them(tmp_path) -> None:
     store = make_store(tmp_path, clustered(50, 8))
     head = LinearHead(np.ones((2, 8), np.float32), np.zeros(2, np.float32))
-    score_chunks(store.iter_chunks(16), store.n, head, progress=False)
+    score_chunks(store.iter_chunks(16), store.n, head, StreamOptions(progress=False))
     assert torch.tensor([1e-40], dtype=torch.float32).item() != 0.0  # not flushed to zero
 
 
@@ -207,7 +206,7 @@ def test_full_disk_is_a_storage_error_and_leaves_no_partial_file(tmp_path, monke
     import errno
 
     from protocol.errors import StorageError
-    from sender import embedding_store
+    from sender.embedding import store as embedding_store
 
     x = clustered(40, 8)
     meta = StoreMeta("test", "none", 8, 40, 20, "r", "00")

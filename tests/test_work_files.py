@@ -10,7 +10,7 @@ import pytest
 
 from protocol.atomic_files import atomic_outputs
 from protocol.errors import ConfigError, StorageError
-from sender.scoring.work_dir import SCORES_SCHEMA, ScoresFile
+from sender.scoring.work_dir import SCORES_SCHEMA, LeakageCandidates, ScoresFile
 
 
 def _scores(**changes) -> ScoresFile:
@@ -34,6 +34,10 @@ def test_scores_file_round_trips_every_field(tmp_path) -> None:
         reference_block_starts=np.array([0, 20, 50]),
         excluded=np.array([3, 7]),
         embeddings_dir="/data/emb",
+        leakage=LeakageCandidates(
+            np.array([[4, 9, -1], [2, 4, 8]]),
+            np.array([[0.99, 0.5, -np.inf], [0.98, 0.97, 0.1]], np.float32),
+        ),
     )
     written.write(tmp_path / "scores.npz")
     read = ScoresFile.read(tmp_path / "scores.npz")
@@ -54,6 +58,9 @@ def test_scores_file_round_trips_every_field(tmp_path) -> None:
     )
     layout = read.block_layout()
     assert layout is not None and layout.block_starts.tolist() == [0, 20, 50]
+    assert read.leakage is not None
+    found, hit_queries = read.leakage.duplicates(0.97)
+    assert found.tolist() == [2, 4] and hit_queries == 2
 
 
 def test_scores_file_defaults_mean_nothing_excluded_and_no_folders(tmp_path) -> None:
@@ -61,6 +68,7 @@ def test_scores_file_defaults_mean_nothing_excluded_and_no_folders(tmp_path) -> 
     read = ScoresFile.read(tmp_path / "scores.npz")
     assert read.excluded.size == 0 and read.block_layout() is None
     assert read.embeddings_dir is None and read.recommended_strategy == "safety-net"
+    assert read.leakage is None
 
 
 def test_a_work_directory_of_another_schema_is_refused_with_the_fix(tmp_path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.errors import ReferenceSetError
@@ -37,3 +38,28 @@ def open_reference(
         f"reference {spec!r} is neither 'glyphs[:seed=S,per=P]', 'wds:<shards>' "
         "nor an existing directory"
     )
+
+
+@dataclass(frozen=True)
+class ReferenceLocation:
+    """Where a reference set is: its spec (``--reference``), where this machine caches it,
+    and the image side for image files (``--image-size``)."""
+
+    spec: str = "glyphs"
+    cache_dir: str | None = None
+    image_size: int = 64
+
+    def open(self) -> ReferenceSource:
+        """The reference set (see :func:`open_reference`)."""
+        return open_reference(self.spec, self.cache_dir, self.image_size)
+
+    def absolute(self) -> ReferenceLocation:
+        """The same location with its paths absolute (for processes with another working
+        directory, e.g. a cluster's workers); ``glyphs`` specs have none."""
+        spec = self.spec
+        if spec.startswith("wds:"):
+            spec = "wds:" + os.path.abspath(spec[4:])
+        elif os.path.exists(spec):
+            spec = os.path.abspath(spec)
+        cache = None if self.cache_dir is None else os.path.abspath(self.cache_dir)
+        return ReferenceLocation(spec, cache, self.image_size)

@@ -1,9 +1,13 @@
-"""FAISS index over reference embeddings: near-duplicate (leakage) checks against the task."""
+"""FAISS indexes over reference embeddings: the store's (``plada-send index``), searched
+for kNN relevance and for the test images' near-duplicates (leakage), and the exact
+in-memory one the in-memory scoring path searches for the same leakage check."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -31,8 +35,11 @@ def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
 
 
 def load_index(path: str | os.PathLike[str]) -> faiss.Index:
+    """A FAISS index written by :func:`save_index` (``plada-send index`` writes the store's)."""
     if not Path(path).is_file():
-        raise ReferenceSetError(f"FAISS index {path} is missing: run 'plada-send score' again")
+        raise ReferenceSetError(
+            f"FAISS index {path} is missing: run 'plada-send index {Path(path).parent}'"
+        )
     return faiss.read_index(str(path))
 
 
@@ -99,31 +106,52 @@ def build_store_index(
     return index, plan
 
 
-def near_duplicate_ids(
+@dataclass(frozen=True)
+class BuiltIndex:
+    """What ``plada-send index`` wrote."""
+
+    path: Path
+    vectors: int
+    layout: dict[str, int | str]  # the kind, and for IVF-PQ its lists and sub-quantizers
+    seconds: float
+
+
+def index_store(
+    store_dir: str | os.PathLike[str],
+    memory_budget: int,
+    kind: str = "auto",
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> BuiltIndex:
+    """Build the index of a merged store and save it (default: beside the store, where
+    scoring looks for it)."""
+    started = time.perf_counter()
+    store = EmbeddingStore(store_dir)
+    index, layout = build_store_index(store, memory_budget, kind=kind, progress=progress)
+    path = Path(out) if out else store.root / INDEX_FILE
+    save_index(index, path)
+    return BuiltIndex(path, index.ntotal, layout, time.perf_counter() - started)
+
+
+def nearest_rows(
     index: faiss.Index,
     queries: np.ndarray,
-    threshold: float,
-    exact: Callable[[np.ndarray], np.ndarray] | None = None,
     k: int = 16,
-    margin: float = 0.05,
-) -> tuple[np.ndarray, int]:
-    """(sorted reference ids within ``threshold`` cosine of any query, queries with one).
+    exact: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(reference ids, cosine similarities) [q, k] of each query's ``k`` nearest rows
+    (-1 and -inf where the index has fewer).
 
-    Candidates come from the index (approximate for IVF-PQ, hence ``margin``); when
-    ``exact`` maps ids to their stored embeddings, each candidate is re-checked exactly.
+    The index's similarities are approximate for IVF-PQ; when ``exact`` maps ids to their
+    stored embeddings, every similarity is computed again from them.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     sims, ids = index.search(queries, k)
-    found: set[int] = set()
-    hit_queries = 0
-    for q in range(queries.shape[0]):
-        loose = (ids[q] >= 0) & (sims[q] >= (threshold - margin if exact else threshold))
-        candidates = ids[q][loose]
-        if exact is not None and candidates.size:
-            order = np.argsort(candidates)
-            true_sims = exact(candidates[order]) @ queries[q]
-            candidates = candidates[order][true_sims >= threshold]
-        if candidates.size:
-            hit_queries += 1
-            found.update(int(c) for c in candidates)
-    return np.asarray(sorted(found), dtype=np.int64), hit_queries
+    sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
+    if exact is not None and (ids >= 0).any():
+        found = np.unique(ids[ids >= 0])
+        vectors = exact(found)
+        for q in range(queries.shape[0]):
+            hit = ids[q] >= 0
+            sims[q, hit] = vectors[np.searchsorted(found, ids[q, hit])] @ queries[q]
+    return ids.astype(np.int64), sims

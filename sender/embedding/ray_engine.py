@@ -3,10 +3,10 @@
 What runs where:
 
 - the **driver** (this process) opens the reference set and the embeddings directory
-  exactly as the local engine does (:func:`sender.embedding.local.open_embedding_dir`), lists the
-  batches of the parts still to do (:meth:`EmbedPlan.batches`: the same row ranges the
-  local engine embeds, so the numbers come out the same), and writes each part as soon
-  as all its rows are back (:class:`sender.embedding.local.PartCollector`);
+  exactly as the local engine does (:func:`sender.embedding.engine.open_embedding_dir`),
+  lists the batches of the parts still to do (:meth:`EmbedPlan.batches`: the same row
+  ranges the local engine embeds, so the numbers come out the same), and writes each
+  part as soon as all its rows are back (:class:`sender.embedding.engine.PartCollector`);
 - each **actor** (one per GPU, or one per node's CPUs) opens the reference set from the
   same spec on its own node, checks its fingerprint, loads the CLIP model once, and per
   batch reads, decodes and embeds the rows with the code the local engine uses, returning
@@ -30,7 +30,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,13 +38,15 @@ import torch
 
 from protocol.errors import ConfigError, EngineError, MissingExtraError, ReferenceSetError
 from protocol.reference.encoded import image_kind
-from protocol.reference.factory import open_reference
+from protocol.reference.factory import ReferenceLocation
 from sender.embedding.embedders import OpenClipEmbedder
-from sender.embedding.local import (
+from sender.embedding.engine import (
     UNREADABLE,
+    EmbedSettings,
     EmbedSummary,
     PartCollector,
     ReferenceImages,
+    Say,
     choose_decoder,
     open_embedding_dir,
     progress_bar,
@@ -192,28 +194,20 @@ class EmbedBatches:
     """A Ray Data actor: one reference reader and one CLIP model, many batches."""
 
     def __init__(
-        self,
-        reference_spec: str,
-        cache_dir: str | None,
-        image_size: int,
-        fingerprint: str,
-        model_name: str,
-        weights: str,
-        device: str,
-        decode: str,
-        threads: int,
+        self, reference: ReferenceLocation, fingerprint: str, settings: EmbedSettings
     ) -> None:
-        self.reference = open_reference(reference_spec, cache_dir, image_size)
+        self.reference = reference.open()
         found = self.reference.manifest.fingerprint_hex
         if found != fingerprint:
             raise ReferenceSetError(
-                f"the reference set {reference_spec} on this worker has fingerprint "
+                f"the reference set {reference.spec} on this worker has fingerprint "
                 f"{found[:16]}..., the driver's has {fingerprint[:16]}...: every node must "
                 "hold the same reference set at the same path"
             )
-        self.embedder = OpenClipEmbedder(model_name, weights, device)
-        self.decode = choose_decoder(decode, self.embedder.device)
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="plada-decode")
+        self.embedder = OpenClipEmbedder(settings.model, settings.weights, settings.device)
+        self.decode = choose_decoder(settings.decode, self.embedder.device)
+        threads = max(1, settings.workers)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="plada-decode")
         self.prepare = None
         if self.decode != "pil":
             spec = PreprocessSpec.from_transform(self.embedder.preprocess)
@@ -261,74 +255,92 @@ class EmbedBatches:
         return images, problems, kinds
 
 
-def embed_reference_ray(
-    reference_spec: str,
-    out_dir: str | os.PathLike[str],
-    model_name: str,
-    pretrained: str,
-    options: RayOptions,
-    cache_dir: str | None = None,
-    image_size: int = 64,
-    device: str = "cpu",
-    batch_size: int = 256,
-    workers: int = 4,
-    part_rows: int = 65536,
-    shard: tuple[int, int] = (0, 1),
-    progress: bool = True,
-    decode: str = "auto",
-    say: Any = print,
-) -> EmbedSummary:
-    """Embed the parts of ``shard`` not done yet on a Ray actor pool (see module docstring).
+class RayEngine:
+    """The engine of a Ray actor pool: a loopback-only local instance, or the cluster of
+    ``options.address``."""
 
-    The result is the local engine's, part for part; ``say`` gets the one-line notes
-    (which cluster, how many actors).
-    """
-    if batch_size < 1:
-        raise ConfigError("--batch-size must be positive")
-    ray = import_ray(loopback=not options.address)
-    if options.address:
-        check_reachable(options.address)  # before anything is opened or written
-    reference = open_reference(reference_spec, cache_dir, image_size)
-    for problem in getattr(reference, "problems", []):
-        say(f"warning: {problem}")
-    embedder = OpenClipEmbedder(model_name, pretrained, "cpu")  # checks the weights here first
-    plan = open_embedding_dir(reference, out_dir, embedder, pretrained, part_rows, shard)
-    del embedder
-    batches = plan.batches(batch_size)
-    collector = PartCollector(plan)  # the run's clock starts here
-    if batches:
-        say(start_ray(ray, options, device))
-        try:
-            actors, actor_cpus, actor_gpus = actor_pool(ray, options, device)
-            resumed = len(plan.mine) - len(plan.pending)
-            say(
-                f"{actors} actor(s) of {actor_cpus:g} CPUs and {actor_gpus:g} GPUs; "
-                f"{len(plan.pending)} of {len(plan.mine)} parts to embed ({resumed} done)"
-            )
-            constructor = {  # paths made absolute: workers do not share the driver's cwd
-                "reference_spec": _absolute_spec(reference_spec),
-                "cache_dir": None if cache_dir is None else os.path.abspath(cache_dir),
-                "image_size": image_size,
-                "fingerprint": plan.meta.reference_fingerprint,
-                "model_name": _absolute_if_file(model_name),
-                "weights": _absolute_if_file(str(pretrained)),
-                "device": device,
-                "decode": decode,
-                "threads": workers,
-            }
-            rows = sum(stop - start for start, stop in batches)
-            bar = progress_bar(rows, f"embedding {shard[0]}/{shard[1]} on ray", progress)
-            pool = (actors, actor_cpus, actor_gpus)
-            for out in _run_pool(ray, batches, constructor, options, *pool):
-                _check_keys(out, reference.manifest.keys, reference_spec)
-                collector.add(
-                    out["row"], out["embedding"], out["problem"].tolist(), out["kind"].tolist()
+    def __init__(self, options: RayOptions | None = None) -> None:
+        self.options = options or RayOptions()
+
+    def embed(
+        self,
+        reference: ReferenceLocation,
+        out_dir: str | os.PathLike[str],
+        settings: EmbedSettings,
+        say: Say = print,
+    ) -> EmbedSummary:
+        """Embed the parts of the settings' shard not done yet on a Ray actor pool (see
+        module docstring); the result is the local engine's, part for part. ``say`` gets
+        the one-line notes (which cluster, how many actors)."""
+        options = self.options
+        ray = import_ray(loopback=not options.address)
+        if options.address:
+            check_reachable(options.address)  # before anything is opened or written
+        source = reference.open()
+        for problem in getattr(source, "problems", []):
+            say(f"warning: {problem}")
+        embedder = OpenClipEmbedder(settings.model, settings.weights, "cpu")  # weights checked
+        plan = open_embedding_dir(source, out_dir, embedder, settings)
+        del embedder
+        batches = plan.batches(settings.batch_size)
+        collector = PartCollector(plan)  # the run's clock starts here
+        if batches:
+            say(start_ray(ray, options, settings.device))
+            try:
+                pool = actor_pool(ray, options, settings.device)
+                resumed = len(plan.mine) - len(plan.pending)
+                say(
+                    f"{pool[0]} actor(s) of {pool[1]:g} CPUs and {pool[2]:g} GPUs; "
+                    f"{len(plan.pending)} of {len(plan.mine)} parts to embed ({resumed} done)"
                 )
-                bar.update(len(out["row"]))
-            bar.close()
-        finally:
-            ray.shutdown()
-    return collector.summary()
+                worker = _WorkerSetup(reference, plan.meta.reference_fingerprint, settings)
+                _collect(ray, batches, worker, pool, collector, options, source.manifest.keys)
+            finally:
+                ray.shutdown()
+        return collector.summary()
+
+
+@dataclass(frozen=True)
+class _WorkerSetup:
+    """What every actor is built from, with its paths made absolute (workers do not share
+    the driver's working directory)."""
+
+    reference: ReferenceLocation
+    fingerprint: str
+    settings: EmbedSettings
+
+    def constructor(self) -> dict[str, object]:
+        settings = replace(
+            self.settings,
+            model=_absolute_if_file(self.settings.model),
+            weights=_absolute_if_file(self.settings.weights),
+        )
+        return {
+            "reference": self.reference.absolute(),
+            "fingerprint": self.fingerprint,
+            "settings": settings,
+        }
+
+
+def _collect(
+    ray: Any,
+    batches: list[tuple[int, int]],
+    worker: _WorkerSetup,
+    pool: tuple[int, float, float],
+    collector: PartCollector,
+    options: RayOptions,
+    keys: tuple[str, ...],
+) -> None:
+    """Run the pool over ``batches`` and hand every embedded batch to ``collector``."""
+    settings = worker.settings
+    shard = settings.shard
+    rows = sum(stop - start for start, stop in batches)
+    bar = progress_bar(rows, f"embedding {shard[0]}/{shard[1]} on ray", settings.progress)
+    for out in _run_pool(ray, batches, worker.constructor(), options, *pool):
+        _check_keys(out, keys, worker.reference.spec)
+        collector.add(out["row"], out["embedding"], out["problem"].tolist(), out["kind"].tolist())
+        bar.update(len(out["row"]))
+    bar.close()
 
 
 def _absolute_if_file(text: str) -> str:
@@ -336,17 +348,10 @@ def _absolute_if_file(text: str) -> str:
     return os.path.abspath(text) if os.path.exists(text) else text
 
 
-def _absolute_spec(spec: str) -> str:
-    """A reference spec with its path absolute (``glyphs`` specs have none)."""
-    if spec.startswith("wds:"):
-        return "wds:" + os.path.abspath(spec[4:])
-    return _absolute_if_file(spec)
-
-
 def _run_pool(
     ray: Any,
     batches: list[tuple[int, int]],
-    constructor: dict[str, Any],
+    constructor: dict[str, object],
     options: RayOptions,
     actors: int,
     actor_cpus: float,

@@ -147,7 +147,15 @@ def parts_of_shard(meta: StoreMeta, shard: tuple[int, int]) -> list[int]:
     return list(range(total * index // count, total * (index + 1) // count))
 
 
-def merge_parts(root: Path, int8: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MergedParts:
+    """The merged rows: how many are readable, and why each unreadable one is not."""
+
+    valid: int
+    skipped: dict[int, str]  # row -> reason
+
+
+def merge_parts(root: Path, int8: bool = False) -> MergedParts:
     """Check that every part is present and concatenate them into the flat files.
 
     One pass reads each part once; if any part is missing or unreadable, the
@@ -182,13 +190,7 @@ def merge_parts(root: Path, int8: bool = False) -> dict[str, Any]:
                 "same --shard) for them, then merge again"
             )
     write_atomic(root / VALID_FILE, lambda handle: np.save(handle, valid))
-    return {
-        "n": meta.n,
-        "dim": meta.dim,
-        "valid": int(valid.sum()),
-        "int8": int8,
-        "skipped": dict(sorted(skipped.items())),
-    }
+    return MergedParts(int(valid.sum()), dict(sorted(skipped.items())))
 
 
 def quantize_int8(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -335,3 +337,51 @@ def create_store_meta(root: Path, meta: StoreMeta) -> None:
             )
         return
     write_json_atomic(path, asdict(meta))
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    """What ``merge`` wrote."""
+
+    n: int
+    dim: int
+    valid: int  # readable rows
+    skipped: int  # unreadable rows (listed in skipped.json)
+    int8: bool
+
+
+def merge_embeddings(
+    out_dir: str | os.PathLike[str], sources: list[str] | None = None, int8: bool = False
+) -> MergeSummary:
+    """Gather parts from ``sources`` (other machines' directories), check coverage, merge,
+    and list the unreadable rows by manifest key (``skipped.json``)."""
+    import shutil
+
+    from protocol.manifest import ReferenceManifest
+
+    root = Path(out_dir)
+    meta = StoreMeta.load(root)
+    manifest = ReferenceManifest.load(root / MANIFEST_FILE)
+    if manifest.fingerprint_hex != meta.reference_fingerprint or len(manifest) != meta.n:
+        raise ReferenceSetError(
+            f"{root / MANIFEST_FILE} does not match {root / META_FILE}: the directory mixes "
+            "two reference sets; embed again into an empty directory"
+        )
+    for source in sources or []:
+        other = StoreMeta.load(Path(source))
+        if other != meta:
+            raise ConfigError(f"{source} holds embeddings of something else; cannot merge it")
+        for part in range(meta.num_parts):
+            found = part_path(Path(source), part)
+            if read_part(root, part, meta) is None and read_part(Path(source), part, meta):
+                with open(found, "rb") as copied:
+                    write_atomic(
+                        part_path(root, part), lambda handle: shutil.copyfileobj(copied, handle)
+                    )
+    merged = merge_parts(root, int8=int8)
+    skipped = [
+        {"index": row, "key": manifest.keys[row], "reason": reason}
+        for row, reason in merged.skipped.items()
+    ]
+    write_json_atomic(root / SKIPPED_FILE, skipped)
+    return MergeSummary(meta.n, meta.dim, merged.valid, len(skipped), int8)

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from protocol.errors import ConfigError, ReplyError, StorageError
-from protocol.frames import STREAM_LENGTH, FrameEncoder
+from protocol.errors import ConfigError, ReplyError, StorageError, TransferRefusedError
+from protocol.frames import STREAM_LENGTH, FrameEncoder, LinkProfile
+from protocol.payload import read_payload_bytes
 from protocol.replies import Reply, ReplyState, decode_reply, parse_reply_key, split_replies
+from protocol.timestamps import duration_text
 
 MAX_REPLY_FILE_BYTES = 64 << 10  # a reply file is 24 bytes; anything far larger is junk
 
@@ -193,3 +195,68 @@ def close_link_output(out: BinaryIO) -> None:
     except BrokenPipeError:
         if out is sys.stdout.buffer:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@dataclass(frozen=True)
+class CarouselSettings:
+    """How a carousel is paced and when it stops."""
+
+    rate_bps: float | None = None  # bits per second on air (None: the profile's; 0: unpaced)
+    max_frames: int = 0  # 0: no limit
+    until_done: str | None = None  # the folder (or file) the device's replies land in
+    reply_key: str | None = None  # the device's reply key file
+
+    def __post_init__(self) -> None:
+        if (self.until_done is None) != (self.reply_key is None):
+            raise ConfigError(
+                "--until-done and --reply-key go together: the replies' folder and key"
+            )
+        if (self.rate_bps or 0) < 0 or self.max_frames < 0:
+            raise ConfigError("--rate and --max-frames take a number >= 0")
+
+
+def send_carousel(
+    payload_path: str | Path,
+    profile: LinkProfile,
+    out: str,
+    settings: CarouselSettings,
+    say: Callable[[str], None],
+) -> CarouselRun:
+    """Send the payload's carousel to ``out`` (``-``: standard output) until the device
+    says it is done, ``max_frames`` or an interrupt; ``say`` gets the start and the end
+    line. ``TransferRefusedError`` when the device rebuilt the payload and refused it."""
+    from tqdm import tqdm
+
+    encoder = FrameEncoder(read_payload_bytes(payload_path), profile.frame_bytes)
+    watch = None
+    if settings.until_done is not None:
+        key = read_reply_key_file(settings.reply_key)  # type: ignore[arg-type]
+        watch = ReplyWatch(Path(settings.until_done), key, encoder.transfer)
+    target = None if out == "-" else check_link_output(out)  # before a word is said
+    rate = profile.bits_per_second if settings.rate_bps is None else settings.rate_bps
+    pace = f"{rate:g} bps" if rate else "as fast as the reader takes them"
+    say(
+        f"carousel of transfer {encoder.transfer.hex()}: {encoder.source_count} source frames, "
+        f"then repair frames, to {out} at {pace} for {profile.name}"
+    )
+    stream = open_link_output(target)
+    bar = tqdm(unit="frame", file=sys.stderr, desc="on air", disable=None)
+    try:
+        run = run_carousel(
+            encoder, stream, rate, settings.max_frames, watch, on_frame=lambda _: bar.update()
+        )
+    finally:
+        bar.close()
+        close_link_output(stream)
+    said = f"; the device said: {run.reply.text()}" if run.reply else ""
+    ignored = f" ({run.ignored_replies} replies failed their MAC)" if run.ignored_replies else ""
+    say(
+        f"carousel stopped ({run.stopped}) after {run.frames} frames, {run.bytes_on_air} B on "
+        f"air in {duration_text(run.seconds)}{said}{ignored}"
+    )
+    if run.stopped == "refused":
+        raise TransferRefusedError(
+            f"the device rebuilt transfer {encoder.transfer.hex()} and refused its payload: "
+            "see its quarantine; fix the payload, then send it again"
+        )
+    return run

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,8 @@ class DomainGap:
 
 
 def _nearest_similarity(queries: np.ndarray, pool: np.ndarray, block: int = 4096) -> np.ndarray:
+    import torch
+
     pool_t = torch.from_numpy(np.ascontiguousarray(pool, np.float32)).T
     out = []
     with torch.no_grad():

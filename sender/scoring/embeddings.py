@@ -1,25 +1,25 @@
-"""Production scoring: a teacher on CLIP embeddings, streamed over the stored reference set.
+"""The stored-embeddings scoring path (production): a teacher on CLIP embeddings,
+streamed over the stored reference set.
 
-Inputs: a merged embeddings directory (``plada-send embed`` + ``merge``), the same
-CLIP weights (for the task's images and the class names), and the task as a
-labeled ImageFolder and/or a list of class names. Output: the same work directory
-``plada-send select`` reads for the embedded world (``scores.npz``,
-``score_report.json``, ``test_embeddings.npy``), plus the domain-gap evidence and
-the selection strategy it recommends.
+Inputs: a merged embeddings directory (``plada-send embed`` + ``merge``, and its FAISS
+index from ``plada-send index`` for kNN relevance and the leakage check), the same CLIP
+weights (for the task's images and the class names), and the task as a labeled
+ImageFolder and/or a list of class names. Output: the same work directory the in-memory
+path writes (:mod:`.work_dir`), with every registered score (:mod:`.scores`), the
+domain-gap evidence and the selection strategy it recommends.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
+import faiss
 import numpy as np
 import torch
 
-from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError, TaskDataError
 from protocol.manifest import ReferenceManifest, reference_summary
 from protocol.reference.encoded import UnreadableImage, decode_rgb
@@ -29,15 +29,18 @@ from sender.embedding.index import INDEX_FILE, load_index
 from sender.embedding.store import MANIFEST_FILE, EmbeddingStore
 from sender.scoring.domain_gap import DomainGap, measure_domain_gap, split_reference_sample
 from sender.scoring.embedding_teachers import KnnTeacher, train_probe, zero_shot_head
-from sender.scoring.stream import LinearHead, StreamScores, score_chunks
+from sender.scoring.scores import KNN
+from sender.scoring.stream import LinearHead, StreamOptions, StreamScores, score_chunks
 from sender.scoring.stream_knn import stream_knn_relevance
-from sender.scoring.teacher_kinds import EMBEDDING_TEACHERS
+from sender.scoring.teacher_kinds import EMBEDDINGS, teacher_for
 from sender.scoring.work_dir import (
-    SCORE_REPORT,
     SCORES_FILE,
-    TEST_EMBEDDINGS,
+    KnnSummary,
+    LeakageCandidates,
+    ScoreReport,
     ScoresFile,
-    save_embeddings,
+    TeacherSummary,
+    predicted_histogram,
 )
 
 
@@ -88,17 +91,68 @@ def embed_folder(embedder: ClipEmbedder, root: Path, batch_size: int = 64) -> Em
     return EmbeddedSplit(np.concatenate(out), labels, classes)
 
 
-def _task_splits(
-    embedder: ClipEmbedder,
-    train_dir: str | None,
-    test_dir: str | None,
-    class_names: list[str] | None,
-) -> tuple[EmbeddedSplit | None, EmbeddedSplit | None, tuple[str, ...]]:
-    """(train, test, class names): the task's labeled images (either may be absent) and
-    the classes, which both splits must list in the same order."""
-    train = embed_folder(embedder, Path(train_dir)) if train_dir else None
-    test = embed_folder(embedder, Path(test_dir)) if test_dir else None
-    names = tuple(class_names) if class_names else (train.class_names if train else None)
+@dataclass(frozen=True)
+class EmbeddingTask:
+    """The task as the stored-embeddings path takes it: labeled ImageFolders (train,
+    optional test) and/or the class names."""
+
+    train_dir: str | None = None
+    test_dir: str | None = None
+    class_names: tuple[str, ...] | None = None
+    name: str | None = None
+
+    @classmethod
+    def from_folders(
+        cls,
+        task_dir: str | None,
+        train_dir: str | None = None,
+        test_dir: str | None = None,
+        classes: str | None = None,
+        name: str | None = None,
+    ) -> EmbeddingTask:
+        """``--task DIR`` (with ``train/`` and optional ``test/``), ``--train``/``--test``
+        folders, ``--classes`` (a file or a,b,c) and ``--task-id``, as the CLI gives them."""
+        if task_dir:
+            task = Path(task_dir)
+            train_dir = train_dir or (str(task / "train") if (task / "train").is_dir() else None)
+            test_dir = test_dir or (str(task / "test") if (task / "test").is_dir() else None)
+            name = name or task.name
+        names = tuple(read_class_names(classes)) if classes else None
+        return cls(train_dir, test_dir, names, name)
+
+    @property
+    def task_name(self) -> str:
+        """The name written into the work directory (and the payload)."""
+        return self.name or (Path(self.train_dir).parent.name if self.train_dir else "task")
+
+
+@dataclass(frozen=True)
+class StreamScoring:
+    """How the stored embeddings are scored."""
+
+    teacher: str = "probe"
+    temperature: float = 1.0
+    knn_k: int = 5  # labeled images per class for kNN relevance
+    chunk_rows: int = 8192
+    source: str = "f16"  # or "i8": the int8 copy (merge --int8)
+    progress: bool = True
+
+
+@dataclass
+class _EmbeddedTask:
+    """The task's splits embedded with CLIP, and its classes."""
+
+    train: EmbeddedSplit | None
+    test: EmbeddedSplit | None
+    class_names: tuple[str, ...]
+
+
+def _embed_task(embedder: ClipEmbedder, task: EmbeddingTask) -> _EmbeddedTask:
+    """The task's labeled images (either split may be absent) embedded, and the classes,
+    which both splits must list in the same order."""
+    train = embed_folder(embedder, Path(task.train_dir)) if task.train_dir else None
+    test = embed_folder(embedder, Path(task.test_dir)) if task.test_dir else None
+    names = task.class_names or (train.class_names if train else None)
     if names is None:
         raise TaskDataError("give the task's labeled images (--task/--train) or --classes")
     for split in (train, test):
@@ -106,21 +160,15 @@ def _task_splits(
             raise TaskDataError(
                 f"the task's folders {split.class_names} differ from the class names {names}"
             )
-    return train, test, names
+    return _EmbeddedTask(train, test, names)
 
 
 def _embedding_teacher(
-    teacher: str,
-    embedder: ClipEmbedder,
-    train: EmbeddedSplit | None,
-    names: tuple[str, ...],
-    knn_k: int,
+    teacher: str, embedder: ClipEmbedder, task: _EmbeddedTask, knn_k: int
 ) -> LinearHead | KnnTeacher:
     """The teacher on embeddings: a linear head (probe, zero-shot) or the kNN teacher."""
-    if teacher not in EMBEDDING_TEACHERS:
-        raise ConfigError(
-            f"unknown embedding teacher {teacher!r} ({', '.join(EMBEDDING_TEACHERS)})"
-        )
+    teacher = teacher_for(teacher, EMBEDDINGS)
+    names, train = task.class_names, task.train
     if teacher == "zeroshot":
         return zero_shot_head(embedder, list(names))
     if train is None:
@@ -130,10 +178,21 @@ def _embedding_teacher(
     return KnnTeacher(train.embeddings, train.labels, len(names), k=knn_k)
 
 
-def _teacher_logits(model: LinearHead | KnnTeacher, embeddings: np.ndarray) -> np.ndarray:
-    if isinstance(model, KnnTeacher):
-        return model.logits_numpy(embeddings)
-    return model.logits(embeddings)
+def _teacher_summary(
+    kind: str, model: LinearHead | KnnTeacher, task: _EmbeddedTask
+) -> TeacherSummary:
+    """The teacher's kind, training images and accuracy on the task's test images."""
+    accuracy = None
+    if task.test is not None:
+        embeddings = task.test.embeddings
+        logits = (
+            model.logits_numpy(embeddings)
+            if isinstance(model, KnnTeacher)
+            else model.logits(embeddings)
+        )
+        accuracy = float((logits.argmax(1) == task.test.labels).mean())
+    train_images = 0 if task.train is None else len(task.train.labels)
+    return TeacherSummary(teacher_for(kind, EMBEDDINGS), train_images, accuracy)
 
 
 def _store_domain_gap(store: EmbeddingStore, target: np.ndarray) -> DomainGap:
@@ -147,46 +206,52 @@ def _store_domain_gap(store: EmbeddingStore, target: np.ndarray) -> DomainGap:
     )
 
 
+def _store_index(store: EmbeddingStore) -> faiss.Index | None:
+    """The store's FAISS index (``plada-send index``), or None when it has none."""
+    path = store.root / INDEX_FILE
+    return load_index(path) if path.is_file() else None
+
+
 def _store_knn(
     store: EmbeddingStore,
+    index: faiss.Index | None,
     train: EmbeddedSplit | None,
     scores: StreamScores,
     k: int,
-) -> tuple[np.ndarray | None, dict[str, Any]]:
+) -> tuple[np.ndarray | None, KnnSummary]:
     """The ``knn`` score (task images searching the store's FAISS index, see
-    :mod:`sender.scoring.stream_knn`) when there are labeled task images and an index, and
-    what it took; else None and why it was skipped."""
-    index_path = store.root / INDEX_FILE
+    :mod:`sender.scoring.stream_knn`) when there are labeled task images and an index,
+    and what it took; else None and why it was skipped."""
     if train is None:
-        return None, {"skipped": "no labeled task images"}
-    if not index_path.is_file():
-        return None, {"skipped": f"no index at {index_path}: run 'plada-send index {store.root}'"}
-    return stream_knn_relevance(
-        load_index(index_path),
-        train.embeddings,
-        train.labels,
-        scores.predicted,
-        scores.energy,
-        k=k,
+        return None, KnnSummary(skipped="no labeled task images")
+    if index is None:
+        where = store.root / INDEX_FILE
+        return None, KnnSummary(skipped=f"no index at {where}: run 'plada-send index {store.root}'")
+    values, stats = stream_knn_relevance(
+        index, train.embeddings, train.labels, scores.predicted, scores.energy, k=k
     )
+    return values, KnnSummary(**stats)
+
+
+def _leakage(
+    store: EmbeddingStore, index: faiss.Index | None, test: EmbeddedSplit | None
+) -> LeakageCandidates | None:
+    """The test images' nearest stored rows, their similarities checked exactly against
+    the stored embeddings (None without test images or an index)."""
+    if test is None or index is None:
+        return None
+    return LeakageCandidates.find(index, test.embeddings, exact=store.read_rows)
 
 
 def score_embeddings(
     store_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     embedder: ClipEmbedder,
-    teacher: str = "probe",
-    train_dir: str | None = None,
-    test_dir: str | None = None,
-    class_names: list[str] | None = None,
-    temperature: float = 1.0,
-    knn_k: int = 5,
-    chunk_rows: int = 8192,
-    source: str = "f16",
-    task_name: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+    task: EmbeddingTask,
+    settings: StreamScoring | None = None,
+) -> ScoreReport:
     """Build the teacher, stream-score every stored reference row, write the work directory."""
+    settings = settings or StreamScoring()
     started = time.perf_counter()
     store = EmbeddingStore(store_dir)
     out = Path(out_dir)
@@ -196,64 +261,66 @@ def score_embeddings(
             f"the reference was embedded with {store.meta.model}, the task with "
             f"{embedder.model_name}: use the same model and weights"
         )
-    train, test, names = _task_splits(embedder, train_dir, test_dir, class_names)
-    model = _embedding_teacher(teacher, embedder, train, names, knn_k)
-    accuracy = None
-    if test is not None:
-        accuracy = float((_teacher_logits(model, test.embeddings).argmax(1) == test.labels).mean())
-    target = test if test is not None else train
+    embedded = _embed_task(embedder, task)
+    model = _embedding_teacher(settings.teacher, embedder, embedded, settings.knn_k)
+    teacher = _teacher_summary(settings.teacher, model, embedded)
+    target = embedded.test or embedded.train
     gap = None if target is None else _store_domain_gap(store, target.embeddings)
-    knn = model if isinstance(model, KnnTeacher) else None
-    scores = score_chunks(
-        store.iter_chunks(chunk_rows, source),
-        store.n,
-        None if knn is not None else model,
-        temperature=temperature,
-        chunk_rows=chunk_rows,
-        logit_fn=None if knn is None else knn.logits,
-        num_classes=len(names),
-        progress=progress,
-    )
-    invalid = np.flatnonzero(~store.valid)
-    strategy = gap.strategy if gap else "safety-net"
-    meta = store.meta
-    per_row = {"energy": scores.energy, "entropy": scores.entropy}
-    knn, knn_stats = _store_knn(store, train, scores, knn_k)
+    options = StreamOptions(settings.temperature, settings.chunk_rows, settings.progress)
+    chunks = store.iter_chunks(settings.chunk_rows, settings.source)
+    scores = score_chunks(chunks, store.n, model, options)
+    index = _store_index(store)
+    per_row = dict(scores.scores)
+    knn, knn_stats = _store_knn(store, index, embedded.train, scores, settings.knn_k)
     if knn is not None:
-        per_row["knn"] = knn
-    ScoresFile(
+        per_row[KNN] = knn
+    scored = ScoresFile(
         scores=per_row,
         predicted=scores.predicted,
-        class_names=names,
-        reference_name=meta.reference_name,
-        reference_fingerprint=bytes.fromhex(meta.reference_fingerprint),
+        class_names=embedded.class_names,
+        reference_name=store.meta.reference_name,
+        reference_fingerprint=bytes.fromhex(store.meta.reference_fingerprint),
         reference_size=store.n,
-        task=task_name or (Path(train_dir).parent.name if train_dir else "task"),
-        recommended_strategy=strategy,
-        reference_block_starts=_block_starts(store_dir, meta.reference_fingerprint),
-        excluded=invalid,
-        embeddings_dir=str(Path(store_dir).resolve()),
-    ).write(out / SCORES_FILE)
-    if test is not None:
-        save_embeddings(out / TEST_EMBEDDINGS, test.embeddings)
-    summary = {
-        "task": task_name,
-        "classes": list(names),
-        "reference": reference_summary(meta.reference_name, store.n, meta.reference_fingerprint)
-        | {"unreadable_images": int(invalid.size)},
-        "embedder": f"open_clip:{meta.model}",
-        "teacher": {
-            "kind": teacher,
-            "train_images": 0 if train is None else len(train.labels),
-            "test_accuracy": accuracy,
-        },
-        "domain_gap": None if gap is None else gap.as_dict(),
-        "recommended_strategy": strategy,
-        "predicted_histogram": np.bincount(scores.predicted, minlength=len(names)).tolist(),
-        "scoring_seconds": scores.seconds,
-        "scoring_images_per_second": scores.stats["rows_per_second"],
-        "knn_relevance": knn_stats,
-        "total_seconds": time.perf_counter() - started,
-    }
-    write_json_atomic(out / SCORE_REPORT, summary)
-    return summary
+        task=task.task_name,
+        recommended_strategy=gap.strategy if gap else "safety-net",
+        reference_block_starts=_block_starts(store_dir, store.meta.reference_fingerprint),
+        excluded=np.flatnonzero(~store.valid),
+        embeddings_dir=os.path.relpath(Path(store_dir).resolve(), out.resolve()),
+        leakage=_leakage(store, index, embedded.test),
+    )
+    scored.write(out / SCORES_FILE)
+    report = _report(store, task, embedded, scored, teacher, gap, scores, knn_stats)
+    report = replace(report, total_seconds=time.perf_counter() - started)
+    report.write(out)
+    return report
+
+
+def _report(
+    store: EmbeddingStore,
+    task: EmbeddingTask,
+    embedded: _EmbeddedTask,
+    scored: ScoresFile,
+    teacher: TeacherSummary,
+    gap: DomainGap | None,
+    scores: StreamScores,
+    knn: KnnSummary,
+) -> ScoreReport:
+    """What the stored-embeddings scoring pass did (``score_report.json``)."""
+    meta = store.meta
+    reference = reference_summary(meta.reference_name, store.n, meta.reference_fingerprint)
+    return ScoreReport(
+        path=EMBEDDINGS,
+        task=task.name,
+        classes=list(embedded.class_names),
+        reference=reference | {"unreadable_images": int(scored.excluded.size)},
+        embedder=f"open_clip:{meta.model}",
+        duplicate_check_embedder=f"open_clip:{meta.model}",
+        teacher=teacher,
+        domain_gap=gap,
+        recommended_strategy=scored.recommended_strategy,
+        predicted_histogram=predicted_histogram(scores.predicted, len(embedded.class_names)),
+        scoring_seconds=scores.seconds,
+        scoring_images_per_second=scores.rows_per_second,
+        knn_relevance=knn,
+        total_seconds=0.0,
+    )

@@ -8,25 +8,14 @@ both scoring paths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
 from protocol.task_data import LabeledImages
 from sender.scoring.scores import l2_normalize
+from sender.scoring.work_dir import TeacherSummary
 from trainer.models import SMALL_CNN
 from trainer.training import TrainConfig, predict, train_classifier
-
-
-@dataclass
-class TeacherReport:
-    """What the teacher is and how well it does on the task's own test split."""
-
-    kind: str
-    train_images: int
-    test_accuracy: float | None = None
-    details: dict[str, object] = field(default_factory=dict)
 
 
 class CnnTeacher:
@@ -40,14 +29,14 @@ class CnnTeacher:
         self.seed = seed
         self.model: torch.nn.Module | None = None
 
-    def fit(self, task: LabeledImages, progress: bool = True) -> TeacherReport:
+    def fit(self, task: LabeledImages, progress: bool = True) -> TeacherSummary:
         config = TrainConfig(model=self.model_name, epochs=self.epochs, seed=self.seed)
         data = (torch.from_numpy(task.images), torch.from_numpy(task.labels))
         result = train_classifier(
             data, len(task.class_names), config, task.images.shape[1], progress=progress
         )
         self.model = result.model
-        return TeacherReport(
+        return TeacherSummary(
             kind=self.kind,
             train_images=len(task),
             details={"model": self.model_name, "epochs": self.epochs, "seconds": result.seconds},

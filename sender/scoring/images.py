@@ -1,21 +1,22 @@
-"""The sender's two stages: score the reference set once, then select and write payloads.
+"""The in-memory scoring path: a teacher trained on the task's images scores every
+reference image, for reference sets that fit in memory (the embedded glyph world, small
+ImageFolders).
 
-``score`` is the expensive pass (teacher training, one forward pass or embedding
-lookup per reference image); it writes a work directory that ``make_payload``
-reads as often as needed, e.g. to try keep fractions against a byte budget.
+The teacher (a small CNN on pixels, or a linear probe on an embedder's features) labels
+and embeds every reference image; every registered row score (:mod:`.scores`) and the
+kNN relevance follow, and the work directory is written as the stored-embeddings path
+writes it (:mod:`.work_dir`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError, TaskDataError
 from protocol.reference.base import ReferenceSource
 from protocol.task_data import LabeledImages
@@ -23,19 +24,31 @@ from sender.embedding import index as faiss_index
 from sender.embedding.embedders import Embedder, PixelEmbedder
 from sender.scoring.domain_gap import DomainGap, measure_domain_gap, split_reference_sample
 from sender.scoring.embedding_teachers import train_probe
-from sender.scoring.image_teachers import CnnTeacher, TeacherReport
-from sender.scoring.scores import energy, entropy, knn_relevance
-from sender.scoring.teacher_kinds import IMAGE_TEACHERS
+from sender.scoring.image_teachers import CnnTeacher
+from sender.scoring.scores import KNN, ScoreRows, knn_relevance, row_scores
+from sender.scoring.teacher_kinds import IMAGES, teacher_for
 from sender.scoring.work_dir import (
     REFERENCE_EMBEDDINGS,
-    SCORE_REPORT,
     SCORES_FILE,
-    TEST_EMBEDDINGS,
+    LeakageCandidates,
+    ScoreReport,
     ScoresFile,
+    TeacherSummary,
+    predicted_histogram,
     save_embeddings,
 )
 
-INDEX_FILE = faiss_index.INDEX_FILE
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """Which teacher scores the task on this path, and how it is trained."""
+
+    kind: str = "cnn"
+    embedder: Embedder | None = None  # the probe's (e.g. --clip-model/--clip-weights)
+    epochs: int = 40  # the CNN's
+    knn_k: int = 5  # labeled images per class for kNN relevance
+    temperature: float = 1.0  # of the energy score
+    seed: int = 0
 
 
 def reference_images(reference: ReferenceSource, channels: int, chunk: int = 16384) -> np.ndarray:
@@ -54,7 +67,7 @@ class TeacherOutputs:
     """What a teacher gives the scoring pass: logits and embeddings of the reference set
     and the task, and embeddings for the near-duplicate (leakage) check."""
 
-    report: dict[str, Any]  # the teacher's report, with its test accuracy
+    report: TeacherSummary  # with its test accuracy
     logits: np.ndarray  # [n, k] reference logits
     reference_embeddings: np.ndarray  # [n, d] for kNN relevance and the domain gap
     train_embeddings: np.ndarray  # [t, d]
@@ -66,16 +79,24 @@ class TeacherOutputs:
     score_start: float  # when scoring (as opposed to teacher training) began
 
 
+@dataclass
+class TaskScores:
+    """A teacher's outputs, every score of every reference image, and its labels."""
+
+    outputs: TeacherOutputs
+    scores: dict[str, np.ndarray]  # name -> float32 [n], lower is more relevant
+    predicted: np.ndarray  # int64 [n]
+
+
 def _cnn_teacher(
     images: np.ndarray,
     train: LabeledImages,
     test: LabeledImages | None,
-    epochs: int,
-    seed: int,
+    settings: TeacherSettings,
     progress: bool,
 ) -> TeacherOutputs:
     """A small CNN trained on the task; its penultimate features embed both sides."""
-    teacher = CnnTeacher(epochs=epochs, seed=seed)
+    teacher = CnnTeacher(epochs=settings.epochs, seed=settings.seed)
     report = teacher.fit(train, progress=progress)
     score_start = time.perf_counter()
     logits, ref_emb = teacher.logits(images, progress=progress)
@@ -87,7 +108,7 @@ def _cnn_teacher(
     # the teacher's features cluster by class, so duplicates are looked for in pixels
     pixels = PixelEmbedder()
     return TeacherOutputs(
-        report=asdict(report) | {"test_accuracy": accuracy},
+        report=replace(report, test_accuracy=accuracy),
         logits=logits,
         reference_embeddings=ref_emb,
         train_embeddings=train_emb,
@@ -104,23 +125,22 @@ def _probe_teacher(
     images: np.ndarray,
     train: LabeledImages,
     test: LabeledImages | None,
-    embedder: Embedder | None,
-    seed: int,
+    settings: TeacherSettings,
 ) -> TeacherOutputs:
     """A linear probe on the embedder's features (the same probe as on stored embeddings)."""
+    embedder = settings.embedder
     if embedder is None:
         raise ConfigError("the probe teacher needs an embedder (e.g. --clip-model/--clip-weights)")
     score_start = time.perf_counter()
     ref_emb = embedder.embed(images)
     train_emb = embedder.embed(train.images)
-    head = train_probe(train_emb, train.labels, len(train.class_names), seed=seed)
+    head = train_probe(train_emb, train.labels, len(train.class_names), seed=settings.seed)
     test_emb = None if test is None else embedder.embed(test.images)
     accuracy = None
     if test is not None:
         accuracy = float((head.logits(test_emb).argmax(1) == test.labels).mean())
-    report = TeacherReport(kind="probe", train_images=int(train.labels.size))
     return TeacherOutputs(
-        report=asdict(report) | {"test_accuracy": accuracy},
+        report=TeacherSummary("probe", int(train.labels.size), accuracy),
         logits=head.logits(ref_emb),
         reference_embeddings=ref_emb,
         train_embeddings=train_emb,
@@ -133,39 +153,29 @@ def _probe_teacher(
     )
 
 
-def check_image_teacher(kind: str) -> None:
-    """Refuse a teacher that does not train on images (before any work is done)."""
-    if kind not in IMAGE_TEACHERS:
-        raise ConfigError(f"unknown teacher {kind!r} ({' or '.join(IMAGE_TEACHERS)})")
-
-
 def teacher_scores(
     images: np.ndarray,
     train: LabeledImages,
     test: LabeledImages | None,
-    teacher_kind: str = "cnn",
-    embedder: Embedder | None = None,
-    temperature: float = 1.0,
-    knn_k: int = 5,
-    teacher_epochs: int = 40,
-    seed: int = 0,
+    settings: TeacherSettings,
     progress: bool = True,
-) -> tuple[TeacherOutputs, dict[str, np.ndarray], np.ndarray]:
-    """Train the teacher on ``train`` and score ``images``: (outputs, scores, predicted)."""
-    check_image_teacher(teacher_kind)
-    if teacher_kind == "cnn":
-        outputs = _cnn_teacher(images, train, test, teacher_epochs, seed, progress)
+) -> TaskScores:
+    """Train the teacher on ``train`` and score ``images`` with every registered score."""
+    if teacher_for(settings.kind, IMAGES) == "cnn":
+        outputs = _cnn_teacher(images, train, test, settings, progress)
     else:
-        outputs = _probe_teacher(images, train, test, embedder, seed)
+        outputs = _probe_teacher(images, train, test, settings)
     predicted = outputs.logits.argmax(1).astype(np.int64)
-    scores = {
-        "energy": energy(outputs.logits, temperature),
-        "entropy": entropy(outputs.logits),
-        "knn": knn_relevance(
-            outputs.reference_embeddings, predicted, outputs.train_embeddings, train.labels, knn_k
-        ),
-    }
-    return outputs, scores, predicted
+    rows = ScoreRows(outputs.logits, outputs.reference_embeddings, settings.temperature)
+    scores = row_scores(rows)
+    scores[KNN] = knn_relevance(
+        outputs.reference_embeddings,
+        predicted,
+        outputs.train_embeddings,
+        train.labels,
+        settings.knn_k,
+    )
+    return TaskScores(outputs, scores, predicted)
 
 
 def domain_gap(outputs: TeacherOutputs) -> DomainGap:
@@ -184,44 +194,30 @@ def score_reference(
     train: LabeledImages,
     test: LabeledImages | None,
     out_dir: str | os.PathLike[str],
-    teacher_kind: str = "cnn",
-    embedder: Embedder | None = None,
-    temperature: float = 1.0,
-    knn_k: int = 5,
-    teacher_epochs: int = 40,
-    seed: int = 0,
+    settings: TeacherSettings,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> ScoreReport:
     """Train the teacher, score every reference image, and write the work directory."""
-    check_image_teacher(teacher_kind)
+    teacher_for(settings.kind, IMAGES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if test is not None and test.class_names != train.class_names:
         raise TaskDataError("train and test splits list different classes")
     started = time.perf_counter()
     images = reference_images(reference, train.images.shape[1])
-    outputs, scores, predicted = teacher_scores(
-        images,
-        train,
-        test,
-        teacher_kind,
-        embedder,
-        temperature,
-        knn_k,
-        teacher_epochs,
-        seed,
-        progress,
-    )
+    scored = teacher_scores(images, train, test, settings, progress)
+    outputs = scored.outputs
     scoring_seconds = time.perf_counter() - outputs.score_start
     gap = domain_gap(outputs)
-    faiss_index.save_index(faiss_index.build_index(outputs.duplicate_reference), out / INDEX_FILE)
-    save_embeddings(out / REFERENCE_EMBEDDINGS, outputs.duplicate_reference)
+    leakage = None
     if outputs.duplicate_test is not None:
-        save_embeddings(out / TEST_EMBEDDINGS, outputs.duplicate_test)
+        index = faiss_index.build_index(outputs.duplicate_reference)
+        leakage = LeakageCandidates.find(index, outputs.duplicate_test)
+    save_embeddings(out / REFERENCE_EMBEDDINGS, outputs.duplicate_reference)
     manifest = reference.manifest
     ScoresFile(
-        scores=scores,
-        predicted=predicted,
+        scores=scored.scores,
+        predicted=scored.predicted,
         class_names=train.class_names,
         reference_name=manifest.name,
         reference_fingerprint=manifest.fingerprint,
@@ -229,19 +225,23 @@ def score_reference(
         task=train.name,
         recommended_strategy=gap.strategy,
         reference_block_starts=manifest.block_starts(),
+        leakage=leakage,
     ).write(out / SCORES_FILE)
-    summary = {
-        "task": train.name,
-        "reference": manifest.summary(),
-        "teacher": outputs.report,
-        "embedder": outputs.embedder,
-        "duplicate_check_embedder": outputs.duplicate_embedder,
-        "domain_gap": gap.as_dict(),
-        "recommended_strategy": gap.strategy,
-        "predicted_histogram": np.bincount(predicted, minlength=len(train.class_names)).tolist(),
-        "scoring_seconds": scoring_seconds,
-        "scoring_images_per_second": len(reference) / max(scoring_seconds, 1e-9),
-        "total_seconds": time.perf_counter() - started,
-    }
-    write_json_atomic(out / SCORE_REPORT, summary)
-    return summary
+    report = ScoreReport(
+        path=IMAGES,
+        task=train.name,
+        classes=list(train.class_names),
+        reference=manifest.summary(),
+        embedder=outputs.embedder,
+        duplicate_check_embedder=outputs.duplicate_embedder,
+        teacher=outputs.report,
+        domain_gap=gap,
+        recommended_strategy=gap.strategy,
+        predicted_histogram=predicted_histogram(scored.predicted, len(train.class_names)),
+        scoring_seconds=scoring_seconds,
+        scoring_images_per_second=len(reference) / max(scoring_seconds, 1e-9),
+        knn_relevance=None,
+        total_seconds=time.perf_counter() - started,
+    )
+    report.write(out)
+    return report

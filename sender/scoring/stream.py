@@ -18,18 +18,19 @@ slower end to end), so large blocks are kept on the heap for the pass.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from protocol.errors import ConfigError
+from sender.scoring.scores import ROW_SCORES, ScoreRows, row_scores
 
 PAD_MULTIPLE = 8
 PAD_BIAS = -1.0e4
 
-LogitFn = Callable[[torch.Tensor], torch.Tensor]
 _M_MMAP_THRESHOLD = -3
 
 
@@ -88,91 +89,139 @@ class LinearHead:
         return weight.contiguous(), bias
 
 
+@dataclass(frozen=True)
+class StreamOptions:
+    """How the streamed pass runs."""
+
+    temperature: float = 1.0
+    chunk_rows: int = 8192
+    progress: bool = True
+
+
+class ChunkTeacher(Protocol):
+    """A teacher that maps a chunk of float32 embeddings to float32 logits (the kNN
+    teacher); a :class:`LinearHead` is applied as one fused GEMM instead."""
+
+    num_classes: int
+
+    def logits(self, chunk: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class StreamScores:
     """Per-row outputs of a streaming pass, plus how long it took."""
 
-    energy: np.ndarray  # float32 [n]
-    entropy: np.ndarray | None  # float32 [n]
+    scores: dict[str, np.ndarray]  # every registered row score, float32 [n]
     predicted: np.ndarray  # int32 [n]
     seconds: float
-    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def energy(self) -> np.ndarray:
+        return self.scores["energy"]
+
+    @property
+    def entropy(self) -> np.ndarray:
+        return self.scores["entropy"]
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.predicted.size / max(self.seconds, 1e-9)
+
+
+FUSED = ("energy", "entropy")  # computed in place from the same exponentials
 
 
 @torch.no_grad()
 def score_chunks(
     chunks: Iterator[tuple[int, torch.Tensor]],
     n: int,
-    head: LinearHead | None,
-    temperature: float = 1.0,
-    chunk_rows: int = 8192,
-    with_entropy: bool = True,
-    logit_fn: LogitFn | None = None,
-    num_classes: int | None = None,
-    progress: bool = True,
+    teacher: LinearHead | ChunkTeacher,
+    options: StreamOptions | None = None,
 ) -> StreamScores:
-    """Run the per-row reductions over ``chunks`` of float32 embeddings.
+    """Every registered row score of ``chunks`` of float32 embeddings, and the teacher's
+    label of each row.
 
-    Give a ``head`` (probe, zero-shot: one GEMM) or a ``logit_fn`` mapping a chunk to
-    float32 logits [rows, k] (kNN teacher) together with ``num_classes``.
-
-    It stays one long function on purpose: every buffer is allocated once, before the
-    loop, and each reduction writes into it in place (``out=``), which is what keeps a
-    14.2M-row pass within its time and memory budget (see the module docstring).
+    A :class:`LinearHead` (probe, zero-shot) is one GEMM per chunk with 1/T folded in;
+    any other teacher's ``logits`` map a chunk to float32 logits [rows, k] (kNN).
+    ``energy`` and ``entropy`` are reduced in place (:func:`_fused_reductions`); other
+    registered row scores get the chunk's logits and embeddings (:mod:`.scores`).
     """
-    if temperature <= 0:
-        raise ConfigError(f"temperature must be positive, not {temperature}")
-    if (head is None) == (logit_fn is None):
-        raise ConfigError("give exactly one of a linear head or a logit function")
+    options = options or StreamOptions()
+    if options.temperature <= 0:
+        raise ConfigError(f"temperature must be positive, not {options.temperature}")
     from tqdm import tqdm
 
     keep_large_blocks_on_heap()
     torch.set_flush_denormal(True)  # process-wide CPU state: switched off again below
     try:
-        if head is not None:
-            weight, bias = head.padded(temperature)
-            k_pad = weight.shape[1]
-        else:
-            assert num_classes is not None
-            k_pad = num_classes
-        energy = np.empty(n, dtype=np.float32)
-        entropy = np.empty(n, dtype=np.float32) if with_entropy else None
-        predicted = np.empty(n, dtype=np.int32)
-        logits = torch.empty((chunk_rows, k_pad), dtype=torch.float32)
-        work = torch.empty_like(logits)
-        peak = torch.empty(chunk_rows)
-        arg = torch.empty(chunk_rows, dtype=torch.long)
-        total = torch.empty(chunk_rows)
-        weighted = torch.empty(chunk_rows)
-        log_totals = torch.empty(chunk_rows)
+        pass_ = _FusedPass(n, teacher, options)
         started = time.perf_counter()
-        bar = tqdm(total=n, unit="img", unit_scale=True, disable=not progress, desc="scoring")
+        bar = tqdm(
+            total=n, unit="img", unit_scale=True, disable=not options.progress, desc="scoring"
+        )
         for start, x in chunks:
-            rows = x.shape[0]
-            z, e = logits[:rows], work[:rows]
-            if head is not None:
-                torch.addmm(bias, x, weight, out=z)
-            else:
-                assert logit_fn is not None
-                z.copy_(logit_fn(x)).div_(temperature)
-            m, a, s, w = peak[:rows], arg[:rows], total[:rows], weighted[:rows]
-            log_s = log_totals[:rows]
-            torch.max(z, 1, out=(m, a))
-            z.sub_(m.unsqueeze(1))
-            torch.exp(z, out=e)
-            torch.sum(e, 1, out=s)
-            stop = start + rows
-            torch.log(s, out=log_s)
-            energy[start:stop] = (-(m + log_s) * temperature).numpy()
-            predicted[start:stop] = a.numpy()
-            if entropy is not None:
-                # H = log S - sum(e * z) / S with z = logits - max, e = exp(z), S = sum(e)
-                e.mul_(z)
-                torch.sum(e, 1, out=w)
-                entropy[start:stop] = (log_s - w / s).numpy()
-            bar.update(rows)
+            pass_.add(start, x)
+            bar.update(x.shape[0])
         bar.close()
-        seconds = time.perf_counter() - started
-        return StreamScores(energy, entropy, predicted, seconds, {"rows_per_second": n / seconds})
+        return StreamScores(pass_.scores, pass_.predicted, time.perf_counter() - started)
     finally:
         torch.set_flush_denormal(False)
+
+
+class _FusedPass:
+    """The buffers of one streamed pass, allocated once: each chunk's logits and every
+    reduction are written into them in place (``out=``), which is what keeps a 14.2M-row
+    pass within its time and memory budget (see the module docstring)."""
+
+    def __init__(self, n: int, teacher: LinearHead | ChunkTeacher, options: StreamOptions) -> None:
+        self.teacher, self.temperature = teacher, options.temperature
+        rows = options.chunk_rows
+        if isinstance(teacher, LinearHead):
+            self.weight, self.bias = teacher.padded(options.temperature)
+            width = self.weight.shape[1]
+        else:
+            width = teacher.num_classes
+        self.num_classes = teacher.num_classes
+        self.extra = tuple(name for name in ROW_SCORES if name not in FUSED)
+        self.scores = {name: np.empty(n, dtype=np.float32) for name in (*FUSED, *self.extra)}
+        self.predicted = np.empty(n, dtype=np.int32)
+        self.logits = torch.empty((rows, width), dtype=torch.float32)
+        self.work = torch.empty_like(self.logits)
+        self.peak, self.total = torch.empty(rows), torch.empty(rows)
+        self.arg = torch.empty(rows, dtype=torch.long)
+        self.weighted, self.log_totals = torch.empty(rows), torch.empty(rows)
+
+    def add(self, start: int, x: torch.Tensor) -> None:
+        """Score one chunk of rows ``start, start + len(x)``."""
+        rows = x.shape[0]
+        z = self.logits[:rows]
+        if isinstance(self.teacher, LinearHead):
+            torch.addmm(self.bias, x, self.weight, out=z)
+        else:
+            z.copy_(self.teacher.logits(x)).div_(self.temperature)
+        stop = start + rows
+        if self.extra:  # before the reductions change z in place
+            logits = (z[:, : self.num_classes] * self.temperature).numpy()
+            block = ScoreRows(logits, x.numpy(), self.temperature)
+            for name, values in row_scores(block, self.extra).items():
+                self.scores[name][start:stop] = values
+        energy, entropy, predicted = self._fused_reductions(z)
+        self.scores["energy"][start:stop] = energy
+        self.scores["entropy"][start:stop] = entropy
+        self.predicted[start:stop] = predicted
+
+    def _fused_reductions(self, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(energy, entropy, argmax) of logits ``z`` (already divided by T), in place."""
+        rows = z.shape[0]
+        e, m, a = self.work[:rows], self.peak[:rows], self.arg[:rows]
+        s, w, log_s = self.total[:rows], self.weighted[:rows], self.log_totals[:rows]
+        torch.max(z, 1, out=(m, a))
+        z.sub_(m.unsqueeze(1))
+        torch.exp(z, out=e)
+        torch.sum(e, 1, out=s)
+        torch.log(s, out=log_s)
+        energy = (-(m + log_s) * self.temperature).numpy()
+        # H = log S - sum(e * z) / S with z = logits - max, e = exp(z), S = sum(e)
+        e.mul_(z)
+        torch.sum(e, 1, out=w)
+        return energy, (log_s - w / s).numpy(), a.numpy()

@@ -1,9 +1,16 @@
-"""The scoring work directory: written by ``plada-send score``, read by ``select``.
+"""The scoring work directory: written by ``plada-send score``, read by ``select`` and ``plan``.
 
-Both scoring paths (images through a teacher, and stored CLIP embeddings) write
-the same :class:`ScoresFile`; its keys carry a schema version, so a work
-directory from another plada release is refused with a clear message instead of
-being half read.
+Both scoring paths (images through a teacher, and stored CLIP embeddings) write the
+same files: :class:`ScoresFile` (``scores.npz``: every score and the teacher's label of
+each reference row, the reference set's identity, and each test image's nearest
+reference rows for the leakage check) and :class:`ScoreReport` (``score_report.json``).
+Its keys carry a schema version, so a work directory from another plada release is
+refused with a clear message instead of being half read.
+
+A work directory is self-contained for ``select``: the leakage check reads the
+candidates found at scoring time, not the index, and the embeddings store (needed only
+by the consensus filter) is recorded relative to the work directory, so the two can be
+moved together, or the work directory alone when the filter is not used.
 """
 
 from __future__ import annotations
@@ -11,22 +18,28 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from protocol.atomic_files import write_atomic, write_json_atomic
 from protocol.errors import ConfigError
 from protocol.manifest import BlockLayout
-from sender.scoring.scores import SCORES
+from protocol.reference.factory import ReferenceLocation
+from sender.scoring.domain_gap import DomainGap
+from sender.scoring.scores import score_names
+
+if TYPE_CHECKING:
+    import faiss
 
 SCORES_FILE = "scores.npz"
 REFERENCE_EMBEDDINGS = "reference_embeddings.npy"
-TEST_EMBEDDINGS = "test_embeddings.npy"
 SCORE_REPORT = "score_report.json"
 REFERENCE_SPEC = "reference.json"  # how score named the reference set: select draws from it
-SCORES_SCHEMA = 2  # 1: the unversioned files of earlier releases
+SCORES_SCHEMA = 3  # 2: embeddings store by absolute path, leakage through the index
 _SCORE_KEY = "score_"  # prefix of each relevance score's key
 
 
@@ -36,23 +49,62 @@ def save_embeddings(path: str | os.PathLike[str], embeddings: np.ndarray) -> Non
     write_atomic(Path(path), lambda handle: np.save(handle, half))
 
 
-def record_reference_spec(
-    work: str | os.PathLike[str], spec: str, image_size: int, cache_dir: str | None
-) -> None:
-    """Note how the reference set was named (and cached, on this station) when the work
-    directory was scored."""
-    cache = None if cache_dir is None else str(Path(cache_dir).resolve())
-    record = {"spec": spec, "image_size": image_size, "cache_dir": cache}
+def record_reference(work: str | os.PathLike[str], location: ReferenceLocation) -> None:
+    """Note how ``score`` named the reference set (and where this station caches it), so
+    that ``select`` can draw the contact sheet from the same set."""
+    cache = None if location.cache_dir is None else str(Path(location.cache_dir).resolve())
+    record = {"spec": location.spec, "image_size": location.image_size, "cache_dir": cache}
     write_json_atomic(Path(work) / REFERENCE_SPEC, record)
 
 
-def recorded_reference_spec(work: str | os.PathLike[str]) -> dict | None:
-    """What :func:`record_reference_spec` wrote, or None."""
+def recorded_reference(work: str | os.PathLike[str]) -> ReferenceLocation | None:
+    """What :func:`record_reference` wrote, or None."""
     try:
         recorded = json.loads((Path(work) / REFERENCE_SPEC).read_text())
-    except (OSError, ValueError):
+        spec, size, cache = recorded["spec"], recorded["image_size"], recorded["cache_dir"]
+        return ReferenceLocation(str(spec), cache, int(size))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return recorded if isinstance(recorded, dict) and "spec" in recorded else None
+
+
+@dataclass(frozen=True)
+class LeakageCandidates:
+    """Each task test image's nearest reference rows with their exact cosine similarity
+    (in the duplicate-check embedding), found when scoring: ``select`` checks leakage at
+    any threshold from them, without the index or the embeddings store."""
+
+    ids: np.ndarray  # int64 [t, k]: reference rows, -1 where the index found fewer
+    similarities: np.ndarray  # float32 [t, k]
+
+    @classmethod
+    def find(
+        cls,
+        index: faiss.Index,
+        test_embeddings: np.ndarray,
+        exact: Callable[[np.ndarray], np.ndarray] | None = None,
+        k: int = 16,
+    ) -> LeakageCandidates:
+        """The ``k`` nearest rows of each test image in ``index`` (see
+        :func:`~sender.embedding.index.nearest_rows`), the queries kept at fp16 as the
+        stored embeddings are."""
+        from sender.embedding.index import nearest_rows
+
+        queries = np.asarray(test_embeddings).astype(np.float16).astype(np.float32)
+        return cls(*nearest_rows(index, queries, k, exact))
+
+    @property
+    def queries(self) -> int:
+        return int(self.ids.shape[0])
+
+    def duplicates(self, threshold: float) -> tuple[np.ndarray, int]:
+        """(sorted reference rows within ``threshold`` of a test image, test images with one)."""
+        hits = (self.ids >= 0) & (self.similarities >= threshold)
+        return np.unique(self.ids[hits]).astype(np.int64), int(hits.any(axis=1).sum())
+
+
+def predicted_histogram(predicted: np.ndarray, classes: int) -> list[int]:
+    """How many reference rows the teacher gave each class."""
+    return np.bincount(predicted, minlength=classes).tolist()
 
 
 def _empty_rows() -> np.ndarray:
@@ -74,17 +126,20 @@ class ScoresFile:
     recommended_strategy: str = "safety-net"
     reference_block_starts: np.ndarray = field(default_factory=_empty_rows)  # empty: no folders
     excluded: np.ndarray = field(default_factory=_empty_rows)  # unreadable reference rows
-    embeddings_dir: str | None = None  # the embeddings store scored (production path)
+    # the embeddings store scored (production path), relative to the work directory
+    embeddings_dir: str | None = None
+    leakage: LeakageCandidates | None = None  # None: the task had no test images
 
     def __post_init__(self) -> None:
-        unknown = set(self.scores) - set(SCORES)
+        known = score_names()
+        unknown = set(self.scores) - set(known)
         if unknown:
-            raise ConfigError(f"unknown scores {sorted(unknown)} (known: {', '.join(SCORES)})")
+            raise ConfigError(f"unknown scores {sorted(unknown)} (known: {', '.join(known)})")
 
     @property
     def available_scores(self) -> list[str]:
-        """The scores present, in :data:`~sender.scoring.scores.SCORES` order."""
-        return [name for name in SCORES if name in self.scores]
+        """The scores present, in :func:`~sender.scoring.scores.score_names` order."""
+        return [name for name in score_names() if name in self.scores]
 
     def block_layout(self) -> BlockLayout | None:
         """The reference folders' layout for block coding, or None without folders."""
@@ -112,6 +167,9 @@ class ScoresFile:
             "excluded": np.asarray(self.excluded, np.int64),
             "embeddings_dir": np.asarray(self.embeddings_dir or ""),
         }
+        if self.leakage is not None:
+            arrays["leakage_ids"] = np.asarray(self.leakage.ids, np.int64)
+            arrays["leakage_similarities"] = np.asarray(self.leakage.similarities, np.float32)
         arrays |= {_SCORE_KEY + name: values for name, values in self.scores.items()}
         write_atomic(Path(path), lambda handle: np.savez(handle, **arrays))
 
@@ -143,6 +201,9 @@ class ScoresFile:
                 for key in data.files
                 if key.startswith(_SCORE_KEY)
             }
+            leakage = None
+            if "leakage_ids" in data.files:
+                leakage = LeakageCandidates(data["leakage_ids"], data["leakage_similarities"])
             return cls(
                 scores=scores,
                 predicted=data["predicted"],
@@ -155,4 +216,73 @@ class ScoresFile:
                 reference_block_starts=data["reference_block_starts"],
                 excluded=data["excluded"],
                 embeddings_dir=str(data["embeddings_dir"]) or None,
+                leakage=leakage,
             )
+
+
+@dataclass(frozen=True)
+class TeacherSummary:
+    """What the teacher is and how well it does on the task's own test split."""
+
+    kind: str
+    train_images: int
+    test_accuracy: float | None = None
+    details: dict[str, str | int | float] = field(default_factory=dict)  # e.g. the CNN's epochs
+
+
+@dataclass(frozen=True)
+class KnnSummary:
+    """What the streamed kNN relevance took (:mod:`sender.scoring.stream_knn`), or why
+    it was skipped."""
+
+    skipped: str | None = None
+    depth: int = 0
+    nprobe: int = 0
+    task_images: int = 0
+    candidates: int = 0
+    search_seconds: float = 0.0
+    score_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    """What ``plada-send score`` did, on either path (``score_report.json``)."""
+
+    path: str  # the scoring path: "images" or "embeddings" (sender.scoring.teacher_kinds)
+    task: str | None
+    classes: list[str]
+    reference: dict[str, str | int]  # name, size, fingerprint (and unreadable images)
+    embedder: str
+    duplicate_check_embedder: str
+    teacher: TeacherSummary
+    domain_gap: DomainGap | None
+    recommended_strategy: str
+    predicted_histogram: list[int]
+    scoring_seconds: float
+    scoring_images_per_second: float
+    knn_relevance: KnnSummary | None
+    total_seconds: float
+
+    def write(self, work: str | os.PathLike[str]) -> None:
+        write_json_atomic(Path(work) / SCORE_REPORT, asdict(self))
+
+    @classmethod
+    def read(cls, work: str | os.PathLike[str]) -> ScoreReport:
+        """The report of a scored work directory; a typed error naming the fix otherwise."""
+        path = Path(work) / SCORE_REPORT
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: run 'plada-send score' first")
+        try:
+            data = json.loads(path.read_text())
+            gap, knn = data.pop("domain_gap"), data.pop("knn_relevance")
+            return cls(
+                **data
+                | {
+                    "teacher": TeacherSummary(**data["teacher"]),
+                    "domain_gap": None if gap is None else DomainGap(**gap),
+                    "knn_relevance": None if knn is None else KnnSummary(**knn),
+                }
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{path} is damaged: run 'plada-send score' again") from exc

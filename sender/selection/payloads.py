@@ -1,206 +1,249 @@
-"""Selecting from a scored work directory and writing the payload.
+"""One selection from a scored work directory, written as a (signed) payload.
 
-``make_payload`` reads a work directory (``plada-send score``) as often as needed,
-e.g. to try keep fractions against a byte budget.
+``make_payload`` reads a work directory (``plada-send score``) as often as needed, e.g.
+to try keep fractions against a byte budget. The selection is either given (strategy,
+score, keep, ...) or the plan's best candidate within the budget (:func:`planned`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from protocol.atomic_files import write_json_atomic
 from protocol.errors import BudgetError, ConfigError
-from protocol.payload import (
-    EncodedPayload,
-    Payload,
-    SenderStamp,
-    encode_payload_detailed,
-    information_bound_bytes,
-    selection_text,
-    write_payload,
-)
+from protocol.payload import Payload, information_bound_bytes, selection_text, write_payload
 from protocol.reference.base import ReferenceSource
-from protocol.signing import SigningKey
-from sender.embedding import index as faiss_index
-from sender.embedding.store import EmbeddingStore
-from sender.scoring.work_dir import REFERENCE_EMBEDDINGS, SCORES_FILE, TEST_EMBEDDINGS, ScoresFile
+from protocol.reference.factory import ReferenceLocation
+from sender.scoring.work_dir import recorded_reference
 from sender.selection.consensus import consensus_outliers
-from sender.selection.strategies import SelectionConfig, select
+from sender.selection.plan_file import choose, load_plan
+from sender.selection.scored_work import LeakageReport, LeakageRule, ScoredWork
+from sender.selection.strategies import SelectionConfig
 from sender.signer import PayloadSigner
 
-INDEX_FILE = faiss_index.INDEX_FILE
+MIN_IMAGES_PER_CLASS = 10  # fewer, on average, is worth a warning
+
+
+@dataclass(frozen=True)
+class ConsensusRule:
+    """Drop kept images whose ``k`` nearest kept neighbours agree with their label less
+    than ``agreement`` of the time, and refill (0: off; see :mod:`.consensus`)."""
+
+    k: int = 0
+    agreement: float = 0.5
+
+
+@dataclass(frozen=True)
+class PlannedChoice:
+    """The plan's candidate a payload was made from."""
+
+    candidate: str
+    predicted_accuracy: float
+    planned_bytes: int
+    budget_bytes: int | None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to keep: a configuration and a score (None: the work directory's best), the
+    leakage and consensus rules, and the plan's choice it came from, if any."""
+
+    config: SelectionConfig = field(default_factory=SelectionConfig)
+    score: str | None = None
+    leakage: LeakageRule = field(default_factory=LeakageRule)
+    consensus: ConsensusRule = field(default_factory=ConsensusRule)
+    planned: PlannedChoice | None = None
+
+
+@dataclass(frozen=True)
+class PayloadOptions:
+    """How the payload is written: its task id, signer, byte budget and contact sheet."""
+
+    task_id: str | None = None
+    signer: PayloadSigner | None = None  # None: unsigned (development only)
+    max_bytes: int | None = None  # refuse (write nothing) above this
+    sheet: ContactSheet | None = None
+
+
+@dataclass(frozen=True)
+class ContactSheet:
+    """Where the selection's contact sheet is drawn from, and to."""
+
+    reference: ReferenceSource
+    path: Path
+
+
+@dataclass(frozen=True)
+class SignatureSummary:
+    sender: str
+    key_id: str
+    sequence: int
+    expires: int
+
+
+@dataclass(frozen=True)
+class ConsensusReport:
+    k: int
+    min_agreement: float
+    dropped: int
 
 
 @dataclass
-class ScoredWork:
-    """A scored work directory opened for selecting: its scores, and the rows no
-    payload may keep (unreadable images, and near-duplicates of the task's test images
-    unless the leakage check only reports them)."""
+class PayloadSummary:
+    """What ``make_payload`` wrote (``select --json`` writes it as JSON)."""
 
-    path: Path
-    scored: ScoresFile
-    duplicates: np.ndarray
-    leakage: dict[str, Any] | None
-    excluded: np.ndarray
+    payload: str
+    payload_bytes: int
+    kept: int
+    keep_fraction: float
+    body_coding: dict[str, str | int]
+    signed: SignatureSummary | None
+    selection: dict[str, str | float]
+    unreadable_excluded: int
+    class_histogram: dict[str, int]
+    information_bound_bytes: float
+    leakage: LeakageReport | None
+    consensus: ConsensusReport | None
+    warnings: list[str]
+    contact_sheet: dict[str, str] | None  # {"file": PNG} or {"skipped": why}
+    plan: PlannedChoice | None = None
 
-    @classmethod
-    def open(
-        cls,
-        work_dir: str | os.PathLike[str],
-        leak_threshold: float = 0.97,
-        exclude_leaks: bool = True,
-    ) -> ScoredWork:
-        """Read ``scores.npz`` and run the leakage check once, for any number of selections."""
-        work = Path(work_dir)
-        scored = ScoresFile.read(work / SCORES_FILE)
-        duplicates, leakage = _leakage_check(work, scored, leak_threshold, exclude_leaks)
-        excluded = np.union1d(scored.excluded, duplicates) if exclude_leaks else scored.excluded
-        return cls(work, scored, duplicates, leakage, excluded)
+    def write_json(self, path: str | os.PathLike[str]) -> None:
+        write_json_atomic(Path(path), asdict(self))
 
-    def resolve(self, config: SelectionConfig, score: str | None) -> tuple[SelectionConfig, str]:
-        """The concrete configuration and score: ``auto`` becomes the recommended
-        strategy, no score the best one present (knn, else energy; energy for inverse)."""
-        available = self.scored.available_scores
-        if config.strategy == "auto":
-            config = replace(config, strategy=self.scored.recommended_strategy)
-        if score is None:  # high energy is the inverse rule; "least relevant" means nothing
-            relevance = config.strategy != "inverse" and "knn" in available
-            score = "knn" if relevance else "energy"
-        if score not in available:
-            raise ConfigError(
-                f"score {score!r} is not in {self.path / SCORES_FILE} "
-                f"(available: {', '.join(available)})"
-            )
-        return config, score
 
-    def select(
-        self, config: SelectionConfig, score: str, excluded: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The kept rows of a resolved configuration (``excluded``: further rows to skip)."""
-        scored = self.scored
-        skip = self.excluded if excluded is None else np.union1d(self.excluded, excluded)
-        return select(
-            scored.scores[score], scored.predicted, len(scored.class_names), config, excluded=skip
-        )
+def byte_budget(max_bytes: int | None, link_bps: float | None, seconds: int | None) -> int | None:
+    """The byte budget: ``max_bytes``, or what a link of ``link_bps`` carries in
+    ``seconds``; None without either. Typed errors for a half-given link."""
+    if max_bytes is not None and link_bps is not None:
+        raise ConfigError("give --max-bytes or --link-bps/--window, not both")
+    if link_bps is not None:
+        if seconds is None:
+            raise ConfigError("--link-bps needs --window (how long the link is up, e.g. 20m)")
+        if link_bps <= 0:
+            raise ConfigError(f"--link-bps must be positive, not {link_bps}")
+        return int(link_bps * seconds / 8)
+    if seconds is not None:
+        raise ConfigError("--window needs --link-bps (the link's rate in bits per second)")
+    if max_bytes is not None and max_bytes < 1:
+        raise ConfigError(f"--max-bytes must be positive, not {max_bytes}")
+    return max_bytes
 
-    def payload(
-        self,
-        kept: np.ndarray,
-        config: SelectionConfig,
-        score: str,
-        task_id: str | None = None,
-        sender: SenderStamp | None = None,
-        created: int | None = None,
-    ) -> Payload:
-        """The payload of ``kept`` rows with the teacher's labels."""
-        scored = self.scored
-        return Payload(
-            task=task_id or scored.task,
-            reference_name=scored.reference_name,
-            reference_fingerprint=scored.reference_fingerprint,
-            reference_size=scored.reference_size,
-            class_names=scored.class_names,
-            indices=kept,
-            labels=scored.predicted[kept].astype(np.int64),
-            selection=config.as_header() | {"score": score},
-            created=int(time.time()) if created is None else created,
-            sender=sender,
-        )
 
-    def encode(self, payload: Payload, key: SigningKey | None = None) -> EncodedPayload:
-        """The payload's bytes, in the smallest coding this reference's layout allows."""
-        return encode_payload_detailed(payload, reference=self.scored.block_layout(), signer=key)
+def planned(
+    plan_path: str | os.PathLike[str], work_dir: str | os.PathLike[str], budget: int | None
+) -> tuple[SelectionConfig, str, PlannedChoice]:
+    """The plan's best candidate within ``budget``: its configuration, score and record."""
+    row = choose(load_plan(plan_path, work_dir).candidates, budget)
+    choice = PlannedChoice(row.name, row.predicted_accuracy, row.payload_bytes, budget)
+    return row.candidate.config(), row.candidate.score, choice
+
+
+def contact_sheet_target(
+    work_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    reference: str | None = None,
+    cache_dir: str | None = None,
+    image_size: int | None = None,
+) -> ContactSheet | None:
+    """Where select draws the contact sheet: the reference set ``reference`` names, else
+    the one ``score`` recorded in the work directory (with the cache and image size it
+    recorded, unless given); None without either. A ``PladaError`` when the set cannot be
+    read."""
+    recorded = recorded_reference(work_dir)
+    spec = reference or (recorded.spec if recorded else None)
+    if spec is None:
+        return None
+    size = image_size or (recorded.image_size if recorded else 64)
+    if cache_dir is None and recorded is not None and not reference:
+        cache_dir = recorded.cache_dir
+    out = Path(out)
+    location = ReferenceLocation(spec, cache_dir, size)
+    return ContactSheet(location.open(), out.with_name(f"{out.stem}.selection.png"))
 
 
 def make_payload(
     work_dir: str | os.PathLike[str],
-    config: SelectionConfig,
+    selection: Selection,
     out_path: str | os.PathLike[str],
-    score: str | None = None,
-    task_id: str | None = None,
-    leak_threshold: float = 0.97,
-    exclude_leaks: bool = True,
-    consensus_k: int = 0,
-    consensus_agreement: float = 0.5,
-    signer: PayloadSigner | None = None,
-    max_bytes: int | None = None,
-    sheet: tuple[ReferenceSource, Path] | None = None,
-) -> dict[str, Any]:
+    options: PayloadOptions | None = None,
+) -> PayloadSummary:
     """Select from a scored work directory, write the payload, and return a summary.
 
-    With ``signer`` the payload is signed (format v3) with the next sequence number
-    of its sender; without it it is unsigned (development only).
-
-    ``config.strategy == "auto"`` takes the strategy the domain-gap measurement
-    recommended at scoring time. Reference images that are near-duplicates of the
-    task's test images (cosine >= ``leak_threshold`` in the duplicate-check
-    embedding) are excluded before selecting, unless ``exclude_leaks`` is False;
-    unreadable reference images are always excluded. ``consensus_k > 0`` drops kept
-    images whose nearest kept neighbours disagree with their label and refills them
-    (see :mod:`sender.selection.consensus`). A payload larger than ``max_bytes`` is not written
-    (``BudgetError``). ``sheet``: (the local reference set, a PNG path) for a contact
-    sheet of the kept images per class (:mod:`sender.selection.contact_sheet`).
+    With a signer the payload is signed with the next sequence number of its sender;
+    without it it is unsigned (development only). ``strategy == "auto"`` takes the
+    strategy the domain-gap measurement recommended at scoring time. Reference images
+    that are near-duplicates of the task's test images are excluded before selecting,
+    unless the leakage rule only reports them; unreadable reference images are always
+    excluded. A payload over the byte budget is not written (``BudgetError``).
     """
-    work = ScoredWork.open(work_dir, leak_threshold, exclude_leaks)
-    config, score = work.resolve(config, score)
+    options = options or PayloadOptions()
+    work = ScoredWork.open(work_dir, selection.leakage)
+    config, score = work.resolve(selection.config, selection.score)
     scored = work.scored
-    kept = work.select(config, score)
-    consensus = None
-    if consensus_k > 0:
-        dropped = _consensus_outliers(work.path, scored, kept, consensus_k, consensus_agreement)
-        kept = work.select(config, score, excluded=dropped)
-        consensus = {
-            "k": consensus_k,
-            "min_agreement": consensus_agreement,
-            "dropped": int(dropped.size),
-        }
+    kept, consensus = _kept_rows(work, config, score, selection.consensus)
     warnings = selection_warnings(int(kept.size), len(scored.class_names), scored.reference_size)
-    leakage = None if work.leakage is None else dict(work.leakage)
-    if leakage is not None:
-        leakage["kept_near_duplicates"] = int(np.intersect1d(kept, work.duplicates).size)
+    signer = options.signer
     created = int(time.time())
     stamp = signer.stamp(created) if signer else None
-    payload = work.payload(kept, config, score, task_id, stamp, created)
+    payload = work.payload(kept, config, score, options.task_id, stamp, created)
     encoded = work.encode(payload, signer.key if signer else None)
-    if max_bytes is not None and len(encoded.data) > max_bytes:
+    if options.max_bytes is not None and len(encoded.data) > options.max_bytes:
         raise BudgetError(
-            f"the payload is {len(encoded.data)} bytes, over the budget of {max_bytes}: "
+            f"the payload is {len(encoded.data)} bytes, over the budget of {options.max_bytes}: "
             "keep fewer images or raise the budget (nothing written)"
         )
     write_payload(out_path, encoded.data)
-    drawn = None if sheet is None else _contact_sheet(payload, scored, *sheet)
     k = len(scored.class_names)
-    return {
-        "payload": str(out_path),
-        "payload_bytes": len(encoded.data),
-        "kept": int(kept.size),
-        "keep_fraction": kept.size / scored.reference_size,
-        "body_coding": encoded.body,
-        "signed": _signature_summary(payload, signer),
-        "selection": payload.selection,
-        "unreadable_excluded": int(scored.excluded.size),
-        "class_histogram": payload.class_histogram(),
-        "information_bound_bytes": round(
+    return PayloadSummary(
+        payload=str(out_path),
+        payload_bytes=len(encoded.data),
+        kept=int(kept.size),
+        keep_fraction=kept.size / scored.reference_size,
+        body_coding=encoded.body,
+        signed=_signature_summary(payload, signer),
+        selection=payload.selection,
+        unreadable_excluded=int(scored.excluded.size),
+        class_histogram=payload.class_histogram(),
+        information_bound_bytes=round(
             information_bound_bytes(scored.reference_size, payload.labels, k), 1
         ),
-        "leakage": leakage,
-        "consensus": consensus,
-        "warnings": warnings,
-        "contact_sheet": drawn,
-    }
+        leakage=work.leakage_of(kept),
+        consensus=consensus,
+        warnings=warnings,
+        contact_sheet=_contact_sheet(payload, work, options.sheet),
+        plan=selection.planned,
+    )
+
+
+def _kept_rows(
+    work: ScoredWork, config: SelectionConfig, score: str, rule: ConsensusRule
+) -> tuple[np.ndarray, ConsensusReport | None]:
+    """The selected rows, after the consensus filter when it is on (dropped rows are
+    replaced by the next ones the selection would keep)."""
+    kept = work.select(config, score)
+    if rule.k <= 0:
+        return kept, None
+    labels = work.scored.predicted[kept]
+    dropped = kept[consensus_outliers(work.embeddings_of(kept), labels, rule.k, rule.agreement)]
+    kept = work.select(config, score, excluded=dropped)
+    return kept, ConsensusReport(rule.k, rule.agreement, int(dropped.size))
 
 
 def _contact_sheet(
-    payload: Payload, scored: ScoresFile, reference: ReferenceSource, path: Path
-) -> dict[str, Any]:
+    payload: Payload, work: ScoredWork, sheet: ContactSheet | None
+) -> dict[str, str] | None:
     """Draw the selection's contact sheet, or say why not (another reference set)."""
     from sender.selection.contact_sheet import write_contact_sheet
 
+    if sheet is None:
+        return None
+    reference, scored = sheet.reference, work.scored
     if reference.manifest.fingerprint != scored.reference_fingerprint:
         return {
             "skipped": f"the reference set {reference.manifest.name} is not the one this work "
@@ -208,12 +251,9 @@ def _contact_sheet(
         }
     title = f"{payload.task}: {selection_text(payload.selection)}"
     write_contact_sheet(
-        path, reference, payload.indices, payload.labels, payload.class_names, title
+        sheet.path, reference, payload.indices, payload.labels, payload.class_names, title
     )
-    return {"file": str(path)}
-
-
-MIN_IMAGES_PER_CLASS = 10  # fewer, on average, is worth a warning
+    return {"file": str(sheet.path)}
 
 
 def selection_warnings(kept: int, classes: int, reference_size: int) -> list[str]:
@@ -232,57 +272,9 @@ def selection_warnings(kept: int, classes: int, reference_size: int) -> list[str
     return []
 
 
-def _leakage_index(work: Path, embeddings_dir: str | None) -> Path | None:
-    """The index to search for near-duplicates: the work directory's, else the store's."""
-    candidates = [work / INDEX_FILE]
-    if embeddings_dir:
-        candidates.append(Path(embeddings_dir) / INDEX_FILE)
-    return next((path for path in candidates if path.is_file()), None)
-
-
-def _leakage_check(
-    work: Path, scored: ScoresFile, threshold: float, exclude: bool
-) -> tuple[np.ndarray, dict[str, Any] | None]:
-    """Reference rows that are near-duplicates of the task's test images, and the
-    report of the check (None when the work directory has no test images or index)."""
-    index_path = _leakage_index(work, scored.embeddings_dir)
-    if not (work / TEST_EMBEDDINGS).is_file() or index_path is None:
-        return np.zeros(0, np.int64), None
-    queries = np.load(work / TEST_EMBEDDINGS).astype(np.float32)
-    exact = None
-    if scored.embeddings_dir and index_path.parent == Path(scored.embeddings_dir):
-        exact = EmbeddingStore(scored.embeddings_dir).read_rows
-    duplicates, hit_queries = faiss_index.near_duplicate_ids(
-        faiss_index.load_index(index_path), queries, threshold, exact=exact
-    )
-    return duplicates, {
-        "threshold": threshold,
-        "test_images_checked": int(queries.shape[0]),
-        "test_images_with_near_duplicates": hit_queries,
-        "near_duplicate_reference_images": int(duplicates.size),
-        "excluded": exclude,
-    }
-
-
-def _consensus_outliers(
-    work: Path, scored: ScoresFile, kept: np.ndarray, k: int, agreement: float
-) -> np.ndarray:
-    """Kept rows whose ``k`` nearest kept neighbours mostly carry another label."""
-    if scored.embeddings_dir:
-        embeddings = EmbeddingStore(scored.embeddings_dir).read_rows(kept)
-    elif (work / REFERENCE_EMBEDDINGS).is_file():
-        embeddings = np.load(work / REFERENCE_EMBEDDINGS, mmap_mode="r")[kept]
-    else:
-        raise ConfigError(f"{work} has no reference embeddings for the consensus filter")
-    return kept[consensus_outliers(embeddings, scored.predicted[kept], k, agreement)]
-
-
-def _signature_summary(payload: Payload, signer: PayloadSigner | None) -> dict[str, Any] | None:
+def _signature_summary(payload: Payload, signer: PayloadSigner | None) -> SignatureSummary | None:
     if signer is None or payload.sender is None:
         return None
-    return {
-        "sender": signer.key.sender,
-        "key_id": signer.key.key_id.hex(),
-        "sequence": payload.sender.sequence,
-        "expires": payload.sender.expires,
-    }
+    key = signer.key
+    stamp = payload.sender
+    return SignatureSummary(key.sender, key.key_id.hex(), stamp.sequence, stamp.expires)

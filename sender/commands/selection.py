@@ -1,0 +1,301 @@
+"""``plada-send select`` and ``plan``: a payload from a scored work directory, and the
+prediction of what each candidate payload teaches."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from plada_cli import add_reference_options, reference_from_args, task_images_for
+from protocol.errors import ConfigError, PladaError
+from protocol.timestamps import utc_text
+from sender.commands.options import (
+    Subparsers,
+    add_clip_options,
+    add_quiet,
+    clip_embedder,
+    parse_keeps,
+)
+from sender.scoring.scores import score_names
+from sender.selection.strategies import STRATEGIES
+
+SELECTION_FLAGS = ("strategy", "score", "keep", "alpha", "reserve", "seed")
+
+
+def add_select(sub: Subparsers) -> None:
+    sel = sub.add_parser("select", help="select from a scored work directory and write a payload")
+    sel.add_argument("work", help="the scored work directory (plada-send score --out)")
+    sel.add_argument(
+        "--plan", help="a plan (plada-send plan): send its best candidate within the byte budget"
+    )
+    sel.add_argument("--max-bytes", type=int, help="byte budget: refuse larger payloads")
+    sel.add_argument("--link-bps", type=float, help="byte budget from a link rate (bits/s) ...")
+    sel.add_argument("--window", help="... and how long it is up: seconds or 30m / 2h")
+    _add_selection_options(sel)
+    sel.add_argument("--task-id", help="task id written into the payload")
+    sel.add_argument("--json", help="also write the summary as JSON here")
+    sel.add_argument("--out", required=True, help="the payload file to write")
+    sheet = sel.add_argument_group("contact sheet (OUT.selection.png: kept images per class)")
+    sheet.add_argument(
+        "--reference", help="the reference set to draw from (default: the one score used)"
+    )
+    sheet.add_argument("--cache-dir", help="reference cache (default $PLADA_CACHE)")
+    sheet.add_argument("--image-size", type=int, help="image side for ImageFolders")
+    sheet.add_argument("--no-sheet", action="store_true", help="do not draw the contact sheet")
+    _add_signing_options(sel)
+    sel.set_defaults(func=_run_select)
+
+
+def _add_selection_options(sel: argparse.ArgumentParser) -> None:
+    sel.add_argument(
+        "--strategy",
+        choices=["auto", *STRATEGIES],
+        default=None,
+        help="default safety-net; auto: the one the domain-gap measurement recommended; "
+        "random, random-balanced: the controls",
+    )
+    sel.add_argument(
+        "--score",
+        choices=score_names(),
+        default=None,
+        help="default: knn when the work directory has it, else energy",
+    )
+    sel.add_argument("--leak-threshold", type=float, default=0.97, help="near-duplicate cosine")
+    sel.add_argument(
+        "--keep-leaks", action="store_true", help="report test near-duplicates but keep them"
+    )
+    sel.add_argument(
+        "--consensus",
+        type=int,
+        default=0,
+        metavar="K",
+        help="drop kept images whose K nearest kept neighbours mostly disagree (0: off)",
+    )
+    sel.add_argument(
+        "--consensus-agreement",
+        type=float,
+        default=0.5,
+        help="with --consensus: the share of neighbours that must agree",
+    )
+    sel.add_argument("--keep", type=float, help="fraction of the reference set (default 0.01)")
+    sel.add_argument("--alpha", type=float, help="safety-net quota exponent (default -0.2)")
+    sel.add_argument(
+        "--reserve", type=float, help="safety-net share of the budget (default 1.0: all)"
+    )
+    sel.add_argument("--seed", type=int, help="the random controls' draw (default 0)")
+
+
+def _add_signing_options(sel: argparse.ArgumentParser) -> None:
+    signing = sel.add_argument_group("signing")
+    signing.add_argument("--signing-key", help="the sender's private key (plada-send keygen)")
+    signing.add_argument(
+        "--expires-in", default="7d", help="payload lifetime: seconds or 30m / 12h / 7d"
+    )
+    signing.add_argument(
+        "--sequence-file", help="sequence counter (default: SENDER.sequence beside the key)"
+    )
+    signing.add_argument(
+        "--audience",
+        help="address the payload to one device id or device group (receivers with another "
+        "--device-id / --group refuse it); default: any receiver that trusts this sender",
+    )
+    signing.add_argument(
+        "--unsigned", action="store_true", help="write an unsigned payload (development only)"
+    )
+
+
+def _signer(args: argparse.Namespace):
+    from sender.signer import PayloadSigner
+
+    if args.unsigned:
+        if args.signing_key:
+            raise ConfigError("--unsigned and --signing-key exclude each other")
+        return None
+    if not args.signing_key:
+        raise ConfigError(
+            "payloads are signed: pass --signing-key KEY (create one with `plada-send keygen`), "
+            "or --unsigned for development (receivers refuse unsigned payloads by default)"
+        )
+    return PayloadSigner.from_files(
+        args.signing_key, args.expires_in, args.sequence_file, args.audience
+    )
+
+
+def _selection(args: argparse.Namespace, budget: int | None):
+    """The selection the flags give, or with --plan the plan's best within the budget."""
+    from sender.selection.payloads import ConsensusRule, Selection, planned
+    from sender.selection.scored_work import LeakageRule
+    from sender.selection.strategies import SelectionConfig
+
+    given = [name for name in SELECTION_FLAGS if getattr(args, name) is not None]
+    choice = None
+    if args.plan:
+        if given:
+            drop = " ".join(f"--{name}" for name in given)
+            raise ConfigError(f"--plan chooses the selection: drop {drop}")
+        config, score, choice = planned(args.plan, args.work, budget)
+    else:  # the flags given, SelectionConfig's defaults for the rest
+        config = SelectionConfig(**{k: getattr(args, k) for k in given if k != "score"})
+        score = args.score
+    leakage = LeakageRule(args.leak_threshold, exclude=not args.keep_leaks)
+    consensus = ConsensusRule(args.consensus, args.consensus_agreement)
+    return Selection(config, score, leakage, consensus, choice)
+
+
+def _sheet(args: argparse.Namespace):
+    """The contact sheet's reference set and file, or None (none named, or unreadable:
+    the picture is an extra, the payload does not wait for it)."""
+    from sender.selection.payloads import contact_sheet_target
+
+    if args.no_sheet:
+        return None
+    try:
+        return contact_sheet_target(
+            args.work, args.out, args.reference, args.cache_dir, args.image_size
+        )
+    except PladaError as exc:
+        print(f"warning: no contact sheet, the reference set cannot be read: {exc}")
+        return None
+
+
+def _run_select(args: argparse.Namespace) -> int:
+    from sender.selection.payloads import PayloadOptions, byte_budget, make_payload
+    from sender.signer import parse_duration
+
+    window = None if args.window is None else parse_duration(args.window)
+    budget = byte_budget(args.max_bytes, args.link_bps, window)
+    selection = _selection(args, budget)
+    options = PayloadOptions(args.task_id, _signer(args), budget, _sheet(args))
+    summary = make_payload(args.work, selection, args.out, options)
+    if args.json:
+        summary.write_json(args.json)
+    _print_payload(summary, args)
+    return 0
+
+
+def _print_payload(summary, args: argparse.Namespace) -> None:
+    """What select wrote, in a few lines."""
+    chosen = summary.selection
+    print(
+        f"kept {summary.kept} images ({100 * summary.keep_fraction:.2f}%), "
+        f"strategy {chosen['strategy']}, score {chosen['score']}"
+    )
+    print("class histogram: " + " ".join(f"{k}:{v}" for k, v in summary.class_histogram.items()))
+    for warning in summary.warnings:
+        print(f"warning: {warning}")
+    leak = summary.leakage
+    if leak is not None:
+        action = "excluded" if leak.excluded else "NOT excluded (--keep-leaks)"
+        print(
+            f"leakage check: {leak.test_images_with_near_duplicates} of "
+            f"{leak.test_images_checked} test images have reference near-duplicates "
+            f"(cosine >= {leak.threshold}): {leak.near_duplicate_reference_images} "
+            f"reference images {action}; {leak.kept_near_duplicates} kept"
+        )
+    if summary.consensus is not None:
+        c = summary.consensus
+        print(
+            f"consensus filter: dropped and refilled {c.dropped} images whose {c.k} "
+            f"nearest kept neighbours agree < {c.min_agreement:.0%} with their label"
+        )
+    print(
+        f"payload {args.out}: {summary.payload_bytes} bytes "
+        f"(information bound {summary.information_bound_bytes:.0f} bytes)"
+    )
+    _print_origin(summary, args)
+
+
+def _print_origin(summary, args: argparse.Namespace) -> None:
+    """The plan's choice, the contact sheet and the signature."""
+    planned = summary.plan
+    if planned is not None:
+        budget = planned.budget_bytes
+        fits = "" if budget is None else f" (budget {budget} bytes)"
+        print(
+            f"planned: {planned.candidate}, predicted accuracy "
+            f"{100 * planned.predicted_accuracy:.1f}%{fits}"
+        )
+    drawn = summary.contact_sheet
+    if drawn is not None:
+        shown = drawn.get("file") or f"skipped ({drawn['skipped']})"
+        print(f"contact sheet: {shown}")
+    elif not args.no_sheet:
+        print("contact sheet: skipped (name the reference set with --reference to draw it)")
+    signed = summary.signed
+    if signed is None:
+        print("UNSIGNED (development): receivers accept it only with --allow-unsigned")
+    else:
+        print(
+            f"signed by {signed.sender} (key {signed.key_id}), sequence "
+            f"{signed.sequence}, expires {utc_text(signed.expires)}"
+        )
+
+
+def add_plan(sub: Subparsers) -> None:
+    plan = sub.add_parser(
+        "plan", help="predict each candidate payload's accuracy and size; choose the best"
+    )
+    plan.add_argument("work", help="the scored work directory (plada-send score)")
+    add_reference_options(plan)
+    plan.add_argument("--train", required=True, help="the labeled task images that were scored")
+    plan.add_argument("--out", help="plan directory (default WORK/plan)")
+    plan.add_argument(
+        "--keeps", help="keep fractions to try, e.g. 0.25%%,1%%,5%% (default 0.25%%..10%%)"
+    )
+    plan.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.25,
+        help="share of the labeled images held out (per class) to score the proxy students",
+    )
+    plan.add_argument("--screen-steps", type=int, default=100, help="proxy steps, every candidate")
+    plan.add_argument("--confirm-steps", type=int, default=200, help="proxy steps, the best")
+    plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
+    plan.add_argument(
+        "--teacher-epochs", type=int, help="default: the epochs the work directory's teacher had"
+    )
+    plan.add_argument(
+        "--knn-k", type=int, default=5, help="labeled images per class for kNN relevance"
+    )
+    add_clip_options(plan)
+    plan.add_argument("--seed", type=int, default=0, help="split, teacher and proxy seed")
+    plan.add_argument(
+        "--sender-id", default="plan", help="sizes are of payloads signed as this sender"
+    )
+    add_quiet(plan)
+    plan.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from protocol.signing import check_sender_id
+    from sender.scoring.images import TeacherSettings
+    from sender.selection.plan import PlanSettings, make_plan, work_teacher
+    from sender.selection.plan_file import PLAN_FILE, PLAN_PLOT
+    from sender.selection.plan_report import plan_summary
+
+    base = TeacherSettings(epochs=args.teacher_epochs or 0, knn_k=args.knn_k)
+    teacher = work_teacher(args.work, base)  # a typed error before anything loads
+    embedder = clip_embedder(args)
+    reference = reference_from_args(args)
+    train = task_images_for(args.train, reference, "task")
+    settings = PlanSettings(
+        keeps=parse_keeps(args.keeps) if args.keeps else PlanSettings().keeps,
+        validation_fraction=args.validation_fraction,
+        screen_steps=args.screen_steps,
+        confirm_steps=args.confirm_steps,
+        max_images=args.max_images,
+        seed=args.seed,
+        sender_id=check_sender_id(args.sender_id),
+        teacher=replace(teacher, embedder=embedder),
+    )
+    out = Path(args.out) if args.out else Path(args.work) / "plan"
+    plan = make_plan(reference, train, args.work, out, settings, progress=not args.quiet)
+    print(plan_summary(plan), end="")
+    chosen = plan.row(plan.chosen)
+    print(
+        f"chosen: {chosen.name}, {chosen.payload_bytes} bytes, predicted "
+        f"{100 * chosen.predicted_accuracy:.1f}%"
+    )
+    print(f"plan: {out / PLAN_FILE} (plot {out / PLAN_PLOT})")
+    return 0

@@ -1,0 +1,115 @@
+"""A plan as people read it: plan.json, the rate-accuracy table (plan.txt) and the plot
+(plan.png), each written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO
+
+from protocol.atomic_files import write_atomic, write_json_atomic, write_text_atomic
+from sender.selection.plan_file import PLAN_FILE, PLAN_PLOT, PLAN_SUMMARY, Plan, PlanRow
+
+STRATEGY_COLOURS = {
+    "lowest": "tab:blue",
+    "inverse": "tab:purple",
+    "safety-net": "tab:green",
+    "random": "tab:gray",
+    "random-balanced": "tab:brown",
+}
+
+
+def write_plan_outputs(out: Path, plan: Plan) -> None:
+    """plan.json, the human summary and the rate-accuracy plot."""
+    write_json_atomic(out / PLAN_FILE, plan.as_json())
+    write_text_atomic(out / PLAN_SUMMARY, plan_summary(plan))
+    write_atomic(out / PLAN_PLOT, lambda handle: plot_plan(plan, handle))
+
+
+def plan_summary(plan: Plan, limit: int = 20) -> str:
+    """The rate-accuracy table (front first, then the best of the rest) as text."""
+    front = [plan.row(name) for name in plan.front]
+    rest = sorted(
+        (r for r in plan.candidates if r.name not in plan.front),
+        key=lambda r: -r.predicted_accuracy,
+    )
+    classes = len(plan.classes)
+    lines = [
+        f"plan for task {plan.task} ({classes} classes) on {plan.reference['name']}",
+        f"split: {plan.split.teacher_train} teacher-train, {plan.split.validation} "
+        f"validation images; split teacher's validation accuracy "
+        f"{100 * (plan.split_teacher_validation_accuracy or 0):.1f}%",
+        f"domain gap (evidence): {plan.evidence.domain_gap.reason}",
+        f"proxy: {plan.proxy}",
+        "",
+        f"{'candidate':34s} {'bytes':>8s} {'images':>7s} {'classes':>7s} {'predicted':>9s}  stage",
+    ]
+    for row in front + rest[: max(0, limit - len(front))]:
+        mark = "*" if row.name == plan.chosen else ("F" if row.name in plan.front else " ")
+        lines.append(
+            f"{mark}{row.name:33s} {row.payload_bytes:8d} {row.kept_images:7d} "
+            f"{row.classes_covered:4d}/{classes:<2d} "
+            f"{100 * row.predicted_accuracy:8.1f}%  {row.stage}"
+        )
+    lines += [
+        "",
+        "F: on the rate-accuracy front; *: chosen (highest predicted accuracy; "
+        "select --plan --max-bytes N picks the best that fits N)",
+        f"{len(plan.candidates)} candidates in {plan.seconds:.0f}s",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _scatter_strategy(ax, rows: list[PlanRow], strategy: str, colour: str) -> None:
+    """One strategy's candidates: hollow when screened only, filled when confirmed."""
+    confirmed_any = any(r.stage == "confirm" for r in rows)
+    for stage, fill in (("screen", "none"), ("confirm", colour)):
+        picked = [r for r in rows if r.stage == stage]
+        if picked:
+            ax.scatter(
+                [r.payload_bytes for r in picked],
+                [100 * r.predicted_accuracy for r in picked],
+                s=28,
+                facecolors=fill,
+                edgecolors=colour,
+                label=strategy if stage == "confirm" or not confirmed_any else None,
+            )
+
+
+def plot_plan(plan: Plan, handle: BinaryIO) -> None:
+    """Predicted accuracy against payload bytes, a colour per strategy, front and choice marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for strategy, colour in STRATEGY_COLOURS.items():
+        rows = [r for r in plan.candidates if r.candidate.strategy == strategy]
+        _scatter_strategy(ax, rows, strategy, colour)
+    front = [plan.row(name) for name in plan.front]
+    ax.step(
+        [r.payload_bytes for r in front],
+        [100 * r.predicted_accuracy for r in front],
+        where="post",
+        color="black",
+        linewidth=1,
+        label="rate-accuracy front",
+    )
+    chosen = plan.row(plan.chosen)
+    ax.annotate(
+        f"chosen: {chosen.name}\n{chosen.payload_bytes} B, {100 * chosen.predicted_accuracy:.1f}%",
+        (chosen.payload_bytes, 100 * chosen.predicted_accuracy),
+        xytext=(-160, -60),
+        textcoords="offset points",
+        arrowprops={"arrowstyle": "->"},
+        fontsize=8,
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("payload bytes (signed, zstd)")
+    ax.set_ylabel("predicted student accuracy on validation (%)")
+    ax.set_title(f"plan: {plan.task} on {plan.reference['name']} (filled: confirmed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(handle, format="png")
+    plt.close(fig)
