@@ -41,9 +41,9 @@ def write_subset(pool, indices: np.ndarray, root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from protocol.reference.factory import open_reference
     from protocol.reference.image_folder import ImageFolderReference
-    from trainer.batches import CachedBatches, EncodedBatches
-    from trainer.decoded_cache import build_cache, cache_side
-    from trainer.training import TrainConfig, train_classifier
+    from trainer.batches import CachedBatches, EncodedBatches, Loading
+    from trainer.decoded_cache import CacheOptions, build_cache, cache_side
+    from trainer.training import StepHooks, TrainConfig, train_classifier
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", default="glyphs")
@@ -65,15 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = np.arange(count)
         started = time.perf_counter()
         files = EncodedBatches(
-            reference, rows, labels, 32, "crop-flip", decode="pil", threads=args.threads
+            reference, rows, labels, 32, "crop-flip", loading=Loading("pil", args.threads)
         )
-        train_classifier(files, 10, config, in_channels=3, progress=False)
+        train_classifier(files, 10, config, in_channels=3, hooks=StepHooks(progress=False))
         every_epoch = time.perf_counter() - started
         started = time.perf_counter()
-        cache = build_cache(reference, rows, cache_side(32), torch.device("cpu"), "memory")
+        cache = build_cache(
+            reference, rows, cache_side(32), torch.device("cpu"), CacheOptions("memory")
+        )
         built = time.perf_counter() - started
         cached = CachedBatches(cache, labels, 32, "crop-flip")
-        train_classifier(cached, 10, config, in_channels=3, progress=False)
+        train_classifier(cached, 10, config, in_channels=3, hooks=StepHooks(progress=False))
         once = time.perf_counter() - started
     epochs = args.steps * config.batch_size / count
     print(

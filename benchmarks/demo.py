@@ -95,7 +95,7 @@ def pixel_baseline(
 
     from protocol.task_data import load_labeled_images
     from protocol.world.digits import load_digits_split, upscale_digits
-    from trainer.training import TrainConfig, accuracy, train_classifier
+    from trainer.training import StepHooks, TrainConfig, accuracy, train_classifier
 
     native, _ = load_digits_split(native=True)
     test = load_labeled_images(task_dir / "test.npz")
@@ -123,7 +123,7 @@ def pixel_baseline(
     for seed in seeds:
         config = TrainConfig(min_steps=steps, max_steps=steps, label_smoothing=0.1, seed=seed)
         data = (torch.from_numpy(images), torch.from_numpy(labels))
-        model = train_classifier(data, 10, config, progress=False).model
+        model = train_classifier(data, 10, config, hooks=StepHooks(progress=False)).model
         accs.append(accuracy(model, torch.from_numpy(test.images), torch.from_numpy(test.labels)))
     return {"images": count, "payload_bytes": len(blob), "accuracies": accs}
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +37,11 @@ from protocol.errors import PladaError
 from protocol.manifest import BlockLayout
 from protocol.signing import SigningKey
 from protocol.trust import TrustPolicy, TrustStore
-from receiver.intake import Intake, IntakeSettings, is_candidate
+from receiver.claims import is_candidate
+from receiver.intake import Intake, IntakeSettings
 from receiver.job_queue import JobQueue
 from receiver.ledger import SequenceLedger
-from receiver.trust_store import add_key
+from receiver.trust_store import TrustOptions, add_key
 from receiver.workers import WorkerLock
 
 NOW = 1_800_000_000
@@ -147,12 +147,10 @@ def decode_input(data: bytes, mode: str | None = None) -> tuple[str, str]:
 
 
 class _FuzzIntake(Intake):
-    """The real intake on the fuzz world's clock, remembering the last refusal."""
+    """The real intake (on the fuzz world's clock: its settings), remembering the last
+    refusal."""
 
     last_error = ""
-
-    def _policy(self) -> TrustPolicy:
-        return replace(super()._policy(), clock=lambda: NOW)
 
     def _quarantine(self, path, sha256, error) -> None:
         self.last_error = type(error).__name__
@@ -169,7 +167,12 @@ def _intake() -> _FuzzIntake:
         add_key(home / "trust", KEY.public)
         queue = JobQueue(home / "queue.sqlite")
         ledger = SequenceLedger(home / "ledger.sqlite")
-        settings = IntakeSettings(settle_seconds=0, reorder_seconds=0, quarantine_max_files=50)
+        settings = IntakeSettings(
+            settle_seconds=0,
+            reorder_seconds=0,
+            quarantine_max_files=50,
+            trust=TrustOptions(clock=lambda: NOW),
+        )
         _INTAKE.append(
             _FuzzIntake(home, home / "inbox", LAYOUT, queue, ledger, WorkerLock(home), settings)
         )
@@ -197,7 +200,7 @@ def intake_input(data: bytes) -> str:
     path = os.path.join(os.fsencode(intake.inbox), name)
     with open(path, "wb") as handle:
         handle.write(content)
-    accepted, intake.last_error = intake.stats["accepted"], ""
+    accepted, intake.last_error = intake.stats.accepted, ""
     intake.poll()
     if not is_candidate(os.fsdecode(name)):
         os.unlink(path)
@@ -205,4 +208,4 @@ def intake_input(data: bytes) -> str:
     left = os.listdir(intake.inbox) + os.listdir(intake.claimed)
     if left:
         raise AssertionError(f"intake left {left!r} behind")
-    return "accepted" if intake.stats["accepted"] > accepted else intake.last_error
+    return "accepted" if intake.stats.accepted > accepted else intake.last_error

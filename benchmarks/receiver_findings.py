@@ -37,7 +37,7 @@ from protocol.payload import BODY_CODING, Payload, SenderStamp, decode_payload, 
 from protocol.reference.factory import open_reference  # noqa: E402
 from protocol.reference.image_folder import ImageFolderReference  # noqa: E402
 from protocol.signing import SigningKey  # noqa: E402
-from receiver.trust_store import add_key, build_trust_policy, load_trust_store  # noqa: E402
+from receiver.trust_store import add_key, load_trust_store  # noqa: E402
 
 SPEC = "glyphs:per=20,concepts=digit-0+digit-1+digit-2+digit-3"
 WORK = Path(ARGS.work or f"/tmp/receiver-findings-{REPO.name}")
@@ -139,12 +139,23 @@ def put(folder, name, data):
         handle.write(data)
 
 
-def policy_for(trust):
+def judge_for(trust):
+    """How the checkout judges a payload under the trust store ``trust``: its acceptance
+    object, or (checkouts from before it) its trust policy in the decoder."""
     try:
-        from receiver.trust_store import TrustOptions
-    except ImportError:  # before the hardening
-        return build_trust_policy(trust, False, True, lambda sender: None)
-    return build_trust_policy(trust, TrustOptions(), lambda sender: None)
+        from receiver.acceptance import AcceptanceRules, Received, open_acceptance
+    except ImportError:
+        from receiver import trust_store
+
+        try:
+            policy = trust_store.build_trust_policy(
+                trust, trust_store.TrustOptions(), lambda sender: None
+            )
+        except AttributeError:  # before the hardening
+            policy = trust_store.build_trust_policy(trust, False, True, lambda sender: None)
+        return lambda blob: decode_payload(blob, reference=MANIFEST, trust=policy)
+    acceptance = open_acceptance(trust, AcceptanceRules(), None, MANIFEST)
+    return lambda blob: acceptance.examine(Received.of(blob, "finding.plada"))
 
 
 def http_daemon(folder):
@@ -302,11 +313,11 @@ results["6 damaged queue page at start"] = (
 # 10. sequence 2^63-1, expiry ~292 billion years
 trust = WORK / "trust10"
 add_key(trust, KEY.public)
-policy = policy_for(trust)
+judge = judge_for(trust)
 out = []
 for blob in (payload((1 << 63) - 1), payload(int(time.time() * 1000), expires_in=(1 << 62))):
     try:
-        decode_payload(blob, reference=MANIFEST, trust=policy)
+        judge(blob)
         out.append("accepted")
     except Exception as exc:
         out.append(type(exc).__name__)

@@ -63,7 +63,7 @@ def decode_only(source, batch_size: int, steps: int, warmup: int, device: torch.
 
 def end_to_end(source, config, steps: int, warmup: int) -> float:
     """Images/s of the receiver's training loop on images decoded on the fly."""
-    from trainer.training import StepReport, resolve_device, train_classifier
+    from trainer.training import StepHooks, StepReport, resolve_device, train_classifier
 
     device = resolve_device(config.device)
     marks: dict[int, float] = {}
@@ -73,7 +73,9 @@ def end_to_end(source, config, steps: int, warmup: int) -> float:
             _synchronize(device)  # no step waits for its loss: wait here to time the work
             marks[report.step] = time.perf_counter()
 
-    train_classifier(source, 1000, config, in_channels=3, progress=False, on_step=on_step)
+    train_classifier(
+        source, 1000, config, in_channels=3, hooks=StepHooks(progress=False, on_step=on_step)
+    )
     return steps * config.batch_size / (marks[warmup + steps] - marks[warmup])
 
 
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     from protocol.reference.image_folder import ImageFolderReference
-    from trainer.batches import CachedBatches, EncodedBatches
-    from trainer.decoded_cache import build_cache, cache_side
+    from trainer.batches import CachedBatches, EncodedBatches, Loading
+    from trainer.decoded_cache import CacheOptions, build_cache, cache_side
     from trainer.training import TrainConfig, resolve_device
 
     device = resolve_device(args.device)
@@ -160,9 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.image_size,
                 "crop-flip",
                 0,
-                args.decode,
-                threads,
-                prefetch=4,
+                Loading(args.decode, threads, prefetch=4),
             )
 
         total = warmup + steps
@@ -190,9 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                 np.arange(count),
                 cache_side(args.image_size),
                 device,
-                args.cache,
-                path=Path(tmp) / "decoded.u8",
-                threads=threads,
+                CacheOptions(args.cache, Path(tmp) / "decoded.u8", threads),
             )
             _synchronize(device)
             build_seconds = time.perf_counter() - started

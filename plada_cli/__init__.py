@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,6 +60,19 @@ def _prepare(parser: argparse.ArgumentParser) -> None:
                     if not child.description and helps.get(name):
                         text = helps[name]
                         child.description = text[0].upper() + text[1:] + "."
+
+
+def build_command_line(
+    prog: str,
+    docstring: str | None,
+    subcommands: Iterable[Callable[[argparse._SubParsersAction], None]],
+) -> argparse.ArgumentParser:
+    """A command line of subcommands, each added by its own function, in order."""
+    parser = argparse.ArgumentParser(prog=prog, description=description(docstring))
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in subcommands:
+        add(sub)
+    return parser
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

@@ -579,12 +579,21 @@ class _TableSet:
         return decode_lanes(section, count, lanes_for(count), table_of, self.what)
 
 
-def decode_blocks(body: bytes, n: int, k: int, count: int, starts: np.ndarray):
-    """Decode a ``blocks/rans`` body into (indices, labels); typed errors on bad input."""
-    starts = np.asarray(starts, dtype=np.int64)
-    sizes = np.diff(starts)
-    blocks = sizes.size
-    reader = _Reader(body)
+@dataclass
+class _BodyTables:
+    """The tables a ``blocks/rans`` body opens with."""
+
+    levels: np.ndarray  # density levels, decreasing
+    types: _TableSet
+    run_lanes_log2: int
+    label_mode: int
+    labels: object  # the label table
+    same: object = None  # grouped labels only: the same-flag table
+    purity: _TableSet | None = None
+    flags: _TableSet | None = None
+
+
+def _read_tables(reader: _Reader, k: int) -> _BodyTables:
     level_count = reader.uvarint(MAX_LEVELS, "level count")
     levels = np.array(
         [reader.uvarint(32768, "density level") for _ in range(level_count)], dtype=np.int64
@@ -600,44 +609,70 @@ def decode_blocks(body: bytes, n: int, k: int, count: int, starts: np.ndarray):
     label_t = reader.table(min(k, MAX_LABEL_ALPHABET), "label table")
     if label_t is None:
         raise CorruptPayloadError("the body has no label table")
+    tables = _BodyTables(levels, type_set, run_lanes_log2, label_mode, label_t)
     if label_mode == LABELS_GROUPED:
-        same_t = reader.table(2, "same-flag table")
-        purity_set = _TableSet(
+        tables.same = reader.table(2, "same-flag table")
+        tables.purity = _TableSet(
             [reader.table(PURITY_CLASSES, f"purity table {c}") for c in range(PURITY_CONTEXTS)],
             "purity",
         )
-        flag_set = _TableSet(
+        tables.flags = _TableSet(
             [reader.table(3, f"image-flag table {c}") for c in range(PURITY_CLASSES)],
             "image flags",
         )
+    return tables
 
-    # types
+
+def _decode_types(reader: _Reader, tables: _BodyTables, sizes: np.ndarray) -> np.ndarray:
+    """Each coding block's type (empty, full, or partial at a density level)."""
+    blocks = sizes.size
     type_lanes = split_lanes(blocks, lanes_for(blocks))
     lane_start = np.zeros(blocks, bool)
     lane_start[type_lanes[:-1][type_lanes[:-1] < blocks]] = True
 
     def type_of(pos: np.ndarray, slots: np.ndarray, decoded: np.ndarray):
         prev = np.where(lane_start[pos], NONE, decoded[np.maximum(pos - 1, 0)])
-        return type_set.lookup(_type_context(prev), slots)
+        return tables.types.lookup(_type_context(prev), slots)
 
     types = decode_lanes(reader.section("types"), blocks, lanes_for(blocks), type_of, "types")
     if bool(np.any((types >= 2) & (sizes < 2))):
         raise CorruptPayloadError("a one-image block cannot be partially kept")
-    partial = types >= 2
-    p_idx = np.flatnonzero(partial)
+    return types
+
+
+def _kept_indices(
+    n: int, starts: np.ndarray, switched_on: np.ndarray, flipped: np.ndarray
+) -> np.ndarray:
+    """The kept set: the blocks ``switched_on`` whole, then every ``flipped`` row flipped."""
+    delta = np.zeros(n + 1, dtype=np.int8)
+    delta[starts[switched_on]] = 1
+    delta[starts[switched_on + 1]] -= 1
+    mask = np.cumsum(delta[:n], dtype=np.int8).view(bool)
+    mask[flipped] = ~mask[flipped]
+    return np.flatnonzero(mask)
+
+
+def decode_blocks(body: bytes, n: int, k: int, count: int, starts: np.ndarray):
+    """Decode a ``blocks/rans`` body into (indices, labels); typed errors on bad input."""
+    starts = np.asarray(starts, dtype=np.int64)
+    sizes = np.diff(starts)
+    reader = _Reader(body)
+    tables = _read_tables(reader, k)
+    types = _decode_types(reader, tables, sizes)
+    p_idx = np.flatnonzero(types >= 2)  # the partial blocks
     lvl = (types[p_idx] - 2) >> 1
     dense = (types[p_idx] & 1).astype(bool)
     partial_images = int(sizes[p_idx].sum())
-    lanes = 1 << run_lanes_log2
+    lanes = 1 << tables.run_lanes_log2
     if lanes < min_run_lanes(partial_images):
         raise CorruptPayloadError("the runs section uses fewer lanes than the format allows")
     s_p = sizes[p_idx]
-    one_pos, ones_per = _decode_runs(reader.section("runs"), starts[p_idx], s_p, levels, lvl, lanes)
+    runs = reader.section("runs")
+    one_pos, ones_per = _decode_runs(runs, starts[p_idx], s_p, tables.levels, lvl, lanes)
     if bool(np.any(ones_per == 0)) or bool(np.any(2 * ones_per > s_p)):
         raise CorruptPayloadError("a partial block's runs contradict its type")
     if bool(np.any(dense & (2 * ones_per == s_p))):
         raise CorruptPayloadError("a dense block's runs contradict its type")
-
     # the kept set: full and dense blocks switched on, then every run "one" flipped
     kept_per = np.where(types == FULL, sizes, 0)
     kept_per[p_idx] = np.where(dense, s_p - ones_per, ones_per)
@@ -645,20 +680,14 @@ def decode_blocks(body: bytes, n: int, k: int, count: int, starts: np.ndarray):
         raise CorruptPayloadError(
             f"the body keeps {int(kept_per.sum())} images but the header says {count}"
         )
-    on = np.flatnonzero(types == FULL)
-    on = np.sort(np.concatenate([on, p_idx[dense]]))
-    delta = np.zeros(n + 1, dtype=np.int8)
-    delta[starts[on]] = 1
-    delta[starts[on + 1]] -= 1
-    mask = np.cumsum(delta[:n], dtype=np.int8).view(bool)
-    mask[one_pos] = ~mask[one_pos]
-    indices = np.flatnonzero(mask)
-    block = np.repeat(np.arange(blocks, dtype=np.int64), kept_per)
-    if label_mode == LABELS_FLAT:
-        labels = _TableSet([label_t], "labels").decode(reader.section("labels"), count, None)
+    on = np.sort(np.concatenate([np.flatnonzero(types == FULL), p_idx[dense]]))
+    indices = _kept_indices(n, starts, on, one_pos)
+    block = np.repeat(np.arange(sizes.size, dtype=np.int64), kept_per)
+    if tables.label_mode == LABELS_FLAT:
+        labels = _TableSet([tables.labels], "labels").decode(reader.section("labels"), count, None)
     else:
         labels = _decode_grouped_labels(
-            reader, block, kept_per, same_t, label_t, purity_set, flag_set
+            reader, block, kept_per, tables.same, tables.labels, tables.purity, tables.flags
         )
     if labels.size and int(labels.max()) >= k:
         raise InvalidSelectionError(f"a label lies outside [0, {k})")

@@ -1,4 +1,5 @@
-"""Typed errors shared by sender and receiver.
+"""Typed errors of the protocol, shared by sender and receiver (each side keeps its own
+in ``sender/errors.py`` and ``receiver/errors.py``).
 
 Every error names the problem and, where one exists, the fix. Callers catch
 ``PladaError`` to handle any failure of the protocol layer without catching
@@ -52,11 +53,6 @@ class ReferenceRequiredError(PayloadError):
     """The payload's body can only be decoded with the reference set's manifest."""
 
 
-class InboxEntryError(PayloadError):
-    """An inbox entry is not a payload file this device may read: a link, a FIFO or
-    device, or a file that cannot be read."""
-
-
 class FrameError(PayloadError):
     """A frame is damaged, foreign or inconsistent with its transfer; it is dropped."""
 
@@ -68,10 +64,6 @@ class TransferError(FrameError):
 class ReplyError(PladaError):
     """A reply from a device (or its key) is malformed, damaged or not MACed with the key
     given."""
-
-
-class TransferRefusedError(PladaError):
-    """The device rebuilt the payload from its frames and its intake refused it."""
 
 
 class TrustError(PayloadError):
@@ -139,26 +131,9 @@ class SigningKeyError(PladaError):
     """A signing key or sender public key file is missing, unreadable or malformed."""
 
 
-class TrustStoreError(PladaError):
-    """The receiver's trust store or sequence ledger is unreadable or inconsistent."""
-
-
 class ConfigError(PladaError):
     """A command-line option or setting is invalid."""
 
 
 class StorageError(PladaError):
     """A file could not be written (disk full, permissions); nothing half-written is left."""
-
-
-class BudgetError(PladaError):
-    """No payload fits the byte budget (a plan's, or ``--max-bytes``)."""
-
-
-class MissingExtraError(ConfigError):
-    """An option needs an optional dependency group (a pip extra) that is not installed."""
-
-
-class EngineError(PladaError):
-    """A distributed run failed: its workers gave up on a batch, or the cluster cannot
-    be reached or started; the finished parts are kept for the rerun."""

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 
@@ -47,7 +47,7 @@ def _check_keys(keys: Sequence[str]) -> None:
         previous = key
 
 
-def reference_summary(name: str, size: int, fingerprint_hex: str) -> dict[str, Any]:
+def reference_summary(name: str, size: int, fingerprint_hex: str) -> dict[str, str | int]:
     """A reference set as reports and status files name it: name, size and fingerprint."""
     return {"name": name, "size": size, "fingerprint": fingerprint_hex}
 
@@ -111,7 +111,7 @@ class ReferenceManifest:
     def fingerprint_hex(self) -> str:
         return self._fingerprint.hex()
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, str | int]:
         """How reports name this reference set (see :func:`reference_summary`)."""
         return reference_summary(self.name, len(self.keys), self.fingerprint_hex)
 

@@ -26,18 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.errors import PladaError
-from protocol.reference.factory import open_reference
-from protocol.task_data import load_labeled_images
+from protocol.reference.base import ReferenceSource
+from protocol.reference.factory import ReferenceLocation
+from protocol.task_data import LabeledImages, load_labeled_images
+from receiver.acceptance import read_received
 from receiver.frames_inbox import FrameSettings, FramesInbox, transfer_of
-from receiver.http_upload import HttpLimits, start_http
+from receiver.http_upload import HttpLimits, UploadServer, start_http
 from receiver.intake import Intake, IntakeSettings
-from receiver.job import JobControl, JobSettings, run_job
+from receiver.job import JobControl, JobSettings, check_trainable, run_job
 from receiver.job_queue import Job, JobQueue
+from receiver.job_report import JobReport
 from receiver.ledger import open_home_ledger
 from receiver.logs import setup_logging
 from receiver.reply_outbox import ReplyOutbox
 from receiver.status import HEALTH_FILE, QUEUE_FILE, HealthFile, collect_status
-from receiver.trust_store import TrustOptions
 from receiver.workers import WorkerLock
 from trainer.faults import crash_point
 from trainer.training import StepReport, TrainingInterrupted
@@ -51,20 +53,16 @@ class DaemonConfig:
     """Where the daemon keeps its state, what it watches, and how it trains."""
 
     home: str
-    reference: str = "glyphs"
+    reference: ReferenceLocation = field(default_factory=ReferenceLocation)
     inbox: str | None = None
-    cache_dir: str | None = None
-    image_size: int = 64
     holdout: str | None = None
     settings: JobSettings = field(default_factory=JobSettings)
     http_port: int = 0
     http: HttpLimits = field(default_factory=HttpLimits)
     poll_seconds: float = 1.0
-    intake: IntakeSettings = field(default_factory=IntakeSettings)
+    intake: IntakeSettings = field(default_factory=IntakeSettings)  # with the trust store
     exit_when_idle: bool = False
     max_restarts: int = 3
-    trust_dir: str | None = None  # default HOME/trust
-    trust: TrustOptions = field(default_factory=TrustOptions)
     accept_empty_ledger: bool = False
     reply_outbox: str | None = None  # where replies for the uplink go; none without it
     reply_progress_seconds: float = 30.0
@@ -134,7 +132,7 @@ class Daemon:
             except PladaError:  # a damaged queue: reported by the pass above, next time too
                 counts = None
             self.health.update(
-                intake=dict(self.intake.stats),
+                intake=self.intake.report(),
                 intake_error=self._intake_error,
                 intake_passes=self._intake_passes,
                 queue=counts,
@@ -174,7 +172,7 @@ class Daemon:
         started = time.monotonic()
         return on_step
 
-    def run_one(self, job: Job, reference, holdout) -> None:
+    def run_one(self, job: Job, reference: ReferenceSource, holdout: LabeledImages | None) -> None:
         """Train one claimed job and record how it ended."""
         out = self.results / _folder_name(job)
         owner = self.worker.owner
@@ -187,16 +185,7 @@ class Daemon:
         crash_point("job-claimed")
         control = JobControl(should_stop=self.stop.is_set, on_step=self._progress(job))
         try:
-            report = run_job(
-                self.home / job.payload,
-                reference,
-                out,
-                self.config.settings,
-                holdout,
-                progress=False,
-                control=control,
-                trust=self.intake.stored_payload_policy(),
-            )
+            report = self._train(job, reference, holdout, out, control)
         except TrainingInterrupted as stopped:
             self.queue.release(job.id, owner)
             log.info(
@@ -219,19 +208,44 @@ class Daemon:
             )
             return
         crash_point("job-published")
-        self.queue.progress(job.id, owner, max(run["steps"] for run in report["runs"]))
+        self._finished(job, report, out)
+
+    def _train(
+        self,
+        job: Job,
+        reference: ReferenceSource,
+        holdout: LabeledImages | None,
+        out: Path,
+        control: JobControl,
+    ) -> JobReport:
+        """The job's spooled payload, accepted again (its signature under the keys trusted
+        now; freshness was checked at intake) with the checks of the job, then trained."""
+        assert self.intake is not None
+        settings = self.config.settings
+        spooled = read_received(self.home / job.payload, self.intake.settings.max_bytes)
+        accepted = self.intake.acceptance.examine(
+            spooled,
+            known=True,
+            check=lambda payload: check_trainable(payload, reference, settings, holdout),
+        )
+        return run_job(accepted, reference, out, settings, holdout, False, control)
+
+    def _finished(self, job: Job, report: JobReport, out: Path) -> None:
+        """Record a finished job in the queue, the log and the health file."""
+        owner = self.worker.owner
+        self.queue.progress(job.id, owner, max(run.steps for run in report.runs))
         self.queue.finish(job.id, owner, str(out.relative_to(self.home)))
-        accuracy = report["accuracy_mean"]
+        accuracy = report.accuracy_mean
         shown = "" if accuracy is None else f", holdout accuracy {accuracy:.4f}"
-        rate = sum(r["images_per_second"] for r in report["runs"]) / len(report["runs"])
+        rate = sum(r.images_per_second for r in report.runs) / len(report.runs)
         log.info(
-            f"job {job.id} done in {report['training_seconds']:.1f}s training "
+            f"job {job.id} done in {report.training_seconds:.1f}s training "
             f"({rate:.0f} img/s){shown}: {out}",
             extra={
                 "event": "job-done",
                 "job": job.id,
                 "accuracy": accuracy,
-                "training_seconds": report["training_seconds"],
+                "training_seconds": report.training_seconds,
                 "images_per_second": rate,
                 "result": str(out),
             },
@@ -275,23 +289,43 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped; returns the exit status."""
-        config = self.config
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop.set())
         log.info(
             f"daemon {self.worker.owner} starting in {self.home}",
             extra={"event": "daemon-start", "owner": self.worker.owner},
         )
-        reference = open_reference(config.reference, config.cache_dir, config.image_size)
+        reference, holdout = self._open_reference()
+        server = self._open_intake(reference)
+        intake_thread = threading.Thread(target=self._intake_loop, name="plada-intake")
+        intake_thread.start()
+        try:
+            self._serve(reference, holdout)
+        finally:
+            self.stop.set()
+            intake_thread.join()
+            if server is not None:
+                server.shutdown()
+            self.health.update(force=True, state="stopped", current=None)
+            log.info("daemon stopped", extra={"event": "daemon-stop"})
+            self.worker.release()
+        return 0
+
+    def _open_reference(self) -> tuple[ReferenceSource, LabeledImages | None]:
+        """The local reference set and the holdout every job is evaluated on."""
+        reference = self.config.reference.open()
         holdout = None
-        if config.holdout:
+        if self.config.holdout:
             holdout = load_labeled_images(
-                config.holdout, reference.image_size, reference.in_channels
+                self.config.holdout, reference.image_size, reference.in_channels
             )
-        self.health.update(
-            force=True,
-            reference=reference.manifest.summary(),
-        )
+        self.health.update(force=True, reference=reference.manifest.summary())
+        return reference, holdout
+
+    def _open_intake(self, reference: ReferenceSource) -> UploadServer | None:
+        """The ledger, the reply outbox, the HTTP endpoint, the intake and the frames
+        inbox, before any thread starts (a busy port ends the process at once, exit 2)."""
+        config = self.config
         ledger = open_home_ledger(
             self.home,
             self.queue.signed_history(),
@@ -305,66 +339,50 @@ class Daemon:
                 Path(config.reply_outbox),
                 progress_seconds=config.reply_progress_seconds,
             )
-        # bound before any thread starts: a busy port ends the process at once (exit 2)
-        server = None
-        if config.http_port:
-            self.inbox.mkdir(parents=True, exist_ok=True)  # uploads land there at once
-            server = start_http(
-                config.http_port,
-                self.inbox,
-                self.home,
-                config.intake.max_bytes,
-                lambda: collect_status(self.home),
-                config.http,
-            )
-            log.info(
-                f"accepting uploads on http://127.0.0.1:{config.http_port}/payloads "
-                f"(token in {server.token_file})",
-                extra={"event": "http-start", "port": config.http_port},
-            )
+        server = self._start_http() if config.http_port else None
+        queue = JobQueue(self.home / QUEUE_FILE)
         self.intake = Intake(
-            self.home,
-            self.inbox,
-            reference.manifest,
-            JobQueue(self.home / QUEUE_FILE),
-            ledger,
-            self.worker,
-            config.intake,
-            Path(config.trust_dir) if config.trust_dir else None,
-            config.trust,
+            self.home, self.inbox, reference.manifest, queue, ledger, self.worker, config.intake
         )
         if replies is not None:
             self.intake.on_outcome = lambda name, queued: _reply_outcome(replies, name, queued)
-        self.frames = FramesInbox(
-            self.home,
+        frame_settings = FrameSettings(max_payload_bytes=config.intake.max_bytes)
+        self.frames = FramesInbox(self.home, self.inbox, frame_settings, replies)
+        return server
+
+    def _start_http(self) -> UploadServer:
+        config = self.config
+        self.inbox.mkdir(parents=True, exist_ok=True)  # uploads land there at once
+        server = start_http(
+            config.http_port,
             self.inbox,
-            FrameSettings(max_payload_bytes=config.intake.max_bytes),
-            replies,
+            self.home,
+            config.intake.max_bytes,
+            lambda: collect_status(self.home),
+            config.http,
         )
-        intake_thread = threading.Thread(target=self._intake_loop, name="plada-intake")
-        intake_thread.start()
-        try:
-            while not self.stop.is_set():
-                self._recover()
-                job = self.queue.claim(self.worker.owner)
-                if job is not None:
-                    self.run_one(job, reference, holdout)
-                    continue
-                idle = config.exit_when_idle and self._intake_settled()
-                if idle and self.queue.counts()["queued"] == 0:
-                    log.info("queue and inbox empty; exiting", extra={"event": "daemon-idle"})
-                    break
-                self.health.update(state="idle", current=None)
-                self.stop.wait(config.poll_seconds)
-        finally:
-            self.stop.set()
-            intake_thread.join()
-            if server is not None:
-                server.shutdown()
-            self.health.update(force=True, state="stopped", current=None)
-            log.info("daemon stopped", extra={"event": "daemon-stop"})
-            self.worker.release()
-        return 0
+        log.info(
+            f"accepting uploads on http://127.0.0.1:{config.http_port}/payloads "
+            f"(token in {server.token_file})",
+            extra={"event": "http-start", "port": config.http_port},
+        )
+        return server
+
+    def _serve(self, reference: ReferenceSource, holdout: LabeledImages | None) -> None:
+        """Train queued jobs one after another until stopped (or idle, if asked)."""
+        config = self.config
+        while not self.stop.is_set():
+            self._recover()
+            job = self.queue.claim(self.worker.owner)
+            if job is not None:
+                self.run_one(job, reference, holdout)
+                continue
+            idle = config.exit_when_idle and self._intake_settled()
+            if idle and self.queue.counts()["queued"] == 0:
+                log.info("queue and inbox empty; exiting", extra={"event": "daemon-idle"})
+                break
+            self.health.update(state="idle", current=None)
+            self.stop.wait(config.poll_seconds)
 
 
 def _has_history(home: Path) -> bool:

@@ -39,11 +39,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from protocol.atomic_files import create_secret_file, fsync_directory
 from protocol.errors import ConfigError, StorageError
-from receiver.intake import ORIGIN_SUFFIX
+from receiver.claims import ORIGIN_SUFFIX
 from receiver.status import open_home_queue
 
 log = logging.getLogger("plada.receiver")
@@ -73,17 +72,33 @@ def http_token(home: Path) -> str:
     return token
 
 
+@dataclass(frozen=True)
+class UploadSite:
+    """What the endpoint serves: the inbox it writes to, the daemon's home, the byte cap
+    and the status it reports."""
+
+    inbox: Path
+    home: Path
+    max_bytes: int
+    status: Callable[[], dict[str, object]]
+
+    @property
+    def frames_folder(self) -> Path:
+        return self.home / "frames"
+
+
 class UploadServer(ThreadingHTTPServer):
     """A threading HTTP server that serves at most ``limits.max_connections`` at once."""
 
     daemon_threads = True
 
-    def __init__(self, address, handler, limits: HttpLimits, token_file: Path) -> None:
-        self.limits = limits
-        self.token_file = token_file
+    def __init__(self, port: int, site: UploadSite, limits: HttpLimits, token: bytes) -> None:
+        self.site, self.limits, self.token = site, limits, token
+        self.token_file = site.home / TOKEN_FILE
+        self.hosts = {f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1", "localhost"}
         self.slots = threading.BoundedSemaphore(limits.max_connections)
         self.refused = 0
-        super().__init__(address, handler)
+        super().__init__(("127.0.0.1", port), UploadHandler)
 
     def process_request(self, request, client_address) -> None:
         if not self.slots.acquire(blocking=False):
@@ -109,118 +124,130 @@ class UploadServer(ThreadingHTTPServer):
             self.slots.release()
 
 
+class UploadHandler(BaseHTTPRequestHandler):
+    """One request: an upload of a payload or of frames, a job's state, the status."""
+
+    server: UploadServer
+    server_version = "plada-receive"
+
+    def setup(self) -> None:
+        self.timeout = self.server.limits.timeout_seconds  # per read or write
+        super().setup()
+
+    def _reply(self, code: int, body: dict[str, object]) -> None:
+        data = (json.dumps(body, default=str) + "\n").encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _refused(self) -> bool:
+        """403 for requests a web page could make (cross-origin, DNS rebinding)."""
+        host = self.headers.get("Host")
+        if self.headers.get("Origin") is not None or host not in (None, *self.server.hosts):
+            self._reply(403, {"error": "requests from web pages are refused"})
+            return True
+        return False
+
+    def do_POST(self) -> None:
+        if self._refused():
+            return None
+        target = self.path.rstrip("/")
+        if target not in ("/payloads", "/frames"):
+            return self._reply(404, {"error": "POST payloads to /payloads, frames to /frames"})
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.server.token):
+            return self._reply(
+                401,
+                {"error": f"send the token of {TOKEN_FILE} as 'Authorization: Bearer TOKEN'"},
+            )
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            return self._reply(411, {"error": "send the payload with a Content-Length"})
+        cap = self.server.site.max_bytes
+        if int(length) > cap:
+            return self._reply(413, {"error": f"payload over the cap of {cap} bytes"})
+        return self._receive(int(length), target == "/frames")
+
+    def _receive(self, length: int, frames: bool = False) -> None:
+        """Stream the body to a hidden unique file, then rename it into the inbox (a
+        payload) or into HOME/frames (a stream of length-prefixed frames)."""
+        site = self.server.site
+        folder = site.frames_folder if frames else site.inbox
+        temporary = folder / f".upload-{secrets.token_hex(8)}.tmp"
+        try:
+            sha256 = self._store_body(temporary, length)
+            if sha256 is None:
+                temporary.unlink(missing_ok=True)
+                return self._reply(400, {"error": "the upload ended early; send it again"})
+            name = f"http-{sha256[:16]}.frames" if frames else upload_name(sha256)
+            os.replace(temporary, folder / name)
+            fsync_directory(folder)
+        except TimeoutError:
+            temporary.unlink(missing_ok=True)
+            return self._reply(408, {"error": "the upload was too slow; send it again"})
+        except (OSError, StorageError) as exc:
+            temporary.unlink(missing_ok=True)
+            reason = getattr(exc, "strerror", None) or str(exc)
+            return self._reply(507, {"error": f"cannot store the upload: {reason}"})
+        log.info(
+            f"received {name} over HTTP ({length} bytes)",
+            extra={"event": "http-upload", "file": name, "sha256": sha256},
+        )
+        if frames:  # frames name no payload yet: `status` shows their transfer
+            return self._reply(202, {"file": name, "bytes": length})
+        return self._reply(202, {"file": name, "sha256": sha256, "follow": f"/jobs/{sha256}"})
+
+    def _store_body(self, path: Path, length: int) -> str | None:
+        """Write the body to ``path`` chunk by chunk, within the request's deadline; its
+        SHA-256, or None if it ended early."""
+        deadline = time.monotonic() + self.server.limits.request_seconds
+        digest = hashlib.sha256()
+        with open(path, "wb") as handle:
+            left = length
+            while left:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("request deadline")
+                chunk = self.rfile.read1(min(CHUNK_BYTES, left))  # what has come
+                if not chunk:
+                    return None
+                digest.update(chunk)
+                handle.write(chunk)
+                left -= len(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return digest.hexdigest()
+
+    def do_GET(self) -> None:
+        if self._refused():
+            return None
+        site = self.server.site
+        if self.path.rstrip("/") == "/status":
+            return self._reply(200, site.status())
+        if self.path.startswith("/jobs/"):
+            return self._reply(*job_state(site.home, site.inbox, self.path[len("/jobs/") :]))
+        return self._reply(404, {"error": "GET /status or /jobs/<sha256>"})
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug(format % args)
+
+
 def start_http(
     port: int,
     inbox: Path,
     home: Path,
     max_bytes: int,
-    status: Callable[[], dict[str, Any]],
+    status: Callable[[], dict[str, object]],
     limits: HttpLimits | None = None,
 ) -> UploadServer:
     """Serve on 127.0.0.1:``port`` from a background thread; returns the server."""
-    limits = limits or HttpLimits()
-    token = http_token(home).encode()
-    frames_folder = Path(home) / "frames"
-    frames_folder.mkdir(parents=True, exist_ok=True)
-    hosts = {f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1", "localhost"}
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "plada-receive"
-        timeout = limits.timeout_seconds
-
-        def _reply(self, code: int, body: dict[str, Any]) -> None:
-            data = (json.dumps(body, default=str) + "\n").encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _refused(self) -> bool:
-            """403 for requests a web page could make (cross-origin, DNS rebinding)."""
-            host = self.headers.get("Host")
-            if self.headers.get("Origin") is not None or host not in (None, *hosts):
-                self._reply(403, {"error": "requests from web pages are refused"})
-                return True
-            return False
-
-        def do_POST(self) -> None:
-            if self._refused():
-                return None
-            target = self.path.rstrip("/")
-            if target not in ("/payloads", "/frames"):
-                return self._reply(404, {"error": "POST payloads to /payloads, frames to /frames"})
-            given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), token):
-                return self._reply(
-                    401,
-                    {"error": f"send the token of {TOKEN_FILE} as 'Authorization: Bearer TOKEN'"},
-                )
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                return self._reply(411, {"error": "send the payload with a Content-Length"})
-            if int(length) > max_bytes:
-                return self._reply(413, {"error": f"payload over the cap of {max_bytes} bytes"})
-            return self._receive(int(length), target == "/frames")
-
-        def _receive(self, length: int, frames: bool = False) -> None:
-            """Stream the body to a hidden unique file, then rename it into the inbox (a
-            payload) or into HOME/frames (a stream of length-prefixed frames)."""
-            deadline = time.monotonic() + limits.request_seconds
-            folder = frames_folder if frames else inbox
-            temporary = folder / f".upload-{secrets.token_hex(8)}.tmp"
-            digest = hashlib.sha256()
-            try:
-                with open(temporary, "wb") as handle:
-                    left = length
-                    while left:
-                        if time.monotonic() > deadline:
-                            raise TimeoutError("request deadline")
-                        chunk = self.rfile.read1(min(CHUNK_BYTES, left))  # what has come
-                        if not chunk:
-                            break
-                        digest.update(chunk)
-                        handle.write(chunk)
-                        left -= len(chunk)
-                    if left:
-                        temporary.unlink(missing_ok=True)
-                        return self._reply(400, {"error": "the upload ended early; send it again"})
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                sha256 = digest.hexdigest()
-                name = f"http-{sha256[:16]}.frames" if frames else upload_name(sha256)
-                os.replace(temporary, folder / name)
-                fsync_directory(folder)
-            except TimeoutError:
-                temporary.unlink(missing_ok=True)
-                return self._reply(408, {"error": "the upload was too slow; send it again"})
-            except (OSError, StorageError) as exc:
-                temporary.unlink(missing_ok=True)
-                reason = getattr(exc, "strerror", None) or str(exc)
-                return self._reply(507, {"error": f"cannot store the upload: {reason}"})
-            log.info(
-                f"received {name} over HTTP ({length} bytes)",
-                extra={"event": "http-upload", "file": name, "sha256": sha256},
-            )
-            if frames:  # frames name no payload yet: `status` shows their transfer
-                return self._reply(202, {"file": name, "bytes": length})
-            return self._reply(202, {"file": name, "sha256": sha256, "follow": f"/jobs/{sha256}"})
-
-        def do_GET(self) -> None:
-            if self._refused():
-                return None
-            if self.path.rstrip("/") == "/status":
-                return self._reply(200, status())
-            if self.path.startswith("/jobs/"):
-                return self._reply(*job_state(home, inbox, self.path[len("/jobs/") :]))
-            return self._reply(404, {"error": "GET /status or /jobs/<sha256>"})
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug(format % args)
-
+    site = UploadSite(Path(inbox), Path(home), max_bytes, status)
+    token = http_token(site.home).encode()
+    site.frames_folder.mkdir(parents=True, exist_ok=True)
     try:
-        server = UploadServer(("127.0.0.1", port), Handler, limits, Path(home) / TOKEN_FILE)
+        server = UploadServer(port, site, limits or HttpLimits(), token)
     except OSError as exc:
         raise ConfigError(
             f"cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}): stop the process that "
@@ -244,7 +271,7 @@ def _claimed_under(home: Path, name: str) -> bool:
     return False
 
 
-def job_state(home: Path, inbox: Path, sha256: str) -> tuple[int, dict[str, Any]]:
+def job_state(home: Path, inbox: Path, sha256: str) -> tuple[int, dict[str, object]]:
     """(HTTP status, where the payload with this SHA-256 stands): its job, its
     quarantine reason, ``pending`` while its upload waits for intake; 404 if this
     device has never received it."""

@@ -8,7 +8,6 @@ finished and it returns the report it already wrote.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,24 +15,25 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from protocol.atomic_files import write_json_atomic, write_text_atomic
+from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError, TaskDataError
-from protocol.payload import Payload, decode_payload, read_payload_bytes, selection_text
+from protocol.payload import Payload, selection_text
 from protocol.reference.base import ReferenceSource
 from protocol.reference.encoded import EncodedReference
 from protocol.task_data import LabeledImages
-from protocol.trust import TrustPolicy
+from receiver.acceptance import AcceptedPayload
+from receiver.job_report import CURVE_FILE, REPORT_FILE, SUMMARY_FILE, JobReport, SeedRun
 from receiver.outputs import export_program, plot_training_curves, save_state_dict
-from trainer.batches import CachedBatches, EncodedBatches, TensorBatches
-from trainer.decoded_cache import DecodedCache, build_cache, cache_side
+from trainer.batches import CachedBatches, EncodedBatches, Loading, TensorBatches
+from trainer.decoded_cache import CacheOptions, DecodedCache, build_cache, cache_side
 from trainer.faults import crash_point
 from trainer.training import (
     CheckpointPolicy,
+    StepHooks,
     StepReport,
     TrainConfig,
     accuracy,
@@ -41,9 +41,6 @@ from trainer.training import (
     train_classifier,
 )
 
-REPORT_FILE = "report.json"
-SUMMARY_FILE = "summary.txt"
-CURVE_FILE = "training-curve.png"
 STATE_DIR = ".job"
 
 
@@ -137,16 +134,32 @@ def check_trainable(
 OUTPUT_GLOBS = ("model-seed*.pt", "model-seed*.pt2", REPORT_FILE, SUMMARY_FILE, CURVE_FILE)
 
 
-def job_identity(sha256: str, settings: JobSettings, reference: ReferenceSource) -> dict[str, Any]:
+@dataclass(frozen=True)
+class JobIdentity:
     """What makes two runs the same job: the payload, the training settings, the seeds."""
+
+    payload_sha256: str
+    train: dict[str, object]  # the TrainConfig, its augmentation resolved
+    seeds: list[int]
+    cache: str | None = None  # a decoded cache crops otherwise than decoding on the fly
+
+    def as_json(self) -> dict[str, object]:
+        identity = {"payload_sha256": self.payload_sha256, "train": self.train, "seeds": self.seeds}
+        return identity if self.cache is None else identity | {"cache": self.cache}
+
+    def matches(self, recorded: object) -> bool:
+        """Whether a recorded identity (JSON) is this one."""
+        return recorded == self.as_json()
+
+
+def job_identity(sha256: str, settings: JobSettings, reference: ReferenceSource) -> JobIdentity:
+    """The identity of a job of the payload ``sha256`` with these settings."""
     train = replace(settings.train, augment=resolve_augment(settings.train.augment, reference))
-    identity = {"payload_sha256": sha256, "train": asdict(train), "seeds": list(settings.seeds)}
-    if settings.cache != "off":  # other crops than decoding on the fly: another job
-        identity["cache"] = settings.cache
-    return identity
+    cache = None if settings.cache == "off" else settings.cache
+    return JobIdentity(sha256, asdict(train), list(settings.seeds), cache)
 
 
-def _recorded_identity(out: Path) -> dict[str, Any] | None:
+def _recorded_identity(out: Path) -> dict[str, object] | None:
     for path in (out / REPORT_FILE, out / STATE_DIR / "identity.json"):
         try:
             record = json.loads(path.read_text())
@@ -158,19 +171,18 @@ def _recorded_identity(out: Path) -> dict[str, Any] | None:
     return None
 
 
-def claim_output_dir(out: Path, identity: dict[str, Any], overwrite: bool = False) -> None:
+def claim_output_dir(out: Path, identity: JobIdentity, overwrite: bool = False) -> None:
     """Make sure ``out`` holds nothing but this job's outputs: empty, or this job's own
     (finished or interrupted: it resumes). Another run's outputs are refused, or with
     ``overwrite`` removed first, so one directory never mixes two runs."""
     recorded = _recorded_identity(out)
-    ours = recorded == identity
     leftovers = [p for pattern in OUTPUT_GLOBS for p in out.glob(pattern)]
-    if ours or (recorded is None and not leftovers):
+    if identity.matches(recorded) or (recorded is None and not leftovers):
         return
     if not overwrite:
         if recorded is None:
             what = f"outputs of another run ({', '.join(sorted(p.name for p in leftovers)[:3])})"
-        elif recorded.get("payload_sha256") != identity["payload_sha256"]:
+        elif recorded.get("payload_sha256") != identity.payload_sha256:
             what = f"a run of another payload ({str(recorded.get('payload_sha256'))[:12]}...)"
         else:
             what = "a run of this payload with other settings or seeds"
@@ -211,8 +223,7 @@ def _batch_source(
         reference.image_size,
         config.augment,
         seed,
-        settings.decode,
-        settings.loader_threads,
+        Loading(settings.decode, settings.loader_threads),
     )
 
 
@@ -230,12 +241,14 @@ def _step_hook(
     return after_step
 
 
-def _finished_report(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+def _finished_report(out: Path, identity: JobIdentity) -> JobReport | None:
     try:
         report = json.loads((out / REPORT_FILE).read_text())
-    except (OSError, ValueError):
+        if not identity.matches(report.get("job_identity")):
+            return None
+        return JobReport.from_json(report)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-    return report if report.get("job_identity") == identity else None
 
 
 def started_with(out_dir: str | os.PathLike[str], sha256: str) -> bool:
@@ -244,18 +257,18 @@ def started_with(out_dir: str | os.PathLike[str], sha256: str) -> bool:
     return recorded is not None and recorded.get("payload_sha256") == sha256
 
 
-def _job_state(out: Path, identity: dict[str, Any]) -> Path:
+def _job_state(out: Path, identity: JobIdentity) -> Path:
     """The job's state folder; emptied first if it belongs to another payload or settings."""
     state = out / STATE_DIR
     marker = state / "identity.json"
     try:
-        same = json.loads(marker.read_text()) == identity
+        same = identity.matches(json.loads(marker.read_text()))
     except (OSError, ValueError):
         same = False
     if not same:
         shutil.rmtree(state, ignore_errors=True)
         state.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(marker, identity, durable=True)
+        write_json_atomic(marker, identity.as_json(), durable=True)
     return state
 
 
@@ -263,74 +276,64 @@ def _job_state(out: Path, identity: dict[str, Any]) -> Path:
 class _Job:
     """What every seed of one job shares."""
 
-    payload: Payload
+    accepted: AcceptedPayload
     reference: ReferenceSource
     settings: JobSettings
     out: Path
     state: Path  # the job's state folder: checkpoints and finished seeds
-    sha256: str
     holdout: LabeledImages | None
     progress: bool
     control: JobControl
     images: torch.Tensor | DecodedCache | None  # loaded once for all seeds
 
+    @property
+    def payload(self) -> Payload:
+        return self.accepted.payload
+
 
 def run_job(
-    payload_path: str | os.PathLike[str],
+    accepted: AcceptedPayload,
     reference: ReferenceSource,
     out_dir: str | os.PathLike[str],
     settings: JobSettings,
     holdout: LabeledImages | None = None,
     progress: bool = True,
     control: JobControl | None = None,
-    *,
-    trust: TrustPolicy | None,
-    raw: bytes | None = None,
-    verified: Payload | None = None,
-) -> dict[str, Any]:
-    """Train one student per seed from a payload; write weights, an exported program,
-    report.json, summary.txt and a training-curve plot. Resumes an interrupted run.
+) -> JobReport:
+    """Train one student per seed from an accepted payload; write weights, an exported
+    program, report.json, summary.txt and a training-curve plot. Resumes an interrupted
+    run; a finished one returns the report it already wrote.
 
-    The payload is verified again under ``trust`` (the caller has checked its
-    freshness when accepting it). ``raw``: the payload's bytes as the caller read and
-    verified them (else the file is read); ``verified``: the payload the caller decoded
-    from ``raw`` under ``trust``, which is then not decoded again."""
+    Acceptance (:mod:`receiver.acceptance`) decoded and checked the payload, against this
+    reference set and with the caller's checks of the holdout and the model: nothing is
+    read, hashed or checked again here."""
     started = time.perf_counter()
-    raw = read_payload_bytes(payload_path) if raw is None else raw
-    sha256 = hashlib.sha256(raw).hexdigest()
     out = Path(out_dir)
-    identity = job_identity(sha256, settings, reference)
-    train = replace(settings.train, augment=identity["train"]["augment"])
+    identity = job_identity(accepted.sha256, settings, reference)
+    train = replace(settings.train, augment=str(identity.train["augment"]))
     settings = replace(settings, train=train)
     done = _finished_report(out, identity)
     if done is not None:  # this payload was already trained with these settings
         return done
-    payload = verified
-    if payload is None:
-        payload = decode_payload(raw, reference=reference.manifest, trust=trust)
-    payload.check_reference(reference.manifest)
-    if holdout is not None:
-        check_holdout(holdout, payload, reference)
     state = _job_state(out, identity)
-    images = _loaded_subset(payload, reference, settings, state, progress)
+    images = _loaded_subset(accepted.payload, reference, settings, state, progress)
     job = _Job(
-        payload,
+        accepted,
         reference,
         settings,
         out,
         state,
-        sha256,
         holdout,
         progress,
         control or JobControl(),
         images,
     )
     runs = [_train_seed(job, seed) for seed in settings.seeds]
+    payload = accepted.payload
     title = f"{payload.task}: {selection_text(payload.selection)}, {settings.train.model}"
     plot_training_curves(runs, out / CURVE_FILE, title)
-    report = _job_report(job, runs, str(payload_path), len(raw), identity, started)
-    write_text_atomic(out / SUMMARY_FILE, summarize(report) + "\n")
-    write_json_atomic(out / REPORT_FILE, report, durable=True)  # last: marks the job complete
+    report = _job_report(job, runs, identity, started)
+    report.write(out)
     shutil.rmtree(job.state, ignore_errors=True)
     return report
 
@@ -354,10 +357,12 @@ def _loaded_subset(
         payload.indices,
         side,
         resolve_device(settings.train.device),
-        settings.cache,
-        path=state / f"decoded-{side}px.u8",
-        threads=settings.loader_threads,
-        progress=progress,
+        CacheOptions(
+            settings.cache,
+            state / f"decoded-{side}px.u8",
+            settings.loader_threads,
+            progress=progress,
+        ),
     )
 
 
@@ -369,12 +374,12 @@ def _holdout_evaluator(holdout: LabeledImages | None) -> Callable[[torch.nn.Modu
     return lambda model: accuracy(model, images, labels)
 
 
-def _train_seed(job: _Job, seed: int) -> dict[str, Any]:
+def _train_seed(job: _Job, seed: int) -> SeedRun:
     """Train (or resume, or recall) the student of one seed and save its outputs; returns
     the seed's record for the report."""
     record_path = job.state / f"seed{seed}.json"
     if record_path.is_file():  # finished before an interruption
-        return json.loads(record_path.read_text())
+        return SeedRun(**json.loads(record_path.read_text()))
     settings = job.settings
     config = replace(settings.train, seed=seed)
     source = _batch_source(
@@ -389,95 +394,66 @@ def _train_seed(job: _Job, seed: int) -> dict[str, Any]:
         len(job.payload.class_names),
         config,
         job.reference.in_channels,
-        progress=job.progress,
-        checkpoint=policy,
-        should_stop=job.control.should_stop,
-        data_id=job.sha256,
-        on_step=_step_hook(job.control.on_step, seed),
-        evaluate=evaluate,
+        hooks=StepHooks(
+            progress=job.progress,
+            checkpoint=policy,
+            should_stop=job.control.should_stop,
+            on_step=_step_hook(job.control.on_step, seed),
+            evaluate=evaluate,
+        ),
+        data_id=job.accepted.sha256,
     )
-    run: dict[str, Any] = {
-        "seed": seed,
-        "steps": result.steps,
-        "epochs": result.config["epochs_run"],
-        "resumed_from_step": result.resumed_from,
-        "seconds": round(result.seconds, 2),
-        "images_per_second": round(result.images_per_second, 1),
-        "final_loss": round(result.history[-1]["loss"], 4),
-        "unreadable_images": result.unreadable_images,
-        "model_file": f"model-seed{seed}.pt",
-        "history": result.history,
-        "curve": result.curve,
-    }
+    run = SeedRun(
+        seed=seed,
+        steps=result.steps,
+        epochs=result.config["epochs_run"],
+        resumed_from_step=result.resumed_from,
+        seconds=round(result.seconds, 2),
+        images_per_second=round(result.images_per_second, 1),
+        final_loss=round(result.history[-1]["loss"], 4),
+        unreadable_images=result.unreadable_images,
+        model_file=f"model-seed{seed}.pt",
+        history=result.history,
+        curve=result.curve,
+    )
     if evaluate is not None:
         last = result.history[-1] if result.history else {}
         if "holdout_accuracy" not in last:  # e.g. a run resumed after its last epoch
             last = {"holdout_accuracy": evaluate(result.model)}
-        run["holdout_accuracy"] = last["holdout_accuracy"]
+        run.holdout_accuracy = last["holdout_accuracy"]
     crash_point("outputs-saving")
-    save_state_dict(result.model, job.out / run["model_file"])
+    save_state_dict(result.model, job.out / run.model_file)
     if settings.export:
-        run["exported"] = export_program(
+        run.exported = export_program(
             result.model, source.image_shape, job.out / f"model-seed{seed}.pt2"
         )
-    write_json_atomic(record_path, run, durable=True)
+    write_json_atomic(record_path, asdict(run), durable=True)
     crash_point("outputs-saved")
     return run
 
 
-def _job_report(
-    job: _Job,
-    runs: list[dict[str, Any]],
-    payload_path: str,
-    payload_bytes: int,
-    identity: dict[str, Any],
-    started: float,
-) -> dict[str, Any]:
-    """The job's report.json; ``started``: the job's start (``time.perf_counter()``)."""
+def _job_report(job: _Job, runs: list[SeedRun], identity: JobIdentity, started: float) -> JobReport:
+    """The job's report; ``started``: the job's start (``time.perf_counter()``)."""
     payload, train = job.payload, job.settings.train
-    accuracies = [r["holdout_accuracy"] for r in runs if "holdout_accuracy" in r]
-    return {
-        "payload": payload_path,
-        "payload_bytes": payload_bytes,
-        "payload_sha256": job.sha256,
-        "job_identity": identity,
-        "task": payload.task,
-        "reference": job.reference.manifest.summary(),
-        "selection": payload.selection,
-        "kept": payload.count,
-        "classes": list(payload.class_names),
-        "class_histogram": payload.class_histogram(),
-        "model": train.model,
-        "device": str(resolve_device(train.device)),
-        "train_config": {k: v for k, v in asdict(train).items() if k != "seed"},
-        "runs": runs,
-        "holdout_images": None if job.holdout is None else len(job.holdout),
-        "accuracy_mean": float(np.mean(accuracies)) if accuracies else None,
-        "accuracy_std": float(np.std(accuracies)) if accuracies else None,
-        "training_seconds": round(sum(r["seconds"] for r in runs), 2),
-        "seconds": round(time.perf_counter() - started, 2),
-        "curve_plot": CURVE_FILE,
-    }
-
-
-def summarize(report: dict[str, Any]) -> str:
-    """A few human-readable lines about a finished job."""
-    lines = [
-        f"task {report['task']}: {report['kept']} images from {report['reference']['name']} "
-        f"({report['payload_bytes']} byte payload), model {report['model']}",
-    ]
-    for run in report["runs"]:
-        acc = run.get("holdout_accuracy")
-        shown = "" if acc is None else f", holdout accuracy {acc:.4f}"
-        resumed = run["resumed_from_step"]
-        resumed = f", resumed at step {resumed}" if resumed else ""
-        lines.append(
-            f"  seed {run['seed']}: {run['steps']} steps in {run['seconds']}s "
-            f"({run['images_per_second']:.0f} img/s){resumed}{shown}"
-        )
-    if report["accuracy_mean"] is not None:
-        lines.append(
-            f"holdout accuracy {report['accuracy_mean']:.4f} +- {report['accuracy_std']:.4f} "
-            f"over {len(report['runs'])} seed(s)"
-        )
-    return "\n".join(lines)
+    accuracies = [r.holdout_accuracy for r in runs if r.holdout_accuracy is not None]
+    return JobReport(
+        payload=job.accepted.received.source,
+        payload_bytes=len(job.accepted.received.data),
+        payload_sha256=job.accepted.sha256,
+        job_identity=identity.as_json(),
+        task=payload.task,
+        reference=job.reference.manifest.summary(),
+        selection=payload.selection,
+        kept=payload.count,
+        classes=list(payload.class_names),
+        class_histogram=payload.class_histogram(),
+        model=train.model,
+        device=str(resolve_device(train.device)),
+        train_config={k: v for k, v in asdict(train).items() if k != "seed"},
+        runs=runs,
+        holdout_images=None if job.holdout is None else len(job.holdout),
+        accuracy_mean=float(np.mean(accuracies)) if accuracies else None,
+        accuracy_std=float(np.std(accuracies)) if accuracies else None,
+        training_seconds=round(sum(r.seconds for r in runs), 2),
+        seconds=round(time.perf_counter() - started, 2),
+    )

@@ -23,10 +23,10 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from protocol.errors import StorageError
 from protocol.payload import SenderStamp
+from receiver.ledger import SenderSequence
 from receiver.sqlite_store import (
     check_integrity,
     database_errors,
@@ -92,8 +92,23 @@ class Job:
     sender: str | None = None  # signed payloads: sender id and sequence number
     sequence: int | None = None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class QueuedPayload:
+    """A verified payload as the queue takes it."""
+
+    sha256: str
+    payload: str  # the spooled file, relative to the daemon's home
+    source_name: str  # the name it came in under
+    task: str
+    images: int
+    classes: int
+    payload_bytes: int
+    intake_name: str | None = None  # the claimed file it came from
+    stamp: SenderStamp | None = None  # signed payloads: sender id and sequence number
 
 
 class JobQueue:
@@ -127,22 +142,12 @@ class JobQueue:
     def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         return write_transaction(self.db, f"job queue {self.path}")
 
-    def add(
-        self,
-        sha256: str,
-        payload: str,
-        source_name: str,
-        task: str,
-        images: int,
-        classes: int,
-        payload_bytes: int,
-        intake_name: str | None = None,
-        stamp: SenderStamp | None = None,
-    ) -> tuple[Job, bool]:
+    def add(self, queued: QueuedPayload) -> tuple[Job, bool]:
         """Queue a verified payload (its sequence number already in the ledger); (job,
         True), or (the existing job, False) for a copy."""
+        stamp = queued.stamp
         with self._write() as db:
-            row = db.execute("SELECT * FROM jobs WHERE sha256 = ?", (sha256,)).fetchone()
+            row = db.execute("SELECT * FROM jobs WHERE sha256 = ?", (queued.sha256,)).fetchone()
             if row is not None:
                 return Job(**dict(row)), False
             cursor = db.execute(
@@ -150,22 +155,22 @@ class JobQueue:
                 " payload_bytes, state, received, intake_name, sender, sequence)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
                 (
-                    sha256,
-                    payload,
-                    source_name,
-                    task,
-                    images,
-                    classes,
-                    payload_bytes,
+                    queued.sha256,
+                    queued.payload,
+                    queued.source_name,
+                    queued.task,
+                    queued.images,
+                    queued.classes,
+                    queued.payload_bytes,
                     time.time(),
-                    intake_name,
+                    queued.intake_name,
                     stamp and stamp.sender,
                     stamp and stamp.sequence,
                 ),
             )
             return self._get(db, int(cursor.lastrowid)), True
 
-    def signed_history(self) -> list[dict[str, Any]]:
+    def signed_history(self) -> list[SenderSequence]:
         """Each sender's highest sequence number among the jobs (and in the ledger table
         that queues of earlier releases kept): for rebuilding a lost ledger."""
         with self._reading():
@@ -173,11 +178,11 @@ class JobQueue:
                 "SELECT sender, MAX(sequence) AS sequence, '' AS sha256 FROM jobs"
                 " WHERE sender IS NOT NULL GROUP BY sender"
             ).fetchall()
-            history = [dict(row) for row in rows]
+            history = [SenderSequence(*row) for row in rows]
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
             if "sender_sequences" in tables:
                 rows = self.db.execute("SELECT sender, sequence, sha256 FROM sender_sequences")
-                history += [dict(row) for row in rows.fetchall()]
+                history += [SenderSequence(*row) for row in rows.fetchall()]
         return history
 
     def recover(self, alive: Callable[[str], bool], max_restarts: int) -> list[Job]:
@@ -255,7 +260,7 @@ class JobQueue:
             )
             return self._get(db, job_id)
 
-    def _close(self, job_id: int, owner: str, state: str, **fields: Any) -> None:
+    def _close(self, job_id: int, owner: str, state: str, **fields: object) -> None:
         names = ", ".join(f"{key} = ?" for key in fields)
         with self._write() as db:
             db.execute(

@@ -26,13 +26,15 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from protocol.atomic_files import write_json_atomic
-from protocol.errors import StorageError, TrustStoreError
+from protocol.errors import StorageError
 from protocol.timestamps import utc_text
 from protocol.trust import check_sequence
+from receiver.errors import TrustStoreError
 from receiver.sqlite_store import check_integrity, database_errors, open_database, write_transaction
 
 log = logging.getLogger("plada.receiver")
@@ -56,18 +58,26 @@ _ADDED_COLUMNS = {"intake_name": "TEXT"}
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class SenderSequence:
+    """A sender's last accepted sequence number, the payload that carried it and when."""
+
+    sender: str
+    sequence: int
+    sha256: str = ""
+    accepted: str = ""
+
+
 def last_sequence(db: sqlite3.Connection, sender: str) -> int | None:
     """The last sequence number accepted from ``sender`` (None: none yet)."""
     row = db.execute("SELECT sequence FROM sender_sequences WHERE sender = ?", (sender,)).fetchone()
     return None if row is None else int(row[0])
 
 
-def sender_sequences(db: sqlite3.Connection) -> list[dict[str, Any]]:
+def sender_sequences(db: sqlite3.Connection) -> list[SenderSequence]:
     """Every sender's last accepted sequence number, for status reports."""
     rows = db.execute("SELECT sender, sequence, sha256, accepted FROM sender_sequences ORDER BY 1")
-    return [
-        {"sender": s, "sequence": q, "sha256": h, "accepted": a} for s, q, h, a in rows.fetchall()
-    ]
+    return [SenderSequence(*row) for row in rows.fetchall()]
 
 
 def backup_path(path: Path) -> Path:
@@ -75,7 +85,7 @@ def backup_path(path: Path) -> Path:
     return path.with_name(path.stem + ".backup.json")
 
 
-def read_backup(path: Path) -> list[dict[str, Any]]:
+def read_backup(path: Path) -> list[SenderSequence]:
     """The senders' sequences in the backup of the ledger at ``path`` (none if absent)."""
     backup = backup_path(path)
     if not backup.is_file():
@@ -84,7 +94,7 @@ def read_backup(path: Path) -> list[dict[str, Any]]:
         data = json.loads(backup.read_text())
         if data.get("format") != BACKUP_FORMAT:
             raise ValueError(f"not a {BACKUP_FORMAT} file")
-        return [dict(row) for row in data["senders"]]
+        return [SenderSequence(**row) for row in data["senders"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StorageError(
             f"ledger backup {backup} is unreadable ({exc}): restore it, or remove it if the "
@@ -142,7 +152,7 @@ class SequenceLedger:
         """The last sequence number accepted from ``sender``."""
         return self._read(lambda db: last_sequence(db, sender), None)
 
-    def senders(self) -> list[dict[str, Any]]:
+    def senders(self) -> list[SenderSequence]:
         """Every sender's last accepted sequence number."""
         return self._read(sender_sequences, [])
 
@@ -182,16 +192,16 @@ class SequenceLedger:
             )
         self.write_backup()
 
-    def restore(self, rows: list[dict[str, Any]]) -> int:
+    def restore(self, rows: list[SenderSequence]) -> int:
         """Raise senders' last sequences to those of ``rows`` (a backup, a queue's jobs);
         returns how many senders changed. Never lowers one."""
         db = self._writable()
         changed = 0
         with write_transaction(db, f"sequence ledger {self.path}"):
             for row in rows:
-                last = last_sequence(db, row["sender"])
-                if last is None or int(row["sequence"]) > last:
-                    self._set(db, row["sender"], int(row["sequence"]), str(row.get("sha256", "")))
+                last = last_sequence(db, row.sender)
+                if last is None or int(row.sequence) > last:
+                    self._set(db, row.sender, int(row.sequence), str(row.sha256))
                     changed += 1
         if changed:
             self.write_backup()
@@ -209,7 +219,8 @@ class SequenceLedger:
 
     def write_backup(self) -> None:
         """Write the JSON backup of every sender's last sequence, durably."""
-        document = {"format": BACKUP_FORMAT, "written": utc_text(), "senders": self.senders()}
+        senders = [asdict(row) for row in self.senders()]
+        document = {"format": BACKUP_FORMAT, "written": utc_text(), "senders": senders}
         write_json_atomic(backup_path(self.path), document, durable=True)
 
     def _writable(self) -> sqlite3.Connection:
@@ -232,7 +243,7 @@ class SequenceLedger:
 
 
 def open_home_ledger(
-    home: Path, history: list[dict[str, Any]], has_history: bool, accept_empty: bool = False
+    home: Path, history: list[SenderSequence], has_history: bool, accept_empty: bool = False
 ) -> SequenceLedger:
     """The daemon's ledger ``HOME/ledger.sqlite``, integrity-checked.
 

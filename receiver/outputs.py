@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 import io
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from protocol.atomic_files import write_atomic, write_bytes_atomic
+from receiver.job_report import SeedRun
 from trainer.batches import normalize
 
 
@@ -30,7 +30,7 @@ def save_state_dict(model: nn.Module, path: Path) -> None:
     write_atomic(path, lambda handle: torch.save(model.state_dict(), handle), durable=True)
 
 
-def export_program(model: nn.Module, image_shape: tuple[int, ...], path: Path) -> dict[str, Any]:
+def export_program(model: nn.Module, image_shape: tuple[int, ...], path: Path) -> dict[str, str]:
     """Export the model with its input normalisation (``torch.export``, any batch size) and
     check the exported program against the trained model on CPU.
 
@@ -69,7 +69,7 @@ ACCURACY_LINES = (
 )
 
 
-def plot_training_curves(runs: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot_training_curves(runs: list[SeedRun], path: Path, title: str) -> None:
     """Per seed: training loss by step with the learning rate (top); training accuracy
     per epoch and, with a holdout, held-out accuracy (bottom). To a PNG."""
     import matplotlib
@@ -84,14 +84,14 @@ def plot_training_curves(runs: list[dict[str, Any]], path: Path, title: str) -> 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for number, run in enumerate(runs):
         colour = colours[number % len(colours)]
-        curve = run.get("curve") or []
+        curve = run.curve
         if curve:
             steps = [point["step"] for point in curve]
             loss_axis.plot(
-                steps, [p["loss"] for p in curve], color=colour, label=f"seed {run['seed']}"
+                steps, [p["loss"] for p in curve], color=colour, label=f"seed {run.seed}"
             )
             rate_axis.plot(steps, [p["lr"] for p in curve], color="grey", lw=0.8, ls="--")
-        history = [r for r in run.get("history") or [] if "step" in r]
+        history = [r for r in run.history if "step" in r]
         for key, name, style in ACCURACY_LINES:
             points = [r for r in history if key in r]
             if points:
@@ -99,7 +99,7 @@ def plot_training_curves(runs: list[dict[str, Any]], path: Path, title: str) -> 
                     [r["step"] for r in points],
                     [100 * r[key] for r in points],
                     color=colour,
-                    label=f"{name}, seed {run['seed']}",
+                    label=f"{name}, seed {run.seed}",
                     **style,
                 )
     loss_axis.set_ylabel("training loss")

@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
         queue.close()
     ledger = SequenceLedger(home / LEDGER_FILE, read_only=True)
     try:
-        senders = ledger.senders()
+        senders = [asdict(row) for row in ledger.senders()]
     finally:
         ledger.close()
     try:

@@ -1,26 +1,23 @@
 """The receiver's trust store on disk: a directory of sender public key files.
 
 Key files (``*.pub``) are written by ``plada-send keygen`` and installed with
-``plada-receive trust add``. This module does the directory I/O and builds the
-:class:`~protocol.trust.TrustPolicy` that the payload decoder applies; the
-policy itself is pure logic in :mod:`protocol.trust`.
+``plada-receive trust add``. This module does the directory I/O and holds a receiver's
+trust options; the policy itself is pure logic in :mod:`protocol.trust`, applied by
+:mod:`receiver.acceptance`.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.errors import SigningKeyError, TrustStoreError
+from protocol.errors import SigningKeyError
 from protocol.signing import SenderKey
-from protocol.trust import (
-    DEFAULT_MAX_CLOCK_AHEAD,
-    DEFAULT_MAX_LIFETIME,
-    TrustPolicy,
-    TrustStore,
-)
+from protocol.trust import DEFAULT_MAX_CLOCK_AHEAD, DEFAULT_MAX_LIFETIME, TrustStore
+from receiver.errors import TrustStoreError
 
 KEY_SUFFIX = ".pub"
 
@@ -82,7 +79,8 @@ def remove_keys(directory: str | os.PathLike[str], selector: str) -> list[Path]:
 
 @dataclass(frozen=True)
 class TrustOptions:
-    """A receiver's freshness and audience rules, as its command line sets them."""
+    """A receiver's freshness and audience rules, as its command line sets them, and the
+    clock it judges expiry by (see :mod:`protocol.trust`)."""
 
     allow_unsigned: bool = False
     check_expiry: bool = True
@@ -90,26 +88,4 @@ class TrustOptions:
     require_audience: bool = False
     max_lifetime: float = DEFAULT_MAX_LIFETIME
     max_clock_ahead: float = DEFAULT_MAX_CLOCK_AHEAD
-
-
-def build_trust_policy(
-    trust_dir: str | os.PathLike[str] | None,
-    options: TrustOptions,
-    last_sequence: Callable[[str], int | None] | None,
-) -> TrustPolicy:
-    """The policy of a receiver whose trusted keys are in ``trust_dir`` (None: nobody).
-
-    ``last_sequence`` gives the last sequence number accepted from each sender (the
-    ledger's); None leaves replay checks to the caller.
-    """
-    store = load_trust_store(trust_dir) if trust_dir is not None else TrustStore()
-    return TrustPolicy(
-        store,
-        options.allow_unsigned,
-        options.check_expiry,
-        last_sequence=last_sequence,
-        audiences=options.audiences,
-        require_audience=options.require_audience,
-        max_lifetime=options.max_lifetime,
-        max_clock_ahead=options.max_clock_ahead,
-    )
+    clock: Callable[[], float] = time.time

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plada_cli import description, run_cli
+from plada_cli import build_command_line, run_cli
 from sender.commands import embedding, link, scoring, selection, station
 
 SUBCOMMANDS = (
@@ -40,11 +40,7 @@ SUBCOMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plada-send", description=description(__doc__))
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
-        add(sub)
-    return parser
+    return build_command_line("plada-send", __doc__, SUBCOMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,16 +59,8 @@ def make_intake(home: Path, trust: TrustOptions | None = None, **settings: float
     queue = JobQueue(home / "queue.sqlite", check=True)
     ledger = open_home_ledger(home, queue.signed_history(), has_history=False)
     options = {"settle_seconds": 0.0, "reorder_seconds": 0.0} | settings
-    return Intake(
-        home,
-        home / "inbox",
-        MANIFEST,
-        queue,
-        ledger,
-        WorkerLock(home),
-        IntakeSettings(**options),
-        trust_options=trust,
-    )
+    intake = IntakeSettings(**options, trust=trust or TrustOptions())
+    return Intake(home, home / "inbox", MANIFEST, queue, ledger, WorkerLock(home), intake)
 
 
 def reasons(home: Path) -> dict[str, str]:

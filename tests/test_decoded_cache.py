@@ -14,8 +14,14 @@ from protocol.reference.image_folder import ImageFolderReference
 from tests.subprocess_cli import cli, cli_env, run
 from trainer import decoded_cache
 from trainer.batches import CachedBatches
-from trainer.decoded_cache import build_cache, cache_side
-from trainer.training import CheckpointPolicy, TrainConfig, TrainingInterrupted, train_classifier
+from trainer.decoded_cache import CacheOptions, build_cache, cache_side
+from trainer.training import (
+    CheckpointPolicy,
+    StepHooks,
+    TrainConfig,
+    TrainingInterrupted,
+    train_classifier,
+)
 
 CPU = torch.device("cpu")
 SIDE = 24
@@ -38,7 +44,8 @@ def _cache(tree, tmp_path: Path, where: str = "memory", decode: str = "pil"):
     reference = ImageFolderReference(root, image_size=20)
     indices = np.arange(len(reference))
     path = tmp_path / "decoded.u8"
-    return build_cache(reference, indices, SIDE, CPU, where, path=path, threads=2, decode=decode)
+    options = CacheOptions(where, path, threads=2, decode=decode)
+    return build_cache(reference, indices, SIDE, CPU, options)
 
 
 def test_cache_side_leaves_room_for_the_crop() -> None:
@@ -108,7 +115,7 @@ def test_an_interrupted_run_on_a_reopened_cache_resumes_to_identical_weights(
     def source():
         return CachedBatches(_cache(tree, tmp_path, "mmap"), labels, 20, "crop-flip", seed=0)
 
-    straight = train_classifier(source(), 3, config, in_channels=3, progress=False)
+    straight = train_classifier(source(), 3, config, in_channels=3, hooks=StepHooks(progress=False))
     policy = CheckpointPolicy(tmp_path / "run.ckpt", every_seconds=1e9)
     stops = iter([False] * 6 + [True])
     with pytest.raises(TrainingInterrupted):
@@ -117,11 +124,11 @@ def test_an_interrupted_run_on_a_reopened_cache_resumes_to_identical_weights(
             3,
             config,
             in_channels=3,
-            progress=False,
-            checkpoint=policy,
-            should_stop=lambda: next(stops),
+            hooks=StepHooks(progress=False, checkpoint=policy, should_stop=lambda: next(stops)),
         )
-    resumed = train_classifier(source(), 3, config, 3, progress=False, checkpoint=policy)
+    resumed = train_classifier(
+        source(), 3, config, 3, hooks=StepHooks(progress=False, checkpoint=policy)
+    )
     assert resumed.resumed_from == 7 and resumed.steps == 12
     same = straight.model.state_dict()
     assert all(torch.equal(v, same[k]) for k, v in resumed.model.state_dict().items())

@@ -18,9 +18,10 @@ import numpy as np
 import psutil
 import pytest
 
-from protocol.errors import ConfigError, EngineError, MissingExtraError, ReferenceSetError
+from protocol.errors import ConfigError, ReferenceSetError
 from protocol.reference.factory import ReferenceLocation
 from sender.embedding.engine import EmbedSettings
+from sender.errors import EngineError, MissingExtraError
 from tests.subprocess_cli import cli, cli_env, embed_args, wait_for
 from tests.worlds import save_tiny_clip, write_reference_tree, write_shards
 from trainer.faults import InjectedFault

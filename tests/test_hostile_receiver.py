@@ -15,18 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from protocol.errors import (
-    LifetimeError,
-    SigningKeyError,
-    StorageError,
-    TrustStoreError,
-    WrongAudienceError,
-)
-from protocol.payload import decode_payload
+from protocol.errors import LifetimeError, SigningKeyError, StorageError, WrongAudienceError
 from protocol.signing import SenderKey, SigningKey
+from receiver.acceptance import AcceptanceRules, Received, open_acceptance
+from receiver.errors import TrustStoreError
 from receiver.job_queue import JobQueue
 from receiver.ledger import LEDGER_FILE, SequenceLedger, backup_path, open_home_ledger
-from receiver.trust_store import TrustOptions, add_key, build_trust_policy, load_trust_store
+from receiver.trust_store import TrustOptions, add_key, load_trust_store
 from tests.hostile import MANIFEST, SENDERS, jobs, make_intake, reasons, signed_payload
 from tests.subprocess_cli import cli, cli_env
 
@@ -136,13 +131,13 @@ def test_the_quarantine_quota_purges_oldest_first(tmp_path) -> None:
         intake.poll()
     kept = sorted(reasons(home))
     assert kept == [f"junk-{n:02d}" for n in range(7, 12)]  # the newest five
-    usage = intake.stats["quarantine"]
+    usage = intake.report()["quarantine"]
     assert usage["files"] == 5 and usage["purged"] == 7 and usage["bytes"] <= 64 * 1024
     for _ in range(30):  # bytes: 30 junk files of 10 KB never hold more than the quota
         _put(home, f"bulk-{_}", os.urandom(10_000))
         intake.poll()
     on_disk = sum(p.stat().st_size for p in (home / "quarantine").iterdir())
-    assert on_disk <= 64 * 1024 and intake.stats["quarantine"]["bytes"] <= 64 * 1024
+    assert on_disk <= 64 * 1024 and intake.report()["quarantine"]["bytes"] <= 64 * 1024
     _put(home, "genuine.plada", signed_payload(sequence=2))
     intake.poll()
     assert jobs(intake) == [("genuine.plada", 2)]
@@ -244,8 +239,8 @@ def test_an_intake_interrupted_after_recording_queues_the_job_on_restart(tmp_pat
     intake = make_intake(home)
     data = signed_payload(sequence=12)
     _put(home, "late.plada", data)
-    intake.claim_ready()
-    (claimed,) = intake._claimed_files(intake.claimed)
+    intake.claims.claim_ready()
+    (claimed,) = intake.claims.files()
     import hashlib
 
     intake.ledger.record("station-a", 12, hashlib.sha256(data).hexdigest(), claimed)
@@ -271,23 +266,27 @@ def test_a_payload_for_one_device_is_refused_by_another(tmp_path) -> None:
     _put(tmp_path / "c", "fleet.plada", signed_payload(sequence=22, audience="fleet-north"))
     group.poll()
     assert jobs(group) == [("fleet.plada", 22)]
-    strict = build_trust_policy(tmp_path / "a" / "trust", TrustOptions(require_audience=True), None)
+    rules = AcceptanceRules(TrustOptions(require_audience=True))
+    strict = open_acceptance(tmp_path / "a" / "trust", rules, None, MANIFEST)
     with pytest.raises(WrongAudienceError, match="names no audience"):
-        decode_payload(signed_payload(sequence=23), reference=MANIFEST, trust=strict)
+        strict.examine(Received.of(signed_payload(sequence=23), "no-audience.plada"))
 
 
 # --- 10. sequence and lifetime sanity, reset-sequence ---------------------------------------
 
 
 def test_far_future_sequences_and_lifetimes_are_refused(tmp_path) -> None:
-    policy = build_trust_policy(tmp_path / "trust", TrustOptions(), lambda sender: None)
     add_key(tmp_path / "trust", SENDERS["station-a"].public)
-    policy = build_trust_policy(tmp_path / "trust", TrustOptions(), lambda sender: None)
+    device = open_acceptance(tmp_path / "trust", AcceptanceRules(), None, MANIFEST)
+
+    def examine(data: bytes) -> None:
+        device.examine(Received.of(data, "from-station-a.plada"))
+
     with pytest.raises(LifetimeError, match="ahead of this device's clock"):
-        decode_payload(signed_payload(sequence=(1 << 63) - 1), reference=MANIFEST, trust=policy)
+        examine(signed_payload(sequence=(1 << 63) - 1))
     with pytest.raises(LifetimeError, match="days from now"):
-        decode_payload(signed_payload(expires_in=(1 << 62)), reference=MANIFEST, trust=policy)
-    decode_payload(signed_payload(), reference=MANIFEST, trust=policy)  # an honest one passes
+        examine(signed_payload(expires_in=(1 << 62)))
+    examine(signed_payload())  # an honest one passes
 
 
 def test_trust_reset_sequence_ends_a_lockout(tmp_path) -> None:
@@ -411,7 +410,7 @@ def test_the_map_of_unsettled_sizes_stays_bounded(tmp_path) -> None:
         for name in names:
             (home / "inbox" / name).unlink()
     intake.poll()
-    assert len(intake._sizes) == 0
+    assert len(intake.claims.sizes) == 0
 
 
 def test_payloads_over_the_per_job_caps_are_quarantined(tmp_path) -> None:
@@ -439,58 +438,75 @@ def test_ledger_backup_is_written_durably_with_every_acceptance(tmp_path) -> Non
     ledger.close()
 
 
-# --- 14. train trains the bytes it verified ---------------------------------------------------
+# --- 14. train reads, hashes and decodes the payload once --------------------------------------
 
 
-def test_train_trains_the_bytes_it_verified_even_if_the_file_is_swapped(
-    tmp_path, small_pool, monkeypatch
+def test_train_reads_hashes_and_decodes_the_payload_once(
+    tmp_path, small_pool, cache_dir, monkeypatch
 ) -> None:
-    """`plada-receive train` verifies what it read and hands those bytes (and the decoded
-    payload) to the job: a file swapped after verification is never read, let alone
-    trained, and the payload is decoded once."""
+    """`plada-receive train` reads the payload file once, hashes its bytes once and decodes
+    them once: acceptance hands what it judged to the job, which neither reads the file
+    again (a file swapped after acceptance is never trained) nor re-checks it. Counted
+    where every read, hash and decode must pass, not at one import site."""
     import hashlib
+    import pathlib
 
     import numpy as np
 
-    from protocol.payload import Payload, encode_payload, write_payload
-    from receiver import job as job_module
-    from receiver.job import JobSettings, run_job
-    from trainer.training import TrainConfig
+    from protocol.payload import Payload, SenderStamp, encode_payload, write_payload
+    from protocol.payload import codec as payload_format
+    from receiver.cli import main
+    from tests.conftest import SMALL_SPEC
 
-    manifest = small_pool.manifest
+    manifest, key = small_pool.manifest, SENDERS["station-a"]
     indices = np.arange(0, len(manifest), 20)
-    verified_bytes = encode_payload(
+    now = int(time.time())
+    stamp = SenderStamp(key.sender, int(time.time() * 1000), now + 3600)
+    data = encode_payload(
         Payload(
-            "verified",
+            "once",
             manifest.name,
             manifest.fingerprint,
             len(manifest),
             ("a", "b"),
             indices,
             indices % 2,
+            created=now,
+            sender=stamp,
         ),
         reference=manifest,
+        signer=key,
     )
-    path = tmp_path / "t.plada"
-    write_payload(path, b"swapped after verification: never to be read")
-    verified = decode_payload(verified_bytes, reference=manifest, trust=None)
-    decodes = []
-    monkeypatch.setattr(job_module, "decode_payload", lambda *a, **k: decodes.append(a))
-    monkeypatch.setattr(
-        job_module, "read_payload_bytes", lambda *a, **k: pytest.fail("the file was read again")
-    )
-    report = run_job(
-        path,
-        small_pool,
-        tmp_path / "out",
-        JobSettings(TrainConfig(min_steps=2, max_steps=2, batch_size=16), export=False),
-        progress=False,
-        trust=None,
-        raw=verified_bytes,
-        verified=verified,
-    )
-    assert decodes == [] and report["task"] == "verified"
-    assert report["payload_sha256"] == hashlib.sha256(verified_bytes).hexdigest()
+    path = tmp_path / "once.plada"
+    write_payload(path, data)
+    add_key(tmp_path / "trust", key.public)
+    counts = {"read": 0, "hash": 0, "decode": 0}
+    read_bytes, sha256, frame = pathlib.Path.read_bytes, hashlib.sha256, payload_format._frame
+
+    def counted_read(self: pathlib.Path) -> bytes:
+        counts["read"] += self == path
+        return read_bytes(self)
+
+    def counted_sha256(*args, **kwargs):
+        counts["hash"] += bool(args) and bytes(args[0]) == data
+        return sha256(*args, **kwargs)
+
+    def counted_frame(raw: bytes, max_bytes: int):
+        counts["decode"] += raw == data  # every decode of a payload starts here
+        return frame(raw, max_bytes)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", counted_read)
+    monkeypatch.setattr(hashlib, "sha256", counted_sha256)
+    monkeypatch.setattr(payload_format, "_frame", counted_frame)
+    args = ["train", str(path), "--reference", SMALL_SPEC, "--cache-dir", str(cache_dir)]
+    args += ["--trust", str(tmp_path / "trust"), "--out", str(tmp_path / "out"), "--quiet"]
+    args += ["--min-steps", "2", "--max-steps", "2", "--batch-size", "16", "--no-export"]
+    assert main(args) == 0
+    monkeypatch.undo()
+    assert counts == {"read": 1, "hash": 1, "decode": 1}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["task"] == "once"
+    assert report["payload_sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def test_the_sender_addresses_payloads_with_audience(tmp_path) -> None:

@@ -11,7 +11,6 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import payload as fmt
 from protocol.errors import (
     CorruptPayloadError,
     DigestMismatchError,
@@ -26,6 +25,7 @@ from protocol.errors import (
 )
 from protocol.manifest import ReferenceManifest
 from protocol.payload import Payload, decode_payload, encode_payload
+from protocol.payload import codec as fmt
 from protocol.varint import encode_uvarints
 
 FP = bytes(range(32))

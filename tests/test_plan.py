@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protocol.errors import BudgetError, TaskDataError
+from protocol.errors import TaskDataError
 from protocol.task_data import LabeledImages
+from sender.errors import BudgetError
 from sender.selection.plan import candidate_grid, split_task
 from sender.selection.plan_file import Candidate, PlanRow, choose, rate_front
 from tests.conftest import SMALL_SPEC

@@ -13,6 +13,7 @@ from trainer.checkpoint import load_checkpoint, previous_path, save_checkpoint
 from trainer.training import (
     CheckpointPolicy,
     EpochOrder,
+    StepHooks,
     TrainConfig,
     TrainingInterrupted,
     train_classifier,
@@ -37,21 +38,24 @@ CONFIG = dict(epochs=1, min_steps=17, max_steps=17, batch_size=32, label_smoothi
 def test_interrupted_runs_resume_to_identical_weights(tmp_path: Path, balanced: bool) -> None:
     data = _data()
     config = TrainConfig(**CONFIG, balanced=balanced)
-    straight = train_classifier(data, 4, config, progress=False)
+    straight = train_classifier(data, 4, config, hooks=StepHooks(progress=False))
     policy = CheckpointPolicy(tmp_path / "run.ckpt", every_seconds=1e9)
     stops = iter([False] * 3 + [True] + [False] * 5 + [True])  # stop after steps 4 and 10
     for expected_step in (4, 10):
         with pytest.raises(TrainingInterrupted) as stopped:
             train_classifier(
-                data, 4, config, progress=False, checkpoint=policy, should_stop=lambda: next(stops)
+                data,
+                4,
+                config,
+                hooks=StepHooks(progress=False, checkpoint=policy, should_stop=lambda: next(stops)),
             )
         assert stopped.value.step == expected_step
-    resumed = train_classifier(data, 4, config, progress=False, checkpoint=policy)
+    resumed = train_classifier(data, 4, config, hooks=StepHooks(progress=False, checkpoint=policy))
     assert resumed.resumed_from == 10 and resumed.steps == 17
     assert _same_weights(straight.model, resumed.model)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
     # a finished run leaves its final state; resuming it again trains nothing
-    again = train_classifier(data, 4, config, progress=False, checkpoint=policy)
+    again = train_classifier(data, 4, config, hooks=StepHooks(progress=False, checkpoint=policy))
     assert again.resumed_from == 17 and _same_weights(straight.model, again.model)
 
 
@@ -63,13 +67,18 @@ def test_checkpoint_of_another_run_or_damaged_is_not_used(tmp_path: Path) -> Non
             data,
             4,
             TrainConfig(**CONFIG),
-            progress=False,
-            checkpoint=policy,
-            should_stop=iter([False] * 11 + [True]).__next__,
+            hooks=StepHooks(
+                progress=False, checkpoint=policy, should_stop=iter([False] * 11 + [True]).__next__
+            ),
         )
     assert policy.path.is_file() and previous_path(policy.path).is_file()
     other = TrainConfig(**{**CONFIG, "lr": 1e-3})
-    assert train_classifier(data, 4, other, progress=False, checkpoint=policy).resumed_from == 0
+    assert (
+        train_classifier(
+            data, 4, other, hooks=StepHooks(progress=False, checkpoint=policy)
+        ).resumed_from
+        == 0
+    )
 
     save_checkpoint(tmp_path / "a.ckpt", {"identity": {"run": 1}, "step": 5})
     save_checkpoint(tmp_path / "a.ckpt", {"identity": {"run": 1}, "step": 9})
@@ -106,14 +115,14 @@ def jpeg_tree(tmp_path_factory: pytest.TempPathFactory, small_pool):
 @pytest.mark.parametrize("decode", ["pil", "tensor", "torchcodec"])
 def test_encoded_batches_decode_crop_and_report_unreadable(jpeg_tree, decode: str) -> None:
     from protocol.reference.image_folder import ImageFolderReference
-    from trainer.batches import EncodedBatches
+    from trainer.batches import EncodedBatches, Loading
 
     root, victim = jpeg_tree
     reference = ImageFolderReference(root, image_size=40)
     indices = np.arange(len(reference))
     labels = torch.arange(len(reference)) % 3
     source = EncodedBatches(
-        reference, indices, labels, 40, "crop-flip", seed=7, decode=decode, threads=2, prefetch=1
+        reference, indices, labels, 40, "crop-flip", seed=7, loading=Loading(decode, 2, 1)
     )
     plan = [(step, torch.arange(step * 12, step * 12 + 12)) for step in range(3)]
     batches = list(source.batches(iter(plan), torch.device("cpu")))
@@ -126,7 +135,7 @@ def test_encoded_batches_decode_crop_and_report_unreadable(jpeg_tree, decode: st
     assert torch.equal(batches[1].labels, torch.cat([labels[12:17], labels[18:24]]))
     again = list(source.batches(iter(plan[2:]), torch.device("cpu")))
     assert torch.equal(again[0].images, batches[2].images)  # crops depend on (seed, step) only
-    plain = EncodedBatches(reference, indices, labels, 40, "none", decode=decode)
+    plain = EncodedBatches(reference, indices, labels, 40, "none", loading=Loading(decode))
     centre = next(plain.batches(iter(plan[:1]), torch.device("cpu"))).images
     assert not torch.equal(centre, batches[0].images)
 
@@ -140,19 +149,20 @@ def test_training_from_image_files_runs_and_counts_unreadable(jpeg_tree) -> None
     labels = torch.arange(len(reference)) % 3
     source = EncodedBatches(reference, np.arange(len(reference)), labels, 32, "crop-flip")
     config = TrainConfig(model="resnet18", epochs=2, batch_size=8, augment="crop-flip")
-    result = train_classifier(source, 3, config, in_channels=3, progress=False)
+    result = train_classifier(source, 3, config, in_channels=3, hooks=StepHooks(progress=False))
     assert result.steps == 10 and result.unreadable_images == 2  # one bad file, two epochs
     assert result.history[-1]["images"] == 35
 
 
 def test_job_queue_claims_once_and_recovers_dead_owners(tmp_path: Path) -> None:
-    from receiver.job_queue import JobQueue
+    from receiver.job_queue import JobQueue, QueuedPayload
 
     queue = JobQueue(tmp_path / "queue.sqlite")
-    first, created = queue.add("a" * 64, "spool/a", "a.plada", "t", 10, 2, 100)
-    duplicate, again = queue.add("a" * 64, "spool/a", "copy.plada", "t", 10, 2, 100)
+    first, created = queue.add(QueuedPayload("a" * 64, "spool/a", "a.plada", "t", 10, 2, 100))
+    copy = QueuedPayload("a" * 64, "spool/a", "copy.plada", "t", 10, 2, 100)
+    duplicate, again = queue.add(copy)
     assert created and not again and duplicate.id == first.id
-    queue.add("b" * 64, "spool/b", "b.plada", "t", 10, 2, 100)
+    queue.add(QueuedPayload("b" * 64, "spool/b", "b.plada", "t", 10, 2, 100))
     other = JobQueue(tmp_path / "queue.sqlite")  # a second daemon on the same queue
     taken = [queue.claim("w1"), other.claim("w2"), queue.claim("w1")]
     assert [j.id if j else None for j in taken] == [1, 2, None]
@@ -194,45 +204,31 @@ def test_worker_locks_tell_live_from_dead(tmp_path: Path) -> None:
 
 
 def test_job_rerun_returns_its_report_and_new_settings_train_again(tmp_path, small_pool) -> None:
-    from protocol.payload import Payload, encode_payload, write_payload
+    from protocol.payload import Payload, encode_payload
+    from protocol.trust import TrustStore
+    from receiver.acceptance import Acceptance, AcceptanceRules, Received
     from receiver.job import JobSettings, run_job
+    from receiver.trust_store import TrustOptions
 
     manifest = small_pool.manifest
     indices = np.arange(0, len(manifest), 20)
     payload = Payload(
         "t", manifest.name, manifest.fingerprint, len(manifest), ("a", "b"), indices, indices % 2
     )
-    path = tmp_path / "t.plada"
-    write_payload(path, encode_payload(payload, reference=manifest))
+    received = Received.of(encode_payload(payload, reference=manifest), "t.plada")
+    rules = AcceptanceRules(TrustOptions(allow_unsigned=True))
+    accepted = Acceptance(TrustStore(), rules, None, manifest).examine(received)
     config = TrainConfig(min_steps=4, max_steps=4, batch_size=16)
-    first = run_job(
-        path,
-        small_pool,
-        tmp_path / "out",
-        JobSettings(config, export=False),
-        progress=False,
-        trust=None,
-    )
-    again = run_job(
-        path,
-        small_pool,
-        tmp_path / "out",
-        JobSettings(config, export=False),
-        progress=False,
-        trust=None,
-    )
+    out = tmp_path / "out"
+    first = run_job(accepted, small_pool, out, JobSettings(config, export=False), progress=False)
+    again = run_job(accepted, small_pool, out, JobSettings(config, export=False), progress=False)
     assert again == first and not (tmp_path / "out" / ".job").exists()
     other = run_job(
-        path,
-        small_pool,
-        tmp_path / "out",
-        JobSettings(config, seeds=(1,), export=False),
-        progress=False,
-        trust=None,
+        accepted, small_pool, out, JobSettings(config, seeds=(1,), export=False), progress=False
     )
-    assert [r["seed"] for r in other["runs"]] == [1]
+    assert [r.seed for r in other.runs] == [1]
     # trained anew, not the earlier report: its own identity, and its weights on disk
-    assert other["job_identity"] != first["job_identity"]
+    assert other.job_identity != first.job_identity
     assert (tmp_path / "out" / "model-seed1.pt").is_file()
 
 
@@ -247,27 +243,31 @@ def test_progressive_resizing_grows_to_full_size_and_resumes_exactly(tmp_path: P
             TrainConfig(progressive=bad)
     data = _data()
     config = TrainConfig(**CONFIG, progressive=0.5)
-    straight = train_classifier(data, 4, config, progress=False)
-    plain = train_classifier(data, 4, TrainConfig(**CONFIG), progress=False)
+    straight = train_classifier(data, 4, config, hooks=StepHooks(progress=False))
+    plain = train_classifier(data, 4, TrainConfig(**CONFIG), hooks=StepHooks(progress=False))
     assert not _same_weights(straight.model, plain.model)  # smaller images early on
     policy = CheckpointPolicy(tmp_path / "run.ckpt", every_seconds=1e9)
     stops = iter([False] * 5 + [True])
     with pytest.raises(TrainingInterrupted):
         train_classifier(
-            data, 4, config, progress=False, checkpoint=policy, should_stop=lambda: next(stops)
+            data,
+            4,
+            config,
+            hooks=StepHooks(progress=False, checkpoint=policy, should_stop=lambda: next(stops)),
         )
-    resumed = train_classifier(data, 4, config, progress=False, checkpoint=policy)
+    resumed = train_classifier(data, 4, config, hooks=StepHooks(progress=False, checkpoint=policy))
     assert resumed.resumed_from == 6 and _same_weights(straight.model, resumed.model)
 
 
 def test_the_device_path_decodes_one_batch_ahead(jpeg_tree, monkeypatch) -> None:
     from protocol.reference.image_folder import ImageFolderReference
-    from trainer.batches import EncodedBatches
+    from trainer.batches import EncodedBatches, Loading
 
     root, _ = jpeg_tree
     reference = ImageFolderReference(root, image_size=32)
     labels = torch.arange(len(reference)) % 3
-    source = EncodedBatches(reference, np.arange(len(reference)), labels, 32, decode="tensor")
+    rows = np.arange(len(reference))
+    source = EncodedBatches(reference, rows, labels, 32, loading=Loading("tensor"))
     decoded_steps = []
     original = EncodedBatches._tensor_batch
 

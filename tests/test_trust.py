@@ -19,7 +19,6 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import payload as fmt
 from protocol.errors import (
     BadSignatureError,
     DigestMismatchError,
@@ -33,7 +32,6 @@ from protocol.errors import (
     RollbackError,
     SigningKeyError,
     TruncatedPayloadError,
-    TrustStoreError,
     UnknownSenderError,
     UnsignedPayloadError,
     UnsupportedVersionError,
@@ -41,10 +39,12 @@ from protocol.errors import (
 )
 from protocol.manifest import BlockLayout
 from protocol.payload import Payload, SenderStamp, decode_payload, encode_payload
+from protocol.payload import codec as fmt
 from protocol.signing import SigningKey
 from protocol.timestamps import utc_text
 from protocol.trust import TrustPolicy, TrustStore
 from protocol.varint import encode_uvarints
+from receiver.errors import TrustStoreError
 from receiver.ledger import SequenceLedger
 from receiver.trust_store import add_key, load_trust_store, remove_keys
 from sender.signer import next_sequence, parse_duration

@@ -240,6 +240,16 @@ def _crop_rng(seed: int, step: int, slot: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, slot])
 
 
+@dataclass(frozen=True)
+class Loading:
+    """How image files are read and decoded for training: the decoder (see
+    :data:`DECODE_CHOICES`), Pillow threads, and batches decoded ahead."""
+
+    decode: str = "auto"
+    threads: int = 8
+    prefetch: int = 3
+
+
 class EncodedBatches:
     """Batches decoded on the fly from the reference set's image files."""
 
@@ -251,10 +261,10 @@ class EncodedBatches:
         image_size: int,
         augment: str = "crop-flip",
         seed: int = 0,
-        decode: str = "auto",
-        threads: int = 8,
-        prefetch: int = 3,
+        loading: Loading | None = None,
     ) -> None:
+        loading = loading or Loading()
+        decode = loading.decode
         if decode not in DECODE_CHOICES:
             raise ConfigError(f"decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
         if augment not in ("none", "crop-flip"):
@@ -268,8 +278,8 @@ class EncodedBatches:
         self.augment = augment
         self.seed = seed
         self.decode = decode
-        self.threads = max(1, threads)
-        self.prefetch = max(1, prefetch)
+        self.threads = max(1, loading.threads)
+        self.prefetch = max(1, loading.prefetch)
         self.image_shape = (3, image_size, image_size)
         self._side_stream = None  # CUDA: where batches are decoded, beside the training
 

@@ -181,24 +181,33 @@ def _fill(target: torch.Tensor, decoded: Iterator[Decoded], progress: bool) -> d
     return problems
 
 
+@dataclass(frozen=True)
+class CacheOptions:
+    """Where a decoded cache lives and how it is filled.
+
+    ``where``: auto, cuda, memory or mmap; ``path``: the cache file for ``mmap`` (or
+    ``auto`` choosing it; a complete cache there of the same images and side is
+    reopened instead of decoded again); ``decode``: ``pil`` (threads), ``tensor``
+    (batches on the device), or ``auto`` (tensor on CUDA, pil on the CPU)."""
+
+    where: str = "auto"
+    path: Path | None = None
+    threads: int = 8
+    decode: str = "auto"
+    progress: bool = False
+
+
 def build_cache(
     reference: EncodedReference,
     indices: np.ndarray,
     side: int,
     device: torch.device,
-    where: str = "auto",
-    path: Path | None = None,
-    threads: int = 8,
-    progress: bool = False,
-    decode: str = "auto",
+    options: CacheOptions | None = None,
 ) -> DecodedCache:
-    """Decode the images ``indices`` of ``reference`` once (see the module docstring).
-
-    ``decode``: ``pil`` (threads), ``tensor`` (batches on ``device``), or ``auto``
-    (tensor on CUDA, pil on the CPU). ``path`` is the cache file for ``where="mmap"``
-    (or ``auto`` choosing it); a complete cache there of the same images and side is
-    reopened instead of decoded again.
-    """
+    """Decode the images ``indices`` of ``reference`` once (see the module docstring)."""
+    options = options or CacheOptions()
+    where, path, threads = options.where, options.path, options.threads
+    decode, progress = options.decode, options.progress
     indices = np.asarray(indices, dtype=np.int64)
     if decode not in ("auto", "pil", "tensor"):
         raise ConfigError(f"cache decode must be auto, pil or tensor, not {decode!r}")

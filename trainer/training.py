@@ -537,22 +537,21 @@ def train_classifier(
     num_classes: int,
     config: TrainConfig,
     in_channels: int = 1,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    progress: bool = True,
-    checkpoint: CheckpointPolicy | None = None,
-    on_step: Callable[[StepReport], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    hooks: StepHooks | None = None,
     data_id: str = "",
-    evaluate: Callable[[nn.Module], float] | None = None,
 ) -> TrainResult:
     """Train ``config.model`` from scratch (or local weights).
 
     ``data``: ``(uint8 images, labels)`` or a batch source from :mod:`trainer.batches`.
-    With ``checkpoint``, state is saved periodically, on ``should_stop()`` (which then
-    raises :class:`TrainingInterrupted`) and at the end, and a saved run is resumed;
-    the caller deletes the file once it has stored the model. ``evaluate(model)``
-    measures held-out accuracy at up to a dozen epoch ends (see :class:`StepHooks`).
+    ``hooks`` (:class:`StepHooks`): progress, callbacks, checkpoints. With a checkpoint
+    policy, state is saved periodically, on ``should_stop()`` (which then raises
+    :class:`TrainingInterrupted`) and at the end, and a saved run is resumed; the caller
+    deletes the file once it has stored the model. ``evaluate(model)`` measures held-out
+    accuracy at up to a dozen epoch ends. ``data_id`` names the data a checkpoint was
+    made on, so that one of other data is never resumed.
     """
+    hooks = hooks or StepHooks()
+    checkpoint = hooks.checkpoint
     if isinstance(data, tuple):
         augment = "affine" if config.augment == "auto" else config.augment
         source = TensorBatches(*data, augment, config.seed)
@@ -561,7 +560,6 @@ def train_classifier(
     run = TrainingRun(source, num_classes, config, in_channels, data_id)
     if checkpoint is not None and checkpoint.resume:
         run.resume(checkpoint.path)
-    hooks = StepHooks(progress, on_epoch, on_step, should_stop, checkpoint, evaluate)
     log = _StepLog(run, hooks)
     run.result.steps = run.start_step
     run.model.train()

@@ -67,6 +67,14 @@ class EmbedSettings:
             raise ConfigError("--part-rows must be positive")
 
 
+def open_reference_set(reference: ReferenceLocation, say: Say) -> ReferenceSource:
+    """The reference set to embed; ``say`` gets a warning per entry its reader skipped."""
+    source = reference.open()
+    for problem in getattr(source, "problems", []):
+        say(f"warning: {problem}")
+    return source
+
+
 class EmbedEngine(Protocol):
     """Embeds the parts of a shard that are not on disk yet; ``say`` gets its notes."""
 

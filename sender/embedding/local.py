@@ -32,6 +32,7 @@ from sender.embedding.engine import (
     Say,
     choose_decoder,
     open_embedding_dir,
+    open_reference_set,
     progress_bar,
 )
 from sender.embedding.tensor_decode import PreprocessSpec, TensorPreprocessor, iter_encoded_batches
@@ -47,10 +48,7 @@ class LocalEngine:
         settings: EmbedSettings,
         say: Say = print,
     ) -> EmbedSummary:
-        source = reference.open()
-        for problem in getattr(source, "problems", []):
-            say(f"warning: {problem}")
-        return embed_reference(source, out_dir, settings)
+        return embed_reference(open_reference_set(reference, say), out_dir, settings)
 
 
 def embed_reference(

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocol.errors import ConfigError, EngineError, MissingExtraError, ReferenceSetError
+from protocol.errors import ConfigError, ReferenceSetError
 from protocol.reference.encoded import image_kind
 from protocol.reference.factory import ReferenceLocation
 from sender.embedding.embedders import OpenClipEmbedder
@@ -49,9 +49,11 @@ from sender.embedding.engine import (
     Say,
     choose_decoder,
     open_embedding_dir,
+    open_reference_set,
     progress_bar,
 )
 from sender.embedding.tensor_decode import PreprocessSpec, TensorPreprocessor
+from sender.errors import EngineError, MissingExtraError
 from trainer.faults import raise_point
 
 EXTRA = "distributed"
@@ -276,9 +278,7 @@ class RayEngine:
         ray = import_ray(loopback=not options.address)
         if options.address:
             check_reachable(options.address)  # before anything is opened or written
-        source = reference.open()
-        for problem in getattr(source, "problems", []):
-            say(f"warning: {problem}")
+        source = open_reference_set(reference, say)
         embedder = OpenClipEmbedder(settings.model, settings.weights, "cpu")  # weights checked
         plan = open_embedding_dir(source, out_dir, embedder, settings)
         del embedder

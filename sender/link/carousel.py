@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from protocol.errors import ConfigError, ReplyError, StorageError, TransferRefusedError
+from protocol.errors import ConfigError, ReplyError, StorageError
 from protocol.frames import STREAM_LENGTH, FrameEncoder, LinkProfile
 from protocol.payload import read_payload_bytes
 from protocol.replies import Reply, ReplyState, decode_reply, parse_reply_key, split_replies
 from protocol.timestamps import duration_text
+from sender.errors import TransferRefusedError
 
 MAX_REPLY_FILE_BYTES = 64 << 10  # a reply file is 24 bytes; anything far larger is junk
 

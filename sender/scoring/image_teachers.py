@@ -15,7 +15,7 @@ from protocol.task_data import LabeledImages
 from sender.scoring.scores import l2_normalize
 from sender.scoring.work_dir import TeacherSummary
 from trainer.models import SMALL_CNN
-from trainer.training import TrainConfig, predict, train_classifier
+from trainer.training import StepHooks, TrainConfig, predict, train_classifier
 
 
 class CnnTeacher:
@@ -33,7 +33,11 @@ class CnnTeacher:
         config = TrainConfig(model=self.model_name, epochs=self.epochs, seed=self.seed)
         data = (torch.from_numpy(task.images), torch.from_numpy(task.labels))
         result = train_classifier(
-            data, len(task.class_names), config, task.images.shape[1], progress=progress
+            data,
+            len(task.class_names),
+            config,
+            task.images.shape[1],
+            hooks=StepHooks(progress=progress),
         )
         self.model = result.model
         return TeacherSummary(

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from protocol.atomic_files import write_json_atomic
-from protocol.errors import BudgetError, ConfigError
+from protocol.errors import ConfigError
 from protocol.payload import Payload, information_bound_bytes, selection_text, write_payload
 from protocol.reference.base import ReferenceSource
 from protocol.reference.factory import ReferenceLocation
+from sender.errors import BudgetError
 from sender.scoring.work_dir import recorded_reference
 from sender.selection.consensus import consensus_outliers
 from sender.selection.plan_file import choose, load_plan

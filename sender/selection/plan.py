@@ -174,7 +174,7 @@ def proxy_accuracy(
     """Validation accuracy of a small student trained ``steps`` steps on (images, labels)."""
     import torch
 
-    from trainer.training import TrainConfig, accuracy, train_classifier
+    from trainer.training import StepHooks, TrainConfig, accuracy, train_classifier
 
     if labels.size == 0:
         return 0.0
@@ -190,7 +190,7 @@ def proxy_accuracy(
         len(validation.class_names),
         config,
         in_channels=images.shape[1],
-        progress=False,
+        hooks=StepHooks(progress=False),
     ).model
     return accuracy(model, torch.from_numpy(validation.images), torch.from_numpy(validation.labels))
 

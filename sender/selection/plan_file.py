@@ -9,7 +9,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from protocol.errors import BudgetError, ConfigError
+from protocol.errors import ConfigError
+from sender.errors import BudgetError
 from sender.scoring.domain_gap import DomainGap
 from sender.scoring.work_dir import SCORES_FILE
 from sender.selection.strategies import SelectionConfig

@@ -1,4 +1,4 @@
-"""Payload format: which reference images to keep, and their hard labels.
+"""The payload byte format: envelope, header schema, bodies, digest and signature.
 
 Layout (all integers little-endian; see ``protocol/FORMAT.md``)::
 
@@ -41,28 +41,23 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import struct
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 import zstandard
 
 from protocol import block_code
-from protocol.atomic_files import write_bytes_atomic
 from protocol.errors import (
     CorruptPayloadError,
     DigestMismatchError,
     InvalidSelectionError,
     MalformedHeaderError,
     NotAPayloadError,
-    PayloadError,
     PayloadLimitError,
     ReferenceMismatchError,
     ReferenceRequiredError,
@@ -70,6 +65,14 @@ from protocol.errors import (
     UnsupportedVersionError,
 )
 from protocol.manifest import BlockLayout, ReferenceManifest
+from protocol.payload.model import (
+    MAX_CLASSES,
+    MAX_REFERENCE_SIZE,
+    Payload,
+    SelectionRecord,
+    SenderStamp,
+    mismatch_message,
+)
 from protocol.signing import (
     ALGORITHM_ED25519,
     ALGORITHM_NAMES,
@@ -94,102 +97,16 @@ ZSTD_LARGE_LEVEL = 9
 
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
-MAX_CLASSES = 100_000
 MAX_CLASS_NAME = 256
 MAX_TEXT = 1024
-MAX_REFERENCE_SIZE = 1 << 40
 MAX_UNCHECKED_REFERENCE = 1 << 27  # block-coded bodies decoded without the reference set
 _MAX_VARINT_INDEX = 9  # bytes per index gap (63 bits)
 _MAX_VARINT_LABEL = 3  # bytes per label (labels < 2**21 > MAX_CLASSES)
-MAX_SEQUENCE = (1 << 63) - 1
 _PREFIX = struct.Struct("<8sBI")
 _ENVELOPE_HEAD = struct.Struct("<8sBB8sB")  # magic, version, algorithm, key id, sender length
 _ENVELOPE_TAIL = struct.Struct("<QQI")  # sequence, expires, header length
 _U32 = struct.Struct("<I")
 _DIGEST_BYTES = 32
-
-
-@dataclass(frozen=True)
-class SenderStamp:
-    """Who sent a payload, its place in the sender's sequence, and when it expires."""
-
-    sender: str
-    sequence: int
-    expires: int  # Unix seconds
-    audience: str | None = None  # the device id or group it is for (None: any receiver)
-
-    def __post_init__(self) -> None:
-        if not is_valid_sender_id(self.sender):
-            raise MalformedHeaderError(f"invalid sender id {self.sender!r}")
-        if self.audience is not None and not is_valid_sender_id(self.audience):
-            raise MalformedHeaderError(f"invalid audience {self.audience!r}")
-        if not 1 <= self.sequence <= MAX_SEQUENCE:
-            raise MalformedHeaderError(f"sequence number {self.sequence} outside [1, 2^63)")
-        if not 0 < self.expires <= MAX_SEQUENCE:
-            raise MalformedHeaderError(f"expiry {self.expires} outside (0, 2^63)")
-
-
-@dataclass(frozen=True)
-class Payload:
-    """The decoded content of a payload."""
-
-    task: str
-    reference_name: str
-    reference_fingerprint: bytes
-    reference_size: int
-    class_names: tuple[str, ...]
-    indices: np.ndarray  # int64, strictly increasing, < reference_size
-    labels: np.ndarray  # int64, < len(class_names)
-    selection: dict[str, Any] = field(default_factory=dict)
-    created: int = 0
-    sender: SenderStamp | None = None  # signed payloads only
-    key_id: bytes | None = None  # the key that signed it (set by the decoder)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "indices", np.asarray(self.indices, dtype=np.int64))
-        object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64))
-        _check_content(self.indices, self.labels, self.reference_size, len(self.class_names))
-
-    @property
-    def count(self) -> int:
-        return int(self.indices.size)
-
-    def class_histogram(self) -> dict[str, int]:
-        counts = np.bincount(self.labels, minlength=len(self.class_names))
-        return {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
-
-    def check_reference(self, manifest: ReferenceManifest) -> None:
-        """Raise ``ReferenceMismatchError`` unless the payload was made for ``manifest``."""
-        if self.reference_fingerprint != manifest.fingerprint or self.reference_size != len(
-            manifest
-        ):
-            raise ReferenceMismatchError(
-                _mismatch_message(
-                    self.reference_name,
-                    self.reference_fingerprint,
-                    self.reference_size,
-                    manifest.layout(),
-                )
-            )
-
-
-def _check_content(indices: np.ndarray, labels: np.ndarray, n: int, k: int) -> None:
-    if indices.ndim != 1 or labels.shape != indices.shape:
-        raise InvalidSelectionError("indices and labels must be 1-D and of equal length")
-    if indices.size == 0:
-        raise InvalidSelectionError("a payload must keep at least one image")
-    if not 2 <= k <= MAX_CLASSES:
-        raise InvalidSelectionError(f"class count {k} outside [2, {MAX_CLASSES}]")
-    if not 1 <= n <= MAX_REFERENCE_SIZE:
-        raise InvalidSelectionError(f"reference size {n} outside [1, {MAX_REFERENCE_SIZE}]")
-    if indices.size > n:
-        raise InvalidSelectionError(f"{indices.size} kept images but the reference has {n}")
-    if int(indices[0]) < 0 or int(indices[-1]) >= n:
-        raise InvalidSelectionError(f"an index lies outside the reference set [0, {n})")
-    if indices.size > 1 and not bool(np.all(np.diff(indices) > 0)):
-        raise InvalidSelectionError("indices must be strictly increasing")
-    if int(labels.min()) < 0 or int(labels.max()) >= k:
-        raise InvalidSelectionError(f"a label lies outside [0, {k})")
 
 
 def _content_bytes(indices: np.ndarray, labels: np.ndarray) -> bytes:
@@ -211,7 +128,7 @@ def _layout_of(reference: ReferenceManifest | BlockLayout | None) -> BlockLayout
     return reference
 
 
-def _varint_zstd_body(payload: Payload, level: int) -> tuple[bytes, dict[str, Any]]:
+def _varint_zstd_body(payload: Payload, level: int) -> tuple[bytes, BodyInfo]:
     gaps = np.empty_like(payload.indices)
     gaps[0] = payload.indices[0]
     gaps[1:] = np.diff(payload.indices) - 1
@@ -222,12 +139,12 @@ def _varint_zstd_body(payload: Payload, level: int) -> tuple[bytes, dict[str, An
     return body, {"coding": BODY_CODING, "raw_size": len(raw)}
 
 
-def _block_body(payload: Payload, layout: BlockLayout | None) -> tuple[bytes, dict[str, Any]]:
+def _block_body(payload: Payload, layout: BlockLayout | None) -> tuple[bytes, BodyInfo]:
     """The smallest ``blocks/rans`` body over the reference layout and the fixed layouts."""
     n, k = payload.reference_size, len(payload.class_names)
     if k > block_code.MAX_LABEL_ALPHABET:
         raise block_code.UnplannableError(f"{k} classes exceed the block coding's label alphabet")
-    candidates: list[tuple[np.ndarray, dict[str, Any]]] = []
+    candidates: list[tuple[np.ndarray, BodyInfo]] = []
     fixed_sizes = block_code.FIXED_BLOCK_SIZES
     if layout is not None:
         starts = block_code.coding_block_starts(layout.block_starts, n)
@@ -255,7 +172,7 @@ class EncodedPayload:
     """A serialized payload and the body coding the encoder kept (the header's ``body``)."""
 
     data: bytes
-    body: dict[str, Any]
+    body: BodyInfo
 
 
 def encode_payload(
@@ -293,9 +210,8 @@ def encode_payload_detailed(
     ):
         raise ReferenceMismatchError("the block layout given is not the payload's reference set")
     bodies = _candidate_bodies(payload, level, layout, codings)
-    header = _header(payload, created)
     framed = [
-        (msgpack.packb(header | {"body": info}, use_bin_type=True), body, info)
+        (msgpack.packb(Header.of(payload, created, info).to_map(), use_bin_type=True), body, info)
         for body, info in bodies
     ]
     header_bytes, body, info = min(framed, key=lambda item: len(item[0]) + len(item[1]))
@@ -318,12 +234,12 @@ def encode_payload_detailed(
 
 def _candidate_bodies(
     payload: Payload, level: int, layout: BlockLayout | None, codings: tuple[str, ...]
-) -> list[tuple[bytes, dict[str, Any]]]:
+) -> list[tuple[bytes, BodyInfo]]:
     """(body, body header) in each of ``codings`` that can code the selection."""
     unknown = set(codings) - {BLOCK_CODING, BODY_CODING}
     if unknown or not codings:
         raise ValueError(f"unknown body codings {sorted(unknown)}")
-    bodies: list[tuple[bytes, dict[str, Any]]] = []
+    bodies: list[tuple[bytes, BodyInfo]] = []
     with ThreadPoolExecutor(max_workers=1) as pool:  # zstd releases the GIL
         varint = pool.submit(_varint_zstd_body, payload, level) if BODY_CODING in codings else None
         if BLOCK_CODING in codings:
@@ -335,22 +251,6 @@ def _candidate_bodies(
         if varint is not None:
             bodies.append(varint.result())
     return bodies
-
-
-def _header(payload: Payload, created: int) -> dict[str, Any]:
-    """The header map, less the body coding."""
-    return {
-        "task": payload.task,
-        "created": created,
-        "reference": {
-            "name": payload.reference_name,
-            "fingerprint": payload.reference_fingerprint,
-            "size": int(payload.reference_size),
-        },
-        "classes": list(payload.class_names),
-        "count": payload.count,
-        "selection": dict(payload.selection),
-    }
 
 
 def _envelope(payload: Payload, signer: SigningKey | None, created: int) -> bytes:
@@ -374,10 +274,98 @@ def _envelope(payload: Payload, signer: SigningKey | None, created: int) -> byte
     return head + struct.pack("<QQ", stamp.sequence, stamp.expires)
 
 
+BodyInfo = dict[str, str | int]  # header.body: the body's coding and its parameters
+
+
+@dataclass(frozen=True)
+class Header:
+    """The header map of a payload: one schema for writing it and for reading it back,
+    every field type- and range-checked on the way in."""
+
+    task: str
+    created: int
+    reference_name: str
+    fingerprint: bytes
+    reference_size: int
+    classes: tuple[str, ...]
+    count: int
+    selection: SelectionRecord
+    body: BodyInfo
+
+    @property
+    def coding(self) -> str:
+        return str(self.body["coding"])
+
+    @classmethod
+    def of(cls, payload: Payload, created: int, body: BodyInfo) -> Header:
+        return cls(
+            payload.task,
+            created,
+            payload.reference_name,
+            payload.reference_fingerprint,
+            int(payload.reference_size),
+            tuple(payload.class_names),
+            payload.count,
+            dict(payload.selection),
+            body,
+        )
+
+    def to_map(self) -> dict[str, object]:
+        """The msgpack map, its keys in the order of the format."""
+        return {
+            "task": self.task,
+            "created": self.created,
+            "reference": {
+                "name": self.reference_name,
+                "fingerprint": self.fingerprint,
+                "size": self.reference_size,
+            },
+            "classes": list(self.classes),
+            "count": self.count,
+            "selection": self.selection,
+            "body": self.body,
+        }
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, stamp: SenderStamp | None) -> Header:
+        """Parse the msgpack header and check every field's type and range."""
+        header = _parse_header(raw)
+        task = _text(header, "task")
+        created = _field(header, "created", int, "")
+        ref_info = _field(header, "reference", dict, "")
+        ref_name = _text(ref_info, "name", "reference.")
+        fingerprint = _field(ref_info, "fingerprint", bytes, "reference.")
+        if len(fingerprint) != 32:
+            raise MalformedHeaderError("header field reference.fingerprint is not 32 bytes")
+        n = _field(ref_info, "size", int, "reference.")
+        classes = _checked_classes(_field(header, "classes", list, ""))
+        count = _field(header, "count", int, "")
+        if stamp is not None and not created < stamp.expires:
+            raise MalformedHeaderError("the payload expires before it was created")
+        if not 1 <= n <= MAX_REFERENCE_SIZE:
+            raise MalformedHeaderError(f"reference size {n} outside [1, {MAX_REFERENCE_SIZE}]")
+        if not 1 <= count <= n:
+            raise PayloadLimitError(f"declared count {count} outside [1, reference size {n}]")
+        selection = _parse_selection(header.get("selection", {}))
+        body_info = _field(header, "body", dict, "")
+        _text(body_info, "coding", "body.")
+        return cls(task, created, ref_name, fingerprint, n, classes, count, selection, body_info)
+
+
+def _checked_classes(classes: list[object]) -> tuple[str, ...]:
+    if not 2 <= len(classes) <= MAX_CLASSES:
+        raise MalformedHeaderError(
+            f"header lists {len(classes)} classes, outside [2, {MAX_CLASSES}]"
+        )
+    if not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in classes):
+        raise MalformedHeaderError("every class name must be a non-empty string of <= 256 chars")
+    return tuple(classes)  # type: ignore[arg-type]
+
+
 # --- decoding ------------------------------------------------------------------------------
 
 
-def _field(mapping: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+def _field(mapping: Mapping[str, object], name: str, kind: type, where: str):
     if name not in mapping:
         raise MalformedHeaderError(f"header field {where}{name} is missing")
     value = mapping[name]
@@ -386,14 +374,14 @@ def _field(mapping: Mapping[str, Any], name: str, kind: type | tuple[type, ...],
     return value
 
 
-def _text(mapping: Mapping[str, Any], name: str, where: str = "") -> str:
+def _text(mapping: Mapping[str, object], name: str, where: str = "") -> str:
     value = _field(mapping, name, str, where)
     if len(value) > MAX_TEXT:
         raise MalformedHeaderError(f"header field {where}{name} is longer than {MAX_TEXT}")
     return value
 
 
-def _parse_header(raw: bytes) -> dict[str, Any]:
+def _parse_header(raw: bytes) -> dict[str, object]:
     try:
         header = msgpack.unpackb(
             raw,
@@ -415,7 +403,7 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
     return header
 
 
-def _parse_selection(value: Any) -> dict[str, Any]:
+def _parse_selection(value: object) -> SelectionRecord:
     if not isinstance(value, dict):
         raise MalformedHeaderError("header field selection is not a map")
     for key, item in value.items():
@@ -466,7 +454,7 @@ def _frame(data: bytes, max_bytes: int) -> _Frame:
             f"payload format version {version} is not supported (this build reads "
             f"{', '.join(map(str, READABLE_VERSIONS))}): upgrade plada on this device"
         )
-    envelope: dict[str, Any] = {}
+    envelope: dict[str, object] = {}
     if version >= SIGNED_VERSION:
         envelope, header_start = _parse_envelope(data)
         (header_len,) = _U32.unpack_from(data, header_start - _U32.size)
@@ -503,7 +491,7 @@ def _frame(data: bytes, max_bytes: int) -> _Frame:
     )
 
 
-def _parse_envelope(data: bytes) -> tuple[dict[str, Any], int]:
+def _parse_envelope(data: bytes) -> tuple[dict[str, object], int]:
     """The fixed fields of a v3 or v4 envelope and where its header starts."""
     if len(data) < _ENVELOPE_HEAD.size:
         raise TruncatedPayloadError("payload ends inside its envelope: the file is truncated")
@@ -574,7 +562,7 @@ def _check_origin(data: bytes, frame: _Frame, trust: TrustPolicy | None) -> Send
     return stamp
 
 
-def decode_header(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+def decode_header(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, object]:
     """The header map of a payload after checking its framing (the body is not decoded;
     a signature is not checked)."""
     data = bytes(data)
@@ -607,13 +595,13 @@ def decode_payload(
     data = bytes(data)
     frame = _frame(data, max_bytes)
     stamp = _check_origin(data, frame, trust)
-    header = _checked_header(data[frame.header_start : frame.header_end], stamp)
+    header = Header.from_bytes(data[frame.header_start : frame.header_end], stamp)
     layout = _layout_of(reference)
     if layout is not None and (
         layout.fingerprint != header.fingerprint or layout.size != header.reference_size
     ):
         raise ReferenceMismatchError(
-            _mismatch_message(
+            mismatch_message(
                 header.reference_name, header.fingerprint, header.reference_size, layout
             )
         )
@@ -641,67 +629,9 @@ def decode_payload(
     return payload
 
 
-@dataclass(frozen=True)
-class _Header:
-    """The header fields of a payload, type- and range-checked."""
-
-    task: str
-    created: int
-    reference_name: str
-    fingerprint: bytes
-    reference_size: int
-    classes: tuple[str, ...]
-    count: int
-    selection: dict[str, Any]
-    body: dict[str, Any]
-    coding: str
-
-
-def _checked_header(raw: bytes, stamp: SenderStamp | None) -> _Header:
-    """Parse the msgpack header and check every field's type and range."""
-    header = _parse_header(raw)
-    task = _text(header, "task")
-    created = _field(header, "created", int, "")
-    ref_info = _field(header, "reference", dict, "")
-    ref_name = _text(ref_info, "name", "reference.")
-    fingerprint = _field(ref_info, "fingerprint", bytes, "reference.")
-    if len(fingerprint) != 32:
-        raise MalformedHeaderError("header field reference.fingerprint is not 32 bytes")
-    n = _field(ref_info, "size", int, "reference.")
-    classes = _field(header, "classes", list, "")
-    if not 2 <= len(classes) <= MAX_CLASSES:
-        raise MalformedHeaderError(
-            f"header lists {len(classes)} classes, outside [2, {MAX_CLASSES}]"
-        )
-    if not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in classes):
-        raise MalformedHeaderError("every class name must be a non-empty string of <= 256 chars")
-    count = _field(header, "count", int, "")
-    if stamp is not None and not created < stamp.expires:
-        raise MalformedHeaderError("the payload expires before it was created")
-    if not 1 <= n <= MAX_REFERENCE_SIZE:
-        raise MalformedHeaderError(f"reference size {n} outside [1, {MAX_REFERENCE_SIZE}]")
-    if not 1 <= count <= n:
-        raise PayloadLimitError(f"declared count {count} outside [1, reference size {n}]")
-    selection = _parse_selection(header.get("selection", {}))
-    body_info = _field(header, "body", dict, "")
-    coding = _text(body_info, "coding", "body.")
-    return _Header(
-        task,
-        created,
-        ref_name,
-        fingerprint,
-        n,
-        tuple(classes),
-        count,
-        selection,
-        body_info,
-        coding,
-    )
-
-
 def _decode_body(
     body: bytes,
-    header: _Header,
+    header: Header,
     version: int,
     layout: BlockLayout | None,
     max_reference_size: int,
@@ -723,17 +653,8 @@ def _decode_body(
     )
 
 
-def _mismatch_message(name: str, fingerprint: bytes, n: int, layout: BlockLayout) -> str:
-    return (
-        f"payload was made for reference set {name!r} (fingerprint {fingerprint.hex()[:16]}..., "
-        f"n={n}) but this device holds {layout.name!r} "
-        f"(fingerprint {layout.fingerprint.hex()[:16]}..., n={layout.size}): "
-        "sync the reference set, or ask the sender to target this one"
-    )
-
-
 def _block_starts(
-    body_info: Mapping[str, Any], n: int, layout: BlockLayout | None, max_reference_size: int
+    body_info: BodyInfo, n: int, layout: BlockLayout | None, max_reference_size: int
 ) -> np.ndarray:
     blocks = _text(body_info, "blocks", "body.")
     if blocks == "reference":
@@ -758,7 +679,7 @@ def _block_starts(
 
 
 def _decode_varint_zstd(
-    body: bytes, body_info: Mapping[str, Any], n: int, count: int
+    body: bytes, body_info: BodyInfo, n: int, count: int
 ) -> tuple[np.ndarray, np.ndarray]:
     raw_size = _field(body_info, "raw_size", int, "body.")
     cap = count * (_MAX_VARINT_INDEX + _MAX_VARINT_LABEL)
@@ -793,35 +714,6 @@ def _decode_varint_zstd(
     return np.cumsum(gaps), labels.astype(np.int64)
 
 
-def read_payload(
-    path: str | os.PathLike[str],
-    max_bytes: int = MAX_PAYLOAD_BYTES,
-    reference: ReferenceManifest | BlockLayout | None = None,
-    *,
-    trust: TrustPolicy | None,
-) -> Payload:
-    """Read and verify a payload file, refusing oversized files before reading them."""
-    return decode_payload(read_payload_bytes(path, max_bytes), max_bytes, reference, trust=trust)
-
-
-def read_payload_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:
-    """The raw bytes of a payload file (not verified), refusing an oversized file before
-    reading it; a missing or unreadable file is a ``PayloadError``."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise PayloadLimitError(f"{path} is {size} bytes, over the cap of {max_bytes}")
-        return path.read_bytes()
-    except OSError as exc:
-        raise PayloadError(f"cannot read payload {path}: {exc.strerror}") from exc
-
-
-def write_payload(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write payload bytes atomically and durably (temp file, fsync, rename)."""
-    write_bytes_atomic(Path(path), data, durable=True)
-
-
 def information_bound_bytes(n: int, labels: np.ndarray, k: int) -> float:
     """log2 C(n, m) + m * H(labels), in bytes: the floor for any index+label code."""
     m = int(labels.size)
@@ -830,10 +722,3 @@ def information_bound_bytes(n: int, labels: np.ndarray, k: int) -> float:
     p = p[p > 0]
     entropy = float(-(p * np.log2(p)).sum())
     return (log_binom + m * entropy) / 8.0
-
-
-def selection_text(selection: dict[str, Any]) -> str:
-    """A payload's selection header in a few words, e.g. ``safety-net knn 1%``."""
-    keep = selection.get("keep")
-    shown = f" {100 * keep:g}%" if isinstance(keep, (int, float)) else ""
-    return f"{selection.get('strategy', '?')} {selection.get('score', '')}".strip() + shown

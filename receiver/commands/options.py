@@ -1,0 +1,230 @@
+"""Option groups that several ``plada-receive`` subcommands share, and the settings they
+make: trust (who is trusted, how fresh a payload must be), caps per job, training."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from receiver.acceptance import DEFAULT_MAX_CLASSES, DEFAULT_MAX_IMAGES
+from receiver.errors import TrustStoreError
+from receiver.trust_store import TrustOptions
+
+TRUST_ENV = "PLADA_TRUST_DIR"
+Subparsers = argparse._SubParsersAction
+
+
+def add_trust_options(parser: argparse.ArgumentParser, daemon: bool = False) -> None:
+    """Who is trusted and how fresh a payload must be, shared by verify, train and daemon."""
+    group = parser.add_argument_group("trust")
+    default = "HOME/trust" if daemon else f"${TRUST_ENV}"
+    group.add_argument("--trust", help=f"trust store directory of sender keys (default {default})")
+    if not daemon:
+        group.add_argument(
+            "--ledger",
+            help="last accepted sequence number per sender (default TRUST/ledger.sqlite)",
+        )
+    group.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="accept unsigned payloads: development only, never on a deployed device",
+    )
+    group.add_argument(
+        "--no-expiry-check",
+        action="store_true",
+        help="for a device without a trusted clock: ignore payload expiry (sequence numbers "
+        "still stop replays)",
+    )
+    group.add_argument(
+        "--device-id", help="this device's id: payloads addressed to it are accepted"
+    )
+    group.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        help="a device group this device belongs to (repeat for several)",
+    )
+    group.add_argument(
+        "--require-audience",
+        action="store_true",
+        help="refuse payloads that name no audience (device id or group)",
+    )
+    _add_limits(group)
+    _add_caps(parser)
+
+
+def _add_limits(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--max-lifetime-days",
+        type=float,
+        default=400.0,
+        help="refuse payloads that expire further ahead than this",
+    )
+    group.add_argument(
+        "--max-clock-ahead-hours",
+        type=float,
+        default=24.0,
+        help="refuse sequence numbers (milliseconds since 1970) this far past the clock",
+    )
+
+
+def _add_caps(parser: argparse.ArgumentParser) -> None:
+    caps = parser.add_argument_group("caps per job")
+    caps.add_argument(
+        "--max-job-images",
+        type=int,
+        default=DEFAULT_MAX_IMAGES,
+        help="refuse payloads that keep more reference images",
+    )
+    caps.add_argument(
+        "--max-job-classes",
+        type=int,
+        default=DEFAULT_MAX_CLASSES,
+        help="refuse payloads with more classes",
+    )
+
+
+def trust_options(args: argparse.Namespace) -> TrustOptions:
+    """The freshness and audience rules of the trust options."""
+    audiences = set(args.group) | ({args.device_id} if args.device_id else set())
+    return TrustOptions(
+        allow_unsigned=args.allow_unsigned,
+        check_expiry=not args.no_expiry_check,
+        audiences=frozenset(audiences),
+        require_audience=args.require_audience,
+        max_lifetime=args.max_lifetime_days * 86400,
+        max_clock_ahead=args.max_clock_ahead_hours * 3600,
+    )
+
+
+def trust_dir(args: argparse.Namespace) -> Path | None:
+    """--trust, else $PLADA_TRUST_DIR, else None."""
+    chosen = args.trust or os.environ.get(TRUST_ENV)
+    return Path(chosen) if chosen else None
+
+
+def existing_trust_dir(args: argparse.Namespace) -> Path | None:
+    """The named trust store, which must exist (a typo must not look like 'trusts nobody')."""
+    folder = trust_dir(args)
+    if folder is not None and not folder.is_dir():
+        state = "is not a directory" if folder.exists() else "does not exist"
+        raise TrustStoreError(
+            f"trust store {folder} {state}: name the right --trust (or ${TRUST_ENV}), or "
+            f"install a sender key there with `plada-receive trust add SENDER.pub --trust "
+            f"{folder}`"
+        )
+    return folder
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the student's training, shared by ``train`` and ``daemon``."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--model", default="small-cnn", help="small-cnn or a torchvision model name")
+    group.add_argument("--weights", help="local state_dict to start from (no download)")
+    group.add_argument(
+        "--epochs",
+        type=int,
+        default=30,
+        help="passes over the kept images; the run takes epochs x steps-per-epoch optimizer "
+        "steps, raised to --min-steps and capped at --max-steps, and ends with the epoch "
+        "that holds its last step (so a small payload may run more epochs than this)",
+    )
+    group.add_argument(
+        "--min-steps", type=int, default=250, help="train at least this many steps (0: no floor)"
+    )
+    group.add_argument(
+        "--max-steps", type=int, default=250, help="train at most this many steps (0: no cap)"
+    )
+    group.add_argument("--batch-size", type=int, default=128, help="images per optimizer step")
+    group.add_argument(
+        "--lr", type=float, default=3e-3, help="peak AdamW learning rate (warmup, cosine)"
+    )
+    group.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy smoothing")
+    group.add_argument(
+        "--augment",
+        choices=["auto", "none", "affine", "affine-flip", "crop-flip"],
+        default="auto",
+        help="auto: crop-flip for image files, affine for the glyph world",
+    )
+    group.add_argument("--balanced", action="store_true", help="class-balanced sampling")
+    group.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "off"],
+        default="auto",
+        help="bf16 autocast (auto: on CUDA only)",
+    )
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument(
+        "--progressive",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="progressive resizing: start at this fraction of the image side (e.g. 0.5) and "
+        "grow to full size by 75%% of the steps (0: off)",
+    )
+    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
+    group.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="one student per seed (mean accuracy)"
+    )
+    _add_loading_options(group)
+
+
+def _add_loading_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--decode",
+        choices=["auto", "pil", "tensor", "torchcodec", "torchvision"],
+        default="auto",
+        help="image files: Pillow threads, or decoded in batches on the device (nvJPEG on "
+        "CUDA) by torchcodec or torchvision; tensor: torchcodec on CUDA when installed, "
+        "else torchvision; auto: tensor on CUDA, pil on the CPU",
+    )
+    group.add_argument(
+        "--loader-threads", type=int, default=8, help="Pillow decoding threads (image files)"
+    )
+    group.add_argument(
+        "--cache",
+        choices=["off", "auto", "cuda", "memory", "mmap"],
+        default="off",
+        help="image files: decode the kept images once, before the first epoch, into a uint8 "
+        "cache in GPU memory, host memory or a memory-mapped file (auto: the first that "
+        "fits); later epochs crop and flip it on the device",
+    )
+    group.add_argument(
+        "--checkpoint-seconds", type=float, default=60.0, help="save training state this often"
+    )
+    group.add_argument("--checkpoint-steps", type=int, default=0, help="0: by time only")
+    group.add_argument("--no-export", action="store_true", help="skip the torch.export program")
+
+
+def job_settings(args: argparse.Namespace):
+    """:class:`~receiver.job.JobSettings` from the training options (loads torch)."""
+    from receiver.job import JobSettings
+    from trainer.training import TrainConfig
+
+    config = TrainConfig(
+        model=args.model,
+        epochs=args.epochs,
+        min_steps=args.min_steps,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        label_smoothing=args.label_smoothing,
+        augment=args.augment,
+        device=args.device,
+        weights=args.weights,
+        balanced=args.balanced,
+        amp=args.amp,
+        compile=args.compile,
+        progressive=args.progressive,
+    )
+    return JobSettings(
+        train=config,
+        seeds=tuple(args.seeds),
+        decode=args.decode,
+        loader_threads=args.loader_threads,
+        export=not args.no_export,
+        checkpoint_seconds=args.checkpoint_seconds,
+        checkpoint_steps=args.checkpoint_steps,
+        cache=args.cache,
+    )
