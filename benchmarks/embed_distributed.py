@@ -68,7 +68,7 @@ def measure(
     import torch
 
     from protocol.reference.factory import ReferenceLocation
-    from sender.embedding.engine import EmbedSettings
+    from sender.embedding.engine import EmbedJob, EmbedSettings
     from sender.embedding.local import LocalEngine
     from sender.embedding.ray_engine import RayEngine, RayOptions
 
@@ -87,7 +87,7 @@ def measure(
         progress=False,
     )
     location = ReferenceLocation(str(tree))
-    local = LocalEngine().embed(location, local_out, settings)
+    local = LocalEngine().embed(EmbedJob(location, local_out, settings))
     batches = -(-local.images_embedded // batch_size)
     local_row = _row(label, "local", 1, local, batches)
     rows.append(local_row | {"ceiling": model_ceiling(name, weights, device, batch_size)})
@@ -100,9 +100,8 @@ def measure(
             actor_cpus=max(1.0, (os.cpu_count() or 1) // actors),
             actor_gpus=min(1.0, gpus / actors) if gpus else 0.0,
         )
-        summary = RayEngine(options).embed(
-            location, out, settings, say=lambda line: print(f"  {line}")
-        )
+        engine = RayEngine(options, say=lambda line: print(f"  {line}"))
+        summary = engine.embed(EmbedJob(location, out, settings))
         row = _row(label, "ray", actors, summary, batches)
         row["identical_to_local"] = _parts_bytes(out) == reference_parts
         steady_local = local_row["steady_seconds"] / batches

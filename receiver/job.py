@@ -1,4 +1,5 @@
-"""One receiver job: verify a payload, rebuild its labeled subset locally, train, evaluate, save.
+"""One receiver job: an accepted payload's labeled subset rebuilt locally, trained,
+evaluated and saved.
 
 A job is resumable. Its state lives in ``<out>/.job/``: one checkpoint per seed
 while that seed trains, then a record of the finished seed. Run the same job again
@@ -115,12 +116,12 @@ def check_trainable(
     settings: JobSettings,
     holdout: LabeledImages | None,
 ) -> None:
-    """Everything that can be checked before training starts: the reference set, the
-    holdout, the model and its weights. ``plada-receive train`` runs it before it
-    accepts a payload, so that a local mistake never uses one up."""
+    """What this device checks of a payload beyond acceptance's own checks (which
+    include the reference set's fingerprint), before anything trains: the holdout, the
+    model and its weights. Acceptance runs it last, so that a local mistake never uses
+    a payload up (:mod:`receiver.acceptance`)."""
     from trainer.models import build_model
 
-    payload.check_reference(reference.manifest)
     if holdout is not None:
         check_holdout(holdout, payload, reference)
     build_model(

@@ -50,7 +50,7 @@ def test_missing_or_unreadable_weights(tiny_clip, tmp_path) -> None:
 
 
 def test_probe_teacher_on_clip_embeddings_makes_a_valid_payload(tiny_clip, small_pool, tmp_path):
-    from protocol.payload import read_payload
+    from protocol.payload import decode_payload, read_payload_bytes
     from protocol.world.digits import load_digits_split
     from sender.embedding.embedders import OpenClipEmbedder
     from sender.scoring.images import TeacherSettings, score_reference
@@ -64,6 +64,6 @@ def test_probe_teacher_on_clip_embeddings_makes_a_valid_payload(tiny_clip, small
     assert summary.teacher.test_accuracy > 0.3  # random CLIP weights still separate digits
     out = tmp_path / "probe.plada"
     made = make_payload(tmp_path, Selection(SelectionConfig(keep=0.05)), out)
-    payload = read_payload(out, reference=small_pool.manifest, trust=None)
+    payload = decode_payload(read_payload_bytes(out), reference=small_pool.manifest, trust=None)
     payload.check_reference(small_pool.manifest)
     assert payload.count == made.kept == round(0.05 * len(small_pool))

@@ -415,7 +415,7 @@ def _lowest(values: np.ndarray, keep: float) -> list[int]:
 def test_a_score_registered_once_is_scored_and_selected_on_both_paths(
     world, embedded, small_pool, tmp_path, toy_score
 ) -> None:
-    from protocol.payload import read_payload
+    from protocol.payload import decode_payload, read_payload_bytes
     from protocol.world.digits import load_digits_split
     from sender.embedding.embedders import OpenClipEmbedder
     from sender.embedding.store import EmbeddingStore
@@ -447,7 +447,7 @@ def test_a_score_registered_once_is_scored_and_selected_on_both_paths(
         config = SelectionConfig("lowest", keep=0.05)
         selection = Selection(config, toy_score, LeakageRule(exclude=False))
         made = make_payload(work, selection, out)
-        payload = read_payload(out, reference=manifest, trust=None)
+        payload = decode_payload(read_payload_bytes(out), reference=manifest, trust=None)
         assert made.selection["score"] == toy_score
         assert payload.indices.tolist() == _lowest(values, 0.05)
         assert payload.indices.tolist() != _lowest(scored.scores["energy"], 0.05)
@@ -460,7 +460,7 @@ def test_a_copied_work_directory_selects_with_its_embeddings_store_moved(
     scoring; the store recorded relative to itself): copied elsewhere, with the store it
     was scored from moved away, it selects the same payload. Only the consensus filter
     reads the store, and then says where it looked."""
-    from protocol.payload import read_payload
+    from protocol.payload import decode_payload, read_payload_bytes
 
     store, work = tmp_path / "site" / "emb", tmp_path / "site" / "work"
     shutil.copytree(embedded, store)
@@ -478,7 +478,10 @@ def test_a_copied_work_directory_selects_with_its_embeddings_store_moved(
     store.rename(tmp_path / "site" / "emb-moved")
     _, after = select(copied, "after")
     manifest = ImageFolderReference(world["root"] / "tree").manifest
-    first, second = (read_payload(p, reference=manifest, trust=None) for p in (before, after))
+    first, second = (
+        decode_payload(read_payload_bytes(p), reference=manifest, trust=None)
+        for p in (before, after)
+    )
     assert first.indices.tolist() == second.indices.tolist()
     assert first.labels.tolist() == second.labels.tolist()
     leaks = [json.loads(p.with_suffix(".json").read_text())["leakage"] for p in (before, after)]

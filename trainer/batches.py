@@ -36,12 +36,11 @@ from protocol.reference.encoded import (
     decode_rgb,
     resolve_tensor_decoder,
 )
+from trainer.choices import AUGMENTATIONS, DECODE_CHOICES
 from trainer.decoded_cache import DecodedCache
 
-AUGMENTATIONS = ("none", "affine", "affine-flip", "crop-flip")
 # image files: Pillow threads, or batched on the device by a tensor decoder ("tensor": the
 # best one installed); auto: tensor on CUDA, Pillow on the CPU
-DECODE_CHOICES = ("auto", "pil", "tensor", *TENSOR_DECODERS)
 CROP_AREA = (0.25, 1.0)  # random-resized-crop area fraction; milder than 0.08 for short runs
 CROP_RATIO = (3 / 4, 4 / 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -43,8 +43,8 @@ from protocol.reference.encoded import (
     decode_rgb,
     resolve_tensor_decoder,
 )
+from trainer.choices import CACHE_PLACES
 
-CACHE_PLACES = ("auto", "cuda", "memory", "mmap")
 CACHE_FORMAT = "plada-decoded-cache-v1"
 
 

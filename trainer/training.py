@@ -28,9 +28,9 @@ from torch import nn
 from protocol.errors import ConfigError, ReferenceSetError
 from trainer.batches import AUGMENTATIONS, Batch, TensorBatches, normalize
 from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.choices import AMP_MODES
 from trainer.models import SMALL_CNN, FeatureClassifier, build_model
 
-AMP_MODES = ("auto", "bf16", "off")
 UNREADABLE_LIMIT = 0.01  # fail a run when more than this share of its images cannot be read
 
 

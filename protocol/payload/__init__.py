@@ -27,7 +27,7 @@ from protocol.payload.codec import (
     encode_payload_detailed,
     information_bound_bytes,
 )
-from protocol.payload.files import read_payload, read_payload_bytes, selection_text, write_payload
+from protocol.payload.files import read_payload_bytes, selection_text, write_payload
 from protocol.payload.model import (
     MAX_CLASSES,
     MAX_REFERENCE_SIZE,
@@ -60,7 +60,6 @@ __all__ = [
     "encode_payload",
     "encode_payload_detailed",
     "information_bound_bytes",
-    "read_payload",
     "read_payload_bytes",
     "selection_text",
     "write_payload",

@@ -7,21 +7,8 @@ from pathlib import Path
 
 from protocol.atomic_files import write_bytes_atomic
 from protocol.errors import PayloadError, PayloadLimitError
-from protocol.manifest import BlockLayout, ReferenceManifest
-from protocol.payload.codec import MAX_PAYLOAD_BYTES, decode_payload
-from protocol.payload.model import Payload, SelectionRecord
-from protocol.trust import TrustPolicy
-
-
-def read_payload(
-    path: str | os.PathLike[str],
-    max_bytes: int = MAX_PAYLOAD_BYTES,
-    reference: ReferenceManifest | BlockLayout | None = None,
-    *,
-    trust: TrustPolicy | None,
-) -> Payload:
-    """Read and verify a payload file, refusing oversized files before reading them."""
-    return decode_payload(read_payload_bytes(path, max_bytes), max_bytes, reference, trust=trust)
+from protocol.payload.codec import MAX_PAYLOAD_BYTES
+from protocol.payload.model import SelectionRecord
 
 
 def read_payload_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:

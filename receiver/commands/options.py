@@ -10,6 +10,7 @@ from pathlib import Path
 from receiver.acceptance import DEFAULT_MAX_CLASSES, DEFAULT_MAX_IMAGES
 from receiver.errors import TrustStoreError
 from receiver.trust_store import TrustOptions
+from trainer.choices import AMP_MODES, AUGMENTATIONS, CACHE_PLACES, DECODE_CHOICES
 
 TRUST_ENV = "PLADA_TRUST_DIR"
 Subparsers = argparse._SubParsersAction
@@ -143,14 +144,14 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy smoothing")
     group.add_argument(
         "--augment",
-        choices=["auto", "none", "affine", "affine-flip", "crop-flip"],
+        choices=("auto", *AUGMENTATIONS),
         default="auto",
         help="auto: crop-flip for image files, affine for the glyph world",
     )
     group.add_argument("--balanced", action="store_true", help="class-balanced sampling")
     group.add_argument(
         "--amp",
-        choices=["auto", "bf16", "off"],
+        choices=AMP_MODES,
         default="auto",
         help="bf16 autocast (auto: on CUDA only)",
     )
@@ -173,7 +174,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
 def _add_loading_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--decode",
-        choices=["auto", "pil", "tensor", "torchcodec", "torchvision"],
+        choices=DECODE_CHOICES,
         default="auto",
         help="image files: Pillow threads, or decoded in batches on the device (nvJPEG on "
         "CUDA) by torchcodec or torchvision; tensor: torchcodec on CUDA when installed, "
@@ -184,7 +185,7 @@ def _add_loading_options(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument(
         "--cache",
-        choices=["off", "auto", "cuda", "memory", "mmap"],
+        choices=("off", *CACHE_PLACES),
         default="off",
         help="image files: decode the kept images once, before the first epoch, into a uint8 "
         "cache in GPU memory, host memory or a memory-mapped file (auto: the first that "

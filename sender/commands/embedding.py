@@ -4,9 +4,11 @@ merged into one store, and indexed with FAISS."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from plada_cli import add_reference_options, reference_location
 from protocol.errors import ConfigError
+from protocol.reference.encoded import TENSOR_DECODERS
 from sender.commands.options import Subparsers, add_clip_options, parse_bytes
 
 RAY_FLAGS = ("address", "actors", "actor_cpus", "actor_gpus", "ray_cpus")
@@ -23,7 +25,7 @@ def add_embed(sub: Subparsers) -> None:
     emb.add_argument("--part-rows", type=int, default=65536, help="rows per resumable part")
     emb.add_argument(
         "--decode",
-        choices=["auto", "pil", "torchcodec", "torchvision"],
+        choices=("auto", "pil", *TENSOR_DECODERS),
         default="auto",
         help="pil: open_clip's transform in the workers; torchcodec, torchvision: batched on "
         "the device (nvJPEG on a GPU); auto: torchcodec on CUDA when installed, else "
@@ -91,7 +93,7 @@ def _engine(args: argparse.Namespace):
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    from sender.embedding.engine import EmbedSettings
+    from sender.embedding.engine import EmbedJob, EmbedSettings
     from sender.embedding.store import parse_shard
 
     settings = EmbedSettings(
@@ -105,7 +107,8 @@ def _run_embed(args: argparse.Namespace) -> int:
         decode=args.decode,
         progress=not args.quiet,
     )
-    summary = _engine(args).embed(reference_location(args), args.out, settings)
+    job = EmbedJob(reference_location(args), Path(args.out), settings)
+    summary = _engine(args).embed(job)
     print(
         f"shard {args.shard}: {summary.parts_in_slice} of {summary.parts_total} parts, "
         f"{summary.parts_resumed} already done, {summary.parts_written} written; "

@@ -41,6 +41,7 @@ from sender.embedding.store import (
     read_part,
     write_part,
 )
+from sender.embedding.tensor_decode import PreprocessSpec, TensorPreprocessor
 
 UNREADABLE = "unreadable"  # a file that could not even be read
 Say = Callable[[str], None]
@@ -75,16 +76,48 @@ def open_reference_set(reference: ReferenceLocation, say: Say) -> ReferenceSourc
     return source
 
 
-class EmbedEngine(Protocol):
-    """Embeds the parts of a shard that are not on disk yet; ``say`` gets its notes."""
+@dataclass(frozen=True)
+class EmbedJob:
+    """One embedding run: the reference set, the embeddings directory, and how."""
 
-    def embed(
-        self,
-        reference: ReferenceLocation,
-        out_dir: str | os.PathLike[str],
-        settings: EmbedSettings,
-        say: Say = print,
-    ) -> EmbedSummary: ...
+    reference: ReferenceLocation
+    out_dir: Path
+    settings: EmbedSettings
+
+
+class EmbedEngine(Protocol):
+    """Embeds the parts of a job's shard that are not on disk yet."""
+
+    def embed(self, job: EmbedJob) -> EmbedSummary: ...
+
+
+class BatchDecoding:
+    """How an engine turns reference rows into an embedder's input: open_clip's own
+    transform on PIL images (``pil``), or whole batches decoded on the embedding device
+    (``--decode``; see :func:`choose_decoder`)."""
+
+    def __init__(self, embedder: OpenClipEmbedder, decode: str) -> None:
+        self.embedder = embedder
+        self.decode = choose_decoder(decode, embedder.device)
+        self.prepare = None
+        if self.decode != "pil":
+            spec = PreprocessSpec.from_transform(embedder.preprocess)
+            self.prepare = TensorPreprocessor(spec, embedder.device, self.decode)
+
+    def images(self, reference: ReferenceSource, rows: np.ndarray) -> ReferenceImages:
+        """The rows as a dataset of preprocessed images (the PIL path)."""
+        embedder = self.embedder
+        return ReferenceImages(reference, rows, embedder.preprocess, embedder.image_size)
+
+    def encoded(
+        self, encoded: list[bytes], problems: list[str], keys: list[str]
+    ) -> tuple[torch.Tensor, list[str], list[str]]:
+        """A batch of encoded files decoded on the device: (images, a problem per row,
+        the kind of each row's file; see :func:`image_kind`)."""
+        assert self.prepare is not None, "the PIL path decodes no batches"
+        kinds = [image_kind(data) if data else UNREADABLE for data in encoded]
+        images, problems = self.prepare(encoded, problems, keys)
+        return images, problems, kinds
 
 
 class ReferenceImages(Dataset):

@@ -19,36 +19,31 @@ import torch
 from torch.utils.data import DataLoader
 
 from protocol.reference.base import ReferenceSource
-from protocol.reference.encoded import image_kind
-from protocol.reference.factory import ReferenceLocation
 from sender.embedding.embedders import OpenClipEmbedder
 from sender.embedding.engine import (
-    UNREADABLE,
+    BatchDecoding,
+    EmbedJob,
     EmbedPlan,
     EmbedSettings,
     EmbedSummary,
     PartCollector,
-    ReferenceImages,
     Say,
-    choose_decoder,
     open_embedding_dir,
     open_reference_set,
     progress_bar,
 )
-from sender.embedding.tensor_decode import PreprocessSpec, TensorPreprocessor, iter_encoded_batches
+from sender.embedding.tensor_decode import iter_encoded_batches
 
 
 class LocalEngine:
-    """The engine of this process (and its decoding workers)."""
+    """The engine of this process (and its decoding workers); ``say`` gets its notes."""
 
-    def embed(
-        self,
-        reference: ReferenceLocation,
-        out_dir: str | os.PathLike[str],
-        settings: EmbedSettings,
-        say: Say = print,
-    ) -> EmbedSummary:
-        return embed_reference(open_reference_set(reference, say), out_dir, settings)
+    def __init__(self, say: Say = print) -> None:
+        self.say = say
+
+    def embed(self, job: EmbedJob) -> EmbedSummary:
+        source = open_reference_set(job.reference, self.say)
+        return embed_reference(source, job.out_dir, job.settings)
 
 
 def embed_reference(
@@ -87,11 +82,11 @@ def _embedding_batches(
     batch of the plan: decoded by PIL in DataLoader workers, or in whole batches on the
     device."""
     batch_ranges = plan.batches(settings.batch_size)
-    decode = choose_decoder(settings.decode, embedder.device)
-    if decode == "pil":
+    decoding = BatchDecoding(embedder, settings.decode)
+    if decoding.prepare is None:
         offsets = np.cumsum([0] + [stop - start for start, stop in batch_ranges])
         loader = DataLoader(
-            ReferenceImages(reference, plan.rows, embedder.preprocess, embedder.image_size),
+            decoding.images(reference, plan.rows),
             batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batch_ranges))],
             num_workers=settings.workers,
             pin_memory=embedder.device.type == "cuda",
@@ -99,11 +94,8 @@ def _embedding_batches(
         for images, batch_rows, problems, kinds in loader:
             yield images, batch_rows.numpy(), list(problems), list(kinds)
         return
-    spec = PreprocessSpec.from_transform(embedder.preprocess)
-    prepare = TensorPreprocessor(spec, embedder.device, decode)
     threads = max(4, settings.workers)
     for encoded, batch_rows, problems in iter_encoded_batches(reference, batch_ranges, threads):
-        kinds = [image_kind(data) if data else UNREADABLE for data in encoded]
-        where = [reference.manifest.keys[int(r)] for r in batch_rows]
-        images, problems = prepare(encoded, list(problems), where)
-        yield images, batch_rows.numpy(), list(problems), kinds
+        keys = [reference.manifest.keys[int(r)] for r in batch_rows]
+        images, problems, kinds = decoding.encoded(encoded, list(problems), keys)
+        yield images, batch_rows.numpy(), problems, kinds

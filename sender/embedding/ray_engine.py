@@ -37,22 +37,9 @@ import numpy as np
 import torch
 
 from protocol.errors import ConfigError, ReferenceSetError
-from protocol.reference.encoded import image_kind
 from protocol.reference.factory import ReferenceLocation
+from sender.embedding import engine
 from sender.embedding.embedders import OpenClipEmbedder
-from sender.embedding.engine import (
-    UNREADABLE,
-    EmbedSettings,
-    EmbedSummary,
-    PartCollector,
-    ReferenceImages,
-    Say,
-    choose_decoder,
-    open_embedding_dir,
-    open_reference_set,
-    progress_bar,
-)
-from sender.embedding.tensor_decode import PreprocessSpec, TensorPreprocessor
 from sender.errors import EngineError, MissingExtraError
 from trainer.faults import raise_point
 
@@ -196,7 +183,7 @@ class EmbedBatches:
     """A Ray Data actor: one reference reader and one CLIP model, many batches."""
 
     def __init__(
-        self, reference: ReferenceLocation, fingerprint: str, settings: EmbedSettings
+        self, reference: ReferenceLocation, fingerprint: str, settings: engine.EmbedSettings
     ) -> None:
         self.reference = reference.open()
         found = self.reference.manifest.fingerprint_hex
@@ -207,13 +194,9 @@ class EmbedBatches:
                 "hold the same reference set at the same path"
             )
         self.embedder = OpenClipEmbedder(settings.model, settings.weights, settings.device)
-        self.decode = choose_decoder(settings.decode, self.embedder.device)
+        self.decoding = engine.BatchDecoding(self.embedder, settings.decode)
         threads = max(1, settings.workers)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="plada-decode")
-        self.prepare = None
-        if self.decode != "pil":
-            spec = PreprocessSpec.from_transform(self.embedder.preprocess)
-            self.prepare = TensorPreprocessor(spec, self.embedder.device, self.decode)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Embed each [start, stop) range of ``batch`` as one forward pass; all rows back
@@ -235,55 +218,42 @@ class EmbedBatches:
         return {k: np.concatenate(v) for k, v in out.items()}
 
     def _submit(self, start: int, stop: int) -> list[Any]:
-        if self.prepare is None:
-            images = ReferenceImages(
-                self.reference,
-                np.arange(start, stop, dtype=np.int64),
-                self.embedder.preprocess,
-                self.embedder.image_size,
-            )
+        if self.decoding.prepare is None:
+            rows = np.arange(start, stop, dtype=np.int64)
+            images = self.decoding.images(self.reference, rows)
             return [self.pool.submit(images.__getitem__, i) for i in range(stop - start)]
         return [self.pool.submit(self.reference.try_read_bytes, r) for r in range(start, stop)]
 
     def _gather(self, start: int, stop: int, futures: list[Any]):
         results = [f.result() for f in futures]
-        if self.prepare is None:
+        if self.decoding.prepare is None:
             images = torch.stack([image for image, _, _, _ in results])
             return images, [p for _, _, p, _ in results], [k for _, _, _, k in results]
         encoded, problems = [d for d, _ in results], [p for _, p in results]
-        kinds = [image_kind(d) if d else UNREADABLE for d in encoded]
-        where = list(self.reference.manifest.keys[start:stop])
-        images, problems = self.prepare(encoded, problems, where)
-        return images, problems, kinds
+        keys = list(self.reference.manifest.keys[start:stop])
+        return self.decoding.encoded(encoded, problems, keys)
 
 
 class RayEngine:
     """The engine of a Ray actor pool: a loopback-only local instance, or the cluster of
-    ``options.address``."""
+    ``options.address``; ``say`` gets its one-line notes (which cluster, how many actors)."""
 
-    def __init__(self, options: RayOptions | None = None) -> None:
-        self.options = options or RayOptions()
+    def __init__(self, options: RayOptions | None = None, say: engine.Say = print) -> None:
+        self.options, self.say = options or RayOptions(), say
 
-    def embed(
-        self,
-        reference: ReferenceLocation,
-        out_dir: str | os.PathLike[str],
-        settings: EmbedSettings,
-        say: Say = print,
-    ) -> EmbedSummary:
-        """Embed the parts of the settings' shard not done yet on a Ray actor pool (see
-        module docstring); the result is the local engine's, part for part. ``say`` gets
-        the one-line notes (which cluster, how many actors)."""
-        options = self.options
+    def embed(self, job: engine.EmbedJob) -> engine.EmbedSummary:
+        """Embed the parts of the job's shard not done yet on a Ray actor pool (see the
+        module docstring); the result is the local engine's, part for part."""
+        options, settings, say = self.options, job.settings, self.say
         ray = import_ray(loopback=not options.address)
         if options.address:
             check_reachable(options.address)  # before anything is opened or written
-        source = open_reference_set(reference, say)
+        source = engine.open_reference_set(job.reference, say)
         embedder = OpenClipEmbedder(settings.model, settings.weights, "cpu")  # weights checked
-        plan = open_embedding_dir(source, out_dir, embedder, settings)
+        plan = engine.open_embedding_dir(source, job.out_dir, embedder, settings)
         del embedder
         batches = plan.batches(settings.batch_size)
-        collector = PartCollector(plan)  # the run's clock starts here
+        collector = engine.PartCollector(plan)  # the run's clock starts here
         if batches:
             say(start_ray(ray, options, settings.device))
             try:
@@ -293,7 +263,7 @@ class RayEngine:
                     f"{pool[0]} actor(s) of {pool[1]:g} CPUs and {pool[2]:g} GPUs; "
                     f"{len(plan.pending)} of {len(plan.mine)} parts to embed ({resumed} done)"
                 )
-                worker = _WorkerSetup(reference, plan.meta.reference_fingerprint, settings)
+                worker = _WorkerSetup(job.reference, plan.meta.reference_fingerprint, settings)
                 _collect(ray, batches, worker, pool, collector, options, source.manifest.keys)
             finally:
                 ray.shutdown()
@@ -307,7 +277,7 @@ class _WorkerSetup:
 
     reference: ReferenceLocation
     fingerprint: str
-    settings: EmbedSettings
+    settings: engine.EmbedSettings
 
     def constructor(self) -> dict[str, object]:
         settings = replace(
@@ -327,7 +297,7 @@ def _collect(
     batches: list[tuple[int, int]],
     worker: _WorkerSetup,
     pool: tuple[int, float, float],
-    collector: PartCollector,
+    collector: engine.PartCollector,
     options: RayOptions,
     keys: tuple[str, ...],
 ) -> None:
@@ -335,7 +305,7 @@ def _collect(
     settings = worker.settings
     shard = settings.shard
     rows = sum(stop - start for start, stop in batches)
-    bar = progress_bar(rows, f"embedding {shard[0]}/{shard[1]} on ray", settings.progress)
+    bar = engine.progress_bar(rows, f"embedding {shard[0]}/{shard[1]} on ray", settings.progress)
     for out in _run_pool(ray, batches, worker.constructor(), options, *pool):
         _check_keys(out, keys, worker.reference.spec)
         collector.add(out["row"], out["embedding"], out["problem"].tolist(), out["kind"].tolist())
