@@ -57,7 +57,7 @@ def decode_floor(reference, preprocess, side: int, batch_size: int, workers: int
     """Images/s of the DataLoader alone (read + JPEG decode + preprocess)."""
     from torch.utils.data import DataLoader
 
-    from sender.embedding.local import ReferenceImages
+    from sender.embedding.engine import ReferenceImages
 
     rows = np.arange(len(reference))
     loader = DataLoader(

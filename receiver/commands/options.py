@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from receiver.acceptance import DEFAULT_MAX_CLASSES, DEFAULT_MAX_IMAGES
 from receiver.errors import TrustStoreError
 from receiver.trust_store import TrustOptions
 from trainer.choices import AMP_MODES, AUGMENTATIONS, CACHE_PLACES, DECODE_CHOICES
+
+if TYPE_CHECKING:
+    from receiver.job import JobSettings
 
 TRUST_ENV = "PLADA_TRUST_DIR"
 Subparsers = argparse._SubParsersAction
@@ -198,7 +202,7 @@ def _add_loading_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--no-export", action="store_true", help="skip the torch.export program")
 
 
-def job_settings(args: argparse.Namespace):
+def job_settings(args: argparse.Namespace) -> JobSettings:
     """:class:`~receiver.job.JobSettings` from the training options (loads torch)."""
     from receiver.job import JobSettings
     from trainer.training import TrainConfig

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from plada_cli import add_reference_options, reference_location
 from protocol.errors import ConfigError
 from protocol.reference.encoded import TENSOR_DECODERS
 from sender.commands.options import Subparsers, add_clip_options, parse_bytes
+
+if TYPE_CHECKING:
+    from sender.embedding.engine import EmbedEngine
 
 RAY_FLAGS = ("address", "actors", "actor_cpus", "actor_gpus", "ray_cpus")
 
@@ -69,7 +73,7 @@ def _add_engine_options(emb: argparse.ArgumentParser) -> None:
     )
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace) -> EmbedEngine:
     """The engine --engine names, with its options."""
     if args.engine == "ray":
         from sender.embedding.ray_engine import RayEngine, RayOptions

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from protocol.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sender.embedding.embedders import OpenClipEmbedder
 
 Subparsers = argparse._SubParsersAction
 
@@ -28,7 +32,7 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def clip_embedder(args: argparse.Namespace):
+def clip_embedder(args: argparse.Namespace) -> OpenClipEmbedder | None:
     """The CLIP embedder of --clip-model/--clip-weights, or None when neither is given."""
     if not (args.clip_model or args.clip_weights):
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from plada_cli import add_reference_options, reference_from_args, task_images_for
 from protocol.errors import ConfigError, PladaError
@@ -19,6 +20,10 @@ from sender.commands.options import (
 )
 from sender.scoring.scores import score_names
 from sender.selection.strategies import STRATEGIES
+
+if TYPE_CHECKING:
+    from sender.selection.payloads import ContactSheet, PayloadSummary, Selection
+    from sender.signer import PayloadSigner
 
 SELECTION_FLAGS = ("strategy", "score", "keep", "alpha", "reserve", "seed")
 
@@ -105,7 +110,7 @@ def _add_signing_options(sel: argparse.ArgumentParser) -> None:
     )
 
 
-def _signer(args: argparse.Namespace):
+def _signer(args: argparse.Namespace) -> PayloadSigner | None:
     from sender.signer import PayloadSigner
 
     if args.unsigned:
@@ -122,7 +127,7 @@ def _signer(args: argparse.Namespace):
     )
 
 
-def _selection(args: argparse.Namespace, budget: int | None):
+def _selection(args: argparse.Namespace, budget: int | None) -> Selection:
     """The selection the flags give, or with --plan the plan's best within the budget."""
     from sender.selection.payloads import ConsensusRule, Selection, planned
     from sender.selection.scored_work import LeakageRule
@@ -143,7 +148,7 @@ def _selection(args: argparse.Namespace, budget: int | None):
     return Selection(config, score, leakage, consensus, choice)
 
 
-def _sheet(args: argparse.Namespace):
+def _sheet(args: argparse.Namespace) -> ContactSheet | None:
     """The contact sheet's reference set and file, or None (none named, or unreadable:
     the picture is an extra, the payload does not wait for it)."""
     from sender.selection.payloads import contact_sheet_target
@@ -161,10 +166,8 @@ def _sheet(args: argparse.Namespace):
 
 def _run_select(args: argparse.Namespace) -> int:
     from sender.selection.payloads import PayloadOptions, byte_budget, make_payload
-    from sender.signer import parse_duration
 
-    window = None if args.window is None else parse_duration(args.window)
-    budget = byte_budget(args.max_bytes, args.link_bps, window)
+    budget = byte_budget(args.max_bytes, args.link_bps, args.window)
     selection = _selection(args, budget)
     options = PayloadOptions(args.task_id, _signer(args), budget, _sheet(args))
     summary = make_payload(args.work, selection, args.out, options)
@@ -174,7 +177,7 @@ def _run_select(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_payload(summary, args: argparse.Namespace) -> None:
+def _print_payload(summary: PayloadSummary, args: argparse.Namespace) -> None:
     """What select wrote, in a few lines."""
     chosen = summary.selection
     print(
@@ -206,7 +209,7 @@ def _print_payload(summary, args: argparse.Namespace) -> None:
     _print_origin(summary, args)
 
 
-def _print_origin(summary, args: argparse.Namespace) -> None:
+def _print_origin(summary: PayloadSummary, args: argparse.Namespace) -> None:
     """The plan's choice, the contact sheet and the signature."""
     planned = summary.plan
     if planned is not None:

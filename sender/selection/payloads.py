@@ -25,7 +25,7 @@ from sender.selection.consensus import consensus_outliers
 from sender.selection.plan_file import choose, load_plan
 from sender.selection.scored_work import LeakageReport, LeakageRule, ScoredWork
 from sender.selection.strategies import SelectionConfig
-from sender.signer import PayloadSigner
+from sender.signer import PayloadSigner, parse_duration
 
 MIN_IMAGES_PER_CLASS = 10  # fewer, on average, is worth a warning
 
@@ -118,18 +118,19 @@ class PayloadSummary:
         write_json_atomic(Path(path), asdict(self))
 
 
-def byte_budget(max_bytes: int | None, link_bps: float | None, seconds: int | None) -> int | None:
-    """The byte budget: ``max_bytes``, or what a link of ``link_bps`` carries in
-    ``seconds``; None without either. Typed errors for a half-given link."""
+def byte_budget(max_bytes: int | None, link_bps: float | None, window: str | None) -> int | None:
+    """The byte budget: ``max_bytes``, or what a link of ``link_bps`` carries while it is
+    up (``window``: seconds or 30m / 2h); None without either. Typed errors for a
+    half-given link."""
     if max_bytes is not None and link_bps is not None:
         raise ConfigError("give --max-bytes or --link-bps/--window, not both")
     if link_bps is not None:
-        if seconds is None:
+        if window is None:
             raise ConfigError("--link-bps needs --window (how long the link is up, e.g. 20m)")
         if link_bps <= 0:
             raise ConfigError(f"--link-bps must be positive, not {link_bps}")
-        return int(link_bps * seconds / 8)
-    if seconds is not None:
+        return int(link_bps * parse_duration(window) / 8)
+    if window is not None:
         raise ConfigError("--window needs --link-bps (the link's rate in bits per second)")
     if max_bytes is not None and max_bytes < 1:
         raise ConfigError(f"--max-bytes must be positive, not {max_bytes}")
