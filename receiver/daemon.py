@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.errors import PladaError
+from protocol.payload import Payload
 from protocol.reference.base import ReferenceSource
 from protocol.reference.factory import ReferenceLocation
 from protocol.task_data import LabeledImages, load_labeled_images
@@ -33,7 +34,7 @@ from receiver.acceptance import read_received
 from receiver.frames_inbox import FrameSettings, FramesInbox, transfer_of
 from receiver.http_upload import HttpLimits, UploadServer, start_http
 from receiver.intake import Intake, IntakeSettings
-from receiver.job import JobControl, JobSettings, check_trainable, run_job
+from receiver.job import JobControl, JobSettings, check_holdout, run_job
 from receiver.job_queue import Job, JobQueue
 from receiver.job_report import JobReport
 from receiver.ledger import open_home_ledger
@@ -219,16 +220,17 @@ class Daemon:
         control: JobControl,
     ) -> JobReport:
         """The job's spooled payload, accepted again (its signature under the keys trusted
-        now; freshness was checked at intake) with the checks of the job, then trained."""
+        now; freshness was checked at intake) with the holdout checked against it, then
+        trained (the model is built once, by the training itself)."""
         assert self.intake is not None
-        settings = self.config.settings
         spooled = read_received(self.home / job.payload, self.intake.settings.max_bytes)
-        accepted = self.intake.acceptance.examine(
-            spooled,
-            known=True,
-            check=lambda payload: check_trainable(payload, reference, settings, holdout),
-        )
-        return run_job(accepted, reference, out, settings, holdout, False, control)
+
+        def fits_the_holdout(payload: Payload) -> None:
+            if holdout is not None:
+                check_holdout(holdout, payload, reference)
+
+        accepted = self.intake.acceptance.examine(spooled, known=True, check=fits_the_holdout)
+        return run_job(accepted, reference, out, self.config.settings, holdout, False, control)
 
     def _finished(self, job: Job, report: JobReport, out: Path) -> None:
         """Record a finished job in the queue, the log and the health file."""
