@@ -66,11 +66,13 @@ def ray_embed(world, out: Path, *extra: str) -> list[str]:
 
 
 def merged_bytes(out: Path) -> bytes:
-    """The merged file (merge itself runs in this process: its CLI is tested elsewhere)."""
+    """The merged embeddings and thumbnails (merge itself runs in this process: its CLI is
+    tested elsewhere)."""
     from sender.embedding.store import merge_embeddings
 
-    merge_embeddings(out)
-    return (out / "embeddings.f16").read_bytes()
+    merged = merge_embeddings(out)
+    assert merged.thumbnails.size == 32, merged.thumbnails.describe()
+    return (out / "embeddings.f16").read_bytes() + (out / "thumbnails.u8").read_bytes()
 
 
 def _loopback(address: str) -> bool:
@@ -168,7 +170,10 @@ def test_killed_driver_a_failing_rerun_and_a_retried_batch_end_in_the_local_byte
             watch.kill_leftovers()
     assert "local Ray instance on 127.0.0.1 only" in stdout
     assert f"{done} already done, {PARTS - done} written" in stdout
-    assert merged_bytes(out) == (world["local"] / "embeddings.f16").read_bytes()
+    local = world["local"]
+    assert merged_bytes(out) == (
+        (local / "embeddings.f16").read_bytes() + (local / "thumbnails.u8").read_bytes()
+    )
     endpoints = set().union(*(watch.endpoints for watch in watches))
     names = {name for name, _, _ in endpoints}
     assert "raylet" in names and "gcs_server" in names, names  # the watch saw Ray at work
@@ -209,6 +214,7 @@ def test_a_worker_batch_is_the_local_engines_batch(world, monkeypatch) -> None:
     from protocol.reference.image_folder import ImageFolderReference
     from sender.embedding.ray_engine import EmbedBatches
     from sender.embedding.store import StoreMeta, read_part
+    from sender.embedding.thumbnails import read_thumbnail_part
 
     tree = ImageFolderReference(world["root"] / "tree")
     actor = EmbedBatches(
@@ -225,6 +231,9 @@ def test_a_worker_batch_is_the_local_engines_batch(world, monkeypatch) -> None:
     assert out["key"].tolist() == list(tree.manifest.keys[16:32])
     part = read_part(world["local"], 1, StoreMeta.load(world["local"]))
     assert part is not None and np.array_equal(out["embedding"], part.embeddings)
+    thumbnails = read_thumbnail_part(world["local"], 1)
+    assert out["thumbnail"].shape == (16, 3, 32, 32)
+    assert np.array_equal(out["thumbnail"], thumbnails)
 
 
 def test_an_address_where_no_cluster_answers_is_a_typed_error(world, capsys) -> None:

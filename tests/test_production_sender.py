@@ -65,6 +65,7 @@ def test_tree_and_shards_give_the_same_embeddings(world, embedded) -> None:
     run(embed_args(world, "wds:" + str(world["root"] / "shards"), out), cli_env())
     run([*cli("plada-send"), "merge", str(out)], cli_env())
     assert (out / "embeddings.f16").read_bytes() == (embedded / "embeddings.f16").read_bytes()
+    assert (out / "thumbnails.u8").read_bytes() == (embedded / "thumbnails.u8").read_bytes()
     meta = json.loads((out / "meta.json").read_text())
     assert (
         meta["reference_fingerprint"]
@@ -113,8 +114,36 @@ def test_shards_on_two_machines_merge_to_the_same_file(world, embedded) -> None:
         stdout, stderr = machine.communicate(timeout=600)
         assert machine.returncode == 0, stdout + stderr
     merged = run([*cli("plada-send"), "merge", str(first), "--from", str(second)], cli_env())
-    assert "480 readable" in merged.stdout
+    assert "480 readable" in merged.stdout and "32x32 thumbnails" in merged.stdout
     assert (first / "embeddings.f16").read_bytes() == (embedded / "embeddings.f16").read_bytes()
+    assert (first / "thumbnails.u8").read_bytes() == (embedded / "thumbnails.u8").read_bytes()
+
+
+def test_thumbnails_are_added_to_a_store_made_without_them(world, embedded) -> None:
+    """A store embedded with --thumbnails 0 merges without them; the same command with
+    --thumbnails 32 redoes its parts, and the merge then has the thumbnails a store made
+    with them from the start has. The thumbnails are CLIP's view of each image, shrunk."""
+    out = world["root"] / "emb-thumbless"
+    tree = str(world["root"] / "tree")
+    run(embed_args(world, tree, out, "--thumbnails", "0"), cli_env())
+    merged = run([*cli("plada-send"), "merge", str(out)], cli_env())
+    assert "no thumbnails" in merged.stdout and not (out / "thumbnails.u8").exists()
+    total = BLOCKS * PER_BLOCK // 16
+    added = run(embed_args(world, tree, out, "--thumbnails", "32"), cli_env())
+    assert f"0 already done, {total} written" in added.stdout
+    again = run(embed_args(world, tree, out, "--thumbnails", "32"), cli_env())
+    assert f"{total} already done, 0 written" in again.stdout
+    run([*cli("plada-send"), "merge", str(out)], cli_env())
+    assert (out / "thumbnails.u8").read_bytes() == (embedded / "thumbnails.u8").read_bytes()
+    assert (out / "embeddings.f16").read_bytes() == (embedded / "embeddings.f16").read_bytes()
+    from PIL import Image
+
+    from sender.embedding.store import EmbeddingStore
+
+    thumbnails = EmbeddingStore(out).thumbnails().read_rows(np.array([0, 5]))
+    original = np.asarray(Image.open(world["root"] / "tree/n00000001/n00000001_0.JPEG"))
+    shrunk = np.asarray(Image.fromarray(original).convert("RGB").resize((32, 32), Image.BOX))
+    assert np.abs(thumbnails[0].transpose(1, 2, 0).astype(int) - shrunk).mean() < 12
 
 
 def test_corrupt_images_and_truncated_shards_are_reported_and_skipped(world, tmp_path) -> None:
@@ -489,3 +518,98 @@ def test_a_copied_work_directory_selects_with_its_embeddings_store_moved(
     refused, out = select(copied, "consensus", "--consensus", "5", expect=2)
     assert "ConfigError" in refused.stderr and "without --consensus" in refused.stderr
     assert "Traceback" not in refused.stderr and not out.exists()
+
+
+def _plan(world, work: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
+    clip = ["--clip-model", str(world["config"]), "--clip-weights", str(world["weights"])]
+    quick = ["--keeps", "5%,20%", "--screen-steps", "3", "--confirm-steps", "3", "--quiet"]
+    args = [*cli("plada-send"), "plan", str(work), *clip, *quick, *extra]
+    return run(args, cli_env(), expect=expect)
+
+
+def test_plan_on_stored_embeddings_picks_a_payload_the_receiver_trains(world, embedded) -> None:
+    """score --embeddings (probe) -> plan (split probe streamed over the store, proxies on
+    its thumbnails) -> select --plan -> plada-receive train, all through the CLIs."""
+    work = world["root"] / "work-plan"
+    task = ["--task", str(world["root"] / "task")]
+    _score(world, embedded, work, "--teacher", "probe", *task)
+    planned = _plan(world, work, *task)
+    assert "chosen:" in planned.stdout
+    plan = json.loads((work / "plan" / "plan.json").read_text())
+    assert plan["split"]["validation"] > 0 and "thumbnails (32 px)" in plan["proxy"]
+    assert {row["candidate"]["keep"] for row in plan["candidates"]} == {0.05, 0.2}
+    predictions = [row["predicted_accuracy"] for row in plan["candidates"]]
+    assert all(0.0 <= p <= 1.0 for p in predictions) and len(set(predictions)) > 1
+    payload = work / "plan.plada"
+    run(
+        [
+            *cli("plada-send"),
+            "select",
+            str(work),
+            "--plan",
+            str(work / "plan"),
+            "--unsigned",
+            "--out",
+            str(payload),
+        ],
+        cli_env(),
+    )
+    trained = run(
+        [
+            *cli("plada-receive"),
+            "train",
+            str(payload),
+            "--reference",
+            str(world["root"] / "tree"),
+            "--cache-dir",
+            str(world["root"] / "cache"),
+            "--allow-unsigned",
+            "--min-steps",
+            "3",
+            "--max-steps",
+            "3",
+            "--no-export",
+            "--quiet",
+            "--out",
+            str(work / "student"),
+        ],
+        cli_env(),
+    )
+    assert (work / "student" / "report.json").is_file(), trained.stdout
+
+
+def test_plan_refuses_stores_it_cannot_plan_on_with_the_fix(world, embedded, tmp_path) -> None:
+    """No thumbnails, damaged or truncated ones, another size, a zero-shot work directory
+    without labeled images: each a one-line typed error naming the fix, exit 2, no plan."""
+    store = tmp_path / "emb"
+    shutil.copytree(embedded, store)
+    work = tmp_path / "work"
+    task = ["--task", str(world["root"] / "task")]
+    _score(world, store, work, "--teacher", "probe", *task)
+    pixels = store / "thumbnails.u8"
+    original = pixels.read_bytes()
+
+    def refused(*extra: str) -> str:
+        proc = _plan(world, work, *task, *extra, expect=2)
+        assert "Traceback" not in proc.stderr and not (work / "plan").exists()
+        return proc.stderr.strip().splitlines()[-1]
+
+    assert "holds 32x32 thumbnails, the plan asks for 16x16" in refused("--proxy-size", "16")
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2 :] = bytes(len(damaged) - len(damaged) // 2)
+    pixels.write_bytes(bytes(damaged))
+    error = refused()
+    assert "ThumbnailError" in error and "fail their checksum" in error
+    assert "--thumbnails 32" in error
+    pixels.write_bytes(original[:-100])
+    assert "is damaged (" in refused() and "expected" in refused()
+    pixels.write_bytes(original)
+    (store / "thumbnails.json").unlink()
+    error = refused()
+    assert "has no thumbnails" in error and "--thumbnails 32" in error and "merge" in error
+    zero_shot = tmp_path / "work-zeroshot"
+    names = ",".join(f"digit {d}" for d in range(10))
+    _score(world, embedded, zero_shot, "--teacher", "zeroshot", "--classes", names)
+    proc = _plan(world, zero_shot, expect=2)
+    assert "TaskDataError" in proc.stderr and "no labeled task images" in proc.stderr
+    assert "--task DIR" in proc.stderr and not (zero_shot / "plan").exists()

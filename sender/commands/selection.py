@@ -22,7 +22,10 @@ from sender.scoring.scores import score_names
 from sender.selection.strategies import STRATEGIES
 
 if TYPE_CHECKING:
+    from sender.scoring.images import TeacherSettings
     from sender.selection.payloads import ContactSheet, PayloadSummary, Selection
+    from sender.selection.plan import PlanSettings
+    from sender.selection.plan_file import Plan
     from sender.signer import PayloadSigner
 
 SELECTION_FLAGS = ("strategy", "score", "keep", "alpha", "reserve", "seed")
@@ -241,7 +244,12 @@ def add_plan(sub: Subparsers) -> None:
     )
     plan.add_argument("work", help="the scored work directory (plada-send score)")
     add_reference_options(plan)
-    plan.add_argument("--train", required=True, help="the labeled task images that were scored")
+    plan.add_argument(
+        "--train",
+        help="the labeled task images that were scored (.npz or ImageFolder; with a work "
+        "directory scored from stored embeddings, an ImageFolder)",
+    )
+    plan.add_argument("--task", help="with stored embeddings: a task directory with train/")
     plan.add_argument("--out", help="plan directory (default WORK/plan)")
     plan.add_argument(
         "--keeps", help="keep fractions to try, e.g. 0.25%%,1%%,5%% (default 0.25%%..10%%)"
@@ -255,6 +263,12 @@ def add_plan(sub: Subparsers) -> None:
     plan.add_argument("--screen-steps", type=int, default=100, help="proxy steps, every candidate")
     plan.add_argument("--confirm-steps", type=int, default=200, help="proxy steps, the best")
     plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
+    plan.add_argument(
+        "--proxy-size",
+        type=int,
+        help="with stored embeddings: the thumbnails' side the proxy needs (default: the "
+        "store's own)",
+    )
     plan.add_argument(
         "--teacher-epochs", type=int, help="default: the epochs the work directory's teacher had"
     )
@@ -270,19 +284,11 @@ def add_plan(sub: Subparsers) -> None:
     plan.set_defaults(func=_run_plan)
 
 
-def _run_plan(args: argparse.Namespace) -> int:
+def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSettings:
     from protocol.signing import check_sender_id
-    from sender.scoring.images import TeacherSettings
-    from sender.selection.plan import PlanSettings, make_plan, work_teacher
-    from sender.selection.plan_file import PLAN_FILE, PLAN_PLOT
-    from sender.selection.plan_report import plan_summary
+    from sender.selection.plan import PlanSettings
 
-    base = TeacherSettings(epochs=args.teacher_epochs or 0, knn_k=args.knn_k)
-    teacher = work_teacher(args.work, base)  # a typed error before anything loads
-    embedder = clip_embedder(args)
-    reference = reference_from_args(args)
-    train = task_images_for(args.train, reference, "task")
-    settings = PlanSettings(
+    return PlanSettings(
         keeps=parse_keeps(args.keeps) if args.keeps else PlanSettings().keeps,
         validation_fraction=args.validation_fraction,
         screen_steps=args.screen_steps,
@@ -290,10 +296,21 @@ def _run_plan(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         seed=args.seed,
         sender_id=check_sender_id(args.sender_id),
-        teacher=replace(teacher, embedder=embedder),
+        teacher=teacher,
     )
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from sender.scoring.teacher_kinds import EMBEDDINGS
+    from sender.scoring.work_dir import ScoreReport
+    from sender.selection.plan_file import PLAN_FILE, PLAN_PLOT
+    from sender.selection.plan_report import plan_summary
+
     out = Path(args.out) if args.out else Path(args.work) / "plan"
-    plan = make_plan(reference, train, args.work, out, settings, progress=not args.quiet)
+    if ScoreReport.read(args.work).path == EMBEDDINGS:
+        plan = _plan_embeddings(args, out)
+    else:
+        plan = _plan_images(args, out)
     print(plan_summary(plan), end="")
     chosen = plan.row(plan.chosen)
     print(
@@ -302,3 +319,45 @@ def _run_plan(args: argparse.Namespace) -> int:
     )
     print(f"plan: {out / PLAN_FILE} (plot {out / PLAN_PLOT})")
     return 0
+
+
+def _plan_images(args: argparse.Namespace, out: Path) -> Plan:
+    """The plan of a work directory scored from reference images."""
+    from sender.scoring.images import TeacherSettings
+    from sender.selection.plan import make_plan, work_teacher
+
+    if not args.train or args.task or args.proxy_size:
+        raise ConfigError(
+            "a work directory scored from reference images plans with --train (the labeled "
+            "images that were scored); --task and --proxy-size go with stored embeddings"
+        )
+    base = TeacherSettings(epochs=args.teacher_epochs or 0, knn_k=args.knn_k)
+    teacher = work_teacher(args.work, base)  # a typed error before anything loads
+    embedder = clip_embedder(args)
+    reference = reference_from_args(args)
+    train = task_images_for(args.train, reference, "task")
+    settings = _plan_settings(args, replace(teacher, embedder=embedder))
+    return make_plan(reference, train, args.work, out, settings, progress=not args.quiet)
+
+
+def _plan_embeddings(args: argparse.Namespace, out: Path) -> Plan:
+    """The plan of a work directory scored from stored embeddings (thumbnails for the proxy)."""
+    from sender.embedding.embedders import OpenClipEmbedder
+    from sender.scoring.embeddings import EmbeddingTask
+    from sender.scoring.images import TeacherSettings
+    from sender.selection.embedding_plan import PlannedStore, embed_plan_task, plan_from_embeddings
+
+    if args.teacher_epochs:
+        raise ConfigError(
+            f"{args.work} was scored from stored embeddings: drop "
+            "--teacher-epochs (the store and the work directory's teacher are used)"
+        )
+    settings = _plan_settings(args, TeacherSettings(knn_k=args.knn_k))  # flags checked first
+    planned = PlannedStore.open(args.work, args.proxy_size)
+    if not args.clip_weights:
+        raise ConfigError("give --clip-weights (the CLIP that embedded the store)")
+    model = args.clip_model or planned.store.meta.model
+    embedder = OpenClipEmbedder(model, args.clip_weights, args.device)
+    task = EmbeddingTask.from_folders(args.task, args.train)
+    embedded = embed_plan_task(embedder, task.train_dir, planned)
+    return plan_from_embeddings(planned, embedded, out, settings, embedder, not args.quiet)

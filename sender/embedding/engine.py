@@ -42,6 +42,13 @@ from sender.embedding.store import (
     write_part,
 )
 from sender.embedding.tensor_decode import PreprocessSpec, TensorPreprocessor
+from sender.embedding.thumbnails import (
+    DEFAULT_THUMBNAIL_SIZE,
+    Thumbnailer,
+    check_thumbnail_size,
+    thumbnail_part_size,
+    write_thumbnail_part,
+)
 
 UNREADABLE = "unreadable"  # a file that could not even be read
 Say = Callable[[str], None]
@@ -60,8 +67,10 @@ class EmbedSettings:
     shard: tuple[int, int] = (0, 1)
     decode: str = "auto"
     progress: bool = True
+    thumbnails: int = DEFAULT_THUMBNAIL_SIZE  # side of each row's stored thumbnail; 0: none
 
     def __post_init__(self) -> None:
+        check_thumbnail_size(self.thumbnails)
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be positive")
         if self.part_rows < 1:
@@ -94,15 +103,25 @@ class EmbedEngine(Protocol):
 class BatchDecoding:
     """How an engine turns reference rows into an embedder's input: open_clip's own
     transform on PIL images (``pil``), or whole batches decoded on the embedding device
-    (``--decode``; see :func:`choose_decoder`)."""
+    (``--decode``; see :func:`choose_decoder`); and that input into embeddings and
+    thumbnails (:meth:`embed`)."""
 
-    def __init__(self, embedder: OpenClipEmbedder, decode: str) -> None:
+    def __init__(self, embedder: OpenClipEmbedder, decode: str, thumbnails: int = 0) -> None:
         self.embedder = embedder
         self.decode = choose_decoder(decode, embedder.device)
         self.prepare = None
-        if self.decode != "pil":
+        spec = None
+        if self.decode != "pil" or thumbnails:
             spec = PreprocessSpec.from_transform(embedder.preprocess)
+        if self.decode != "pil":
             self.prepare = TensorPreprocessor(spec, embedder.device, self.decode)
+        self.thumbnailer = Thumbnailer(spec, thumbnails) if thumbnails else None
+
+    def embed(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(fp16 embeddings, uint8 thumbnails or None) of a preprocessed batch."""
+        images = images.to(self.embedder.device, non_blocking=True)
+        embeddings = self.embedder.embed_batch(images).astype(np.float16)
+        return embeddings, None if self.thumbnailer is None else self.thumbnailer(images)
 
     def images(self, reference: ReferenceSource, rows: np.ndarray) -> ReferenceImages:
         """The rows as a dataset of preprocessed images (the PIL path)."""
@@ -190,7 +209,8 @@ class EmbedPlan:
     root: Path
     meta: StoreMeta
     mine: list[int]  # the parts of this run's --shard slice
-    pending: list[int]  # those not on disk yet
+    pending: list[int]  # those not on disk yet (or without the thumbnails asked for)
+    thumbnails: int = 0  # the thumbnails' side; 0: none
 
     @property
     def rows(self) -> np.ndarray:
@@ -238,7 +258,15 @@ def open_embedding_dir(
     if not (root / MANIFEST_FILE).is_file():
         manifest.save(root / MANIFEST_FILE)
     mine = parts_of_shard(meta, settings.shard)
-    return EmbedPlan(root, meta, mine, [p for p in mine if read_part(root, p, meta) is None])
+    size = settings.thumbnails
+
+    def done(part: int) -> bool:
+        start, stop = meta.part_range(part)
+        if size and thumbnail_part_size(root, part, stop - start) != size:
+            return False
+        return read_part(root, part, meta) is not None
+
+    return EmbedPlan(root, meta, mine, [p for p in mine if not done(p)], size)
 
 
 def choose_decoder(decode: str, device: torch.device) -> str:
@@ -278,10 +306,17 @@ class PartCollector:
         return len(self.done)
 
     def add(
-        self, rows: np.ndarray, embeddings: np.ndarray, problems: list[str], kinds: list[str]
+        self,
+        rows: np.ndarray,
+        embedded: tuple[np.ndarray, np.ndarray | None],
+        problems: list[str],
+        kinds: list[str],
     ) -> None:
-        """One batch: manifest rows, their embeddings, a problem per row ('' when fine)
-        and the kind of each row's file."""
+        """One batch: manifest rows, their (embeddings, thumbnails or None), a problem per
+        row ('' when fine) and the kind of each row's file."""
+        embeddings, thumbnails = embedded
+        if (thumbnails is None) != (self.plan.thumbnails == 0):
+            raise ReferenceSetError("an engine returned thumbnails other than the run asked for")
         if self.first is None:
             self.first = (time.perf_counter() - self.started, len(rows))
         self.formats.update(kinds)
@@ -293,12 +328,18 @@ class PartCollector:
                 raise ReferenceSetError(f"embedded rows of part {part}, which is not pending")
             held = self.open.get(part)
             if held is None:
-                held = self.open[part] = _OpenPart(*self.meta.part_range(part), self.meta.dim)
+                start, stop = self.meta.part_range(part)
+                held = self.open[part] = _OpenPart(start, stop, self.meta.dim, self.plan.thumbnails)
             chosen = np.flatnonzero(parts == part)
             self.skipped += held.fill(
-                rows[chosen], embeddings[chosen], [problems[i] for i in chosen]
+                rows[chosen],
+                embeddings[chosen],
+                None if thumbnails is None else thumbnails[chosen],
+                [problems[i] for i in chosen],
             )
             if held.complete:
+                if held.thumbnails is not None:  # first: the part file marks the part done
+                    write_thumbnail_part(self.root, part, held.thumbnails)
                 write_part(self.root, part, held.embeddings, held.valid, held.problems)
                 del self.open[part]
                 self.waiting.discard(part)
@@ -335,9 +376,13 @@ class PartCollector:
 
 
 class _OpenPart:
-    def __init__(self, start: int, stop: int, dim: int) -> None:
+    def __init__(self, start: int, stop: int, dim: int, thumbnails: int) -> None:
         self.start = start
         self.embeddings = np.zeros((stop - start, dim), dtype=np.float16)
+        self.thumbnails = None
+        if thumbnails:
+            shape = (stop - start, 3, thumbnails, thumbnails)
+            self.thumbnails = np.zeros(shape, dtype=np.uint8)
         self.valid = np.ones(stop - start, dtype=bool)
         self.seen = np.zeros(stop - start, dtype=bool)
         self.problems: dict[int, str] = {}
@@ -346,12 +391,20 @@ class _OpenPart:
     def complete(self) -> bool:
         return bool(self.seen.all())
 
-    def fill(self, rows: np.ndarray, embeddings: np.ndarray, problems: list[str]) -> int:
+    def fill(
+        self,
+        rows: np.ndarray,
+        embeddings: np.ndarray,
+        thumbnails: np.ndarray | None,
+        problems: list[str],
+    ) -> int:
         local = np.asarray(rows, dtype=np.int64) - self.start
         if self.seen[local].any() or np.unique(local).size != local.size:
             raise ReferenceSetError(f"row {int(rows[0])} was embedded twice")
         self.seen[local] = True
         self.embeddings[local] = embeddings
+        if self.thumbnails is not None:
+            self.thumbnails[local] = thumbnails
         skipped = 0
         for j, problem in enumerate(problems):
             if problem:

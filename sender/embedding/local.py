@@ -63,10 +63,11 @@ def embed_reference(
     rows = plan.rows
     shard = settings.shard
     bar = progress_bar(int(rows.size), f"embedding {shard[0]}/{shard[1]}", settings.progress)
+    decoding = BatchDecoding(embedder, settings.decode, settings.thumbnails)
     for images, batch_rows, problems, kinds in _embedding_batches(
-        reference, embedder, plan, settings
+        reference, decoding, plan, settings
     ):
-        writer.add(batch_rows, embedder.embed_batch(images), problems, kinds)
+        writer.add(batch_rows, decoding.embed(images), problems, kinds)
         bar.update(len(batch_rows))
     bar.close()
     return writer.summary()
@@ -74,7 +75,7 @@ def embed_reference(
 
 def _embedding_batches(
     reference: ReferenceSource,
-    embedder: OpenClipEmbedder,
+    decoding: BatchDecoding,
     plan: EmbedPlan,
     settings: EmbedSettings,
 ) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str], list[str]]]:
@@ -82,14 +83,13 @@ def _embedding_batches(
     batch of the plan: decoded by PIL in DataLoader workers, or in whole batches on the
     device."""
     batch_ranges = plan.batches(settings.batch_size)
-    decoding = BatchDecoding(embedder, settings.decode)
     if decoding.prepare is None:
         offsets = np.cumsum([0] + [stop - start for start, stop in batch_ranges])
         loader = DataLoader(
             decoding.images(reference, plan.rows),
             batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batch_ranges))],
             num_workers=settings.workers,
-            pin_memory=embedder.device.type == "cuda",
+            pin_memory=decoding.embedder.device.type == "cuda",
         )
         for images, batch_rows, problems, kinds in loader:
             yield images, batch_rows.numpy(), list(problems), list(kinds)

@@ -194,7 +194,7 @@ class EmbedBatches:
                 "hold the same reference set at the same path"
             )
         self.embedder = OpenClipEmbedder(settings.model, settings.weights, settings.device)
-        self.decoding = engine.BatchDecoding(self.embedder, settings.decode)
+        self.decoding = engine.BatchDecoding(self.embedder, settings.decode, settings.thumbnails)
         threads = max(1, settings.workers)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="plada-decode")
 
@@ -203,16 +203,19 @@ class EmbedBatches:
         in one table (so a retried call can never deliver half its rows twice)."""
         ranges = list(zip(batch["start"].tolist(), batch["stop"].tolist(), strict=True))
         loading = [self._submit(start, stop) for start, stop in ranges]
-        out: dict[str, list[np.ndarray]] = {
-            k: [] for k in ("row", "key", "embedding", "problem", "kind")
-        }
+        columns = ("row", "key", "embedding", "thumbnail", "problem", "kind")
+        out: dict[str, list[np.ndarray]] = {k: [] for k in columns}
         for (start, stop), futures in zip(ranges, loading, strict=True):
             images, problems, kinds = self._gather(start, stop, futures)
             raise_point("embed-batch")
             rows = np.arange(start, stop, dtype=np.int64)
             out["row"].append(rows)
             out["key"].append(np.asarray(self.reference.manifest.keys[start:stop], dtype=str))
-            out["embedding"].append(self.embedder.embed_batch(images).astype(np.float16))
+            embeddings, thumbnails = self.decoding.embed(images)
+            out["embedding"].append(embeddings)
+            out["thumbnail"].append(  # a placeholder byte per row when there are none
+                np.zeros((stop - start, 1), np.uint8) if thumbnails is None else thumbnails
+            )
             out["problem"].append(np.asarray(problems, dtype=str))
             out["kind"].append(np.asarray(kinds, dtype=str))
         return {k: np.concatenate(v) for k, v in out.items()}
@@ -308,7 +311,9 @@ def _collect(
     bar = engine.progress_bar(rows, f"embedding {shard[0]}/{shard[1]} on ray", settings.progress)
     for out in _run_pool(ray, batches, worker.constructor(), options, *pool):
         _check_keys(out, keys, worker.reference.spec)
-        collector.add(out["row"], out["embedding"], out["problem"].tolist(), out["kind"].tolist())
+        thumbnails = out["thumbnail"] if settings.thumbnails else None
+        embedded = (out["embedding"], thumbnails)
+        collector.add(out["row"], embedded, out["problem"].tolist(), out["kind"].tolist())
         bar.update(len(out["row"]))
     bar.close()
 

@@ -9,6 +9,8 @@ Layout of an embeddings directory::
     embeddings.i8, scales.f32  optional int8 copy with one float32 scale per row
     valid.npy                  after merge: bool [n], False where the image could not be read
     skipped.json               keys that could not be read, with the reason
+    parts/thumbs-000042.npy,   optional uint8 thumbnails of every row, for the plan's
+    thumbnails.*               proxy (see :mod:`.thumbnails`)
 
 Every file is written to a temporary name and renamed, so an interrupted run
 leaves only whole parts; ``embed`` skips the parts already there. Rows are in
@@ -32,6 +34,13 @@ import numpy as np
 
 from protocol.atomic_files import atomic_outputs, write_atomic, write_json_atomic
 from protocol.errors import ConfigError, ReferenceSetError
+from sender.embedding.thumbnails import (
+    MergedThumbnails,
+    ThumbnailStore,
+    merge_thumbnails,
+    thumbnail_part_path,
+    thumbnail_part_size,
+)
 
 STORE_FORMAT = "plada-embeddings-v1"
 META_FILE = "meta.json"
@@ -230,6 +239,10 @@ class EmbeddingStore:
     def dim(self) -> int:
         return self.meta.dim
 
+    def thumbnails(self) -> ThumbnailStore:
+        """The merged thumbnails (a typed error naming the fix when absent or damaged)."""
+        return ThumbnailStore(self.root, self.n, self.meta.reference_fingerprint)
+
     def has_int8(self) -> bool:
         return (self.root / I8_FILE).is_file() and (self.root / SCALES_FILE).is_file()
 
@@ -348,6 +361,7 @@ class MergeSummary:
     valid: int  # readable rows
     skipped: int  # unreadable rows (listed in skipped.json)
     int8: bool
+    thumbnails: MergedThumbnails
 
 
 def merge_embeddings(
@@ -355,8 +369,6 @@ def merge_embeddings(
 ) -> MergeSummary:
     """Gather parts from ``sources`` (other machines' directories), check coverage, merge,
     and list the unreadable rows by manifest key (``skipped.json``)."""
-    import shutil
-
     from protocol.manifest import ReferenceManifest
 
     root = Path(out_dir)
@@ -368,20 +380,35 @@ def merge_embeddings(
             "two reference sets; embed again into an empty directory"
         )
     for source in sources or []:
-        other = StoreMeta.load(Path(source))
-        if other != meta:
-            raise ConfigError(f"{source} holds embeddings of something else; cannot merge it")
-        for part in range(meta.num_parts):
-            found = part_path(Path(source), part)
-            if read_part(root, part, meta) is None and read_part(Path(source), part, meta):
-                with open(found, "rb") as copied:
-                    write_atomic(
-                        part_path(root, part), lambda handle: shutil.copyfileobj(copied, handle)
-                    )
+        _copy_parts(Path(source), root, meta)
     merged = merge_parts(root, int8=int8)
+    ranges = [meta.part_range(part) for part in range(meta.num_parts)]
+    thumbnails = merge_thumbnails(root, ranges, meta.reference_fingerprint)
     skipped = [
         {"index": row, "key": manifest.keys[row], "reason": reason}
         for row, reason in merged.skipped.items()
     ]
     write_json_atomic(root / SKIPPED_FILE, skipped)
-    return MergeSummary(meta.n, meta.dim, merged.valid, len(skipped), int8)
+    return MergeSummary(meta.n, meta.dim, merged.valid, len(skipped), int8, thumbnails)
+
+
+def _copy_parts(source: Path, root: Path, meta: StoreMeta) -> None:
+    """Copy into ``root`` the parts (and their thumbnails) that only ``source`` has."""
+    import shutil
+
+    other = StoreMeta.load(source)
+    if other != meta:
+        raise ConfigError(f"{source} holds embeddings of something else; cannot merge it")
+    for part in range(meta.num_parts):
+        if read_part(root, part, meta) is not None or read_part(source, part, meta) is None:
+            continue
+        start, stop = meta.part_range(part)
+        copies = [part_path(source, part)]
+        if thumbnail_part_size(source, part, stop - start) is not None:
+            copies.insert(0, thumbnail_part_path(source, part))  # before the part it goes with
+        for found in copies:
+            with open(found, "rb") as copied:
+                write_atomic(
+                    root / PARTS_DIR / found.name,
+                    lambda handle, copied=copied: shutil.copyfileobj(copied, handle),
+                )

@@ -27,6 +27,7 @@ from protocol.task_data import image_folder_files
 from sender.embedding.embedders import ClipEmbedder
 from sender.embedding.index import INDEX_FILE, load_index
 from sender.embedding.store import MANIFEST_FILE, EmbeddingStore
+from sender.embedding.thumbnails import Thumbnailer
 from sender.scoring.domain_gap import DomainGap, measure_domain_gap, split_reference_sample
 from sender.scoring.embedding_teachers import KnnTeacher, train_probe, zero_shot_head
 from sender.scoring.scores import KNN
@@ -67,17 +68,30 @@ def read_class_names(spec: str) -> list[str]:
 
 @dataclass
 class EmbeddedSplit:
-    """A labeled task split embedded with CLIP."""
+    """A labeled task split embedded with CLIP (and, for the plan, shrunk to thumbnails
+    the way the reference rows were: :mod:`sender.embedding.thumbnails`)."""
 
     embeddings: np.ndarray  # [m, d] L2-normalised
     labels: np.ndarray  # [m]
     class_names: tuple[str, ...]
+    thumbnails: np.ndarray | None = None  # uint8 [m, 3, S, S]
+
+    def subset(self, rows: np.ndarray) -> EmbeddedSplit:
+        """The split's ``rows``."""
+        thumbnails = None if self.thumbnails is None else self.thumbnails[rows]
+        return EmbeddedSplit(self.embeddings[rows], self.labels[rows], self.class_names, thumbnails)
 
 
-def embed_folder(embedder: ClipEmbedder, root: Path, batch_size: int = 64) -> EmbeddedSplit:
-    """A labeled ImageFolder embedded through CLIP's own preprocessing."""
+def embed_folder(
+    embedder: ClipEmbedder,
+    root: Path,
+    batch_size: int = 64,
+    thumbnailer: Thumbnailer | None = None,
+) -> EmbeddedSplit:
+    """A labeled ImageFolder embedded through CLIP's own preprocessing; with a
+    ``thumbnailer``, also its thumbnails from the same preprocessed batches."""
     files, labels, classes = image_folder_files(root)
-    out = []
+    out, thumbnails = [], []
     for start in range(0, len(files), batch_size):
         batch = []
         for file in files[start : start + batch_size]:
@@ -87,8 +101,12 @@ def embed_folder(embedder: ClipEmbedder, root: Path, batch_size: int = 64) -> Em
                 raise TaskDataError(
                     f"task image {file} is unreadable: {exc}; fix or remove it"
                 ) from exc
-        out.append(embedder.embed_batch(torch.stack(batch)))
-    return EmbeddedSplit(np.concatenate(out), labels, classes)
+        images = torch.stack(batch)
+        out.append(embedder.embed_batch(images))
+        if thumbnailer is not None:
+            thumbnails.append(thumbnailer(images))
+    shrunk = np.concatenate(thumbnails) if thumbnails else None
+    return EmbeddedSplit(np.concatenate(out), labels, classes, shrunk)
 
 
 @dataclass(frozen=True)
@@ -163,13 +181,18 @@ def _embed_task(embedder: ClipEmbedder, task: EmbeddingTask) -> _EmbeddedTask:
     return _EmbeddedTask(train, test, names)
 
 
-def _embedding_teacher(
-    teacher: str, embedder: ClipEmbedder, task: _EmbeddedTask, knn_k: int
+def embedding_teacher(
+    teacher: str,
+    embedder: ClipEmbedder | None,
+    train: EmbeddedSplit | None,
+    names: tuple[str, ...],
+    knn_k: int,
 ) -> LinearHead | KnnTeacher:
     """The teacher on embeddings: a linear head (probe, zero-shot) or the kNN teacher."""
     teacher = teacher_for(teacher, EMBEDDINGS)
-    names, train = task.class_names, task.train
     if teacher == "zeroshot":
+        if embedder is None:
+            raise ConfigError("the zero-shot teacher needs the CLIP model (--clip-weights)")
         return zero_shot_head(embedder, list(names))
     if train is None:
         raise TaskDataError(f"the {teacher} teacher needs labeled training images (--task/--train)")
@@ -178,24 +201,31 @@ def _embedding_teacher(
     return KnnTeacher(train.embeddings, train.labels, len(names), k=knn_k)
 
 
+def teacher_accuracy(model: LinearHead | KnnTeacher, split: EmbeddedSplit) -> float:
+    """The teacher's accuracy on a labeled split."""
+    embeddings = split.embeddings
+    logits = (
+        model.logits_numpy(embeddings)
+        if isinstance(model, KnnTeacher)
+        else model.logits(embeddings)
+    )
+    return float((logits.argmax(1) == split.labels).mean())
+
+
 def _teacher_summary(
-    kind: str, model: LinearHead | KnnTeacher, task: _EmbeddedTask
+    model: LinearHead | KnnTeacher, task: _EmbeddedTask, settings: StreamScoring
 ) -> TeacherSummary:
-    """The teacher's kind, training images and accuracy on the task's test images."""
-    accuracy = None
-    if task.test is not None:
-        embeddings = task.test.embeddings
-        logits = (
-            model.logits_numpy(embeddings)
-            if isinstance(model, KnnTeacher)
-            else model.logits(embeddings)
-        )
-        accuracy = float((logits.argmax(1) == task.test.labels).mean())
+    """The teacher's kind, training images and accuracy on the task's test images, and
+    how it scored (which the plan's split teacher repeats)."""
+    accuracy = None if task.test is None else teacher_accuracy(model, task.test)
     train_images = 0 if task.train is None else len(task.train.labels)
-    return TeacherSummary(teacher_for(kind, EMBEDDINGS), train_images, accuracy)
+    details = {"temperature": settings.temperature, "knn_k": settings.knn_k}
+    return TeacherSummary(
+        teacher_for(settings.teacher, EMBEDDINGS), train_images, accuracy, details
+    )
 
 
-def _store_domain_gap(store: EmbeddingStore, target: np.ndarray) -> DomainGap:
+def store_domain_gap(store: EmbeddingStore, target: np.ndarray) -> DomainGap:
     """The task's domain gap against a sample of the store's readable rows."""
     sample_rows, query_rows = split_reference_sample(store.n)
     valid = store.valid
@@ -206,7 +236,7 @@ def _store_domain_gap(store: EmbeddingStore, target: np.ndarray) -> DomainGap:
     )
 
 
-def _store_index(store: EmbeddingStore) -> faiss.Index | None:
+def store_index(store: EmbeddingStore) -> faiss.Index | None:
     """The store's FAISS index (``plada-send index``), or None when it has none."""
     path = store.root / INDEX_FILE
     return load_index(path) if path.is_file() else None
@@ -243,6 +273,36 @@ def _leakage(
     return LeakageCandidates.find(index, test.embeddings, exact=store.read_rows)
 
 
+@dataclass
+class StoreScores:
+    """Every per-row score of a teacher over a store (kNN relevance when it was computed),
+    its predicted labels, and what the pass and the kNN search took."""
+
+    scores: dict[str, np.ndarray]
+    predicted: np.ndarray
+    stream: StreamScores
+    knn: KnnSummary
+
+
+def score_store(
+    store: EmbeddingStore,
+    index: faiss.Index | None,
+    model: LinearHead | KnnTeacher,
+    train: EmbeddedSplit | None,
+    settings: StreamScoring,
+) -> StoreScores:
+    """Stream ``model`` over every stored row, then kNN relevance of ``train``'s images
+    through ``index`` (when both are there)."""
+    options = StreamOptions(settings.temperature, settings.chunk_rows, settings.progress)
+    chunks = store.iter_chunks(settings.chunk_rows, settings.source)
+    scores = score_chunks(chunks, store.n, model, options)
+    per_row = dict(scores.scores)
+    knn, knn_stats = _store_knn(store, index, train, scores, settings.knn_k)
+    if knn is not None:
+        per_row[KNN] = knn
+    return StoreScores(per_row, scores.predicted, scores, knn_stats)
+
+
 def score_embeddings(
     store_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -262,20 +322,15 @@ def score_embeddings(
             f"{embedder.model_name}: use the same model and weights"
         )
     embedded = _embed_task(embedder, task)
-    model = _embedding_teacher(settings.teacher, embedder, embedded, settings.knn_k)
-    teacher = _teacher_summary(settings.teacher, model, embedded)
+    names = embedded.class_names
+    model = embedding_teacher(settings.teacher, embedder, embedded.train, names, settings.knn_k)
+    teacher = _teacher_summary(model, embedded, settings)
     target = embedded.test or embedded.train
-    gap = None if target is None else _store_domain_gap(store, target.embeddings)
-    options = StreamOptions(settings.temperature, settings.chunk_rows, settings.progress)
-    chunks = store.iter_chunks(settings.chunk_rows, settings.source)
-    scores = score_chunks(chunks, store.n, model, options)
-    index = _store_index(store)
-    per_row = dict(scores.scores)
-    knn, knn_stats = _store_knn(store, index, embedded.train, scores, settings.knn_k)
-    if knn is not None:
-        per_row[KNN] = knn
+    gap = None if target is None else store_domain_gap(store, target.embeddings)
+    index = store_index(store)
+    scores = score_store(store, index, model, embedded.train, settings)
     scored = ScoresFile(
-        scores=per_row,
+        scores=scores.scores,
         predicted=scores.predicted,
         class_names=embedded.class_names,
         reference_name=store.meta.reference_name,
@@ -289,7 +344,7 @@ def score_embeddings(
         leakage=_leakage(store, index, embedded.test),
     )
     scored.write(out / SCORES_FILE)
-    report = _report(store, task, embedded, scored, teacher, gap, scores, knn_stats)
+    report = _report(store, task, embedded, scored, teacher, gap, scores.stream, scores.knn)
     report = replace(report, total_seconds=time.perf_counter() - started)
     report.write(out)
     return report

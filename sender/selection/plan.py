@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -33,8 +34,8 @@ from protocol.payload import SenderStamp
 from protocol.reference.base import ReferenceSource
 from protocol.signing import SigningKey
 from protocol.task_data import LabeledImages
+from sender.scoring.domain_gap import DomainGap
 from sender.scoring.images import (
-    TaskScores,
     TeacherSettings,
     domain_gap,
     reference_images,
@@ -136,24 +137,32 @@ def work_teacher(work_dir: str | os.PathLike[str], base: TeacherSettings) -> Tea
     return replace(base, kind=report.teacher.kind, epochs=epochs)
 
 
-def split_task(
-    task: LabeledImages, validation_fraction: float, seed: int
-) -> tuple[LabeledImages, LabeledImages]:
-    """(teacher-train, validation): per class, a seeded ``validation_fraction`` (at least
-    one image) goes to validation. Every class needs two labeled images."""
+def split_rows(
+    labels: np.ndarray, class_names: tuple[str, ...], validation_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher-train rows, validation rows): per class, a seeded ``validation_fraction``
+    (at least one image) goes to validation. Every class needs two labeled images."""
     rng = np.random.default_rng(seed)
     validation: list[np.ndarray] = []
-    for c, name in enumerate(task.class_names):
-        members = np.flatnonzero(task.labels == c)
+    for c, name in enumerate(class_names):
+        members = np.flatnonzero(labels == c)
         if members.size < 2:
             raise TaskDataError(
                 f"class {name!r} has {members.size} labeled image(s); the plan needs at least "
-                "two per class (one to train the teacher, one to validate)"
+                "two per class (one to train the teacher, one to validate): add labeled "
+                "images of it"
             )
         count = max(1, round(validation_fraction * members.size))
         validation.append(rng.permutation(members)[:count])
     held = np.sort(np.concatenate(validation))
-    rest = np.setdiff1d(np.arange(task.labels.size), held)
+    return np.setdiff1d(np.arange(labels.size), held), held
+
+
+def split_task(
+    task: LabeledImages, validation_fraction: float, seed: int
+) -> tuple[LabeledImages, LabeledImages]:
+    """(teacher-train, validation) of a labeled task (see :func:`split_rows`)."""
+    rest, held = split_rows(task.labels, task.class_names, validation_fraction, seed)
 
     def part(rows: np.ndarray, suffix: str) -> LabeledImages:
         return LabeledImages(
@@ -195,13 +204,26 @@ def proxy_accuracy(
     return accuracy(model, torch.from_numpy(validation.images), torch.from_numpy(validation.labels))
 
 
-class _Proxy:
-    """Proxy runs over the split teacher's selections, with the images loaded once each."""
+RowImages = Callable[[np.ndarray], np.ndarray]  # reference rows -> uint8 images
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """What the split teacher gives the proxy: every score of every reference row, and
+    its labels."""
+
+    scores: dict[str, np.ndarray]
+    predicted: np.ndarray
+
+
+class Proxy:
+    """Proxy runs over the split teacher's selections: ``images`` reads the selected
+    reference rows' pixels (the in-memory pool, or a store's thumbnails)."""
 
     def __init__(
         self,
-        images: np.ndarray,
-        split: TaskScores,
+        images: RowImages,
+        split: SplitScores,
         excluded: np.ndarray,
         validation: LabeledImages,
         settings: PlanSettings,
@@ -221,7 +243,7 @@ class _Proxy:
             pick = np.random.default_rng(seed).choice(kept.size, cap, replace=False)
             kept = kept[np.sort(pick)]
         return proxy_accuracy(
-            self.images[kept],
+            self.images(kept),
             self.predicted[kept].astype(np.int64),
             self.validation,
             steps,
@@ -230,7 +252,7 @@ class _Proxy:
         )
 
 
-def _size_row(work: ScoredWork, candidate: Candidate, key: SigningKey) -> PlanRow:
+def size_row(work: ScoredWork, candidate: Candidate, key: SigningKey) -> PlanRow:
     """The candidate's payload from the full work directory: exact signed size, coverage."""
     config, score = work.resolve(candidate.config(), candidate.score)
     kept = work.select(config, score)
@@ -266,8 +288,8 @@ def _check_plannable(work: ScoredWork, reference: ReferenceSource, train: Labele
         )
 
 
-def _measure(
-    work: ScoredWork, proxy: _Proxy, candidates: list[Candidate], progress: bool
+def measure_candidates(
+    work: ScoredWork, proxy: Proxy, candidates: list[Candidate], progress: bool
 ) -> list[PlanRow]:
     """Screen every candidate, then confirm the best share and the screen's front with
     longer runs (see the module docstring)."""
@@ -277,7 +299,7 @@ def _measure(
     key = SigningKey.generate(settings.sender_id)
     rows = []
     for candidate in tqdm(candidates, desc="plan: screen", unit="cand", disable=not progress):
-        row = _size_row(work, candidate, key)
+        row = size_row(work, candidate, key)
         row.screen_accuracy = proxy.accuracy(candidate, settings.screen_steps, settings.seed)
         row.predicted_accuracy = row.screen_accuracy
         rows.append(row)
@@ -293,6 +315,64 @@ def _measure(
     return rows
 
 
+@dataclass(frozen=True)
+class PlanInputs:
+    """What either path's plan measured, for :func:`finish_plan`."""
+
+    work: ScoredWork
+    reference: dict[str, str | int]
+    split: PlanSplit
+    split_teacher_accuracy: float | None
+    gap: DomainGap
+    proxy: str  # what the proxy student is, in words
+
+
+def finish_plan(
+    inputs: PlanInputs,
+    rows: list[PlanRow],
+    out_dir: str | os.PathLike[str],
+    settings: PlanSettings,
+    started: float,
+) -> Plan:
+    """The plan of measured ``rows``: chosen, and written as plan.json, plan.png, plan.txt."""
+    work = inputs.work
+    plan = Plan(
+        work_dir=str(work.path.resolve()),
+        scores_sha256=file_digest(work.path / SCORES_FILE),
+        reference=inputs.reference,
+        task=work.scored.task,
+        classes=list(work.scored.class_names),
+        split=inputs.split,
+        split_teacher_validation_accuracy=inputs.split_teacher_accuracy,
+        evidence=PlanEvidence(inputs.gap, inputs.gap.strategy),
+        settings=settings.as_json(),
+        proxy=inputs.proxy,
+        candidates=rows,
+        front=rate_front(rows),
+        chosen=choose(rows).name,
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_plan_outputs(out, plan)
+    return plan
+
+
+def proxy_words(settings: PlanSettings, images: str, validation: int) -> str:
+    """What the proxy student is, for plan.json."""
+    return (
+        f"small CNN trained from scratch on the selected reference {images} with the split "
+        f"teacher's hard labels ({settings.screen_steps} steps for all, "
+        f"{settings.confirm_steps} for the confirmed), batch {settings.batch_size}, "
+        f"accuracy on the {validation} validation images"
+    )
+
+
+def usable_scores(work: ScoredWork, split: SplitScores) -> tuple[str, ...]:
+    """The registered scores both the work directory and the split teacher have."""
+    return tuple(s for s in score_names() if s in work.scored.scores and s in split.scores)
+
+
 def make_plan(
     reference: ReferenceSource,
     train: LabeledImages,
@@ -301,41 +381,25 @@ def make_plan(
     settings: PlanSettings,
     progress: bool = True,
 ) -> Plan:
-    """Predict every candidate's accuracy and size; write plan.json, plan.png, plan.txt."""
+    """Predict every candidate's accuracy and size from the reference images; write
+    plan.json, plan.png, plan.txt."""
     started = time.perf_counter()
     work = ScoredWork.open(work_dir)
     _check_plannable(work, reference, train)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     teacher_part, validation = split_task(train, settings.validation_fraction, settings.seed)
     images = reference_images(reference, train.images.shape[1])
     teacher = replace(settings.teacher, seed=settings.seed)
-    split = teacher_scores(images, teacher_part, validation, teacher, progress)
-    gap = domain_gap(split.outputs)
-    usable = tuple(s for s in score_names() if s in work.scored.scores and s in split.scores)
-    candidates = candidate_grid(settings.keeps, usable)
-    proxy = _Proxy(images, split, work.excluded, validation, settings)
-    rows = _measure(work, proxy, candidates, progress)
-    plan = Plan(
-        work_dir=str(work.path.resolve()),
-        scores_sha256=file_digest(work.path / SCORES_FILE),
+    scored = teacher_scores(images, teacher_part, validation, teacher, progress)
+    split = SplitScores(scored.scores, scored.predicted)
+    candidates = candidate_grid(settings.keeps, usable_scores(work, split))
+    proxy = Proxy(images.__getitem__, split, work.excluded, validation, settings)
+    rows = measure_candidates(work, proxy, candidates, progress)
+    inputs = PlanInputs(
+        work=work,
         reference=reference.manifest.summary(),
-        task=work.scored.task,
-        classes=list(work.scored.class_names),
         split=PlanSplit(int(teacher_part.labels.size), int(validation.labels.size), settings.seed),
-        split_teacher_validation_accuracy=split.outputs.report.test_accuracy,
-        evidence=PlanEvidence(gap, gap.strategy),
-        settings=settings.as_json(),
-        proxy=(
-            f"small CNN trained from scratch on the selected reference images with the split "
-            f"teacher's hard labels ({settings.screen_steps} steps for all, "
-            f"{settings.confirm_steps} for the confirmed), batch {settings.batch_size}, "
-            f"accuracy on the {validation.labels.size} validation images"
-        ),
-        candidates=rows,
-        front=rate_front(rows),
-        chosen=choose(rows).name,
-        seconds=round(time.perf_counter() - started, 1),
+        split_teacher_accuracy=scored.outputs.report.test_accuracy,
+        gap=domain_gap(scored.outputs),
+        proxy=proxy_words(settings, "images", int(validation.labels.size)),
     )
-    write_plan_outputs(out, plan)
-    return plan
+    return finish_plan(inputs, rows, out_dir, settings, started)

@@ -132,22 +132,29 @@ class ScoredWork:
         """The payload's bytes, in the smallest coding this reference's layout allows."""
         return encode_payload_detailed(payload, reference=self.scored.block_layout(), signer=key)
 
+    def store_dir(self) -> Path:
+        """The embeddings store the work directory was scored from (recorded relative to
+        it); a typed error when it was scored from images or the store is not there."""
+        recorded = self.scored.embeddings_dir
+        if not recorded:
+            raise ConfigError(f"{self.path} was scored from reference images, not a store")
+        store = self.path / recorded
+        if not store.is_dir():
+            raise ConfigError(
+                f"the embeddings store {recorded} that {self.path} was scored from is not "
+                f"at {store.resolve()}: keep the work directory beside it (as when it was "
+                "scored)"
+            )
+        return store
+
     def embeddings_of(self, rows: np.ndarray) -> np.ndarray:
         """The stored embeddings of ``rows`` (for the consensus filter): from the
         embeddings store the work directory records, relative to itself, or from the
         in-memory path's reference embeddings."""
-        recorded = self.scored.embeddings_dir
-        if recorded:
+        if self.scored.embeddings_dir:
             from sender.embedding.store import EmbeddingStore
 
-            store = self.path / recorded
-            if not store.is_dir():
-                raise ConfigError(
-                    f"the embeddings store {recorded} that {self.path} was scored from is not "
-                    f"at {store.resolve()}: keep the work directory beside it (as when it was "
-                    "scored), or select without --consensus"
-                )
-            return EmbeddingStore(store).read_rows(rows)
+            return EmbeddingStore(self.store_dir()).read_rows(rows)
         if (self.path / REFERENCE_EMBEDDINGS).is_file():
             return np.load(self.path / REFERENCE_EMBEDDINGS, mmap_mode="r")[rows]
         raise ConfigError(f"{self.path} has no reference embeddings for the consensus filter")
