@@ -2,6 +2,7 @@
 
 plada-send task digits --out DIR          export the embedded default task
 plada-send reference --reference SPEC     build/verify a reference set, print its fingerprint
+plada-send world-clip [--reference glyphs]     the glyph world's own small CLIP (trained once)
 plada-send embed --reference SPEC --clip-model M --clip-weights W --out EMB [--shard i/N]
                  [--engine ray [--address HOST:PORT] [--actors N]]
 plada-send merge EMB [--from OTHER ...] [--int8]
@@ -12,6 +13,7 @@ plada-send keygen --sender-id ID --out keys/ID      signing key (ID.key) + publi
 plada-send frames task.plada --link lora-sf9 --out FRAMES [--repair 30%]   frames for a link
 plada-send frames task.plada --link acoustic-64 --carousel --out - [--until-done DIR --reply-key F]
 plada-send plan WORK --reference SPEC --train T.npz [--out PLAN]   predict each payload's accuracy
+plada-send plan WORK --clip-weights W --task DIR    (a work directory scored from embeddings)
 plada-send select WORK --plan PLAN [--max-bytes N | --link-bps B --window 20m] \\
     --signing-key keys/ID.key --out task.plada       the best planned payload that fits
 plada-send select WORK --signing-key keys/ID.key --out task.plada   (safety-net, kNN, 1%)
@@ -28,6 +30,7 @@ from sender.commands import embedding, link, scoring, selection, station
 SUBCOMMANDS = (
     station.add_task,
     station.add_reference,
+    embedding.add_world_clip,
     embedding.add_embed,
     embedding.add_merge,
     embedding.add_index,

@@ -186,3 +186,37 @@ def _run_index(args: argparse.Namespace) -> int:
     detail = ", ".join(f"{k}={v}" for k, v in built.layout.items())
     print(f"index {built.path}: {built.vectors} vectors ({detail}) in {built.seconds:.1f}s")
     return 0
+
+
+def add_world_clip(sub: Subparsers) -> None:
+    clip = sub.add_parser(
+        "world-clip",
+        help="the embedded glyph world's own CLIP (trained once per cache, no download)",
+    )
+    add_reference_options(clip)
+    clip.add_argument(
+        "--samples", type=int, default=160_000, help="training images seen (the recipe's size)"
+    )
+    clip.add_argument("--quiet", action="store_true", help="no progress bar")
+    clip.set_defaults(func=_run_world_clip)
+
+
+def _run_world_clip(args: argparse.Namespace) -> int:
+    from protocol.reference.glyph_pool import GlyphPool
+    from protocol.world.glyphs import default_cache_dir
+    from sender.embedding.world_clip import WorldClipRecipe, world_clip
+
+    if not args.reference.startswith("glyphs"):
+        raise ConfigError(
+            "world-clip trains on the embedded glyph world only (--reference glyphs...); "
+            "for another reference set, pass your own open_clip weights to embed"
+        )
+    if args.samples < 1:
+        raise ConfigError("--samples must be positive")
+    pool = reference_location(args).open()
+    assert isinstance(pool, GlyphPool)
+    cache = args.cache_dir or default_cache_dir()
+    found = world_clip(pool, cache, WorldClipRecipe(samples=args.samples), not args.quiet)
+    print(f"world CLIP {found.fingerprint[:16]} (weights sha256 {found.weights_sha256[:16]}...)")
+    print(f"--clip-model {found.config} --clip-weights {found.weights}")
+    return 0

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -23,7 +25,7 @@ import torch
 from protocol.errors import ConfigError, TaskDataError
 from protocol.manifest import ReferenceManifest, reference_summary
 from protocol.reference.encoded import UnreadableImage, decode_rgb
-from protocol.task_data import image_folder_files
+from protocol.task_data import image_folder_files, load_labeled_images
 from sender.embedding.embedders import ClipEmbedder
 from sender.embedding.index import INDEX_FILE, load_index
 from sender.embedding.store import MANIFEST_FILE, EmbeddingStore
@@ -82,26 +84,51 @@ class EmbeddedSplit:
         return EmbeddedSplit(self.embeddings[rows], self.labels[rows], self.class_names, thumbnails)
 
 
+def _task_pil_images(root: Path) -> tuple[list[Callable[[], Any]], np.ndarray, tuple[str, ...]]:
+    """(a loader of each image as RGB PIL, labels, class names) of labeled task images:
+    an ImageFolder ``<class>/<image>`` or a ``.npz`` of uint8 [N, C, H, W]."""
+    from PIL import Image
+
+    if root.suffix == ".npz":
+        task = load_labeled_images(root)
+        pixels = task.images.transpose(0, 2, 3, 1)
+        if pixels.shape[3] == 1:
+            pixels = pixels[..., 0]
+
+        def array(i: int) -> Callable[[], Any]:
+            return lambda: Image.fromarray(pixels[i]).convert("RGB")
+
+        return [array(i) for i in range(len(task))], task.labels, tuple(task.class_names)
+    files, labels, classes = image_folder_files(root)
+
+    def decoded(file: Path) -> Callable[[], Any]:
+        def load() -> Any:
+            try:
+                return decode_rgb(file.read_bytes(), str(file))
+            except (UnreadableImage, OSError) as exc:
+                raise TaskDataError(
+                    f"task image {file} is unreadable: {exc}; fix or remove it"
+                ) from exc
+
+        return load
+
+    return [decoded(file) for file in files], labels, classes
+
+
 def embed_folder(
     embedder: ClipEmbedder,
     root: Path,
     batch_size: int = 64,
     thumbnailer: Thumbnailer | None = None,
 ) -> EmbeddedSplit:
-    """A labeled ImageFolder embedded through CLIP's own preprocessing; with a
-    ``thumbnailer``, also its thumbnails from the same preprocessed batches."""
-    files, labels, classes = image_folder_files(root)
+    """Labeled task images (an ImageFolder or a ``.npz``) embedded through CLIP's own
+    preprocessing; with a ``thumbnailer``, also their thumbnails from the same batches."""
+    loaders, labels, classes = _task_pil_images(root)
     out, thumbnails = [], []
-    for start in range(0, len(files), batch_size):
-        batch = []
-        for file in files[start : start + batch_size]:
-            try:
-                batch.append(embedder.preprocess(decode_rgb(file.read_bytes(), str(file))))
-            except (UnreadableImage, OSError) as exc:
-                raise TaskDataError(
-                    f"task image {file} is unreadable: {exc}; fix or remove it"
-                ) from exc
-        images = torch.stack(batch)
+    for start in range(0, len(loaders), batch_size):
+        images = torch.stack(
+            [embedder.preprocess(load()) for load in loaders[start : start + batch_size]]
+        )
         out.append(embedder.embed_batch(images))
         if thumbnailer is not None:
             thumbnails.append(thumbnailer(images))
@@ -109,10 +136,18 @@ def embed_folder(
     return EmbeddedSplit(np.concatenate(out), labels, classes, shrunk)
 
 
+def _task_split(task: Path, name: str) -> str | None:
+    """A task directory's ``name/`` ImageFolder or ``name.npz``, when it has one."""
+    for found in (task / name, task / f"{name}.npz"):
+        if found.exists():
+            return str(found)
+    return None
+
+
 @dataclass(frozen=True)
 class EmbeddingTask:
-    """The task as the stored-embeddings path takes it: labeled ImageFolders (train,
-    optional test) and/or the class names."""
+    """The task as the stored-embeddings path takes it: labeled images (train, optional
+    test; ImageFolders or ``.npz``) and/or the class names."""
 
     train_dir: str | None = None
     test_dir: str | None = None
@@ -132,8 +167,8 @@ class EmbeddingTask:
         folders, ``--classes`` (a file or a,b,c) and ``--task-id``, as the CLI gives them."""
         if task_dir:
             task = Path(task_dir)
-            train_dir = train_dir or (str(task / "train") if (task / "train").is_dir() else None)
-            test_dir = test_dir or (str(task / "test") if (task / "test").is_dir() else None)
+            train_dir = train_dir or _task_split(task, "train")
+            test_dir = test_dir or _task_split(task, "test")
             name = name or task.name
         names = tuple(read_class_names(classes)) if classes else None
         return cls(train_dir, test_dir, names, name)
