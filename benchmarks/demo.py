@@ -79,6 +79,16 @@ PLAN = "plan"  # the payload the plan chose
 BUDGET_SCHEME = "safety-1"  # the pixel baseline gets exactly this (signed) payload's byte budget
 
 
+def run(cmd: list[str], log: Path) -> str:
+    """Run a CLI, keep its output in ``log``; stop the benchmark with it if it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        sys.stderr.write("\n" + proc.stdout + proc.stderr)
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    return proc.stdout
+
+
 class Steps:
     """The demo's commands, run one after another with a numbered progress line each."""
 
@@ -92,15 +102,11 @@ class Steps:
         self.done += 1
         started = time.perf_counter()
         print(f"  [{self.done:2d}/{self.total}] {what} ...", end="", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        log.write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            sys.stderr.write("\n" + proc.stdout + proc.stderr)
-            raise SystemExit(f"demo: command failed ({proc.returncode}): {' '.join(cmd)}")
+        stdout = run(cmd, log)
         total = time.perf_counter() - self.started
         self.timings[log.stem] = round(time.perf_counter() - started, 1)
         print(f" {time.perf_counter() - started:5.1f}s (total {total / 60:4.1f} min)")
-        return proc.stdout
+        return stdout
 
 
 def pixel_baseline(
@@ -154,6 +160,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher-epochs", type=int, default=40, help="the CNN teacher's")
     parser.add_argument("--plan-keeps", help="the plan's keep fractions (default: its own grid)")
     parser.add_argument(
+        "--clip-samples",
+        type=int,
+        help="images the world's CLIP trains on (default: world-clip's own recipe)",
+    )
+    parser.add_argument(
         "--no-export",
         action="store_true",
         help="skip the students' torch.export programs (quicker checks of the table)",
@@ -190,8 +201,10 @@ class Station:
     def embed(self) -> None:
         """world-clip, embed (with thumbnails), merge, index."""
         work, run, send = self.work, self.run, self.send
+        samples = self.args.clip_samples
         trained = run(
-            [*send, "world-clip", *self.reference, "--quiet"],
+            [*send, "world-clip", *self.reference, "--quiet"]
+            + ([] if samples is None else ["--samples", str(samples)]),
             work / "logs/world-clip.log",
             "sender world-clip (the world's own CLIP, trained once per cache)",
         )

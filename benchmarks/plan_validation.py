@@ -4,14 +4,25 @@ For each target task: ``plada-send score`` and ``plada-send plan`` (the real CLI
 real students trained by ``plada-receive train`` on the payloads of at least 12 of the
 plan's candidates: the fixed schemes of ``make demo`` (the paper's, ours, the random
 controls), the plan's choice, and candidates spread over the plan's predicted ranking.
-Prints, per target, the table, Spearman(predicted, real), and the plan's choice
-against the best evaluated candidate (the bar: within 2 points); also the same real
+Prints, per target, the table, Spearman(predicted, real), the pairwise decision
+accuracy (over every pair of evaluated candidates whose real accuracies differ, the
+share the proxy orders the same way; a tie in the prediction counts half), and the
+plan's choice against the best evaluated candidate (the bar: within 2 points); also the
+same real
 students scored on the plan's validation split, which separates the proxy's errors
 from the difference between validation and test. Rerunning on the same ``--work``
 skips every step whose outputs exist.
 
     python -m benchmarks.plan_validation --work work/plan-validation \
         [--targets digits font-digits font-letters photos]
+
+``--path embeddings`` runs the production path instead: the world's CLIP
+(``plada-send world-clip``) embeds the pool once, with thumbnails, into a store that
+every target shares (merged and indexed); each target is scored with ``score
+--embeddings`` (probe teacher) and planned on the thumbnails.
+
+    python -m benchmarks.plan_validation --path embeddings --work work/plan-validation-emb \
+        --targets font-digits font-letters photos-iid
 """
 
 from __future__ import annotations
@@ -60,6 +71,37 @@ def evaluated_names(plan: dict[str, Any], count: int) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def decision_accuracy(predicted: list[float], real: list[float]) -> float:
+    """Over every pair whose real accuracies differ, the share the prediction orders the
+    same way (a tie in the prediction counts half)."""
+    agree, pairs = 0.0, 0
+    for i in range(len(real)):
+        for j in range(i + 1, len(real)):
+            if real[i] == real[j]:
+                continue
+            pairs += 1
+            same = np.sign(predicted[i] - predicted[j]) * np.sign(real[i] - real[j])
+            agree += 1.0 if same > 0 else 0.5 if same == 0 else 0.0
+    return agree / max(pairs, 1)
+
+
+def shared_store(work: Path, args: argparse.Namespace) -> list[str]:
+    """The pool embedded once by the world's CLIP (thumbnails, merged, indexed) for every
+    target; the ``--clip-model``/``--clip-weights`` flags that made it."""
+    send = [sys.executable, "-m", "sender.cli"]
+    ref = ["--reference", args.reference, "--cache-dir", str(work / "cache")]
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    clip = run([*send, "world-clip", *ref, "--quiet"], work / "logs" / "world-clip.log")
+    flags = clip.strip().splitlines()[-1].split()
+    store = work / "embeddings"
+    if not (store / "reference.faiss").is_file():
+        embed = [*send, "embed", *ref, *flags, "--workers", "1", "--quiet", "--out", str(store)]
+        run(embed, work / "logs" / "embed.log")
+        run([*send, "merge", str(store)], work / "logs" / "merge.log")
+        run([*send, "index", str(store), "--quiet"], work / "logs" / "index.log")
+    return flags
+
+
 def plan_validation_split(train_file: Path, plan: dict[str, Any]):
     """The plan's validation split of the task's labeled images, as the plan drew it."""
     from protocol.task_data import load_labeled_images
@@ -99,12 +141,17 @@ def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[s
         test.save(task / "test.npz")
     train_file, test_file = str(task / "train.npz"), str(task / "test.npz")
     scored, plan_dir = work / "sender", work / "plan"
+    # the image path plans from the reference images; the embeddings path from the store
+    source = ref if args.clip is None else ["--embeddings", str(work.parent / "embeddings")]
     if not (scored / "score_report.json").is_file():
-        score = [*send, "score", *ref, "--train", train_file, "--test", test_file]
-        run([*score, "--out", str(scored), "--quiet"], logs / "score.log")
+        score = [*send, "score", *source, *(args.clip or []), "--train", train_file]
+        score += ["--test", test_file, "--out", str(scored), "--quiet"]
+        run(score, logs / "score.log")
     if not (plan_dir / "plan.json").is_file():
-        plan_cmd = [*send, "plan", str(scored), *ref, "--train", train_file]
-        run([*plan_cmd, "--out", str(plan_dir), "--quiet"], logs / "plan.log")
+        plan_cmd = [*send, "plan", str(scored), *(ref if args.clip is None else args.clip)]
+        run(
+            [*plan_cmd, "--train", train_file, "--out", str(plan_dir), "--quiet"], logs / "plan.log"
+        )
     plan = json.loads((plan_dir / "plan.json").read_text())
     validation = plan_validation_split(Path(train_file), plan)
     rows = {r["name"]: r for r in plan["candidates"]}
@@ -152,6 +199,9 @@ def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[s
         "spearman": spearman(
             [r["predicted_accuracy"] for r in results], [r["real_accuracy"] for r in results]
         ),
+        "decision_accuracy": decision_accuracy(
+            [r["predicted_accuracy"] for r in results], [r["real_accuracy"] for r in results]
+        ),
         "chosen": chosen["name"],
         "chosen_real": chosen["real_accuracy"],
         "best": best["name"],
@@ -196,6 +246,7 @@ def print_target(result: dict[str, Any]) -> None:
         f"{result['spearman_validation_vs_test']:.3f}; best there {result['best_on_validation']} "
         f"(real on test {100 * result['best_on_validation_real']:.1f}%)"
     )
+    print(f"decision accuracy: {result['decision_accuracy']:.3f}")
     print(
         f"spearman: {result['spearman']:.3f} over {len(result['rows'])} candidates; "
         f"plan's choice {result['chosen']} real {100 * result['chosen_real']:.1f}% vs best "
@@ -213,9 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=250, help="real student steps")
     parser.add_argument("--candidates", type=int, default=14, help="candidates trained per target")
+    parser.add_argument(
+        "--path",
+        choices=["images", "embeddings"],
+        default="images",
+        help="score and plan from the reference images, or from a store of CLIP embeddings",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     work = Path(args.work)
+    args.clip = shared_store(work, args) if args.path == "embeddings" else None
     results = []
     for target in args.targets:
         print(f"target {target}:")
@@ -224,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "path": args.path,
         "seeds": args.seeds,
         "steps": args.steps,
         "targets": results,
@@ -231,11 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\nsummary")
-    print(f"{'target':14s} {'spearman':>8s} {'chosen real':>11s} {'best real':>9s} {'gap':>6s}")
+    print(
+        f"{'target':14s} {'spearman':>8s} {'decision':>8s} {'chosen real':>11s} {'bytes':>7s} "
+        f"{'best real':>9s} {'bytes':>7s} {'gap':>6s}"
+    )
     for r in results:
+        rows = {row["name"]: row for row in r["rows"]}
         print(
-            f"{r['target']:14s} {r['spearman']:8.3f} {100 * r['chosen_real']:10.1f}% "
-            f"{100 * r['best_real']:8.1f}% {r['gap_to_best_points']:+5.1f}"
+            f"{r['target']:14s} {r['spearman']:8.3f} {r['decision_accuracy']:8.3f} "
+            f"{100 * r['chosen_real']:10.1f}% {rows[r['chosen']]['payload_bytes']:7d} "
+            f"{100 * r['best_real']:8.1f}% {rows[r['best']]['payload_bytes']:7d} "
+            f"{r['gap_to_best_points']:+5.1f}"
         )
     print(f"total {report['seconds']:.0f}s; report: {work / 'report.json'}")
     return 0

@@ -15,6 +15,19 @@ A naive baseline (numpy memmap + ``astype`` + numpy matmul + scipy logsumexp, th
 obvious implementation) runs on a slice and is extrapolated to n.
 
     python -m benchmarks.sender_scale [--n 14200000] [--work work/scale] [--k 10 100 365] [--knn]
+
+``--plan`` times ``plada-send plan`` on the store instead (``sender.selection.embedding_plan``,
+in a fresh process per k): a work directory scored by a probe-like head is written first
+(untimed, as ``score --embeddings`` would leave it); then the plan opens it, fits the
+split teacher on the task's embeddings (10 labeled images per class), streams it over
+every row with kNN relevance through the index, and measures the whole default grid of
+candidates (payload sizes from the full work directory, proxies on thumbnails). The
+store's thumbnails are a sparse file of the production layout (32x32 RGB: 43.6 GB at
+14.2M rows, taking no disk; every row reads as black, with its CRC-32 recorded), so the
+proxy's reads come from the page cache and the number is the plan's compute, not a
+disk's seek rate.
+
+    python -m benchmarks.sender_scale --plan --k 365
 """
 
 from __future__ import annotations
@@ -218,6 +231,109 @@ def child_naive(store_dir: str, k: int, rows: int) -> dict[str, float]:
     return {"wall_s": seconds, "rows": rows}
 
 
+THUMBNAIL_SIDE = 32
+
+
+def write_sparse_thumbnails(root: Path, n: int, side: int = THUMBNAIL_SIDE) -> None:
+    """Thumbnails of the production layout as a sparse file (black rows, real CRCs)."""
+    import zlib
+
+    from sender.embedding.thumbnails import (
+        THUMBNAILS_CRC_FILE,
+        THUMBNAILS_FILE,
+        ThumbnailsMeta,
+    )
+
+    meta = ThumbnailsMeta(side, n, "00" * 32)
+    with open(root / THUMBNAILS_FILE, "wb") as handle:
+        handle.truncate(n * meta.row_bytes)
+    crc = np.full(n, zlib.crc32(bytes(meta.row_bytes)), dtype="<u4")
+    crc.tofile(root / THUMBNAILS_CRC_FILE)
+    meta.write(root)
+
+
+def write_scored_work(store, work: Path, k: int, index_path: str) -> dict[str, object]:
+    """The work directory ``score --embeddings`` would write for a k-class task, scored by
+    a probe-like head; returns the task (embeddings, labels) the plan is given."""
+    from sender.embedding.index import load_index
+    from sender.scoring.embeddings import EmbeddedSplit, StreamScoring, score_store
+    from sender.scoring.teacher_kinds import EMBEDDINGS
+    from sender.scoring.work_dir import SCORES_FILE, ScoreReport, ScoresFile, TeacherSummary
+
+    head = _head(k)
+    queries, labels = task_queries(store, head, k)
+    names = tuple(f"class-{c}" for c in range(k))
+    task = EmbeddedSplit(queries, labels, names)
+    scored = score_store(store, load_index(index_path), head, task, StreamScoring(progress=False))
+    work.mkdir(parents=True, exist_ok=True)
+    ScoresFile(
+        scores=scored.scores,
+        predicted=scored.predicted,
+        class_names=names,
+        reference_name=store.meta.reference_name,
+        reference_fingerprint=bytes.fromhex(store.meta.reference_fingerprint),
+        reference_size=store.n,
+        task=f"synthetic-{k}",
+        recommended_strategy="safety-net",
+        reference_block_starts=np.zeros(0, np.int64),
+        excluded=np.zeros(0, np.int64),
+        embeddings_dir=os.path.relpath(store.root.resolve(), work.resolve()),
+        leakage=None,
+    ).write(work / SCORES_FILE)
+    teacher = TeacherSummary("probe", int(labels.size), None, {"temperature": 1.0, "knn_k": 5})
+    ScoreReport(
+        path=EMBEDDINGS,
+        task=f"synthetic-{k}",
+        classes=list(names),
+        reference={"name": store.meta.reference_name, "size": store.n},
+        embedder="synthetic",
+        duplicate_check_embedder="synthetic",
+        teacher=teacher,
+        domain_gap=None,
+        recommended_strategy="safety-net",
+        predicted_histogram=[],
+        scoring_seconds=scored.stream.seconds,
+        scoring_images_per_second=scored.stream.rows_per_second,
+        knn_relevance=scored.knn,
+        total_seconds=scored.stream.seconds,
+    ).write(work)
+    return {"embeddings": queries, "labels": labels, "names": names}
+
+
+def child_plan(store_dir: str, k: int, index_path: str) -> dict[str, float]:
+    """The plan on a scored work directory, timed, in this (fresh) process."""
+    import torch
+
+    from sender.embedding.store import EmbeddingStore
+    from sender.scoring.embeddings import EmbeddedSplit
+    from sender.selection.embedding_plan import PlannedStore, plan_from_embeddings
+    from sender.selection.plan import PlanSettings
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    store = EmbeddingStore(store_dir)
+    work = Path(store_dir).parent / f"plan-work-k{k}"
+    task = write_scored_work(store, work, k, index_path)
+    labels = np.asarray(task["labels"])
+    thumbnails = np.random.default_rng(3).integers(
+        0, 256, (labels.size, 3, THUMBNAIL_SIDE, THUMBNAIL_SIDE), dtype=np.uint8
+    )
+    split = EmbeddedSplit(np.asarray(task["embeddings"]), labels, task["names"], thumbnails)
+    baseline = peak_rss_mb()
+    started = time.perf_counter()
+    planned = PlannedStore.open(work)
+    plan = plan_from_embeddings(planned, split, work / "plan", PlanSettings(), progress=False)
+    seconds = time.perf_counter() - started
+    confirmed = sum(row.stage == "confirm" for row in plan.candidates)
+    return {
+        "wall_s": seconds,
+        "candidates": len(plan.candidates),
+        "confirmed": confirmed,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_plan_mb": baseline,
+        "chosen": plan.chosen,
+    }
+
+
 def build_scale_index(root: Path, nlist: int) -> Path:
     """The production IVF-PQ index over the store (built once, kept beside it)."""
     from sender.embedding.index import INDEX_FILE, build_store_index, save_index
@@ -252,12 +368,17 @@ def main(argv: list[str] | None = None) -> int:
         "--knn", action="store_true", help="also kNN relevance through an IVF-PQ index"
     )
     parser.add_argument("--nlist", type=int, default=1024, help="the index's IVF lists")
+    parser.add_argument(
+        "--plan", action="store_true", help="time plada-send plan on the store (see above)"
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         kind, store, k, extra = args.child[0], args.child[1], int(args.child[2]), args.child[3]
-        if kind == "ours":
+        if kind == "plan":
+            result = child_plan(store, k, extra)
+        elif kind == "ours":
             index = args.child[4] if len(args.child) > 4 else None
             result = child_ours(store, k, args.chunk_rows, extra, index)
         else:
@@ -279,8 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     read_floor = file_bytes / bandwidth
     print(f"read bandwidth (warm): {bandwidth / 1e9:.2f} GB/s -> read floor {read_floor:.1f}s")
     index_path = root / "reference.faiss"
-    if args.knn and not index_path.is_file():
+    if (args.knn or args.plan) and not index_path.is_file():
         index_path = build_scale_index(root, args.nlist)
+    if args.plan:
+        return plan_mode(root, args, str(index_path))
     rows = []
     for k in args.k:
         flops = measure_gemm_flops(k)
@@ -325,6 +448,28 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['knn_depth']} neighbours (nprobe {r['knn_nprobe']}): "
                 f"{r['knn_candidates']:,} candidates, search {r['knn_search_seconds']:.1f}s"
             )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def plan_mode(root: Path, args: argparse.Namespace, index_path: str) -> int:
+    """The plan's wall time and peak memory per k (budget: 10 minutes, 4 GB at k=365)."""
+    from sender.embedding.thumbnails import THUMBNAILS_META_FILE
+
+    if not (root / THUMBNAILS_META_FILE).is_file():
+        write_sparse_thumbnails(root, args.n)
+    rows = [{"k": k, **_run_child(["plan", str(root), str(k), index_path])} for k in args.k]
+    print(
+        f"\nplan on n = {args.n:,} x {DIM} fp16 + {THUMBNAIL_SIDE}px thumbnails, "
+        f"{os.cpu_count()} cores, default grid"
+    )
+    print(f"{'k':>4} {'candidates':>10} {'confirmed':>9} {'plan s':>7} {'peak MB':>8}  chosen")
+    for r in rows:
+        print(
+            f"{r['k']:>4} {r['candidates']:>10} {r['confirmed']:>9} {r['wall_s']:>7.0f} "
+            f"{r['peak_rss_mb']:>8.0f}  {r['chosen']}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

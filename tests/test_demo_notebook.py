@@ -37,6 +37,8 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory):
             "5",
             "--plan-keeps",
             "1%",
+            "--clip-samples",  # the world's CLIP, trained on a few batches: the path, not
+            "2048",  # its accuracy, is what this test checks
             "--no-export",  # the export is tested with the receiver's own tests
             # a paper scheme, ours and the control; each scheme's select and train are
             # tested on their own elsewhere, so the rest would only repeat those steps
@@ -76,8 +78,9 @@ def test_demo_report_has_every_row(demo_report) -> None:
     numerics = report["numerics"]  # what decides the numbers (benchmarks/numerics.py)
     assert not numerics["pinned"] and numerics["packages"]["torch"] and numerics["cpu"]
     assert "teacher" in stdout and "student accuracy" in stdout
-    steps = 9 + 2 * len(SCHEMES_RUN)  # task, reference, score, keygen, plan + select,
+    # task, reference, world-clip, embed, merge, index, two scores, keygen, plan + select,
     # receiver reference, trust; a select and a train per scheme; the plan's train
+    steps = 14 + 2 * len(SCHEMES_RUN)
     assert f"[{steps}/{steps}] receiver train plan ..." in stdout  # each step numbered
 
 

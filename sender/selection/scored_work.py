@@ -132,9 +132,10 @@ class ScoredWork:
         """The payload's bytes, in the smallest coding this reference's layout allows."""
         return encode_payload_detailed(payload, reference=self.scored.block_layout(), signer=key)
 
-    def store_dir(self) -> Path:
+    def store_dir(self, otherwise: str = "") -> Path:
         """The embeddings store the work directory was scored from (recorded relative to
-        it); a typed error when it was scored from images or the store is not there."""
+        it); a typed error when it was scored from images or the store is not there
+        (``otherwise``: the other way out, added to its fix)."""
         recorded = self.scored.embeddings_dir
         if not recorded:
             raise ConfigError(f"{self.path} was scored from reference images, not a store")
@@ -143,7 +144,7 @@ class ScoredWork:
             raise ConfigError(
                 f"the embeddings store {recorded} that {self.path} was scored from is not "
                 f"at {store.resolve()}: keep the work directory beside it (as when it was "
-                "scored)"
+                f"scored){otherwise}"
             )
         return store
 
@@ -154,7 +155,8 @@ class ScoredWork:
         if self.scored.embeddings_dir:
             from sender.embedding.store import EmbeddingStore
 
-            return EmbeddingStore(self.store_dir()).read_rows(rows)
+            store = self.store_dir(", or select without --consensus")
+            return EmbeddingStore(store).read_rows(rows)
         if (self.path / REFERENCE_EMBEDDINGS).is_file():
             return np.load(self.path / REFERENCE_EMBEDDINGS, mmap_mode="r")[rows]
         raise ConfigError(f"{self.path} has no reference embeddings for the consensus filter")
