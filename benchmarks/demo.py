@@ -297,7 +297,7 @@ class Station:
         plan_cmd = [*self.send, "plan", str(work / "sender"), *self.clip, *self.task]
         plan_cmd += ["--out", str(plan_dir), "--quiet", "--sender-id", "demo-station"]
         plan_cmd += ["--screen-steps", str(max(1, round(0.4 * steps)))]
-        plan_cmd += ["--confirm-steps", str(max(1, round(0.8 * steps)))]
+        plan_cmd += ["--confirm-steps", str(steps)]  # as the students below train
         if self.args.plan_keeps:
             plan_cmd += ["--keeps", self.args.plan_keeps]
         self.run(plan_cmd, work / "logs/plan.log", "sender plan (every candidate measured)")

@@ -6,7 +6,13 @@ from hypothesis import strategies as st
 
 from protocol.errors import ConfigError
 from sender.scoring.scores import energy, entropy, knn_relevance, l2_normalize
-from sender.selection.strategies import SelectionConfig, class_quotas, select
+from sender.selection.strategies import (
+    RankedSelection,
+    SelectionConfig,
+    class_quotas,
+    order_key,
+    select,
+)
 
 
 def test_energy_and_entropy_match_torch() -> None:
@@ -32,6 +38,38 @@ def test_quotas_sum_to_budget_and_respect_supply(counts, budget, alpha) -> None:
     if budget <= counts.sum() and np.all(quotas < counts):
         assert quotas.sum() == budget
     assert np.all(quotas[counts == 0] == 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 400),
+    k=st.integers(1, 6),
+    levels=st.integers(1, 50),  # few distinct values: many ties, broken by row as select does
+    nan_share=st.sampled_from([0.0, 0.1]),
+    excluded_share=st.sampled_from([0.0, 0.2]),
+    seed=st.integers(0, 2**16),
+)
+def test_ranked_selection_keeps_exactly_what_select_keeps(
+    n, k, levels, nan_share, excluded_share, seed
+) -> None:
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, levels, n).astype(np.float32)
+    scores[rng.random(n) < nan_share] = np.nan
+    predicted = rng.integers(0, k, n)
+    excluded = np.flatnonzero(rng.random(n) < excluded_share)
+    ranked = RankedSelection({"s": scores, "t": -scores}, predicted, k, excluded)
+    configs = [
+        SelectionConfig(strategy, keep, alpha, reserve, seed=seed % 3)
+        for strategy in ("lowest", "inverse", "random", "safety-net", "random-balanced")
+        for keep in (0.003, 0.05, 0.3, 1.0)
+        for reserve, alpha in ((0.5, -0.2), (1.0, 0.0), (1.0, 1.0))
+    ]
+    runs = sorted(((c, s) for c in configs for s in "st"), key=lambda run: order_key(*run))
+    for config, score in runs:
+        values = scores if score == "s" else -scores
+        expected = select(values, predicted, k, config, excluded=excluded)
+        kept = ranked.select(config, score)
+        np.testing.assert_array_equal(kept, expected, err_msg=f"{config} {score}")
 
 
 def test_negative_alpha_favours_rare_classes() -> None:

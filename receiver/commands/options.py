@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING
 from receiver.acceptance import DEFAULT_MAX_CLASSES, DEFAULT_MAX_IMAGES
 from receiver.errors import TrustStoreError
 from receiver.trust_store import TrustOptions
-from trainer.choices import AMP_MODES, AUGMENTATIONS, CACHE_PLACES, DECODE_CHOICES
+from trainer.choices import (
+    AMP_MODES,
+    AUGMENTATIONS,
+    CACHE_PLACES,
+    DECODE_CHOICES,
+    STUDENT_BATCH,
+    STUDENT_STEPS,
+)
 
 if TYPE_CHECKING:
     from receiver.job import JobSettings
@@ -136,12 +143,20 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "that holds its last step (so a small payload may run more epochs than this)",
     )
     group.add_argument(
-        "--min-steps", type=int, default=250, help="train at least this many steps (0: no floor)"
+        "--min-steps",
+        type=int,
+        default=STUDENT_STEPS,
+        help="train at least this many steps (0: no floor)",
     )
     group.add_argument(
-        "--max-steps", type=int, default=250, help="train at most this many steps (0: no cap)"
+        "--max-steps",
+        type=int,
+        default=STUDENT_STEPS,
+        help="train at most this many steps (0: no cap)",
     )
-    group.add_argument("--batch-size", type=int, default=128, help="images per optimizer step")
+    group.add_argument(
+        "--batch-size", type=int, default=STUDENT_BATCH, help="images per optimizer step"
+    )
     group.add_argument(
         "--lr", type=float, default=3e-3, help="peak AdamW learning rate (warmup, cosine)"
     )

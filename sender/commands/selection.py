@@ -20,6 +20,7 @@ from sender.commands.options import (
 )
 from sender.scoring.scores import score_names
 from sender.selection.strategies import STRATEGIES
+from trainer.choices import STUDENT_BATCH, STUDENT_STEPS
 
 if TYPE_CHECKING:
     from sender.scoring.images import TeacherSettings
@@ -261,7 +262,18 @@ def add_plan(sub: Subparsers) -> None:
         help="share of the labeled images held out (per class) to score the proxy students",
     )
     plan.add_argument("--screen-steps", type=int, default=100, help="proxy steps, every candidate")
-    plan.add_argument("--confirm-steps", type=int, default=200, help="proxy steps, the best")
+    plan.add_argument(
+        "--confirm-steps",
+        type=int,
+        default=STUDENT_STEPS,
+        help="proxy steps for the best candidates: the device student's (its --max-steps)",
+    )
+    plan.add_argument(
+        "--confirm-batch",
+        type=int,
+        default=STUDENT_BATCH,
+        help="proxy images per step for the best candidates: the device student's --batch-size",
+    )
     plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
     plan.add_argument(
         "--proxy-size",
@@ -293,6 +305,7 @@ def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSe
         validation_fraction=args.validation_fraction,
         screen_steps=args.screen_steps,
         confirm_steps=args.confirm_steps,
+        confirm_batch_size=args.confirm_batch,
         max_images=args.max_images,
         seed=args.seed,
         sender_id=check_sender_id(args.sender_id),

@@ -56,7 +56,8 @@ from sender.selection.plan_file import (
 )
 from sender.selection.plan_report import write_plan_outputs
 from sender.selection.scored_work import ScoredWork
-from sender.selection.strategies import select
+from sender.selection.strategies import RankedSelection, order_key
+from trainer.choices import STUDENT_BATCH, STUDENT_STEPS
 
 DEFAULT_KEEPS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.10)
 # safety-net (reserve, alpha): the paper's half-reserve, all-reserve, and equal quotas
@@ -94,9 +95,12 @@ class PlanSettings:
     keeps: tuple[float, ...] = DEFAULT_KEEPS
     validation_fraction: float = 0.25
     screen_steps: int = 100
-    confirm_steps: int = 200
+    batch_size: int = 64  # the screen's
+    # the confirmation trains as the device's student does (by default the receiver's
+    # own schedule): a short run underrates the larger, more varied selections
+    confirm_steps: int = STUDENT_STEPS
+    confirm_batch_size: int = STUDENT_BATCH
     confirm_share: float = 0.25  # of the candidates, besides the screen's front
-    batch_size: int = 64
     max_images: int = 8192  # a proxy run learns from at most this many of the kept images
     seed: int = 0  # of the split, the split teacher and the proxies
     sender_id: str = PLAN_SENDER
@@ -117,7 +121,8 @@ class PlanSettings:
             )
         if not self.keeps or not all(0 < keep <= 1 for keep in self.keeps):
             raise ConfigError(f"keep fractions must be in (0, 1], not {self.keeps}")
-        if self.screen_steps < 1 or self.confirm_steps < 1 or self.batch_size < 1:
+        runs = (self.screen_steps, self.confirm_steps, self.batch_size, self.confirm_batch_size)
+        if min(runs) < 1:
             raise ConfigError("proxy steps and batch size must be >= 1")
 
 
@@ -172,15 +177,19 @@ def split_task(
     return part(rest, "teacher"), part(held, "validation")
 
 
+@dataclass(frozen=True)
+class ProxyRun:
+    """How long one proxy student trains, and from which seed."""
+
+    steps: int
+    batch_size: int
+    seed: int
+
+
 def proxy_accuracy(
-    images: np.ndarray,
-    labels: np.ndarray,
-    validation: LabeledImages,
-    steps: int,
-    seed: int,
-    settings: PlanSettings,
+    images: np.ndarray, labels: np.ndarray, validation: LabeledImages, run: ProxyRun
 ) -> float:
-    """Validation accuracy of a small student trained ``steps`` steps on (images, labels)."""
+    """Validation accuracy of a small student trained as ``run`` says on (images, labels)."""
     import torch
 
     from trainer.training import StepHooks, TrainConfig, accuracy, train_classifier
@@ -188,11 +197,11 @@ def proxy_accuracy(
     if labels.size == 0:
         return 0.0
     config = TrainConfig(
-        min_steps=steps,
-        max_steps=steps,
-        batch_size=settings.batch_size,
+        min_steps=run.steps,
+        max_steps=run.steps,
+        batch_size=run.batch_size,
         label_smoothing=0.1,
-        seed=seed,
+        seed=run.seed,
     )
     model = train_classifier(
         (torch.from_numpy(images), torch.from_numpy(labels)),
@@ -228,34 +237,28 @@ class Proxy:
         validation: LabeledImages,
         settings: PlanSettings,
     ) -> None:
-        self.images, self.scores, self.predicted = images, split.scores, split.predicted
-        self.excluded, self.validation, self.settings = excluded, validation, settings
+        self.images, self.predicted = images, split.predicted
+        self.validation, self.settings = validation, settings
+        k = len(validation.class_names)
+        self.selections = RankedSelection(split.scores, split.predicted, k, excluded)
 
     def kept(self, candidate: Candidate) -> np.ndarray:
-        k = len(self.validation.class_names)
-        values = self.scores[candidate.score]
-        return select(values, self.predicted, k, candidate.config(), excluded=self.excluded)
+        return self.selections.select(candidate.config(), candidate.score)
 
-    def accuracy(self, candidate: Candidate, steps: int, seed: int) -> float:
+    def accuracy(self, candidate: Candidate, run: ProxyRun) -> float:
         kept = self.kept(candidate)
         cap = self.settings.max_images
         if kept.size > cap:
-            pick = np.random.default_rng(seed).choice(kept.size, cap, replace=False)
+            pick = np.random.default_rng(run.seed).choice(kept.size, cap, replace=False)
             kept = kept[np.sort(pick)]
-        return proxy_accuracy(
-            self.images(kept),
-            self.predicted[kept].astype(np.int64),
-            self.validation,
-            steps,
-            seed,
-            self.settings,
-        )
+        labels = self.predicted[kept].astype(np.int64)
+        return proxy_accuracy(self.images(kept), labels, self.validation, run)
 
 
 def size_row(work: ScoredWork, candidate: Candidate, key: SigningKey) -> PlanRow:
     """The candidate's payload from the full work directory: exact signed size, coverage."""
     config, score = work.resolve(candidate.config(), candidate.score)
-    kept = work.select(config, score)
+    kept = work.ranked().select(config, score)
     created = int(time.time())
     stamp = SenderStamp(key.sender, SIZE_SEQUENCE, created + 7 * 86400)
     payload = work.payload(kept, config, score, sender=stamp, created=created)
@@ -288,6 +291,12 @@ def _check_plannable(work: ScoredWork, reference: ReferenceSource, train: Labele
         )
 
 
+def by_ordering(candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates grouped by the ordering of the rows they select from (see
+    :class:`RankedSelection`: each ordering is sorted once)."""
+    return sorted(candidates, key=lambda c: order_key(c.config(), c.score))
+
+
 def measure_candidates(
     work: ScoredWork, proxy: Proxy, candidates: list[Candidate], progress: bool
 ) -> list[PlanRow]:
@@ -297,19 +306,22 @@ def measure_candidates(
 
     settings = proxy.settings
     key = SigningKey.generate(settings.sender_id)
-    rows = []
-    for candidate in tqdm(candidates, desc="plan: screen", unit="cand", disable=not progress):
+    screen_run = ProxyRun(settings.screen_steps, settings.batch_size, settings.seed)
+    confirm_run = ProxyRun(settings.confirm_steps, settings.confirm_batch_size, settings.seed + 1)
+    by_name: dict[str, PlanRow] = {}
+    screen = tqdm(by_ordering(candidates), desc="plan: screen", unit="cand", disable=not progress)
+    for candidate in screen:
         row = size_row(work, candidate, key)
-        row.screen_accuracy = proxy.accuracy(candidate, settings.screen_steps, settings.seed)
+        row.screen_accuracy = proxy.accuracy(candidate, screen_run)
         row.predicted_accuracy = row.screen_accuracy
-        rows.append(row)
+        by_name[row.name] = row
+    rows = [by_name[candidate.name] for candidate in candidates]
     ranked = sorted(rows, key=lambda r: -r.screen_accuracy)
     promoted = {r.name for r in ranked[: max(1, round(settings.confirm_share * len(rows)))]}
     promoted |= set(rate_front(rows))
-    confirm = [r for r in rows if r.name in promoted]
+    confirm = [by_name[c.name] for c in by_ordering(candidates) if c.name in promoted]
     for row in tqdm(confirm, desc="plan: confirm", unit="cand", disable=not progress):
-        steps, seed = settings.confirm_steps, settings.seed + 1
-        row.confirm_accuracy = proxy.accuracy(row.candidate, steps, seed)
+        row.confirm_accuracy = proxy.accuracy(row.candidate, confirm_run)
         row.predicted_accuracy = row.confirm_accuracy
         row.stage = "confirm"
     return rows
@@ -362,8 +374,8 @@ def proxy_words(settings: PlanSettings, images: str, validation: int) -> str:
     """What the proxy student is, for plan.json."""
     return (
         f"small CNN trained from scratch on the selected reference {images} with the split "
-        f"teacher's hard labels ({settings.screen_steps} steps for all, "
-        f"{settings.confirm_steps} for the confirmed), batch {settings.batch_size}, "
+        f"teacher's hard labels ({settings.screen_steps} steps of {settings.batch_size} for "
+        f"all, {settings.confirm_steps} of {settings.confirm_batch_size} for the confirmed), "
         f"accuracy on the {validation} validation images"
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from protocol.payload import EncodedPayload, Payload, SenderStamp, encode_payloa
 from protocol.signing import SigningKey
 from sender.scoring.scores import KNN
 from sender.scoring.work_dir import REFERENCE_EMBEDDINGS, SCORES_FILE, ScoresFile
-from sender.selection.strategies import SelectionConfig, select
+from sender.selection.strategies import RankedSelection, SelectionConfig, select
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class ScoredWork:
     duplicates: np.ndarray
     leakage: LeakageReport | None
     excluded: np.ndarray
+    _ranked: RankedSelection | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, work_dir: str | os.PathLike[str], rule: LeakageRule | None = None) -> ScoredWork:
@@ -96,6 +97,16 @@ class ScoredWork:
         return select(
             scored.scores[score], scored.predicted, len(scored.class_names), config, excluded=skip
         )
+
+    def ranked(self) -> RankedSelection:
+        """The work directory's selections sorted once per ordering, for selecting many
+        resolved configurations (the plan's candidates); each keeps what :meth:`select`
+        keeps."""
+        if self._ranked is None:
+            scored = self.scored
+            classes = len(scored.class_names)
+            self._ranked = RankedSelection(scored.scores, scored.predicted, classes, self.excluded)
+        return self._ranked
 
     def leakage_of(self, kept: np.ndarray) -> LeakageReport | None:
         """The leakage report with how many near-duplicates ``kept`` holds."""

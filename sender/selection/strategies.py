@@ -20,6 +20,7 @@ reproducible.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -139,3 +140,86 @@ def select(
     if remaining > 0:
         kept[smallest(values, candidates[~kept[candidates]], remaining)] = True
     return np.flatnonzero(kept)
+
+
+def order_key(config: SelectionConfig, score: str) -> tuple[str, str, int]:
+    """Which ordering of the rows ``config`` on ``score`` reads its selection from: the
+    score ascending, descending (inverse), or a seeded random draw (any score)."""
+    if config.is_random:
+        return ("", "random", config.seed)
+    return (score, "descending" if config.strategy == "inverse" else "ascending", 0)
+
+
+@dataclass(frozen=True)
+class _Order:
+    """Eligible rows by (value, row), and the same rows grouped by class in that order."""
+
+    key: tuple[str, str, int]
+    rows: np.ndarray
+    by_class: np.ndarray
+    bounds: np.ndarray  # class c's rows are by_class[bounds[c]:bounds[c + 1]]
+    counts: np.ndarray
+
+
+class RankedSelection:
+    """:func:`select` for many configurations and scores, keeping exactly the rows it
+    keeps: each ordering of the rows (see :func:`order_key`) is sorted once and every
+    keep and quota is read off it, which is what a plan over 14.2M rows needs. Only the
+    latest ordering is held (two int32 arrays of the rows), so callers group their
+    configurations by :func:`order_key`."""
+
+    def __init__(
+        self,
+        scores: Mapping[str, np.ndarray],
+        predicted: np.ndarray,
+        num_classes: int,
+        excluded: np.ndarray | None = None,
+    ) -> None:
+        self.scores, self.predicted, self.num_classes = scores, predicted, num_classes
+        self.n = predicted.shape[0]
+        self.eligible = np.ones(self.n, dtype=bool)
+        if excluded is not None:
+            self.eligible[excluded] = False
+        self._order: _Order | None = None
+
+    def _ordering(self, config: SelectionConfig, score: str) -> _Order:
+        key = order_key(config, score)
+        if self._order is None or self._order.key != key:
+            self._order = None  # free the last one before sorting the next
+            self._order = self._sort(key)
+        return self._order
+
+    def _sort(self, key: tuple[str, str, int]) -> _Order:
+        (score, kind, seed), n, eligible = key, self.n, self.eligible
+        if kind == "random":  # as select(): unscored rows stay eligible
+            values = np.random.default_rng(seed).random(n, dtype=np.float32)
+        else:
+            values = -self.scores[score] if kind == "descending" else self.scores[score]
+            eligible = eligible & ~np.isnan(values)
+        index = np.int32 if n < np.iinfo(np.int32).max else np.int64
+        candidates = np.flatnonzero(eligible).astype(index)
+        rows = candidates[np.argsort(values[candidates], kind="stable")]
+        del candidates, values
+        labels = self.predicted[rows]
+        counts = np.bincount(labels, minlength=self.num_classes)
+        small = labels.astype(np.int16) if self.num_classes <= np.iinfo(np.int16).max else labels
+        by_class = rows[np.argsort(small, kind="stable")]  # by class, in value order within
+        return _Order(key, rows, by_class, np.concatenate([[0], np.cumsum(counts)]), counts)
+
+    def select(self, config: SelectionConfig, score: str) -> np.ndarray:
+        """Sorted indices of the rows :func:`select` keeps for ``config`` on ``score``."""
+        if config.strategy == AUTO:
+            raise ConfigError("resolve the auto strategy before selecting (see make_payload)")
+        order = self._ordering(config, score)
+        budget = max(1, round(config.keep * self.n))
+        if config.strategy in ("lowest", "inverse", "random"):
+            return np.sort(order.rows[:budget]).astype(np.int64)
+        quotas = class_quotas(order.counts, round(config.reserve * budget), config.alpha)
+        kept = np.zeros(self.n, dtype=bool)
+        for c in np.flatnonzero(quotas):
+            kept[order.by_class[order.bounds[c] : order.bounds[c] + quotas[c]]] = True
+        remaining = budget - int(quotas.sum())
+        if remaining > 0:  # the first `budget` rows hold at most quotas.sum() kept ones
+            head = order.rows[:budget]
+            kept[head[~kept[head]][:remaining]] = True
+        return np.flatnonzero(kept)
