@@ -151,17 +151,13 @@ TASK_PER_CLASS = 10  # labeled task images per class searching the index (kNN re
 
 def task_queries(store, head, k: int, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """A labeled task: perturbed stored rows, labelled by the head (10 per class seen)."""
-    from sender.embedding.store import F16_FILE
     from sender.scoring.scores import l2_normalize
 
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(store.n, 40 * k * TASK_PER_CLASS, replace=False))
-    # row by row, not through a memory map: the map's readahead would count much of the
-    # file as this process's resident memory, which a real task (CLIP-embedded) never has
-    row_bytes = DIM * 2
-    with open(store.root / F16_FILE, "rb", buffering=0) as handle:
-        raw = b"".join(os.pread(handle.fileno(), row_bytes, int(r) * row_bytes) for r in rows)
-    stored = np.frombuffer(raw, dtype="<f2").reshape(-1, DIM).astype(np.float32)
+    # read, not memory-mapped: the map's readahead would count much of the file as this
+    # process's resident memory, which a real task (CLIP-embedded) never has
+    stored = store.read_rows(rows)
     x = l2_normalize(stored + rng.normal(0, 0.02, (rows.size, DIM)))
     labels = head.logits(x).argmax(1)
     picked = np.concatenate([np.flatnonzero(labels == c)[:TASK_PER_CLASS] for c in range(k)])

@@ -34,6 +34,7 @@ import numpy as np
 
 from protocol.atomic_files import atomic_outputs, write_atomic, write_json_atomic
 from protocol.errors import ConfigError, ReferenceSetError
+from sender.embedding.row_reads import read_rows_at
 from sender.embedding.thumbnails import (
     MergedThumbnails,
     ThumbnailStore,
@@ -247,9 +248,18 @@ class EmbeddingStore:
         return (self.root / I8_FILE).is_file() and (self.root / SCALES_FILE).is_file()
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """float32 embeddings of the given rows (random access; for small row sets)."""
-        mapped = np.memmap(self.root / F16_FILE, dtype="<f2", mode="r").reshape(-1, self.dim)
-        return np.asarray(mapped[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
+        """float32 embeddings of the given rows (random access, one read per run of
+        adjacent rows; for row sets far smaller than the store)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            raise IndexError(f"rows outside the {self.n} embeddings of {self.root}")
+        try:
+            raw = read_rows_at(self.root / F16_FILE, rows, 2 * self.dim)
+        except (OSError, EOFError) as exc:
+            raise ReferenceSetError(
+                f"{self.root / F16_FILE} is unreadable ({exc}): merge the store again"
+            ) from exc
+        return raw.view("<f2").astype(np.float32)
 
     def iter_chunks(self, chunk_rows: int, source: str = "f16") -> Iterator[tuple[int, Any]]:
         """(start, float32 torch tensor [rows, dim]) over all rows, in order.

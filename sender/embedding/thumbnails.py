@@ -31,6 +31,7 @@ import torch
 
 from protocol.atomic_files import write_atomic, write_json_atomic
 from protocol.errors import ConfigError
+from sender.embedding.row_reads import read_rows_at
 from sender.embedding.tensor_decode import PreprocessSpec
 
 DEFAULT_THUMBNAIL_SIZE = 32
@@ -158,8 +159,6 @@ class ThumbnailStore:
                     f"{path} is damaged ({found} bytes, expected {expected}): "
                     + _refill_hint(meta.size)
                 )
-        shape = (n, 3, meta.size, meta.size)
-        self.pixels = np.memmap(pixels, dtype=np.uint8, mode="r", shape=shape)
         self.checksums = np.memmap(crcs, dtype="<u4", mode="r", shape=(n,))
 
     @staticmethod
@@ -197,9 +196,15 @@ class ThumbnailStore:
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """uint8 [len(rows), 3, S, S], each row's checksum verified."""
         rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")  # read in file order
-        out = np.empty((rows.size, 3, self.size, self.size), dtype=np.uint8)
-        out[order] = self.pixels[rows[order]]
+        if rows.size and (rows.min() < 0 or rows.max() >= self.meta.n):
+            raise IndexError(f"rows outside the {self.meta.n} thumbnails of {self.root}")
+        try:
+            raw = read_rows_at(self.root / THUMBNAILS_FILE, rows, self.meta.row_bytes)
+        except (OSError, EOFError) as exc:
+            raise ThumbnailError(
+                f"{self.root / THUMBNAILS_FILE} is unreadable ({exc}): " + _refill_hint(self.size)
+            ) from exc
+        out = raw.reshape(rows.size, 3, self.size, self.size)
         bad = np.flatnonzero(row_checksums(out) != self.checksums[rows])
         if bad.size:
             raise ThumbnailError(
