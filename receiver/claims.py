@@ -46,9 +46,10 @@ def is_candidate(name: str) -> bool:
     return not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
 
 
-def read_entry(path: Path, max_bytes: int) -> bytes:
-    """The bytes of a claimed entry: never through a link, only a regular file, at most
-    ``max_bytes`` (``InboxEntryError`` / ``PayloadLimitError`` otherwise)."""
+def open_entry(path: str | os.PathLike[str]) -> int:
+    """A descriptor of an inbox entry that is a regular file, opened without following a
+    link and without blocking (a FIFO or device put in its place between the scan and the
+    open is refused, never waited on); ``InboxEntryError`` otherwise."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -57,9 +58,20 @@ def read_entry(path: Path, max_bytes: int) -> bytes:
             raise InboxEntryError("a symbolic link: links in the inbox are never followed") from exc
         raise InboxEntryError(f"unreadable ({exc.strerror or exc})") from exc
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InboxEntryError("not a regular file (a directory, FIFO, socket or device)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_entry(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a claimed entry: never through a link, only a regular file, at most
+    ``max_bytes`` (``InboxEntryError`` / ``PayloadLimitError`` otherwise)."""
+    fd = open_entry(path)
+    try:
+        info = os.fstat(fd)
         if info.st_size > max_bytes:
             raise PayloadLimitError(f"{info.st_size} bytes, over the cap of {max_bytes}")
         chunks, total = [], 0

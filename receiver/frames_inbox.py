@@ -41,7 +41,10 @@ from protocol.frames import (
     read_stream,
     whole_frames,
 )
+from protocol.names import printable_name
 from protocol.timestamps import utc_text
+from receiver.claims import open_entry
+from receiver.errors import InboxEntryError
 from trainer.faults import crash_point
 
 if TYPE_CHECKING:
@@ -97,6 +100,7 @@ class FramesInbox:
         self._open_logs: dict[bytes, BinaryIO] = {}  # appended to in this pass, not synced
         self._touched: set[bytes] = set()  # transfers that gained frames in this pass
         self._late: set[bytes] = set()  # finished transfers whose frames still come
+        self._set_aside: set[str] = set()  # entries that could not be read or removed
         for path in sorted(self.logs.glob("*.log")):
             transfer = _hex_id(path.stem)
             if transfer is None:  # not a log this inbox wrote: left alone
@@ -168,7 +172,21 @@ class FramesInbox:
     def waiting(self) -> int:
         """Frame files not read yet."""
         with os.scandir(self.folder) as scan:
-            return sum(1 for e in scan if e.name.endswith((".frame", ".frames")))
+            return sum(1 for e in scan if _is_frame_file(e.name) and e.name not in self._set_aside)
+
+    def _put_aside(self, name: str, why: str) -> None:
+        """An entry that is not a readable regular file (a link, FIFO, device or
+        directory) is lost to this device, as a lost frame is: removed where it can be,
+        otherwise skipped from now on; reported once either way."""
+        self.stats["set_aside"] = self.stats.get("set_aside", 0) + 1
+        try:
+            (self.folder / name).unlink(missing_ok=True)
+        except OSError:  # a directory, or not ours to remove: never read again
+            self._set_aside.add(name)
+        log.warning(
+            f"frame file {printable_name(name)} set aside: {why}",
+            extra={"event": "frame-file-set-aside"},
+        )
 
     def poll(self) -> int:
         """Read every frame file once; returns how many payloads were completed."""
@@ -176,16 +194,16 @@ class FramesInbox:
         now = time.time()
         with os.scandir(self.folder) as scan:
             entries = sorted(
-                (e for e in scan if e.name.endswith((".frame", ".frames"))),
+                (e for e in scan if _is_frame_file(e.name) and e.name not in self._set_aside),
                 key=lambda e: e.name,
             )
         for entry in entries:
+            if entry.name in self._set_aside:
+                continue
             try:
-                if not entry.is_file(follow_symlinks=False):
-                    raise OSError("not a regular file")
-                handle = open(entry.path, "rb")  # noqa: SIM115 (closed below)
-            except OSError:  # unreadable: lost to this device, as a lost frame is
-                Path(entry.path).unlink(missing_ok=True)
+                handle = os.fdopen(open_entry(entry.path), "rb")
+            except InboxEntryError as exc:
+                self._put_aside(entry.name, str(exc))
                 continue
             with handle:
                 for piece in _frames_in(handle, entry.name.endswith(".frames")):
@@ -331,6 +349,10 @@ def _hex_id(text: str) -> bytes | None:
     if len(text) != 2 * TRANSFER_ID_BYTES or any(c not in "0123456789abcdef" for c in text):
         return None
     return bytes.fromhex(text)
+
+
+def _is_frame_file(name: str) -> bool:
+    return name.endswith((".frame", ".frames"))
 
 
 def _frames_in(handle: BinaryIO, stream: bool) -> Iterator[bytes]:

@@ -317,3 +317,67 @@ def test_a_stream_file_over_a_mebibyte_is_read_whole(tmp_path) -> None:
     (home / "frames" / "pass.frames").write_bytes(stream)
     assert inbox.poll() == 1
     assert (home / "inbox" / f"frames-{transfer_id(payload).hex()}.plada").read_bytes() == payload
+
+
+def _poll_in_a_thread(inbox) -> list[int]:
+    """One pass, in a thread that a blocked open cannot keep the test in."""
+    import threading
+
+    done: list[int] = []
+    thread = threading.Thread(target=lambda: done.append(inbox.poll()), daemon=True)
+    thread.start()
+    thread.join(timeout=300)  # a bound for a hang, not a speed: a pass takes well under 1 s
+    assert not thread.is_alive(), "frame intake blocked on a FIFO or device"
+    return done
+
+
+def test_a_frame_file_swapped_for_a_fifo_or_link_after_the_scan_never_blocks_intake(
+    tmp_path, monkeypatch
+) -> None:
+    import contextlib
+    import os
+
+    from receiver import frames_inbox
+
+    home = tmp_path / "home"
+    inbox = _frames_inbox(home)
+    payload = random.Random(8).randbytes(1500)
+    _drop(home, FrameEncoder(payload, 64).frames(repair=6))
+    folder = home / "frames"
+    os.mkfifo(folder / "a-fifo.frame")
+    (folder / "a-link.frames").symlink_to("/dev/zero")
+    swapped = [folder / "swapped-fifo.frame", folder / "swapped-link.frames"]
+    for path in swapped:
+        path.write_bytes(b"regular when scanned")
+    scandir = os.scandir
+
+    def scan_then_swap(path):  # regular files at the scan, then a FIFO and a link
+        entries = list(scandir(path))
+        if swapped[0].is_file():
+            swapped[0].unlink()
+            os.mkfifo(swapped[0])
+            swapped[1].unlink()
+            swapped[1].symlink_to("/dev/zero")
+        return contextlib.nullcontext(iter(entries))
+
+    monkeypatch.setattr(frames_inbox.os, "scandir", scan_then_swap)
+    assert _poll_in_a_thread(inbox) == [1]
+    monkeypatch.undo()
+    assert [p.read_bytes() for p in (home / "inbox").iterdir()] == [payload]
+    assert inbox.stats["set_aside"] == 4 and list(folder.iterdir()) == []
+
+
+def test_a_directory_named_like_a_frame_file_is_set_aside_and_reported_once(tmp_path) -> None:
+    home = tmp_path / "home"
+    inbox = _frames_inbox(home)
+    folder = home / "frames"
+    (folder / "x.frame").mkdir()
+    payload = random.Random(9).randbytes(1500)
+    _drop(home, FrameEncoder(payload, 64).frames(repair=6))
+    assert _poll_in_a_thread(inbox) == [1]
+    assert [p.read_bytes() for p in (home / "inbox").iterdir()] == [payload]
+    assert inbox.stats["set_aside"] == 1 and inbox.waiting() == 0
+    payload = random.Random(10).randbytes(1500)  # later frames still come in
+    _drop(home, FrameEncoder(payload, 64).frames(repair=6), start=100)
+    assert inbox.poll() == 1 and inbox.stats["set_aside"] == 1  # reported once
+    assert [p.name for p in folder.iterdir()] == ["x.frame"]

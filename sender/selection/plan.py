@@ -15,9 +15,9 @@ poor or mislabelled images predicts poorly, as it teaches poorly.
 Screening is successive halving: every candidate gets a short run; the best share and
 the screen's rate-accuracy front are trained again with another seed on the device
 student's schedule (steps and batch; a short run underrates the larger selections),
-and that accuracy is the prediction. The same candidate applied to the full work directory (the teacher
-refit on all labeled images) is the payload that would be sent, and is encoded to get
-its exact size.
+and that accuracy is the prediction. The same candidate applied to the full work
+directory (the teacher refit on all labeled images) is the payload that would be sent,
+and is encoded to get its exact size.
 """
 
 from __future__ import annotations
