@@ -8,8 +8,12 @@ fsynced before the frame file is removed), so a reboot loses nothing that was
 written; on start the assemblers are rebuilt from the logs. As soon as a transfer
 holds enough frames its payload decodes and is written into the payload inbox
 (``frames-<transfer id>.plada``), where the ordinary intake verifies it, signature
-first: frames carry no trust of their own. A finished transfer leaves a small
-``<id>.done`` record, so its late frames are ignored cheaply.
+first: frames carry no trust of their own. A transfer whose payload was handed on
+leaves a small ``<id>.done`` record, so its late frames are ignored cheaply. Frames that
+decode to bytes other than their transfer id's held a forgery: they are dropped with no
+record and no reply, and the transfer is collected again from its next frames. Entries
+of the frames folder are opened as inbox entries are (no links, never blocking, regular
+files only); anything else is set aside and reported once.
 
 Bounded: frames of transfers longer than ``max_payload_bytes`` (the intake's cap)
 are dropped before a decoder is made for them; at most ``max_transfers`` open
@@ -250,14 +254,8 @@ class FramesInbox:
         payload to the intake and close it (1), else 0."""
         try:
             payload = self._hold(frame, data, now, logged)
-        except TransferError as exc:
-            log.warning(
-                f"frames of transfer {frame.transfer.hex()} failed: {exc}",
-                extra={"event": "transfer-failed", "transfer": frame.transfer.hex()},
-            )
-            self._close(frame.transfer, done=True)
-            if self.replies is not None:
-                self.replies.outcome(frame.transfer, queued=False)
+        except TransferError as exc:  # a forged frame among them: nothing is proven
+            self._restart(frame.transfer, str(exc))
             return 0
         except FrameError:  # a frame that cannot be this transfer's: dropped, counted
             self.stats["inconsistent"] = self.stats.get("inconsistent", 0) + 1
@@ -288,6 +286,18 @@ class FramesInbox:
             self._finished.add(transfer)
         self._log_path(transfer).unlink(missing_ok=True)
         fsync_directory(self.logs)
+
+    def _restart(self, transfer: bytes, why: str) -> None:
+        """Frames that decode to bytes other than their transfer id's held a forgery (a
+        CRC proves nothing): the held frames are dropped, with no done-record and no
+        reply, so the transfer starts again from its next frames and its genuine
+        sender is never told "refused"."""
+        self.stats["polluted"] = self.stats.get("polluted", 0) + 1
+        log.warning(
+            f"frames of transfer {transfer.hex()} dropped ({why}); collecting it again",
+            extra={"event": "transfer-polluted", "transfer": transfer.hex()},
+        )
+        self._close(transfer, done=False)
 
     def _make_room(self, now: float) -> None:
         """Evict the stalest partial transfers while a new one would break the quota."""

@@ -381,3 +381,32 @@ def test_a_directory_named_like_a_frame_file_is_set_aside_and_reported_once(tmp_
     _drop(home, FrameEncoder(payload, 64).frames(repair=6), start=100)
     assert inbox.poll() == 1 and inbox.stats["set_aside"] == 1  # reported once
     assert [p.name for p in folder.iterdir()] == ["x.frame"]
+
+
+def test_a_forged_frame_with_a_genuine_header_never_closes_the_transfer(tmp_path) -> None:
+    """A frame that copies a genuine header with other symbol bytes makes the transfer
+    decode to wrong bytes: its frames are dropped, with no done-record and no "refused"
+    reply, and the genuine frames of the next carousel round still deliver it."""
+    from protocol.frames import Frame, build_frame
+    from protocol.replies import ReplyState, decode_reply
+    from receiver.frames_inbox import FrameSettings, FramesInbox
+    from receiver.reply_outbox import ReplyOutbox, reply_key
+
+    home = tmp_path / "home"
+    (home / "inbox").mkdir(parents=True)
+    replies = ReplyOutbox(home, home / "outbox", progress_seconds=0)
+    inbox = FramesInbox(home, home / "inbox", FrameSettings(), replies)
+    payload = random.Random(11).randbytes(1200)
+    frames = FrameEncoder(payload, 64).frames(repair=8)
+    genuine = parse_frame(frames[0])  # source symbol 0; the forgery comes first
+    wrong = bytes(b ^ 0x5A for b in genuine.symbol)
+    forged = build_frame(Frame(genuine.transfer, genuine.length, genuine.mtu, 0, 0, wrong))
+    _drop(home, [forged, *frames])  # the decode that includes the forgery fails
+    assert inbox.poll() == 0 and inbox.stats["polluted"] == 1
+    assert not list((home / "transfers").glob("*.done"))
+    _drop(home, frames, start=1000)  # the carousel's next round
+    assert inbox.poll() == 1
+    assert [p.read_bytes() for p in (home / "inbox").iterdir()] == [payload]
+    key = reply_key(home)
+    states = {decode_reply(p.read_bytes(), key).state for p in (home / "outbox").iterdir()}
+    assert ReplyState.REFUSED not in states
