@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from protocol.timestamps import utc_text
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:
@@ -38,12 +40,19 @@ class JsonLinesFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def one_line(text: str) -> str:
+    """``text`` with control characters (a newline or escape in a file name someone
+    dropped into an inbox) written as escapes, so that it cannot forge another line."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class ReadableFormatter(logging.Formatter):
-    """``time level message`` for terminals and journald."""
+    """``time level message`` for terminals and journald, one line per record (a
+    traceback follows on its own lines)."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        line = f"{stamp} {record.levelname.lower():7s} {record.getMessage()}"
+        line = f"{stamp} {record.levelname.lower():7s} {one_line(record.getMessage())}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
