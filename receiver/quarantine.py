@@ -1,8 +1,9 @@
 """The quarantine: refused inbox files, each beside its ``.reason.json``, under a quota.
 
 A refused file is moved to ``<home>/quarantine/<sha256 prefix>-<time>`` beside the
-reason it was refused for. The quarantine has a quota (files and bytes): the oldest
-entries are purged first, so junk can never fill the disk.
+reason it was refused for. The quarantine has a quota (files and bytes) and keeps a
+free-space reserve on its filesystem (a quarter of it, at most 64 MiB): the oldest
+entries are purged first, so junk can never fill the disk, however small.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from protocol.timestamps import utc_text
 
 log = logging.getLogger("plada.receiver")
 REASON_SUFFIX = ".reason.json"
+# free space the quarantine never holds on to: a quarter of the filesystem, at most 64 MiB
+RESERVE_SHARE, RESERVE_CAP = 0.25, 64 << 20
 
 
 @dataclass
@@ -52,9 +57,17 @@ class QuarantineReason:
 class Quarantine:
     """``<home>/quarantine`` with its quota."""
 
-    def __init__(self, folder: Path, max_files: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        max_files: int,
+        max_bytes: int,
+        free_bytes: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
+    ) -> None:
         self.folder, self.max_files, self.max_bytes = folder, max_files, max_bytes
+        self.free_bytes = free_bytes  # the filesystem's free space (a seam for tests)
         folder.mkdir(parents=True, exist_ok=True)
+        self.reserve = min(RESERVE_CAP, int(RESERVE_SHARE * shutil.disk_usage(folder).total))
         self.usage = self._scan()
         self._counter = 0
 
@@ -89,11 +102,14 @@ class Quarantine:
         }
 
     def _make_room(self, incoming: int) -> None:
-        """Purge the oldest entries until one of ``incoming`` bytes fits the quota."""
+        """Purge the oldest entries until one of ``incoming`` bytes fits the quota and
+        the filesystem keeps its free-space reserve (for the payloads still to come)."""
         usage = self.usage
+        short = self.reserve - self.free_bytes(self.folder)  # what the disk lacks
         while usage.entries and (
-            usage.files + 1 > self.max_files or usage.bytes + incoming > self.max_bytes
+            usage.files + 1 > self.max_files or usage.bytes + incoming > self.max_bytes or short > 0
         ):
+            short -= usage.entries[0][2]
             _, stem, size = usage.entries.pop(0)
             (self.folder / stem).unlink(missing_ok=True)
             (self.folder / (stem + REASON_SUFFIX)).unlink(missing_ok=True)

@@ -567,3 +567,30 @@ def test_verify_and_train_apply_the_per_job_caps(tmp_path, small_pool, cache_dir
     assert (
         SequenceLedger(tmp_path / "trust" / LEDGER_FILE, read_only=True).last("station-a") is None
     )
+
+
+def test_the_quarantine_keeps_the_disks_free_space_reserve_on_a_small_disk(tmp_path) -> None:
+    """On a small disk, junk refused into the quarantine is purged before the free space
+    falls under the reserve, long before the byte quota (256 MiB) is reached."""
+    from receiver.quarantine import Quarantine
+
+    disk = 8 << 20  # an 8 MiB filesystem, as the device's disk is seen by the quarantine
+    folder = tmp_path / "quarantine"
+
+    def free(path) -> int:
+        return disk - sum(p.stat().st_size for p in folder.iterdir())
+
+    quarantine = Quarantine(folder, max_files=4096, max_bytes=256 << 20, free_bytes=free)
+    quarantine.reserve = 2 << 20  # a quarter of the 8 MiB disk
+    for number in range(77):
+        junk = tmp_path / f"junk-{number}"
+        junk.write_bytes(bytes(100_000))
+        quarantine.put(junk, junk.name, f"{number:064x}", ValueError("junk"))
+        assert free(folder) >= quarantine.reserve - 110_000  # at most the newest over it
+    assert quarantine.usage.purged > 0 and quarantine.usage.files < 77
+    roomy = Quarantine(tmp_path / "roomy", max_files=4096, max_bytes=256 << 20)
+    for number in range(5):  # with room to spare nothing is purged
+        junk = tmp_path / f"kept-{number}"
+        junk.write_bytes(bytes(1000))
+        roomy.put(junk, junk.name, f"{number:064x}", ValueError("junk"))
+    assert roomy.usage.files == 5 and roomy.usage.purged == 0
