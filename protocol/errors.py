@@ -57,6 +57,11 @@ class FrameError(PayloadError):
     """A frame is damaged, foreign or inconsistent with its transfer; it is dropped."""
 
 
+class FrameTagError(FrameError):
+    """A frame's tag fails (forged, damaged or made with another link key), or it is
+    tagged where the receiver has no link key, or untagged where it has one."""
+
+
 class TransferError(FrameError):
     """A transfer's frames decoded to bytes that are not its payload: the transfer fails."""
 
@@ -133,6 +138,11 @@ class SigningKeyError(PladaError):
 
 class ConfigError(PladaError):
     """A command-line option or setting is invalid."""
+
+
+class KeyFileError(ConfigError):
+    """A shared key file (a link key, a reply key) cannot be read, is not a key, or is
+    open to others."""
 
 
 class StorageError(PladaError):

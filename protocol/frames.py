@@ -9,19 +9,29 @@ on the way fails its CRC and is dropped. The rebuilt bytes are an ordinary paylo
 the receiver verifies them (signature first) like any file, so forged or corrupt
 frames can never yield an accepted payload. Layout (``protocol/FORMAT.md``)::
 
-    magic     1 byte   0xF1 (frames, version 1)
+    magic     1 byte   0xF1 (frames, version 1) or 0xF3 (tagged frames, version 1)
     transfer  4 bytes  the first 4 bytes of SHA-256(payload): which transfer
     length    uvarint  the payload's length in bytes
     mtu       uvarint  the coding parameter both sides derive the symbol size from
     block     uvarint  the RaptorQ source block number
     symbol id uvarint  the encoding symbol id within the block
-    symbol    T bytes  one encoding symbol (all the bytes up to the CRC)
-    crc       4 bytes  CRC-32 (zlib) of every byte before it, little-endian
+    symbol    T bytes  one encoding symbol (all the bytes up to the trailer)
+    crc       4 bytes  0xF1: CRC-32 (zlib) of every byte before it, little-endian
+    tag       8 bytes  0xF3: HMAC-SHA256(link key, "plada-frame-1" || every byte
+                       before it), cut to 8
+
+A CRC only catches damage: anyone who can transmit can send a frame with a genuine
+header and false symbol bytes, and one such symbol makes the whole decode wrong.
+Tagged frames carry a MAC with a *link key* the ground station and its devices share
+(``plada-send link-key``), so a receiver holding the key drops a forged frame before
+it reaches the decoder, and a transfer decodes from its genuine frames alone whatever
+else arrives beside them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import struct
 import zlib
@@ -32,12 +42,15 @@ from typing import BinaryIO
 
 import numpy as np
 
-from protocol.errors import FrameError, PayloadError, TransferError
+from protocol.errors import FrameError, FrameTagError, PayloadError, TransferError
 from protocol.varint import decode_uvarints, encode_uvarints
 
 FRAME_MAGIC = 0xF1
+TAGGED_FRAME_MAGIC = 0xF3
 TRANSFER_ID_BYTES = 4
 CRC_BYTES = 4
+TAG_BYTES = 8
+_TAG_DOMAIN = b"plada-frame-1"
 MIN_FRAME_BYTES = 24
 MAX_FRAME_BYTES = 65535
 MAX_TRANSFER_BYTES = 64 * 1024 * 1024  # the payload format's own cap
@@ -122,20 +135,58 @@ def _head(transfer: bytes, length: int, mtu: int, block: int, symbol_id: int) ->
     return bytes([FRAME_MAGIC]) + transfer + encode_uvarints(fields)
 
 
-def build_frame(frame: Frame) -> bytes:
-    """The bytes of ``frame``, CRC included."""
+def frame_tag(key: bytes, body: bytes) -> bytes:
+    """The 8-byte tag of a tagged frame's ``body`` (every byte before the tag)."""
+    return hmac.digest(key, _TAG_DOMAIN + body, "sha256")[:TAG_BYTES]
+
+
+def trailer_bytes(key: bytes | None) -> int:
+    """The bytes after the symbol: a tag with a link key, else a CRC."""
+    return TAG_BYTES if key is not None else CRC_BYTES
+
+
+def build_frame(frame: Frame, key: bytes | None = None) -> bytes:
+    """The bytes of ``frame``: CRC included, or tagged with the link key ``key``."""
     body = _head(frame.transfer, frame.length, frame.mtu, frame.block, frame.symbol_id)
     body += frame.symbol
-    return body + _CRC.pack(zlib.crc32(body))
+    if key is None:
+        return body + _CRC.pack(zlib.crc32(body))
+    body = bytes([TAGGED_FRAME_MAGIC]) + body[1:]
+    return body + frame_tag(key, body)
 
 
-def parse_frame(data: bytes) -> Frame:
-    """A frame from untrusted bytes; ``FrameError`` for a damaged or foreign one."""
-    if len(data) < MIN_FRAME_BYTES - 8 or data[0] != FRAME_MAGIC:
+def _checked_body(data: bytes, key: bytes | None) -> bytes:
+    """``data`` without its trailer, once the trailer holds: the CRC of an untagged
+    frame on a link without a key, the tag of a tagged one on a link with one."""
+    if len(data) < MIN_FRAME_BYTES - 8 or data[0] not in (FRAME_MAGIC, TAGGED_FRAME_MAGIC):
         raise FrameError("not a plada frame (magic byte or length)")
+    tagged = data[0] == TAGGED_FRAME_MAGIC
+    if tagged and key is None:
+        raise FrameTagError(
+            "a tagged frame, and this receiver has no link key: dropped; give it the "
+            "ground station's key (plada-receive daemon --link-key FILE)"
+        )
+    if not tagged and key is not None:
+        raise FrameTagError(
+            "an untagged frame on a link with a link key: dropped (forged, or sent "
+            "without plada-send frames --link-key)"
+        )
+    if tagged:
+        body, tag = data[:-TAG_BYTES], data[-TAG_BYTES:]
+        if not hmac.compare_digest(frame_tag(key, body), tag):  # type: ignore[arg-type]
+            raise FrameTagError("frame fails its tag: damaged, forged or made with another key")
+        return body
     body, crc = data[:-CRC_BYTES], data[-CRC_BYTES:]
     if zlib.crc32(body) != _CRC.unpack(crc)[0]:
         raise FrameError("frame fails its CRC: damaged on the link; dropped")
+    return body
+
+
+def parse_frame(data: bytes, key: bytes | None = None) -> Frame:
+    """A frame from untrusted bytes; ``FrameError`` for a damaged or foreign one, and
+    ``FrameTagError`` for one whose tag fails, or that is tagged (or not) when the
+    receiver's link key ``key`` says otherwise."""
+    body = _checked_body(data, key)
     transfer = body[1 : 1 + TRANSFER_ID_BYTES]
     try:
         values, used = decode_uvarints(body[1 + TRANSFER_ID_BYTES :], 4)
@@ -154,10 +205,10 @@ MIN_MTU = 8
 MAX_SYMBOL_ID = (1 << 21) - 1  # a 3-byte uvarint; a carousel starts over past it
 
 
-def _overhead(length: int, mtu: int, last_block: int) -> int:
-    """Header and CRC bytes of the widest frame of a transfer (its last block, the
+def _overhead(length: int, mtu: int, last_block: int, trailer: int = CRC_BYTES) -> int:
+    """Header and trailer bytes of the widest frame of a transfer (its last block, the
     largest symbol id)."""
-    return len(_head(bytes(TRANSFER_ID_BYTES), length, mtu, last_block, MAX_SYMBOL_ID)) + CRC_BYTES
+    return len(_head(bytes(TRANSFER_ID_BYTES), length, mtu, last_block, MAX_SYMBOL_ID)) + trailer
 
 
 def _symbol_bytes(length: int, mtu: int) -> int:
@@ -169,11 +220,11 @@ def _symbol_bytes(length: int, mtu: int) -> int:
     return len(Encoder.with_defaults(probe, mtu).get_encoded_packets(0)[0]) - 4
 
 
-def _fitting_mtu(length: int, frame_bytes: int, last_block: int = 0) -> int:
+def _fitting_mtu(length: int, frame_bytes: int, last_block: int = 0, trailer: int = 4) -> int:
     """The coding parameter for a payload of ``length`` in frames of ``frame_bytes``: the
     largest symbols that fit give the fewest frames, K; of the sizes that make K frames
     the smallest is taken, so the padding of the last symbol is not paid in every frame."""
-    widest = frame_bytes - _overhead(length, frame_bytes, last_block)
+    widest = frame_bytes - _overhead(length, frame_bytes, last_block, trailer)
     if widest < MIN_MTU:
         raise FrameError(f"frames of {frame_bytes} bytes cannot hold a symbol; use larger frames")
     source = -(-length // _symbol_bytes(length, widest))
@@ -190,21 +241,22 @@ class FrameEncoder:
     payload: bytes
     frame_bytes: int
     mtu: int = 0
+    key: bytes | None = field(default=None, repr=False)  # the link key: tagged frames
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.payload) <= MAX_TRANSFER_BYTES:
             raise FrameError(f"a payload of {len(self.payload)} bytes cannot be framed")
         from raptorq import Encoder
 
-        chosen = self.mtu
-        self.mtu = chosen or _fitting_mtu(len(self.payload), self.frame_bytes)
+        chosen, trailer = self.mtu, trailer_bytes(self.key)
+        self.mtu = chosen or _fitting_mtu(len(self.payload), self.frame_bytes, 0, trailer)
         while True:
             self._encoder = Encoder.with_defaults(self.payload, self.mtu)
             self._source = self._encoder.get_encoded_packets(0)  # the payload's own symbols
             last_block = self._source[-1][0]
             if chosen or not last_block:
                 break
-            fitting = _fitting_mtu(len(self.payload), self.frame_bytes, last_block)
+            fitting = _fitting_mtu(len(self.payload), self.frame_bytes, last_block, trailer)
             if fitting == self.mtu:
                 break
             self.mtu = fitting  # so many blocks that the block field takes another byte
@@ -259,7 +311,8 @@ class FrameEncoder:
     def _frame(self, packet: bytes) -> bytes:
         block, symbol_id = packet[0], int.from_bytes(packet[1:4], "big")
         return build_frame(
-            Frame(self.transfer, len(self.payload), self.mtu, block, symbol_id, packet[4:])
+            Frame(self.transfer, len(self.payload), self.mtu, block, symbol_id, packet[4:]),
+            self.key,
         )
 
 
@@ -270,7 +323,7 @@ class TransferAssembler:
     transfer: bytes
     length: int
     mtu: int
-    held: dict[tuple[int, int], Frame] = field(default_factory=dict)
+    held: set[tuple[int, int]] = field(default_factory=set)  # (block, symbol id) taken
     duplicates: int = 0
     payload: bytes | None = None
 
@@ -279,18 +332,23 @@ class TransferAssembler:
 
         self._decoder = Decoder.with_defaults(self.length, self.mtu)
         self.symbol_bytes = _symbol_bytes(self.length, self.mtu)  # every frame's, in a transfer
+        self.source_count = -(-self.length // self.symbol_bytes)
+        # RaptorQ decodes from K + 2 distinct symbols but for one time in a million: a
+        # transfer that holds twice as many without decoding holds junk
+        self.capacity = 2 * self.source_count + 32
 
     @property
     def needed(self) -> int:
         """How many distinct frames a decode takes at least (K; 0 before the first)."""
-        return -(-self.length // self.symbol_bytes) if self.held else 0
+        return self.source_count if self.held else 0
 
     def add(self, frame: Frame) -> bytes | None:
         """Take one frame; the payload once it decodes (and matches its transfer id).
 
         ``FrameError`` for a frame that cannot belong to this transfer (other length,
         coding or symbol size, a block it has not got): dropped, the transfer goes on.
-        ``TransferError`` when the frames decode to bytes that are not the payload."""
+        ``TransferError`` when the frames decode to bytes that are not the payload, or
+        when twice the frames a decode takes have not decoded."""
         if self.payload is not None:
             return self.payload
         if (frame.length, frame.mtu) != (self.length, self.mtu):
@@ -311,8 +369,12 @@ class TransferAssembler:
             raise FrameError(
                 f"frame names block {frame.block}, which its transfer has not"
             ) from exc
-        self.held[frame.key] = frame
+        self.held.add(frame.key)
         if decoded is None:
+            if len(self.held) >= self.capacity:
+                raise TransferError(
+                    f"{len(self.held)} frames held without a decode, twice what one takes"
+                )
             return None
         decoded = bytes(decoded)
         if transfer_id(decoded) != self.transfer:

@@ -23,15 +23,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-import secrets
 import struct
 from dataclasses import dataclass
 
 from protocol.errors import ReplyError
+from protocol.shared_keys import KEY_BYTES, new_shared_key, parse_shared_key
 
 REPLY_MAGIC = 0xF2
 REPLY_BYTES = 24
-KEY_BYTES = 32
 MAC_BYTES = 8
 _DOMAIN = b"plada-reply-1"
 _MAX_COUNT = (1 << 24) - 1
@@ -72,16 +71,13 @@ class Reply:
 
 def new_reply_key() -> bytes:
     """A fresh random key for a device's replies."""
-    return secrets.token_bytes(KEY_BYTES)
+    return new_shared_key()
 
 
 def parse_reply_key(text: str) -> bytes:
     """A key from its hex text (the key file's content); ``ReplyError`` if malformed."""
-    try:
-        key = bytes.fromhex(text.strip())
-    except ValueError:
-        key = b""
-    if len(key) != KEY_BYTES:
+    key = parse_shared_key(text)
+    if key is None:
         raise ReplyError(f"a reply key is {KEY_BYTES} bytes written as {2 * KEY_BYTES} hex digits")
     return key
 

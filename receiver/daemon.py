@@ -29,6 +29,7 @@ from protocol.errors import PladaError
 from protocol.payload import Payload
 from protocol.reference.base import ReferenceSource
 from protocol.reference.factory import ReferenceLocation
+from protocol.shared_keys import read_link_key_file
 from protocol.task_data import LabeledImages, load_labeled_images
 from receiver.acceptance import read_received
 from receiver.frames_inbox import FrameSettings, FramesInbox, transfer_of
@@ -67,6 +68,7 @@ class DaemonConfig:
     accept_empty_ledger: bool = False
     reply_outbox: str | None = None  # where replies for the uplink go; none without it
     reply_progress_seconds: float = 30.0
+    link_key: str | None = None  # the link key file: only frames tagged with it are taken
 
 
 def _reply_outcome(replies: ReplyOutbox, name: str, queued: bool) -> None:
@@ -334,6 +336,7 @@ class Daemon:
             has_history=_has_history(self.home),
             accept_empty=config.accept_empty_ledger,
         )
+        link_key = read_link_key_file(config.link_key) if config.link_key else None
         replies = None  # the reply key is read (or made) before any thread starts
         if config.reply_outbox:
             replies = ReplyOutbox(
@@ -349,7 +352,7 @@ class Daemon:
         if replies is not None:
             self.intake.on_outcome = lambda name, queued: _reply_outcome(replies, name, queued)
         frame_settings = FrameSettings(max_payload_bytes=config.intake.max_bytes)
-        self.frames = FramesInbox(self.home, self.inbox, frame_settings, replies)
+        self.frames = FramesInbox(self.home, self.inbox, frame_settings, replies, link_key)
         return server
 
     def _start_http(self) -> UploadServer:

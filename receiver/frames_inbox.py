@@ -15,11 +15,20 @@ record and no reply, and the transfer is collected again from its next frames. E
 of the frames folder are opened as inbox entries are (no links, never blocking, regular
 files only); anything else is set aside and reported once.
 
+With a link key (``plada-receive daemon --link-key FILE``) only tagged frames made
+with that key are taken (``protocol.frames``): a forged frame, however genuine its
+header, is dropped before it reaches a decoder, so no transfer is ever polluted.
+Without one, a CRC proves nothing and a transfer polluted by a forged frame is
+collected again from its next frames.
+
 Bounded: frames of transfers longer than ``max_payload_bytes`` (the intake's cap)
-are dropped before a decoder is made for them; at most ``max_transfers`` open
-transfers and ``max_log_bytes`` of logs (a
-flood of junk frames for made-up transfers evicts the stalest partial transfer
-first), and partial transfers silent for ``expire_seconds`` are expired and logged.
+are dropped before a decoder is made for them; a transfer holds at most twice the
+frames a decode takes (more is junk: it is collected again); at most
+``max_transfers`` open transfers and ``max_log_bytes`` of logs, checked at every
+append (over them, the partial transfer with the least evidence of being genuine,
+the fewest frames held, goes first, so a flood of junk frames for made-up transfers
+evicts junk); partial transfers silent for ``expire_seconds`` are expired and logged;
+the newest ``max_done_records`` done-records are kept.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from protocol.atomic_files import fsync_directory, write_bytes_atomic
-from protocol.errors import FrameError, TransferError
+from protocol.errors import FrameError, FrameTagError, TransferError
 from protocol.frames import (
     MAX_FRAME_BYTES,
     TRANSFER_ID_BYTES,
@@ -65,6 +74,7 @@ class FrameSettings:
     max_log_bytes: int = 64 << 20
     expire_seconds: float = 7 * 86400.0
     max_payload_bytes: int = 1 << 20  # frames of longer transfers are dropped unread
+    max_done_records: int = 4096
 
 
 @dataclass
@@ -83,6 +93,7 @@ class FramesInbox:
     inbox: Path
     settings: FrameSettings = field(default_factory=FrameSettings)
     replies: ReplyOutbox | None = None  # where the device's word on each transfer goes
+    link_key: bytes | None = field(default=None, repr=False)  # tagged frames only, with it
 
     def __post_init__(self) -> None:
         self.folder = self.home / "frames"
@@ -98,9 +109,8 @@ class FramesInbox:
             "expired": 0,
             "evicted": 0,
         }
-        self._finished = {
-            transfer for path in self.logs.glob("*.done") if (transfer := _hex_id(path.stem))
-        }
+        self._finished = _done_records(self.logs)  # oldest first
+        self._log_bytes = 0  # of every open transfer's log
         self._open_logs: dict[bytes, BinaryIO] = {}  # appended to in this pass, not synced
         self._touched: set[bytes] = set()  # transfers that gained frames in this pass
         self._late: set[bytes] = set()  # finished transfers whose frames still come
@@ -141,7 +151,7 @@ class FramesInbox:
         mtime = path.stat().st_mtime
         for data in frames:
             with contextlib.suppress(FrameError):
-                frame = parse_frame(data)
+                frame = parse_frame(data, self.link_key)
                 if self._done(frame.transfer):
                     return  # it decoded (handed to the intake) or failed: closed
                 self._accept(frame, data, mtime, logged=True)
@@ -156,9 +166,14 @@ class FramesInbox:
         if frame.key in transfer.assembler.held:
             self.stats["duplicates"] += 1
             return None
+        record = pack_stream([data])
+        if not self._room_for(frame.transfer, len(record)):
+            self.stats["over_quota"] = self.stats.get("over_quota", 0) + 1
+            if not transfer.assembler.held:  # it would have opened it
+                del self.transfers[frame.transfer]
+            return None
         payload = transfer.assembler.add(frame)  # raises, before it is logged, for a stray
         transfer.last_seen = now
-        record = pack_stream([data])
         if not logged:
             self._touched.add(frame.transfer)
             handle = self._open_logs.get(frame.transfer)
@@ -170,6 +185,7 @@ class FramesInbox:
             handle.write(record)
             crash_point("frames-appended")
         transfer.log_bytes += len(record)
+        self._log_bytes += len(record)
         return payload
 
     # --- one pass ---------------------------------------------------------------------
@@ -234,7 +250,10 @@ class FramesInbox:
 
     def _take(self, data: bytes, now: float) -> int:
         try:
-            frame = parse_frame(data)
+            frame = parse_frame(data, self.link_key)
+        except FrameTagError:
+            self.stats["tag_rejected"] = self.stats.get("tag_rejected", 0) + 1
+            return 0
         except FrameError:
             self.stats["crc_rejected"] += 1
             return 0
@@ -277,13 +296,19 @@ class FramesInbox:
         return 1
 
     def _close(self, transfer: bytes, done: bool) -> None:
-        self.transfers.pop(transfer, None)
+        closed = self.transfers.pop(transfer, None)
+        if closed is not None:
+            self._log_bytes -= closed.log_bytes
         handle = self._open_logs.pop(transfer, None)
         if handle is not None:
             handle.close()
         if done:
             (self.logs / f"{transfer.hex()}.done").write_text(utc_text() + "\n")
-            self._finished.add(transfer)
+            self._finished[transfer] = None
+            while len(self._finished) > self.settings.max_done_records:
+                oldest = next(iter(self._finished))
+                del self._finished[oldest]
+                (self.logs / f"{oldest.hex()}.done").unlink(missing_ok=True)
         self._log_path(transfer).unlink(missing_ok=True)
         fsync_directory(self.logs)
 
@@ -300,19 +325,41 @@ class FramesInbox:
         self._close(transfer, done=False)
 
     def _make_room(self, now: float) -> None:
-        """Evict the stalest partial transfers while a new one would break the quota."""
-        limits = self.settings
-        while self.transfers and (
-            len(self.transfers) + 1 > limits.max_transfers
-            or sum(t.log_bytes for t in self.transfers.values()) > limits.max_log_bytes
-        ):
-            stalest = min(self.transfers, key=lambda key: self.transfers[key].last_seen)
-            self.stats["evicted"] += 1
-            log.warning(
-                f"frames inbox over its quota: dropped partial transfer {stalest.hex()}",
-                extra={"event": "transfer-evicted", "transfer": stalest.hex()},
-            )
-            self._close(stalest, done=False)
+        """Evict partial transfers while a new one would break the count quota."""
+        while self.transfers and len(self.transfers) + 1 > self.settings.max_transfers:
+            self._evict(self._weakest(spare=None))
+
+    def _room_for(self, transfer: bytes, record_bytes: int) -> bool:
+        """Whether ``record_bytes`` more of ``transfer``'s log fit the byte quota, after
+        evicting other partial transfers with no more frames than it would hold."""
+        evidence = len(self.transfers[transfer].assembler.held) + 1
+        while self._log_bytes + record_bytes > self.settings.max_log_bytes:
+            weakest = self._weakest(spare=transfer)
+            if weakest is None or self._evidence(weakest) > evidence:
+                return False
+            self._evict(weakest)
+        return True
+
+    def _evidence(self, transfer: bytes) -> int:
+        """How much a transfer has shown of being genuine: the frames it holds (each
+        cost a sender airtime)."""
+        return len(self.transfers[transfer].assembler.held)
+
+    def _weakest(self, spare: bytes | None) -> bytes | None:
+        """The open transfer with the least evidence (then the stalest), ``spare``
+        apart; None if there is none."""
+        others = [key for key in self.transfers if key != spare]
+        if not others:
+            return None
+        return min(others, key=lambda key: (self._evidence(key), self.transfers[key].last_seen))
+
+    def _evict(self, transfer: bytes) -> None:
+        self.stats["evicted"] += 1
+        log.warning(
+            f"frames inbox over its quota: dropped partial transfer {transfer.hex()}",
+            extra={"event": "transfer-evicted", "transfer": transfer.hex()},
+        )
+        self._close(transfer, done=False)
 
     def _expire(self, now: float) -> None:
         for key, transfer in list(self.transfers.items()):
@@ -359,6 +406,17 @@ def _hex_id(text: str) -> bytes | None:
     if len(text) != 2 * TRANSFER_ID_BYTES or any(c not in "0123456789abcdef" for c in text):
         return None
     return bytes.fromhex(text)
+
+
+def _done_records(logs: Path) -> dict[bytes, None]:
+    """The transfers with a done-record in ``logs``, oldest first."""
+    records = []
+    for path in logs.glob("*.done"):
+        transfer = _hex_id(path.stem)
+        with contextlib.suppress(OSError):
+            if transfer is not None:
+                records.append((path.stat().st_mtime, transfer))
+    return dict.fromkeys(transfer for _, transfer in sorted(records))
 
 
 def _is_frame_file(name: str) -> bool:

@@ -9,9 +9,13 @@ final reply back (at most once per ``repeat_seconds``), since an uplink may lose
 The files are MACed with the key in ``HOME/reply.key`` (made on first use, mode
 0600), which the ground station needs a copy of (``plada-receive reply-key``).
 
-Bounded: at most ``max_files`` replies wait in the outbox (the oldest go first) and
-the daemon remembers the last word on its newest ``max_remembered`` transfers
-(``HOME/replies.json``), so a restart neither repeats nor forgets them.
+Bounded, so that junk frames cannot push genuine state out: at most ``max_files``
+replies wait in the outbox, and over it progress replies go first (oldest first):
+a final word, which only a transfer that decoded to its own id's bytes earns, goes
+only when nothing else is left. The final words on the newest ``max_remembered``
+transfers are kept in ``HOME/replies.json`` (rewritten only when a final word is
+said), so a restart neither repeats nor forgets them; progress is remembered in
+memory only, for as many transfers.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ class ReplyOutbox:
     repeat_seconds: float = 60.0
     max_files: int = 256
     max_remembered: int = 1024
-    _said: dict[str, dict] = field(init=False, repr=False)  # the last word, by transfer
+    _final: dict[str, dict] = field(init=False, repr=False)  # the final word, by transfer
+    _progress: dict[str, dict] = field(init=False, repr=False)  # the last progress said
 
     def __post_init__(self) -> None:
         self.key = reply_key(self.home)
@@ -72,14 +77,22 @@ class ReplyOutbox:
         self._state = self.home / _STATE_FILE
         try:
             said = json.loads(self._state.read_text())
-            self._said = {k: v for k, v in said.items() if isinstance(v, dict)}
+            self._final = {
+                k: v
+                for k, v in said.items()
+                if isinstance(v, dict) and v.get("state") != ReplyState.RECEIVING
+            }
         except (OSError, ValueError, AttributeError):  # none yet, or damaged: start afresh
-            self._said = {}
+            self._final = {}
+        self._progress = {}
         self.written = 0
+
+    def _last(self, name: str) -> dict | None:
+        return self._final.get(name) or self._progress.get(name)
 
     def progress(self, transfer: bytes, held: int, needed: int) -> None:
         """Frames held of those needed, for an open transfer."""
-        last = self._said.get(transfer.hex())
+        last = self._last(transfer.hex())
         if last is not None and (last["held"], last["needed"]) == (held, needed):
             return
         if last is not None and time.time() - last["at"] < self.progress_seconds:
@@ -88,15 +101,15 @@ class ReplyOutbox:
 
     def outcome(self, transfer: bytes, queued: bool) -> None:
         """The transfer's payload was queued as a job (or refused by the intake)."""
-        last = self._said.get(transfer.hex(), {})
+        last = self._last(transfer.hex()) or {}
         state = ReplyState.QUEUED if queued else ReplyState.REFUSED
         held, needed = last.get("held", 0), last.get("needed", 0)
         self._say(Reply(transfer, state, held, needed, int(time.time())))
 
     def remind(self, transfer: bytes) -> None:
         """Late frames of a finished transfer: say its outcome again, now and then."""
-        last = self._said.get(transfer.hex())
-        if last is None or last["state"] == ReplyState.RECEIVING:
+        last = self._final.get(transfer.hex())
+        if last is None:
             return
         if time.time() - last["at"] >= self.repeat_seconds:
             self.outcome(transfer, last["state"] == ReplyState.QUEUED)
@@ -104,16 +117,16 @@ class ReplyOutbox:
     def _say(self, reply: Reply) -> None:
         name = reply.transfer.hex()
         write_bytes_atomic(self.outbox / (name + REPLY_SUFFIX), encode_reply(reply, self.key))
-        self._said.pop(name, None)
-        self._said[name] = {
-            "state": int(reply.state),
-            "held": reply.held,
-            "needed": reply.needed,
-            "at": time.time(),
-        }
-        while len(self._said) > self.max_remembered:
-            self._said.pop(next(iter(self._said)))
-        write_json_atomic(self._state, self._said)
+        said = {"state": int(reply.state), "held": reply.held, "needed": reply.needed}
+        said["at"] = time.time()
+        memory = self._final if reply.state.final else self._progress
+        self._progress.pop(name, None)
+        memory.pop(name, None)
+        memory[name] = said
+        while len(memory) > self.max_remembered:
+            memory.pop(next(iter(memory)))
+        if reply.state.final:
+            write_json_atomic(self._state, self._final)
         self.written += 1
         self._trim()
         log.info(
@@ -122,13 +135,18 @@ class ReplyOutbox:
         )
 
     def _trim(self) -> None:
-        """Drop the oldest replies while more than ``max_files`` wait."""
+        """Drop replies while more than ``max_files`` wait: progress replies first, the
+        oldest first; final words only when nothing else is left."""
         with os.scandir(self.outbox) as scan:
             waiting = [
-                (entry.stat().st_mtime, entry.path)
+                (
+                    entry.name.removesuffix(REPLY_SUFFIX) in self._final,
+                    entry.stat().st_mtime,
+                    entry.path,
+                )
                 for entry in scan
                 if entry.name.endswith(REPLY_SUFFIX) and entry.is_file(follow_symlinks=False)
             ]
         waiting.sort()
-        for _, path in waiting[: max(0, len(waiting) - self.max_files)]:
+        for _, _, path in waiting[: max(0, len(waiting) - self.max_files)]:
             Path(path).unlink(missing_ok=True)

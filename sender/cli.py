@@ -12,6 +12,7 @@ plada-send score --reference SPEC --train T.npz [--test T.npz] --out WORK   (ima
 plada-send keygen --sender-id ID --out keys/ID      signing key (ID.key) + public key (ID.pub)
 plada-send frames task.plada --link lora-sf9 --out FRAMES [--repair 30%]   frames for a link
 plada-send frames task.plada --link acoustic-64 --carousel --out - [--until-done DIR --reply-key F]
+plada-send link-key --out link.key   a key for tagged frames (frames --link-key, on the devices too)
 plada-send plan WORK --reference SPEC --train T.npz [--out PLAN]   predict each payload's accuracy
 plada-send plan WORK --clip-weights W --task DIR    (a work directory scored from embeddings)
 plada-send select WORK --plan PLAN [--max-bytes N | --link-bps B --window 20m] \\
@@ -38,6 +39,7 @@ SUBCOMMANDS = (
     selection.add_select,
     selection.add_plan,
     link.add_frames,
+    link.add_link_key,
     station.add_keygen,
 )
 

@@ -61,6 +61,12 @@ def _status(home: Path) -> dict:
     return json.loads((home / "health.json").read_text())
 
 
+def _rejected(home: Path) -> int:
+    """Frames the daemon dropped for their trailer (a tag, or a magic byte hit)."""
+    frames = _status(home)["frames"]
+    return frames.get("tag_rejected", 0) + frames["crc_rejected"]
+
+
 def _home(tmp_path: Path) -> Path:
     from receiver.trust_store import add_key
     from tests.hostile import SENDERS
@@ -79,11 +85,18 @@ def _drop(home: Path, frames: list[bytes], start: int) -> None:
         temporary.rename(home / "frames" / f"f{number:06d}.frame")
 
 
-def _bridge(pipe: Path, home: Path, loss: float, flips: float, seed: int):
+def _forged(frame: bytes, rng: random.Random) -> bytes:
+    """An attacker's frame: ``frame``'s header, other symbol bytes, a guessed trailer."""
+    head = len(frame) - len(frame) // 2
+    return frame[:head] + rng.randbytes(len(frame) - head)
+
+
+def _bridge(pipe: Path, home: Path, loss: float, flips: float, seed: int, forge: float = 0.0):
     """The link: frames from the sender's pipe into the daemon's frames inbox, ``loss``
-    of them lost and ``flips`` of the rest with one bit flipped; returns the thread and
-    the count of flipped frames delivered (its one item)."""
-    flipped = [0]
+    of them lost and ``flips`` of the rest with one bit flipped, and before ``forge`` of
+    them an attacker's forgery with the same header; returns the thread and the counts
+    of flipped and forged frames delivered."""
+    counts = {"flipped": 0, "forged": 0}
 
     def carry() -> None:
         rng = random.Random(seed)
@@ -91,18 +104,22 @@ def _bridge(pipe: Path, home: Path, loss: float, flips: float, seed: int):
         with open(pipe, "rb") as stream:
             while len(head := stream.read(STREAM_LENGTH.size)) == STREAM_LENGTH.size:
                 frame = stream.read(STREAM_LENGTH.unpack(head)[0])
-                number += 1
+                number += 2
+                if rng.random() < forge:
+                    _drop(home, [_forged(frame, rng)], number - 1)
+                    counts["forged"] += 1
                 if rng.random() < loss:
                     continue
                 if rng.random() < flips:
                     damaged = bytearray(frame)
                     damaged[rng.randrange(len(frame))] ^= 1 << rng.randrange(8)
-                    frame, flipped[0] = bytes(damaged), flipped[0] + 1
+                    frame = bytes(damaged)
+                    counts["flipped"] += 1
                 _drop(home, [frame], number)
 
     thread = threading.Thread(target=carry, daemon=True)
     thread.start()
-    return thread, flipped
+    return thread, counts
 
 
 def _holdout(small_pool, path: Path) -> Path:
@@ -117,8 +134,9 @@ def _holdout(small_pool, path: Path) -> Path:
 
 
 def test_carousel_over_a_lossy_link_trains_what_the_file_trains(tmp_path, small_pool, cache_dir):
-    """payload -> `plada-send frames --carousel` -> 30% loss -> the daemon -> a student with
-    the accuracy of the file path; the device's reply stops the carousel."""
+    """payload -> `plada-send frames --carousel --link-key` -> 30% loss and a forgery with a
+    genuine header before a fifth of the frames -> the daemon with the link key -> a
+    student with the accuracy of the file path; the device's reply stops the carousel."""
     payload = _payload(small_pool.manifest, "framed", 11)
     (tmp_path / "task.plada").write_bytes(payload)
     home, outbox = _home(tmp_path), tmp_path / "uplink"
@@ -132,6 +150,11 @@ def test_carousel_over_a_lossy_link_trains_what_the_file_trains(tmp_path, small_
         check=True,
     ).stdout
     (tmp_path / "device.key").write_text(key)
+    link_key = tmp_path / "link.key"
+    made = subprocess.run(
+        [*cli("plada-send"), "link-key", "--out", str(link_key)], env=env, capture_output=True
+    )
+    assert made.returncode == 0 and link_key.stat().st_mode & 0o777 == 0o600
     pipe = tmp_path / "modem"
     os.mkfifo(pipe)
     daemon = subprocess.Popen(
@@ -145,6 +168,8 @@ def test_carousel_over_a_lossy_link_trains_what_the_file_trains(tmp_path, small_
             str(outbox),
             "--reply-progress-seconds",
             "0",
+            "--link-key",
+            str(link_key),
             *TRAIN_STEPS,
         ),
         env=env,
@@ -153,7 +178,7 @@ def test_carousel_over_a_lossy_link_trains_what_the_file_trains(tmp_path, small_
         text=True,
     )
     try:
-        bridge, flipped = _bridge(pipe, home, loss=0.3, flips=0.05, seed=5)
+        bridge, counts = _bridge(pipe, home, loss=0.3, flips=0.05, seed=5, forge=0.2)
         sent = subprocess.run(
             [
                 *cli("plada-send"),
@@ -170,6 +195,8 @@ def test_carousel_over_a_lossy_link_trains_what_the_file_trains(tmp_path, small_
                 str(outbox),
                 "--reply-key",
                 str(tmp_path / "device.key"),
+                "--link-key",
+                str(link_key),
                 "--max-frames",
                 "20000",
             ],
@@ -185,16 +212,16 @@ def test_carousel_over_a_lossy_link_trains_what_the_file_trains(tmp_path, small_
         report_file = wait_for(
             lambda: next((home / "results").glob("*/report.json"), None), 300, "the job"
         )
-        # every frame delivered is read; the damaged ones are all refused and counted
+        # every frame delivered is read; the damaged and forged ones are all refused
         wait_for(lambda: not list((home / "frames").glob("*.frame")), 60, "the frames")
-        rejected = wait_for(
-            lambda: _status(home)["frames"]["crc_rejected"] == flipped[0] or None, 30, "health"
-        )
+        dropped = counts["flipped"] + counts["forged"]
+        rejected = wait_for(lambda: _rejected(home) == dropped or None, 30, "health")
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
     assert daemon.returncode == 0, daemon.stderr.read()[-2000:]
-    assert rejected and flipped[0] >= 1
+    assert rejected and counts["flipped"] >= 1 and counts["forged"] >= 10
+    assert "polluted" not in _status(home)["frames"]
     (reply_file,) = outbox.glob("*.reply")
     reply = decode_reply(reply_file.read_bytes(), parse_reply_key(key))
     assert reply.transfer == transfer_id(payload) and reply.state is ReplyState.QUEUED

@@ -145,14 +145,23 @@ def test_the_carousel_stops_when_the_device_says_done_or_refused(tmp_path) -> No
     run = _carousel(tmp_path, *waiting, "--max-frames", "100")
     assert run.returncode == 0 and b"stopped (max-frames)" in run.stderr  # forgery ignored
     assert b"1 replies failed their MAC" in run.stderr
+    now = int(time.time())
+    (uplink / "forged.reply").unlink()
+    (uplink / "a.reply").write_bytes(  # an earlier send's word: refused an hour ago
+        encode_reply(Reply(transfer, ReplyState.REFUSED, 9, 9, now - 3600), key)
+    )
+    run = _carousel(tmp_path, *waiting, "--max-frames", "100")
+    assert run.returncode == 0 and b"stopped (max-frames)" in run.stderr
+    assert b"1 replies older than the carousel ignored" in run.stderr
     (uplink / "a.reply").write_bytes(
-        encode_reply(Reply(transfer, ReplyState.RECEIVING, 5, 9, 10), key)
-        + encode_reply(Reply(transfer, ReplyState.QUEUED, 9, 9, 20), key)
+        encode_reply(Reply(transfer, ReplyState.RECEIVING, 5, 9, now), key)
+        + encode_reply(Reply(transfer, ReplyState.QUEUED, 9, 9, now + 1), key)
     )
     run = _carousel(tmp_path, *waiting, "--max-frames", "100000")
     assert run.returncode == 0, run.stderr
     assert b"stopped (done)" in run.stderr and b"done, job queued" in run.stderr
-    (uplink / "a.reply").write_bytes(encode_reply(Reply(transfer, ReplyState.REFUSED), key))
+    refused = Reply(transfer, ReplyState.REFUSED, time=int(time.time()))
+    (uplink / "a.reply").write_bytes(encode_reply(refused, key))
     run = _carousel(tmp_path, *waiting, "--max-frames", "100000")
     assert run.returncode == 2 and b"TransferRefusedError" in run.stderr
 
@@ -165,14 +174,16 @@ def test_the_carousel_stops_when_the_device_says_done_or_refused(tmp_path) -> No
         (
             "a malformed reply key",
             ["--out", "-", "--until-done", "{tmp}", "--reply-key", "{tmp}/bad.key"],
-            "ReplyError",
+            "KeyFileError",
         ),
         (
             "a missing reply key",
             ["--out", "-", "--until-done", "{tmp}", "--reply-key", "{tmp}/none.key"],
-            "ReplyError",
+            "KeyFileError",
         ),
         ("a negative rate", ["--out", "-", "--rate", "-5"], "ConfigError"),
+        ("a missing link key", ["--out", "-", "--link-key", "{tmp}/none.key"], "KeyFileError"),
+        ("a malformed link key", ["--out", "-", "--link-key", "{tmp}/bad.key"], "KeyFileError"),
     ],
 )
 def test_careless_carousel_options_are_one_typed_line(tmp_path, case, extra, error) -> None:

@@ -48,6 +48,12 @@ def add_daemon(sub: Subparsers) -> None:
         "for an uplink to send; MACed with HOME/reply.key (see `plada-receive reply-key`)",
     )
     daemon.add_argument(
+        "--link-key",
+        metavar="FILE",
+        help="take only frames tagged with this link key (the ground station's `plada-send "
+        "link-key`): forged frames are dropped before they reach a decoder",
+    )
+    daemon.add_argument(
         "--reply-progress-seconds",
         type=float,
         default=30.0,
@@ -156,6 +162,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
         accept_empty_ledger=args.accept_empty_ledger,
         reply_outbox=args.reply_outbox,
         reply_progress_seconds=args.reply_progress_seconds,
+        link_key=args.link_key,
     )
     return run_daemon(config)
 

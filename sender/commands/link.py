@@ -37,8 +37,33 @@ def add_frames(sub: Subparsers) -> None:
         action="store_true",
         help="one stream file of length-prefixed frames instead of one file per frame",
     )
+    frames.add_argument(
+        "--link-key",
+        metavar="FILE",
+        help="tag every frame with this link key (`plada-send link-key`), so that devices "
+        "holding it drop forged frames; without it frames carry a CRC only",
+    )
     _add_carousel_options(frames)
     frames.set_defaults(func=_run_frames)
+
+
+def add_link_key(sub: Subparsers) -> None:
+    key = sub.add_parser(
+        "link-key", help="make a link key: frames tagged with it cannot be forged on the link"
+    )
+    key.add_argument("--out", required=True, help="the new key file (mode 0600; never replaced)")
+    key.set_defaults(func=_run_link_key)
+
+
+def _run_link_key(args: argparse.Namespace) -> int:
+    from sender.link.frames import make_link_key
+
+    path = make_link_key(args.out)
+    print(
+        f"link key written to {path}: give each device a copy (`plada-receive daemon "
+        f"--link-key FILE`) and send with `plada-send frames --link-key {path}`"
+    )
+    return 0
 
 
 def _add_carousel_options(frames: argparse.ArgumentParser) -> None:
@@ -62,6 +87,13 @@ def _add_carousel_options(frames: argparse.ArgumentParser) -> None:
         "--reply-key", help="the device's reply key file (from `plada-receive reply-key`)"
     )
     carousel.add_argument("--max-frames", type=int, help="stop the carousel after this many frames")
+    carousel.add_argument(
+        "--reply-skew",
+        type=float,
+        default=300.0,
+        help="seconds the device's clock may run behind: replies written longer before the "
+        "carousel began are an earlier send's and are ignored (default 300)",
+    )
 
 
 def _run_frames(args: argparse.Namespace) -> int:
@@ -74,7 +106,7 @@ def _run_frames(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} goes with --carousel (frame files are written once)")
     from sender.link.frames import write_frames
 
-    written = write_frames(args.payload, profile, args.out, args.repair, args.stream)
+    written = write_frames(args.payload, profile, args.out, args.repair, args.stream, args.link_key)
     print(written.summary(profile))
     print(f"frames: {Path(written.written[0]).parent}")
     return 0
@@ -85,7 +117,14 @@ def _run_carousel(args: argparse.Namespace, profile) -> int:
 
     if args.stream or args.repair != "0":
         raise ConfigError("--carousel sends repair frames for ever: drop --stream and --repair")
-    settings = CarouselSettings(args.rate, args.max_frames or 0, args.until_done, args.reply_key)
+    settings = CarouselSettings(
+        args.rate,
+        args.max_frames or 0,
+        args.until_done,
+        args.reply_key,
+        args.link_key,
+        args.reply_skew,
+    )
     run = send_carousel(
         args.payload, profile, args.out, settings, lambda line: print(line, file=sys.stderr)
     )

@@ -23,7 +23,8 @@ from typing import BinaryIO
 from protocol.errors import ConfigError, ReplyError, StorageError
 from protocol.frames import STREAM_LENGTH, FrameEncoder, LinkProfile
 from protocol.payload import read_payload_bytes
-from protocol.replies import Reply, ReplyState, decode_reply, parse_reply_key, split_replies
+from protocol.replies import Reply, ReplyState, decode_reply, split_replies
+from protocol.shared_keys import read_key_file, read_link_key_file
 from protocol.timestamps import duration_text
 from sender.errors import TransferRefusedError
 
@@ -32,14 +33,8 @@ MAX_REPLY_FILE_BYTES = 64 << 10  # a reply file is 24 bytes; anything far larger
 
 def read_reply_key_file(path: str | Path) -> bytes:
     """The device's reply key from the file ``plada-receive reply-key`` printed."""
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReplyError(f"cannot read the reply key {path}: {exc}") from exc
-    try:
-        return parse_reply_key(text)
-    except ReplyError as exc:
-        raise ReplyError(f"{path}: {exc}; copy it from `plada-receive reply-key`") from None
+    fix = "copy it from `plada-receive reply-key`"
+    return read_key_file(path, "reply key", fix, private=False)
 
 
 @dataclass
@@ -49,7 +44,9 @@ class ReplyWatch:
     location: Path
     key: bytes
     transfer: bytes
+    not_before: int = 0  # Unix seconds: replies written before it are stale
     ignored: int = 0  # replies that failed their MAC or were malformed
+    stale: int = 0  # replies of this transfer written before ``not_before``
     latest: Reply | None = None
     _seen: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
 
@@ -62,7 +59,11 @@ class ReplyWatch:
                 except ReplyError:
                     self.ignored += 1
                     continue
-                if reply.transfer == self.transfer and _newer(reply, self.latest):
+                if reply.transfer != self.transfer:
+                    continue
+                if reply.time < self.not_before:  # an earlier send's word, replayed or kept
+                    self.stale += 1
+                elif _newer(reply, self.latest):
                     self.latest = reply
         return self.latest
 
@@ -206,14 +207,16 @@ class CarouselSettings:
     max_frames: int = 0  # 0: no limit
     until_done: str | None = None  # the folder (or file) the device's replies land in
     reply_key: str | None = None  # the device's reply key file
+    link_key: str | None = None  # the link key file: tagged frames
+    reply_skew: float = 300.0  # replies written this long before the carousel began still count
 
     def __post_init__(self) -> None:
         if (self.until_done is None) != (self.reply_key is None):
             raise ConfigError(
                 "--until-done and --reply-key go together: the replies' folder and key"
             )
-        if (self.rate_bps or 0) < 0 or self.max_frames < 0:
-            raise ConfigError("--rate and --max-frames take a number >= 0")
+        if (self.rate_bps or 0) < 0 or self.max_frames < 0 or self.reply_skew < 0:
+            raise ConfigError("--rate, --max-frames and --reply-skew take a number >= 0")
 
 
 def send_carousel(
@@ -228,17 +231,20 @@ def send_carousel(
     line. ``TransferRefusedError`` when the device rebuilt the payload and refused it."""
     from tqdm import tqdm
 
-    encoder = FrameEncoder(read_payload_bytes(payload_path), profile.frame_bytes)
+    key = read_link_key_file(settings.link_key) if settings.link_key else None
+    encoder = FrameEncoder(read_payload_bytes(payload_path), profile.frame_bytes, key=key)
     watch = None
     if settings.until_done is not None:
         key = read_reply_key_file(settings.reply_key)  # type: ignore[arg-type]
-        watch = ReplyWatch(Path(settings.until_done), key, encoder.transfer)
+        not_before = int(time.time() - settings.reply_skew)
+        watch = ReplyWatch(Path(settings.until_done), key, encoder.transfer, not_before)
     target = None if out == "-" else check_link_output(out)  # before a word is said
     rate = profile.bits_per_second if settings.rate_bps is None else settings.rate_bps
     pace = f"{rate:g} bps" if rate else "as fast as the reader takes them"
     say(
         f"carousel of transfer {encoder.transfer.hex()}: {encoder.source_count} source frames, "
         f"then repair frames, to {out} at {pace} for {profile.name}"
+        + (", tagged with the link key" if key else "")
     )
     stream = open_link_output(target)
     bar = tqdm(unit="frame", file=sys.stderr, desc="on air", disable=None)
@@ -251,6 +257,8 @@ def send_carousel(
         close_link_output(stream)
     said = f"; the device said: {run.reply.text()}" if run.reply else ""
     ignored = f" ({run.ignored_replies} replies failed their MAC)" if run.ignored_replies else ""
+    if watch is not None and watch.stale:
+        ignored += f" ({watch.stale} replies older than the carousel ignored)"
     say(
         f"carousel stopped ({run.stopped}) after {run.frames} frames, {run.bytes_on_air} B on "
         f"air in {duration_text(run.seconds)}{said}{ignored}"

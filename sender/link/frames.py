@@ -11,11 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.atomic_files import atomic_outputs, writable_directory
-from protocol.errors import ConfigError
+from protocol.atomic_files import atomic_outputs, create_secret_file, writable_directory
+from protocol.errors import ConfigError, StorageError
 from protocol.frames import FrameEncoder, LinkProfile, pack_stream
 from protocol.payload import read_payload_bytes
+from protocol.shared_keys import key_text, new_shared_key, read_link_key_file
 from protocol.timestamps import duration_text
+
+
+def make_link_key(out: str | Path) -> Path:
+    """Write a new link key to ``out`` (mode 0600); never replaces a file."""
+    path = Path(out)
+    try:
+        create_secret_file(path, key_text(new_shared_key()))
+    except FileExistsError:
+        raise ConfigError(
+            f"{path} exists: a link key is never replaced (devices hold copies); keep it, "
+            "or give --out a new file"
+        ) from None
+    except OSError as exc:
+        raise StorageError(f"cannot write the link key {path}: {exc.strerror}") from None
+    return path
 
 
 def parse_repair(text: str, source_count: int) -> int:
@@ -65,12 +81,15 @@ def write_frames(
     out: str | Path,
     repair: str = "0",
     stream: bool = False,
+    link_key: str | Path | None = None,
 ) -> FramedTransfer:
     """Frame the payload at ``payload_path`` for ``profile`` into ``out`` (a folder of
     ``<transfer>-<n>.frame`` files, or with ``stream`` one ``<transfer>.frames`` file of
-    length-prefixed frames), written atomically."""
+    length-prefixed frames), written atomically; tagged with the key in the file
+    ``link_key``, if given."""
+    key = read_link_key_file(link_key) if link_key else None
     data = read_payload_bytes(payload_path)
-    encoder = FrameEncoder(data, profile.frame_bytes)
+    encoder = FrameEncoder(data, profile.frame_bytes, key=key)
     repairs = parse_repair(repair, encoder.source_count)
     frames = encoder.frames(repairs)
     folder = writable_directory(out, "--out")
