@@ -138,6 +138,8 @@ class Daemon:
                 intake=self.intake.report(),
                 intake_error=self._intake_error,
                 intake_passes=self._intake_passes,
+                intake_pass_at=time.time(),
+                intake_poll_seconds=self.config.poll_seconds,
                 queue=counts,
                 frames=dict(self.frames.stats),
                 transfers=self.frames.report()[:20],

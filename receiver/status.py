@@ -60,6 +60,9 @@ def open_home_queue(home: str | Path) -> JobQueue:
     return JobQueue(path)
 
 
+STALL_SECONDS = 120.0  # an intake pass reads every waiting file; none should take this long
+
+
 def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
     """Everything ``status`` shows, as one JSON-ready dict."""
     home = Path(home)
@@ -94,6 +97,7 @@ def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
         "home": str(home),
         "daemons_running": owners,
         "health": health,
+        "intake_stalled_seconds": intake_stalled_seconds(health) if owners else None,
         "queue": counts,
         "jobs": jobs,
         "senders": senders,
@@ -113,6 +117,18 @@ def _by_age(paths) -> list[Path]:
     return [path for _, _, path in sorted(dated)]
 
 
+def intake_stalled_seconds(health: dict[str, Any], now: float | None = None) -> float | None:
+    """How long the intake thread has not finished a pass, when that is far longer than
+    its poll interval (a thread stuck on a file, say); None while it keeps passing. The
+    health file stays fresh without it: the job loop writes it too."""
+    passed = health.get("intake_pass_at")
+    if passed is None:
+        return None
+    age = (time.time() if now is None else now) - float(passed)
+    limit = max(STALL_SECONDS, 10 * float(health.get("intake_poll_seconds", 1.0)))
+    return age if age > limit else None
+
+
 def render_status(status: dict[str, Any]) -> str:
     """Human-readable lines for a terminal."""
     health = status["health"]
@@ -126,6 +142,12 @@ def render_status(status: dict[str, Any]) -> str:
         )
     else:
         lines.append("daemon NOT running (no live worker lock); queued jobs wait for it")
+    stalled = status.get("intake_stalled_seconds")
+    if stalled is not None:
+        lines.append(
+            f"INTAKE STALLED: no intake pass finished for {stalled:.0f}s (payloads and frames "
+            "are not taken in); see the daemon's log, then restart it"
+        )
     current = health.get("current") if running else None
     if current:
         lines.append(

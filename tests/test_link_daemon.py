@@ -222,6 +222,7 @@ def test_carousel_over_a_lossy_link_trains_what_the_file_trains(tmp_path, small_
     assert daemon.returncode == 0, daemon.stderr.read()[-2000:]
     assert rejected and counts["flipped"] >= 1 and counts["forged"] >= 10
     assert "polluted" not in _status(home)["frames"]
+    assert _status(home)["intake_pass_at"] > 0  # what status judges a stuck intake by
     (reply_file,) = outbox.glob("*.reply")
     reply = decode_reply(reply_file.read_bytes(), parse_reply_key(key))
     assert reply.transfer == transfer_id(payload) and reply.state is ReplyState.QUEUED

@@ -25,3 +25,27 @@ def test_a_file_name_with_a_newline_cannot_forge_a_line_of_the_daemon_log(tmp_pa
     assert err.count("\n") == 1 and "x.plada\\n12:00:00" in err
     (entry,) = (tmp_path / "daemon.log").read_text().splitlines()  # JSON keeps it exact
     assert json.loads(entry)["message"] == f"inbox file {forged} refused"
+
+
+def test_status_says_when_the_intake_thread_stopped_passing_though_health_is_fresh() -> None:
+    """The job loop keeps health.json fresh; a stuck intake thread shows in status."""
+    import time
+
+    from receiver.status import intake_stalled_seconds, render_status
+
+    now = time.time()
+    health = {"updated": now, "intake_pass_at": now - 600, "intake_poll_seconds": 1.0}
+    assert intake_stalled_seconds(health, now) == 600
+    assert intake_stalled_seconds({**health, "intake_pass_at": now - 5}, now) is None
+    status = {
+        "home": "/h",
+        "daemons_running": ["me"],
+        "health": health,
+        "intake_stalled_seconds": intake_stalled_seconds(health, now),
+        "queue": {"queued": 0},
+        "quarantined": 0,
+        "jobs": [],
+        "senders": [],
+        "recent_quarantine": [],
+    }
+    assert "INTAKE STALLED: no intake pass finished for 600s" in render_status(status)
