@@ -149,7 +149,7 @@ class JobQueue:
         with self._write() as db:
             row = db.execute("SELECT * FROM jobs WHERE sha256 = ?", (queued.sha256,)).fetchone()
             if row is not None:
-                return Job(**dict(row)), False
+                return self._job(row), False
             cursor = db.execute(
                 "INSERT INTO jobs (sha256, payload, source_name, task, images, classes,"
                 " payload_bytes, state, received, intake_name, sender, sequence)"
@@ -190,7 +190,7 @@ class JobQueue:
         changed = []
         with self._write() as db:
             for row in db.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall():
-                job = Job(**dict(row))
+                job = self._job(row)
                 if job.owner is not None and alive(job.owner):
                     continue
                 stalled = job.progress_step <= job.claimed_at_step
@@ -269,19 +269,30 @@ class JobQueue:
                 (state, time.time(), *fields.values(), job_id, owner),
             )
 
-    @staticmethod
-    def _get(db: sqlite3.Connection, job_id: int) -> Job:
-        return Job(**dict(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()))
+    def _get(self, db: sqlite3.Connection, job_id: int) -> Job:
+        return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def _job(self, row: sqlite3.Row | None) -> Job:
+        """The job a row holds; ``StorageError`` when the queue was changed under this
+        daemon (the row gone, its columns not a job's)."""
+        try:
+            return Job(**dict(row))  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise StorageError(
+                f"job queue {self.path} was damaged while in use (a job row does not read: "
+                f"{exc}); stop the daemon and move the file aside to start an empty queue "
+                "(the replay ledger is kept apart, in ledger.sqlite)"
+            ) from None
 
     def get(self, job_id: int) -> Job | None:
         with self._reading():
             row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else Job(**dict(row))
+        return None if row is None else self._job(row)
 
     def find(self, sha256: str) -> Job | None:
         with self._reading():
             row = self.db.execute("SELECT * FROM jobs WHERE sha256 = ?", (sha256,)).fetchone()
-        return None if row is None else Job(**dict(row))
+        return None if row is None else self._job(row)
 
     def counts(self) -> dict[str, int]:
         """Jobs per state."""
@@ -296,4 +307,4 @@ class JobQueue:
             rows = self.db.execute(
                 "SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)
             ).fetchall()
-        return [Job(**dict(row)) for row in rows]
+        return [self._job(row) for row in rows]

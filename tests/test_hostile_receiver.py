@@ -168,6 +168,24 @@ def test_a_damaged_queue_is_a_typed_error_and_keeps_payloads_for_a_retry(tmp_pat
         JobQueue(home / "queue.sqlite", check=True)
 
 
+def test_a_queue_changed_under_a_running_daemon_is_a_typed_error_not_a_type_error(
+    tmp_path,
+) -> None:
+    path = tmp_path / "queue.sqlite"
+    queue = JobQueue(path)
+    other = sqlite3.connect(path)  # another process rewrites the table under it
+    other.executescript(
+        "ALTER TABLE jobs RENAME TO jobs_old;"
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, state TEXT, owner TEXT, claims INT,"
+        " started REAL, claimed_at_step INT, progress_step INT, junk TEXT);"
+        "INSERT INTO jobs (state, claims, progress_step) VALUES ('queued', 0, 0);"
+    )
+    other.close()
+    with pytest.raises(StorageError, match="damaged while in use"):
+        queue.claim("daemon-1")
+    queue.close()
+
+
 def test_the_daemon_refuses_to_start_on_a_damaged_queue_with_one_line(tmp_path) -> None:
     home = tmp_path / "home"
     JobQueue(home / "queue.sqlite").close() if home.mkdir() is None else None
