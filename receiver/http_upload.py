@@ -12,16 +12,25 @@
   ``pending`` while intake has not reached it; 404 for a payload never received.
 - ``GET /status``: what ``plada-receive status --json`` prints.
 
+Every request needs the token, reads included (the status shows the home, the
+senders, their sequence numbers and the quarantine).
+
 It listens on 127.0.0.1 only: local link software hands payloads over; it is not a
 network service. The token is in ``HOME/http.token`` (mode 0600, made at the first
 start), so only the daemon's user (and root) can upload. Requests from web pages
 are refused: any request with an ``Origin`` header, or a ``Host`` header other
 than the loopback address, gets 403 (no cross-origin upload, no DNS rebinding).
 
-Bounded resources: at most ``max_connections`` requests at once (more are answered
-503 and closed at once), a socket timeout and a deadline per request, bodies over
-the byte cap refused before they are read (413), and never more than one chunk of
-a body in memory.
+Bounded resources: at most ``max_connections`` requests at once, a socket timeout
+and deadlines that cover the whole request: its headers must have come within
+``header_seconds`` of the connection (a client that trickles them is cut off) and
+the rest within ``request_seconds``. When every slot is taken, a new connection
+takes the slot of the oldest one still sending its headers (a local client sends
+them at once; a slow one is an attacker's), and gets 503 only when every slot is
+past its headers, which only token holders reach. Bodies over the byte cap are
+refused before they are read (413), uploads that would take the files waiting for
+intake past ``max_waiting_bytes`` get 429 with a Retry-After, and never more than
+one chunk of a body is in memory.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +67,8 @@ class HttpLimits:
     max_connections: int = 16
     timeout_seconds: float = 10.0  # per read or write on the socket
     request_seconds: float = 120.0  # a whole request, however slow its client
+    header_seconds: float = 10.0  # its request line and headers
+    max_waiting_bytes: int = 256 << 20  # files not yet taken in: inbox and frames
 
 
 def http_token(home: Path) -> str:
@@ -86,6 +98,33 @@ class UploadSite:
     def frames_folder(self) -> Path:
         return self.home / "frames"
 
+    def waiting_bytes(self) -> int:
+        """Bytes of the files that wait for intake, in the inbox and the frames folder."""
+        total = 0
+        for folder in (self.inbox, self.frames_folder):
+            with contextlib.suppress(OSError), os.scandir(folder) as scan:
+                for entry in scan:
+                    with contextlib.suppress(OSError):
+                        if entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+
+class _Connection:
+    """One accepted connection and its deadline: once it passes, the server's watch
+    shuts the socket down, so that whatever read or write the handler is blocked in
+    ends."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.socket, self.opened, self.in_headers = sock, time.monotonic(), True
+        self.deadline = self.opened + seconds
+        self.cut_off = False
+
+    def cut(self) -> None:
+        self.cut_off = True
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
+
 
 class UploadServer(ThreadingHTTPServer):
     """A threading HTTP server that serves at most ``limits.max_connections`` at once."""
@@ -98,30 +137,86 @@ class UploadServer(ThreadingHTTPServer):
         self.hosts = {f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1", "localhost"}
         self.slots = threading.BoundedSemaphore(limits.max_connections)
         self.refused = 0
+        self.cut_in_headers = 0  # connections cut off while still sending their headers
+        self._connections: dict[socket.socket, _Connection] = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
         super().__init__(("127.0.0.1", port), UploadHandler)
+        threading.Thread(target=self._watch, name="plada-http-deadlines", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Cut every connection whose deadline has passed, four times a second."""
+        while not self._closing.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c in self._connections.values() if c.deadline < now]
+            for connection in late:
+                if not connection.cut_off:
+                    connection.cut()
+
+    def server_close(self) -> None:
+        self._closing.set()
+        super().server_close()
 
     def process_request(self, request, client_address) -> None:
         if not self.slots.acquire(blocking=False):
-            self.refused += 1
-            with contextlib.suppress(OSError):
-                request.settimeout(1.0)
-                request.sendall(
-                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                    b"Retry-After: 5\r\nConnection: close\r\n\r\n"
-                )
-            self.shutdown_request(request)
-            return
+            self._cut_oldest_in_headers()
+            if not self.slots.acquire(timeout=1.0):
+                self._refuse(request)
+                return
+        with self._lock:
+            self._connections[request] = _Connection(request, self.limits.header_seconds)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            self._forget(request)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._forget(request)
+
+    def headers_read(self, request: socket.socket) -> None:
+        """The request's headers are in: from now on it is bounded by the request's
+        deadline, counted from its connection, and never cut for a newcomer (the
+        handler answers 408 at the deadline; the cut, one socket timeout later, ends
+        whatever it may be blocked in)."""
+        with self._lock:
+            connection = self._connections.get(request)
+            if connection is None:
+                return
+            connection.in_headers = False
+            limits = self.limits
+            connection.deadline = (
+                connection.opened + limits.request_seconds + limits.timeout_seconds
+            )
+
+    def _cut_oldest_in_headers(self) -> None:
+        with self._lock:
+            waiting = [c for c in self._connections.values() if c.in_headers]
+            oldest = min(waiting, key=lambda c: c.opened, default=None)
+            if oldest is None:
+                return
+            oldest.in_headers = False  # cut once
+        self.cut_in_headers += 1
+        oldest.cut()
+
+    def _forget(self, request: socket.socket) -> None:
+        with self._lock:
+            self._connections.pop(request, None)
+        self.slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        self.refused += 1
+        with contextlib.suppress(OSError):
+            request.settimeout(1.0)
+            request.sendall(
+                b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                b"Retry-After: 5\r\nConnection: close\r\n\r\n"
+            )
+        self.shutdown_request(request)
 
 
 class UploadHandler(BaseHTTPRequestHandler):
@@ -134,9 +229,26 @@ class UploadHandler(BaseHTTPRequestHandler):
         self.timeout = self.server.limits.timeout_seconds  # per read or write
         super().setup()
 
-    def _reply(self, code: int, body: dict[str, object]) -> None:
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # the request line was read; this reads headers
+        self.server.headers_read(self.request)
+        return parsed
+
+    def _authorized(self) -> bool:
+        """Whether the request carries the token; else answered 401."""
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if hmac.compare_digest(given.encode(), self.server.token):
+            return True
+        self._reply(
+            401, {"error": f"send the token of {TOKEN_FILE} as 'Authorization: Bearer TOKEN'"}
+        )
+        return False
+
+    def _reply(self, code: int, body: dict[str, object], retry_after: int = 0) -> None:
         data = (json.dumps(body, default=str) + "\n").encode()
         self.send_response(code)
+        if retry_after:
+            self.send_header("Retry-After", str(retry_after))
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
@@ -157,18 +269,21 @@ class UploadHandler(BaseHTTPRequestHandler):
         target = self.path.rstrip("/")
         if target not in ("/payloads", "/frames"):
             return self._reply(404, {"error": "POST payloads to /payloads, frames to /frames"})
-        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.server.token):
-            return self._reply(
-                401,
-                {"error": f"send the token of {TOKEN_FILE} as 'Authorization: Bearer TOKEN'"},
-            )
+        if not self._authorized():
+            return None
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             return self._reply(411, {"error": "send the payload with a Content-Length"})
         cap = self.server.site.max_bytes
         if int(length) > cap:
             return self._reply(413, {"error": f"payload over the cap of {cap} bytes"})
+        waiting, limit = self.server.site.waiting_bytes(), self.server.limits.max_waiting_bytes
+        if waiting + int(length) > limit:
+            return self._reply(
+                429,
+                {"error": f"{waiting} bytes wait for intake (the limit is {limit}); retry later"},
+                retry_after=30,
+            )
         return self._receive(int(length), target == "/frames")
 
     def _receive(self, length: int, frames: bool = False) -> None:
@@ -221,7 +336,7 @@ class UploadHandler(BaseHTTPRequestHandler):
         return digest.hexdigest()
 
     def do_GET(self) -> None:
-        if self._refused():
+        if self._refused() or not self._authorized():
             return None
         site = self.server.site
         if self.path.rstrip("/") == "/status":

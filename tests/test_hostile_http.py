@@ -32,7 +32,9 @@ def server(tmp_path: Path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    limits = HttpLimits(max_connections=4, timeout_seconds=1.0, request_seconds=3.0)
+    limits = HttpLimits(
+        max_connections=4, timeout_seconds=1.0, request_seconds=3.0, header_seconds=2.0
+    )
     served = start_http(port, home / "inbox", home, CAP, lambda: {"ok": True}, limits)
     served.home = home  # type: ignore[attr-defined]
     yield served
@@ -70,9 +72,11 @@ def test_idle_connections_are_bounded_and_time_out(server) -> None:
     while time.monotonic() < deadline:
         busiest = max(busiest, threading.active_count() - before_threads)
         time.sleep(0.02)
-    assert server.refused > 0  # beyond the 4 slots: answered 503 at once and closed
+    # beyond the 4 slots each newcomer takes the slot of the oldest connection still
+    # without its headers (or gets 503 when none can be cut in time)
+    assert server.cut_in_headers > 0
     assert busiest <= 4  # never more handlers than slots
-    for sock in idle:  # every one ends: 503, or closed when its silence timed out
+    for sock in idle:  # every one ends: cut, 503, or closed when its silence timed out
         sock.settimeout(5)
         with contextlib.suppress(ConnectionResetError):
             answer = sock.recv(64)
@@ -186,3 +190,72 @@ def test_frames_are_posted_as_a_stream_for_the_frames_inbox(server) -> None:
     inbox = FramesInbox(server.home, server.home / "inbox")
     assert inbox.poll() == 1
     assert [p.read_bytes() for p in (server.home / "inbox").glob("frames-*.plada")] == [payload]
+
+
+def _trickle(server, stop: threading.Event, cut: list[float]) -> None:
+    """A client without a token that sends its request headers one byte at a time,
+    each byte within the socket timeout; ``cut`` gets the seconds until it was cut."""
+    sock = socket.create_connection(server.server_address)
+    started = time.monotonic()
+    header = b"POST /payloads HTTP/1.0\r\nHost: 127.0.0.1\r\n" + b"X-Pad: " + b"a" * 400
+    try:
+        for byte in header:
+            if stop.is_set():
+                return
+            sock.sendall(bytes([byte]))
+            stop.wait(0.3)
+    except OSError:
+        cut.append(time.monotonic() - started)
+    finally:
+        sock.close()
+
+
+def test_header_tricklers_never_starve_a_token_holders_upload(server) -> None:
+    """Eight clients trickle their headers into the four slots, again and again; a
+    token holder's uploads still go through, and each trickler is cut off by the
+    header deadline (2 s here) at the latest."""
+    stop, cut = threading.Event(), []
+    tricklers = [
+        threading.Thread(target=_trickle, args=(server, stop, cut), daemon=True) for _ in range(8)
+    ]
+    for thread in tricklers:
+        thread.start()
+    try:
+        wait_until = time.monotonic() + 30
+        while len(cut) < 4 and time.monotonic() < wait_until:  # the slots are contested
+            time.sleep(0.05)
+        answers = [_post(server, signed_payload(sequence=20 + n))[0] for n in range(5)]
+    finally:
+        stop.set()
+        for thread in tricklers:
+            thread.join(timeout=10)
+    assert answers == [202] * 5
+    assert len(cut) >= 4 and max(cut) < 2.0 + 2.0  # the header deadline, and the watch's beat
+
+
+def test_reads_need_the_token_too(server) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+    for path in ("/status", "/jobs/" + "0" * 64):
+        connection.request("GET", path)
+        response = connection.getresponse()
+        assert response.status == 401 and b'"ok": true' not in response.read()
+        connection.close()
+    token = {"Authorization": f"Bearer {_token(server)}"}
+    connection.request("GET", "/status", headers=token)
+    assert json.loads(connection.getresponse().read()) == {"ok": True}
+    connection.close()
+
+
+def test_uploads_wait_while_the_files_waiting_for_intake_are_over_their_limit(server) -> None:
+    backlog = server.home / "inbox" / "backlog.plada"
+    with open(backlog, "wb") as handle:  # sparse: 300 MiB waiting, nothing written
+        handle.truncate(300 << 20)
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+    connection.request(
+        "POST", "/payloads", body=b"x" * 100, headers={"Authorization": f"Bearer {_token(server)}"}
+    )
+    response = connection.getresponse()
+    assert response.status == 429 and response.getheader("Retry-After") == "30"
+    connection.close()
+    backlog.unlink()
+    assert _post(server, signed_payload(sequence=40))[0] == 202
