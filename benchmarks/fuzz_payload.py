@@ -11,6 +11,11 @@ type, accepted, slowest decode, peak memory) are written as JSON every 10,000
 inputs and at the end.
 
     python -m benchmarks.fuzz_payload --runs 1000000 --stats fuzz.json [--seed 1]
+
+The link's parsers have campaigns of their own (``benchmarks/fuzz_link.py``):
+``--mode frame`` (frame parsing, with and without the link key, and the RaptorQ
+assembler), ``--mode frames-inbox`` (frame and stream files through a real frames
+inbox pass) and ``--mode reply`` (reply files).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports(include=["protocol", "benchmarks.fuzz_target"]):
+with atheris.instrument_imports(include=["protocol", "receiver", "benchmarks.fuzz_"]):
+    from benchmarks.fuzz_link import LINK_MODES, link_input, seed_link_inputs
     from benchmarks.fuzz_target import (
         INTAKE_MODE,
         MODES,
@@ -91,6 +97,8 @@ def test_one_input(data: bytes) -> None:
     started = time.perf_counter()
     if MODE == INTAKE_MODE:
         mode, outcome = MODE, intake_input(data)
+    elif MODE in LINK_MODES:
+        mode, outcome = MODE, link_input(data, MODE)
     else:
         mode, outcome = decode_input(data, MODE)
     if STATS is not None:
@@ -107,7 +115,7 @@ def main() -> None:
     parser.add_argument("--corpus", help="corpus directory (default: a temporary one)")
     parser.add_argument(
         "--mode",
-        choices=["all", *MODES, INTAKE_MODE],
+        choices=["all", *MODES, INTAKE_MODE, *LINK_MODES],
         default="all",
         help="one mode for every input (all: the first byte of each input picks one of the "
         "decoder modes; intake: inbox entries through a real intake pass)",
@@ -116,11 +124,12 @@ def main() -> None:
     MODE = None if args.mode == "all" else args.mode
     corpus = Path(args.corpus or tempfile.mkdtemp(prefix="plada-fuzz-"))
     corpus.mkdir(parents=True, exist_ok=True)
-    for number, data in enumerate(seed_inputs(MODE)):
+    seeds = seed_link_inputs(MODE) if MODE in LINK_MODES else seed_inputs(MODE)
+    for number, data in enumerate(seeds):
         (corpus / f"seed-{number}").write_bytes(data)
     STATS = Stats(Path(args.stats), args.runs)
     print(
-        f"fuzzing decode_payload ({args.mode}): {args.runs} inputs, corpus {corpus}",
+        f"fuzzing {args.mode}: {args.runs} inputs, corpus {corpus}",
         file=sys.stderr,
     )
     libfuzzer = [

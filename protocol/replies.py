@@ -82,7 +82,8 @@ def parse_reply_key(text: str) -> bytes:
     return key
 
 
-def _mac(key: bytes, body: bytes) -> bytes:
+def reply_mac(key: bytes, body: bytes) -> bytes:
+    """The 8-byte MAC of a reply's 16-byte ``body``."""
     return hmac.new(key, _DOMAIN + body, hashlib.sha256).digest()[:MAC_BYTES]
 
 
@@ -98,7 +99,7 @@ def encode_reply(reply: Reply, key: bytes) -> bytes:
         min(reply.needed, _MAX_COUNT).to_bytes(3, "little"),
         reply.time & 0xFFFFFFFF,
     )
-    return body + _mac(key, body)
+    return body + reply_mac(key, body)
 
 
 def decode_reply(data: bytes, key: bytes) -> Reply:
@@ -107,7 +108,7 @@ def decode_reply(data: bytes, key: bytes) -> Reply:
     if len(data) != REPLY_BYTES or data[0] != REPLY_MAGIC:
         raise ReplyError(f"not a plada reply (magic byte, or not {REPLY_BYTES} bytes)")
     body, mac = data[: _BODY.size], data[_BODY.size :]
-    if not hmac.compare_digest(_mac(key, body), mac):
+    if not hmac.compare_digest(reply_mac(key, body), mac):
         raise ReplyError("reply fails its MAC: damaged, forged, or made with another key")
     _, transfer, state, held, needed, when = _BODY.unpack(body)
     try:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.fuzz_link import LINK_MODES, link_input, seed_link_inputs
 from benchmarks.fuzz_target import (
     INTAKE_MODE,
     MODES,
@@ -135,3 +136,36 @@ def test_bounded_atheris_run(tmp_path) -> None:
     assert report["accepted"] > 0 and report["modes"].keys() == set(MODES)
     deep = {"CorruptPayloadError", "DigestMismatchError", "PayloadLimitError"}
     assert deep <= outcomes.keys(), outcomes
+
+
+@pytest.mark.parametrize("mode", LINK_MODES)
+def test_the_link_seeds_reach_past_every_gate(mode: str) -> None:
+    outcomes = {link_input(data, mode) for data in seed_link_inputs(mode)}
+    reached = {"frame": "held", "frames-inbox": "decoded", "reply": "accepted"}[mode]
+    assert reached in outcomes, outcomes
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mode=st.sampled_from(LINK_MODES), data=st.binary(max_size=2048))
+def test_arbitrary_link_input_gives_a_result_or_a_typed_error(mode: str, data: bytes) -> None:
+    outcome = link_input(data, mode)
+    assert outcome in ("held", "decoded", "accepted", "empty") or outcome.endswith("Error")
+
+
+@pytest.mark.parametrize("mode", LINK_MODES)
+def test_bounded_atheris_run_of_the_link(tmp_path, mode: str) -> None:
+    """5,000 coverage-guided inputs of each link campaign: no crash, no hang."""
+    pytest.importorskip("atheris")
+    stats = tmp_path / "stats.json"
+    run = ["--mode", mode, "--runs", "5000", "--seed", "3", "--stats", str(stats)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fuzz_payload", *run, "--corpus", str(tmp_path / "c")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(stats.read_text())
+    assert report["inputs"] == 5000 and report["crashes"] == 0
