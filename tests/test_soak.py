@@ -1,6 +1,8 @@
 """Soak: one daemon home for hundreds of intake passes, fed a random mix of valid
 payloads from three senders (some delivered out of order), junk, symlinks, long and
-non-UTF-8 names, uploads and slow HTTP clients, with SIGKILLs at random moments.
+non-UTF-8 names, uploads and slow HTTP clients, and a carousel of tagged frames (30%
+lost) with an attacker's forged frames (genuine headers) and junk frames beside it,
+with SIGKILLs at random moments.
 
 Every valid payload must end trained exactly once, or refused for a reason that is
 right (a rollback: an older payload that arrived after a newer one of its sender was
@@ -28,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from protocol.frames import FrameEncoder
 from protocol.payload import BODY_CODING, Payload, SenderStamp, encode_payload
+from protocol.shared_keys import key_text
 from receiver.trust_store import add_key
 from tests.conftest import SMALL_SPEC
 from tests.hostile import SENDERS
@@ -39,6 +43,8 @@ FULL = os.environ.get("PLADA_SOAK") == "full"
 PASSES, KILLS, VALID = (200, 3, 18) if FULL else (45, 1, 4)
 QUOTA_FILES, QUOTA_MB = 40, 1.0
 TRAIN = ["--min-steps", "2", "--max-steps", "2", "--batch-size", "16", "--no-export"]
+LINK_KEY = bytes(range(32))
+FRAME_BYTES, FRAME_LOSS, FORGED = 64, 0.3, 0.2
 
 
 def _free_port() -> int:
@@ -57,6 +63,8 @@ class Feeder:
         self.valid: dict[str, tuple[str, int]] = {}  # sha256 -> (sender, sequence)
         self.junk = 0
         self.count = 0
+        self.carousel: list[bytes] = []  # the frames still to send of the framed payload
+        self.frames = {"genuine": 0, "forged": 0, "junk": 0, "payloads": 0}
 
     def payload(self, sender: str | None = None) -> bytes:
         sender = sender or self.rng.choice(sorted(SENDERS))
@@ -96,6 +104,34 @@ class Feeder:
             return
         self.drop(f"payload-{self.count}.plada", self.payload())
 
+    def frames_burst(self) -> None:
+        """A few frames on the link: the carousel's next ones (some lost), a forgery
+        with a genuine header before some, and junk frames of made-up transfers."""
+        if not self.carousel:
+            encoder = FrameEncoder(self.payload(), FRAME_BYTES, key=LINK_KEY)
+            self.carousel = encoder.frames(repair=2 * encoder.source_count)  # 3K in all
+            self.frames["payloads"] += 1
+        burst = [self.carousel.pop(0) for _ in range(min(4, len(self.carousel)))]
+        for frame in burst:
+            if self.rng.random() < FORGED:
+                head = len(frame) // 2
+                self._frame(frame[:head] + os.urandom(len(frame) - head), "forged")
+            if self.rng.random() >= FRAME_LOSS:
+                self._frame(frame, "genuine")
+        junk = FrameEncoder(os.urandom(self.rng.randint(100, 5000)), FRAME_BYTES)
+        self._frame(junk.frames()[0], "junk")
+
+    def finish_carousel(self) -> None:
+        while self.carousel:
+            self.frames_burst()
+
+    def _frame(self, frame: bytes, kind: str) -> None:
+        self.frames[kind] += 1
+        name = f"{kind}-{sum(self.frames.values())}.frame"
+        temporary = self.home / "frames" / ".incoming.part"
+        temporary.write_bytes(frame)
+        os.replace(temporary, self.home / "frames" / name)
+
     def junk_entry(self) -> None:
         self.junk += 1
         kind = self.rng.choice(["bytes", "long", "odd", "link", "loop", "truncated"])
@@ -115,17 +151,36 @@ class Feeder:
 
 
 class Probe:
-    """Descriptors and memory of the running daemon, at their peaks."""
+    """Descriptors, memory and the home's disk use of the running daemon: at their
+    peaks, and as first and last seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, home: Path) -> None:
+        self.home = home
         self.fds = self.rss_mb = 0
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
 
     def sample(self, pid: int) -> None:
+        """Peaks always; first and last once the daemon has finished an intake pass."""
         with contextlib.suppress(OSError):
-            self.fds = max(self.fds, len(os.listdir(f"/proc/{pid}/fd")))
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
+            rss = 0
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    self.rss_mb = max(self.rss_mb, int(line.split()[1]) // 1024)
+                    rss = int(line.split()[1]) // 1024
+            self.fds, self.rss_mb = max(self.fds, fds), max(self.rss_mb, rss)
+            if _passes(self.home) < 1:  # still starting: its imports are not its load
+                return
+            self.last = {"fds": fds, "rss_mb": rss, "disk_mb": _disk_mb(self.home)}
+            self.first = self.first or dict(self.last)
+
+
+def _disk_mb(home: Path) -> float:
+    total = 0
+    for path in home.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += path.lstat().st_size
+    return round(total / 2**20, 2)
 
 
 def _upload(port: int, token: str, data: bytes) -> bool:
@@ -150,8 +205,12 @@ def test_soak(tmp_path, small_pool, cache_dir) -> None:
     rng = random.Random(1234)
     home = tmp_path / "home"
     (home / "inbox").mkdir(parents=True)
+    (home / "frames").mkdir()
     for key in SENDERS.values():
         add_key(home / "trust", key.public)
+    link_key = tmp_path / "link.key"
+    link_key.write_text(key_text(LINK_KEY))
+    link_key.chmod(0o600)
     port = _free_port()
     args = daemon_command(
         home,
@@ -167,9 +226,11 @@ def test_soak(tmp_path, small_pool, cache_dir) -> None:
         str(QUOTA_FILES),
         "--quarantine-max-mb",
         str(QUOTA_MB),
+        "--link-key",
+        str(link_key),
         *TRAIN,
     )
-    feeder, probe = Feeder(home, small_pool.manifest, rng), Probe()
+    feeder, probe = Feeder(home, small_pool.manifest, rng), Probe(home)
     slow: list[socket.socket] = []
     started = time.monotonic()
     kills, passes_done, busy = 0, 0, 0
@@ -190,7 +251,9 @@ def test_soak(tmp_path, small_pool, cache_dir) -> None:
                 if not _upload(port, token, data):  # not delivered: not counted
                     feeder.valid.pop(hashlib.sha256(data).hexdigest(), None)
                     busy += 1
-            elif action < 0.75:  # a slow client that opens, says little and stays
+            elif action < 0.72 and (len(feeder.valid) < VALID or feeder.carousel):
+                feeder.frames_burst()
+            elif action < 0.82:  # a slow client that opens, says little and stays
                 with contextlib.suppress(OSError):
                     sock = socket.create_connection(("127.0.0.1", port), timeout=1)
                     sock.sendall(b"POST /payloads HTTP/1.0\r\nContent-Le")
@@ -205,6 +268,11 @@ def test_soak(tmp_path, small_pool, cache_dir) -> None:
                 kills += 1
                 (home / "health.json").unlink(missing_ok=True)  # count the next one's passes
                 daemon = subprocess.Popen(args, env=cli_env(), stderr=subprocess.DEVNULL)
+        feeder.finish_carousel()  # its payload must get through before the end
+        wait_until = time.monotonic() + 60
+        while list((home / "frames").glob("*.frame")) and time.monotonic() < wait_until:
+            time.sleep(0.2)
+        probe.sample(daemon.pid)
         passes_done += _passes(home)
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=120) == 0
@@ -249,6 +317,11 @@ def test_soak(tmp_path, small_pool, cache_dir) -> None:
     assert len(records) <= QUOTA_FILES and quarantine_bytes <= QUOTA_MB * 2**20
     assert probe.fds < 120, probe.fds
     assert probe.rss_mb < 2000, probe.rss_mb
+    assert probe.last["fds"] <= probe.first["fds"] + 20, (probe.first, probe.last)
+    assert probe.last["rss_mb"] <= probe.first["rss_mb"] + 300, (probe.first, probe.last)
+    assert not list((home / "transfers").glob("*.log"))  # every genuine transfer finished
+    assert not [e for e in events if e.get("event") == "transfer-polluted"]  # no forgery decoded
+    assert disk_mb < 64, disk_mb  # quarantine quota, results and logs: nothing grows unbounded
     summary = {
         "passes": passes_done,
         "kills": kills,
@@ -258,8 +331,11 @@ def test_soak(tmp_path, small_pool, cache_dir) -> None:
         "junk_entries": feeder.junk,
         "uploads_not_taken": busy,
         "quarantined_now": len(records),
+        "frames": feeder.frames,
         "peak_fds": probe.fds,
         "peak_rss_mb": probe.rss_mb,
+        "start": probe.first,
+        "end": probe.last,
         "home_disk_mb": round(disk_mb, 1),
         "quarantine_kb": round(quarantine_bytes / 1024, 1),
         "seconds": round(time.monotonic() - started, 1),
