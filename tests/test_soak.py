@@ -41,6 +41,7 @@ from tests.subprocess_cli import cli_env, daemon_command
 pytestmark = pytest.mark.slow
 FULL = os.environ.get("PLADA_SOAK") == "full"
 PASSES, KILLS, VALID = (200, 3, 18) if FULL else (45, 1, 4)
+FRAMED = 6 if FULL else 2  # payloads sent as frames, beside the VALID files and uploads
 QUOTA_FILES, QUOTA_MB = 40, 1.0
 TRAIN = ["--min-steps", "2", "--max-steps", "2", "--batch-size", "16", "--no-export"]
 LINK_KEY = bytes(range(32))
@@ -111,15 +112,17 @@ class Feeder:
             encoder = FrameEncoder(self.payload(), FRAME_BYTES, key=LINK_KEY)
             self.carousel = encoder.frames(repair=2 * encoder.source_count)  # 3K in all
             self.frames["payloads"] += 1
-        burst = [self.carousel.pop(0) for _ in range(min(4, len(self.carousel)))]
+        burst = [self.carousel.pop(0) for _ in range(min(6, len(self.carousel)))]
         for frame in burst:
             if self.rng.random() < FORGED:
                 head = len(frame) // 2
                 self._frame(frame[:head] + os.urandom(len(frame) - head), "forged")
             if self.rng.random() >= FRAME_LOSS:
                 self._frame(frame, "genuine")
-        junk = FrameEncoder(os.urandom(self.rng.randint(100, 5000)), FRAME_BYTES)
-        self._frame(junk.frames()[0], "junk")
+        for _ in range(3):  # made-up transfers, with a CRC and with a guessed tag
+            junk = FrameEncoder(os.urandom(self.rng.randint(100, 5000)), FRAME_BYTES)
+            frame = junk.frames()[0]
+            self._frame(frame if self.rng.random() < 0.5 else frame[:-8] + os.urandom(8), "junk")
 
     def finish_carousel(self) -> None:
         while self.carousel:
@@ -251,9 +254,9 @@ def test_soak(tmp_path, small_pool, cache_dir) -> None:
                 if not _upload(port, token, data):  # not delivered: not counted
                     feeder.valid.pop(hashlib.sha256(data).hexdigest(), None)
                     busy += 1
-            elif action < 0.72 and (len(feeder.valid) < VALID or feeder.carousel):
+            elif action < 0.8 and (feeder.frames["payloads"] < FRAMED or feeder.carousel):
                 feeder.frames_burst()
-            elif action < 0.82:  # a slow client that opens, says little and stays
+            elif action < 0.87:  # a slow client that opens, says little and stays
                 with contextlib.suppress(OSError):
                     sock = socket.create_connection(("127.0.0.1", port), timeout=1)
                     sock.sendall(b"POST /payloads HTTP/1.0\r\nContent-Le")
@@ -318,7 +321,8 @@ def test_soak(tmp_path, small_pool, cache_dir) -> None:
     assert probe.fds < 120, probe.fds
     assert probe.rss_mb < 2000, probe.rss_mb
     assert probe.last["fds"] <= probe.first["fds"] + 20, (probe.first, probe.last)
-    assert probe.last["rss_mb"] <= probe.first["rss_mb"] + 300, (probe.first, probe.last)
+    # the first job adds the trainer's own memory (torch, the model); frames add none
+    assert probe.last["rss_mb"] <= probe.first["rss_mb"] + 400, (probe.first, probe.last)
     assert not list((home / "transfers").glob("*.log"))  # every genuine transfer finished
     assert not [e for e in events if e.get("event") == "transfer-polluted"]  # no forgery decoded
     assert disk_mb < 64, disk_mb  # quarantine quota, results and logs: nothing grows unbounded
