@@ -80,6 +80,53 @@ def _loopback(address: str) -> bool:
     return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
+AUDIT_SITE = Path(__file__).parent / "connect_audit"
+
+
+def audited_env(log: Path) -> dict[str, str]:
+    """``cli_env`` under which every Python process records its connects and lookups."""
+    env = cli_env()
+    env["PYTHONPATH"] = f"{AUDIT_SITE}{os.pathsep}{env['PYTHONPATH']}"
+    return env | {"PLADA_CONNECT_LOG": str(log)}
+
+
+def outside_connections(log: Path) -> list[str]:
+    """The recorded connects and lookups of anything but loopback (a lookup of no host
+    at all, for a local bind, is none)."""
+    outside = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        host = line.split("\t")[3]
+        if host in ("localhost", "None", "") or (_is_ip(host) and _loopback(host)):
+            continue
+        outside.append(line)
+    return outside
+
+
+def _is_ip(text: str) -> bool:
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(text.split("%")[0])
+        return True
+    return False
+
+
+def _gcs_speaks_grpc(watch: SocketWatch) -> bool:
+    """Whether a port the instance's GCS listens on passes the check ``--address``
+    makes of a cluster's head."""
+    from sender.embedding.ray_engine import check_reachable
+
+    for process in list(watch.tree):
+        with contextlib.suppress(psutil.Error):
+            if process.name() != "gcs_server":
+                continue
+            for c in process.net_connections(kind="inet"):
+                if c.status != psutil.CONN_LISTEN:
+                    continue
+                with contextlib.suppress(EngineError):
+                    check_reachable(f"127.0.0.1:{c.laddr.port}", timeout=5)
+                    return True
+    return False
+
+
 class SocketWatch:
     """Every TCP/UDP endpoint that a process and its descendants hold, sampled while it
     runs (Ray's servers and workers are all descendants of a driver that started them)."""
@@ -126,6 +173,7 @@ def test_killed_driver_a_failing_rerun_and_a_retried_batch_end_in_the_local_byte
     out = world["root"] / "emb-ray"
     parts = out / "parts"
     watches: list[SocketWatch] = []
+    audit = world["root"] / "connects.log"
 
     def watched(env: dict[str, str], *extra: str) -> subprocess.Popen:
         proc = subprocess.Popen(
@@ -139,8 +187,9 @@ def test_killed_driver_a_failing_rerun_and_a_retried_batch_end_in_the_local_byte
         return proc
 
     try:
-        killed = watched(cli_env())
+        killed = watched(audited_env(audit))
         wait_for(lambda: len(list(parts.glob("part-*.npz"))) >= 2, 300, "two parts")
+        assert _gcs_speaks_grpc(watches[0])  # what --address checks a head by
         assert killed.poll() is None, "embed finished before it could be killed"
         killed.send_signal(signal.SIGKILL)
         killed.communicate()
@@ -150,7 +199,9 @@ def test_killed_driver_a_failing_rerun_and_a_retried_batch_end_in_the_local_byte
             merged_bytes(out)  # the coverage check names the gap
 
         # every worker's first batch fails, and no retry is allowed
-        failing = watched(cli_env() | {"PLADA_RAISE_AT": "embed-batch@1"}, "--retries", "0")
+        failing = watched(
+            audited_env(audit) | {"PLADA_RAISE_AT": "embed-batch@1"}, "--retries", "0"
+        )
         _, stderr = failing.communicate(timeout=600)
         assert failing.returncode == 2, stderr
         error = stderr.strip().splitlines()[-1]
@@ -161,7 +212,7 @@ def test_killed_driver_a_failing_rerun_and_a_retried_batch_end_in_the_local_byte
 
         # the worker's second batch fails once: its call is retried, and the run finishes
         done = len(list(parts.glob("part-*.npz")))
-        resumed = watched(cli_env() | {"PLADA_RAISE_AT": "embed-batch@2"})
+        resumed = watched(audited_env(audit) | {"PLADA_RAISE_AT": "embed-batch@2"})
         stdout, stderr = resumed.communicate(timeout=600)
         assert resumed.returncode == 0, stdout + stderr
     finally:
@@ -179,6 +230,11 @@ def test_killed_driver_a_failing_rerun_and_a_retried_batch_end_in_the_local_byte
     assert "raylet" in names and "gcs_server" in names, names  # the watch saw Ray at work
     outside = {e for e in endpoints if not _loopback(e[1]) or (e[2] and not _loopback(e[2]))}
     assert not outside, outside
+    # every connect and lookup of every Python process of the three instances, as it
+    # happened (Ray's dashboard asks 169.254.169.254 unless plada stops it)
+    recorded = audit.read_text().splitlines()
+    assert any("dashboard.py" in line for line in recorded), recorded[:20]
+    assert not outside_connections(audit), outside_connections(audit)[:20]
 
 
 def test_engine_ray_without_the_extra_names_it(world, monkeypatch, capsys) -> None:
@@ -248,3 +304,57 @@ def test_an_address_where_no_cluster_answers_is_a_typed_error(world, capsys) -> 
         check_reachable(f"ray://127.0.0.1:{port}", timeout=2)
     with pytest.raises(ConfigError, match="HOST:PORT"):
         check_reachable("no-port-here")
+
+
+@contextlib.contextmanager
+def _server(answer: bytes | None):
+    """A TCP server on loopback that accepts and then says ``answer`` (None: nothing,
+    ever); its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                conn, _ = listener.accept()
+                held.append(conn)
+                if answer is not None:
+                    conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_a_port_that_accepts_and_never_speaks_is_a_typed_error_before_anything_is_written(
+    world,
+) -> None:
+    out = world["root"] / "emb-silent"
+    with _server(None) as port:
+        run = subprocess.run(
+            ray_embed(world, out, "--address", f"127.0.0.1:{port}"),
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert run.returncode == 2, run.stderr[-2000:]
+    error = run.stderr.strip().splitlines()[-1]
+    assert "EngineError" in error and "said nothing" in error and "Traceback" not in run.stderr
+    assert not out.exists()  # no meta.json, manifest or parts/ for a cluster never joined
+    from sender.embedding.ray_engine import check_reachable
+
+    with (
+        _server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as port,
+        pytest.raises(EngineError, match="is not a gRPC server"),
+    ):
+        check_reachable(f"127.0.0.1:{port}", timeout=2)

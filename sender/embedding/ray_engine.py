@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -45,6 +46,22 @@ from trainer.faults import raise_point
 
 EXTRA = "distributed"
 BATCHES_PER_CALL = 4  # an actor decodes the later batches of a call while it embeds the first
+
+
+# Ray's head asks cloud metadata services which cloud it runs on even with usage stats
+# off (its dashboard process, for the usage report's cluster config: 169.254.169.254
+# and metadata.google.internal), and its TPU detection asks the GCE metadata server.
+# Every such lookup goes through HTTP proxies taken from the environment (requests,
+# urllib); a proxy on a closed loopback port makes each fail at once, on 127.0.0.1,
+# while gRPC and HTTP between the instance's own processes on loopback go direct.
+NO_OUTSIDE_LOOKUPS = {
+    name: value
+    for names, value in (
+        (("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"), "http://127.0.0.1:9"),
+        (("NO_PROXY", "no_proxy"), "127.0.0.1,localhost,::1"),
+    )
+    for name in names
+}
 
 
 def import_ray(loopback: bool = False) -> Any:
@@ -113,6 +130,7 @@ def start_ray(ray: Any, options: RayOptions, device: str) -> str:
                 "run 'plada-send embed --engine ray' in a fresh process"
             )
         gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+        os.environ.update(NO_OUTSIDE_LOOKUPS)  # the instance's processes inherit it
         ray.init(
             address="local",
             num_cpus=options.local_cpus or os.cpu_count() or 1,
@@ -125,28 +143,63 @@ def start_ray(ray: Any, options: RayOptions, device: str) -> str:
             # machine the idle ones only slow the start (about 3 s of 17 on 2 cores)
             _system_config={"prestart_worker_first_driver": False, "enable_worker_prestart": False},
         )
-        where = "started a local Ray instance on 127.0.0.1 only (dashboard off)"
+        where = (
+            "started a local Ray instance on 127.0.0.1 only (dashboard off, no metadata lookups)"
+        )
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     hint = "" if options.address else "; pass --address HOST:PORT to join a cluster"
     return f"{where}: {cpus:g} CPUs, {gpus:g} GPUs{hint}"
 
 
+# an HTTP/2 client's connection preface and an empty SETTINGS frame (RFC 9113, 3.4): a
+# gRPC server (Ray's GCS, its client server) answers with a SETTINGS frame of its own
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = 4
+
+
 def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, with a typed error, when nothing answers at a cluster address (Ray
-    itself keeps retrying an unreachable head for minutes)."""
+    """Fail fast, with a typed error, unless a gRPC server answers at a cluster address:
+    Ray itself keeps retrying an unreachable head for minutes, and waits as long on a
+    port that accepts connections and never speaks."""
     if address == "auto":
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--address must look like HOST:PORT or ray://HOST:PORT, not {address!r}")
+    fix = (
+        "start the head with 'ray start --head' or check --address ('ray status' on the "
+        "head prints it)"
+    )
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            sock.sendall(HTTP2_PREFACE)
+            answer = _read_at_most(sock, 9, time.monotonic() + timeout)
     except OSError as exc:
         raise EngineError(
-            f"nothing answers at the Ray cluster address {address} ({exc}): start the head "
-            "with 'ray start --head' or check --address ('ray status' on the head prints it)"
+            f"nothing answers at the Ray cluster address {address} ({exc}): {fix}"
         ) from exc
+    if len(answer) < 9 or answer[3] != HTTP2_SETTINGS:
+        said = "said nothing" if not answer else "is not a gRPC server"
+        raise EngineError(
+            f"the service at the Ray cluster address {address} {said} within {timeout:g} s "
+            f"(a Ray head answers at once): {fix}"
+        )
+
+
+def _read_at_most(sock: socket.socket, count: int, deadline: float) -> bytes:
+    """Up to ``count`` bytes from ``sock``, whatever has come by ``deadline``."""
+    data = b""
+    while len(data) < count and (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(count - len(data))
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def actor_pool(ray: Any, options: RayOptions, device: str) -> tuple[int, float, float]:
