@@ -71,7 +71,7 @@ class FrameSettings:
     """How much the frames inbox may hold."""
 
     max_transfers: int = 64
-    max_log_bytes: int = 64 << 20
+    max_log_bytes: int = 16 << 20  # about 390 B of memory per frame held: <= ~110 MB
     expire_seconds: float = 7 * 86400.0
     max_payload_bytes: int = 1 << 20  # frames of longer transfers are dropped unread
     max_done_records: int = 4096
