@@ -265,7 +265,7 @@ class FramesInbox:
             self._late.add(frame.transfer)
             return 0  # a late frame of a finished transfer
         if frame.transfer not in self.transfers:
-            self._make_room(now)
+            self._make_room()
         return self._accept(frame, data, now)
 
     def _accept(self, frame: Frame, data: bytes, now: float, logged: bool = False) -> int:
@@ -324,7 +324,7 @@ class FramesInbox:
         )
         self._close(transfer, done=False)
 
-    def _make_room(self, now: float) -> None:
+    def _make_room(self) -> None:
         """Evict partial transfers while a new one would break the count quota."""
         while self.transfers and len(self.transfers) + 1 > self.settings.max_transfers:
             self._evict(self._weakest(spare=None))
