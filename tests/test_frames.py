@@ -164,6 +164,14 @@ def test_the_frame_vector_is_reproduced_bit_for_bit() -> None:
     assert _assemble([bytes.fromhex(f) for f in vector["frames"][2:]]) == payload
 
 
+def test_the_tagged_frame_vector_is_reproduced_bit_for_bit() -> None:
+    vector = json.loads((VECTOR.parent / "frames-tagged-acoustic-64.json").read_text())
+    payload, key = bytes.fromhex(vector["payload"]), bytes.fromhex(vector["link_key"])
+    frames = FrameEncoder(payload, vector["frame_bytes"], key=key).frames(vector["repair"])
+    assert [frame.hex() for frame in frames] == vector["frames"]
+    assert all(frame[0] == 0xF3 for frame in frames)
+
+
 def test_plada_send_frames_writes_files_and_streams(tmp_path) -> None:
     payload = Path(__file__).parent / "vectors" / "signed-audience-v4.plada"
     for extra in ([], ["--stream"]):
