@@ -24,7 +24,8 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
-# the full soak of the receiver daemon (200 intake passes, 3 SIGKILLs; under a minute)
+# the full soak of the receiver daemon (200 intake passes, framed payloads among forged
+# and junk frames, 3 SIGKILLs; under a minute)
 soak: $(STAMP)
 	PLADA_SOAK=full $(PY) -m pytest -q -s tests/test_soak.py
 
