@@ -104,25 +104,14 @@ def test_inbox_entries_are_queued_or_quarantined_with_a_typed_reason(data: bytes
     assert outcome in ("accepted", "ignored") or outcome.endswith("Error"), outcome
 
 
-def test_bounded_atheris_run(tmp_path) -> None:
-    """20,000 coverage-guided inputs through the real harness: no crash, no hang, and the
-    run gets past the signature into the body decoders."""
+def _atheris_run(tmp_path, runs: int, seed: int, *mode: str) -> dict:
+    """A coverage-guided campaign of ``runs`` inputs through the real driver; its stats,
+    once it has ended with status 0."""
     pytest.importorskip("atheris")
     stats = tmp_path / "stats.json"
+    args = [*mode, "--runs", str(runs), "--seed", str(seed), "--stats", str(stats)]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.fuzz_payload",
-            "--runs",
-            "20000",
-            "--seed",
-            "7",
-            "--stats",
-            str(stats),
-            "--corpus",
-            str(tmp_path / "corpus"),
-        ],
+        [sys.executable, "-m", "benchmarks.fuzz_payload", *args, "--corpus", str(tmp_path / "c")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -130,7 +119,13 @@ def test_bounded_atheris_run(tmp_path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(stats.read_text())
+    return json.loads(stats.read_text())
+
+
+def test_bounded_atheris_run(tmp_path) -> None:
+    """20,000 coverage-guided inputs through the real harness: no crash, no hang, and the
+    run gets past the signature into the body decoders."""
+    report = _atheris_run(tmp_path, 20000, 7)
     assert report["inputs"] == 20000 and report["crashes"] == 0
     outcomes = report["rejections_by_type"]
     assert report["accepted"] > 0 and report["modes"].keys() == set(MODES)
@@ -155,17 +150,5 @@ def test_arbitrary_link_input_gives_a_result_or_a_typed_error(mode: str, data: b
 @pytest.mark.parametrize("mode", LINK_MODES)
 def test_bounded_atheris_run_of_the_link(tmp_path, mode: str) -> None:
     """5,000 coverage-guided inputs of each link campaign: no crash, no hang."""
-    pytest.importorskip("atheris")
-    stats = tmp_path / "stats.json"
-    run = ["--mode", mode, "--runs", "5000", "--seed", "3", "--stats", str(stats)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fuzz_payload", *run, "--corpus", str(tmp_path / "c")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(stats.read_text())
+    report = _atheris_run(tmp_path, 5000, 3, "--mode", mode)
     assert report["inputs"] == 5000 and report["crashes"] == 0
