@@ -220,6 +220,16 @@ def _symbol_bytes(length: int, mtu: int) -> int:
     return len(Encoder.with_defaults(probe, mtu).get_encoded_packets(0)[0]) - 4
 
 
+MAX_BLOCK_SYMBOLS = 56403  # RFC 6330's largest source block (K'max), raptorq's limit
+
+
+def source_blocks(length: int, symbol_bytes: int) -> int:
+    """How many source blocks raptorq splits a ``length``-byte payload of
+    ``symbol_bytes``-byte symbols into (as few as fit K'max symbols each)."""
+    symbols = -(-length // symbol_bytes)
+    return -(-symbols // MAX_BLOCK_SYMBOLS)
+
+
 def _fitting_mtu(length: int, frame_bytes: int, last_block: int = 0, trailer: int = 4) -> int:
     """The coding parameter for a payload of ``length`` in frames of ``frame_bytes``: the
     largest symbols that fit give the fewest frames, K; of the sizes that make K frames
@@ -333,6 +343,7 @@ class TransferAssembler:
         self._decoder = Decoder.with_defaults(self.length, self.mtu)
         self.symbol_bytes = _symbol_bytes(self.length, self.mtu)  # every frame's, in a transfer
         self.source_count = -(-self.length // self.symbol_bytes)
+        self.blocks = source_blocks(self.length, self.symbol_bytes)
         # RaptorQ decodes from K + 2 distinct symbols but for one time in a million: a
         # transfer that holds twice as many without decoding holds junk
         self.capacity = 2 * self.source_count + 32
@@ -358,6 +369,8 @@ class TransferAssembler:
                 f"frame holds a {len(frame.symbol)}-byte symbol; its transfer's are "
                 f"{self.symbol_bytes} bytes"
             )
+        if frame.block >= self.blocks:  # raptorq would panic (and print a backtrace)
+            raise FrameError(f"frame names block {frame.block}, which its transfer has not")
         if frame.key in self.held:
             self.duplicates += 1
             return None
@@ -365,10 +378,8 @@ class TransferAssembler:
             decoded = self._decoder.decode(frame.packet())
         except (KeyboardInterrupt, SystemExit):
             raise
-        except BaseException as exc:  # raptorq panics (a BaseException) on a foreign block
-            raise FrameError(
-                f"frame names block {frame.block}, which its transfer has not"
-            ) from exc
+        except BaseException as exc:  # a raptorq panic (a BaseException): kept out above
+            raise FrameError(f"frame cannot be decoded: {type(exc).__name__}") from exc
         self.held.add(frame.key)
         if decoded is None:
             if len(self.held) >= self.capacity:

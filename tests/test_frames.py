@@ -137,6 +137,37 @@ def test_stray_frames_with_a_valid_crc_are_dropped_and_the_transfer_goes_on(tmp_
     assert (home / "inbox" / f"frames-{transfer_id(payload).hex()}.plada").read_bytes() == payload
 
 
+@pytest.mark.parametrize(
+    ("length", "mtu"), [(1000, 8), (451_224, 8), (451_225, 8), (1_000_000, 8), (1_000_000, 24)]
+)
+def test_the_block_count_is_raptorqs(length: int, mtu: int) -> None:
+    """The assembler's block count (which keeps foreign blocks away from raptorq) is the
+    encoder's own, on both sides of the K'max boundary."""
+    from raptorq import Encoder
+
+    from protocol.frames import source_blocks
+
+    source = Encoder.with_defaults(bytes(length), mtu).get_encoded_packets(0)
+    assert source_blocks(length, len(source[0]) - 4) == source[-1][0] + 1
+
+
+def test_a_foreign_block_never_reaches_raptorq(capfd) -> None:
+    """A frame naming a block past the transfer's last is refused before the decoder, so
+    a flood of them cannot fill the device's log with raptorq's panic backtraces."""
+    from protocol.frames import Frame
+
+    frames = FrameEncoder(bytes(range(256)) * 2000, 64, mtu=8).frames()  # two blocks
+    last = parse_frame(frames[-1])
+    assert last.block == 1
+    assembler = TransferAssembler(last.transfer, last.length, last.mtu)
+    assert assembler.add(last) is None
+    for block in (2, 7, 255):
+        stray = Frame(last.transfer, last.length, last.mtu, block, 0, last.symbol)
+        with pytest.raises(FrameError, match=f"block {block}"):
+            assembler.add(stray)
+    assert "panicked" not in capfd.readouterr().err and len(assembler.held) == 1
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_are_a_typed_refusal(data: bytes) -> None:
