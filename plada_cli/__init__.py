@@ -8,12 +8,16 @@ contract both sides implement and knows nothing of argparse.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from protocol.atomic_files import path_error_text
 from protocol.errors import PladaError
 from protocol.reference.base import ReferenceSource
 from protocol.reference.factory import ReferenceLocation
@@ -21,6 +25,9 @@ from protocol.task_data import LabeledImages, load_labeled_images
 
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 128 + 13  # as if killed by SIGPIPE, like other Unix tools
+EXIT_INTERRUPTED = 128 + 2  # Ctrl-C (SIGINT), as a shell reports it
+# what a subcommand leaves when Ctrl-C stops it, unless it says more (``interrupted=``)
+INTERRUPTED_NOTE = "every output is written whole or not at all; run the command again"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -78,9 +85,12 @@ def build_command_line(
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand's ``func``.
 
-    A ``PladaError`` becomes one line on stderr (``prog: error: Type: message``)
-    and exit status 2; a reader that closes the pipe early (``| head``) ends the
-    output quietly; anything else is a bug and keeps its traceback.
+    A ``PladaError`` becomes one line on stderr (``prog: error: Type: message``) and exit
+    status 2; so does an operating-system error on a path the user gave (a missing or
+    read-only directory, a file where a directory belongs, a full disk). Ctrl-C is one
+    line saying what was kept (the subcommand's ``interrupted`` default) and exit 130.
+    A reader that closes the pipe early (``| head``) ends the output quietly; anything
+    else is a bug and keeps its traceback.
     """
     _prepare(parser)
     args, unknown = parser.parse_known_args(argv)
@@ -91,13 +101,58 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> i
         sys.stdout.flush()
         return status
     except PladaError as exc:
-        print(f"{parser.prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _error_line(parser.prog, type(exc).__name__, str(exc))
     except BrokenPipeError:
         # the rest of the output has nowhere to go: point stdout at /dev/null so that
         # the interpreter's final flush does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if exc.filename is None and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise  # not about a path or the disk: a bug
+        return _error_line(parser.prog, "StorageError", path_error_text(exc))
+    except KeyboardInterrupt:
+        note = getattr(args, "interrupted", None) or INTERRUPTED_NOTE
+        print(f"{parser.prog}: interrupted (Ctrl-C): {note}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+@dataclass
+class StopRequest:
+    """SIGINT or SIGTERM asked a long job to stop at its next safe point (a second
+    Ctrl-C stops it at once)."""
+
+    signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """While inside, SIGINT and SIGTERM set the yielded request instead of killing."""
+    request = StopRequest()
+
+    def handle(signum: int, _frame: object) -> None:
+        if request.signum == signal.SIGINT == signum:
+            raise KeyboardInterrupt  # asked twice: stop now
+        request.signum = signum
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _error_line(prog: str, kind: str, message: str) -> int:
+    print(f"{prog}: error: {kind}: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def add_reference_options(parser: argparse.ArgumentParser) -> None:

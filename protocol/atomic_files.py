@@ -7,6 +7,7 @@ returning, so the rename survives a power cut, not only a crash of the process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -117,8 +118,45 @@ def writable_directory(path: str | os.PathLike[str], what: str = "output directo
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        reason = exc.strerror or str(exc)
         raise StorageError(
-            f"cannot write to {what} {path}: {reason}; choose a writable directory"
+            f"cannot write to {what} {path}: {os_error_words(exc)}; choose a writable directory"
         ) from exc
     return path
+
+
+def writable_file_path(path: str | os.PathLike[str], what: str = "output file") -> Path:
+    """Check, before any work, that a file can be written at ``path``: its directory is
+    made if needed and takes a file, and no directory is in the way."""
+    path = Path(path)
+    if path.is_dir() or str(path).endswith(os.sep):
+        raise StorageError(f"{what} {path} is a directory; give a file name")
+    writable_directory(path.parent, f"the directory of {what}")
+    return path
+
+
+_OS_ERROR_WORDS = {
+    errno.ENOENT: "a directory on the way does not exist and cannot be made there",
+    errno.EEXIST: "a file is in the way of a directory",
+    errno.ENOTDIR: "a file is in the way of a directory",
+    errno.EISDIR: "a directory is in the way of a file",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+}
+
+
+def os_error_words(exc: OSError) -> str:
+    """What an operating-system error on a path means for the user, in words."""
+    reason = exc.strerror or type(exc).__name__
+    words = _OS_ERROR_WORDS.get(exc.errno)  # type: ignore[arg-type]
+    return f"{words} ({reason})" if words else reason
+
+
+def path_error_text(exc: OSError) -> str:
+    """An operating-system error on a path as one sentence naming the path and the fix."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"{os_error_words(exc)}{where}: free space and run the command again"
+    return f"cannot use {exc.filename}: {os_error_words(exc)}; choose another path"

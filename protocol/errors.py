@@ -147,3 +147,19 @@ class KeyFileError(ConfigError):
 
 class StorageError(PladaError):
     """A file could not be written (disk full, permissions); nothing half-written is left."""
+
+
+_UNSAFE_ADVICE = ("weights_only", "allow_pickle", "pickle", "trust the source")
+
+
+def exception_summary(exc: BaseException, limit: int = 160) -> str:
+    """A library's exception as a short clause for a one-line error: its type and the
+    first sentence of its first line, never a sentence that advises an unsafe load
+    (unpickling a file the library refused)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    safe = [line for line in lines if not any(word in line for word in _UNSAFE_ADVICE)]
+    first = (safe or lines or [""])[0].split(". ")[0]
+    if any(word in first for word in _UNSAFE_ADVICE):
+        first = ""
+    text = first if len(first) <= limit else first[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

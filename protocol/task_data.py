@@ -89,8 +89,11 @@ def load_labeled_images(
         raise TaskDataError(f"{path} does not exist: give a .npz file or an ImageFolder directory")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise TaskDataError(f"{path} is not a labeled .npz file: {exc}") from exc
+    except (OSError, ValueError, EOFError) as exc:  # numpy's own words may advise unsafe loads
+        raise TaskDataError(
+            f"{path} is not a labeled .npz file ({type(exc).__name__}): give a .npz saved with "
+            "numpy.savez (images, labels, class_names) or an ImageFolder directory"
+        ) from exc
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise TaskDataError(
             f"{path} is a single .npy array, not a labeled .npz: save images, labels and "

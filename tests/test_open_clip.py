@@ -47,6 +47,27 @@ def test_missing_or_unreadable_weights(tiny_clip, tmp_path) -> None:
     junk.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(WeightsError, match="cannot load"):
         OpenClipEmbedder(tiny_clip[0], junk)
+    pickled = tmp_path / "code-inside.pt"
+    torch.save({"visual.proj": print}, pickled)  # refused by the safe loader
+    for weights in (junk, pickled):
+        with pytest.raises(WeightsError) as refused:
+            OpenClipEmbedder(tiny_clip[0], weights)
+        text = str(refused.value)
+        assert "weights_only" not in text and "trust the source" not in text, text
+        assert "\n" not in text
+
+
+def test_a_pretrained_tag_not_in_the_cache_is_named_without_the_network(tmp_path, monkeypatch):
+    """open_clip would try the network (five times, about a minute, offline); plada looks
+    in the local caches only and names where the checkpoint belongs."""
+    from sender.embedding.embedders import OpenClipEmbedder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for tag in ("laion2b_s34b_b79k", "openai"):
+        with pytest.raises(WeightsError, match="is not on this machine") as missing:
+            OpenClipEmbedder("ViT-B-32", tag)
+        assert "plada never downloads" in str(missing.value)
 
 
 def test_probe_teacher_on_clip_embeddings_makes_a_valid_payload(tiny_clip, small_pool, tmp_path):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from protocol.atomic_files import fsync_directory, write_atomic
+from protocol.errors import exception_summary
 from trainer.faults import crash_point
 
 CHECKPOINT_FORMAT = 1
@@ -55,7 +56,11 @@ def load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any] | No
         except Exception as exc:  # torch raises many types for damaged files
             log.warning(
                 "checkpoint unreadable, trying an older one",
-                extra={"event": "checkpoint-unreadable", "file": str(candidate), "error": str(exc)},
+                extra={
+                    "event": "checkpoint-unreadable",
+                    "file": str(candidate),
+                    "error": exception_summary(exc),
+                },
             )
             continue
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from protocol.errors import ConfigError, WeightsError
+from protocol.errors import ConfigError, WeightsError, exception_summary
 
 SMALL_CNN = "small-cnn"
 
@@ -107,7 +107,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> list[str]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for unreadable files
-        raise WeightsError(f"weights file {path} is unreadable ({exc}); re-copy it") from exc
+        raise WeightsError(
+            f"weights file {path} is unreadable ({exception_summary(exc)}); re-copy it"
+        ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from protocol.errors import ConfigError, WeightsError
+from protocol.errors import ConfigError, WeightsError, exception_summary
 from sender.scoring.scores import l2_normalize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -88,16 +88,70 @@ def load_open_clip(model_name: str, pretrained: str | os.PathLike[str], device: 
                 f"{text!r} is neither a weights file nor a pretrained tag of {model_name} "
                 f"(tags: {', '.join(tags) or 'none'})"
             )
-        os.environ["HF_HUB_OFFLINE"] = "1"  # cached checkpoints only
-        source = f"pretrained tag {text!r} of {model_name}"
+        return _load_cached_tag(model_name, text, device)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=text, device=device
         )
     except Exception as exc:  # open_clip raises RuntimeError/KeyError/OSError on bad files
         raise WeightsError(
-            f"cannot load {source}: {exc}. Pass the path of a readable open_clip checkpoint "
-            "(tags work only when their checkpoint is already in the local cache)"
+            f"cannot load {source}: {exception_summary(exc)}; pass the path of a readable "
+            "open_clip checkpoint"
+        ) from exc
+    return model.eval(), preprocess
+
+
+def cached_tag_file(model_name: str, tag: str) -> Path:
+    """The local checkpoint of an open_clip pretrained tag, found without the network
+    (the Hugging Face cache, or open_clip's own ``~/.cache/clip``); a ``WeightsError``
+    naming where it was looked for, if it is not there."""
+    from open_clip import pretrained
+
+    cfg = pretrained.get_pretrained_cfg(model_name, tag)
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, named = os.path.split(cfg["hf_hub"])  # "org/model/" or "org/model/file"
+        names = [named] if named else [pretrained.HF_SAFE_WEIGHTS_NAME, pretrained.HF_WEIGHTS_NAME]
+        for name in names:
+            found = try_to_load_from_cache(repo, name)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+        where = f"the Hugging Face cache ({repo}: {' or '.join(names)})"
+    else:
+        local = Path("~/.cache/clip").expanduser() / os.path.basename(cfg.get("url", ""))
+        if cfg.get("url") and local.is_file():
+            return local
+        where = str(local)
+    raise WeightsError(
+        f"the checkpoint of pretrained tag {tag!r} of {model_name} is not on this machine "
+        f"(looked in {where}); copy it there or pass a weights file (plada never downloads)"
+    )
+
+
+def _load_cached_tag(model_name: str, tag: str, device: str):
+    """Model and preprocess of a cached pretrained tag, loaded from its file with the
+    tag's own preprocessing and activation; nothing reaches the network."""
+    import open_clip
+    from open_clip import pretrained
+
+    path = cached_tag_file(model_name, tag)
+    cfg = pretrained.get_pretrained_cfg(model_name, tag)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=str(path),
+            device=device,
+            force_quick_gelu=bool(cfg.get("quick_gelu", False)),
+            image_mean=cfg.get("mean"),
+            image_std=cfg.get("std"),
+            image_interpolation=cfg.get("interpolation"),
+            image_resize_mode=cfg.get("resize_mode"),
+        )
+    except Exception as exc:  # open_clip raises RuntimeError/KeyError/OSError on bad files
+        raise WeightsError(
+            f"cannot load the cached checkpoint {path} of tag {tag!r}: "
+            f"{exception_summary(exc)}; copy it again"
         ) from exc
     return model.eval(), preprocess
 
