@@ -95,6 +95,18 @@ def test_a_bomb_in_a_task_folder_is_a_typed_error(tmp_path: Path) -> None:
         load_labeled_images(tmp_path / "task", 32, 3)
 
 
+def test_a_picture_or_a_pickle_given_as_labeled_images_gets_no_unsafe_advice(tmp_path) -> None:
+    """numpy's own message for these ends in "you can load it unsafely using the
+    allow_pickle= keyword"; plada's names the right file kinds instead."""
+    picture, pickled = tmp_path / "photo.png", tmp_path / "objects.npy"
+    picture.write_bytes(_jpeg())
+    np.save(pickled, np.array([{"label": 1}], dtype=object), allow_pickle=True)
+    for path in (picture, pickled):
+        with pytest.raises(TaskDataError, match=r"not a labeled \.npz file") as refused:
+            load_labeled_images(path, 32, 3)
+        assert "allow_pickle" not in str(refused.value) and "unsafe" not in str(refused.value)
+
+
 def test_odd_names_in_an_image_folder_are_skipped_and_reported(tmp_path: Path) -> None:
     root = tmp_path / "ref"
     for folder in ("n001", "n002"):

@@ -147,6 +147,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
     from receiver.daemon import DaemonConfig, run_daemon
     from receiver.http_upload import HttpLimits
 
+    writable_directory(args.home, "--home")
     config = DaemonConfig(
         home=args.home,
         reference=reference_location(args),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from protocol.atomic_files import writable_directory
 from protocol.errors import ConfigError
 from receiver.commands.options import TRUST_ENV, Subparsers, trust_dir
 from receiver.errors import TrustStoreError
@@ -46,7 +47,7 @@ def _store_dir(args: argparse.Namespace) -> Path:
 def _run_add(args: argparse.Namespace) -> int:
     from protocol.signing import SenderKey
 
-    folder = _store_dir(args)
+    folder = writable_directory(_store_dir(args), "the trust store")
     for path in args.keys:
         key = SenderKey.load(path)
         written = add_key(folder, key)
@@ -64,6 +65,11 @@ def _run_remove(args: argparse.Namespace) -> int:
 
 def _run_list(args: argparse.Namespace) -> int:
     folder = _store_dir(args)
+    if not folder.is_dir():
+        raise TrustStoreError(
+            f"there is no trust store at {folder}: check the path, or trust a sender first "
+            "with `plada-receive trust add`"
+        )
     store = load_trust_store(folder)
     for key in store:
         print(f"{key.sender}\t{key.key_id.hex()}\t{key.public_key.hex()}")

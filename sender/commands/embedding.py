@@ -4,10 +4,10 @@ merged into one store, and indexed with FAISS."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from plada_cli import add_reference_options, reference_location
+from protocol.atomic_files import writable_directory
 from protocol.errors import ConfigError
 from protocol.reference.encoded import TENSOR_DECODERS
 from sender.commands.options import Subparsers, add_clip_options, parse_bytes
@@ -48,7 +48,10 @@ def add_embed(sub: Subparsers) -> None:
     emb.add_argument("--out", required=True, help="embeddings directory")
     emb.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_engine_options(emb)
-    emb.set_defaults(func=_run_embed)
+    emb.set_defaults(
+        func=_run_embed,
+        interrupted="finished parts are kept in --out; the same command resumes from them",
+    )
 
 
 def _add_engine_options(emb: argparse.ArgumentParser) -> None:
@@ -121,7 +124,7 @@ def _run_embed(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         thumbnails=args.thumbnails,
     )
-    job = EmbedJob(reference_location(args), Path(args.out), settings)
+    job = EmbedJob(reference_location(args), writable_directory(args.out, "--out"), settings)
     summary = _engine(args).embed(job)
     print(
         f"shard {args.shard}: {summary.parts_in_slice} of {summary.parts_total} parts, "

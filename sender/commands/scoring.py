@@ -5,7 +5,6 @@ embeddings (``--embeddings``)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from plada_cli import (
     add_reference_options,
@@ -13,6 +12,7 @@ from plada_cli import (
     reference_location,
     task_images_for,
 )
+from protocol.atomic_files import writable_directory
 from protocol.errors import ConfigError
 from sender.commands.options import Subparsers, add_clip_options, add_quiet, clip_embedder
 from sender.scoring.teacher_kinds import EMBEDDINGS, IMAGES, TEACHERS, teacher_for
@@ -49,6 +49,7 @@ def add_score(sub: Subparsers) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
+    writable_directory(args.out, "--out")  # before any work
     if args.embeddings:
         report = _score_embeddings(args)
         what = "reference embeddings"
@@ -88,10 +89,11 @@ def _score_embeddings(args: argparse.Namespace) -> ScoreReport:
     if not args.clip_weights:
         raise ConfigError("--embeddings needs --clip-weights (the weights that embedded them)")
     from sender.embedding.embedders import OpenClipEmbedder
-    from sender.embedding.store import StoreMeta
+    from sender.embedding.store import EmbeddingStore
     from sender.scoring.embeddings import EmbeddingTask, StreamScoring, score_embeddings
 
-    model = args.clip_model or StoreMeta.load(Path(args.embeddings)).model
+    store = EmbeddingStore(args.embeddings)  # merged and whole, before the weights load
+    model = args.clip_model or store.meta.model
     task = EmbeddingTask.from_folders(args.task, args.train, args.test, args.classes, args.task_id)
     settings = StreamScoring(
         teacher=teacher,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from plada_cli import add_reference_options, reference_from_args, task_images_for
+from protocol.atomic_files import writable_file_path
 from protocol.errors import ConfigError, PladaError
 from protocol.timestamps import utc_text
 from sender.commands.options import (
@@ -171,6 +172,9 @@ def _sheet(args: argparse.Namespace) -> ContactSheet | None:
 def _run_select(args: argparse.Namespace) -> int:
     from sender.selection.payloads import PayloadOptions, byte_budget, make_payload
 
+    writable_file_path(args.out, "--out")  # every output, before selecting and signing
+    if args.json:
+        writable_file_path(args.json, "--json")
     budget = byte_budget(args.max_bytes, args.link_bps, args.window)
     selection = _selection(args, budget)
     options = PayloadOptions(args.task_id, _signer(args), budget, _sheet(args))
@@ -208,7 +212,8 @@ def _print_payload(summary: PayloadSummary, args: argparse.Namespace) -> None:
         )
     print(
         f"payload {args.out}: {summary.payload_bytes} bytes "
-        f"(information bound {summary.information_bound_bytes:.0f} bytes)"
+        f"(a uniformly random selection of as many images takes at least "
+        f"{summary.information_bound_bytes:.0f} bytes)"
     )
     _print_origin(summary, args)
 

@@ -4,6 +4,7 @@ set and its signing key."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,6 +58,11 @@ def add_keygen(sub: Subparsers) -> None:
 def _run_keygen(args: argparse.Namespace) -> int:
     from sender.signer import generate_key_files
 
+    if args.out.endswith(("/", os.sep)) or Path(args.out).is_dir():
+        raise ConfigError(
+            f"--out {args.out} is a directory; --out is a path prefix (it writes OUT.key and "
+            f"OUT.pub): give {Path(args.out) / args.sender_id}"
+        )
     writable_directory(Path(args.out).parent, "the --out directory")
     key = generate_key_files(args.sender_id, args.out, args.encrypt)
     print(f"sender {key.sender}: key id {key.key_id.hex()}")
