@@ -32,7 +32,13 @@ from typing import Protocol
 
 from protocol.errors import PayloadLimitError, ReplayError
 from protocol.manifest import ReferenceManifest
-from protocol.payload import MAX_PAYLOAD_BYTES, Payload, decode_payload, read_payload_bytes
+from protocol.payload import (
+    MAX_PAYLOAD_BYTES,
+    Payload,
+    check_framing,
+    decode_payload,
+    read_payload_bytes,
+)
 from protocol.trust import TrustPolicy, TrustStore
 from receiver.ledger import SequenceLedger
 from receiver.trust_store import TrustOptions, load_trust_store
@@ -55,9 +61,11 @@ class Received:
 
 
 def read_received(path: str | os.PathLike[str], max_bytes: int = MAX_PAYLOAD_BYTES) -> Received:
-    """The bytes of a payload file, hashed once (a missing, unreadable or oversized file
-    is a ``PayloadError``)."""
-    return Received.of(read_payload_bytes(path, max_bytes), str(path))
+    """The bytes of a payload file, hashed once (a missing, unreadable, oversized, empty
+    or torn file is a ``PayloadError``, before any reference set is opened)."""
+    data = read_payload_bytes(path, max_bytes)
+    check_framing(data, max_bytes)
+    return Received.of(data, str(path))
 
 
 class AcceptanceHistory(Protocol):

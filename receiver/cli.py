@@ -4,6 +4,7 @@ plada-receive trust add SENDER.pub --trust DIR        trust a sender's public ke
 plada-receive trust reset-sequence SENDER --home DIR  forget a sender's last sequence number
 plada-receive verify PAYLOAD --reference SPEC --trust DIR
 plada-receive train PAYLOAD --reference SPEC --trust DIR [--holdout test.npz] --out DIR
+plada-receive frames DIR --out PAYLOAD                 decode received frame files, no daemon
 plada-receive daemon --home DIR --reference SPEC      watch an inbox, train every payload
 plada-receive status --home DIR                       queue, current job, progress
 plada-receive reply-key --home DIR                    the key replies to frames are MACed with
@@ -17,7 +18,7 @@ import argparse
 import sys
 
 from plada_cli import add_reference_options, build_command_line, print_reference, run_cli
-from receiver.commands import daemon, payloads, trust
+from receiver.commands import daemon, frames, payloads, trust
 from receiver.commands.options import Subparsers
 
 
@@ -31,6 +32,7 @@ SUBCOMMANDS = (
     _add_reference,
     payloads.add_verify,
     payloads.add_train,
+    frames.add_frames,
     daemon.add_daemon,
     daemon.add_reply_key,
     daemon.add_status,

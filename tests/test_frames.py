@@ -449,3 +449,67 @@ def test_a_forged_frame_with_a_genuine_header_never_closes_the_transfer(tmp_path
     key = reply_key(home)
     states = {decode_reply(p.read_bytes(), key).state for p in (home / "outbox").iterdir()}
     assert ReplyState.REFUSED not in states
+
+
+def test_frames_refuse_what_is_not_a_whole_signed_payload(tmp_path) -> None:
+    """A picture, a torn payload or an unsigned one never goes on the air: one line,
+    exit 2, no frame written."""
+    signed = (Path(__file__).parent / "vectors" / "signed-audience-v4.plada").read_bytes()
+    files = {
+        "picture.png": (b"\x89PNG\r\n\x1a\n" + bytes(3000), "NotAPayloadError"),
+        "torn.plada": (signed[:-40], "is not a whole plada payload"),
+        "unsigned.plada": (
+            (Path(__file__).parent / "vectors" / "delta-varint-zstd.plada").read_bytes(),
+            "UnsignedPayloadError",
+        ),
+    }
+    for name, (data, error) in files.items():
+        (tmp_path / name).write_bytes(data)
+        out = tmp_path / f"out-{name}"
+        args = ["frames", str(tmp_path / name), "--link", "lora-sf9", "--out", str(out)]
+        proc = subprocess.run(
+            [*cli("plada-send"), *args],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2 and error in proc.stderr, (name, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists(), name
+
+
+def test_plada_receive_frames_decodes_a_folder_without_a_daemon(tmp_path) -> None:
+    """Frame files with losses, a forged frame with a genuine header and a foreign
+    coding, and junk: the folder still decodes to the payload's bytes; too few frames
+    is one line naming how many are held."""
+    from protocol.frames import Frame, build_frame
+
+    payload = (Path(__file__).parent / "vectors" / "signed-audience-v4.plada").read_bytes()
+    frames = FrameEncoder(payload, 110).frames(repair=8)
+    genuine = parse_frame(frames[0])
+    forged = [
+        build_frame(replace_symbol(genuine, bytes(len(genuine.symbol)))),
+        build_frame(Frame(genuine.transfer, genuine.length + 7, genuine.mtu, 0, 3, b"x" * 9)),
+    ]
+    folder = tmp_path / "received"
+    folder.mkdir()
+    kept = [f for n, f in enumerate(frames) if n % 4 != 1]  # a quarter lost
+    for number, frame in enumerate([*forged, *kept]):
+        (folder / f"{number:04d}.frame").write_bytes(frame)
+    (folder / "9999.frame").write_bytes(b"static on the channel")
+    out = tmp_path / "task.plada"
+    command = [*cli("plada-receive"), "frames", str(folder), "--out", str(out)]
+    proc = subprocess.run(command, env=cli_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == payload and "1 damaged" in proc.stdout
+    for path in sorted(folder.iterdir())[6:]:
+        path.unlink()
+    out.unlink()
+    short = subprocess.run(command, env=cli_env(), capture_output=True, text=True)
+    assert short.returncode == 2 and "no transfer is complete" in short.stderr, short.stderr
+    assert len(short.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def replace_symbol(frame, symbol: bytes):
+    from dataclasses import replace
+
+    return replace(frame, symbol=symbol)

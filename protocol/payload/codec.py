@@ -562,6 +562,12 @@ def _check_origin(data: bytes, frame: _Frame, trust: TrustPolicy | None) -> Send
     return stamp
 
 
+def check_framing(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+    """Check a payload's magic, version and framing lengths (nothing variable is parsed,
+    nothing is trusted): the cheap first test of a file, before a reference set opens."""
+    _frame(bytes(data), max_bytes)
+
+
 def decode_header(data: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, object]:
     """The header map of a payload after checking its framing (the body is not decoded;
     a signature is not checked)."""

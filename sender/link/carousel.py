@@ -22,11 +22,11 @@ from typing import BinaryIO
 
 from protocol.errors import ConfigError, ReplyError, StorageError
 from protocol.frames import STREAM_LENGTH, FrameEncoder, LinkProfile
-from protocol.payload import read_payload_bytes
 from protocol.replies import Reply, ReplyState, decode_reply, split_replies
 from protocol.shared_keys import read_key_file, read_link_key_file
 from protocol.timestamps import duration_text
 from sender.errors import TransferRefusedError
+from sender.link.outgoing import read_signed_payload
 
 MAX_REPLY_FILE_BYTES = 64 << 10  # a reply file is 24 bytes; anything far larger is junk
 
@@ -232,7 +232,7 @@ def send_carousel(
     from tqdm import tqdm
 
     key = read_link_key_file(settings.link_key) if settings.link_key else None
-    encoder = FrameEncoder(read_payload_bytes(payload_path), profile.frame_bytes, key=key)
+    encoder = FrameEncoder(read_signed_payload(payload_path), profile.frame_bytes, key=key)
     watch = None
     if settings.until_done is not None:
         key = read_reply_key_file(settings.reply_key)  # type: ignore[arg-type]

@@ -14,9 +14,9 @@ from pathlib import Path
 from protocol.atomic_files import atomic_outputs, create_secret_file, writable_directory
 from protocol.errors import ConfigError, StorageError
 from protocol.frames import FrameEncoder, LinkProfile, pack_stream
-from protocol.payload import read_payload_bytes
 from protocol.shared_keys import key_text, new_shared_key, read_link_key_file
 from protocol.timestamps import duration_text
+from sender.link.outgoing import read_signed_payload
 
 
 def make_link_key(out: str | Path) -> Path:
@@ -88,7 +88,7 @@ def write_frames(
     length-prefixed frames), written atomically; tagged with the key in the file
     ``link_key``, if given."""
     key = read_link_key_file(link_key) if link_key else None
-    data = read_payload_bytes(payload_path)
+    data = read_signed_payload(payload_path)
     encoder = FrameEncoder(data, profile.frame_bytes, key=key)
     repairs = parse_repair(repair, encoder.source_count)
     frames = encoder.frames(repairs)
