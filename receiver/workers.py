@@ -16,6 +16,8 @@ import socket
 import threading
 from pathlib import Path
 
+from protocol.errors import ConfigError
+
 LOCK_SUFFIX = ".lock"
 
 
@@ -82,3 +84,25 @@ def live_owners(directory: Path) -> list[str]:
         return []
     owners = [p.name[: -len(LOCK_SUFFIX)] for p in directory.glob("*" + LOCK_SUFFIX)]
     return [owner for owner in owners if owner_alive(directory, owner)]
+
+
+OUTPUT_LOCK = ".train.lock"
+
+
+class OutputDirLock:
+    """An exclusive hold on a ``train --out`` directory for one process's life, so two
+    runs never write the same checkpoint and outputs."""
+
+    def __init__(self, out: Path) -> None:
+        self._fd = os.open(Path(out) / OUTPUT_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise ConfigError(
+                f"another `plada-receive train` is writing to --out {out}: wait for it to "
+                "finish, or choose another --out"
+            ) from None
+
+    def release(self) -> None:
+        os.close(self._fd)  # closing drops the lock; the empty file stays

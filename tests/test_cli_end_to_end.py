@@ -493,3 +493,89 @@ def test_the_contact_sheet_shows_what_the_payload_teaches(flow) -> None:
     with Image.open(sheet) as image:
         width, height = image.size
     assert width > 600 and height > 10 * 60  # ten class rows of sample images
+
+
+EMBED_WITHOUT_OUT = ["plada-send", "embed", "--clip-model", "m", "--clip-weights", "w"]
+
+
+def test_path_mistakes_are_one_line_storage_errors(flow) -> None:
+    """A missing or read-only parent, or a file where a directory belongs, given to any
+    command's output or state path: exit 2, one line naming the path, no traceback."""
+    root = flow["root"]
+    blocker = root / "a-file"
+    blocker.write_text("not a directory")
+    pub = f"{flow['key']}.pub"
+    cases = {
+        "score --out /proc": ["plada-send", "score", "--train", "x.npz", "--out", "/proc/scored"],
+        "score --out a file": ["plada-send", "score", "--train", "x.npz", "--out", str(blocker)],
+        "embed --out a file": [*EMBED_WITHOUT_OUT, "--out", str(blocker)],
+        "trust add /proc": ["plada-receive", "trust", "add", pub, "--trust", "/proc/trust"],
+        "trust add a file": ["plada-receive", "trust", "add", pub, "--trust", str(blocker)],
+        "daemon --home /proc": ["plada-receive", "daemon", "--home", "/proc/home"],
+        "daemon --home a file": ["plada-receive", "daemon", "--home", str(blocker / "home")],
+    }
+    for case, (name, *args) in cases.items():
+        failed = run([*cli(name), *args], flow["env"], expect=2)
+        lines = failed.stderr.strip().splitlines()
+        assert len(lines) == 1 and "StorageError" in lines[0], (case, failed.stderr)
+        assert "Traceback" not in failed.stderr, case
+    assert blocker.read_text() == "not a directory"
+
+
+def test_a_typo_in_a_store_or_a_key_prefix_is_an_error(flow) -> None:
+    missing = flow["root"] / "no-such-store"
+    listed = run(
+        [*cli("plada-receive"), "trust", "list", "--trust", str(missing)], flow["env"], expect=2
+    )
+    assert "TrustStoreError: there is no trust store at" in listed.stderr
+    assert not missing.exists()
+    keys = flow["root"] / "keys-dir"
+    keys.mkdir()
+    for out in (f"{keys}/", str(keys)):
+        made = run(
+            [*cli("plada-send"), "keygen", "--sender-id", "s2", "--out", out], flow["env"], 2
+        )
+        assert f"give {keys / 's2'}" in made.stderr, made.stderr
+    assert not list(keys.iterdir())  # no hidden .key / .pub
+
+
+def test_train_stopped_by_a_signal_keeps_its_checkpoint_and_resumes(flow) -> None:
+    """Ctrl-C (exit 130) or SIGTERM (143) to `train`: one line, a checkpoint kept; the
+    same command resumes from it and finishes."""
+    import signal
+    import subprocess
+
+    out = flow["root"] / "student-stopped"
+    command = [
+        *cli("plada-receive"), "train", str(flow["payload"]), "--reference", SMALL_SPEC,
+        "--trust", str(flow["trust"]), "--cache-dir", str(flow["receiver_cache"]),
+        "--ledger", str(flow["root"] / "stop-ledger.sqlite"),
+        "--min-steps", "150", "--max-steps", "150", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    checkpoint = out / ".job" / "seed0.ckpt"
+    for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        proc = subprocess.Popen(
+            command, env=flow["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        while not proc.stdout.readline().startswith("accepted"):  # signals stop it from here
+            assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == status, stdout + stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and "checkpoint is kept in" in lines[0], stderr
+        assert checkpoint.is_file()
+    from receiver.workers import OutputDirLock
+
+    held = OutputDirLock(out)  # as a second `train` into the same --out would
+    try:
+        busy = run(command, flow["env"], expect=2)
+    finally:
+        held.release()
+    assert "another `plada-receive train` is writing to --out" in busy.stderr
+    finished = run(command, flow["env"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["runs"][0]["resumed_from_step"] > 0, finished.stdout
+    assert not checkpoint.exists() and "earlier result" not in finished.stdout
+    again = run(command, flow["env"])
+    assert "the report below is that earlier result" in again.stdout

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from plada_cli import add_reference_options, reference_from_args, task_images_for
+from plada_cli import (
+    add_reference_options,
+    reference_from_args,
+    stop_on_signals,
+    task_images_for,
+)
 from protocol.atomic_files import writable_directory
 from protocol.errors import PladaError
 from protocol.payload import Payload
@@ -31,6 +37,7 @@ from receiver.commands.options import (
     trust_options,
 )
 from receiver.ledger import LEDGER_FILE, SequenceLedger
+from receiver.workers import OUTPUT_LOCK, OutputDirLock
 
 
 def add_verify(sub: Subparsers) -> None:
@@ -124,8 +131,10 @@ def _run_train(args: argparse.Namespace) -> int:
     # every local argument is checked before the payload is accepted: a mistake here
     # must not use it up, nor leave an empty --out behind
     created = not Path(args.out).exists()
+    out = writable_directory(args.out, "--out")
+    lock = None
     try:
-        out = writable_directory(args.out, "--out")
+        lock = OutputDirLock(out)
         holdout = task_images_for(args.holdout, reference, "holdout") if args.holdout else None
         settings = job_settings(args)  # from here on torch is loaded
         from receiver.job import check_trainable, claim_output_dir, job_identity, started_with
@@ -140,16 +149,45 @@ def _run_train(args: argparse.Namespace) -> int:
             check=lambda payload: check_trainable(payload, reference, settings, holdout),
         )
     except PladaError:
-        if created:
+        if lock is not None:
+            lock.release()
+            if created:
+                with contextlib.suppress(OSError):
+                    (out / OUTPUT_LOCK).unlink()
+                    out.rmdir()
+        elif created:
             with contextlib.suppress(OSError):
-                Path(args.out).rmdir()
+                out.rmdir()
         raise
-    from receiver.job import run_job
-    from receiver.job_report import REPORT_FILE, summarize
+    return _train_accepted(accepted, reference, out, settings, holdout, args.quiet)
 
-    verb = "accepted before on this device, training again" if accepted.again else "accepted"
-    print(f"{verb}: {_origin(accepted.payload)}")
-    report = run_job(accepted, reference, out, settings, holdout, not args.quiet)
+
+def _train_accepted(accepted, reference, out: Path, settings, holdout, quiet: bool) -> int:
+    """Train (or resume) under SIGINT/SIGTERM that stop at a checkpoint; print the report.
+    From the "accepted" line on, a signal stops the training at its next step."""
+    with stop_on_signals() as stop:
+        verb = "accepted before on this device, training again" if accepted.again else "accepted"
+        print(f"{verb}: {_origin(accepted.payload)}", flush=True)
+        from receiver.job import JobControl, run_job
+        from receiver.job_report import REPORT_FILE, summarize
+        from trainer.training import TrainingInterrupted
+
+        earlier = (out / REPORT_FILE).is_file()  # claimed above: this payload's, these settings
+        try:
+            control = JobControl(should_stop=stop)
+            report = run_job(accepted, reference, out, settings, holdout, not quiet, control)
+        except TrainingInterrupted as exc:
+            print(
+                f"plada-receive: stopped at step {exc.step}; its checkpoint is kept in {out}: "
+                "the same command resumes from it",
+                file=sys.stderr,
+            )
+            return stop.exit_status
+    if earlier:
+        print(
+            f"{out} already held this payload's training with these settings: the report "
+            "below is that earlier result (train into a new --out to train again)"
+        )
     print(summarize(report))
     print(f"report: {out / REPORT_FILE}")
     return 0
