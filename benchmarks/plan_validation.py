@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.demo import run
+from benchmarks.demo_steps import run
 from benchmarks.heldout_targets import TARGETS, make_target
 
 FIXED = {  # make demo's fixed schemes, as plan candidate names

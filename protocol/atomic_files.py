@@ -124,6 +124,21 @@ def writable_directory(path: str | os.PathLike[str], what: str = "output directo
     return path
 
 
+def creatable_directory(path: str | os.PathLike[str], what: str = "output directory") -> Path:
+    """Check, writing nothing, that ``path`` is a writable directory or can be made as one
+    (its nearest existing ancestor is a writable directory): for commands that must
+    leave no trace when a later check fails. A :class:`StorageError` naming ``what``."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        problem = "a file is in the way of a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable (permission denied)"
+    else:
+        return path
+    raise StorageError(f"cannot write to {what} {path}: {problem}; choose a writable directory")
+
+
 def writable_file_path(path: str | os.PathLike[str], what: str = "output file") -> Path:
     """Check, before any work, that a file can be written at ``path``: its directory is
     made if needed and takes a file, and no directory is in the way."""

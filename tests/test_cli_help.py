@@ -59,5 +59,5 @@ def test_the_notebook_without_a_report_says_what_to_run(tmp_path, monkeypatch) -
     loader = "".join(notebook["cells"][1]["source"])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PLADA_REPORT", str(tmp_path / "absent.json"))
-    with pytest.raises(FileNotFoundError, match="run `make demo` first"):
+    with pytest.raises(FileNotFoundError, match="run `make compare` first"):
         exec(compile(loader, "demo_report.ipynb", "exec"), {})

@@ -206,7 +206,8 @@ def test_the_tagged_frame_vector_is_reproduced_bit_for_bit() -> None:
 def test_plada_send_frames_writes_files_and_streams(tmp_path) -> None:
     payload = Path(__file__).parent / "vectors" / "signed-audience-v4.plada"
     for extra in ([], ["--stream"]):
-        out = tmp_path / ("stream" if extra else "files")
+        # with --stream, --out names the stream file itself
+        out = tmp_path / ("frames.stream" if extra else "files")
         proc = subprocess.run(
             [
                 *cli("plada-send"),
@@ -227,7 +228,7 @@ def test_plada_send_frames_writes_files_and_streams(tmp_path) -> None:
         assert proc.returncode == 0, proc.stderr
         assert "11 source + 4 repair" in proc.stdout and "at 1760 bps" in proc.stdout
         frames = (
-            split_stream(next(out.iterdir()).read_bytes())
+            split_stream(out.read_bytes())
             if extra
             else [path.read_bytes() for path in sorted(out.iterdir())]
         )

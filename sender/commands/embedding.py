@@ -7,7 +7,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from plada_cli import add_reference_options, reference_location
-from protocol.atomic_files import writable_directory
+from protocol.atomic_files import creatable_directory
 from protocol.errors import ConfigError
 from protocol.reference.encoded import TENSOR_DECODERS
 from sender.commands.options import Subparsers, add_clip_options, parse_bytes
@@ -124,7 +124,7 @@ def _run_embed(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         thumbnails=args.thumbnails,
     )
-    job = EmbedJob(reference_location(args), writable_directory(args.out, "--out"), settings)
+    job = EmbedJob(reference_location(args), creatable_directory(args.out, "--out"), settings)
     summary = _engine(args).embed(job)
     print(
         f"shard {args.shard}: {summary.parts_in_slice} of {summary.parts_total} parts, "

@@ -35,7 +35,8 @@ def add_frames(sub: Subparsers) -> None:
     frames.add_argument(
         "--stream",
         action="store_true",
-        help="one stream file of length-prefixed frames instead of one file per frame",
+        help="one stream file of length-prefixed frames instead of one file per frame: "
+        "--out is that file (or, an existing folder, gets TRANSFER.frames)",
     )
     frames.add_argument(
         "--link-key",

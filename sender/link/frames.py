@@ -11,7 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.atomic_files import atomic_outputs, create_secret_file, writable_directory
+from protocol.atomic_files import (
+    atomic_outputs,
+    create_secret_file,
+    writable_directory,
+    writable_file_path,
+)
 from protocol.errors import ConfigError, StorageError
 from protocol.frames import FrameEncoder, LinkProfile, pack_stream
 from protocol.shared_keys import key_text, new_shared_key, read_link_key_file
@@ -75,6 +80,14 @@ class FramedTransfer:
         )
 
 
+def stream_path(out: str | Path, transfer: str) -> Path:
+    """Where ``--stream`` writes: ``out`` itself, or ``<transfer>.frames`` in it when it is
+    a directory (or ends with a slash)."""
+    if Path(out).is_dir() or str(out).endswith("/"):
+        return writable_directory(out, "--out") / f"{transfer}.frames"
+    return writable_file_path(out, "--out")
+
+
 def write_frames(
     payload_path: str | Path,
     profile: LinkProfile,
@@ -92,13 +105,13 @@ def write_frames(
     encoder = FrameEncoder(data, profile.frame_bytes, key=key)
     repairs = parse_repair(repair, encoder.source_count)
     frames = encoder.frames(repairs)
-    folder = writable_directory(out, "--out")
     transfer = encoder.transfer.hex()
     if stream:
-        paths = [folder / f"{transfer}.frames"]
+        paths = [stream_path(out, transfer)]
         with atomic_outputs(*paths, durable=True) as (handle,):
             handle.write(pack_stream(frames))
     else:
+        folder = writable_directory(out, "--out")
         paths = [folder / f"{transfer}-{number:06d}.frame" for number in range(len(frames))]
         with atomic_outputs(*paths, durable=True) as handles:
             for handle, frame in zip(handles, frames, strict=True):
