@@ -76,7 +76,7 @@ def build_command_line(
 ) -> argparse.ArgumentParser:
     """A command line of subcommands, each added by its own function, in order."""
     parser = argparse.ArgumentParser(prog=prog, description=description(docstring))
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in subcommands:
         add(sub)
     return parser
@@ -150,6 +150,11 @@ def stop_on_signals() -> Iterator[StopRequest]:
             signal.signal(signum, handler)
 
 
+def machine_cores() -> int:
+    """The CPU cores this process may run on (its affinity, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _error_line(prog: str, kind: str, message: str) -> int:
     print(f"{prog}: error: {kind}: {message}", file=sys.stderr)
     return EXIT_USER_ERROR
@@ -188,6 +193,12 @@ def task_images_for(
         print(
             f"{what}: converted {len(images)} images of {path} to {kind} {size}x{size}, "
             "as the reference set's"
+        )
+    if images.unreadable:
+        file, reason = images.unreadable[0]
+        print(
+            f"warning: {what}: skipped {len(images.unreadable)} unreadable image(s) of {path} "
+            f"(first: {file}: {reason})"
         )
     return images if name is None else replace(images, name=name)
 

@@ -33,6 +33,8 @@ class LabeledImages:
     labels: np.ndarray
     class_names: tuple[str, ...]
     name: str = "task"
+    # files of an ImageFolder that could not be read, skipped: (path, reason) each
+    unreadable: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -169,21 +171,33 @@ def image_folder_files(
 
 
 def _load_image_folder(root: Path, size: int, channels: int) -> LabeledImages:
+    """An ImageFolder's images, converted; unreadable files are skipped and listed (a
+    folder where none can be read is an error)."""
     from PIL import Image, UnidentifiedImageError
 
     from protocol.images import opened_image
 
-    files, labels, classes = image_folder_files(root)
+    files, all_labels, classes = image_folder_files(root)
     mode = {1: "L", 3: "RGB"}[channels]
-    images = []
-    for file in files:
+    images, kept, unreadable = [], [], []
+    for file, label in zip(files, all_labels, strict=True):
         try:
             with opened_image(file) as img:
                 converted = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            raise TaskDataError(f"cannot read image {file}: {exc}") from exc
+            unreadable.append((str(file), str(exc)))
+            continue
         array = np.asarray(converted, dtype=np.uint8)
         images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+        kept.append(label)
+    if not images:
+        file, reason = unreadable[0]
+        raise TaskDataError(f"{root}: no image could be read (first: {file}: {reason})")
+    labels = np.asarray(kept, dtype=np.int64)
     return LabeledImages(
-        images=np.stack(images), labels=labels, class_names=classes, name=task_name(root)
+        images=np.stack(images),
+        labels=labels,
+        class_names=classes,
+        name=task_name(root),
+        unreadable=tuple(unreadable),
     )

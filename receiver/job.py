@@ -453,6 +453,7 @@ def _job_report(job: _Job, runs: list[SeedRun], identity: JobIdentity, started: 
         train_config={k: v for k, v in asdict(train).items() if k != "seed"},
         runs=runs,
         holdout_images=None if job.holdout is None else len(job.holdout),
+        holdout_unreadable=0 if job.holdout is None else len(job.holdout.unreadable),
         accuracy_mean=float(np.mean(accuracies)) if accuracies else None,
         accuracy_std=float(np.std(accuracies)) if accuracies else None,
         training_seconds=round(sum(r.seconds for r in runs), 2),

@@ -56,6 +56,7 @@ class JobReport:
     training_seconds: float
     seconds: float
     curve_plot: str = CURVE_FILE
+    holdout_unreadable: int = 0  # holdout files skipped as unreadable
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> JobReport:
@@ -88,5 +89,10 @@ def summarize(report: JobReport) -> str:
         lines.append(
             f"holdout accuracy {report.accuracy_mean:.4f} +- {report.accuracy_std:.4f} "
             f"over {len(report.runs)} seed(s)"
+        )
+    if report.holdout_unreadable:
+        lines.append(
+            f"holdout: {report.holdout_images} images; {report.holdout_unreadable} unreadable "
+            "file(s) skipped"
         )
     return "\n".join(lines)
