@@ -196,5 +196,6 @@ def check_sequence(sender: str, sequence: int, last: int | None) -> None:
     raise RollbackError(
         f"payload {sequence} from sender {sender!r} is older than payload {last}, already "
         "accepted: a rollback; refused (payloads from one sender are accepted in sequence "
-        "order; the sender re-signs an old task to send it again)"
+        "order): to send this task again, the sender selects it again (`plada-send select` "
+        "on its work directory signs it with a newer sequence number)"
     )

@@ -17,7 +17,7 @@ from plada_cli import (
 )
 from protocol.atomic_files import writable_directory
 from protocol.errors import PladaError
-from protocol.payload import Payload
+from protocol.payload import Payload, SenderStamp
 from protocol.reference.base import ReferenceSource
 from protocol.timestamps import utc_text
 from receiver.acceptance import (
@@ -60,7 +60,25 @@ def _run_verify(args: argparse.Namespace) -> int:
     print(f"origin: {_origin(payload)}")
     if accepted.again:
         print("accepted before on this device: `train` trains it again without a replay check")
+    elif payload.sender is not None:
+        print(_order_note(args, payload.sender))
     return 0
+
+
+def _order_note(args: argparse.Namespace, stamp: SenderStamp) -> str:
+    """What accepting this payload means for the sender's others (rollbacks)."""
+    ledger = _ledger(args, read_only=True)
+    try:
+        last = ledger.last(stamp.sender) if ledger is not None else None
+    finally:
+        if ledger is not None:
+            ledger.close()
+    before = "none accepted here yet" if last is None else f"the last accepted here is {last}"
+    return (
+        f"order: {before}; once this one is accepted, payloads of {stamp.sender} signed "
+        f"before it (sequence < {stamp.sequence}) are refused here as rollbacks: train "
+        "older ones first, or have the sender select them again"
+    )
 
 
 def accept(
