@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.plada-installed
 
-.PHONY: demo test soak lint clean
+.PHONY: demo compare test soak lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m benchmarks.demo --work work/demo
+
+# every scheme, three seeds, the random controls and the pixel baseline, side by side
+compare: $(STAMP)
+	$(PY) -m benchmarks.compare --work work/demo
 
 # two test processes (pytest-xdist), each test file kept in one of them so that its
 # module fixtures are built once; the slowest tests are listed at the end

@@ -79,6 +79,7 @@ SCHEMES = (
     ),
 )
 PLAN = "plan"  # the payload the plan chose
+PLAN_FILES = "compare-plan"  # its plan, payload and students (`make demo` keeps "plan")
 BUDGET_SCHEME = "safety-1"  # the pixel baseline gets exactly this (signed) payload's byte budget
 
 
@@ -192,8 +193,8 @@ def sender_side(
     payloads = {s.name: station.select(s.name, scheme_flags(s), s.work) for s in schemes}
     flags = ["--screen-steps", str(max(1, round(0.4 * args.steps)))]
     flags += ["--confirm-steps", str(args.steps)]  # as the students below train
-    station.plan(flags + (["--keeps", args.plan_keeps] if args.plan_keeps else []))
-    payloads[PLAN] = station.select(PLAN, ["--plan", str(station.work / "plan")])
+    keeps = ["--keeps", args.plan_keeps] if args.plan_keeps else []
+    payloads[PLAN] = station.plan(flags + keeps, PLAN_FILES)
     return fingerprint, payloads
 
 
@@ -213,8 +214,8 @@ def main() -> None:
     receiver_fp = device.prepare()
     if receiver_fp != sender_fp:
         raise SystemExit(f"compare: reference fingerprints differ: {sender_fp} vs {receiver_fp}")
-    names = [scheme.name for scheme in schemes] + [PLAN]
-    students = {name: device.train(name, args) for name in names}
+    students = {scheme.name: device.train(scheme.name, args) for scheme in schemes}
+    students[PLAN] = device.train(PLAN_FILES, args)
 
     print("baseline: real target pixels in the same byte budget:")
     budget = payloads[BUDGET_SCHEME]["payload_bytes"]
@@ -328,7 +329,7 @@ def print_table(report: dict[str, Any], sender_fp: str, work: Path, seeds: int) 
         f"predicted {100 * plan_row['predicted_accuracy']:.1f}% "
         f"(short student on the validation split's thumbnails), real "
         f"{100 * plan_row['accuracy_mean']:.1f}%, {plan_row['payload_bytes']} bytes "
-        f"(plot: {work / 'plan' / 'plan.png'})"
+        f"(plot: {work / PLAN_FILES / 'plan.png'})"
     )
     sheet = work / "payloads" / f"{BUDGET_SCHEME}.selection.png"
     print(f"what the {BUDGET_SCHEME} payload teaches: {sheet}")

@@ -163,15 +163,18 @@ class Station:
                 "sender keygen (the station's signing key)",
             )
 
-    def plan(self, plan_flags: list[str]) -> None:
-        """The plan over the embeddings work directory."""
+    def plan(self, plan_flags: list[str], name: str = "plan") -> dict[str, Any]:
+        """The plan over the embeddings work directory into WORK/NAME, and the payload it
+        chooses (payloads/NAME.plada); its summary."""
         work = self.work
         cmd = ["plan", str(work / "sender"), *self.clip, *self.task, *plan_flags]
-        cmd += ["--out", str(work / "plan"), "--sender-id", STATION]
-        self._run(cmd, "plan", "sender plan (every candidate measured on thumbnails)")
+        cmd += ["--out", str(work / name), "--sender-id", STATION]
+        self._run(cmd, name, "sender plan (every candidate measured on thumbnails)")
+        return self.select(name, ["--plan", str(work / name)])
 
     def select(self, name: str, flags: list[str], work_dir: str = "sender") -> dict[str, Any]:
-        """Select and sign payload ``name``; its summary."""
+        """Select and sign payload ``name`` (its contact sheet drawn from the station's
+        pool); its summary."""
         out = self.work / "payloads" / f"{name}.plada"
         summary = self.work / "payloads" / f"{name}.json"
         self._run(
@@ -179,6 +182,7 @@ class Station:
                 "select",
                 str(self.work / work_dir),
                 *flags,
+                *self.reference,
                 "--signing-key",
                 str(self.key.with_suffix(".key")),
                 "--out",
@@ -233,7 +237,7 @@ class Device:
         self._run(
             ["train", str(self.work / "payloads" / f"{name}.plada"), *self.reference]
             + [*self.trust, "--holdout", str(self.work / "task/test.npz")]
-            + ["--seeds", *map(str, args.seeds), *steps, "--out", str(out)]
+            + ["--seeds", *map(str, args.seeds), *steps, "--out", str(out), "--overwrite"]
             + (["--no-export"] if args.no_export else []),
             f"train-{name}",
             f"receiver train {name}",

@@ -122,6 +122,8 @@ class PlanSettings:
             )
         if not self.keeps or not all(0 < keep <= 1 for keep in self.keeps):
             raise ConfigError(f"keep fractions must be in (0, 1], not {self.keeps}")
+        if not 0 <= self.confirm_share <= 1:
+            raise ConfigError(f"confirm share must be in [0, 1], not {self.confirm_share}")
         runs = (self.screen_steps, self.confirm_steps, self.batch_size, self.confirm_batch_size)
         if min(runs) < 1:
             raise ConfigError("proxy steps and batch size must be >= 1")
