@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# One compute thread per test process, and for every CLI it starts (they inherit the
+# environment): `make test` runs two processes on two cores, and two processes of two
+# OpenMP threads each spin-wait on each other's cores. A 10-second plan took 62 s beside
+# a second one with the default threads, 14 s with one thread each (benchmarks/RESULTS.md,
+# "Test suite"). Set before any test module imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 SMALL_CONCEPTS = (
     *(f"digit-{d}" for d in range(10)),
     "latin-upper-O",
