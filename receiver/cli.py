@@ -1,15 +1,17 @@
 """``plada-receive``: the edge device's command line.
 
-plada-receive trust add SENDER.pub --trust DIR        trust a sender's public key
-plada-receive trust reset-sequence SENDER --home DIR  forget a sender's last sequence number
-plada-receive verify PAYLOAD --reference SPEC --trust DIR
-plada-receive train PAYLOAD --reference SPEC --trust DIR [--holdout test.npz] --out DIR
-plada-receive frames DIR --out PAYLOAD                 decode received frame files, no daemon
-plada-receive daemon --home DIR --reference SPEC      watch an inbox, train every payload
-plada-receive status --home DIR                       queue, current job, progress
-plada-receive reply-key --home DIR                    the key replies to frames are MACed with
-plada-receive retry --home DIR JOB                    queue a failed job again (JOB: its number)
-plada-receive reference --reference SPEC              build/verify the local set
+  trust add SENDER.pub --trust DIR             trust a sender's public key
+  trust reset-sequence SENDER --home DIR       forget a sender's last sequence number
+  reference --reference SPEC                   build or check the local reference set
+  verify PAYLOAD --reference SPEC --trust DIR  check a payload; nothing is recorded
+  train PAYLOAD --reference SPEC --trust DIR [--holdout T] --out DIR
+  frames DIR --out PAYLOAD                     decode received frame files, no daemon
+  daemon --home DIR --reference SPEC           watch an inbox, train every payload
+  status --home DIR                            queue, current job, progress
+  reply-key --home DIR                         the key replies to frames are MACed with
+  retry --home DIR JOB                         queue a failed job again (JOB: its number)
+
+`plada-receive COMMAND --help` for each; docs/receiver.md for more.
 """
 
 from __future__ import annotations

@@ -1,23 +1,17 @@
-"""``plada-send``: the ground station's command line.
+"""``plada-send``: the ground station's command line, in the order of use.
 
-plada-send task digits --out DIR          export the embedded default task
-plada-send reference --reference SPEC     build/verify a reference set, print its fingerprint
-plada-send world-clip [--reference glyphs]     the glyph world's own small CLIP (trained once)
-plada-send embed --reference SPEC --clip-model M --clip-weights W --out EMB [--shard i/N]
-                 [--engine ray [--address HOST:PORT] [--actors N]]
-plada-send merge EMB [--from OTHER ...] [--int8]
-plada-send index EMB [--memory-budget 4GB]
-plada-send score --embeddings EMB --clip-weights W --task DIR | --classes a,b --out WORK
-plada-send score --reference SPEC --train T.npz [--test T.npz] --out WORK   (image teacher)
-plada-send keygen --sender-id ID --out keys/ID      signing key (ID.key) + public key (ID.pub)
-plada-send frames task.plada --link lora-sf9 --out FRAMES [--repair 30%]   frames for a link
-plada-send frames task.plada --link acoustic-64 --carousel --out - [--until-done DIR --reply-key F]
-plada-send link-key --out link.key   a key for tagged frames (frames --link-key, on the devices too)
-plada-send plan WORK --reference SPEC --train T.npz [--out PLAN]   predict each payload's accuracy
-plada-send plan WORK --clip-weights W --task DIR    (a work directory scored from embeddings)
-plada-send select WORK --plan PLAN [--max-bytes N | --link-bps B --window 20m] \\
-    --signing-key keys/ID.key --out task.plada       the best planned payload that fits
-plada-send select WORK --signing-key keys/ID.key --out task.plada   (safety-net, kNN, 1%)
+  task digits --out DIR                        the embedded default task (train/test .npz)
+  reference --reference SPEC                   build or check a reference set: its fingerprint
+  keygen --sender-id ID --out keys/ID          signing key ID.key, public key ID.pub
+  score --reference SPEC --train T --out WORK  image path: a CNN teacher on the task's pixels
+  world-clip | embed | merge | index           production path: CLIP embeddings in FAISS
+  score --embeddings EMB --clip-weights W --task DIR --out WORK   a teacher on embeddings
+  plan WORK --train T | --task DIR             predict what each candidate payload teaches
+  select WORK [--plan WORK/plan] --signing-key keys/ID.key --out task.plada
+  frames task.plada --link PROFILE --out DIR   fountain-coded frames for a narrow link
+  link-key --out link.key                      a key that makes frames unforgeable
+
+`plada-send COMMAND --help` for each; docs/sender.md and docs/production.md for more.
 """
 
 from __future__ import annotations

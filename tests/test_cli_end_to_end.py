@@ -191,7 +191,15 @@ def test_trust_replay_and_unsigned_through_the_clis(flow) -> None:
     ledger.record(signed["sender"], signed["sequence"] + 1, "a newer payload's digest")
     ledger.close()
     rolled = _verify(flow, older, "--ledger", str(root / "rollback-ledger.sqlite"), expect=2)
-    assert "RollbackError" in rolled.stderr
+    assert "RollbackError" in rolled.stderr and len(rolled.stderr.splitlines()) == 1
+    assert "selects it again (`plada-send select`" in rolled.stderr  # the fix, named
+    # select and verify say up front what accepting a payload means for older ones
+    sequence = signed["sequence"]
+    told = "refuses, as rollbacks, the payloads of station-1 signed before it (sequence < "
+    assert f"{told}{sequence})" in flow["select_out"]
+    fresh = _verify(flow, flow["payload"]).stdout
+    said = "order: none accepted here yet; once this one is accepted, payloads of station-1 "
+    assert f"{said}signed before it (sequence < {sequence}) are refused here" in fresh
     unsigned = root / "unsigned.plada"
     run(
         [
@@ -454,7 +462,7 @@ def test_trust_add_takes_the_store_before_or_after_the_keys(flow) -> None:
 
 def test_help_shows_defaults_and_a_mistyped_flag_its_own_usage(flow) -> None:
     helped = " ".join(_cli(flow, "plada-receive", "train", "--help").stdout.split())
-    assert "(default: 250)" in helped and "capped at --max-steps" in helped
+    assert "default 250, or 0 with --epochs" in helped and "capped at --max-steps" in helped
     assert "``" not in _cli(flow, "plada-send", "--help").stdout
     assert (
         "as `plada-receive status` lists it"
@@ -579,3 +587,24 @@ def test_train_stopped_by_a_signal_keeps_its_checkpoint_and_resumes(flow) -> Non
     assert not checkpoint.exists() and "earlier result" not in finished.stdout
     again = run(command, flow["env"])
     assert "the report below is that earlier result" in again.stdout
+
+
+def test_a_broken_image_in_an_imagefolder_holdout_is_skipped_and_counted(flow) -> None:
+    """One damaged JPEG among a holdout's files: train skips it, says so and reports it."""
+    from PIL import Image
+
+    from protocol.task_data import load_labeled_images
+
+    root = flow["root"]
+    test = load_labeled_images(root / "task" / "test.npz")
+    folder = root / "holdout-folder"
+    for label, name in enumerate(test.class_names):  # four readable images per class
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for row in (test.labels == label).nonzero()[0][:4]:
+            Image.fromarray(test.images[row, 0]).save(folder / name / f"{row}.png")
+    (folder / test.class_names[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    trained = _train(flow, root / "student-broken-holdout", "--holdout", str(folder))
+    assert "skipped 1 unreadable image(s)" in trained.stdout and "broken.jpg" in trained.stdout
+    report = json.loads((root / "student-broken-holdout" / "report.json").read_text())
+    assert report["holdout_unreadable"] == 1 and report["holdout_images"] == 4 * 10
+    assert report["runs"][0]["holdout_accuracy"] is not None

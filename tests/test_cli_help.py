@@ -61,3 +61,32 @@ def test_the_notebook_without_a_report_says_what_to_run(tmp_path, monkeypatch) -
     monkeypatch.setenv("PLADA_REPORT", str(tmp_path / "absent.json"))
     with pytest.raises(FileNotFoundError, match="run `make compare` first"):
         exec(compile(loader, "demo_report.ipynb", "exec"), {})
+
+
+def test_epochs_alone_decide_how_long_a_student_trains() -> None:
+    from receiver.commands.options import training_length
+
+    def length(*options: str) -> tuple[int, int, int]:
+        train = ["train", "x.plada", "--out", "o", *options]
+        return training_length(receiver_parser().parse_args(train))
+
+    assert length() == (30, 250, 250)  # the student's fixed schedule
+    assert length("--epochs", "3") == (3, 0, 0)  # no floor, no cap: the epochs decide
+    assert length("--epochs", "3", "--max-steps", "100") == (3, 250, 100)
+
+
+def test_keep_and_keeps_take_both_spellings_and_defaults_fit_the_machine() -> None:
+    from plada_cli import machine_cores
+
+    parse = sender_parser().parse_args
+    assert parse(["select", "w", "--out", "p", "--keep", "1%"]).keep == pytest.approx(0.01)
+    assert parse(["select", "w", "--out", "p", "--keep", "0.005"]).keep == pytest.approx(0.005)
+    with pytest.raises(SystemExit):
+        parse(["select", "w", "--out", "p", "--keep", "1%,2%"])
+    cores = machine_cores()
+    embed = parse(["embed", "--out", "e", "--clip-model", "m", "--clip-weights", "w"])
+    assert embed.workers == min(4, cores) and embed.device == "auto"
+    train = receiver_parser().parse_args(["train", "x", "--out", "o"])
+    assert train.loader_threads == min(8, cores) and train.device == "auto"
+    usage = sender_parser().format_help().splitlines()[0]
+    assert usage == "usage: plada-send [-h] COMMAND ..."  # not every command on one line

@@ -86,13 +86,22 @@ def test_a_truncated_jpeg_is_a_typed_skip_on_every_path(decoder: str) -> None:
     assert isinstance(out, UnreadableImage)
 
 
-def test_a_bomb_in_a_task_folder_is_a_typed_error(tmp_path: Path) -> None:
+def test_a_bomb_in_a_task_folder_is_skipped_and_named(tmp_path: Path) -> None:
+    """Refused as a decompression bomb, never decoded; the folder's other images load,
+    and a folder of nothing but bombs is a typed error."""
     for name in ("cat", "dog"):
         (tmp_path / "task" / name).mkdir(parents=True)
         (tmp_path / "task" / name / "ok.jpg").write_bytes(_jpeg())
     (tmp_path / "task" / "dog" / "bomb.png").write_bytes(PNG_BOMB)
-    with pytest.raises(TaskDataError, match="too many pixels"):
-        load_labeled_images(tmp_path / "task", 32, 3)
+    loaded = load_labeled_images(tmp_path / "task", 32, 3)
+    assert len(loaded) == 2 and list(loaded.labels) == [0, 1]
+    ((path, reason),) = loaded.unreadable
+    assert path.endswith("bomb.png") and "too many pixels" in reason
+    for name in ("cat", "dog"):
+        (tmp_path / "bombs" / name).mkdir(parents=True)
+        (tmp_path / "bombs" / name / "bomb.png").write_bytes(PNG_BOMB)
+    with pytest.raises(TaskDataError, match=r"no image could be read .*too many pixels"):
+        load_labeled_images(tmp_path / "bombs", 32, 3)
 
 
 def test_a_picture_or_a_pickle_given_as_labeled_images_gets_no_unsafe_advice(tmp_path) -> None:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from plada_cli import machine_cores
 from receiver.acceptance import DEFAULT_MAX_CLASSES, DEFAULT_MAX_IMAGES
 from receiver.errors import TrustStoreError
 from receiver.trust_store import TrustOptions
@@ -137,22 +138,23 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--epochs",
         type=int,
-        default=30,
         help="passes over the kept images; the run takes epochs x steps-per-epoch optimizer "
         "steps, raised to --min-steps and capped at --max-steps, and ends with the epoch "
-        "that holds its last step (so a small payload may run more epochs than this)",
+        "that holds its last step (so a small payload may run more epochs than this). "
+        "Given alone, it decides the length (no floor, no cap); default: "
+        f"{DEFAULT_EPOCHS}, within {STUDENT_STEPS} steps",
     )
     group.add_argument(
         "--min-steps",
         type=int,
-        default=STUDENT_STEPS,
-        help="train at least this many steps (0: no floor)",
+        help=f"train at least this many steps (0: no floor; default {STUDENT_STEPS}, or 0 "
+        "with --epochs)",
     )
     group.add_argument(
         "--max-steps",
         type=int,
-        default=STUDENT_STEPS,
-        help="train at most this many steps (0: no cap)",
+        help=f"train at most this many steps (0: no cap; default {STUDENT_STEPS}, or 0 "
+        "with --epochs)",
     )
     group.add_argument(
         "--batch-size", type=int, default=STUDENT_BATCH, help="images per optimizer step"
@@ -200,7 +202,11 @@ def _add_loading_options(group: argparse._ArgumentGroup) -> None:
         "else torchvision; auto: tensor on CUDA, pil on the CPU",
     )
     group.add_argument(
-        "--loader-threads", type=int, default=8, help="Pillow decoding threads (image files)"
+        "--loader-threads",
+        type=int,
+        default=min(8, machine_cores()),
+        help="Pillow decoding threads (image files); default: up to 8, at most this "
+        "machine's cores",
     )
     group.add_argument(
         "--cache",
@@ -217,16 +223,32 @@ def _add_loading_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--no-export", action="store_true", help="skip the torch.export program")
 
 
+DEFAULT_EPOCHS = 30
+
+
+def training_length(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(epochs, min steps, max steps): by default the student's fixed schedule of
+    ``STUDENT_STEPS`` steps; ``--epochs`` alone decides the length by itself."""
+    epochs_alone = args.epochs is not None and args.min_steps is None and args.max_steps is None
+    fixed = 0 if epochs_alone else STUDENT_STEPS
+    return (
+        DEFAULT_EPOCHS if args.epochs is None else args.epochs,
+        fixed if args.min_steps is None else args.min_steps,
+        fixed if args.max_steps is None else args.max_steps,
+    )
+
+
 def job_settings(args: argparse.Namespace) -> JobSettings:
     """:class:`~receiver.job.JobSettings` from the training options (loads torch)."""
     from receiver.job import JobSettings
     from trainer.training import TrainConfig
 
+    epochs, min_steps, max_steps = training_length(args)
     config = TrainConfig(
         model=args.model,
-        epochs=args.epochs,
-        min_steps=args.min_steps,
-        max_steps=args.max_steps,
+        epochs=epochs,
+        min_steps=min_steps,
+        max_steps=max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
         label_smoothing=args.label_smoothing,

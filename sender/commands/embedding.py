@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from plada_cli import add_reference_options, reference_location
+from plada_cli import add_reference_options, machine_cores, reference_location
 from protocol.atomic_files import creatable_directory
 from protocol.errors import ConfigError
 from protocol.reference.encoded import TENSOR_DECODERS
@@ -24,7 +24,11 @@ def add_embed(sub: Subparsers) -> None:
     add_clip_options(emb, required=True)
     emb.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     emb.add_argument(
-        "--workers", type=int, default=4, help="image-decoding processes (ray: threads per actor)"
+        "--workers",
+        type=int,
+        default=min(4, machine_cores()),
+        help="image-decoding processes (ray: threads per actor); default: up to 4, at most "
+        "this machine's cores",
     )
     emb.add_argument("--part-rows", type=int, default=65536, help="rows per resumable part")
     emb.add_argument(
@@ -111,11 +115,12 @@ def _engine(args: argparse.Namespace) -> EmbedEngine:
 def _run_embed(args: argparse.Namespace) -> int:
     from sender.embedding.engine import EmbedJob, EmbedSettings
     from sender.embedding.store import parse_shard
+    from trainer.training import resolve_device
 
     settings = EmbedSettings(
         model=args.clip_model,
         weights=args.clip_weights,
-        device=args.device,
+        device=str(resolve_device(args.device)),  # the driver's choice, for Ray's actors too
         batch_size=args.batch_size,
         workers=args.workers,
         part_rows=args.part_rows,

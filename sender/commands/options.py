@@ -25,7 +25,9 @@ def add_clip_options(parser: argparse.ArgumentParser, required: bool = False) ->
         required=required,
         help="local weights file, or a pretrained tag already cached",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."
+    )
 
 
 def add_quiet(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +54,15 @@ def parse_bytes(text: str) -> int:
         return int(float(number.removesuffix(unit) if unit else number) * units[unit])
     except ValueError as exc:
         raise ConfigError(f"cannot read {text!r} as a size (e.g. 4GB, 512MB)") from exc
+
+
+def keep_fraction(text: str) -> float:
+    """One keep fraction, as ``--keep`` takes it: '1%' or '0.01'."""
+    try:
+        (keep,) = parse_keeps(text)
+    except (ConfigError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one keep fraction (1% or 0.01)") from exc
+    return keep
 
 
 def parse_keeps(text: str) -> tuple[float, ...]:

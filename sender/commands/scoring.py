@@ -20,31 +20,41 @@ from sender.scoring.work_dir import ScoreReport
 
 
 def add_score(sub: Subparsers) -> None:
-    score = sub.add_parser("score", help="train the teacher and score every reference image")
-    add_reference_options(score)
-    score.add_argument("--embeddings", help="merged reference embeddings (production path)")
-    score.add_argument("--task", help="task directory with train/ and optional test/ ImageFolders")
-    score.add_argument("--train", help="labeled task images (.npz or ImageFolder)")
-    score.add_argument("--test", help="labeled test images, for teacher accuracy and leakage")
-    score.add_argument("--classes", help="class names: a file (one per line) or a,b,c")
-    score.add_argument("--task-id", help="task name recorded in the work directory")
-    score.add_argument("--chunk-rows", type=int, default=8192, help="rows per streamed chunk")
-    score.add_argument(
+    score = sub.add_parser(
+        "score",
+        help="train the teacher and score every reference image",
+        description="Two paths. The image path (--reference, --train): a CNN teacher on the\n"
+        "task's pixels scores the reference images. The production path (--embeddings): a\n"
+        "probe, kNN or zero-shot teacher on CLIP embeddings scores the stored rows. Each\n"
+        "group of options below says which path reads it.",
+    )
+    both = score.add_argument_group("both paths")
+    both.add_argument("--train", help="labeled task images (.npz or ImageFolder)")
+    both.add_argument("--test", help="labeled test images, for teacher accuracy and leakage")
+    both.add_argument("--task-id", help="task name recorded in the work directory")
+    both.add_argument(
         "--teacher",
         choices=tuple(TEACHERS),
         default=None,
         help="; ".join(f"{kind.name}: {kind.summary}" for kind in TEACHERS.values())
         + " (default: cnn, or probe with --embeddings)",
     )
-    score.add_argument("--teacher-epochs", type=int, default=40, help="cnn teacher's epochs")
-    add_clip_options(score)
-    score.add_argument("--temperature", type=float, default=1.0, help="energy temperature")
-    score.add_argument(
+    both.add_argument("--temperature", type=float, default=1.0, help="energy temperature")
+    both.add_argument(
         "--knn-k", type=int, default=5, help="labeled images per class for kNN relevance"
     )
-    score.add_argument("--seed", type=int, default=0, help="the teacher's seed")
-    score.add_argument("--out", required=True, help="work directory")
-    add_quiet(score)
+    both.add_argument("--seed", type=int, default=0, help="the teacher's seed")
+    both.add_argument("--out", required=True, help="work directory")
+    add_quiet(both)
+    images = score.add_argument_group("image path (without --embeddings)")
+    add_reference_options(images)
+    images.add_argument("--teacher-epochs", type=int, default=40, help="cnn teacher's epochs")
+    stored = score.add_argument_group("production path: stored CLIP embeddings")
+    stored.add_argument("--embeddings", help="merged reference embeddings (plada-send merge)")
+    stored.add_argument("--task", help="task directory with train/ and optional test/ ImageFolders")
+    stored.add_argument("--classes", help="class names (zero-shot): a file, one per line, or a,b,c")
+    stored.add_argument("--chunk-rows", type=int, default=8192, help="rows per streamed chunk")
+    add_clip_options(stored)
     score.set_defaults(func=_run_score)
 
 

@@ -17,6 +17,7 @@ from sender.commands.options import (
     add_clip_options,
     add_quiet,
     clip_embedder,
+    keep_fraction,
     parse_keeps,
 )
 from sender.scoring.scores import score_names
@@ -88,7 +89,9 @@ def _add_selection_options(sel: argparse.ArgumentParser) -> None:
         default=0.5,
         help="with --consensus: the share of neighbours that must agree",
     )
-    sel.add_argument("--keep", type=float, help="fraction of the reference set (default 0.01)")
+    sel.add_argument(
+        "--keep", type=keep_fraction, help="share of the reference set: 1%% or 0.01 (default 1%%)"
+    )
     sel.add_argument("--alpha", type=float, help="safety-net quota exponent (default -0.2)")
     sel.add_argument(
         "--reserve", type=float, help="safety-net share of the budget (default 1.0: all)"
@@ -242,6 +245,11 @@ def _print_origin(summary: PayloadSummary, args: argparse.Namespace) -> None:
             f"signed by {signed.sender} (key {signed.key_id}), sequence "
             f"{signed.sequence}, expires {utc_text(signed.expires)}"
         )
+        print(
+            f"order: a device that accepts this payload refuses, as rollbacks, the payloads "
+            f"of {signed.sender} signed before it (sequence < {signed.sequence}) that it has "
+            "not taken yet: deliver those first, or select them again after this one"
+        )
 
 
 def add_plan(sub: Subparsers) -> None:
@@ -279,6 +287,13 @@ def add_plan(sub: Subparsers) -> None:
         default=STUDENT_BATCH,
         help="proxy images per step for the best candidates: the device student's --batch-size",
     )
+    plan.add_argument(
+        "--confirm-share",
+        type=float,
+        default=0.25,
+        help="share of the screened candidates confirmed (the best by the screen), besides "
+        "the screen's accuracy-for-bytes front",
+    )
     plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
     plan.add_argument(
         "--proxy-size",
@@ -311,6 +326,7 @@ def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSe
         screen_steps=args.screen_steps,
         confirm_steps=args.confirm_steps,
         confirm_batch_size=args.confirm_batch,
+        confirm_share=args.confirm_share,
         max_images=args.max_images,
         seed=args.seed,
         sender_id=check_sender_id(args.sender_id),

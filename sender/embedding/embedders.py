@@ -160,11 +160,13 @@ class OpenClipEmbedder:
     """CLIP image (and text) towers via open_clip, from local weights (never downloaded)."""
 
     def __init__(
-        self, model_name: str, weights: str | os.PathLike[str], device: str = "cpu"
+        self, model_name: str, weights: str | os.PathLike[str], device: str = "auto"
     ) -> None:
+        from trainer.training import resolve_device
+
         self.model_name = resolve_model_name(model_name)
-        self.model, self.preprocess = load_open_clip(self.model_name, weights, device)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        self.model, self.preprocess = load_open_clip(self.model_name, weights, str(self.device))
         size = self.model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.name = f"open_clip:{model_name}"

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,6 +119,21 @@ def _register(config: Path) -> None:
     open_clip.add_model_config(config)
 
 
+def _new_model(open_clip: Any) -> torch.nn.Module:
+    """A new, randomly initialised world CLIP, without open_clip's warning that no
+    pretrained weights were loaded (none are meant to be: this is the training)."""
+
+    def not_the_random_init_warning(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(not_the_random_init_warning)
+    try:
+        return open_clip.create_model(WORLD_CLIP_NAME, pretrained=None)
+    finally:
+        root.removeFilter(not_the_random_init_warning)
+
+
 def train_world_clip(pool: GlyphPool, recipe: WorldClipRecipe, progress: bool) -> dict:
     """The trained model's state dict (see the module docstring)."""
     import open_clip
@@ -124,7 +141,7 @@ def train_world_clip(pool: GlyphPool, recipe: WorldClipRecipe, progress: bool) -
 
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
-    model = open_clip.create_model(WORLD_CLIP_NAME, pretrained=None)
+    model = _new_model(open_clip)
     tokens = open_clip.get_tokenizer(WORLD_CLIP_NAME)(concept_captions(pool)[0])
     labels = torch.from_numpy(concept_captions(pool)[1])
     steps = recipe.samples // recipe.batch_size
