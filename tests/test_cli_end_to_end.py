@@ -608,3 +608,30 @@ def test_a_broken_image_in_an_imagefolder_holdout_is_skipped_and_counted(flow) -
     report = json.loads((root / "student-broken-holdout" / "report.json").read_text())
     assert report["holdout_unreadable"] == 1 and report["holdout_images"] == 4 * 10
     assert report["runs"][0]["holdout_accuracy"] is not None
+
+
+def test_ctrl_c_in_plan_is_one_line_and_exit_130(flow) -> None:
+    """Ctrl-C while `plan` measures its candidates: one line saying what was kept, no
+    traceback, nothing half-written in --out."""
+    import signal
+    import subprocess
+
+    out = flow["root"] / "plan-stopped"
+    command = [
+        *cli("plada-send"), "plan", str(flow["work"]), "--reference", SMALL_SPEC,
+        "--cache-dir", str(flow["root"] / "sender-cache"),
+        "--train", str(flow["root"] / "task" / "train.npz"), "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, env=flow["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    seen = ""
+    while "plan: screen" not in seen:  # its progress bar: the candidates are being measured
+        seen += proc.stderr.read(1)
+        assert proc.poll() is None or seen, "plan ended before its screen began"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("plada-send: interrupted (Ctrl-C): ") and "Traceback" not in stderr
+    assert not (out / "plan.json").exists()
