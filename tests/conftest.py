@@ -66,6 +66,7 @@ PYTHON = sys.executable
 LONGEST_FILES_FIRST = (
     "test_receiver_daemon.py",
     "test_demo_notebook.py",  # one module fixture of ~2 minutes: start it early
+    "test_docs.py",  # the README's quick start, then each docs page: ~2 minutes
     "test_embed_ray.py",  # three Ray instances, one after another
     "test_production_sender.py",
     "test_cli_end_to_end.py",
