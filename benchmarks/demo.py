@@ -1,6 +1,6 @@
 """plada's main job on the embedded default world, once, through the real CLIs.
 
-The ground station runs the production path of the card: the world's own small CLIP
+The ground station runs plada's production path: the world's own small CLIP
 (``plada-send world-clip``, trained once per cache on the glyph pool, never on a
 target) embeds the reference pool with thumbnails; FAISS indexes it; a linear probe on
 the CLIP embeddings of the task's labeled digits scores every stored row; the plan
