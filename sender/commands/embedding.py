@@ -138,9 +138,11 @@ def _run_embed(args: argparse.Namespace) -> int:
         f"({summary.images_per_second:.0f} img/s), {summary.images_skipped} unreadable skipped"
     )
     if args.engine == "ray" and summary.images_embedded:
+        steady = summary.images_embedded > summary.first_batch_images
+        rate = f", then {summary.steady_images_per_second:.0f} img/s" if steady else ""
         print(
             f"ray: {summary.first_batch_seconds:.1f}s to the first batch (cluster and actors "
-            f"starting), then {summary.steady_images_per_second:.0f} img/s"
+            f"starting){rate}"
         )
     if summary.formats:
         kinds = ", ".join(f"{count} {kind}" for kind, count in summary.formats.items())

@@ -138,7 +138,7 @@ def start_ray(ray: Any, options: RayOptions, device: str) -> str:
             include_dashboard=False,
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
+            logging_level=logging.ERROR,  # not the notice that token auth is on (loopback)
             # no idle workers started ahead: the actors need their own, and on a small
             # machine the idle ones only slow the start (about 3 s of 17 on 2 cores)
             _system_config={"prestart_worker_first_driver": False, "enable_worker_prestart": False},
