@@ -25,7 +25,7 @@ import torch
 from protocol.errors import ConfigError, TaskDataError
 from protocol.manifest import ReferenceManifest, reference_summary
 from protocol.reference.encoded import UnreadableImage, decode_rgb
-from protocol.task_data import image_folder_files, load_labeled_images
+from protocol.task_data import image_folder_files, load_labeled_images, task_name
 from sender.embedding.embedders import ClipEmbedder
 from sender.embedding.index import INDEX_FILE, load_index
 from sender.embedding.store import MANIFEST_FILE, EmbeddingStore
@@ -175,8 +175,15 @@ class EmbeddingTask:
 
     @property
     def task_name(self) -> str:
-        """The name written into the work directory (and the payload)."""
-        return self.name or (Path(self.train_dir).parent.name if self.train_dir else "task")
+        """The name written into the work directory (and the payload): ``--task-id``,
+        else the name the image path gives the same labeled images (a ``.npz``'s own
+        ``name``, else the file or folder, or the folder above a ``train`` split)."""
+        if self.name:
+            return self.name
+        if not self.train_dir:
+            return "task"
+        train = Path(self.train_dir)
+        return load_labeled_images(train).name if train.suffix == ".npz" else task_name(train)
 
 
 @dataclass(frozen=True)
