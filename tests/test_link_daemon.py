@@ -91,11 +91,16 @@ def _forged(frame: bytes, rng: random.Random) -> bytes:
     return frame[:head] + rng.randbytes(len(frame) - head)
 
 
+FORGED_BURST = 10
+
+
 def _bridge(pipe: Path, home: Path, loss: float, flips: float, seed: int, forge: float = 0.0):
     """The link: frames from the sender's pipe into the daemon's frames inbox, ``loss``
-    of them lost and ``flips`` of the rest with one bit flipped, and before ``forge`` of
-    them an attacker's forgery with the same header; returns the thread and the counts
-    of flipped and forged frames delivered."""
+    of them lost and ``flips`` of the rest with one bit flipped, and (with ``forge``)
+    before each of the first ``FORGED_BURST`` frames and ``forge`` of the later ones an
+    attacker's forgery with the same header; returns the thread and the counts of
+    flipped and forged frames delivered. The burst makes the forgeries' number not
+    depend on how fast the daemon decodes (the carousel stops when it has)."""
     counts = {"flipped": 0, "forged": 0}
 
     def carry() -> None:
@@ -105,7 +110,7 @@ def _bridge(pipe: Path, home: Path, loss: float, flips: float, seed: int, forge:
             while len(head := stream.read(STREAM_LENGTH.size)) == STREAM_LENGTH.size:
                 frame = stream.read(STREAM_LENGTH.unpack(head)[0])
                 number += 2
-                if rng.random() < forge:
+                if rng.random() < forge or (forge and number <= 2 * FORGED_BURST):
                     _drop(home, [_forged(frame, rng)], number - 1)
                     counts["forged"] += 1
                 if rng.random() < loss:
