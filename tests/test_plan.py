@@ -14,7 +14,15 @@ from protocol.errors import TaskDataError
 from protocol.task_data import LabeledImages
 from sender.errors import BudgetError
 from sender.selection.plan import candidate_grid, split_task
-from sender.selection.plan_file import Candidate, PlanRow, choose, rate_front
+from sender.selection.plan_file import (
+    BEST,
+    WITHIN_NOISE,
+    Candidate,
+    PlanRow,
+    choose,
+    noise_of,
+    rate_front,
+)
 from tests.conftest import SMALL_SPEC
 from tests.subprocess_cli import cli, cli_env, run
 
@@ -90,6 +98,16 @@ def test_plan_writes_table_front_plot_and_json(planned) -> None:
     assert all(r["kept_images"] > 0 and 0 <= r["predicted_accuracy"] <= 1 for r in rows.values())
     assert plan["split"]["validation"] + plan["split"]["teacher_train"] == 898
     assert "domain_gap" in plan["evidence"]
+    # the noise: the best confirmed rows and the choice were run twice, and the choice is
+    # the smallest confirmed row predicted within the band of the best
+    noise, confirmed = plan["noise"], [r for r in rows.values() if r["stage"] == "confirm"]
+    assert noise["rule"] == "within-noise" and noise["repeated"] >= 1
+    assert chosen["repeat_accuracy"] is not None
+    best = max(r["predicted_accuracy"] for r in confirmed)
+    assert chosen["predicted_accuracy"] >= best - noise["band"] - 1e-9
+    near = [r for r in confirmed if r["predicted_accuracy"] >= best - noise["band"] - 1e-9]
+    assert chosen["payload_bytes"] == min(r["payload_bytes"] for r in near)
+    assert "noise:" in planned["out"].stdout and "chosen:" in planned["out"].stdout
     assert (plan_dir / "plan.png").stat().st_size > 10_000
     assert (
         "rate-accuracy front" in (plan_dir / "plan.txt").read_text()
@@ -105,7 +123,8 @@ def test_select_plan_sends_the_best_that_fits_the_budget(planned) -> None:
         planned, "--plan", str(planned["work"] / "plan"), "--max-bytes", str(budget)
     )
     summary = json.loads(out.with_suffix(".json").read_text())
-    want = choose([PlanRow.from_json(r) for r in plan["candidates"]], budget)
+    band = plan["noise"]["band"]
+    want = choose([PlanRow.from_json(r) for r in plan["candidates"]], budget, band)
     assert summary["plan"]["candidate"] == want.name and summary["payload_bytes"] <= budget
     assert f"planned: {want.name}" in proc.stdout
     # a link budget: 500 bit/s for 20 minutes carries 75,000 bytes, more than any candidate
@@ -211,6 +230,34 @@ def test_front_and_choice() -> None:
     assert choose(rows[3:4], 450).name == "d"  # only a screened row fits
     with pytest.raises(BudgetError, match="smallest, a, is 100"):
         choose(rows, 99)
+    # within a noise band: the smallest confirmed row near the best, under any budget
+    assert choose(rows, band=0.1).name == "c"  # 0.7 is within 0.1 of 0.8
+    assert choose(rows, band=0.35).name == "a"
+    assert choose(rows, 350, band=0.1).name == "c"
+    assert choose(rows, 250, band=0.1).name == "a"  # best that fits: 0.5; b is 0.4
+
+
+def test_noise_is_measured_from_the_repeated_rows() -> None:
+    def row(name: str, confirm: float, repeat: float | None) -> PlanRow:
+        return PlanRow(
+            name,
+            Candidate("lowest", "energy", 0.01),
+            100,
+            stage="confirm",
+            confirm_accuracy=confirm,
+            repeat_accuracy=repeat,
+        )
+
+    rows = [row("a", 0.80, 0.76), row("b", 0.70, 0.73), row("c", 0.6, None)]
+    noise = noise_of(rows, validation_images=1000, rule=WITHIN_NOISE)
+    rms = np.sqrt((0.04**2 + 0.03**2) / 2)
+    assert noise.repeated == 2 and noise.rms_difference == pytest.approx(rms)
+    assert noise.band == pytest.approx(rms / np.sqrt(2)) == noise.choice_band
+    assert noise_of(rows, 1000, BEST).choice_band == 0.0
+    # never below one validation image, even when the repeats agree exactly
+    same = [row("a", 0.8, 0.8)]
+    assert noise_of(same, validation_images=50, rule=WITHIN_NOISE).band == pytest.approx(0.02)
+    assert noise_of([row("a", 0.8, None)], 50, WITHIN_NOISE).repeated == 0
 
 
 def test_grid_spans_every_strategy_and_score() -> None:

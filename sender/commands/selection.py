@@ -21,6 +21,7 @@ from sender.commands.options import (
     parse_keeps,
 )
 from sender.scoring.scores import score_names
+from sender.selection.plan_file import CHOICE_RULES, WITHIN_NOISE
 from sender.selection.strategies import STRATEGIES
 from trainer.choices import STUDENT_BATCH, STUDENT_STEPS
 
@@ -294,6 +295,20 @@ def add_plan(sub: Subparsers) -> None:
         help="share of the screened candidates confirmed (the best by the screen), besides "
         "the screen's accuracy-for-bytes front",
     )
+    plan.add_argument(
+        "--noise-repeats",
+        type=int,
+        default=3,
+        help="the best confirmed candidates run again with another seed, to measure the "
+        "proxy's noise (0: assume one validation image)",
+    )
+    plan.add_argument(
+        "--choose",
+        choices=CHOICE_RULES,
+        default=WITHIN_NOISE,
+        help="within-noise: the smallest payload predicted within the measured noise of the "
+        "best; best: the highest prediction whatever its bytes",
+    )
     plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
     plan.add_argument(
         "--proxy-size",
@@ -327,6 +342,8 @@ def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSe
         confirm_steps=args.confirm_steps,
         confirm_batch_size=args.confirm_batch,
         confirm_share=args.confirm_share,
+        noise_repeats=args.noise_repeats,
+        choose=args.choose,
         max_images=args.max_images,
         seed=args.seed,
         sender_id=check_sender_id(args.sender_id),

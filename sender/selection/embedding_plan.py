@@ -144,7 +144,7 @@ def plan_from_embeddings(
     shown = LabeledImages(validation.thumbnails, validation.labels, names, "validation")
     proxy = Proxy(planned.thumbnails.read_rows, split, work.excluded, shown, settings)
     candidates = candidate_grid(settings.keeps, usable_scores(work, split))
-    rows = measure_candidates(work, proxy, candidates, progress)
+    measured = measure_candidates(work, proxy, candidates, progress)
     meta = store.meta
     inputs = PlanInputs(
         work=work,
@@ -154,4 +154,4 @@ def plan_from_embeddings(
         gap=store_domain_gap(store, validation.embeddings),
         proxy=proxy_words(settings, f"thumbnails ({planned.thumbnails.size} px)", held.size),
     )
-    return finish_plan(inputs, rows, out_dir, settings, started)
+    return finish_plan(inputs, measured, out_dir, settings, started)

@@ -140,8 +140,10 @@ def byte_budget(max_bytes: int | None, link_bps: float | None, window: str | Non
 def planned(
     plan_path: str | os.PathLike[str], work_dir: str | os.PathLike[str], budget: int | None
 ) -> tuple[SelectionConfig, str, PlannedChoice]:
-    """The plan's best candidate within ``budget``: its configuration, score and record."""
-    row = choose(load_plan(plan_path, work_dir).candidates, budget)
+    """The plan's choice within ``budget`` (its rule and noise band): its configuration,
+    score and record."""
+    plan = load_plan(plan_path, work_dir)
+    row = choose(plan.candidates, budget, plan.choice_band)
     choice = PlannedChoice(row.name, row.predicted_accuracy, row.payload_bytes, budget)
     return row.candidate.config(), row.candidate.score, choice
 

@@ -15,7 +15,12 @@ poor or mislabelled images predicts poorly, as it teaches poorly.
 Screening is successive halving: every candidate gets a short run; the best share and
 the screen's rate-accuracy front are trained again with another seed on the device
 student's schedule (steps and batch; a short run underrates the larger selections),
-and that accuracy is the prediction. The same candidate applied to the full work
+and that accuracy is the prediction. The best confirmed candidates are trained once
+more with a third seed: the two runs' mean is their prediction, and how far the pairs
+land apart is the proxy's noise. By default the choice is the smallest payload predicted
+within that noise of the best (the operator pays link time for every byte; a rule that
+takes the top prediction pays bytes for noise), and it too is repeated before it is
+taken. The same candidate applied to the full work
 directory (the teacher refit on all labeled images) is the payload that would be sent,
 and is encoded to get its exact size.
 """
@@ -46,13 +51,17 @@ from sender.scoring.scores import KNN, score_names
 from sender.scoring.teacher_kinds import IMAGES
 from sender.scoring.work_dir import SCORES_FILE, ScoreReport
 from sender.selection.plan_file import (
+    CHOICE_RULES,
+    WITHIN_NOISE,
     Candidate,
     Plan,
     PlanEvidence,
+    PlanNoise,
     PlanRow,
     PlanSplit,
     choose,
     file_digest,
+    noise_of,
     rate_front,
 )
 from sender.selection.plan_report import write_plan_outputs
@@ -102,6 +111,10 @@ class PlanSettings:
     confirm_steps: int = STUDENT_STEPS
     confirm_batch_size: int = STUDENT_BATCH
     confirm_share: float = 0.25  # of the candidates, besides the screen's front
+    # the best confirmed candidates run again with another seed, to measure the proxy's
+    # noise; the choice is then repeated too, until it has two runs (at most as many more)
+    noise_repeats: int = 3
+    choose: str = WITHIN_NOISE  # or BEST (see sender.selection.plan_file.choose)
     max_images: int = 8192  # a proxy run learns from at most this many of the kept images
     seed: int = 0  # of the split, the split teacher and the proxies
     sender_id: str = PLAN_SENDER
@@ -122,6 +135,10 @@ class PlanSettings:
             )
         if not self.keeps or not all(0 < keep <= 1 for keep in self.keeps):
             raise ConfigError(f"keep fractions must be in (0, 1], not {self.keeps}")
+        if self.choose not in CHOICE_RULES:
+            raise ConfigError(f"--choose must be one of {', '.join(CHOICE_RULES)}")
+        if self.noise_repeats < 0:
+            raise ConfigError("--noise-repeats must be >= 0")
         if not 0 <= self.confirm_share <= 1:
             raise ConfigError(f"confirm share must be in [0, 1], not {self.confirm_share}")
         runs = (self.screen_steps, self.confirm_steps, self.batch_size, self.confirm_batch_size)
@@ -300,17 +317,33 @@ def by_ordering(candidates: list[Candidate]) -> list[Candidate]:
     return sorted(candidates, key=lambda c: order_key(c.config(), c.score))
 
 
+@dataclass(frozen=True)
+class Measured:
+    """Every candidate's row, and the proxy's noise measured on the repeated ones."""
+
+    rows: list[PlanRow]
+    noise: PlanNoise
+
+
 def measure_candidates(
     work: ScoredWork, proxy: Proxy, candidates: list[Candidate], progress: bool
+) -> Measured:
+    """Screen every candidate, confirm the best share and the screen's front with longer
+    runs, then measure the noise (see the module docstring)."""
+    rows = screen_candidates(work, proxy, candidates, progress)
+    confirm_candidates(proxy, rows, progress)
+    return Measured(rows, measure_noise(proxy, rows, progress))
+
+
+def screen_candidates(
+    work: ScoredWork, proxy: Proxy, candidates: list[Candidate], progress: bool
 ) -> list[PlanRow]:
-    """Screen every candidate, then confirm the best share and the screen's front with
-    longer runs (see the module docstring)."""
+    """Every candidate's payload size and short-run accuracy, in the grid's order."""
     from tqdm import tqdm
 
     settings = proxy.settings
     key = SigningKey.generate(settings.sender_id)
     screen_run = ProxyRun(settings.screen_steps, settings.batch_size, settings.seed)
-    confirm_run = ProxyRun(settings.confirm_steps, settings.confirm_batch_size, settings.seed + 1)
     by_name: dict[str, PlanRow] = {}
     screen = tqdm(by_ordering(candidates), desc="plan: screen", unit="cand", disable=not progress)
     for candidate in screen:
@@ -318,16 +351,54 @@ def measure_candidates(
         row.screen_accuracy = proxy.accuracy(candidate, screen_run)
         row.predicted_accuracy = row.screen_accuracy
         by_name[row.name] = row
-    rows = [by_name[candidate.name] for candidate in candidates]
+    return [by_name[candidate.name] for candidate in candidates]
+
+
+def confirm_candidates(proxy: Proxy, rows: list[PlanRow], progress: bool) -> None:
+    """Train the screen's best share and its front again on the student's schedule."""
+    from tqdm import tqdm
+
+    settings = proxy.settings
+    confirm_run = ProxyRun(settings.confirm_steps, settings.confirm_batch_size, settings.seed + 1)
     ranked = sorted(rows, key=lambda r: -r.screen_accuracy)
     promoted = {r.name for r in ranked[: max(1, round(settings.confirm_share * len(rows)))]}
     promoted |= set(rate_front(rows))
-    confirm = [by_name[c.name] for c in by_ordering(candidates) if c.name in promoted]
+    confirm = [r for r in rows if r.name in promoted]
+    confirm.sort(key=lambda r: order_key(r.candidate.config(), r.candidate.score))
     for row in tqdm(confirm, desc="plan: confirm", unit="cand", disable=not progress):
         row.confirm_accuracy = proxy.accuracy(row.candidate, confirm_run)
         row.predicted_accuracy = row.confirm_accuracy
         row.stage = "confirm"
-    return rows
+
+
+def measure_noise(proxy: Proxy, rows: list[PlanRow], progress: bool) -> PlanNoise:
+    """Run the best confirmed candidates again with another seed (their prediction is
+    then the mean of both runs) and measure the noise from the pairs; then repeat the
+    choice until it has two runs, so a lucky single run is never what wins."""
+    from tqdm import tqdm
+
+    settings = proxy.settings
+    run = ProxyRun(settings.confirm_steps, settings.confirm_batch_size, settings.seed + 2)
+    confirmed = [r for r in rows if r.stage == "confirm"]
+    validation = int(proxy.validation.labels.size)
+    best_first = sorted(confirmed, key=lambda r: -r.predicted_accuracy)
+    queue = best_first[: settings.noise_repeats]
+    bar = tqdm(total=len(queue), desc="plan: repeat", unit="cand", disable=not progress)
+    for _ in range(2 * settings.noise_repeats):
+        if not queue:
+            break
+        row = queue.pop(0)
+        row.repeat_accuracy = proxy.accuracy(row.candidate, run)
+        row.predicted_accuracy = (row.confirm_accuracy + row.repeat_accuracy) / 2
+        bar.update()
+        if not queue:
+            noise = noise_of(confirmed, validation, settings.choose)
+            chosen = choose(confirmed, band=noise.choice_band)
+            if chosen.repeat_accuracy is None:
+                queue.append(chosen)
+                bar.total += 1
+    bar.close()
+    return noise_of(confirmed, validation, settings.choose)
 
 
 @dataclass(frozen=True)
@@ -344,13 +415,13 @@ class PlanInputs:
 
 def finish_plan(
     inputs: PlanInputs,
-    rows: list[PlanRow],
+    measured: Measured,
     out_dir: str | os.PathLike[str],
     settings: PlanSettings,
     started: float,
 ) -> Plan:
     """The plan of measured ``rows``: chosen, and written as plan.json, plan.png, plan.txt."""
-    work = inputs.work
+    work, rows, noise = inputs.work, measured.rows, measured.noise
     plan = Plan(
         work_dir=str(work.path.resolve()),
         scores_sha256=file_digest(work.path / SCORES_FILE),
@@ -364,8 +435,9 @@ def finish_plan(
         proxy=inputs.proxy,
         candidates=rows,
         front=rate_front(rows),
-        chosen=choose(rows).name,
+        chosen=choose(rows, band=noise.choice_band).name,
         seconds=round(time.perf_counter() - started, 1),
+        noise=noise,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -408,7 +480,7 @@ def make_plan(
     split = SplitScores(scored.scores, scored.predicted)
     candidates = candidate_grid(settings.keeps, usable_scores(work, split))
     proxy = Proxy(images.__getitem__, split, work.excluded, validation, settings)
-    rows = measure_candidates(work, proxy, candidates, progress)
+    measured = measure_candidates(work, proxy, candidates, progress)
     inputs = PlanInputs(
         work=work,
         reference=reference.manifest.summary(),
@@ -417,4 +489,4 @@ def make_plan(
         gap=domain_gap(scored.outputs),
         proxy=proxy_words(settings, "images", int(validation.labels.size)),
     )
-    return finish_plan(inputs, rows, out_dir, settings, started)
+    return finish_plan(inputs, measured, out_dir, settings, started)

@@ -9,6 +9,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from protocol.errors import ConfigError
 from sender.errors import BudgetError
 from sender.scoring.domain_gap import DomainGap
@@ -19,6 +21,10 @@ PLAN_FILE = "plan.json"
 PLAN_PLOT = "plan.png"
 PLAN_SUMMARY = "plan.txt"
 PLAN_SCHEMA = 1
+# how the plan chooses: the smallest payload predicted within the proxy's measured noise
+# of the best (the operator pays link time for every byte), or the best prediction
+WITHIN_NOISE, BEST = "within-noise", "best"
+CHOICE_RULES = (WITHIN_NOISE, BEST)
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class PlanRow:
     predicted_accuracy: float = 0.0
     screen_accuracy: float = 0.0
     confirm_accuracy: float | None = None
+    repeat_accuracy: float | None = None  # the confirmation run again, with another seed
 
     @classmethod
     def from_json(cls, row: dict[str, object]) -> PlanRow:
@@ -77,9 +84,10 @@ def rate_front(rows: list[PlanRow]) -> list[str]:
     return front
 
 
-def choose(rows: list[PlanRow], max_bytes: int | None = None) -> PlanRow:
-    """The row with the highest predicted accuracy within ``max_bytes`` (ties: fewer bytes),
-    among the confirmed rows when any fits: their estimates come from the longer runs."""
+def choose(rows: list[PlanRow], max_bytes: int | None = None, band: float = 0.0) -> PlanRow:
+    """The smallest row predicted within ``band`` of the best prediction that fits
+    ``max_bytes`` (``band`` 0: the best, ties to fewer bytes), among the confirmed rows
+    when any fits: their estimates come from the longer runs."""
     fitting = [r for r in rows if max_bytes is None or r.payload_bytes <= max_bytes]
     if not fitting:
         smallest = min(rows, key=lambda r: r.payload_bytes)
@@ -89,7 +97,42 @@ def choose(rows: list[PlanRow], max_bytes: int | None = None) -> PlanRow:
             "keep fractions (--keeps)"
         )
     confirmed = [r for r in fitting if r.stage == "confirm"]  # the longer runs' estimates
-    return max(confirmed or fitting, key=lambda r: (r.predicted_accuracy, -r.payload_bytes))
+    pool = confirmed or fitting
+    best = max(r.predicted_accuracy for r in pool)
+    near = [r for r in pool if r.predicted_accuracy >= best - band - 1e-12]
+    return min(near, key=lambda r: (r.payload_bytes, -r.predicted_accuracy))
+
+
+@dataclass(frozen=True)
+class PlanNoise:
+    """How far apart two proxy runs of one candidate land (the confirmation run again with
+    another seed), and the band below the best prediction the choice accepts."""
+
+    repeated: int  # candidates run twice
+    rms_difference: float  # between a candidate's two runs
+    run_sd: float  # one run's standard deviation, at least one validation image
+    band: float  # the standard deviation of the difference of two two-run predictions
+    rule: str  # WITHIN_NOISE or BEST
+
+    @property
+    def choice_band(self) -> float:
+        """The band :func:`choose` is given: 0 under the BEST rule."""
+        return self.band if self.rule == WITHIN_NOISE else 0.0
+
+
+def noise_of(rows: list[PlanRow], validation_images: int, rule: str) -> PlanNoise:
+    """The proxy's noise from the rows run twice. Two runs of one candidate differ by d
+    with E[d^2] = 2 s^2 (s: one run's sd); two candidates' two-run means differ by noise
+    of sd s, so s is the band. Never below one validation image."""
+    pairs = [
+        (r.confirm_accuracy, r.repeat_accuracy)
+        for r in rows
+        if r.confirm_accuracy is not None and r.repeat_accuracy is not None
+    ]
+    squares = [(a - b) ** 2 for a, b in pairs]
+    rms = float(np.sqrt(np.mean(squares))) if squares else 0.0
+    run_sd = max(rms / np.sqrt(2), 1.0 / max(1, validation_images))
+    return PlanNoise(len(pairs), rms, float(run_sd), float(run_sd), rule)
 
 
 def file_digest(path: Path) -> str:
@@ -137,9 +180,15 @@ class Plan:
     chosen: str
     seconds: float
     schema: int = PLAN_SCHEMA
+    noise: PlanNoise | None = None  # None in plans made before the noise was measured
 
     def row(self, name: str) -> PlanRow:
         return next(r for r in self.candidates if r.name == name)
+
+    @property
+    def choice_band(self) -> float:
+        """The band below the best prediction that the plan's rule accepts."""
+        return 0.0 if self.noise is None else self.noise.choice_band
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
@@ -157,6 +206,7 @@ class Plan:
                     evidence["recommended_by_gap"],  # type: ignore[index]
                 ),
                 "candidates": [PlanRow.from_json(r) for r in data["candidates"]],  # type: ignore[attr-defined]
+                "noise": PlanNoise(**data["noise"]) if data.get("noise") else None,  # type: ignore[arg-type]
             }
         )
 

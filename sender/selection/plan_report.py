@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from protocol.atomic_files import write_atomic, write_json_atomic, write_text_atomic
-from sender.selection.plan_file import PLAN_FILE, PLAN_PLOT, PLAN_SUMMARY, Plan, PlanRow
+from sender.selection.plan_file import BEST, PLAN_FILE, PLAN_PLOT, PLAN_SUMMARY, Plan, PlanRow
 
 STRATEGY_COLOURS = {
     "lowest": "tab:blue",
@@ -45,18 +45,56 @@ def plan_summary(plan: Plan, limit: int = 20) -> str:
     ]
     for row in front + rest[: max(0, limit - len(front))]:
         mark = "*" if row.name == plan.chosen else ("F" if row.name in plan.front else " ")
+        stage = "confirm x2" if row.repeat_accuracy is not None else row.stage
         lines.append(
             f"{mark}{row.name:33s} {row.payload_bytes:8d} {row.kept_images:7d} "
             f"{row.classes_covered:4d}/{classes:<2d} "
-            f"{100 * row.predicted_accuracy:8.1f}%  {row.stage}"
+            f"{100 * row.predicted_accuracy:8.1f}%  {stage}"
         )
     lines += [
         "",
-        "F: on the rate-accuracy front; *: chosen (highest predicted accuracy; "
-        "select --plan --max-bytes N picks the best that fits N)",
+        "F: on the rate-accuracy front; *: chosen; x2: the mean of two runs",
+        *choice_lines(plan),
         f"{len(plan.candidates)} candidates in {plan.seconds:.0f}s",
     ]
     return "\n".join(lines) + "\n"
+
+
+def best_row(plan: Plan) -> PlanRow:
+    """The highest prediction among the rows the choice is made from."""
+    confirmed = [r for r in plan.candidates if r.stage == "confirm"] or plan.candidates
+    return max(confirmed, key=lambda r: (r.predicted_accuracy, -r.payload_bytes))
+
+
+def choice_lines(plan: Plan) -> list[str]:
+    """Why the chosen row won: the noise, the band and the best prediction."""
+    chosen, best = plan.row(plan.chosen), best_row(plan)
+    noise = plan.noise
+    if noise is None:
+        return [f"chosen: {chosen.name}, the highest prediction"]
+    lines = [
+        f"noise: {noise.repeated} candidate(s) run twice land {100 * noise.rms_difference:.1f} "
+        f"points apart (rms); one run's sd {100 * noise.run_sd:.1f} points"
+    ]
+    if noise.rule == BEST or chosen.name == best.name:
+        why = "the highest prediction" + (
+            f" (rule {BEST})"
+            if noise.rule == BEST
+            else ", and no smaller payload is within "
+            f"the noise band ({100 * noise.band:.1f} points)"
+        )
+    else:
+        ratio = best.payload_bytes / chosen.payload_bytes
+        points = 100 * (best.predicted_accuracy - chosen.predicted_accuracy)
+        why = (
+            f"the smallest payload predicted within the noise band ({100 * noise.band:.1f} "
+            f"points) of the best, {best.name} ({best.payload_bytes} bytes, "
+            f"{100 * best.predicted_accuracy:.1f}%): {ratio:.1f}x fewer bytes for "
+            f"{points:.1f} points; --choose best takes the best"
+        )
+    lines.append(f"chosen: {chosen.name}, {why}")
+    lines.append("select --plan --max-bytes N applies the same rule to the rows that fit N")
+    return lines
 
 
 def _scatter_strategy(ax, rows: list[PlanRow], strategy: str, colour: str) -> None:
@@ -95,6 +133,16 @@ def plot_plan(plan: Plan, handle: BinaryIO) -> None:
         linewidth=1,
         label="rate-accuracy front",
     )
+    best = best_row(plan)
+    if plan.choice_band > 0:
+        low = 100 * (best.predicted_accuracy - plan.choice_band)
+        ax.axhspan(
+            low,
+            100 * best.predicted_accuracy,
+            color="tab:orange",
+            alpha=0.15,
+            label="noise band below the best",
+        )
     chosen = plan.row(plan.chosen)
     ax.annotate(
         f"chosen: {chosen.name}\n{chosen.payload_bytes} B, {100 * chosen.predicted_accuracy:.1f}%",
