@@ -41,11 +41,14 @@ from protocol.errors import ConfigError, ReferenceSetError
 from protocol.reference.factory import ReferenceLocation
 from sender.embedding import engine
 from sender.embedding.embedders import OpenClipEmbedder
+from sender.embedding.native_stderr import dropping_native_lines
 from sender.errors import EngineError, MissingExtraError
 from trainer.faults import raise_point
 
 EXTRA = "distributed"
 BATCHES_PER_CALL = 4  # an actor decodes the later batches of a call while it embeds the first
+# the core worker's line about Ray Data's own actor arguments (see native_stderr)
+ACTOR_ARGUMENTS_NOTICE = "has constructor arguments in the object store"
 
 
 # Ray's head asks cloud metadata services which cloud it runs on even with usage stats
@@ -313,14 +316,16 @@ class RayEngine:
         if batches:
             say(start_ray(ray, options, settings.device))
             try:
-                pool = actor_pool(ray, options, settings.device)
-                resumed = len(plan.mine) - len(plan.pending)
-                say(
-                    f"{pool[0]} actor(s) of {pool[1]:g} CPUs and {pool[2]:g} GPUs; "
-                    f"{len(plan.pending)} of {len(plan.mine)} parts to embed ({resumed} done)"
-                )
-                worker = _WorkerSetup(job.reference, plan.meta.reference_fingerprint, settings)
-                _collect(ray, batches, worker, pool, collector, options, source.manifest.keys)
+                with dropping_native_lines(ACTOR_ARGUMENTS_NOTICE):
+                    pool = actor_pool(ray, options, settings.device)
+                    resumed = len(plan.mine) - len(plan.pending)
+                    say(
+                        f"{pool[0]} actor(s) of {pool[1]:g} CPUs and {pool[2]:g} GPUs; "
+                        f"{len(plan.pending)} of {len(plan.mine)} parts to embed "
+                        f"({resumed} done)"
+                    )
+                    worker = _WorkerSetup(job.reference, plan.meta.reference_fingerprint, settings)
+                    _collect(ray, batches, worker, pool, collector, options, source.manifest.keys)
             finally:
                 ray.shutdown()
         return collector.summary()
