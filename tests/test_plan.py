@@ -290,3 +290,21 @@ def test_image_path_domain_gap_is_measured_outside_the_teacher(small_pool) -> No
         verdicts[name] = domain_gap(scored.outputs)
     assert verdicts["digits"].strategy == "safety-net"
     assert verdicts["photos"].strategy == "inverse" and verdicts["photos"].outlier_fraction > 0.5
+
+
+def test_proxy_accuracy_does_not_depend_on_where_it_trains() -> None:
+    """Worker processes of one thread give what this process gives with one thread, in
+    the order the jobs were given."""
+    from sender.selection.plan import ProxyRun, proxy_accuracy
+    from sender.selection.proxy_pool import ProxyPool
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (96, 1, 16, 16), dtype=np.uint8)
+    labels = (images.reshape(96, -1).mean(axis=1) > 127).astype(np.int64)
+    validation = LabeledImages(images[:40], labels[:40], ("dark", "light"))
+    jobs = [(images, labels, ProxyRun(steps, 16, seed)) for steps, seed in [(3, 0), (6, 1), (9, 2)]]
+    with ProxyPool(proxy_accuracy, validation, workers=1) as here:
+        alone = list(here.run(jobs))
+    with ProxyPool(proxy_accuracy, validation, workers=2) as pool:
+        spread = list(pool.run(iter(jobs)))
+    assert spread == alone and len(set(alone)) > 1

@@ -311,6 +311,13 @@ def add_plan(sub: Subparsers) -> None:
     )
     plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
     plan.add_argument(
+        "--proxy-workers",
+        type=int,
+        default=0,
+        help="processes the proxies train on, one compute thread each (default: one per "
+        "core on a CPU, 1 with CUDA); the predictions do not depend on it",
+    )
+    plan.add_argument(
         "--proxy-size",
         type=int,
         help="with stored embeddings: the thumbnails' side the proxy needs (default: the "
@@ -344,6 +351,7 @@ def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSe
         confirm_share=args.confirm_share,
         noise_repeats=args.noise_repeats,
         choose=args.choose,
+        proxy_workers=args.proxy_workers,
         max_images=args.max_images,
         seed=args.seed,
         sender_id=check_sender_id(args.sender_id),

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -65,6 +65,7 @@ from sender.selection.plan_file import (
     rate_front,
 )
 from sender.selection.plan_report import write_plan_outputs
+from sender.selection.proxy_pool import ProxyJob, ProxyPool, default_workers
 from sender.selection.scored_work import ScoredWork
 from sender.selection.strategies import RankedSelection, order_key
 from trainer.choices import STUDENT_BATCH, STUDENT_STEPS
@@ -115,6 +116,7 @@ class PlanSettings:
     # noise; the choice is then repeated too, until it has two runs (at most as many more)
     noise_repeats: int = 3
     choose: str = WITHIN_NOISE  # or BEST (see sender.selection.plan_file.choose)
+    proxy_workers: int = 0  # processes the proxies train on; 0: one per core (see proxy_pool)
     max_images: int = 8192  # a proxy run learns from at most this many of the kept images
     seed: int = 0  # of the split, the split teacher and the proxies
     sender_id: str = PLAN_SENDER
@@ -137,6 +139,8 @@ class PlanSettings:
             raise ConfigError(f"keep fractions must be in (0, 1], not {self.keeps}")
         if self.choose not in CHOICE_RULES:
             raise ConfigError(f"--choose must be one of {', '.join(CHOICE_RULES)}")
+        if self.proxy_workers < 0:
+            raise ConfigError("--proxy-workers must be >= 0")
         if self.noise_repeats < 0:
             raise ConfigError("--noise-repeats must be >= 0")
         if not 0 <= self.confirm_share <= 1:
@@ -247,7 +251,8 @@ class SplitScores:
 
 class Proxy:
     """Proxy runs over the split teacher's selections: ``images`` reads the selected
-    reference rows' pixels (the in-memory pool, or a store's thumbnails)."""
+    reference rows' pixels (the in-memory pool, or a store's thumbnails); the runs train
+    on :class:`ProxyPool` (use the proxy as a context, to stop its workers after)."""
 
     def __init__(
         self,
@@ -261,18 +266,34 @@ class Proxy:
         self.validation, self.settings = validation, settings
         k = len(validation.class_names)
         self.selections = RankedSelection(split.scores, split.predicted, k, excluded)
+        workers = settings.proxy_workers or default_workers()
+        self.pool = ProxyPool(proxy_accuracy, validation, workers)
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        self.pool.close(wait=error is None)
 
     def kept(self, candidate: Candidate) -> np.ndarray:
         return self.selections.select(candidate.config(), candidate.score)
 
-    def accuracy(self, candidate: Candidate, run: ProxyRun) -> float:
+    def job(self, candidate: Candidate, run: ProxyRun) -> ProxyJob:
+        """What one proxy run learns from: the kept rows' pixels (at most ``max_images``
+        of them, drawn with the run's seed) and the split teacher's labels."""
         kept = self.kept(candidate)
         cap = self.settings.max_images
         if kept.size > cap:
             pick = np.random.default_rng(run.seed).choice(kept.size, cap, replace=False)
             kept = kept[np.sort(pick)]
-        labels = self.predicted[kept].astype(np.int64)
-        return proxy_accuracy(self.images(kept), labels, self.validation, run)
+        return self.images(kept), self.predicted[kept].astype(np.int64), run
+
+    def accuracies(self, candidates: Iterable[Candidate], run: ProxyRun) -> Iterator[float]:
+        """Each candidate's proxy accuracy, in order (trained in parallel)."""
+        return self.pool.run(self.job(candidate, run) for candidate in candidates)
+
+    def accuracy(self, candidate: Candidate, run: ProxyRun) -> float:
+        return next(self.accuracies([candidate], run))
 
 
 def size_row(work: ScoredWork, candidate: Candidate, key: SigningKey) -> PlanRow:
@@ -330,9 +351,10 @@ def measure_candidates(
 ) -> Measured:
     """Screen every candidate, confirm the best share and the screen's front with longer
     runs, then measure the noise (see the module docstring)."""
-    rows = screen_candidates(work, proxy, candidates, progress)
-    confirm_candidates(proxy, rows, progress)
-    return Measured(rows, measure_noise(proxy, rows, progress))
+    with proxy:
+        rows = screen_candidates(work, proxy, candidates, progress)
+        confirm_candidates(proxy, rows, progress)
+        return Measured(rows, measure_noise(proxy, rows, progress))
 
 
 def screen_candidates(
@@ -344,13 +366,20 @@ def screen_candidates(
     settings = proxy.settings
     key = SigningKey.generate(settings.sender_id)
     screen_run = ProxyRun(settings.screen_steps, settings.batch_size, settings.seed)
+    ordered = by_ordering(candidates)
     by_name: dict[str, PlanRow] = {}
-    screen = tqdm(by_ordering(candidates), desc="plan: screen", unit="cand", disable=not progress)
-    for candidate in screen:
-        row = size_row(work, candidate, key)
-        row.screen_accuracy = proxy.accuracy(candidate, screen_run)
-        row.predicted_accuracy = row.screen_accuracy
-        by_name[row.name] = row
+
+    def sized(candidate: Candidate) -> Candidate:
+        by_name[candidate.name] = size_row(work, candidate, key)
+        return candidate
+
+    accuracies = proxy.accuracies((sized(c) for c in ordered), screen_run)
+    bar = tqdm(
+        accuracies, total=len(ordered), desc="plan: screen", unit="cand", disable=not progress
+    )
+    for candidate, accuracy in zip(ordered, bar, strict=True):
+        row = by_name[candidate.name]
+        row.screen_accuracy = row.predicted_accuracy = accuracy
     return [by_name[candidate.name] for candidate in candidates]
 
 
@@ -365,9 +394,12 @@ def confirm_candidates(proxy: Proxy, rows: list[PlanRow], progress: bool) -> Non
     promoted |= set(rate_front(rows))
     confirm = [r for r in rows if r.name in promoted]
     confirm.sort(key=lambda r: order_key(r.candidate.config(), r.candidate.score))
-    for row in tqdm(confirm, desc="plan: confirm", unit="cand", disable=not progress):
-        row.confirm_accuracy = proxy.accuracy(row.candidate, confirm_run)
-        row.predicted_accuracy = row.confirm_accuracy
+    accuracies = proxy.accuracies((r.candidate for r in confirm), confirm_run)
+    bar = tqdm(
+        accuracies, total=len(confirm), desc="plan: confirm", unit="cand", disable=not progress
+    )
+    for row, accuracy in zip(confirm, bar, strict=True):
+        row.confirm_accuracy = row.predicted_accuracy = accuracy
         row.stage = "confirm"
 
 
@@ -381,22 +413,26 @@ def measure_noise(proxy: Proxy, rows: list[PlanRow], progress: bool) -> PlanNois
     run = ProxyRun(settings.confirm_steps, settings.confirm_batch_size, settings.seed + 2)
     confirmed = [r for r in rows if r.stage == "confirm"]
     validation = int(proxy.validation.labels.size)
-    best_first = sorted(confirmed, key=lambda r: -r.predicted_accuracy)
-    queue = best_first[: settings.noise_repeats]
-    bar = tqdm(total=len(queue), desc="plan: repeat", unit="cand", disable=not progress)
-    for _ in range(2 * settings.noise_repeats):
-        if not queue:
-            break
-        row = queue.pop(0)
-        row.repeat_accuracy = proxy.accuracy(row.candidate, run)
-        row.predicted_accuracy = (row.confirm_accuracy + row.repeat_accuracy) / 2
+
+    def repeated(row: PlanRow, accuracy: float) -> None:
+        row.repeat_accuracy = accuracy
+        row.predicted_accuracy = (row.confirm_accuracy + accuracy) / 2
+
+    first = sorted(confirmed, key=lambda r: -r.predicted_accuracy)[: settings.noise_repeats]
+    bar = tqdm(total=len(first), desc="plan: repeat", unit="cand", disable=not progress)
+    for row, accuracy in zip(
+        first, proxy.accuracies((r.candidate for r in first), run), strict=True
+    ):
+        repeated(row, accuracy)
         bar.update()
-        if not queue:
-            noise = noise_of(confirmed, validation, settings.choose)
-            chosen = choose(confirmed, band=noise.choice_band)
-            if chosen.repeat_accuracy is None:
-                queue.append(chosen)
-                bar.total += 1
+    for _ in range(settings.noise_repeats):  # the choice too, until it has two runs
+        noise = noise_of(confirmed, validation, settings.choose)
+        chosen = choose(confirmed, band=noise.choice_band)
+        if chosen.repeat_accuracy is not None:
+            break
+        bar.total += 1
+        repeated(chosen, proxy.accuracy(chosen.candidate, run))
+        bar.update()
     bar.close()
     return noise_of(confirmed, validation, settings.choose)
 
