@@ -305,6 +305,11 @@ def test_proxy_accuracy_does_not_depend_on_where_it_trains() -> None:
     jobs = [(images, labels, ProxyRun(steps, 16, seed)) for steps, seed in [(3, 0), (6, 1), (9, 2)]]
     with ProxyPool(proxy_accuracy, validation, workers=1) as here:
         alone = list(here.run(jobs))
-    with ProxyPool(proxy_accuracy, validation, workers=2) as pool:
-        spread = list(pool.run(iter(jobs)))
-    assert spread == alone and len(set(alone)) > 1
+    with ProxyPool(proxy_accuracy, validation, workers=2, start_after=0.0) as pool:
+        spread = list(pool.run(iter(jobs)))  # the first here, the rest on two workers
+        assert pool._pool is not None
+        again = list(pool.run(jobs[::-1]))
+    assert spread == alone == again[::-1] and len(set(alone)) > 1
+    # short runs never start the workers
+    with ProxyPool(proxy_accuracy, validation, workers=2, start_after=3600.0) as pool:
+        assert list(pool.run(jobs)) == alone and pool._pool is None

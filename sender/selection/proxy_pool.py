@@ -8,7 +8,9 @@ machine, and beside a second busy process the spinning made the same run 5.6x sl
 each in its own process with one thread: about twice one thread's throughput when the
 machine is quiet, and no spinning when it is not. Workers are spawned (they inherit no
 thread pools), ignore Ctrl-C (the plan's own process answers it and stops them), and get
-the validation images once. With CUDA, or one worker, proxies train in this process.
+the validation images once. With CUDA, or one worker, proxies train in this process;
+and so do they until one run takes :data:`WORKER_START_SECONDS`, about what starting the
+workers costs, so that a plan of short proxies (a test's, a quick look) never pays it.
 
 A proxy's accuracy does not depend on where it ran: every run has one compute thread and
 its own seed.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -29,6 +32,7 @@ from protocol.task_data import LabeledImages
 
 MAX_WORKERS = 8  # each holds its own torch (about 300 MB); proxies are short
 IN_FLIGHT_PER_WORKER = 2  # jobs queued per worker: its next one is ready when it finishes
+WORKER_START_SECONDS = 1.0  # a spawned worker imports torch: about a second of one core
 
 ProxyJob = tuple[np.ndarray, np.ndarray, Any]  # (images, labels, ProxyRun)
 Train = Callable[[np.ndarray, np.ndarray, LabeledImages, Any], float]
@@ -45,14 +49,31 @@ def default_workers() -> int:
 
 
 class ProxyPool:
-    """Runs proxy jobs, results in the order given; ``workers`` 1 runs them here."""
+    """Runs proxy jobs, results in the order given; ``workers`` 1 runs them here, and so
+    does any number until one run has taken ``start_after`` seconds."""
 
-    def __init__(self, train: Train, validation: LabeledImages, workers: int) -> None:
+    def __init__(
+        self,
+        train: Train,
+        validation: LabeledImages,
+        workers: int,
+        start_after: float = WORKER_START_SECONDS,
+    ) -> None:
         self.train, self.validation, self.workers = train, validation, workers
+        self.start_after = start_after
         self._pool: Any = None
+        self._worth_starting = False
 
     def run(self, jobs: Iterable[ProxyJob]) -> Iterator[float]:
         """Each job's validation accuracy, in order; at most a few jobs built ahead."""
+        jobs = iter(jobs)
+        while self.workers > 1 and not self._worth_starting:
+            job = next(jobs, None)
+            if job is None:
+                return
+            started = time.perf_counter()
+            yield one_thread(self.train, job[0], job[1], self.validation, job[2])
+            self._worth_starting = time.perf_counter() - started >= self.start_after
         if self.workers <= 1:
             yield from (one_thread(self.train, *job[:2], self.validation, job[2]) for job in jobs)
             return
