@@ -147,7 +147,7 @@ def plot_plan(plan: Plan, handle: BinaryIO) -> None:
     ax.annotate(
         f"chosen: {chosen.name}\n{chosen.payload_bytes} B, {100 * chosen.predicted_accuracy:.1f}%",
         (chosen.payload_bytes, 100 * chosen.predicted_accuracy),
-        xytext=(-160, -60),
+        xytext=(30 if _in_left_half(chosen, plan.candidates) else -160, -60),
         textcoords="offset points",
         arrowprops={"arrowstyle": "->"},
         fontsize=8,
@@ -161,3 +161,11 @@ def plot_plan(plan: Plan, handle: BinaryIO) -> None:
     fig.tight_layout()
     fig.savefig(handle, format="png")
     plt.close(fig)
+
+
+def _in_left_half(row: PlanRow, rows: list[PlanRow]) -> bool:
+    """Whether ``row`` sits in the left half of the log-bytes axis (its label goes right)."""
+    import math
+
+    sizes = [math.log(max(1, r.payload_bytes)) for r in rows]
+    return math.log(max(1, row.payload_bytes)) < (min(sizes) + max(sizes)) / 2
