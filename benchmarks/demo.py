@@ -44,10 +44,12 @@ LINK = "lora-sf10"  # ~1 kbps, 51-byte frames: the narrow end of the mission's l
 # the demo's plan, cut to fit three minutes: 48 candidates at the keeps around the
 # paper's 1%, each screened for 60 steps, a tenth of them and the front confirmed on the
 # students' own schedule (`make compare` and `plada-send plan` try 96 at 0.25%..10% for
-# 100 steps, and confirm a quarter)
+# 100 steps, and confirm a quarter); the noise from the two best confirmed candidates
+# run again (one round on two cores; `plada-send plan` runs three)
 DEMO_PLAN_KEEPS = "1%,2%,5%"
 DEMO_SCREEN_STEPS = 60
 DEMO_CONFIRM_SHARE = 0.1
+DEMO_NOISE_REPEATS = 2
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,6 +84,8 @@ def plan_flags(args: argparse.Namespace) -> list[str]:
         str(args.steps),
         "--confirm-share",
         str(args.confirm_share),
+        "--noise-repeats",
+        str(DEMO_NOISE_REPEATS),
     ]
 
 
