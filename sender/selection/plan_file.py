@@ -110,8 +110,9 @@ class PlanNoise:
 
     repeated: int  # candidates run twice
     rms_difference: float  # between a candidate's two runs
-    run_sd: float  # one run's standard deviation, at least one validation image
-    band: float  # the standard deviation of the difference of two two-run predictions
+    # one run's standard deviation (at least one validation image), which is also that of
+    # the difference of two two-run predictions: the band
+    band: float
     rule: str  # WITHIN_NOISE or BEST
 
     @property
@@ -131,8 +132,8 @@ def noise_of(rows: list[PlanRow], validation_images: int, rule: str) -> PlanNois
     ]
     squares = [(a - b) ** 2 for a, b in pairs]
     rms = float(np.sqrt(np.mean(squares))) if squares else 0.0
-    run_sd = max(rms / np.sqrt(2), 1.0 / max(1, validation_images))
-    return PlanNoise(len(pairs), rms, float(run_sd), float(run_sd), rule)
+    band = max(rms / np.sqrt(2), 1.0 / max(1, validation_images))
+    return PlanNoise(len(pairs), rms, float(band), rule)
 
 
 def file_digest(path: Path) -> str:

@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from protocol.atomic_files import write_atomic, write_json_atomic, write_text_atomic
-from sender.selection.plan_file import BEST, PLAN_FILE, PLAN_PLOT, PLAN_SUMMARY, Plan, PlanRow
+from sender.selection.plan_file import (
+    BEST,
+    PLAN_FILE,
+    PLAN_PLOT,
+    PLAN_SUMMARY,
+    Plan,
+    PlanRow,
+    choose,
+)
 
 STRATEGY_COLOURS = {
     "lowest": "tab:blue",
@@ -62,8 +70,7 @@ def plan_summary(plan: Plan, limit: int = 20) -> str:
 
 def best_row(plan: Plan) -> PlanRow:
     """The highest prediction among the rows the choice is made from."""
-    confirmed = [r for r in plan.candidates if r.stage == "confirm"] or plan.candidates
-    return max(confirmed, key=lambda r: (r.predicted_accuracy, -r.payload_bytes))
+    return choose(plan.candidates)
 
 
 def choice_lines(plan: Plan) -> list[str]:
@@ -74,7 +81,7 @@ def choice_lines(plan: Plan) -> list[str]:
         return [f"chosen: {chosen.name}, the highest prediction"]
     lines = [
         f"noise: {noise.repeated} candidate(s) run twice land {100 * noise.rms_difference:.1f} "
-        f"points apart (rms); one run's sd {100 * noise.run_sd:.1f} points"
+        f"points apart (rms); one run's sd {100 * noise.band:.1f} points"
     ]
     if noise.rule == BEST or chosen.name == best.name:
         why = "the highest prediction" + (

@@ -72,10 +72,10 @@ class ProxyPool:
             if job is None:
                 return
             started = time.perf_counter()
-            yield one_thread(self.train, job[0], job[1], self.validation, job[2])
+            yield self._here(job)
             self._worth_starting = time.perf_counter() - started >= self.start_after
         if self.workers <= 1:
-            yield from (one_thread(self.train, *job[:2], self.validation, job[2]) for job in jobs)
+            yield from map(self._here, jobs)
             return
         pool = self._started()
         waiting: deque[Any] = deque()
@@ -85,6 +85,10 @@ class ProxyPool:
                 yield waiting.popleft().get()
         while waiting:
             yield waiting.popleft().get()
+
+    def _here(self, job: ProxyJob) -> float:
+        images, labels, run = job
+        return one_thread(self.train, images, labels, self.validation, run)
 
     def close(self, wait: bool = True) -> None:
         """Stop the workers: let them finish (``wait``), or end them at once."""
