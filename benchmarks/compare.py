@@ -134,6 +134,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher-epochs", type=int, default=40, help="the CNN teacher's")
     parser.add_argument("--plan-keeps", help="the plan's keep fractions (default: its own grid)")
     parser.add_argument(
+        "--screen-steps",
+        type=int,
+        help="the plan's first proxy per candidate (default: 0.4 x --steps)",
+    )
+    parser.add_argument(
         "--clip-samples",
         type=int,
         help="images the world's CLIP trains on (default: world-clip's own recipe)",
@@ -191,7 +196,8 @@ def sender_side(
     score_images(station, args.teacher_epochs)
     station.keygen()
     payloads = {s.name: station.select(s.name, scheme_flags(s), s.work) for s in schemes}
-    flags = ["--screen-steps", str(max(1, round(0.4 * args.steps)))]
+    screen = args.screen_steps or max(1, round(0.4 * args.steps))
+    flags = ["--screen-steps", str(screen)]
     flags += ["--confirm-steps", str(args.steps)]  # as the students below train
     keeps = ["--keeps", args.plan_keeps] if args.plan_keeps else []
     payloads[PLAN] = station.plan(flags + keeps, PLAN_FILES)

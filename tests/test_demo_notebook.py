@@ -22,6 +22,8 @@ SMALL_RUN = [
     "40",
     "--plan-keeps",
     "1%",
+    "--screen-steps",  # each candidate's first proxy; the confirmed ones train all 40
+    "10",
     "--clip-samples",  # the world's CLIP, trained on a few batches: the path, not
     "2048",  # its accuracy, is what this test checks
     "--no-export",  # the export is tested with the receiver's own tests

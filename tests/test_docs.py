@@ -33,7 +33,7 @@ REWRITES = (
     ("--reference glyphs", f"--reference '{SMALL_SPEC}'"),
     ("plada-send world-clip ", "plada-send world-clip --samples 1024 "),
     ("plada-send score ", "plada-send score --teacher-epochs 3 "),
-    ("plada-send plan ", "plada-send plan --screen-steps 10 --confirm-steps 20 "),
+    ("plada-send plan ", "plada-send plan --screen-steps 5 --confirm-steps 10 "),
     ("plada-receive train ", "plada-receive train --min-steps 20 --max-steps 20 --no-export "),
     ("plada-receive daemon ", "plada-receive daemon --min-steps 20 --max-steps 20 --no-export "),
 )
