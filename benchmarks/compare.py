@@ -58,6 +58,7 @@ SCHEMES = (
     Scheme("paper-safety-1", "safety-net, energy (paper)", "safety-net", "energy", 0.01, 0.5),
     Scheme("safety-1", "safety-net, kNN relevance (ours)", "safety-net", "knn", 0.01),
     Scheme("safety-5", "safety-net, kNN relevance (ours)", "safety-net", "knn", 0.05),
+    Scheme("cover-1", "safety-net, cover of the task's images (ours)", "safety-net", "cover", 0.01),
     Scheme("inverse-1", "inverse: highest energy", "inverse", "energy", 0.01),
     Scheme("random-1", "random subset (control)", "random", "energy", 0.01),
     Scheme(

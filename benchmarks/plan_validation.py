@@ -47,6 +47,7 @@ FIXED = {  # make demo's fixed schemes, as plan candidate names
     "paper-safety-1": "safety-net/energy/1%/r0.5/a-0.2",
     "safety-1": "safety-net/knn/1%/r1/a-0.2",
     "safety-5": "safety-net/knn/5%/r1/a-0.2",
+    "cover-1": "safety-net/cover/1%/r1/a-0.2",
     "inverse-1": "inverse/energy/1%",
     "random-1": "random/1%",
     "random-balanced-1": "random-balanced/1%/a0",

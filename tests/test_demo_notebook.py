@@ -97,7 +97,7 @@ def test_compare_report_has_every_row(demo_report) -> None:
     assert plan["predicted_accuracy"] == chosen["predicted_accuracy"]
     assert abs(plan["payload_bytes"] - chosen["payload_bytes"]) <= 4  # sequence number, time
     assert (
-        len(plan_json["candidates"]) == 16 and (path.parent / "compare-plan" / "plan.png").is_file()
+        len(plan_json["candidates"]) == 18 and (path.parent / "compare-plan" / "plan.png").is_file()
     )
     assert "plan's choice" in stdout
     budget = next(r for r in report["rows"] if r["scheme"] == "safety-1")["payload_bytes"]

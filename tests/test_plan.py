@@ -26,7 +26,7 @@ from sender.selection.plan_file import (
 from tests.conftest import SMALL_SPEC
 from tests.subprocess_cli import cli, cli_env, run
 
-KEEPS = "1%"  # 16 candidates: sizes enough for the front and the budgets
+KEEPS = "1%"  # 18 candidates: sizes enough for the front and the budgets
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,8 @@ def _select(planned, *extra: str, expect: int = 0, name: str = "p.plada"):
 def test_plan_writes_table_front_plot_and_json(planned) -> None:
     plan_dir = planned["work"] / "plan"
     plan = json.loads((plan_dir / "plan.json").read_text())
-    assert len(plan["candidates"]) == 16
+    assert len(plan["candidates"]) == 18
+    assert {r["candidate"]["score"] for r in plan["candidates"]} >= {"knn", "cover"}
     strategies = {r["candidate"]["strategy"] for r in plan["candidates"]}
     assert strategies == {"lowest", "inverse", "safety-net", "random", "random-balanced"}
     rows = {r["name"]: r for r in plan["candidates"]}
@@ -262,9 +263,13 @@ def test_noise_is_measured_from_the_repeated_rows() -> None:
 
 def test_grid_spans_every_strategy_and_score() -> None:
     grid = candidate_grid((0.01,))
-    assert len(grid) == 16 and len({c.name for c in grid}) == 16
+    assert len(grid) == 18 and len({c.name for c in grid}) == 18
     assert Candidate("random", "energy", 0.01).config().strategy == "random"
-    assert not any(c.strategy == "inverse" and c.score == "knn" for c in grid)
+    assert not any(c.strategy == "inverse" and c.score in ("knn", "cover") for c in grid)
+    assert {c.name for c in grid if c.score == "cover"} == {
+        "lowest/cover/1%",
+        "safety-net/cover/1%/r1/a-0.2",
+    }
 
 
 def test_image_path_domain_gap_is_measured_outside_the_teacher(small_pool) -> None:

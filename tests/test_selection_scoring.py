@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ConfigError
-from sender.scoring.scores import energy, entropy, knn_relevance, l2_normalize
+from sender.scoring.scores import cover_order, energy, entropy, knn_relevance, l2_normalize
 from sender.selection.strategies import (
     RankedSelection,
     SelectionConfig,
@@ -116,6 +116,52 @@ def test_random_controls_ignore_the_score_and_are_reproducible() -> None:
 def test_knn_relevance_prefers_images_near_their_predicted_class() -> None:
     task = l2_normalize(np.array([[1, 0], [0, 1]], dtype=np.float32))
     ref = l2_normalize(np.array([[1, 0.1], [1, 0.9], [0.1, 1]], dtype=np.float32))
-    scores = knn_relevance(ref, np.array([0, 0, 1]), task, np.array([0, 1]), k=1)
+    relevance = knn_relevance(ref, np.array([0, 0, 1]), task, np.array([0, 1]), k=1)
+    scores = relevance.scores
+    assert relevance.owner.tolist() == [0, 0, 1]  # each row's nearest task image of its class
     assert scores[0] < scores[1]  # (1, .1) is closer to class 0's image than (1, .9)
     assert scores[2] < scores[1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(-1, 6), st.floats(-1, 2, width=32)), min_size=1, max_size=80),
+    st.integers(1, 4),
+)
+def test_cover_takes_each_task_images_next_rows_round_by_round(rows, per_round) -> None:
+    owner = np.array([o for o, _ in rows])
+    knn = np.array([v for _, v in rows], dtype=np.float32)
+    order = np.argsort(cover_order(knn, owner, per_round), kind="stable")
+    owned = owner[order] >= 0
+    assert not np.any(owned[1:] & ~owned[:-1])  # unowned rows come after every owned one
+    seen: dict[int, int] = {}
+    rounds = []
+    for row in order[owned]:
+        seen[owner[row]] = seen.get(owner[row], 0) + 1
+        rounds.append((seen[owner[row]] - 1) // per_round)
+    assert rounds == sorted(rounds)  # no task image's next round before every current one
+    for o in set(owner[owner >= 0]):  # each task image's rows in kNN order
+        mine = knn[order[owner[order] == o]]
+        assert np.all(np.diff(mine) >= 0)
+
+
+def test_cover_spreads_a_budget_that_knn_piles_onto_one_task_image() -> None:
+    """Two task images of one class: many reference rows crowd around the first, a few
+    lie near the second. kNN relevance spends the whole budget on the crowd; cover
+    takes the second's nearest rows as well, and with a round as large as the budget it
+    is kNN relevance again."""
+    rng = np.random.default_rng(0)
+    task = l2_normalize(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    crowd = task[0] + rng.normal(0, 0.02, (60, 3))
+    sparse = task[1] + rng.normal(0, 0.15, (8, 3))
+    reference = l2_normalize(np.vstack([crowd, sparse]).astype(np.float32))
+    predicted = np.zeros(68, dtype=np.int64)
+    relevance = knn_relevance(reference, predicted, task, np.array([0, 0]), k=1)
+    assert set(relevance.owner[:60]) == {0} and set(relevance.owner[60:]) == {1}
+    config = SelectionConfig("lowest", keep=10 / 68)
+    by_knn = select(relevance.scores, predicted, 1, config)
+    by_cover = select(relevance.cover(), predicted, 1, config)
+    assert (by_knn >= 60).sum() <= 1 and (by_cover >= 60).sum() == 5
+    np.testing.assert_array_equal(select(relevance.cover(100), predicted, 1, config), by_knn)
+    with pytest.raises(ConfigError):
+        cover_order(relevance.scores, relevance.owner, 0)

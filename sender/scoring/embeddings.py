@@ -32,7 +32,7 @@ from sender.embedding.store import MANIFEST_FILE, EmbeddingStore
 from sender.embedding.thumbnails import Thumbnailer
 from sender.scoring.domain_gap import DomainGap, measure_domain_gap, split_reference_sample
 from sender.scoring.embedding_teachers import KnnTeacher, train_probe, zero_shot_head
-from sender.scoring.scores import KNN
+from sender.scoring.scores import COVER, KNN, KnnRelevance
 from sender.scoring.stream import LinearHead, StreamOptions, StreamScores, score_chunks
 from sender.scoring.stream_knn import stream_knn_relevance
 from sender.scoring.teacher_kinds import EMBEDDINGS, teacher_for
@@ -290,8 +290,8 @@ def _store_knn(
     train: EmbeddedSplit | None,
     scores: StreamScores,
     k: int,
-) -> tuple[np.ndarray | None, KnnSummary]:
-    """The ``knn`` score (task images searching the store's FAISS index, see
+) -> tuple[KnnRelevance | None, KnnSummary]:
+    """The ``knn`` score and its owners (task images searching the store's FAISS index, see
     :mod:`sender.scoring.stream_knn`) when there are labeled task images and an index,
     and what it took; else None and why it was skipped."""
     if train is None:
@@ -299,10 +299,10 @@ def _store_knn(
     if index is None:
         where = store.root / INDEX_FILE
         return None, KnnSummary(skipped=f"no index at {where}: run 'plada-send index {store.root}'")
-    values, stats = stream_knn_relevance(
+    relevance, stats = stream_knn_relevance(
         index, train.embeddings, train.labels, scores.predicted, scores.energy, k=k
     )
-    return values, KnnSummary(**stats)
+    return relevance, KnnSummary(**stats)
 
 
 def _leakage(
@@ -341,7 +341,7 @@ def score_store(
     per_row = dict(scores.scores)
     knn, knn_stats = _store_knn(store, index, train, scores, settings.knn_k)
     if knn is not None:
-        per_row[KNN] = knn
+        per_row[KNN], per_row[COVER] = knn.scores, knn.cover()
     return StoreScores(per_row, scores.predicted, scores, knn_stats)
 
 

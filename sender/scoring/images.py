@@ -25,7 +25,7 @@ from sender.embedding.embedders import Embedder, PixelEmbedder
 from sender.scoring.domain_gap import DomainGap, measure_domain_gap, split_reference_sample
 from sender.scoring.embedding_teachers import train_probe
 from sender.scoring.image_teachers import CnnTeacher
-from sender.scoring.scores import KNN, ScoreRows, knn_relevance, row_scores
+from sender.scoring.scores import COVER, KNN, ScoreRows, knn_relevance, row_scores
 from sender.scoring.teacher_kinds import IMAGES, teacher_for
 from sender.scoring.work_dir import (
     REFERENCE_EMBEDDINGS,
@@ -168,13 +168,14 @@ def teacher_scores(
     predicted = outputs.logits.argmax(1).astype(np.int64)
     rows = ScoreRows(outputs.logits, outputs.reference_embeddings, settings.temperature)
     scores = row_scores(rows)
-    scores[KNN] = knn_relevance(
+    relevance = knn_relevance(
         outputs.reference_embeddings,
         predicted,
         outputs.train_embeddings,
         train.labels,
         settings.knn_k,
     )
+    scores[KNN], scores[COVER] = relevance.scores, relevance.cover()
     return TaskScores(outputs, scores, predicted)
 
 

@@ -15,6 +15,14 @@ the class the teacher predicts for it). Each path computes it with its own searc
 exact per class in memory (:func:`knn_relevance`), through the FAISS index over the
 stored embeddings when streaming (:mod:`sender.scoring.stream_knn`).
 
+``cover`` is made from the same search: each row's *owner* is the most similar task
+image of the class the teacher predicts for it. Within each owner's rows, ranked by
+``knn``, a row's cover value is its rank (in rounds of ``per_round`` rows), plus its
+``knn`` mapped into [0, 1): reading it in ascending order takes every task image's
+nearest row before any task image's second, so a selection covers the task's images
+instead of piling onto the densest few (``per_round``: 1 is all coverage, a large
+value is ``knn`` again). Rows no task image owns come last, in ``knn`` order.
+
 Kept free of torch so that the command line can list the scores without loading it.
 """
 
@@ -28,6 +36,9 @@ import numpy as np
 from protocol.errors import ConfigError
 
 KNN = "knn"
+COVER = "cover"
+TASK_SCORES = (KNN, COVER)  # need the task's labeled images and a neighbour search
+COVER_PER_ROUND = 1  # rows each task image adds per round of the cover ordering
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,7 @@ def row_score(name: str) -> Callable[[RowScore], RowScore]:
     """Register the decorated function as the row score ``name``."""
 
     def register(function: RowScore) -> RowScore:
-        if name in ROW_SCORES or name == KNN:
+        if name in ROW_SCORES or name in TASK_SCORES:
             raise ConfigError(f"a selection score named {name!r} is already registered")
         ROW_SCORES[name] = function
         return function
@@ -56,8 +67,8 @@ def row_score(name: str) -> Callable[[RowScore], RowScore]:
 
 
 def score_names() -> tuple[str, ...]:
-    """Every selection score: the registered row scores, then ``knn``."""
-    return (*ROW_SCORES, KNN)
+    """Every selection score: the registered row scores, then ``knn`` and ``cover``."""
+    return (*ROW_SCORES, *TASK_SCORES)
 
 
 def row_scores(rows: ScoreRows, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
@@ -99,30 +110,72 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+@dataclass(frozen=True)
+class KnnRelevance:
+    """``knn`` of every row and its owner: the index of its most similar task image of
+    its predicted class (-1: none found it)."""
+
+    scores: np.ndarray
+    owner: np.ndarray
+
+    def cover(self, per_round: int = COVER_PER_ROUND) -> np.ndarray:
+        """The ``cover`` score (see the module docstring)."""
+        return cover_order(self.scores, self.owner, per_round)
+
+
 def knn_relevance(
     reference_embeddings: np.ndarray,
     predicted: np.ndarray,
     task_embeddings: np.ndarray,
     task_labels: np.ndarray,
     k: int = 5,
-) -> np.ndarray:
-    """Minus the mean cosine similarity to the ``k`` nearest task images of the predicted class.
+) -> KnnRelevance:
+    """Minus the mean cosine similarity to the ``k`` nearest task images of the predicted
+    class, and the nearest one's index.
 
     Uses exact FAISS inner-product search per class; embeddings must be L2-normalised.
     """
     import faiss
 
-    scores = np.zeros(reference_embeddings.shape[0], dtype=np.float32)
+    n = reference_embeddings.shape[0]
+    scores = np.zeros(n, dtype=np.float32)
+    owner = np.full(n, -1, dtype=np.int64)
     for c in np.unique(predicted):
-        members = task_embeddings[task_labels == c]
+        members = np.flatnonzero(task_labels == c)
         rows = np.flatnonzero(predicted == c)
-        if members.shape[0] == 0:
+        if members.size == 0:
             scores[rows] = 1.0  # no task image of that class: least relevant possible
             continue
-        index = faiss.IndexFlatIP(members.shape[1])
-        index.add(np.ascontiguousarray(members, dtype=np.float32))
-        sims, _ = index.search(
-            np.ascontiguousarray(reference_embeddings[rows]), min(k, len(members))
+        index = faiss.IndexFlatIP(task_embeddings.shape[1])
+        index.add(np.ascontiguousarray(task_embeddings[members], dtype=np.float32))
+        sims, nearest = index.search(
+            np.ascontiguousarray(reference_embeddings[rows]), min(k, members.size)
         )
         scores[rows] = -sims.mean(axis=1)
-    return scores
+        owner[rows] = members[nearest[:, 0]]
+    return KnnRelevance(scores, owner)
+
+
+def cover_order(knn: np.ndarray, owner: np.ndarray, per_round: int = COVER_PER_ROUND) -> np.ndarray:
+    """Round-robin over the task images: rank within the owner's rows (by ``knn``,
+    ``per_round`` rows a round) plus ``knn`` mapped into [0, 1); unowned rows last.
+    Linear memory: one stable sort of the rows by (owner, knn)."""
+    if per_round < 1:
+        raise ConfigError(f"cover takes at least 1 row per round, not {per_round}")
+    n = knn.shape[0]
+    values = np.asarray(knn, dtype=np.float32)
+    finite = np.isfinite(values)
+    low = float(values[finite].min()) if finite.any() else 0.0
+    high = float(values[finite].max()) if finite.any() else 1.0
+    order = np.lexsort((values, owner))  # by owner, then most relevant; stable (row order)
+    grouped = owner[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    del grouped
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    del order
+    rounds = (rank // per_round).astype(np.float32)
+    owned = owner >= 0
+    rounds[~owned] = float(rounds[owned].max()) + 1.0 if owned.any() else 0.0  # after them all
+    unit = (values - low) / (high - low + 1e-12) * np.float32(0.999)  # in [0, 1)
+    return (rounds + unit).astype(np.float32)

@@ -14,6 +14,9 @@ class found it (relevance and label agreement at once), and scores
 Rows no agreeing task image found come after every candidate, in energy order:
 ``knn(r) = 1 + (energy(r) - min) / (max - min + eps)``, a monotone map into [1, 2).
 
+A candidate's *owner* is the most similar of those task images (the ``cover`` score's
+round-robin groups, see :mod:`sender.scoring.scores`); other rows have none (-1).
+
 ``depth`` defaults to enough neighbours for the candidates to cover a 10% keep.
 """
 
@@ -24,6 +27,8 @@ import time
 
 import faiss
 import numpy as np
+
+from sender.scoring.scores import KnnRelevance
 
 MAX_KEEP = 0.10  # the largest keep fraction the default depth is sized for
 MAX_DEPTH = 2048
@@ -60,9 +65,9 @@ def reverse_knn_relevance(
     predicted: np.ndarray,
     energy: np.ndarray,
     k: int = 5,
-) -> tuple[np.ndarray, int]:
-    """The ``knn`` score of every reference row (see the module docstring) and the
-    number of candidates (rows some agreeing task image found)."""
+) -> tuple[KnnRelevance, int]:
+    """The ``knn`` score of every reference row and its owner (see the module docstring),
+    and the number of candidates (rows some agreeing task image found)."""
     n = predicted.shape[0]
     queries = np.repeat(np.arange(neighbours.shape[0]), neighbours.shape[1])
     rows = neighbours.ravel()
@@ -70,9 +75,9 @@ def reverse_knn_relevance(
     found = rows >= 0
     queries, rows, sims = queries[found], rows[found], sims[found]
     agree = task_labels[queries] == predicted[rows]
-    rows, sims = rows[agree], sims[agree]
-    order = np.lexsort((-sims, rows))  # by row, then most similar first
-    rows, sims = rows[order], sims[order]
+    queries, rows, sims = queries[agree], rows[agree], sims[agree]
+    order = np.lexsort((queries, -sims, rows))  # by row, then most similar first
+    queries, rows, sims = queries[order], rows[order], sims[order]
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
     rank = np.arange(rows.size) - np.repeat(starts, np.diff(np.r_[starts, rows.size]))
     top = rank < k
@@ -82,7 +87,9 @@ def reverse_knn_relevance(
     scores = (1.0 + (e - low) / (high - low + 1e-12)).astype(np.float32)
     candidates = rows[starts]  # the rows, sorted, once each
     scores[candidates] = (-total[candidates] / k).astype(np.float32)
-    return scores, int(candidates.size)
+    owner = np.full(n, -1, dtype=np.int64)
+    owner[candidates] = queries[starts]
+    return KnnRelevance(scores, owner), int(candidates.size)
 
 
 def stream_knn_relevance(
@@ -94,17 +101,17 @@ def stream_knn_relevance(
     k: int = 5,
     depth: int | None = None,
     nprobe: int | None = None,
-) -> tuple[np.ndarray, dict[str, float]]:
+) -> tuple[KnnRelevance, dict[str, float]]:
     """Search the index with the task's images and score every row; returns the scores
-    and what it took (depth, candidates, seconds)."""
+    with their owners, and what it took (depth, candidates, seconds)."""
     started = time.perf_counter()
     n = predicted.shape[0]
     depth = depth or default_depth(n, task_embeddings.shape[0], k)
     sims, ids = search_task_images(index, task_embeddings, depth, nprobe)
     searched = time.perf_counter()
-    scores, candidates = reverse_knn_relevance(sims, ids, task_labels, predicted, energy, k)
+    relevance, candidates = reverse_knn_relevance(sims, ids, task_labels, predicted, energy, k)
     done = time.perf_counter()
-    return scores, {
+    return relevance, {
         "depth": depth,
         "nprobe": _nprobe_of(index),
         "task_images": int(task_embeddings.shape[0]),

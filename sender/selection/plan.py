@@ -47,7 +47,7 @@ from sender.scoring.images import (
     reference_images,
     teacher_scores,
 )
-from sender.scoring.scores import KNN, score_names
+from sender.scoring.scores import COVER, TASK_SCORES, score_names
 from sender.scoring.teacher_kinds import IMAGES
 from sender.scoring.work_dir import SCORES_FILE, ScoreReport
 from sender.selection.plan_file import (
@@ -73,6 +73,7 @@ from trainer.choices import STUDENT_BATCH, STUDENT_STEPS
 DEFAULT_KEEPS = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.10)
 # safety-net (reserve, alpha): the paper's half-reserve, all-reserve, and equal quotas
 SAFETY_NET_GRID = ((0.5, -0.2), (1.0, -0.2), (1.0, 0.0))
+COVER_SAFETY_NET = ((1.0, -0.2),)  # cover orders within each quota; one quota setting
 PLAN_SENDER = "plan"  # sender id the sizes are measured with, unless one is given
 SIZE_SEQUENCE = 2**31  # a large sequence number, so sizes are not underestimated
 
@@ -81,18 +82,18 @@ def candidate_grid(
     keeps: tuple[float, ...] = DEFAULT_KEEPS, scores: tuple[str, ...] | None = None
 ) -> list[Candidate]:
     """Every strategy and score at every keep fraction: lowest (each score), inverse
-    (each row score: "least relevant" means nothing for kNN relevance), safety-net
-    (each score, on :data:`SAFETY_NET_GRID`), and the random and random-balanced
-    controls. ``scores``: default every registered score."""
+    (each row score: "least relevant" means nothing for kNN relevance or coverage),
+    safety-net (each score, on :data:`SAFETY_NET_GRID`; cover on its one setting), and
+    the random and random-balanced controls. ``scores``: default every registered score."""
     scores = score_names() if scores is None else scores
     grid: list[Candidate] = []
     for keep in keeps:
         grid += [Candidate("lowest", score, keep) for score in scores]
-        grid += [Candidate("inverse", s, keep) for s in scores if s != KNN]
+        grid += [Candidate("inverse", s, keep) for s in scores if s not in TASK_SCORES]
         grid += [
             Candidate("safety-net", score, keep, reserve, alpha)
             for score in scores
-            for reserve, alpha in SAFETY_NET_GRID
+            for reserve, alpha in (COVER_SAFETY_NET if score == COVER else SAFETY_NET_GRID)
         ]
         grid.append(Candidate("random", scores[0], keep))
         grid.append(Candidate("random-balanced", scores[0], keep, 1.0, 0.0))
