@@ -18,10 +18,11 @@ stored embeddings when streaming (:mod:`sender.scoring.stream_knn`).
 ``cover`` is made from the same search: each row's *owner* is the most similar task
 image of the class the teacher predicts for it. Within each owner's rows, ranked by
 ``knn``, a row's cover value is its rank (in rounds of ``per_round`` rows), plus its
-``knn`` mapped into [0, 1): reading it in ascending order takes every task image's
-nearest row before any task image's second, so a selection covers the task's images
-instead of piling onto the densest few (``per_round``: 1 is all coverage, a large
-value is ``knn`` again). Rows no task image owns come last, in ``knn`` order.
+``knn`` mapped into [0, 1) (float32: kNN order to about 1e-7 of its range). Reading it
+in ascending order takes every task image's nearest row before any task image's
+second, so a selection covers the task's images instead of piling onto the densest
+few (``per_round``: 1 is all coverage, a large value is ``knn`` again). Rows no task
+image owns come last, in ``knn`` order.
 
 Kept free of torch so that the command line can list the scores without loading it.
 """
