@@ -1,17 +1,18 @@
-"""The fixed selection schemes side by side on held-out targets, over teacher seeds.
+"""The fixed selection schemes side by side on held-out targets, over target draws.
 
 The production path without the plan: the world's CLIP embeds the pool once into a
 store every target shares (as ``benchmarks.plan_validation --path embeddings``); per
-target and teacher seed, ``plada-send score --embeddings`` (probe teacher), then for
-each scheme ``select`` and real students from ``plada-receive train``. Prints one
-table (rows: schemes; columns: targets, each the mean over teacher seeds and student
-seeds) with every scheme's mean over the targets and its payload bytes, so that a new
-selection rule (``cover``) is judged beside kNN relevance, the paper's rules and the
-random controls, on targets nobody tuned for. Rerunning on the same ``--work`` skips
+draw of each target (its labeled and test images, hence its teacher), ``plada-send
+score --embeddings`` (probe teacher), then for each scheme ``select`` and real
+students from ``plada-receive train``. Prints one table (rows: schemes; columns:
+targets, each the mean over draws and student seeds) with every scheme's mean over
+the targets and its payload bytes, so that a new selection rule (``cover``) is
+judged beside kNN relevance, the paper's rules and the random controls, on targets
+nobody tuned for. Rerunning on the same ``--work`` skips
 every step whose outputs exist.
 
     python -m benchmarks.fixed_schemes --work work/fixed-schemes \
-        [--targets digits font-digits font-letters photos photos-iid] [--teacher-seeds 0 1]
+        [--targets digits font-digits font-letters photos photos-iid] [--draws 0 1]
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ RECEIVE = [sys.executable, "-m", "receiver.cli"]
 DEFAULT_SCHEMES = ("safety-1", "cover-1", "paper-safety-1", "vanilla-1", "random-balanced-1")
 
 
-def target_task(target: str, folder: Path) -> tuple[str, str]:
-    """The target's train and test files, made once."""
+def target_task(target: str, folder: Path, seed: int) -> tuple[str, str]:
+    """The target's train and test files (its draw ``seed``), made once."""
     task = folder / "task"
     if not (task / "test.npz").is_file():
         if target == "digits":
             run([*SEND, "task", "digits", "--out", str(task)], folder / "logs" / "task.log")
         else:
-            train, test = make_target(target)
+            train, test = make_target(target, seed)
             train.save(task / "train.npz")
             test.save(task / "test.npz")
     return str(task / "train.npz"), str(task / "test.npz")
@@ -71,24 +72,24 @@ def scheme_result(
 
 
 def target_results(target: str, work: Path, args: argparse.Namespace) -> dict[str, list]:
-    """Every scheme's results on ``target`` under each teacher seed."""
-    folder = work / target
-    (folder / "logs").mkdir(parents=True, exist_ok=True)
-    train, test = target_task(target, folder)
+    """Every scheme's results on each draw of ``target`` (its labeled images, hence
+    its teacher: the probe itself is convex and does not depend on a seed)."""
     ref = ["--reference", args.reference, "--cache-dir", str(work / "cache")]
     results: dict[str, list] = {scheme: [] for scheme in args.schemes}
-    for teacher_seed in args.teacher_seeds:
-        out = folder / f"teacher-{teacher_seed}"
+    for draw in [0] if target == "digits" else args.draws:  # digits: one fixed split
+        out = work / target / f"draw-{draw}"
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        train, test = target_task(target, out, draw)
         scored = out / "sender"
         if not (scored / "score_report.json").is_file():
             score = [*SEND, "score", "--embeddings", str(work / "embeddings"), *args.clip]
-            score += ["--train", train, "--test", test, "--seed", str(teacher_seed)]
+            score += ["--train", train, "--test", test]
             run([*score, "--out", str(scored), "--quiet"], out / "logs" / "score.log")
         for scheme in args.schemes:
             chosen = next(s for s in SCHEMES if s.name == scheme)
             results[scheme].append(scheme_result(scored, chosen, ref, test, out, args))
             accs = results[scheme][-1]["accuracies"]
-            print(f"  {target} teacher {teacher_seed} {scheme}: {100 * np.mean(accs):.1f}%")
+            print(f"  {target} draw {draw} {scheme}: {100 * np.mean(accs):.1f}%", flush=True)
     return results
 
 
@@ -104,7 +105,10 @@ def print_table(table: dict[str, dict[str, list]], schemes: list[str]) -> None:
         )
         sizes = [r["payload_bytes"] for t in targets for r in table[t][scheme]]
         print(f"{scheme:18s} {cells} {100 * np.mean(means):6.1f} {np.mean(sizes):7.0f}")
-    print("cells: real accuracy, mean over teacher and student seeds (spread between teachers)")
+    print(
+        "cells: real accuracy, mean over the target's draws and student seeds"
+        " (spread between draws)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         default=list(DEFAULT_SCHEMES),
         choices=[s.name for s in SCHEMES if s.work == "sender"],
     )
-    parser.add_argument("--teacher-seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds")
+    parser.add_argument(
+        "--draws", type=int, nargs="+", default=[0, 1], help="draws of each held-out target"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="student seeds")
     parser.add_argument("--steps", type=int, default=250, help="student steps")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
-        "teacher_seeds": args.teacher_seeds,
+        "draws": args.draws,
         "seeds": args.seeds,
         "steps": args.steps,
         "targets": table,
