@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from protocol.atomic_files import path_error_text
+from protocol.atomic_files import path_error_text, writable_file_path
 from protocol.errors import PladaError
 from protocol.reference.base import ReferenceSource
 from protocol.reference.factory import ReferenceLocation
@@ -160,8 +160,9 @@ def _error_line(prog: str, kind: str, message: str) -> int:
     return EXIT_USER_ERROR
 
 
-def add_reference_options(parser: argparse.ArgumentParser) -> None:
-    """--reference, --cache-dir and --image-size."""
+def add_reference_options(parser: argparse.ArgumentParser, canonical: bool = False) -> None:
+    """--reference, --cache-dir and --image-size (and with ``canonical``, --canonical: a
+    device's copy that may be partial)."""
     parser.add_argument(
         "--reference",
         default="glyphs",
@@ -169,11 +170,20 @@ def add_reference_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache-dir", default=None, help="reference cache (default $PLADA_CACHE)")
     parser.add_argument("--image-size", type=int, default=64, help="image side for ImageFolders")
+    if canonical:
+        parser.add_argument(
+            "--canonical",
+            metavar="MANIFEST",
+            help="the canonical manifest of the reference set (plada-send reference "
+            "--manifest-out): payload indices are read through it, and images this copy "
+            "lacks are skipped and counted (--min-coverage)",
+        )
 
 
 def reference_location(args: argparse.Namespace) -> ReferenceLocation:
     """Where the reference set the options name is."""
-    return ReferenceLocation(args.reference, args.cache_dir, args.image_size)
+    canonical = getattr(args, "canonical", None)
+    return ReferenceLocation(args.reference, args.cache_dir, args.image_size, canonical)
 
 
 def reference_from_args(args: argparse.Namespace) -> ReferenceSource:
@@ -203,12 +213,27 @@ def task_images_for(
     return images if name is None else replace(images, name=name)
 
 
+def add_manifest_out(parser: argparse.ArgumentParser) -> None:
+    """--manifest-out: where ``reference`` writes the set's manifest."""
+    parser.add_argument(
+        "--manifest-out",
+        metavar="FILE",
+        help="write the manifest (the canonical key order payload indices use) here: "
+        "devices whose copies may differ hold it beside their images (--canonical)",
+    )
+
+
 def print_reference(args: argparse.Namespace) -> int:
-    """The ``reference`` subcommand: build or verify the set and print its fingerprint."""
+    """The ``reference`` subcommand: build or verify the set and print its fingerprint
+    (with --manifest-out, write its manifest)."""
+    out = writable_file_path(args.manifest_out, "--manifest-out") if args.manifest_out else None
     reference = reference_from_args(args)
     manifest = reference.manifest
     print(f"reference {manifest.name}: n={len(manifest)} blocks={len(manifest.block_names())}")
     for problem in getattr(reference, "problems", []):
         print(f"warning: {problem}")
     print(f"fingerprint {manifest.fingerprint_hex}")
+    if out is not None:
+        manifest.save(out)
+        print(f"manifest: {out}")
     return 0

@@ -12,7 +12,8 @@ when its job starts:
 2. the byte cap and the framing, then the trust policy over the raw bytes: signature,
    audience, expiry, replay and rollback against the ledger's last sequence numbers;
 3. the header, the body, the reference set's fingerprint and the content digest;
-4. this device's caps per job (images, classes);
+4. this device's caps per job (images, classes), and where its copy of the reference
+   set is partial, how many of the kept images it holds (:class:`CoverageRule`);
 5. the caller's local checks (``train``: the holdout, the model and its weights).
 
 It is pure: the trust store, the rules, the ledger's view and the clock come in; an
@@ -30,6 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
+from protocol.availability import Availability, Coverage, coverage_of
 from protocol.errors import PayloadLimitError, ReplayError
 from protocol.manifest import ReferenceManifest
 from protocol.payload import (
@@ -40,6 +44,7 @@ from protocol.payload import (
     read_payload_bytes,
 )
 from protocol.trust import TrustPolicy, TrustStore
+from receiver.errors import CoverageError
 from receiver.ledger import SequenceLedger
 from receiver.trust_store import TrustOptions, load_trust_store
 
@@ -77,6 +82,45 @@ class AcceptanceHistory(Protocol):
 
 
 @dataclass(frozen=True)
+class CoverageRule:
+    """How much of a payload's kept images a partial copy must hold to train it: a share
+    overall, and a share in every class (a class short of its images trains a student
+    that barely knows it; the overall share bounds how far the student can fall).
+
+    Defaults: 98% overall, 90% per class. Losing 2% of the kept images at random costs a
+    student about what 2% fewer kept images cost, within the spread between student
+    seeds (benchmarks/fleet_copies.py); a safety-net class with 20 kept images may miss
+    2 of them. Below either, the payload is refused before it is recorded, so it trains
+    once the files are back."""
+
+    min_overall: float = 0.98
+    min_class: float = 0.90
+
+    def check(self, coverage: Coverage) -> None:
+        """``CoverageError`` naming the shortfall and the fix, below either share."""
+        name, share = coverage.worst_class()
+        if coverage.overall >= self.min_overall and share >= self.min_class:
+            return
+        raise CoverageError(
+            f"this device holds {coverage.present} of the payload's {coverage.kept} images "
+            f"({100 * coverage.overall:.1f}%; class {name!r} {100 * share:.1f}%), under "
+            f"--min-coverage {100 * self.min_overall:g}% overall and "
+            f"{100 * self.min_class:g}% per class: restore the missing reference images "
+            "(plada-receive reference --canonical lists them), or have the sender restrict "
+            "the selection to this device's release (plada-send fleet add, select --fleet)"
+        )
+
+
+def payload_coverage(payload: Payload, availability: Availability | None) -> Coverage:
+    """How many of ``payload``'s kept images a copy with ``availability`` holds (all of
+    them without one)."""
+    present = (
+        np.ones(payload.reference_size, bool) if availability is None else availability.present
+    )
+    return coverage_of(present, payload.indices, payload.labels, payload.class_names)
+
+
+@dataclass(frozen=True)
 class AcceptanceRules:
     """What this device takes in: its trust options and caps, and what a payload it
     accepted before is (``retrain``: taken again without the freshness rules, as
@@ -87,6 +131,7 @@ class AcceptanceRules:
     max_images: int = DEFAULT_MAX_IMAGES
     max_classes: int = DEFAULT_MAX_CLASSES
     retrain: bool = True
+    coverage: CoverageRule = field(default_factory=CoverageRule)
 
 
 @dataclass(frozen=True)
@@ -122,9 +167,11 @@ class Acceptance:
         rules: AcceptanceRules,
         history: AcceptanceHistory | None,
         manifest: ReferenceManifest,
+        availability: Availability | None = None,
     ) -> None:
         options = rules.trust
         self.rules, self.history, self.manifest = rules, history, manifest
+        self.availability = availability  # a partial copy's rows; None: the whole set
         self.policy = TrustPolicy(
             store,
             options.allow_unsigned,
@@ -154,6 +201,8 @@ class Acceptance:
             received.data, self.rules.max_bytes, reference=self.manifest, trust=policy
         )
         check_job_size(payload, self.rules.max_images, self.rules.max_classes)
+        if self.availability is not None:
+            self.rules.coverage.check(payload_coverage(payload, self.availability))
         if check is not None:
             check(payload)
         return AcceptedPayload(received, payload, again)
@@ -177,11 +226,12 @@ def open_acceptance(
     rules: AcceptanceRules,
     history: AcceptanceHistory | None,
     manifest: ReferenceManifest,
+    availability: Availability | None = None,
 ) -> Acceptance:
     """An :class:`Acceptance` over the keys of the trust store ``trust_dir`` (None: it
     trusts nobody); reading the store is the only I/O."""
     store = load_trust_store(Path(trust_dir)) if trust_dir is not None else TrustStore()
-    return Acceptance(store, rules, history, manifest)
+    return Acceptance(store, rules, history, manifest, availability)
 
 
 def record_acceptance(

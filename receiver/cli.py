@@ -3,6 +3,7 @@
   trust add SENDER.pub --trust DIR             trust a sender's public key
   trust reset-sequence SENDER --home DIR       forget a sender's last sequence number
   reference --reference SPEC                   build or check the local reference set
+  reference --reference SPEC --canonical M     which of the canonical set's images it holds
   verify PAYLOAD --reference SPEC --trust DIR  check a payload; nothing is recorded
   train PAYLOAD --reference SPEC --trust DIR [--holdout T] --out DIR
   frames DIR --out PAYLOAD                     decode received frame files, no daemon
@@ -19,19 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plada_cli import add_reference_options, build_command_line, print_reference, run_cli
-from receiver.commands import daemon, frames, payloads, trust
-from receiver.commands.options import Subparsers
-
-
-def _add_reference(sub: Subparsers) -> None:
-    ref = sub.add_parser("reference", help="build or verify the local reference set")
-    add_reference_options(ref)
-    ref.set_defaults(func=print_reference)
-
+from plada_cli import build_command_line, run_cli
+from receiver.commands import daemon, frames, payloads, reference, trust
 
 SUBCOMMANDS = (
-    _add_reference,
+    reference.add_reference,
     payloads.add_verify,
     payloads.add_train,
     frames.add_frames,

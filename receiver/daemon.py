@@ -28,6 +28,7 @@ from pathlib import Path
 from protocol.errors import PladaError
 from protocol.payload import Payload
 from protocol.reference.base import ReferenceSource
+from protocol.reference.canonical import reference_availability
 from protocol.reference.factory import ReferenceLocation
 from protocol.shared_keys import read_link_key_file
 from protocol.task_data import LabeledImages, load_labeled_images
@@ -325,7 +326,11 @@ class Daemon:
             holdout = load_labeled_images(
                 self.config.holdout, reference.image_size, reference.in_channels
             )
-        self.health.update(force=True, reference=reference.manifest.summary())
+        summary = reference.manifest.summary()
+        availability = reference_availability(reference)
+        if availability is not None:  # a partial copy: how much of the canonical set it holds
+            summary["present"] = availability.count
+        self.health.update(force=True, reference=summary)
         return reference, holdout
 
     def _open_intake(self, reference: ReferenceSource) -> UploadServer | None:
@@ -349,7 +354,14 @@ class Daemon:
         server = self._start_http() if config.http_port else None
         queue = JobQueue(self.home / QUEUE_FILE)
         self.intake = Intake(
-            self.home, self.inbox, reference.manifest, queue, ledger, self.worker, config.intake
+            self.home,
+            self.inbox,
+            reference.manifest,
+            queue,
+            ledger,
+            self.worker,
+            config.intake,
+            reference_availability(reference),
         )
         if replies is not None:
             self.intake.on_outcome = lambda name, queued: _reply_outcome(replies, name, queued)

@@ -12,3 +12,7 @@ class InboxEntryError(PayloadError):
 
 class TrustStoreError(PladaError):
     """The receiver's trust store or sequence ledger is unreadable or inconsistent."""
+
+
+class CoverageError(PladaError):
+    """This device's copy of the reference set lacks too many of a payload's images."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.atomic_files import write_bytes_atomic
+from protocol.availability import Availability
 from protocol.errors import (
     PayloadError,
     ReferenceMismatchError,
@@ -45,6 +46,7 @@ from receiver.acceptance import (
     Acceptance,
     AcceptanceRules,
     AcceptedPayload,
+    CoverageRule,
     Received,
     open_acceptance,
     record_acceptance,
@@ -76,11 +78,17 @@ class IntakeSettings:
     retry_seconds: float = 30.0  # after a local fault
     trust_dir: Path | None = None  # the trusted keys (default HOME/trust)
     trust: TrustOptions = field(default_factory=TrustOptions)
+    coverage: CoverageRule = field(default_factory=CoverageRule)
 
     def rules(self) -> AcceptanceRules:
         """The acceptance rules of the daemon's intake: a payload is taken once."""
         return AcceptanceRules(
-            self.trust, self.max_bytes, self.max_images, self.max_classes, retrain=False
+            self.trust,
+            self.max_bytes,
+            self.max_images,
+            self.max_classes,
+            retrain=False,
+            coverage=self.coverage,
         )
 
 
@@ -118,11 +126,13 @@ class Intake:
         ledger: SequenceLedger,
         worker: WorkerLock,
         settings: IntakeSettings | None = None,
+        availability: Availability | None = None,
     ) -> None:
         self.home, self.inbox = Path(home), Path(inbox)
         self.settings = settings or IntakeSettings()
         self.trust_dir = self.settings.trust_dir or self.home / "trust"
         self.manifest, self.queue, self.ledger = manifest, queue, ledger
+        self.availability = availability  # a partial copy's rows (None: the whole set)
         self.acceptance = self._acceptance()
         self.spool = self.home / "spool"
         self.spool.mkdir(parents=True, exist_ok=True)
@@ -138,7 +148,9 @@ class Intake:
         self.on_outcome: Callable[[str, bool], None] | None = None
 
     def _acceptance(self) -> Acceptance:
-        return open_acceptance(self.trust_dir, self.settings.rules(), self.ledger, self.manifest)
+        return open_acceptance(
+            self.trust_dir, self.settings.rules(), self.ledger, self.manifest, self.availability
+        )
 
     def _tell(self, origin: str, queued: bool) -> None:
         if self.on_outcome is None:

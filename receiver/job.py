@@ -21,12 +21,14 @@ import numpy as np
 import torch
 
 from protocol.atomic_files import write_json_atomic
+from protocol.availability import Availability
 from protocol.errors import ConfigError, TaskDataError
 from protocol.payload import Payload, selection_text
 from protocol.reference.base import ReferenceSource
+from protocol.reference.canonical import reference_availability
 from protocol.reference.encoded import EncodedReference
 from protocol.task_data import LabeledImages
-from receiver.acceptance import AcceptedPayload
+from receiver.acceptance import AcceptedPayload, payload_coverage
 from receiver.job_report import CURVE_FILE, REPORT_FILE, SUMMARY_FILE, JobReport, SeedRun
 from receiver.outputs import export_program, plot_training_curves, save_state_dict
 from trainer.batches import CachedBatches, EncodedBatches, Loading, TensorBatches
@@ -317,6 +319,8 @@ def run_job(
     if done is not None:  # this payload was already trained with these settings
         return done
     state = _job_state(out, identity)
+    coverage = payload_coverage(accepted.payload, reference_availability(reference))
+    accepted = held_part(accepted, reference_availability(reference))
     images = _loaded_subset(accepted.payload, reference, settings, state, progress)
     job = _Job(
         accepted,
@@ -334,9 +338,23 @@ def run_job(
     title = f"{payload.task}: {selection_text(payload.selection)}, {settings.train.model}"
     plot_training_curves(runs, out / CURVE_FILE, title)
     report = _job_report(job, runs, identity, started)
+    report.coverage = coverage.as_json()
     report.write(out)
     shutil.rmtree(job.state, ignore_errors=True)
     return report
+
+
+def held_part(accepted: AcceptedPayload, availability: Availability | None) -> AcceptedPayload:
+    """The payload with only the kept images this copy holds (acceptance judged that
+    enough of them are here: :class:`receiver.acceptance.CoverageRule`)."""
+    if availability is None:
+        return accepted
+    held = availability.present[accepted.payload.indices]
+    if held.all():
+        return accepted
+    payload = accepted.payload
+    part = replace(payload, indices=payload.indices[held], labels=payload.labels[held])
+    return replace(accepted, payload=part)
 
 
 def _loaded_subset(

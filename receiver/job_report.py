@@ -57,6 +57,7 @@ class JobReport:
     seconds: float
     curve_plot: str = CURVE_FILE
     holdout_unreadable: int = 0  # holdout files skipped as unreadable
+    coverage: dict[str, object] | None = None  # kept images this copy holds (Coverage)
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> JobReport:
@@ -84,6 +85,13 @@ def summarize(report: JobReport) -> str:
         lines.append(
             f"  seed {run.seed}: {run.steps} steps in {run.seconds}s "
             f"({run.images_per_second:.0f} img/s){resumed}{shown}"
+        )
+    coverage = report.coverage
+    if coverage is not None and coverage["present"] != coverage["kept"]:
+        lines.append(
+            f"coverage: trained on the {coverage['present']} of {coverage['kept']} kept images "
+            f"this device holds ({100 * coverage['overall']:.1f}%; least, class "
+            f"{coverage['worst_class']!r} {100 * coverage['worst_class_share']:.1f}%)"
         )
     if report.accuracy_mean is not None:
         lines.append(

@@ -20,6 +20,7 @@ from protocol.atomic_files import write_json_atomic
 from protocol.errors import ConfigError, StorageError
 from protocol.timestamps import duration_text
 from receiver.job_queue import JobQueue
+from receiver.job_report import REPORT_FILE
 from receiver.ledger import LEDGER_FILE, SequenceLedger
 from receiver.workers import live_owners
 
@@ -82,6 +83,8 @@ def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
     except (OSError, ValueError):
         health = {}
     owners = live_owners(home / "workers")
+    for job in jobs:
+        job["coverage"] = _coverage_of(job)
     for job in jobs:  # its daemon died (kill -9, power cut): requeued when one starts
         if job["state"] == "running" and job.get("owner") not in owners:
             job["state"] = "interrupted"
@@ -104,6 +107,18 @@ def collect_status(home: str | Path, recent: int = 10) -> dict[str, Any]:
         "quarantined": len(quarantined),
         "recent_quarantine": reasons,
     }
+
+
+def _coverage_of(job: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished job's coverage (its report's), where its copy was partial."""
+    if job["state"] != "done" or not job.get("result_dir"):
+        return None
+    try:
+        report = json.loads((Path(job["result_dir"]) / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    coverage = report.get("coverage") if isinstance(report, dict) else None
+    return coverage if isinstance(coverage, dict) else None
 
 
 def _by_age(paths) -> list[Path]:
@@ -148,6 +163,13 @@ def render_status(status: dict[str, Any]) -> str:
             f"INTAKE STALLED: no intake pass finished for {stalled:.0f}s (payloads and frames "
             "are not taken in); see the daemon's log, then restart it"
         )
+    held = (health.get("reference") or {}).get("present")
+    if held is not None:
+        size = health["reference"].get("size") or 1
+        lines.append(
+            f"reference copy: {held} of {size} canonical images present "
+            f"({100 * held / size:.2f}%; --canonical)"
+        )
     current = health.get("current") if running else None
     if current:
         lines.append(
@@ -183,6 +205,12 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(f"{'job':>5} {'state':11} {'images':>8}  task / result")
         for job in status["jobs"]:
             detail = job["result_dir"] or job["error"] or job["source_name"]
+            coverage = job.get("coverage")
+            if coverage and coverage.get("present") != coverage.get("kept"):
+                detail += (
+                    f" (coverage {coverage['present']}/{coverage['kept']}, least class "
+                    f"{100 * float(coverage.get('worst_class_share', 0)):.0f}%)"
+                )
             lines.append(
                 f"{job['id']:>5} {job['state']:11} {job['images']:>8}  {job['task']}: {detail}"
             )

@@ -107,5 +107,6 @@ def mismatch_message(name: str, fingerprint: bytes, n: int, layout: BlockLayout)
         f"payload was made for reference set {name!r} (fingerprint {fingerprint.hex()[:16]}..., "
         f"n={n}) but this device holds {layout.name!r} "
         f"(fingerprint {layout.fingerprint.hex()[:16]}..., n={layout.size}): "
-        "sync the reference set, or ask the sender to target this one"
+        "sync the reference set, give its canonical manifest (--canonical) where this copy "
+        "lacks files or is another release, or ask the sender to target this one"
     )

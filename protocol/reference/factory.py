@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protocol.errors import ReferenceSetError
 from protocol.reference.base import ReferenceSource
@@ -12,6 +13,9 @@ from protocol.reference.glyph_pool import GlyphPool, parse_glyph_spec
 from protocol.reference.image_folder import ImageFolderReference
 from protocol.reference.webdataset import WebDatasetReference
 from protocol.world.glyphs import default_cache_dir
+
+if TYPE_CHECKING:
+    from protocol.reference.canonical import AvailabilityBuild
 
 
 def open_reference(
@@ -43,15 +47,25 @@ def open_reference(
 @dataclass(frozen=True)
 class ReferenceLocation:
     """Where a reference set is: its spec (``--reference``), where this machine caches it,
-    and the image side for image files (``--image-size``)."""
+    the image side for image files (``--image-size``), and the canonical manifest whose
+    indices payloads use where this copy is not the whole set (``--canonical``)."""
 
     spec: str = "glyphs"
     cache_dir: str | None = None
     image_size: int = 64
+    canonical: str | None = None
 
-    def open(self) -> ReferenceSource:
-        """The reference set (see :func:`open_reference`)."""
-        return open_reference(self.spec, self.cache_dir, self.image_size)
+    def open(self, build: AvailabilityBuild | None = None) -> ReferenceSource:
+        """The reference set (see :func:`open_reference`); with a canonical manifest, the
+        copy seen through it, with the availability ``build`` makes (None: the cached
+        decoded check where one was built, else the listing's)."""
+        local = open_reference(self.spec, self.cache_dir, self.image_size)
+        if self.canonical is None:
+            return local
+        from protocol.reference.canonical import open_canonical
+
+        cache = Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
+        return open_canonical(local, self.canonical, cache, build)
 
     def absolute(self) -> ReferenceLocation:
         """The same location with its paths absolute (for processes with another working
@@ -62,4 +76,5 @@ class ReferenceLocation:
         elif os.path.exists(spec):
             spec = os.path.abspath(spec)
         cache = None if self.cache_dir is None else os.path.abspath(self.cache_dir)
-        return ReferenceLocation(spec, cache, self.image_size)
+        canonical = None if self.canonical is None else os.path.abspath(self.canonical)
+        return ReferenceLocation(spec, cache, self.image_size, canonical)

@@ -14,6 +14,7 @@ from receiver.commands.options import (
     Subparsers,
     add_training_options,
     add_trust_options,
+    coverage_rule,
     job_settings,
     trust_options,
 )
@@ -29,7 +30,7 @@ def add_daemon(sub: Subparsers) -> None:
         "--home", required=True, help="state directory: queue, spool, quarantine, results, logs"
     )
     daemon.add_argument("--inbox", help="where payload files arrive (default HOME/inbox)")
-    add_reference_options(daemon)
+    add_reference_options(daemon, canonical=True)
     daemon.add_argument("--holdout", help="labeled images to evaluate every job on")
     daemon.add_argument(
         "--poll-seconds", type=float, default=1.0, help="how often the inbox and queue are read"
@@ -140,6 +141,7 @@ def _intake_settings(args: argparse.Namespace) -> IntakeSettings:
         quarantine_max_bytes=int(args.quarantine_max_mb * 2**20),
         trust_dir=Path(args.trust) if args.trust else None,  # default HOME/trust
         trust=trust_options(args),
+        coverage=coverage_rule(args),
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from plada_cli import machine_cores
-from receiver.acceptance import DEFAULT_MAX_CLASSES, DEFAULT_MAX_IMAGES
+from receiver.acceptance import DEFAULT_MAX_CLASSES, DEFAULT_MAX_IMAGES, CoverageRule
 from receiver.errors import TrustStoreError
 from receiver.trust_store import TrustOptions
 from trainer.choices import (
@@ -96,6 +96,35 @@ def _add_caps(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_CLASSES,
         help="refuse payloads with more classes",
     )
+    coverage = parser.add_argument_group("a partial copy of the reference set (--canonical)")
+    coverage.add_argument(
+        "--min-coverage",
+        type=share,
+        default=CoverageRule.min_overall,
+        help="refuse payloads whose kept images this copy holds less of (default 98%%)",
+    )
+    coverage.add_argument(
+        "--min-class-coverage",
+        type=share,
+        default=CoverageRule.min_class,
+        help="... or less of, in any one class (default 90%%)",
+    )
+
+
+def share(text: str) -> float:
+    """A share given as 0.98 or 98%."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share (0.98 or 98%)") from exc
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 100%")
+    return value
+
+
+def coverage_rule(args: argparse.Namespace) -> CoverageRule:
+    """The coverage a partial copy must have of a payload (--min-coverage options)."""
+    return CoverageRule(args.min_coverage, args.min_class_coverage)
 
 
 def trust_options(args: argparse.Namespace) -> TrustOptions:

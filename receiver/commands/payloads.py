@@ -19,6 +19,7 @@ from protocol.atomic_files import writable_directory
 from protocol.errors import PladaError
 from protocol.payload import Payload, SenderStamp
 from protocol.reference.base import ReferenceSource
+from protocol.reference.canonical import reference_availability
 from protocol.timestamps import utc_text
 from receiver.acceptance import (
     AcceptanceRules,
@@ -32,6 +33,7 @@ from receiver.commands.options import (
     Subparsers,
     add_training_options,
     add_trust_options,
+    coverage_rule,
     existing_trust_dir,
     job_settings,
     trust_options,
@@ -43,7 +45,7 @@ from receiver.workers import OUTPUT_LOCK, OutputDirLock
 def add_verify(sub: Subparsers) -> None:
     verify = sub.add_parser("verify", help="verify a payload against the local reference set")
     verify.add_argument("payload", help="the payload file (.plada)")
-    add_reference_options(verify)
+    add_reference_options(verify, canonical=True)
     add_trust_options(verify)
     verify.set_defaults(func=_run_verify)
 
@@ -95,9 +97,18 @@ def accept(
     ledger = _ledger(args, read_only=not record)
     try:
         rules = AcceptanceRules(
-            trust_options(args), max_images=args.max_job_images, max_classes=args.max_job_classes
+            trust_options(args),
+            max_images=args.max_job_images,
+            max_classes=args.max_job_classes,
+            coverage=coverage_rule(args),
         )
-        acceptance = open_acceptance(existing_trust_dir(args), rules, ledger, reference.manifest)
+        acceptance = open_acceptance(
+            existing_trust_dir(args),
+            rules,
+            ledger,
+            reference.manifest,
+            reference_availability(reference),
+        )
         accepted = acceptance.examine(received, known=known, check=check)
         if record and ledger is not None:
             record_acceptance(ledger, accepted)
@@ -126,7 +137,7 @@ def _origin(payload: Payload) -> str:
 def add_train(sub: Subparsers) -> None:
     train = sub.add_parser("train", help="train a student from a payload")
     train.add_argument("payload", help="the payload file (.plada)")
-    add_reference_options(train)
+    add_reference_options(train, canonical=True)
     train.add_argument("--holdout", help="labeled images to evaluate on (.npz or ImageFolder)")
     train.add_argument(
         "--out", required=True, help="output directory: models, report.json, summary, plot"

@@ -8,7 +8,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from plada_cli import add_reference_options, print_reference
+from plada_cli import add_manifest_out, add_reference_options, print_reference
 from protocol.atomic_files import writable_directory
 from protocol.errors import ConfigError
 from sender.commands.options import Subparsers
@@ -40,6 +40,7 @@ def _run_task(args: argparse.Namespace) -> int:
 def add_reference(sub: Subparsers) -> None:
     ref = sub.add_parser("reference", help="build or verify a reference set; print its fingerprint")
     add_reference_options(ref)
+    add_manifest_out(ref)
     ref.set_defaults(func=print_reference)
 
 
