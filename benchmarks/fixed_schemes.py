@@ -46,6 +46,7 @@ def target_task(target: str, folder: Path, seed: int) -> tuple[str, str]:
             run([*SEND, "task", "digits", "--out", str(task)], folder / "logs" / "task.log")
         else:
             train, test = make_target(target, seed)
+            task.mkdir(parents=True, exist_ok=True)
             train.save(task / "train.npz")
             test.save(task / "test.npz")
     return str(task / "train.npz"), str(task / "test.npz")
