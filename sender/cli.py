@@ -8,6 +8,7 @@
   score --embeddings EMB --clip-weights W --task DIR --out WORK   a teacher on embeddings
   plan WORK --train T | --task DIR             predict what each candidate payload teaches
   select WORK [--plan WORK/plan] --signing-key keys/ID.key --out task.plada
+  fleet add NAME DEVICE.avail --fleet DIR      a release devices hold (select/plan --fleet)
   frames task.plada --link PROFILE --out DIR   fountain-coded frames for a narrow link
   link-key --out link.key                      a key that makes frames unforgeable
 
@@ -20,7 +21,7 @@ import argparse
 import sys
 
 from plada_cli import build_command_line, run_cli
-from sender.commands import embedding, link, scoring, selection, station
+from sender.commands import embedding, fleet, link, scoring, selection, station
 
 SUBCOMMANDS = (
     station.add_task,
@@ -32,6 +33,7 @@ SUBCOMMANDS = (
     scoring.add_score,
     selection.add_select,
     selection.add_plan,
+    fleet.add_fleet,
     link.add_frames,
     link.add_link_key,
     station.add_keygen,

@@ -75,3 +75,31 @@ def parse_keeps(text: str) -> tuple[float, ...]:
         except ValueError as exc:
             raise ConfigError(f"cannot read {part!r} as a keep fraction (e.g. 0.5%,1%,5%)") from exc
     return tuple(keeps)
+
+
+def add_fleet_options(parser: argparse.ArgumentParser) -> None:
+    """--fleet and --releases: keep only rows the fleet's releases all hold."""
+    group = parser.add_argument_group("a fleet whose reference copies differ")
+    group.add_argument(
+        "--fleet",
+        metavar="DIR",
+        help="keep only reference images every release registered here holds "
+        "(plada-send fleet add), so that each of those devices has them all",
+    )
+    group.add_argument(
+        "--releases",
+        help="with --fleet: only these releases, comma-separated (default: every one "
+        "registered for this reference set)",
+    )
+
+
+def fleet_choice(args: argparse.Namespace):
+    """The --fleet/--releases choice, or None."""
+    from sender.selection.fleet import FleetChoice, check_release_name
+
+    if args.releases and not args.fleet:
+        raise ConfigError("--releases names releases of a --fleet folder: add --fleet DIR")
+    if not args.fleet:
+        return None
+    names = tuple(check_release_name(n.strip()) for n in (args.releases or "").split(",") if n)
+    return FleetChoice(args.fleet, names)

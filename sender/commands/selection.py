@@ -15,8 +15,10 @@ from protocol.timestamps import utc_text
 from sender.commands.options import (
     Subparsers,
     add_clip_options,
+    add_fleet_options,
     add_quiet,
     clip_embedder,
+    fleet_choice,
     keep_fraction,
     parse_keeps,
 )
@@ -45,6 +47,7 @@ def add_select(sub: Subparsers) -> None:
     sel.add_argument("--link-bps", type=float, help="byte budget from a link rate (bits/s) ...")
     sel.add_argument("--window", help="... and how long it is up: seconds or 30m / 2h")
     _add_selection_options(sel)
+    add_fleet_options(sel)
     sel.add_argument("--task-id", help="task id written into the payload")
     sel.add_argument("--json", help="also write the summary as JSON here")
     sel.add_argument("--out", required=True, help="the payload file to write")
@@ -144,17 +147,20 @@ def _selection(args: argparse.Namespace, budget: int | None) -> Selection:
 
     given = [name for name in SELECTION_FLAGS if getattr(args, name) is not None]
     choice = None
+    fleet = fleet_choice(args)
     if args.plan:
+        given += ["fleet"] if fleet is not None else []
         if given:
             drop = " ".join(f"--{name}" for name in given)
-            raise ConfigError(f"--plan chooses the selection: drop {drop}")
+            raise ConfigError(f"--plan chooses the selection (and its fleet): drop {drop}")
         config, score, choice = planned(args.plan, args.work, budget)
+        fleet = choice.fleet
     else:  # the flags given, SelectionConfig's defaults for the rest
         config = SelectionConfig(**{k: getattr(args, k) for k in given if k != "score"})
         score = args.score
     leakage = LeakageRule(args.leak_threshold, exclude=not args.keep_leaks)
     consensus = ConsensusRule(args.consensus, args.consensus_agreement)
-    return Selection(config, score, leakage, consensus, choice)
+    return Selection(config, score, leakage, consensus, choice, fleet)
 
 
 def _sheet(args: argparse.Namespace) -> ContactSheet | None:
@@ -208,6 +214,12 @@ def _print_payload(summary: PayloadSummary, args: argparse.Namespace) -> None:
             f"(cosine >= {leak.threshold}): {leak.near_duplicate_reference_images} "
             f"reference images {action}; {leak.kept_near_duplicates} kept"
         )
+    if summary.fleet is not None:
+        fleet = summary.fleet
+        print(
+            f"fleet: kept only images every release holds ({', '.join(fleet['releases'])}); "
+            f"{fleet['rows_excluded']} reference rows some release lacks were left out"
+        )
     if summary.consensus is not None:
         c = summary.consensus
         print(
@@ -259,6 +271,7 @@ def add_plan(sub: Subparsers) -> None:
     )
     plan.add_argument("work", help="the scored work directory (plada-send score)")
     add_reference_options(plan)
+    add_fleet_options(plan)
     plan.add_argument(
         "--train",
         help="the labeled task images that were scored (.npz or ImageFolder; with a work "
@@ -356,6 +369,7 @@ def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSe
         seed=args.seed,
         sender_id=check_sender_id(args.sender_id),
         teacher=teacher,
+        fleet=fleet_choice(args),
     )
 
 
@@ -412,7 +426,7 @@ def _plan_embeddings(args: argparse.Namespace, out: Path) -> Plan:
             "--teacher-epochs (the store and the work directory's teacher are used)"
         )
     settings = _plan_settings(args, TeacherSettings(knn_k=args.knn_k))  # flags checked first
-    planned = PlannedStore.open(args.work, args.proxy_size)
+    planned = PlannedStore.open(args.work, args.proxy_size, settings.fleet)
     if not args.clip_weights:
         raise ConfigError("give --clip-weights (the CLIP that embedded the store)")
     model = args.clip_model or planned.store.meta.model

@@ -41,6 +41,7 @@ from sender.scoring.embeddings import (
     teacher_accuracy,
 )
 from sender.scoring.work_dir import ScoreReport
+from sender.selection.fleet import FleetChoice
 from sender.selection.plan import (
     PlanInputs,
     PlanSettings,
@@ -68,10 +69,16 @@ class PlannedStore:
     thumbnails: ThumbnailStore
 
     @classmethod
-    def open(cls, work_dir: str | os.PathLike[str], proxy_size: int | None = None) -> PlannedStore:
+    def open(
+        cls,
+        work_dir: str | os.PathLike[str],
+        proxy_size: int | None = None,
+        fleet: FleetChoice | None = None,
+    ) -> PlannedStore:
         """Typed errors, before anything heavy loads, for a store without (fitting)
-        thumbnails or a store that is not the one the work directory was scored on."""
-        work = ScoredWork.open(work_dir)
+        thumbnails or a store that is not the one the work directory was scored on;
+        ``fleet``: the releases the candidates must suit."""
+        work = ScoredWork.open(work_dir, fleet=fleet)
         report = ScoreReport.read(work_dir)
         store = EmbeddingStore(work.store_dir())
         if bytes.fromhex(store.meta.reference_fingerprint) != work.scored.reference_fingerprint:

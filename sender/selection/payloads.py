@@ -22,6 +22,7 @@ from protocol.reference.factory import ReferenceLocation
 from sender.errors import BudgetError
 from sender.scoring.work_dir import recorded_reference
 from sender.selection.consensus import consensus_outliers
+from sender.selection.fleet import FleetChoice
 from sender.selection.plan_file import choose, load_plan
 from sender.selection.scored_work import LeakageReport, LeakageRule, ScoredWork
 from sender.selection.strategies import SelectionConfig
@@ -47,6 +48,8 @@ class PlannedChoice:
     predicted_accuracy: float
     planned_bytes: int
     budget_bytes: int | None
+    fleet: FleetChoice | None = None  # the releases the plan's candidates suit
+    fleet_digest: str | None = None  # ... as they were when it planned
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Selection:
     leakage: LeakageRule = field(default_factory=LeakageRule)
     consensus: ConsensusRule = field(default_factory=ConsensusRule)
     planned: PlannedChoice | None = None
+    fleet: FleetChoice | None = None  # keep only rows every release it names holds
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class PayloadSummary:
     warnings: list[str]
     contact_sheet: dict[str, str] | None  # {"file": PNG} or {"skipped": why}
     plan: PlannedChoice | None = None
+    fleet: dict[str, object] | None = None  # the releases it suits (FleetRestriction)
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         write_json_atomic(Path(path), asdict(self))
@@ -144,7 +149,14 @@ def planned(
     score and record."""
     plan = load_plan(plan_path, work_dir)
     row = choose(plan.candidates, budget, plan.choice_band)
-    choice = PlannedChoice(row.name, row.predicted_accuracy, row.payload_bytes, budget)
+    fleet, digest = None, None
+    if plan.fleet is not None:
+        recorded = plan.settings["fleet"]
+        fleet = FleetChoice(str(recorded["folder"]), tuple(plan.fleet["releases"]))
+        digest = str(plan.fleet["digest"])
+    choice = PlannedChoice(
+        row.name, row.predicted_accuracy, row.payload_bytes, budget, fleet, digest
+    )
     return row.candidate.config(), row.candidate.score, choice
 
 
@@ -187,7 +199,8 @@ def make_payload(
     excluded. A payload over the byte budget is not written (``BudgetError``).
     """
     options = options or PayloadOptions()
-    work = ScoredWork.open(work_dir, selection.leakage)
+    work = ScoredWork.open(work_dir, selection.leakage, selection.fleet)
+    _check_planned_fleet(work, selection.planned)
     config, score = work.resolve(selection.config, selection.score)
     scored = work.scored
     kept, consensus = _kept_rows(work, config, score, selection.consensus)
@@ -222,7 +235,19 @@ def make_payload(
         warnings=warnings,
         contact_sheet=_contact_sheet(payload, work, options.sheet),
         plan=selection.planned,
+        fleet=None if work.fleet is None else work.fleet.as_json(),
     )
+
+
+def _check_planned_fleet(work: ScoredWork, planned: PlannedChoice | None) -> None:
+    """A plan's choice is sent for the releases it was planned for, as they were."""
+    if planned is None or planned.fleet_digest is None:
+        return
+    if work.fleet is None or work.fleet.digest != planned.fleet_digest:
+        raise ConfigError(
+            "the fleet's registered releases changed since the plan was made: run "
+            "'plada-send plan' again (its candidates must suit the releases as they are)"
+        )
 
 
 def _kept_rows(

@@ -50,6 +50,7 @@ from sender.scoring.images import (
 from sender.scoring.scores import COVER, TASK_SCORES, score_names
 from sender.scoring.teacher_kinds import IMAGES
 from sender.scoring.work_dir import SCORES_FILE, ScoreReport
+from sender.selection.fleet import FleetChoice
 from sender.selection.plan_file import (
     CHOICE_RULES,
     WITHIN_NOISE,
@@ -122,14 +123,17 @@ class PlanSettings:
     seed: int = 0  # of the split, the split teacher and the proxies
     sender_id: str = PLAN_SENDER
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    fleet: FleetChoice | None = None  # candidates keep only rows these releases all hold
 
     def as_json(self) -> dict[str, object]:
         """The settings as JSON (the teacher's embedder by name only)."""
-        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "teacher"}
+        nested = ("teacher", "fleet")
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in nested}
         teacher = {f.name: getattr(self.teacher, f.name) for f in fields(self.teacher)}
         embedder = self.teacher.embedder
         teacher["embedder"] = None if embedder is None else getattr(embedder, "name", "custom")
-        return plain | {"keeps": list(self.keeps), "teacher": teacher}
+        fleet = None if self.fleet is None else self.fleet.as_json()
+        return plain | {"keeps": list(self.keeps), "teacher": teacher, "fleet": fleet}
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.validation_fraction <= 0.5:
@@ -475,6 +479,7 @@ def finish_plan(
         chosen=choose(rows, band=noise.choice_band).name,
         seconds=round(time.perf_counter() - started, 1),
         noise=noise,
+        fleet=None if work.fleet is None else work.fleet.as_json(),
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -508,7 +513,7 @@ def make_plan(
     """Predict every candidate's accuracy and size from the reference images; write
     plan.json, plan.png, plan.txt."""
     started = time.perf_counter()
-    work = ScoredWork.open(work_dir)
+    work = ScoredWork.open(work_dir, fleet=settings.fleet)
     _check_plannable(work, reference, train)
     teacher_part, validation = split_task(train, settings.validation_fraction, settings.seed)
     images = reference_images(reference, train.images.shape[1])

@@ -182,6 +182,7 @@ class Plan:
     seconds: float
     schema: int = PLAN_SCHEMA
     noise: PlanNoise | None = None  # None in plans made before the noise was measured
+    fleet: dict[str, object] | None = None  # the releases its candidates suit (FleetRestriction)
 
     def row(self, name: str) -> PlanRow:
         return next(r for r in self.candidates if r.name == name)

@@ -15,6 +15,7 @@ from protocol.payload import EncodedPayload, Payload, SenderStamp, encode_payloa
 from protocol.signing import SigningKey
 from sender.scoring.scores import KNN
 from sender.scoring.work_dir import REFERENCE_EMBEDDINGS, SCORES_FILE, ScoresFile
+from sender.selection.fleet import FleetChoice, FleetRestriction, restriction_of
 from sender.selection.strategies import RankedSelection, SelectionConfig, select
 
 
@@ -42,20 +43,27 @@ class LeakageReport:
 @dataclass
 class ScoredWork:
     """A scored work directory opened for selecting: its scores, and the rows no
-    payload may keep (unreadable images, and near-duplicates of the task's test images
-    unless the leakage check only reports them)."""
+    payload may keep (unreadable images, near-duplicates of the task's test images
+    unless the leakage check only reports them, and rows a fleet's release lacks)."""
 
     path: Path
     scored: ScoresFile
     duplicates: np.ndarray
     leakage: LeakageReport | None
     excluded: np.ndarray
+    fleet: FleetRestriction | None = None
     _ranked: RankedSelection | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, work_dir: str | os.PathLike[str], rule: LeakageRule | None = None) -> ScoredWork:
-        """Read ``scores.npz`` and apply the leakage check once, for any number of
-        selections (from the candidates found when scoring: no index is opened)."""
+    def open(
+        cls,
+        work_dir: str | os.PathLike[str],
+        rule: LeakageRule | None = None,
+        fleet: FleetChoice | None = None,
+    ) -> ScoredWork:
+        """Read ``scores.npz`` and apply the leakage check and the fleet's releases once,
+        for any number of selections (from the candidates found when scoring: no index
+        is opened)."""
         rule = rule or LeakageRule()
         work = Path(work_dir)
         scored = ScoresFile.read(work / SCORES_FILE)
@@ -70,7 +78,10 @@ class ScoredWork:
                 rule.exclude,
             )
         excluded = np.union1d(scored.excluded, duplicates) if rule.exclude else scored.excluded
-        return cls(work, scored, duplicates, leakage, excluded)
+        restriction = restriction_of(fleet, scored.reference_fingerprint, scored.reference_size)
+        if restriction is not None:
+            excluded = np.union1d(excluded, restriction.absent)
+        return cls(work, scored, duplicates, leakage, excluded, restriction)
 
     def resolve(self, config: SelectionConfig, score: str | None) -> tuple[SelectionConfig, str]:
         """The concrete configuration and score: ``auto`` becomes the recommended
