@@ -38,7 +38,7 @@ class AvailabilityError(PladaError):
     """An availability file is unreadable, damaged, forged or for another reference set."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Availability:
     """One bit per canonical row: whether this copy of the reference set can read it."""
 

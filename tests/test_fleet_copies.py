@@ -184,6 +184,9 @@ def test_damaged_files_count_as_missing_when_decoded(world) -> None:
         file = copy / f"{key}.JPEG"
         file.write_bytes(file.read_bytes()[:100])
     device = _device(world, copy, world["root"] / "damaged-ledger.sqlite")
+    intact = _device(world, world["root"] / "tree", world["root"] / "intact-ledger.sqlite")
+    whole = run([*cli("plada-receive"), "reference", *intact[:6], "--quiet"], cli_env())
+    assert "240 of 240 rows" in whole.stdout  # the same keys elsewhere: cached apart
     report = world["root"] / "damaged.json"
     args = [*cli("plada-receive"), "reference", *device[:6], "--json", str(report), "--quiet"]
     decoded = run(args, cli_env())

@@ -13,6 +13,7 @@ resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -101,11 +102,22 @@ class AvailabilityBuild:
 
 
 def availability_path(
-    cache: Path, canonical: ReferenceManifest, local: ReferenceManifest, check: str
+    cache: Path, canonical: ReferenceManifest, local: EncodedReference, check: str
 ) -> Path:
-    """Where the availability of ``local`` against ``canonical`` is cached."""
-    name = f"{canonical.fingerprint_hex[:16]}-{local.fingerprint_hex[:16]}-{check}"
+    """Where the availability of the copy ``local`` against ``canonical`` is cached: by
+    the copy's keys and where it is (two copies with the same keys may differ in damage)."""
+    place = hashlib.sha256(f"{copy_source(local)}\n{local.manifest.fingerprint_hex}".encode())
+    name = f"{canonical.fingerprint_hex[:16]}-{place.hexdigest()[:16]}-{check}"
     return cache / "availability" / (name + AVAILABILITY_SUFFIX)
+
+
+def copy_source(local: EncodedReference) -> str:
+    """Where a copy is, for messages and cache keys: its root or shards, else its name."""
+    root = getattr(local, "root", None)
+    if root is not None:
+        return os.path.abspath(root)
+    shards = getattr(local, "shards", None)  # WebDataset shards: where the first one is
+    return os.path.dirname(os.path.abspath(shards[0])) if shards else local.manifest.name
 
 
 def cached_availability(
@@ -113,7 +125,7 @@ def cached_availability(
 ) -> Availability:
     """The availability of ``local`` against ``canonical``: read from the cache, else
     built (resuming a build that stopped) and cached."""
-    path = availability_path(cache, canonical, local.manifest, build.check)
+    path = availability_path(cache, canonical, local, build.check)
     if path.is_file() and not build.rebuild:
         try:
             found = read_availability(path)
@@ -139,8 +151,9 @@ def _build(
     present = rows >= 0
     if build.check == "decode":
         _decode_pass(local, rows, present, path, build)
-    source = str(getattr(local, "root", "")) or local.manifest.name
-    return Availability(canonical.name, canonical.fingerprint, present, build.check, source)
+    return Availability(
+        canonical.name, canonical.fingerprint, present, build.check, copy_source(local)
+    )
 
 
 def _decode_pass(
@@ -224,7 +237,7 @@ def open_canonical(
     canonical = ReferenceManifest.load(manifest_file)
     local = _encoded(local)
     if build is None:
-        decoded = availability_path(cache, canonical, local.manifest, "decode")
+        decoded = availability_path(cache, canonical, local, "decode")
         build = AvailabilityBuild("decode" if decoded.is_file() else "exists")
     return CanonicalView(local, canonical, cached_availability(local, canonical, cache, build))
 
