@@ -147,7 +147,8 @@ def test_select_plan_sends_the_best_that_fits_the_budget(planned) -> None:
     [
         (["--max-bytes", "10"], "BudgetError: no planned payload fits 10 bytes"),
         (["--link-bps", "8", "--window", "1"], "BudgetError: no planned payload fits 1 bytes"),
-        (["--keep", "0.05"], "--plan chooses the selection: drop --keep"),
+        (["--keep", "0.05"], "--plan chooses the selection and its fleet: drop --keep"),
+        (["--fleet", "fleet-dir"], "--plan chooses the selection and its fleet: drop --fleet"),
         (["--link-bps", "500"], "--link-bps needs --window"),
         (["--max-bytes", "900", "--link-bps", "500", "--window", "1m"], "not both"),
     ],

@@ -152,7 +152,7 @@ def _selection(args: argparse.Namespace, budget: int | None) -> Selection:
         given += ["fleet"] if fleet is not None else []
         if given:
             drop = " ".join(f"--{name}" for name in given)
-            raise ConfigError(f"--plan chooses the selection (and its fleet): drop {drop}")
+            raise ConfigError(f"--plan chooses the selection and its fleet: drop {drop}")
         config, score, choice = planned(args.plan, args.work, budget)
         fleet = choice.fleet
     else:  # the flags given, SelectionConfig's defaults for the rest
