@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -126,25 +127,39 @@ def test_missing_files_are_skipped_above_the_threshold_and_refused_below_it(worl
     assert SequenceLedger(ledger, read_only=True).last("station") is not None
 
 
-def test_another_release_trains_a_payload_restricted_to_what_it_holds(world) -> None:
+@pytest.fixture(scope="module")
+def release(world) -> dict:
+    """Another release: two folders and one more file fewer; its availability listed
+    on the device and registered at the station as release ``winter``."""
     from protocol.manifest import ReferenceManifest
 
     keys = ReferenceManifest.load(world["manifest"]).keys
     dropped = [k for k in keys if k.split("/")[0] in ("n00000002", "n00000005")] + [keys[3]]
-    release = _copy_without(world, "release-b", dropped)
+    copy = _copy_without(world, "release-b", dropped)
     avail = world["root"] / "release-b.avail"
-    ledger = world["root"] / "release-ledger.sqlite"
-    device = _device(world, release, ledger)
+    device = _device(world, copy, world["root"] / "release-ledger.sqlite")
     out = ["--availability-out", str(avail), "--quiet"]
     built = run(
         [*cli("plada-receive"), "reference", *device[:6], "--check", "exists", *out], cli_env()
     )
-    assert "199 of 240 rows" in built.stdout and "2 absent" in built.stdout
     fleet = str(world["root"] / "fleet")
     added = run(
         [*cli("plada-send"), "fleet", "add", "winter", str(avail), "--fleet", fleet], cli_env()
     )
-    assert "registered release winter: 199 of 240" in added.stdout
+    return {
+        "copy": copy,
+        "dropped": dropped,
+        "device": device,
+        "fleet": fleet,
+        "built": built.stdout,
+        "added": added.stdout,
+    }
+
+
+def test_another_release_trains_a_payload_restricted_to_what_it_holds(world, release) -> None:
+    assert "199 of 240 rows" in release["built"] and "2 absent" in release["built"]
+    assert "registered release winter: 199 of 240" in release["added"]
+    dropped, device, fleet = release["dropped"], release["device"], release["fleet"]
     full, _ = _select(world, "for-all", "--keep", "0.25")
     assert set(_kept_keys(world, full)) & set(dropped)  # made for the whole set
     restricted, summary = _select(world, "for-winter", "--keep", "0.25", "--fleet", fleet)
@@ -195,3 +210,41 @@ def test_damaged_files_count_as_missing_when_decoded(world) -> None:
     assert folders[keys[0].split("/")[0]] == [18, 20]
     listed = run([*args, "--check", "exists"], cli_env())
     assert "240 of 240 rows" in listed.stdout  # listing alone cannot see the damage
+
+
+def test_the_daemon_refuses_a_payload_its_release_lacks_without_burning_it(
+    world, release, tmp_path
+) -> None:
+    from tests.subprocess_cli import daemon_command
+
+    home = tmp_path / "home"
+    run(
+        [
+            *cli("plada-receive"),
+            "trust",
+            "add",
+            str(world["root"] / "station.pub"),
+            "--trust",
+            str(home / "trust"),
+        ],
+        cli_env(),
+    )
+    restricted, _ = _select(world, "daemon-winter", "--keep", "0.25", "--fleet", release["fleet"])
+    full, _ = _select(world, "daemon-all", "--keep", "0.25")  # signed after: a newer sequence
+    (home / "inbox").mkdir()
+    for payload in (restricted, full):
+        shutil.copy(payload, home / "inbox" / payload.name)
+    args = daemon_command(home, str(release["copy"]), world["root"] / "device-cache")
+    args += ["--canonical", str(world["manifest"]), "--exit-when-idle", *SHORT_TRAINING[:4]]
+    done = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    reasons = [json.loads(p.read_text()) for p in (home / "quarantine").glob("*.reason.json")]
+    assert [(r["file"], r["error"]) for r in reasons] == [("daemon-all.plada", "CoverageError")]
+    status = run([*cli("plada-receive"), "status", "--home", str(home)], cli_env()).stdout
+    assert "reference copy: 199 of 240 canonical images present" in status
+    assert "1 done" in status
+    from protocol.payload import decode_payload
+
+    stamp = decode_payload(restricted.read_bytes(), trust=None).sender
+    ledger = SequenceLedger(home / "ledger.sqlite", read_only=True)
+    assert ledger.last("station") == stamp.sequence  # the refused newer one is not recorded
