@@ -97,7 +97,7 @@ def test_docs_page_commands_run(page: str, quick_start: Path) -> None:
 def test_readme_is_a_front_door() -> None:
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
-    for page in (*PAGES, "reproducibility.md", "layout.md"):
+    for page in (*PAGES, "reproducibility.md", "layout.md", "fleet.md"):
         assert f"(docs/{page})" in readme, page
     # every fence opens and closes on a line of its own
     fences = [line for line in readme.splitlines() if line.lstrip().startswith("```")]

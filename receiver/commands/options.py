@@ -101,13 +101,13 @@ def _add_caps(parser: argparse.ArgumentParser) -> None:
         "--min-coverage",
         type=share,
         default=CoverageRule.min_overall,
-        help="refuse payloads whose kept images this copy holds less of (default 98%%)",
+        help="refuse payloads whose kept images this copy holds less of (a share or a percentage)",
     )
     coverage.add_argument(
         "--min-class-coverage",
         type=share,
         default=CoverageRule.min_class,
-        help="... or less of, in any one class (default 90%%)",
+        help="... or less of, in any one class",
     )
 
 
