@@ -248,3 +248,38 @@ def test_the_daemon_refuses_a_payload_its_release_lacks_without_burning_it(
     stamp = decode_payload(restricted.read_bytes(), trust=None).sender
     ledger = SequenceLedger(home / "ledger.sqlite", read_only=True)
     assert ledger.last("station") == stamp.sequence  # the refused newer one is not recorded
+
+
+def test_plan_for_the_fleet_sends_for_the_fleet_it_planned_for(world, release) -> None:
+    root, send = world["root"], cli("plada-send")
+    plan = root / "work" / "fleet-plan"
+    args = [*send, "plan", str(root / "work"), "--reference", str(root / "tree")]
+    args += ["--cache-dir", str(root / "cache"), "--train", str(root / "task")]
+    args += ["--keeps", "25%", "--screen-steps", "4", "--confirm-steps", "8"]
+    args += ["--teacher-epochs", "2", "--fleet", release["fleet"], "--out", str(plan), "--quiet"]
+    run(args, cli_env())
+    planned = json.loads((plan / "plan.json").read_text())
+    assert planned["fleet"]["releases"] == ["winter"] and planned["fleet"]["rows_excluded"] == 41
+    payload, summary = _select(world, "planned-winter", "--plan", str(plan))
+    assert summary["fleet"]["releases"] == ["winter"]
+    assert not set(_kept_keys(world, payload)) & set(release["dropped"])
+    # release winter registered again since the plan, from another copy: plan again
+    fleet = Path(release["fleet"])
+    changed = fleet.with_name("fleet-changed")
+    shutil.copytree(fleet, changed)
+    whole = root / "whole.avail"
+    device = _device(world, root / "tree", root / "whole-ledger.sqlite")
+    out = ["--check", "exists", "--availability-out", str(whole), "--quiet"]
+    run([*cli("plada-receive"), "reference", *device[:6], *out], cli_env())
+    shutil.copy(whole, changed / "winter.avail")
+    moved = root / "work" / "fleet-plan-moved"
+    shutil.copytree(plan, moved)
+    json_plan = json.loads((moved / "plan.json").read_text())
+    assert json_plan["settings"]["fleet"]["folder"] == release["fleet"]
+    json_plan["settings"]["fleet"]["folder"] = str(changed)
+    (moved / "plan.json").write_text(json.dumps(json_plan))
+    select = [*send, "select", str(root / "work"), "--plan", str(moved), "--no-sheet"]
+    select += ["--signing-key", str(root / "station.key"), "--out", str(root / "stale.plada")]
+    refused = run(select, cli_env(), expect=2)
+    assert "changed since the plan was made" in refused.stderr
+    assert not (root / "stale.plada").exists()
