@@ -31,6 +31,7 @@ import numpy as np
 from benchmarks.compare import SCHEMES, Scheme, scheme_flags
 from benchmarks.demo_steps import run
 from benchmarks.heldout_targets import TARGETS, make_target
+from benchmarks.numerics import numerics_report, reexec_pinned
 from benchmarks.plan_validation import shared_store
 
 SEND = [sys.executable, "-m", "sender.cli"]
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="student seeds")
     parser.add_argument("--steps", type=int, default=250, help="student steps")
     args = parser.parse_args(argv)
+    reexec_pinned()  # the same numbers on any x86 machine (benchmarks/numerics.py)
     started = time.perf_counter()
     work = Path(args.work)
     args.clip = shared_store(work, args)
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "numerics": numerics_report(),
         "draws": args.draws,
         "seeds": args.seeds,
         "steps": args.steps,

@@ -33,6 +33,7 @@ import numpy as np
 
 from benchmarks.demo_steps import run
 from benchmarks.heldout_targets import TARGETS, make_target
+from benchmarks.numerics import numerics_report, reexec_pinned
 
 SEND = [sys.executable, "-m", "sender.cli"]
 RECEIVE = [sys.executable, "-m", "receiver.cli"]
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="student seeds")
     parser.add_argument("--steps", type=int, default=250, help="student steps")
     args = parser.parse_args(argv)
+    reexec_pinned()  # the same numbers on any x86 machine (benchmarks/numerics.py)
     started = time.perf_counter()
     work = Path(args.work)
     made = prepare(args, work)
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "numerics": numerics_report(),
         "target": args.target,
         "pool_per_concept": args.per,
         "keep": args.keep,
