@@ -62,6 +62,20 @@ def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
+def check_local_files(model_name: str, pretrained: str | os.PathLike[str]) -> None:
+    """The typed error for a model config or weights file that is not there, before
+    open_clip (seconds to import) is loaded."""
+    if model_name.endswith(".json") and not Path(model_name).is_file():
+        raise ConfigError(f"model config {model_name} not found")
+    text, name = str(pretrained), model_name.removesuffix(".json")
+    if _looks_like_path(text) and not Path(text).is_file():
+        raise WeightsError(
+            f"CLIP weights {text} not found: copy the open_clip checkpoint for "
+            f"{Path(name).name} to this machine and pass its path (plada never "
+            "downloads weights)"
+        )
+
+
 def load_open_clip(model_name: str, pretrained: str | os.PathLike[str], device: str = "cpu"):
     """(model in eval mode, PIL preprocess transform) from a local file or a cached tag.
 
@@ -70,17 +84,13 @@ def load_open_clip(model_name: str, pretrained: str | os.PathLike[str], device: 
     weights file, or an open_clip pretrained tag whose checkpoint is already in the
     local Hugging Face cache; nothing is ever downloaded.
     """
+    check_local_files(model_name, pretrained)
     import open_clip
 
     model_name = resolve_model_name(model_name)
     text = str(pretrained)
     if Path(text).is_file():
         source = f"CLIP weights {text}"
-    elif _looks_like_path(text):
-        raise WeightsError(
-            f"CLIP weights {text} not found: copy the open_clip checkpoint for {model_name} "
-            "to this machine and pass its path (plada never downloads weights)"
-        )
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if text not in tags:
@@ -164,6 +174,7 @@ class OpenClipEmbedder:
     ) -> None:
         from trainer.training import resolve_device
 
+        check_local_files(model_name, weights)
         self.model_name = resolve_model_name(model_name)
         self.device = resolve_device(device)
         self.model, self.preprocess = load_open_clip(self.model_name, weights, str(self.device))
