@@ -173,14 +173,30 @@ def image_folder_files(
 def _load_image_folder(root: Path, size: int, channels: int) -> LabeledImages:
     """An ImageFolder's images, converted; unreadable files are skipped and listed (a
     folder where none can be read is an error)."""
+    files, all_labels, classes = image_folder_files(root)
+    images, kept, unreadable = _converted_files(root, files, size, channels)
+    labels = all_labels[kept]
+    return LabeledImages(
+        images=images,
+        labels=labels,
+        class_names=classes,
+        name=task_name(root),
+        unreadable=tuple(unreadable),
+    )
+
+
+def _converted_files(
+    root: Path, files: list[Path], size: int, channels: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """(the readable files' images, uint8 [N, channels, size, size]; the indices of those
+    files; (file, reason) of each unreadable one). None readable is a ``TaskDataError``."""
     from PIL import Image, UnidentifiedImageError
 
     from protocol.images import opened_image
 
-    files, all_labels, classes = image_folder_files(root)
     mode = {1: "L", 3: "RGB"}[channels]
     images, kept, unreadable = [], [], []
-    for file, label in zip(files, all_labels, strict=True):
+    for index, file in enumerate(files):
         try:
             with opened_image(file) as img:
                 converted = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
@@ -189,15 +205,44 @@ def _load_image_folder(root: Path, size: int, channels: int) -> LabeledImages:
             continue
         array = np.asarray(converted, dtype=np.uint8)
         images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-        kept.append(label)
+        kept.append(index)
     if not images:
         file, reason = unreadable[0]
         raise TaskDataError(f"{root}: no image could be read (first: {file}: {reason})")
-    labels = np.asarray(kept, dtype=np.int64)
-    return LabeledImages(
-        images=np.stack(images),
-        labels=labels,
-        class_names=classes,
-        name=task_name(root),
-        unreadable=tuple(unreadable),
-    )
+    return np.stack(images), np.asarray(kept, dtype=np.int64), unreadable
+
+
+def unlabeled_image_files(root: str | os.PathLike[str]) -> list[Path]:
+    """Every image file under the directory ``root``, at any depth, sorted."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise TaskDataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def load_unlabeled_images(path: str | os.PathLike[str], size: int, channels: int) -> np.ndarray:
+    """Unlabeled images, uint8 [N, channels, size, size]: a directory of image files at any
+    depth, converted as an ImageFolder's are (unreadable ones skipped), or a ``.npz`` whose
+    ``images`` are taken as stored (labels, if any, are ignored)."""
+    path = Path(path)
+    if path.is_dir():
+        images, _, _ = _converted_files(path, unlabeled_image_files(path), size, channels)
+        return images
+    if not path.is_file():
+        raise TaskDataError(f"{path} does not exist: give a directory of images or a .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images = data["images"]
+    except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError) as exc:
+        raise TaskDataError(
+            f"{path} is not a .npz with an images array ({type(exc).__name__}): save uint8 "
+            "images [N, C, H, W] with numpy.savez, or give a directory of images"
+        ) from exc
+    images = images[:, None] if images.ndim == 3 else images
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (channels, size, size):
+        raise TaskDataError(
+            f"{path}: images are {images.dtype} {list(images.shape[1:])}, the task's are uint8 "
+            f"[{channels}, {size}, {size}]: convert them, or give a directory of images"
+        )
+    return images

@@ -55,7 +55,9 @@ def planned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     quick = ["--keeps", KEEPS, "--screen-steps", "4", "--confirm-steps", "8"]
     quick += ["--teacher-epochs", "3", "--quiet"]
-    out = run([*send, "plan", str(work), *ref, *train, *quick], env)
+    # the task's test images stand for the device's scenery (their labels are not read)
+    scenery = ["--deployment", str(root / "task" / "test.npz")]
+    out = run([*send, "plan", str(work), *ref, *train, *quick, *scenery], env)
     return {"root": root, "work": work, "ref": ref, "train": train, "quick": quick, "out": out}
 
 
@@ -98,6 +100,11 @@ def test_plan_writes_table_front_plot_and_json(planned) -> None:
     assert [r["payload_bytes"] for r in front] == sorted(r["payload_bytes"] for r in front)
     assert all(r["kept_images"] > 0 and 0 <= r["predicted_accuracy"] <= 1 for r in rows.values())
     assert plan["split"]["validation"] + plan["split"]["teacher_train"] == 898
+    # the test images are drawn as the validation images are: weights stay near equal
+    scenery = plan["deployment"]
+    assert scenery["deployment_images"] == 899 and scenery["separability_auc"] < 0.7
+    assert scenery["effective_validation_images"] > 0.8 * plan["split"]["validation"]
+    assert "deployment: 899 images" in (plan_dir / "plan.txt").read_text()
     assert "domain_gap" in plan["evidence"]
     # the noise: the best confirmed rows and the choice were run twice, and the choice is
     # the smallest confirmed row predicted within the band of the best
@@ -201,6 +208,13 @@ def test_plan_over_a_damaged_or_mismatched_work_directory_is_a_typed_error(plann
         expect=2,
     )
     assert "ReferenceMismatchError" in proc.stderr and "Traceback" not in proc.stderr
+    scenery = planned["root"] / "scenery.npy"
+    np.save(scenery, np.zeros((3, 32, 32), np.uint8))
+    plan = [*send, "plan", str(planned["work"]), *planned["ref"], *planned["train"]]
+    plan += [*planned["quick"], "--deployment", str(scenery), "--out", str(damaged / "p2")]
+    proc = run(plan, env, expect=2)
+    assert "TaskDataError" in proc.stderr and "not a .npz with an images array" in proc.stderr
+    assert not (damaged / "p2").exists()
 
 
 def test_split_is_stratified_deterministic_and_needs_two_per_class() -> None:
@@ -301,13 +315,14 @@ def test_image_path_domain_gap_is_measured_outside_the_teacher(small_pool) -> No
 def test_proxy_accuracy_does_not_depend_on_where_it_trains() -> None:
     """Worker processes of one thread give what this process gives with one thread, in
     the order the jobs were given."""
+    from sender.selection.deployment import Validation
     from sender.selection.plan import ProxyRun, proxy_accuracy
     from sender.selection.proxy_pool import ProxyPool
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (96, 1, 16, 16), dtype=np.uint8)
     labels = (images.reshape(96, -1).mean(axis=1) > 127).astype(np.int64)
-    validation = LabeledImages(images[:40], labels[:40], ("dark", "light"))
+    validation = Validation.equal(LabeledImages(images[:40], labels[:40], ("dark", "light")))
     jobs = [(images, labels, ProxyRun(steps, 16, seed)) for steps, seed in [(3, 0), (6, 1), (9, 2)]]
     with ProxyPool(proxy_accuracy, validation, workers=1) as here:
         alone = list(here.run(jobs))

@@ -533,10 +533,12 @@ def test_plan_on_stored_embeddings_picks_a_payload_the_receiver_trains(world, em
     work = world["root"] / "work-plan"
     task = ["--task", str(world["root"] / "task")]
     _score(world, embedded, work, "--teacher", "probe", *task)
-    planned = _plan(world, work, *task)
-    assert "chosen:" in planned.stdout
+    scenery = ["--deployment", str(world["root"] / "task" / "test")]  # its labels unread
+    planned = _plan(world, work, *task, *scenery)
+    assert "chosen:" in planned.stdout and "deployment: 100 images" in planned.stdout
     plan = json.loads((work / "plan" / "plan.json").read_text())
     assert plan["split"]["validation"] > 0 and "thumbnails (32 px)" in plan["proxy"]
+    assert plan["deployment"]["deployment_images"] == 100
     assert {row["candidate"]["keep"] for row in plan["candidates"]} == {0.05, 0.2}
     predictions = [row["predicted_accuracy"] for row in plan["candidates"]]
     assert all(0.0 <= p <= 1.0 for p in predictions) and len(set(predictions)) > 1

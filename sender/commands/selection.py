@@ -324,6 +324,11 @@ def add_plan(sub: Subparsers) -> None:
     )
     plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
     plan.add_argument(
+        "--deployment",
+        help="unlabeled images from where the device will work (a directory of images or a "
+        ".npz): the validation images are weighted by how much they resemble them",
+    )
+    plan.add_argument(
         "--proxy-workers",
         type=int,
         default=0,
@@ -370,6 +375,7 @@ def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSe
         sender_id=check_sender_id(args.sender_id),
         teacher=teacher,
         fleet=fleet_choice(args),
+        deployment=args.deployment,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,13 @@ import torch
 from protocol.errors import ConfigError, TaskDataError
 from protocol.manifest import ReferenceManifest, reference_summary
 from protocol.reference.encoded import UnreadableImage, decode_rgb
-from protocol.task_data import image_folder_files, load_labeled_images, task_name
+from protocol.task_data import (
+    image_folder_files,
+    load_labeled_images,
+    load_unlabeled_images,
+    task_name,
+    unlabeled_image_files,
+)
 from sender.embedding.embedders import ClipEmbedder
 from sender.embedding.index import INDEX_FILE, load_index
 from sender.embedding.store import MANIFEST_FILE, EmbeddingStore
@@ -113,6 +119,56 @@ def _task_pil_images(root: Path) -> tuple[list[Callable[[], Any]], np.ndarray, t
         return load
 
     return [decoded(file) for file in files], labels, classes
+
+
+def _unlabeled_pil_images(path: Path) -> Iterator[Any]:
+    """Each unlabeled image as RGB PIL, decoded one at a time: every image file under a
+    directory (unreadable ones skipped), or the ``images`` of a ``.npz``
+    (:func:`~protocol.task_data.load_unlabeled_images`'s forms)."""
+    from PIL import Image
+
+    if not path.is_dir():
+        stored = load_unlabeled_images(path, *_npz_image_shape(path))
+        pixels = stored.transpose(0, 2, 3, 1)
+        for image in pixels[..., 0] if pixels.shape[3] == 1 else pixels:
+            yield Image.fromarray(image).convert("RGB")
+        return
+    for file in unlabeled_image_files(path):
+        try:
+            yield decode_rgb(file.read_bytes(), str(file))
+        except (UnreadableImage, OSError):
+            continue
+
+
+def _npz_image_shape(path: Path) -> tuple[int, int]:
+    """(side, channels) of a ``.npz``'s stored images, to take them as they are."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            shape = data["images"].shape
+    except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError) as exc:
+        raise TaskDataError(
+            f"{path} is not a .npz with an images array ({type(exc).__name__}): save uint8 "
+            "images [N, C, H, W] with numpy.savez, or give a directory of images"
+        ) from exc
+    return int(shape[-1]), 1 if len(shape) == 3 else int(shape[1])
+
+
+def thumbnail_images(
+    embedder: ClipEmbedder, path: Path, thumbnailer: Thumbnailer, batch_size: int = 64
+) -> np.ndarray:
+    """Unlabeled images brought to thumbnails through CLIP's own preprocessing, as the
+    reference rows' and the task's were: uint8 [N, 3, S, S]."""
+    batches, batch = [], []
+    for image in _unlabeled_pil_images(path):
+        batch.append(embedder.preprocess(image))
+        if len(batch) == batch_size:
+            batches.append(thumbnailer(torch.stack(batch)))
+            batch = []
+    if batch:
+        batches.append(thumbnailer(torch.stack(batch)))
+    if not batches:
+        raise TaskDataError(f"{path}: no image could be read")
+    return np.concatenate(batches)
 
 
 def embed_folder(

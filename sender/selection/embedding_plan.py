@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from protocol.errors import ConfigError, ReferenceMismatchError, TaskDataError
 from protocol.manifest import reference_summary
 from protocol.task_data import LabeledImages
@@ -39,6 +41,7 @@ from sender.scoring.embeddings import (
     store_domain_gap,
     store_index,
     teacher_accuracy,
+    thumbnail_images,
 )
 from sender.scoring.work_dir import ScoreReport
 from sender.selection.fleet import FleetChoice
@@ -53,6 +56,7 @@ from sender.selection.plan import (
     proxy_words,
     split_rows,
     usable_scores,
+    weighted_validation,
 )
 from sender.selection.plan_file import Plan, PlanSplit
 from sender.selection.scored_work import ScoredWork
@@ -122,6 +126,20 @@ def embed_plan_task(
     return task
 
 
+def deployment_thumbnails(
+    embedder: ClipEmbedder | None, settings: PlanSettings, planned: PlannedStore
+) -> np.ndarray | None:
+    """The deployment images (``settings.deployment``) as thumbnails of the store's size,
+    made as the task's were; None without them."""
+    if not settings.deployment:
+        return None
+    if embedder is None:
+        raise ConfigError("--deployment needs the CLIP that embedded the store: --clip-weights")
+    spec = PreprocessSpec.from_transform(embedder.preprocess)
+    thumbnailer = Thumbnailer(spec, planned.thumbnails.size)
+    return thumbnail_images(embedder, Path(settings.deployment), thumbnailer)
+
+
 def plan_from_embeddings(
     planned: PlannedStore,
     task: EmbeddedSplit,
@@ -133,6 +151,7 @@ def plan_from_embeddings(
     """Predict every candidate's accuracy and size (see the module docstring); write
     plan.json, plan.png and plan.txt. ``embedder``: only the zero-shot teacher needs it."""
     started = time.perf_counter()
+    scenery = deployment_thumbnails(embedder, settings, planned)
     names = tuple(task.class_names)
     teacher_rows, held = split_rows(task.labels, names, settings.validation_fraction, settings.seed)
     teacher_part, validation = task.subset(teacher_rows), task.subset(held)
@@ -149,7 +168,8 @@ def plan_from_embeddings(
     split = SplitScores(scored.scores, scored.predicted)
     work = planned.work
     shown = LabeledImages(validation.thumbnails, validation.labels, names, "validation")
-    proxy = Proxy(planned.thumbnails.read_rows, split, work.excluded, shown, settings)
+    weighted, evidence = weighted_validation(shown, scenery, settings)
+    proxy = Proxy(planned.thumbnails.read_rows, split, work.excluded, weighted, settings)
     candidates = candidate_grid(settings.keeps, usable_scores(work, split))
     measured = measure_candidates(work, proxy, candidates, progress)
     meta = store.meta
@@ -160,5 +180,6 @@ def plan_from_embeddings(
         split_teacher_accuracy=teacher_accuracy(model, validation),
         gap=store_domain_gap(store, validation.embeddings),
         proxy=proxy_words(settings, f"thumbnails ({planned.thumbnails.size} px)", held.size),
+        deployment=evidence,
     )
     return finish_plan(inputs, measured, out_dir, settings, started)

@@ -39,7 +39,7 @@ from protocol.errors import ConfigError, ReferenceMismatchError, TaskDataError
 from protocol.payload import SenderStamp
 from protocol.reference.base import ReferenceSource
 from protocol.signing import SigningKey
-from protocol.task_data import LabeledImages
+from protocol.task_data import LabeledImages, load_unlabeled_images
 from sender.scoring.domain_gap import DomainGap
 from sender.scoring.images import (
     TeacherSettings,
@@ -50,6 +50,7 @@ from sender.scoring.images import (
 from sender.scoring.scores import COVER, TASK_SCORES, score_names
 from sender.scoring.teacher_kinds import IMAGES
 from sender.scoring.work_dir import SCORES_FILE, ScoreReport
+from sender.selection.deployment import DeploymentEvidence, Validation, weigh_validation
 from sender.selection.fleet import FleetChoice
 from sender.selection.plan_file import (
     CHOICE_RULES,
@@ -124,6 +125,9 @@ class PlanSettings:
     sender_id: str = PLAN_SENDER
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     fleet: FleetChoice | None = None  # candidates keep only rows these releases all hold
+    # unlabeled images of where the device works: the validation images are weighted
+    # towards them (sender.selection.deployment); None: equal weights
+    deployment: str | None = None
 
     def as_json(self) -> dict[str, object]:
         """The settings as JSON (the teacher's embedder by name only)."""
@@ -216,12 +220,13 @@ class ProxyRun:
 
 
 def proxy_accuracy(
-    images: np.ndarray, labels: np.ndarray, validation: LabeledImages, run: ProxyRun
+    images: np.ndarray, labels: np.ndarray, validation: Validation, run: ProxyRun
 ) -> float:
-    """Validation accuracy of a small student trained as ``run`` says on (images, labels)."""
+    """(Weighted) validation accuracy of a small student trained as ``run`` says on
+    (images, labels)."""
     import torch
 
-    from trainer.training import StepHooks, TrainConfig, accuracy, train_classifier
+    from trainer.training import StepHooks, TrainConfig, predict, train_classifier
 
     if labels.size == 0:
         return 0.0
@@ -234,12 +239,13 @@ def proxy_accuracy(
     )
     model = train_classifier(
         (torch.from_numpy(images), torch.from_numpy(labels)),
-        len(validation.class_names),
+        len(validation.images.class_names),
         config,
         in_channels=images.shape[1],
         hooks=StepHooks(progress=False),
     ).model
-    return accuracy(model, torch.from_numpy(validation.images), torch.from_numpy(validation.labels))
+    logits, _ = predict(model, torch.from_numpy(validation.images.images))
+    return validation.accuracy(logits.argmax(1).numpy())
 
 
 RowImages = Callable[[np.ndarray], np.ndarray]  # reference rows -> uint8 images
@@ -264,12 +270,12 @@ class Proxy:
         images: RowImages,
         split: SplitScores,
         excluded: np.ndarray,
-        validation: LabeledImages,
+        validation: Validation,
         settings: PlanSettings,
     ) -> None:
         self.images, self.predicted = images, split.predicted
         self.validation, self.settings = validation, settings
-        k = len(validation.class_names)
+        k = len(validation.images.class_names)
         self.selections = RankedSelection(split.scores, split.predicted, k, excluded)
         workers = settings.proxy_workers or default_workers()
         self.pool = ProxyPool(proxy_accuracy, validation, workers)
@@ -417,7 +423,7 @@ def measure_noise(proxy: Proxy, rows: list[PlanRow], progress: bool) -> PlanNois
     settings = proxy.settings
     run = ProxyRun(settings.confirm_steps, settings.confirm_batch_size, settings.seed + 2)
     confirmed = [r for r in rows if r.stage == "confirm"]
-    validation = int(proxy.validation.labels.size)
+    validation = proxy.validation.effective_images
 
     def repeated(row: PlanRow, accuracy: float) -> None:
         row.repeat_accuracy = accuracy
@@ -452,6 +458,7 @@ class PlanInputs:
     split_teacher_accuracy: float | None
     gap: DomainGap
     proxy: str  # what the proxy student is, in words
+    deployment: DeploymentEvidence | None = None
 
 
 def finish_plan(
@@ -480,6 +487,7 @@ def finish_plan(
         seconds=round(time.perf_counter() - started, 1),
         noise=noise,
         fleet=None if work.fleet is None else work.fleet.as_json(),
+        deployment=None if inputs.deployment is None else inputs.deployment.as_json(),
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -495,6 +503,16 @@ def proxy_words(settings: PlanSettings, images: str, validation: int) -> str:
         f"all, {settings.confirm_steps} of {settings.confirm_batch_size} for the confirmed), "
         f"accuracy on the {validation} validation images"
     )
+
+
+def weighted_validation(
+    validation: LabeledImages, scenery: np.ndarray | None, settings: PlanSettings
+) -> tuple[Validation, DeploymentEvidence | None]:
+    """The validation images, weighted towards the deployment images when given
+    (``scenery``, in the validation images' form)."""
+    if scenery is None:
+        return Validation.equal(validation), None
+    return weigh_validation(validation, scenery, str(settings.deployment), settings.seed)
 
 
 def usable_scores(work: ScoredWork, split: SplitScores) -> tuple[str, ...]:
@@ -516,12 +534,17 @@ def make_plan(
     work = ScoredWork.open(work_dir, fleet=settings.fleet)
     _check_plannable(work, reference, train)
     teacher_part, validation = split_task(train, settings.validation_fraction, settings.seed)
+    scenery = None
+    if settings.deployment:
+        _, channels, side, _ = train.images.shape
+        scenery = load_unlabeled_images(settings.deployment, side, channels)
     images = reference_images(reference, train.images.shape[1])
     teacher = replace(settings.teacher, seed=settings.seed)
     scored = teacher_scores(images, teacher_part, validation, teacher, progress)
     split = SplitScores(scored.scores, scored.predicted)
     candidates = candidate_grid(settings.keeps, usable_scores(work, split))
-    proxy = Proxy(images.__getitem__, split, work.excluded, validation, settings)
+    weighted, evidence = weighted_validation(validation, scenery, settings)
+    proxy = Proxy(images.__getitem__, split, work.excluded, weighted, settings)
     measured = measure_candidates(work, proxy, candidates, progress)
     inputs = PlanInputs(
         work=work,
@@ -530,5 +553,6 @@ def make_plan(
         split_teacher_accuracy=scored.outputs.report.test_accuracy,
         gap=domain_gap(scored.outputs),
         proxy=proxy_words(settings, "images", int(validation.labels.size)),
+        deployment=evidence,
     )
     return finish_plan(inputs, measured, out_dir, settings, started)

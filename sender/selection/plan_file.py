@@ -121,10 +121,11 @@ class PlanNoise:
         return self.band if self.rule == WITHIN_NOISE else 0.0
 
 
-def noise_of(rows: list[PlanRow], validation_images: int, rule: str) -> PlanNoise:
+def noise_of(rows: list[PlanRow], validation_images: float, rule: str) -> PlanNoise:
     """The proxy's noise from the rows run twice. Two runs of one candidate differ by d
     with E[d^2] = 2 s^2 (s: one run's sd); two candidates' two-run means differ by noise
-    of sd s, so s is the band. Never below one validation image."""
+    of sd s, so s is the band. Never below one validation image (of the effective number,
+    when the images are weighted)."""
     pairs = [
         (r.confirm_accuracy, r.repeat_accuracy)
         for r in rows
@@ -183,6 +184,7 @@ class Plan:
     schema: int = PLAN_SCHEMA
     noise: PlanNoise | None = None  # None in plans made before the noise was measured
     fleet: dict[str, object] | None = None  # the releases its candidates suit (FleetRestriction)
+    deployment: dict[str, object] | None = None  # how --deployment weighted the validation
 
     def row(self, name: str) -> PlanRow:
         return next(r for r in self.candidates if r.name == name)

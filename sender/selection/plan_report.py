@@ -48,6 +48,7 @@ def plan_summary(plan: Plan, limit: int = 20) -> str:
         f"{100 * (plan.split_teacher_validation_accuracy or 0):.1f}%",
         f"domain gap (evidence): {plan.evidence.domain_gap.reason}",
         f"proxy: {plan.proxy}",
+        *deployment_lines(plan),
         "",
         f"{'candidate':34s} {'bytes':>8s} {'images':>7s} {'classes':>7s} {'predicted':>9s}  stage",
     ]
@@ -66,6 +67,19 @@ def plan_summary(plan: Plan, limit: int = 20) -> str:
         f"{len(plan.candidates)} candidates in {plan.seconds:.0f}s",
     ]
     return "\n".join(lines) + "\n"
+
+
+def deployment_lines(plan: Plan) -> list[str]:
+    """How --deployment weighted the validation images, if it did."""
+    found = plan.deployment
+    if not found:
+        return []
+    return [
+        f"deployment: {found['deployment_images']} images ({found['source']}) weight the "
+        f"validation images: told apart with AUC {found['separability_auc']:.2f}, "
+        f"{found['effective_validation_images']:.0f} of {found['validation_images']} "
+        f"effective, largest weight {found['max_weight']:.1f}x the mean"
+    ]
 
 
 def best_row(plan: Plan) -> PlanRow:

@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from protocol.task_data import LabeledImages
+from sender.selection.deployment import Validation
 
 MAX_WORKERS = 8  # each holds its own torch (about 300 MB); proxies are short
 IN_FLIGHT_PER_WORKER = 2  # jobs queued per worker: its next one is ready when it finishes
 WORKER_START_SECONDS = 1.0  # a spawned worker imports torch: about a second of one core
 
 ProxyJob = tuple[np.ndarray, np.ndarray, Any]  # (images, labels, ProxyRun)
-Train = Callable[[np.ndarray, np.ndarray, LabeledImages, Any], float]
+Train = Callable[[np.ndarray, np.ndarray, Validation, Any], float]
 
 
 def default_workers() -> int:
@@ -55,7 +55,7 @@ class ProxyPool:
     def __init__(
         self,
         train: Train,
-        validation: LabeledImages,
+        validation: Validation,
         workers: int,
         start_after: float = WORKER_START_SECONDS,
     ) -> None:
@@ -115,7 +115,7 @@ class ProxyPool:
 
 
 def one_thread(
-    train: Train, images: np.ndarray, labels: np.ndarray, validation: LabeledImages, run: Any
+    train: Train, images: np.ndarray, labels: np.ndarray, validation: Validation, run: Any
 ) -> float:
     """``train`` with one compute thread (the thread count is restored after)."""
     import torch
@@ -131,7 +131,7 @@ def one_thread(
 _WORKER: dict[str, Any] = {}  # in a worker process: its train function and validation
 
 
-def _start_worker(train: Train, validation: LabeledImages) -> None:
+def _start_worker(train: Train, validation: Validation) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 

@@ -1,0 +1,112 @@
+"""The device's own scenery: the plan's validation images weighted by how much they
+resemble unlabeled images from where the device will work (``plan --deployment``).
+
+The labeled images a task comes with are often not where the device works (other
+regions, light, sensors). Given unlabeled images of the deployment, the plan scores each
+candidate by a weighted validation accuracy, each validation image weighted by the
+density ratio p_deploy(x) / p_validation(x), estimated as the odds of a classifier that
+tells the two sets apart (a logistic regression, cross-fitted so no image is weighted by
+a model that saw it). The feature is the images' own pixels, mean-centred and pooled to
+16 x 16 (:class:`~sender.embedding.embedders.PixelEmbedder`), which the teacher did not
+shape. Weights are capped at :data:`MAX_WEIGHT` times their mean, so a handful of
+validation images never decide the plan alone; what they cost in evidence is reported as
+the effective number of validation images (Kish), which also sets the plan's noise floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from protocol.task_data import LabeledImages
+
+MAX_WEIGHT = 10.0  # times the mean weight
+FOLDS = 5
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The images the plan's proxies are scored on, and each one's weight (mean 1)."""
+
+    images: LabeledImages
+    weights: np.ndarray  # float64 [N]
+
+    @classmethod
+    def equal(cls, images: LabeledImages) -> Validation:
+        return cls(images, np.ones(len(images)))
+
+    @property
+    def effective_images(self) -> float:
+        """Kish's effective sample size: N for equal weights, fewer the more unequal."""
+        return float(self.weights.sum() ** 2 / np.square(self.weights).sum())
+
+    def accuracy(self, predicted: np.ndarray) -> float:
+        """Weighted share of the images whose label is ``predicted``."""
+        correct = predicted == self.images.labels
+        return float(np.dot(correct, self.weights) / self.weights.sum())
+
+
+@dataclass(frozen=True)
+class DeploymentEvidence:
+    """How the deployment images reweighted the validation images, for plan.json."""
+
+    source: str
+    deployment_images: int
+    validation_images: int
+    separability_auc: float  # 0.5: the two sets look alike; 1.0: told apart every time
+    effective_validation_images: float
+    max_weight: float
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def weigh_validation(
+    validation: LabeledImages, deployment: np.ndarray, source: str, seed: int
+) -> tuple[Validation, DeploymentEvidence]:
+    """``validation`` weighted towards the ``deployment`` images (both uint8 [N, C, S, S]
+    in the same form)."""
+    from sender.embedding.embedders import PixelEmbedder
+
+    pixels = PixelEmbedder()
+    features = np.concatenate([pixels.embed(validation.images), pixels.embed(deployment)])
+    is_deployment = np.r_[np.zeros(len(validation)), np.ones(len(deployment))]
+    odds, auc = _cross_fitted_odds(features, is_deployment, seed)
+    weights = odds[: len(validation)]
+    weights = weights / weights.mean()
+    weights = np.minimum(weights, MAX_WEIGHT)
+    weights = weights / weights.mean()
+    weighted = Validation(validation, weights)
+    evidence = DeploymentEvidence(
+        source=source,
+        deployment_images=len(deployment),
+        validation_images=len(validation),
+        separability_auc=round(auc, 4),
+        effective_validation_images=round(weighted.effective_images, 1),
+        max_weight=round(float(weights.max()), 3),
+    )
+    return weighted, evidence
+
+
+def _cross_fitted_odds(
+    features: np.ndarray, is_deployment: np.ndarray, seed: int
+) -> tuple[np.ndarray, float]:
+    """(each image's odds of being a deployment image, from a classifier fit without it;
+    the area under the ROC curve of those predictions). Classes are balanced, so the odds
+    are the density ratio up to a constant."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = min(FOLDS, int(min(is_deployment.sum(), (1 - is_deployment).sum())))
+    if folds < 2:
+        return np.ones(len(features)), 0.5
+    probability = np.empty(len(features))
+    split = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    for fit, held in split.split(features, is_deployment):
+        model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000)
+        model.fit(features[fit], is_deployment[fit])
+        probability[held] = model.predict_proba(features[held])[:, 1]
+    probability = np.clip(probability, 1e-6, 1 - 1e-6)
+    return probability / (1 - probability), float(roc_auc_score(is_deployment, probability))
