@@ -66,7 +66,7 @@ def test_unlabeled_images_load_from_a_folder_at_any_depth_or_a_npz(tmp_path) -> 
     with pytest.raises(TaskDataError, match="the task's are uint8"):
         load_unlabeled_images(tmp_path / "s.npz", 16, 1)
     np.save(tmp_path / "single.npy", np.zeros((3, 8, 8), np.uint8))
-    with pytest.raises(TaskDataError, match="not a .npz with an images array"):
+    with pytest.raises(TaskDataError, match=r"not a \.npz with an images array"):
         load_unlabeled_images(tmp_path / "single.npy", 8, 1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(TaskDataError, match="no images found"):
