@@ -14,7 +14,12 @@ from the difference between validation and test. Rerunning on the same ``--work`
 skips every step whose outputs exist.
 
     python -m benchmarks.plan_validation --work work/plan-validation \
-        [--targets digits font-digits font-letters photos]
+        [--targets digits font-digits font-letters photos] [--deployment]
+
+``--deployment`` plans each target a second time with its test images, unlabeled, as
+``plan --deployment`` (the device's own scenery), into ``plan-deployment/``; run it after
+a run without, on the same ``--work``, to compare the two plans' choices on the same
+students.
 
 ``--path embeddings`` runs the production path instead: the world's CLIP
 (``plada-send world-clip``) embeds the pool once, with thumbnails, into a store that
@@ -141,7 +146,10 @@ def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[s
         train.save(task / "train.npz")
         test.save(task / "test.npz")
     train_file, test_file = str(task / "train.npz"), str(task / "test.npz")
-    scored, plan_dir = work / "sender", work / "plan"
+    scored = work / "sender"
+    plan_dir = work / ("plan-deployment" if args.deployment else "plan")
+    # --deployment: the target's test images, unlabeled, stand for the device's scenery
+    scenery = ["--deployment", test_file] if args.deployment else []
     # the image path plans from the reference images; the embeddings path from the store
     source = ref if args.clip is None else ["--embeddings", str(work.parent / "embeddings")]
     if not (scored / "score_report.json").is_file():
@@ -150,26 +158,26 @@ def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[s
         run(score, logs / "score.log")
     if not (plan_dir / "plan.json").is_file():
         plan_cmd = [*send, "plan", str(scored), *(ref if args.clip is None else args.clip)]
-        run(
-            [*plan_cmd, "--train", train_file, "--out", str(plan_dir), "--quiet"], logs / "plan.log"
-        )
+        plan_cmd += ["--train", train_file, *scenery, "--out", str(plan_dir), "--quiet"]
+        run(plan_cmd, logs / f"{plan_dir.name}.log")
     plan = json.loads((plan_dir / "plan.json").read_text())
     validation = plan_validation_split(Path(train_file), plan)
     rows = {r["name"]: r for r in plan["candidates"]}
     results = []
-    for number, name in enumerate(evaluated_names(plan, args.candidates)):
+    for name in evaluated_names(plan, args.candidates):
         c = rows[name]["candidate"]
-        payload = work / "payloads" / f"{number:02d}.plada"
-        out = work / "students" / f"{number:02d}"
+        slug = name.replace("/", "_").replace("%", "pct")  # students kept by candidate:
+        payload = work / "payloads" / f"{slug}.plada"  # a second plan of the target
+        out = work / "students" / slug  # reuses those both evaluate
         if not (out / "report.json").is_file():
             select = [*send, "select", str(scored), "--strategy", c["strategy"]]
             select += ["--score", c["score"], "--keep", str(c["keep"])]
             select += ["--reserve", str(c["reserve"]), "--alpha", str(c["alpha"])]
-            run([*select, "--unsigned", "--out", str(payload)], logs / f"select-{number:02d}.log")
+            run([*select, "--unsigned", "--out", str(payload)], logs / f"select-{slug}.log")
             train = [*receive, "train", str(payload), *ref, "--allow-unsigned"]
             train += ["--holdout", test_file, "--seeds", *map(str, args.seeds)]
             train += ["--min-steps", str(args.steps), "--max-steps", str(args.steps)]
-            run([*train, "--out", str(out), "--quiet"], logs / f"train-{number:02d}.log")
+            run([*train, "--out", str(out), "--quiet"], logs / f"train-{slug}.log")
         report = json.loads((out / "report.json").read_text())
         accs = [r["holdout_accuracy"] for r in report["runs"]]
         on_validation = [
@@ -271,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         default="images",
         help="score and plan from the reference images, or from a store of CLIP embeddings",
     )
+    parser.add_argument(
+        "--deployment",
+        action="store_true",
+        help="plan with each target's test images, unlabeled, as --deployment (a second "
+        "plan beside the first; students of candidates both evaluate are trained once)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     work = Path(args.work)
@@ -284,12 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
         "path": args.path,
+        "deployment": args.deployment,
         "seeds": args.seeds,
         "steps": args.steps,
         "targets": results,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report_file = work / ("report-deployment.json" if args.deployment else "report.json")
+    report_file.write_text(json.dumps(report, indent=2) + "\n")
     print("\nsummary")
     print(
         f"{'target':14s} {'spearman':>8s} {'decision':>8s} {'chosen real':>11s} {'bytes':>7s} "
@@ -303,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['best_real']:8.1f}% {rows[r['best']]['payload_bytes']:7d} "
             f"{r['gap_to_best_points']:+5.1f}"
         )
-    print(f"total {report['seconds']:.0f}s; report: {work / 'report.json'}")
+    print(f"total {report['seconds']:.0f}s; report: {report_file}")
     return 0
 
 
