@@ -11,6 +11,11 @@ a model that saw it). The feature is the images' own pixels, mean-centred and po
 shape. Weights are capped at :data:`MAX_WEIGHT` times their mean, so a handful of
 validation images never decide the plan alone; what they cost in evidence is reported as
 the effective number of validation images (Kish), which also sets the plan's noise floor.
+
+A classifier that tells the sets apart no better than chance gives odds that are noise,
+not a density ratio: weights are applied only when its cross-fitted AUC exceeds 0.5 by
+more than :data:`SIGNIFICANCE` standard errors of the AUC of two sets of these sizes
+drawn alike (Mann-Whitney); otherwise every weight stays 1 and the evidence says so.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from protocol.task_data import LabeledImages
 
 MAX_WEIGHT = 10.0  # times the mean weight
 FOLDS = 5
+SIGNIFICANCE = 3.0  # standard errors of a chance AUC
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class DeploymentEvidence:
     deployment_images: int
     validation_images: int
     separability_auc: float  # 0.5: the two sets look alike; 1.0: told apart every time
+    chance_auc_limit: float  # the AUC above which the sets differ beyond chance
+    applied: bool  # False: alike as far as the feature tells, every weight 1
     effective_validation_images: float
     max_weight: float
 
@@ -73,20 +81,30 @@ def weigh_validation(
     features = np.concatenate([pixels.embed(validation.images), pixels.embed(deployment)])
     is_deployment = np.r_[np.zeros(len(validation)), np.ones(len(deployment))]
     odds, auc = _cross_fitted_odds(features, is_deployment, seed)
-    weights = odds[: len(validation)]
-    weights = weights / weights.mean()
-    weights = np.minimum(weights, MAX_WEIGHT)
-    weights = weights / weights.mean()
+    limit = 0.5 + SIGNIFICANCE * _chance_auc_sd(len(validation), len(deployment))
+    weights = np.ones(len(validation))
+    if auc > limit:
+        weights = odds[: len(validation)] / odds[: len(validation)].mean()
+        weights = np.minimum(weights, MAX_WEIGHT)
+        weights = weights / weights.mean()
     weighted = Validation(validation, weights)
     evidence = DeploymentEvidence(
         source=source,
         deployment_images=len(deployment),
         validation_images=len(validation),
         separability_auc=round(auc, 4),
+        chance_auc_limit=round(limit, 4),
+        applied=bool(auc > limit),
         effective_validation_images=round(weighted.effective_images, 1),
         max_weight=round(float(weights.max()), 3),
     )
     return weighted, evidence
+
+
+def _chance_auc_sd(first: int, second: int) -> float:
+    """The standard deviation of the AUC between two sets of these sizes drawn from one
+    distribution (the Mann-Whitney statistic under its null)."""
+    return float(np.sqrt((first + second + 1) / (12.0 * first * second)))
 
 
 def _cross_fitted_odds(
