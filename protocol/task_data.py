@@ -221,13 +221,17 @@ def unlabeled_image_files(root: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def load_unlabeled_images(path: str | os.PathLike[str], size: int, channels: int) -> np.ndarray:
+def load_unlabeled_images(
+    path: str | os.PathLike[str], size: int | None = None, channels: int | None = None
+) -> np.ndarray:
     """Unlabeled images, uint8 [N, channels, size, size]: a directory of image files at any
-    depth, converted as an ImageFolder's are (unreadable ones skipped), or a ``.npz`` whose
-    ``images`` are taken as stored (labels, if any, are ignored)."""
+    depth, converted as an ImageFolder's are (default 224 px RGB; unreadable ones skipped),
+    or a ``.npz`` whose ``images`` are taken as stored (labels, if any, are ignored), which
+    must have that shape when ``size`` and ``channels`` are given."""
     path = Path(path)
     if path.is_dir():
-        images, _, _ = _converted_files(path, unlabeled_image_files(path), size, channels)
+        files = unlabeled_image_files(path)
+        images, _, _ = _converted_files(path, files, size or 224, channels or 3)
         return images
     if not path.is_file():
         raise TaskDataError(f"{path} does not exist: give a directory of images or a .npz file")
@@ -240,9 +244,13 @@ def load_unlabeled_images(path: str | os.PathLike[str], size: int, channels: int
             "images [N, C, H, W] with numpy.savez, or give a directory of images"
         ) from exc
     images = images[:, None] if images.ndim == 3 else images
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (channels, size, size):
+    shape = images.shape if images.ndim == 4 else (0, 0, 0, 0)
+    want = (channels or shape[1], size or shape[3], size or shape[3])
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != want:
         raise TaskDataError(
             f"{path}: images are {images.dtype} {list(images.shape[1:])}, the task's are uint8 "
-            f"[{channels}, {size}, {size}]: convert them, or give a directory of images"
+            f"{list(want)}: convert them, or give a directory of images"
         )
+    if not len(images):
+        raise TaskDataError(f"{path} holds no images: give at least one")
     return images

@@ -67,6 +67,12 @@ def test_unlabeled_images_load_from_a_folder_at_any_depth_or_a_npz(tmp_path) -> 
     assert load_unlabeled_images(tmp_path / "s.npz", 8, 1).shape == (3, 1, 8, 8)
     with pytest.raises(TaskDataError, match="the task's are uint8"):
         load_unlabeled_images(tmp_path / "s.npz", 16, 1)
+    np.savez(tmp_path / "none.npz", images=np.zeros((0, 8, 8), np.uint8))
+    with pytest.raises(TaskDataError, match="holds no images"):
+        load_unlabeled_images(tmp_path / "none.npz", 8, 1)
+    np.savez(tmp_path / "flat.npz", images=np.zeros(5, np.uint8))
+    with pytest.raises(TaskDataError, match="convert them"):
+        load_unlabeled_images(tmp_path / "flat.npz")
     np.save(tmp_path / "single.npy", np.zeros((3, 8, 8), np.uint8))
     with pytest.raises(TaskDataError, match=r"not a \.npz with an images array"):
         load_unlabeled_images(tmp_path / "single.npy", 8, 1)

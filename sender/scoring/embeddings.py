@@ -128,7 +128,7 @@ def _unlabeled_pil_images(path: Path) -> Iterator[Any]:
     from PIL import Image
 
     if not path.is_dir():
-        stored = load_unlabeled_images(path, *_npz_image_shape(path))
+        stored = load_unlabeled_images(path)  # as stored
         pixels = stored.transpose(0, 2, 3, 1)
         for image in pixels[..., 0] if pixels.shape[3] == 1 else pixels:
             yield Image.fromarray(image).convert("RGB")
@@ -138,19 +138,6 @@ def _unlabeled_pil_images(path: Path) -> Iterator[Any]:
             yield decode_rgb(file.read_bytes(), str(file))
         except (UnreadableImage, OSError):
             continue
-
-
-def _npz_image_shape(path: Path) -> tuple[int, int]:
-    """(side, channels) of a ``.npz``'s stored images, to take them as they are."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            shape = data["images"].shape
-    except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError) as exc:
-        raise TaskDataError(
-            f"{path} is not a .npz with an images array ({type(exc).__name__}): save uint8 "
-            "images [N, C, H, W] with numpy.savez, or give a directory of images"
-        ) from exc
-    return int(shape[-1]), 1 if len(shape) == 3 else int(shape[1])
 
 
 def thumbnail_images(

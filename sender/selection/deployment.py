@@ -104,7 +104,7 @@ def weigh_validation(
 def _chance_auc_sd(first: int, second: int) -> float:
     """The standard deviation of the AUC between two sets of these sizes drawn from one
     distribution (the Mann-Whitney statistic under its null)."""
-    return float(np.sqrt((first + second + 1) / (12.0 * first * second)))
+    return float(np.sqrt((first + second + 1) / (12.0 * max(1, first * second))))
 
 
 def _cross_fitted_odds(
