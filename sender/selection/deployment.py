@@ -20,7 +20,7 @@ drawn alike (Mann-Whitney); otherwise every weight stays 1 and the evidence says
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -65,9 +65,6 @@ class DeploymentEvidence:
     applied: bool  # False: alike as far as the feature tells, every weight 1
     effective_validation_images: float
     max_weight: float
-
-    def as_json(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def weigh_validation(

@@ -487,7 +487,7 @@ def finish_plan(
         seconds=round(time.perf_counter() - started, 1),
         noise=noise,
         fleet=None if work.fleet is None else work.fleet.as_json(),
-        deployment=None if inputs.deployment is None else inputs.deployment.as_json(),
+        deployment=inputs.deployment,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

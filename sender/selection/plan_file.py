@@ -15,6 +15,7 @@ from protocol.errors import ConfigError
 from sender.errors import BudgetError
 from sender.scoring.domain_gap import DomainGap
 from sender.scoring.work_dir import SCORES_FILE
+from sender.selection.deployment import DeploymentEvidence
 from sender.selection.strategies import SelectionConfig
 
 PLAN_FILE = "plan.json"
@@ -184,7 +185,7 @@ class Plan:
     schema: int = PLAN_SCHEMA
     noise: PlanNoise | None = None  # None in plans made before the noise was measured
     fleet: dict[str, object] | None = None  # the releases its candidates suit (FleetRestriction)
-    deployment: dict[str, object] | None = None  # how --deployment weighted the validation
+    deployment: DeploymentEvidence | None = None  # how --deployment weighted the validation
 
     def row(self, name: str) -> PlanRow:
         return next(r for r in self.candidates if r.name == name)
@@ -211,6 +212,9 @@ class Plan:
                 ),
                 "candidates": [PlanRow.from_json(r) for r in data["candidates"]],  # type: ignore[attr-defined]
                 "noise": PlanNoise(**data["noise"]) if data.get("noise") else None,  # type: ignore[arg-type]
+                "deployment": DeploymentEvidence(**data["deployment"])  # type: ignore[arg-type]
+                if data.get("deployment")
+                else None,
             }
         )
 

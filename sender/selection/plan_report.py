@@ -75,17 +75,17 @@ def deployment_lines(plan: Plan) -> list[str]:
     if not found:
         return []
     told = (
-        f"deployment: {found['deployment_images']} images ({found['source']}) told apart "
-        f"from the validation images with AUC {found['separability_auc']:.2f}"
+        f"deployment: {found.deployment_images} images ({found.source}) told apart "
+        f"from the validation images with AUC {found.separability_auc:.2f}"
     )
-    if not found["applied"]:
+    if not found.applied:
         return [
-            f"{told}, within chance (<= {found['chance_auc_limit']:.2f}): alike as far as "
+            f"{told}, within chance (<= {found.chance_auc_limit:.2f}): alike as far as "
             "their pixels tell, so the validation images keep equal weights"
         ]
     return [
-        f"{told}: weighted towards them, {found['effective_validation_images']:.0f} of "
-        f"{found['validation_images']} effective, largest weight {found['max_weight']:.1f}x "
+        f"{told}: weighted towards them, {found.effective_validation_images:.0f} of "
+        f"{found.validation_images} effective, largest weight {found.max_weight:.1f}x "
         "the mean"
     ]
 
