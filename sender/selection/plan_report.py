@@ -72,7 +72,7 @@ def plan_summary(plan: Plan, limit: int = 20) -> str:
 def deployment_lines(plan: Plan) -> list[str]:
     """How --deployment weighted the validation images, if it did."""
     found = plan.deployment
-    if not found:
+    if found is None:
         return []
     told = (
         f"deployment: {found.deployment_images} images ({found.source}) told apart "
