@@ -174,10 +174,10 @@ class OpenClipEmbedder:
     ) -> None:
         from trainer.training import resolve_device
 
-        check_local_files(model_name, weights)
-        self.model_name = resolve_model_name(model_name)
         self.device = resolve_device(device)
-        self.model, self.preprocess = load_open_clip(self.model_name, weights, str(self.device))
+        # load first: it checks the files before open_clip is imported
+        self.model, self.preprocess = load_open_clip(model_name, weights, str(self.device))
+        self.model_name = resolve_model_name(model_name)
         size = self.model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.name = f"open_clip:{model_name}"
