@@ -128,13 +128,16 @@ def student_accuracy(program: Path, images) -> float:
     return float((logits.argmax(1).numpy() == images.labels).mean())
 
 
-def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Score, plan, and train real students on the evaluated candidates of one target."""
+def validate_target(
+    target: str, work: Path, args: argparse.Namespace, teacher_seed: int = 0
+) -> dict[str, Any]:
+    """Score, plan, and train real students on the evaluated candidates of one target,
+    with the teacher (and the plan's split) of ``teacher_seed``."""
     send = [sys.executable, "-m", "sender.cli"]
     receive = [sys.executable, "-m", "receiver.cli"]
     ref = ["--reference", args.reference, "--cache-dir", str(work.parent / "cache")]
     logs = work / "logs"
-    for sub in ("task", "payloads", "students", "logs"):
+    for sub in ("task", "logs"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     task = work / "task"
     if (task / "test.npz").is_file():
@@ -146,19 +149,22 @@ def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[s
         train.save(task / "train.npz")
         test.save(task / "test.npz")
     train_file, test_file = str(task / "train.npz"), str(task / "test.npz")
-    scored = work / "sender"
-    plan_dir = work / ("plan-deployment" if args.deployment else "plan")
+    # each teacher seed scores, plans and sends on its own; seed 0 keeps the plain names
+    suffix = "" if teacher_seed == 0 else f"-teacher{teacher_seed}"
+    seed = ["--seed", str(teacher_seed)]
+    scored = work / f"sender{suffix}"
+    plan_dir = work / (("plan-deployment" if args.deployment else "plan") + suffix)
     # --deployment: the target's test images, unlabeled, stand for the device's scenery
     scenery = ["--deployment", test_file] if args.deployment else []
     # the image path plans from the reference images; the embeddings path from the store
     source = ref if args.clip is None else ["--embeddings", str(work.parent / "embeddings")]
     if not (scored / "score_report.json").is_file():
         score = [*send, "score", *source, *(args.clip or []), "--train", train_file]
-        score += ["--test", test_file, "--out", str(scored), "--quiet"]
-        run(score, logs / "score.log")
+        score += ["--test", test_file, *seed, "--out", str(scored), "--quiet"]
+        run(score, logs / f"score{suffix}.log")
     if not (plan_dir / "plan.json").is_file():
         plan_cmd = [*send, "plan", str(scored), *(ref if args.clip is None else args.clip)]
-        plan_cmd += ["--train", train_file, *scenery, "--out", str(plan_dir), "--quiet"]
+        plan_cmd += ["--train", train_file, *scenery, *seed, "--out", str(plan_dir), "--quiet"]
         run(plan_cmd, logs / f"{plan_dir.name}.log")
     plan = json.loads((plan_dir / "plan.json").read_text())
     validation = plan_validation_split(Path(train_file), plan)
@@ -167,17 +173,18 @@ def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[s
     for name in evaluated_names(plan, args.candidates):
         c = rows[name]["candidate"]
         slug = name.replace("/", "_").replace("%", "pct")  # students kept by candidate:
-        payload = work / "payloads" / f"{slug}.plada"  # a second plan of the target
-        out = work / "students" / slug  # reuses those both evaluate
+        payload = work / f"payloads{suffix}" / f"{slug}.plada"  # a second plan of the
+        out = work / f"students{suffix}" / slug  # target reuses those both evaluate
         if not (out / "report.json").is_file():
             select = [*send, "select", str(scored), "--strategy", c["strategy"]]
             select += ["--score", c["score"], "--keep", str(c["keep"])]
             select += ["--reserve", str(c["reserve"]), "--alpha", str(c["alpha"])]
-            run([*select, "--unsigned", "--out", str(payload)], logs / f"select-{slug}.log")
+            payload.parent.mkdir(exist_ok=True)
+            run([*select, "--unsigned", "--out", str(payload)], logs / f"select-{slug}{suffix}.log")
             train = [*receive, "train", str(payload), *ref, "--allow-unsigned"]
             train += ["--holdout", test_file, "--seeds", *map(str, args.seeds)]
             train += ["--min-steps", str(args.steps), "--max-steps", str(args.steps)]
-            run([*train, "--out", str(out), "--quiet"], logs / f"train-{slug}.log")
+            run([*train, "--out", str(out), "--quiet"], logs / f"train-{slug}{suffix}.log")
         report = json.loads((out / "report.json").read_text())
         accs = [r["holdout_accuracy"] for r in report["runs"]]
         on_validation = [
@@ -202,6 +209,7 @@ def validate_target(target: str, work: Path, args: argparse.Namespace) -> dict[s
     best_fixed = max((r for r in results if r["fixed"]), key=lambda r: r["real_accuracy"])
     return {
         "target": target,
+        "teacher_seed": teacher_seed,
         "plan_seconds": plan["seconds"],
         "domain_gap": plan["evidence"]["domain_gap"]["reason"],
         "rows": results,
@@ -265,12 +273,62 @@ def print_target(result: dict[str, Any]) -> None:
     )
 
 
+def bytes_ratio(result: dict[str, Any]) -> float:
+    """The chosen payload's bytes over the best evaluated candidate's."""
+    rows = {row["name"]: row for row in result["rows"]}
+    return rows[result["chosen"]]["payload_bytes"] / rows[result["best"]]["payload_bytes"]
+
+
+def print_summary(results: list[dict[str, Any]]) -> None:
+    """One row per target and teacher seed, then each target's mean over its seeds, then
+    the decision accuracy averaged over the targets."""
+    print("\nsummary")
+    print(
+        f"{'target':14s} {'teacher':>7s} {'spearman':>8s} {'decision':>8s} {'chosen real':>11s} "
+        f"{'bytes':>7s} {'best real':>9s} {'bytes':>7s} {'gap':>6s} {'bytes/best':>10s}"
+    )
+    for r in results:
+        rows = {row["name"]: row for row in r["rows"]}
+        print(
+            f"{r['target']:14s} {r['teacher_seed']:7d} {r['spearman']:8.3f} "
+            f"{r['decision_accuracy']:8.3f} {100 * r['chosen_real']:10.1f}% "
+            f"{rows[r['chosen']]['payload_bytes']:7d} {100 * r['best_real']:8.1f}% "
+            f"{rows[r['best']]['payload_bytes']:7d} {r['gap_to_best_points']:+5.1f} "
+            f"{bytes_ratio(r):10.2f}"
+        )
+    targets = list(dict.fromkeys(r["target"] for r in results))
+    print("\nmean over teacher seeds")
+    decisions = []
+    for target in targets:
+        mine = [r for r in results if r["target"] == target]
+
+        def mean(key: str, rows: list[dict[str, Any]] = mine) -> float:
+            return float(np.mean([r[key] for r in rows]))
+
+        decisions.append(mean("decision_accuracy"))
+        print(
+            f"{target:14s} seeds {len(mine)}: spearman {mean('spearman'):.3f}, "
+            f"decision {mean('decision_accuracy'):.3f}, chosen {100 * mean('chosen_real'):.1f}% "
+            f"vs best {100 * mean('best_real'):.1f}%, gap {mean('gap_to_best_points'):+.1f} "
+            f"points, bytes/best {np.mean([bytes_ratio(r) for r in mine]):.2f}"
+        )
+    print(f"decision accuracy: {np.mean(decisions):.3f} averaged over {len(targets)} targets")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="work/plan-validation")
     parser.add_argument("--reference", default="glyphs")
     parser.add_argument("--targets", nargs="+", default=["digits", *TARGETS])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument(
+        "--teacher-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="score and plan each target once per teacher seed (its split too); the "
+        "summary gives each seed's row and their mean",
+    )
     parser.add_argument("--steps", type=int, default=250, help="real student steps")
     parser.add_argument("--candidates", type=int, default=14, help="candidates trained per target")
     parser.add_argument(
@@ -291,34 +349,24 @@ def main(argv: list[str] | None = None) -> int:
     args.clip = shared_store(work, args) if args.path == "embeddings" else None
     results = []
     for target in args.targets:
-        print(f"target {target}:")
-        results.append(validate_target(target, work / target, args))
-        print_target(results[-1])
+        for teacher_seed in args.teacher_seeds:
+            print(f"target {target}, teacher seed {teacher_seed}:")
+            results.append(validate_target(target, work / target, args, teacher_seed))
+            print_target(results[-1])
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
         "path": args.path,
         "deployment": args.deployment,
         "seeds": args.seeds,
+        "teacher_seeds": args.teacher_seeds,
         "steps": args.steps,
         "targets": results,
         "seconds": round(time.perf_counter() - started, 1),
     }
     report_file = work / ("report-deployment.json" if args.deployment else "report.json")
     report_file.write_text(json.dumps(report, indent=2) + "\n")
-    print("\nsummary")
-    print(
-        f"{'target':14s} {'spearman':>8s} {'decision':>8s} {'chosen real':>11s} {'bytes':>7s} "
-        f"{'best real':>9s} {'bytes':>7s} {'gap':>6s}"
-    )
-    for r in results:
-        rows = {row["name"]: row for row in r["rows"]}
-        print(
-            f"{r['target']:14s} {r['spearman']:8.3f} {r['decision_accuracy']:8.3f} "
-            f"{100 * r['chosen_real']:10.1f}% {rows[r['chosen']]['payload_bytes']:7d} "
-            f"{100 * r['best_real']:8.1f}% {rows[r['best']]['payload_bytes']:7d} "
-            f"{r['gap_to_best_points']:+5.1f}"
-        )
+    print_summary(results)
     print(f"total {report['seconds']:.0f}s; report: {report_file}")
     return 0
 

@@ -199,15 +199,37 @@ def _score(world, embedded, out: Path, *extra: str) -> subprocess.CompletedProce
     )
 
 
+@pytest.fixture(scope="module")
+def scored_by(world, embedded):
+    """The task scored once per teacher, on demand (``scored_by("probe")``): the tests
+    that select or plan from one write their outputs beside each other in it. The
+    zero-shot teacher gets the class names only, no labeled images at all."""
+    done: dict[str, Path] = {}
+
+    def scored(teacher: str) -> Path:
+        if teacher not in done:
+            work = world["root"] / f"work-{teacher}"
+            task = ["--task", str(world["root"] / "task")]
+            if teacher == "zeroshot":
+                names = ",".join(f"digit {d}" for d in range(10))
+                task = ["--classes", names, "--task-id", "digits-by-name"]
+            out = _score(world, embedded, work, "--teacher", teacher, *task)
+            assert "recommended strategy:" in out.stdout
+            done[teacher] = work
+        return done[teacher]
+
+    return scored
+
+
+@pytest.fixture(scope="module")
+def probe_work(scored_by) -> Path:
+    """The task scored with the probe teacher, the embeddings path's default."""
+    return scored_by("probe")
+
+
 @pytest.mark.parametrize("teacher", ["probe", "zeroshot", "knn"])
-def test_embedding_teachers_make_payloads_the_receiver_accepts(world, embedded, teacher) -> None:
-    work = world["root"] / f"work-{teacher}"
-    task = ["--task", str(world["root"] / "task")]
-    if teacher == "zeroshot":  # class names only: no labeled images at all
-        names = ",".join(f"digit {d}" for d in range(10))
-        task = ["--classes", names, "--task-id", "digits-by-name"]
-    scored = _score(world, embedded, work, "--teacher", teacher, *task)
-    assert "recommended strategy:" in scored.stdout
+def test_embedding_teachers_make_payloads_the_receiver_accepts(world, scored_by, teacher) -> None:
+    work = scored_by(teacher)
     payload = work / "task.plada"
     key = work / "keys" / "station"
     run([*cli("plada-send"), "keygen", "--sender-id", "station", "--out", str(key)], cli_env())
@@ -258,7 +280,9 @@ def test_embedding_teachers_make_payloads_the_receiver_accepts(world, embedded, 
         assert verified.stdout.startswith("ok:") and "signed by station" in verified.stdout
 
 
-def test_far_out_of_domain_task_gets_inverse_selection(world, embedded, tmp_path) -> None:
+def test_far_out_of_domain_task_gets_inverse_selection(
+    world, embedded, probe_work, tmp_path
+) -> None:
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
@@ -272,7 +296,7 @@ def test_far_out_of_domain_task_gets_inverse_selection(world, embedded, tmp_path
                 Image.fromarray(photo[y : y + 96, x : x + 96]).save(folder / f"{i}.png")
     out = _score(world, embedded, tmp_path / "work", "--task", str(tmp_path / "photos"))
     assert "recommended strategy: inverse" in out.stdout and "far out of domain" in out.stdout
-    digits = json.loads((world["root"] / "work-probe" / "score_report.json").read_text())
+    digits = json.loads((probe_work / "score_report.json").read_text())
     assert digits["recommended_strategy"] == "safety-net"
 
 
@@ -349,14 +373,12 @@ def test_missing_weights_fail_with_a_clear_error(world, tmp_path) -> None:
     assert "WeightsError" in unreadable.stderr and "Traceback" not in unreadable.stderr
 
 
-def test_select_with_consensus_refills_what_it_drops(world, embedded, tmp_path) -> None:
-    work = tmp_path / "work"
-    _score(world, embedded, work, "--task", str(world["root"] / "task"))
+def test_select_with_consensus_refills_what_it_drops(probe_work, tmp_path) -> None:
     run(
         [
             *cli("plada-send"),
             "select",
-            str(work),
+            str(probe_work),
             "--keep",
             "0.1",
             "--consensus",
@@ -527,12 +549,11 @@ def _plan(world, work: Path, *extra: str, expect: int = 0) -> subprocess.Complet
     return run(args, cli_env(), expect=expect)
 
 
-def test_plan_on_stored_embeddings_picks_a_payload_the_receiver_trains(world, embedded) -> None:
+def test_plan_on_stored_embeddings_picks_a_payload_the_receiver_trains(world, probe_work) -> None:
     """score --embeddings (probe) -> plan (split probe streamed over the store, proxies on
     its thumbnails) -> select --plan -> plada-receive train, all through the CLIs."""
-    work = world["root"] / "work-plan"
+    work = probe_work
     task = ["--task", str(world["root"] / "task")]
-    _score(world, embedded, work, "--teacher", "probe", *task)
     scenery = ["--deployment", str(world["root"] / "task" / "test")]  # its labels unread
     planned = _plan(world, work, *task, *scenery)
     assert "chosen:" in planned.stdout and "deployment: 100 images" in planned.stdout
@@ -580,7 +601,9 @@ def test_plan_on_stored_embeddings_picks_a_payload_the_receiver_trains(world, em
     assert (work / "student" / "report.json").is_file(), trained.stdout
 
 
-def test_plan_refuses_stores_it_cannot_plan_on_with_the_fix(world, embedded, tmp_path) -> None:
+def test_plan_refuses_stores_it_cannot_plan_on_with_the_fix(
+    world, embedded, scored_by, tmp_path
+) -> None:
     """No thumbnails, damaged or truncated ones, another size, a zero-shot work directory
     without labeled images: each a one-line typed error naming the fix, exit 2, no plan."""
     store = tmp_path / "emb"
@@ -610,9 +633,7 @@ def test_plan_refuses_stores_it_cannot_plan_on_with_the_fix(world, embedded, tmp
     (store / "thumbnails.json").unlink()
     error = refused()
     assert "has no thumbnails" in error and "--thumbnails 32" in error and "merge" in error
-    zero_shot = tmp_path / "work-zeroshot"
-    names = ",".join(f"digit {d}" for d in range(10))
-    _score(world, embedded, zero_shot, "--teacher", "zeroshot", "--classes", names)
+    zero_shot = scored_by("zeroshot")
     proc = _plan(world, zero_shot, expect=2)
     assert "TaskDataError" in proc.stderr and "no labeled task images" in proc.stderr
     assert "--task DIR" in proc.stderr and not (zero_shot / "plan").exists()
