@@ -322,7 +322,7 @@ def child_plan(store_dir: str, k: int, index_path: str) -> dict[str, float]:
     planned = PlannedStore.open(work)
     plan = plan_from_embeddings(planned, split, work / "plan", PlanSettings(), progress=False)
     seconds = time.perf_counter() - started
-    confirmed = sum(row.stage == "confirm" for row in plan.candidates)
+    confirmed = sum(row.stage != "screen" for row in plan.candidates)
     return {
         "wall_s": seconds,
         "candidates": len(plan.candidates),

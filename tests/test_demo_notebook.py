@@ -70,7 +70,7 @@ def test_demo_runs_the_main_job_once(demo_run) -> None:
     report = json.loads((work / "report.json").read_text())
     plan_json = json.loads((work / "plan" / "plan.json").read_text())
     chosen = next(r for r in plan_json["candidates"] if r["name"] == plan_json["chosen"])
-    assert report["plan"]["candidate"] == plan_json["chosen"] and chosen["stage"] == "confirm"
+    assert report["plan"]["candidate"] == plan_json["chosen"] and chosen["stage"] == "final"
     assert abs(report["payload"]["bytes"] - chosen["payload_bytes"]) <= 4  # sequence, time
     link = report["link"]
     assert link["frames"] * 51 >= link["bytes_on_air"] > report["payload"]["bytes"]
@@ -93,7 +93,7 @@ def test_compare_report_has_every_row(demo_report) -> None:
     plan = next(r for r in report["rows"] if r["scheme"] == "plan")
     plan_json = json.loads((path.parent / "compare-plan" / "plan.json").read_text())
     chosen = next(r for r in plan_json["candidates"] if r["name"] == plan_json["chosen"])
-    assert plan["candidate"] == plan_json["chosen"] and chosen["stage"] == "confirm"
+    assert plan["candidate"] == plan_json["chosen"] and chosen["stage"] == "final"
     assert plan["predicted_accuracy"] == chosen["predicted_accuracy"]
     assert abs(plan["payload_bytes"] - chosen["payload_bytes"]) <= 4  # sequence number, time
     assert (

@@ -13,15 +13,17 @@ import pytest
 from protocol.errors import TaskDataError
 from protocol.task_data import LabeledImages
 from sender.errors import BudgetError
-from sender.selection.plan import candidate_grid, split_task
+from sender.selection.plan import candidate_grid, pick_finalists, split_task
 from sender.selection.plan_file import (
     BEST,
     WITHIN_NOISE,
     Candidate,
+    PlanNoise,
     PlanRow,
     choose,
     noise_of,
     rate_front,
+    split_noise,
 )
 from tests.conftest import SMALL_SPEC
 from tests.subprocess_cli import cli, cli_env, run
@@ -90,12 +92,12 @@ def test_plan_writes_table_front_plot_and_json(planned) -> None:
     assert strategies == {"lowest", "inverse", "safety-net", "random", "random-balanced"}
     rows = {r["name"]: r for r in plan["candidates"]}
     chosen = rows[plan["chosen"]]
-    assert chosen["stage"] == "confirm" and plan["chosen"] in planned["out"].stdout
+    assert chosen["stage"] == "final" and plan["chosen"] in planned["out"].stdout
     screened = [
         replace(PlanRow.from_json(r), predicted_accuracy=r["screen_accuracy"])
         for r in rows.values()
     ]
-    assert all(rows[name]["stage"] == "confirm" for name in rate_front(screened))
+    assert all(rows[name]["stage"] != "screen" for name in rate_front(screened))
     front = [rows[name] for name in plan["front"]]
     assert [r["payload_bytes"] for r in front] == sorted(r["payload_bytes"] for r in front)
     assert all(r["kept_images"] > 0 and 0 <= r["predicted_accuracy"] <= 1 for r in rows.values())
@@ -106,15 +108,27 @@ def test_plan_writes_table_front_plot_and_json(planned) -> None:
     assert scenery["effective_validation_images"] == plan["split"]["validation"]
     assert "keep equal weights" in (plan_dir / "plan.txt").read_text()
     assert "domain_gap" in plan["evidence"]
-    # the noise: the best confirmed rows and the choice were run twice, and the choice is
-    # the smallest confirmed row predicted within the band of the best
-    noise, confirmed = plan["noise"], [r for r in rows.values() if r["stage"] == "confirm"]
+    # the noise: the best confirmed rows and the choice were run twice; the finalists were
+    # judged again under a second split with its own split teacher, their prediction is
+    # the mean over both splits, and the choice is the smallest finalist predicted within
+    # the band of the best
+    noise, finals = plan["noise"], [r for r in rows.values() if r["stage"] == "final"]
     assert noise["rule"] == "within-noise" and noise["repeated"] >= 1
     assert chosen["repeat_accuracy"] is not None
-    best = max(r["predicted_accuracy"] for r in confirmed)
+    (second,) = plan["more_splits"]
+    assert second["seed"] == plan["split"]["seed"] + 1 and second["teacher_accuracy"] > 0
+    assert noise["splits"] == 2 and noise["finalists"] == len(finals) >= 2
+    for row in finals:
+        first = row["confirm_accuracy"]
+        if row["repeat_accuracy"] is not None:
+            first = (first + row["repeat_accuracy"]) / 2
+        (other,) = row["split_accuracies"]
+        assert row["predicted_accuracy"] == pytest.approx((first + other) / 2)
+    best = max(r["predicted_accuracy"] for r in finals)
     assert chosen["predicted_accuracy"] >= best - noise["band"] - 1e-9
-    near = [r for r in confirmed if r["predicted_accuracy"] >= best - noise["band"] - 1e-9]
+    near = [r for r in finals if r["predicted_accuracy"] >= best - noise["band"] - 1e-9]
     assert chosen["payload_bytes"] == min(r["payload_bytes"] for r in near)
+    assert "teacher variance:" in (plan_dir / "plan.txt").read_text()
     assert "noise:" in planned["out"].stdout and "chosen:" in planned["out"].stdout
     assert (plan_dir / "plan.png").stat().st_size > 10_000
     assert (
@@ -251,6 +265,39 @@ def test_front_and_choice() -> None:
     assert choose(rows, band=0.35).name == "a"
     assert choose(rows, 350, band=0.1).name == "c"
     assert choose(rows, 250, band=0.1).name == "a"  # best that fits: 0.5; b is 0.4
+    # finalists (judged under every split) first, whatever the others predict
+    rows[1].stage = "final"
+    assert choose(rows).name == "b" and choose(rows, 150).name == "a"
+
+
+def test_finalists_and_the_noise_between_splits() -> None:
+    def row(name: str, accuracy: float, size: int = 100) -> PlanRow:
+        candidate = Candidate("lowest", "energy", 0.01)
+        return PlanRow(name, candidate, size, stage="confirm", predicted_accuracy=accuracy)
+
+    rows = [row("a", 0.80, 900), row("b", 0.79, 300), row("c", 0.70), row("d", 0.78, 200)]
+    band = PlanNoise(2, 0.03, 0.02, WITHIN_NOISE)
+    # within twice the band of the best, the best first; the choice (d: the smallest
+    # within the band) added
+    assert [r.name for r in pick_finalists(rows, band, 2)] == ["a", "b", "d"]
+    assert [r.name for r in pick_finalists(rows, band, 4)] == ["a", "b", "d"]
+    tight = PlanNoise(2, 0.0, 0.001, WITHIN_NOISE)  # at least two finalists
+    assert [r.name for r in pick_finalists(rows, tight, 4)] == ["a", "b"]
+    # a second split 5 points harder for all: an offset, no noise between the finalists
+    a, b, d = rows[0], rows[1], rows[3]
+    for finalist in (a, b, d):
+        finalist.split_accuracies = [finalist.predicted_accuracy - 0.05]
+    assert split_noise([a, b, d], band).split_sd == pytest.approx(0.0, abs=1e-12)
+    assert split_noise([a, b, d], band).band == band.band  # never below the proxy's own
+    # a second split that reverses a and d: one split's sd from the residuals
+    a.split_accuracies, d.split_accuracies = [0.74], [0.84]
+    table = np.array([[0.80, 0.74], [0.79, 0.74], [0.78, 0.84]])
+    residual = table - table.mean(1, keepdims=True) - table.mean(0) + table.mean()
+    sd = np.sqrt((residual**2).sum() / 2)
+    noise = split_noise([a, b, d], band)
+    assert noise.splits == 2 and noise.finalists == 3
+    assert noise.split_sd == pytest.approx(sd) and noise.band == pytest.approx(sd)
+    assert split_noise([a], band) == band  # one finalist: nothing to compare
 
 
 def test_noise_is_measured_from_the_repeated_rows() -> None:

@@ -316,6 +316,20 @@ def add_plan(sub: Subparsers) -> None:
         "proxy's noise (0: assume one validation image)",
     )
     plan.add_argument(
+        "--teacher-splits",
+        type=int,
+        default=2,
+        help="the finalists are judged under this many splits of the task, each with its "
+        "own split teacher, and chosen on their mean (1: the plan's own split only)",
+    )
+    plan.add_argument(
+        "--finalists",
+        type=int,
+        default=4,
+        help="at most this many of the best confirmed candidates (and the choice) are "
+        "judged under the further splits",
+    )
+    plan.add_argument(
         "--choose",
         choices=CHOICE_RULES,
         default=WITHIN_NOISE,
@@ -368,6 +382,8 @@ def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSe
         confirm_batch_size=args.confirm_batch,
         confirm_share=args.confirm_share,
         noise_repeats=args.noise_repeats,
+        teacher_splits=args.teacher_splits,
+        finalists=args.finalists,
         choose=args.choose,
         proxy_workers=args.proxy_workers,
         max_images=args.max_images,

@@ -50,12 +50,11 @@ from sender.selection.plan import (
     PlanSettings,
     Proxy,
     SplitScores,
-    candidate_grid,
+    SplitTrial,
     finish_plan,
     measure_candidates,
     proxy_words,
     split_rows,
-    usable_scores,
     weighted_validation,
 )
 from sender.selection.plan_file import Plan, PlanSplit
@@ -153,8 +152,6 @@ def plan_from_embeddings(
     started = time.perf_counter()
     scenery = deployment_thumbnails(embedder, settings, planned)
     names = tuple(task.class_names)
-    teacher_rows, held = split_rows(task.labels, names, settings.validation_fraction, settings.seed)
-    teacher_part, validation = task.subset(teacher_rows), task.subset(held)
     details = planned.report.teacher.details
     scoring = StreamScoring(
         teacher=planned.report.teacher.kind,
@@ -162,24 +159,30 @@ def plan_from_embeddings(
         knn_k=int(details.get("knn_k", settings.teacher.knn_k)),
         progress=progress,
     )
-    model = embedding_teacher(scoring.teacher, embedder, teacher_part, names, scoring.knn_k)
-    store = planned.store
-    scored = score_store(store, store_index(store), model, teacher_part, scoring)
-    split = SplitScores(scored.scores, scored.predicted)
-    work = planned.work
-    shown = LabeledImages(validation.thumbnails, validation.labels, names, "validation")
-    weighted, evidence = weighted_validation(shown, scenery, settings)
-    proxy = Proxy(planned.thumbnails.read_rows, split, work.excluded, weighted, settings)
-    candidates = candidate_grid(settings.keeps, usable_scores(work, split))
-    measured = measure_candidates(work, proxy, candidates, progress)
+    store, work = planned.store, planned.work
+    index = store_index(store)
+
+    def trial(seed: int) -> SplitTrial:
+        """The split of ``seed``, its teacher fit on the embeddings and streamed over the store."""
+        teacher_rows, held = split_rows(task.labels, names, settings.validation_fraction, seed)
+        teacher_part, validation = task.subset(teacher_rows), task.subset(held)
+        model = embedding_teacher(scoring.teacher, embedder, teacher_part, names, scoring.knn_k)
+        scored = score_store(store, index, model, teacher_part, scoring)
+        split = SplitScores(scored.scores, scored.predicted)
+        shown = LabeledImages(validation.thumbnails, validation.labels, names, "validation")
+        weighted, evidence = weighted_validation(shown, scenery, settings)
+        proxy = Proxy(planned.thumbnails.read_rows, split, work.excluded, weighted, settings)
+        accuracy = teacher_accuracy(model, validation)
+        counts = PlanSplit(int(teacher_rows.size), int(held.size), seed, accuracy)
+        gap = store_domain_gap(store, validation.embeddings)
+        return SplitTrial(counts, proxy, gap, evidence)
+
+    measured = measure_candidates(work, trial, settings, progress)
     meta = store.meta
+    size = planned.thumbnails.size
     inputs = PlanInputs(
         work=work,
         reference=reference_summary(meta.reference_name, store.n, meta.reference_fingerprint),
-        split=PlanSplit(int(teacher_rows.size), int(held.size), settings.seed),
-        split_teacher_accuracy=teacher_accuracy(model, validation),
-        gap=store_domain_gap(store, validation.embeddings),
-        proxy=proxy_words(settings, f"thumbnails ({planned.thumbnails.size} px)", held.size),
-        deployment=evidence,
+        proxy=proxy_words(settings, f"thumbnails ({size} px)", measured.splits[0].validation),
     )
     return finish_plan(inputs, measured, out_dir, settings, started)

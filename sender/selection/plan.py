@@ -20,7 +20,17 @@ more with a third seed: the two runs' mean is their prediction, and how far the 
 land apart is the proxy's noise. By default the choice is the smallest payload predicted
 within that noise of the best (the operator pays link time for every byte; a rule that
 takes the top prediction pays bytes for noise), and it too is repeated before it is
-taken. The same candidate applied to the full work
+taken.
+
+One split teacher is one draw of the teacher's own variance: far from the reference set
+the fixed schemes move by up to ten points between teacher seeds. So the finalists (the
+confirmed rows within twice the noise band of the best, and the choice) are judged
+again under further splits of the task (``teacher_splits``), each with its own seeded
+split, its own split teacher, that teacher's selection and labels, and its own
+validation images. Their prediction is the mean over the splits, and the band widens to
+the spread between splits (:func:`sender.selection.plan_file.split_noise`), so a
+candidate one teacher happened to favour does not win on that alone. The same candidate
+applied to the full work
 directory (the teacher refit on all labeled images) is the payload that would be sent,
 and is encoded to get its exact size.
 """
@@ -65,6 +75,7 @@ from sender.selection.plan_file import (
     file_digest,
     noise_of,
     rate_front,
+    split_noise,
 )
 from sender.selection.plan_report import write_plan_outputs
 from sender.selection.proxy_pool import ProxyJob, ProxyPool, default_workers
@@ -118,6 +129,11 @@ class PlanSettings:
     # the best confirmed candidates run again with another seed, to measure the proxy's
     # noise; the choice is then repeated too, until it has two runs (at most as many more)
     noise_repeats: int = 3
+    # the teacher's own variance: the best confirmed candidates (at most ``finalists``)
+    # are judged again under further splits of the task, each with its own split teacher,
+    # and the choice is made on their mean over all ``teacher_splits`` splits
+    teacher_splits: int = 2
+    finalists: int = 4
     choose: str = WITHIN_NOISE  # or BEST (see sender.selection.plan_file.choose)
     proxy_workers: int = 0  # processes the proxies train on; 0: one per core (see proxy_pool)
     max_images: int = 8192  # a proxy run learns from at most this many of the kept images
@@ -152,6 +168,8 @@ class PlanSettings:
             raise ConfigError("--proxy-workers must be >= 0")
         if self.noise_repeats < 0:
             raise ConfigError("--noise-repeats must be >= 0")
+        if self.teacher_splits < 1 or self.finalists < 1:
+            raise ConfigError("--teacher-splits and --finalists must be >= 1")
         if not 0 <= self.confirm_share <= 1:
             raise ConfigError(f"confirm share must be in [0, 1], not {self.confirm_share}")
         runs = (self.screen_steps, self.confirm_steps, self.batch_size, self.confirm_batch_size)
@@ -274,6 +292,7 @@ class Proxy:
         settings: PlanSettings,
     ) -> None:
         self.images, self.predicted = images, split.predicted
+        self.scores = tuple(split.scores)  # the split teacher's score names
         self.validation, self.settings = validation, settings
         k = len(validation.images.class_names)
         self.selections = RankedSelection(split.scores, split.predicted, k, excluded)
@@ -350,22 +369,90 @@ def by_ordering(candidates: list[Candidate]) -> list[Candidate]:
 
 
 @dataclass(frozen=True)
+class SplitTrial:
+    """One split of the task for the plan: how it split (with its split teacher's
+    validation accuracy), the proxy over that teacher's selections, and what the split
+    measured besides (the domain gap, the deployment weighting)."""
+
+    split: PlanSplit
+    proxy: Proxy
+    gap: DomainGap
+    deployment: DeploymentEvidence | None = None
+
+
+SplitTrials = Callable[[int], SplitTrial]  # the split (and its split teacher) of a seed
+
+
+@dataclass(frozen=True)
 class Measured:
-    """Every candidate's row, and the proxy's noise measured on the repeated ones."""
+    """Every candidate's row, the noise, and what each split measured (the first split's
+    domain gap and deployment weighting)."""
 
     rows: list[PlanRow]
     noise: PlanNoise
+    splits: list[PlanSplit]
+    gap: DomainGap
+    deployment: DeploymentEvidence | None
 
 
 def measure_candidates(
-    work: ScoredWork, proxy: Proxy, candidates: list[Candidate], progress: bool
+    work: ScoredWork, trials: SplitTrials, settings: PlanSettings, progress: bool
 ) -> Measured:
-    """Screen every candidate, confirm the best share and the screen's front with longer
-    runs, then measure the noise (see the module docstring)."""
-    with proxy:
+    """Screen every candidate of the grid, confirm the best share and the screen's front
+    with longer runs, measure the noise, then judge the finalists under the further
+    splits (see the module docstring)."""
+    rows, noise, first = _measure_first_split(work, trials, settings, progress)
+    splits = [first.split]
+    if settings.teacher_splits > 1:
+        finalists = pick_finalists(rows, noise, settings.finalists)
+        for k in range(1, settings.teacher_splits):
+            splits.append(judge_under_split(trials(settings.seed + k), finalists, progress))
+        noise = split_noise(finalists, noise)
+        for row in finalists:
+            row.predicted_accuracy = float(np.mean([row.predicted_accuracy, *row.split_accuracies]))
+            row.stage = "final"
+    return Measured(rows, noise, splits, first.gap, first.deployment)
+
+
+def _measure_first_split(
+    work: ScoredWork, trials: SplitTrials, settings: PlanSettings, progress: bool
+) -> tuple[list[PlanRow], PlanNoise, SplitTrial]:
+    """Every candidate of the grid (the scores both the work directory and the split
+    teacher have) measured on the plan's own split; its proxy is stopped after."""
+    first = trials(settings.seed)
+    candidates = candidate_grid(settings.keeps, usable_scores(work, first.proxy.scores))
+    with first.proxy as proxy:
         rows = screen_candidates(work, proxy, candidates, progress)
         confirm_candidates(proxy, rows, progress)
-        return Measured(rows, measure_noise(proxy, rows, progress))
+        return rows, measure_noise(proxy, rows, progress), first
+
+
+def pick_finalists(rows: list[PlanRow], noise: PlanNoise, count: int) -> list[PlanRow]:
+    """The confirmed rows predicted within twice the noise band of the best (at least the
+    best two, at most ``count``), and the row the choice would take now."""
+    confirmed = [r for r in rows if r.stage == "confirm"]
+    ranked = sorted(confirmed, key=lambda r: -r.predicted_accuracy)
+    best = ranked[0].predicted_accuracy
+    near = [r for r in ranked if r.predicted_accuracy >= best - 2 * noise.band - 1e-12]
+    finalists = ranked[: max(2, min(count, len(near)))]
+    chosen = choose(confirmed, band=noise.choice_band)
+    return finalists if chosen in finalists else [*finalists, chosen]
+
+
+def judge_under_split(trial: SplitTrial, finalists: list[PlanRow], progress: bool) -> PlanSplit:
+    """Each finalist's confirmation-length run under another split: its selection by that
+    split's teacher, with its labels, scored on its validation images."""
+    from tqdm import tqdm
+
+    settings = trial.proxy.settings
+    run = ProxyRun(settings.confirm_steps, settings.confirm_batch_size, trial.split.seed + 1)
+    with trial.proxy as proxy:
+        accuracies = proxy.accuracies((r.candidate for r in finalists), run)
+        desc = f"plan: split {trial.split.seed - settings.seed + 1}"
+        bar = tqdm(accuracies, total=len(finalists), desc=desc, unit="cand", disable=not progress)
+        for row, accuracy in zip(finalists, bar, strict=True):
+            row.split_accuracies.append(accuracy)
+    return trial.split
 
 
 def screen_candidates(
@@ -450,15 +537,11 @@ def measure_noise(proxy: Proxy, rows: list[PlanRow], progress: bool) -> PlanNois
 
 @dataclass(frozen=True)
 class PlanInputs:
-    """What either path's plan measured, for :func:`finish_plan`."""
+    """What either path's plan describes besides its measurements, for :func:`finish_plan`."""
 
     work: ScoredWork
     reference: dict[str, str | int]
-    split: PlanSplit
-    split_teacher_accuracy: float | None
-    gap: DomainGap
     proxy: str  # what the proxy student is, in words
-    deployment: DeploymentEvidence | None = None
 
 
 def finish_plan(
@@ -476,9 +559,9 @@ def finish_plan(
         reference=inputs.reference,
         task=work.scored.task,
         classes=list(work.scored.class_names),
-        split=inputs.split,
-        split_teacher_validation_accuracy=inputs.split_teacher_accuracy,
-        evidence=PlanEvidence(inputs.gap, inputs.gap.strategy),
+        split=measured.splits[0],
+        split_teacher_validation_accuracy=measured.splits[0].teacher_accuracy,
+        evidence=PlanEvidence(measured.gap, measured.gap.strategy),
         settings=settings.as_json(),
         proxy=inputs.proxy,
         candidates=rows,
@@ -487,7 +570,8 @@ def finish_plan(
         seconds=round(time.perf_counter() - started, 1),
         noise=noise,
         fleet=None if work.fleet is None else work.fleet.as_json(),
-        deployment=inputs.deployment,
+        deployment=measured.deployment,
+        more_splits=measured.splits[1:],
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -515,9 +599,10 @@ def weighted_validation(
     return weigh_validation(validation, scenery, str(settings.deployment), settings.seed)
 
 
-def usable_scores(work: ScoredWork, split: SplitScores) -> tuple[str, ...]:
+def usable_scores(work: ScoredWork, split_scores: Iterable[str]) -> tuple[str, ...]:
     """The registered scores both the work directory and the split teacher have."""
-    return tuple(s for s in score_names() if s in work.scored.scores and s in split.scores)
+    have = set(split_scores)
+    return tuple(s for s in score_names() if s in work.scored.scores and s in have)
 
 
 def make_plan(
@@ -533,26 +618,25 @@ def make_plan(
     started = time.perf_counter()
     work = ScoredWork.open(work_dir, fleet=settings.fleet)
     _check_plannable(work, reference, train)
-    teacher_part, validation = split_task(train, settings.validation_fraction, settings.seed)
     scenery = None
     if settings.deployment:
         _, channels, side, _ = train.images.shape
         scenery = load_unlabeled_images(settings.deployment, side, channels)
     images = reference_images(reference, train.images.shape[1])
-    teacher = replace(settings.teacher, seed=settings.seed)
-    scored = teacher_scores(images, teacher_part, validation, teacher, progress)
-    split = SplitScores(scored.scores, scored.predicted)
-    candidates = candidate_grid(settings.keeps, usable_scores(work, split))
-    weighted, evidence = weighted_validation(validation, scenery, settings)
-    proxy = Proxy(images.__getitem__, split, work.excluded, weighted, settings)
-    measured = measure_candidates(work, proxy, candidates, progress)
-    inputs = PlanInputs(
-        work=work,
-        reference=reference.manifest.summary(),
-        split=PlanSplit(int(teacher_part.labels.size), int(validation.labels.size), settings.seed),
-        split_teacher_accuracy=scored.outputs.report.test_accuracy,
-        gap=domain_gap(scored.outputs),
-        proxy=proxy_words(settings, "images", int(validation.labels.size)),
-        deployment=evidence,
-    )
+
+    def trial(seed: int) -> SplitTrial:
+        """The split of ``seed``, its teacher trained on the images and scoring the pool."""
+        teacher_part, validation = split_task(train, settings.validation_fraction, seed)
+        teacher = replace(settings.teacher, seed=seed)
+        scored = teacher_scores(images, teacher_part, validation, teacher, progress)
+        split = SplitScores(scored.scores, scored.predicted)
+        weighted, evidence = weighted_validation(validation, scenery, settings)
+        proxy = Proxy(images.__getitem__, split, work.excluded, weighted, settings)
+        accuracy = scored.outputs.report.test_accuracy
+        counts = PlanSplit(teacher_part.labels.size, validation.labels.size, seed, accuracy)
+        return SplitTrial(counts, proxy, domain_gap(scored.outputs), evidence)
+
+    measured = measure_candidates(work, trial, settings, progress)
+    words = proxy_words(settings, "images", measured.splits[0].validation)
+    inputs = PlanInputs(work, reference.manifest.summary(), words)
     return finish_plan(inputs, measured, out_dir, settings, started)

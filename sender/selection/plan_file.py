@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +63,16 @@ class PlanRow:
     kept_images: int = 0
     classes_covered: int = 0
     smallest_class_share: float = 0.0
-    stage: str = "screen"  # or "confirm": predicted by the longer run
+    stage: str = "screen"  # "confirm": predicted by the longer run; "final": and judged
+    # again under the plan's further splits of the task (another split teacher each)
     predicted_accuracy: float = 0.0
     screen_accuracy: float = 0.0
     confirm_accuracy: float | None = None
     repeat_accuracy: float | None = None  # the confirmation run again, with another seed
+    # a finalist's confirmation-length run under each further split (its own split
+    # teacher's selection, labels and validation images); its prediction is then the mean
+    # over every split
+    split_accuracies: list[float] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, row: dict[str, object]) -> PlanRow:
@@ -87,8 +92,8 @@ def rate_front(rows: list[PlanRow]) -> list[str]:
 
 def choose(rows: list[PlanRow], max_bytes: int | None = None, band: float = 0.0) -> PlanRow:
     """The smallest row predicted within ``band`` of the best prediction that fits
-    ``max_bytes`` (``band`` 0: the best, ties to fewer bytes), among the confirmed rows
-    when any fits: their estimates come from the longer runs."""
+    ``max_bytes`` (``band`` 0: the best, ties to fewer bytes), among the finalists when
+    any fits (judged under every split), else among the confirmed rows (the longer runs)."""
     fitting = [r for r in rows if max_bytes is None or r.payload_bytes <= max_bytes]
     if not fitting:
         smallest = min(rows, key=lambda r: r.payload_bytes)
@@ -97,8 +102,9 @@ def choose(rows: list[PlanRow], max_bytes: int | None = None, band: float = 0.0)
             f"is {smallest.payload_bytes}): raise the budget, or plan with smaller "
             "keep fractions (--keeps)"
         )
+    finals = [r for r in fitting if r.stage == "final"]  # every split's estimate
     confirmed = [r for r in fitting if r.stage == "confirm"]  # the longer runs' estimates
-    pool = confirmed or fitting
+    pool = finals or confirmed or fitting
     best = max(r.predicted_accuracy for r in pool)
     near = [r for r in pool if r.predicted_accuracy >= best - band - 1e-12]
     return min(near, key=lambda r: (r.payload_bytes, -r.predicted_accuracy))
@@ -115,6 +121,12 @@ class PlanNoise:
     # the difference of two two-run predictions: the band
     band: float
     rule: str  # WITHIN_NOISE or BEST
+    # with further splits of the task: how many, the finalists judged under all of them,
+    # and one split's sd of a finalist's accuracy about its mean (split offsets removed),
+    # which holds the split teacher's and the validation split's variance too
+    splits: int = 1
+    finalists: int = 0
+    split_sd: float | None = None
 
     @property
     def choice_band(self) -> float:
@@ -138,6 +150,22 @@ def noise_of(rows: list[PlanRow], validation_images: float, rule: str) -> PlanNo
     return PlanNoise(len(pairs), rms, float(band), rule)
 
 
+def split_noise(finalists: list[PlanRow], first: PlanNoise) -> PlanNoise:
+    """The noise once ``finalists`` were judged under further splits: each finalist's
+    accuracies (split 0's prediction, then one per further split) less its mean and less
+    each split's mean offset (a two-way table without interaction) give one split's sd s;
+    two finalists' means over k splits differ by noise of sd s * sqrt(2 / k), the band,
+    never below the proxy's own band on split 0."""
+    table = np.array([[r.predicted_accuracy, *r.split_accuracies] for r in finalists])
+    count, splits = table.shape
+    if count < 2 or splits < 2:
+        return first
+    residual = table - table.mean(1, keepdims=True) - table.mean(0) + table.mean()
+    sd = float(np.sqrt((residual**2).sum() / ((count - 1) * (splits - 1))))
+    band = max(sd * float(np.sqrt(2 / splits)), first.band)
+    return replace(first, band=band, splits=splits, finalists=count, split_sd=sd)
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 of a file (what ties a plan to the scoring it was made for)."""
     digest = hashlib.sha256()
@@ -154,6 +182,7 @@ class PlanSplit:
     teacher_train: int
     validation: int
     seed: int
+    teacher_accuracy: float | None = None  # the split teacher's, on the split's validation
 
 
 @dataclass(frozen=True)
@@ -186,6 +215,7 @@ class Plan:
     noise: PlanNoise | None = None  # None in plans made before the noise was measured
     fleet: dict[str, object] | None = None  # the releases its candidates suit (FleetRestriction)
     deployment: DeploymentEvidence | None = None  # how --deployment weighted the validation
+    more_splits: list[PlanSplit] = field(default_factory=list)  # the finalists' further splits
 
     def row(self, name: str) -> PlanRow:
         return next(r for r in self.candidates if r.name == name)
@@ -215,6 +245,7 @@ class Plan:
                 "deployment": DeploymentEvidence(**data["deployment"])  # type: ignore[arg-type]
                 if data.get("deployment")
                 else None,
+                "more_splits": [PlanSplit(**s) for s in data.get("more_splits", [])],  # type: ignore[attr-defined]
             }
         )
 

@@ -54,7 +54,7 @@ def plan_summary(plan: Plan, limit: int = 20) -> str:
     ]
     for row in front + rest[: max(0, limit - len(front))]:
         mark = "*" if row.name == plan.chosen else ("F" if row.name in plan.front else " ")
-        stage = "confirm x2" if row.repeat_accuracy is not None else row.stage
+        stage = stage_words(row)
         lines.append(
             f"{mark}{row.name:33s} {row.payload_bytes:8d} {row.kept_images:7d} "
             f"{row.classes_covered:4d}/{classes:<2d} "
@@ -62,11 +62,32 @@ def plan_summary(plan: Plan, limit: int = 20) -> str:
         )
     lines += [
         "",
-        "F: on the rate-accuracy front; *: chosen; x2: the mean of two runs",
+        "F: on the rate-accuracy front; *: chosen; x2: the mean of two runs; "
+        "final: judged under every split",
         *choice_lines(plan),
         f"{len(plan.candidates)} candidates in {plan.seconds:.0f}s",
     ]
     return "\n".join(lines) + "\n"
+
+
+def stage_words(row: PlanRow) -> str:
+    """How a row's prediction was made, in a few words."""
+    if row.stage == "final":
+        return f"final, {1 + len(row.split_accuracies)} splits"
+    return "confirm x2" if row.repeat_accuracy is not None else row.stage
+
+
+def split_lines(plan: Plan) -> list[str]:
+    """The further splits the finalists were judged under, if any."""
+    if not plan.more_splits or plan.noise is None or plan.noise.split_sd is None:
+        return []
+    accuracies = [s.teacher_accuracy for s in (plan.split, *plan.more_splits)]
+    shown = ", ".join("-" if a is None else f"{100 * a:.1f}%" for a in accuracies)
+    return [
+        f"teacher variance: {plan.noise.finalists} finalists judged under "
+        f"{plan.noise.splits} splits (split teachers' validation accuracy {shown}); one "
+        f"split's sd {100 * plan.noise.split_sd:.1f} points about a finalist's mean"
+    ]
 
 
 def deployment_lines(plan: Plan) -> list[str]:
@@ -103,7 +124,8 @@ def choice_lines(plan: Plan) -> list[str]:
         return [f"chosen: {chosen.name}, the highest prediction"]
     lines = [
         f"noise: {noise.repeated} candidate(s) run twice land {100 * noise.rms_difference:.1f} "
-        f"points apart (rms); one run's sd {100 * noise.band:.1f} points"
+        f"points apart (rms); band {100 * noise.band:.1f} points",
+        *split_lines(plan),
     ]
     if noise.rule == BEST or chosen.name == best.name:
         why = "the highest prediction" + (
@@ -127,18 +149,23 @@ def choice_lines(plan: Plan) -> list[str]:
 
 
 def _scatter_strategy(ax, rows: list[PlanRow], strategy: str, colour: str) -> None:
-    """One strategy's candidates: hollow when screened only, filled when confirmed."""
-    confirmed_any = any(r.stage == "confirm" for r in rows)
-    for stage, fill in (("screen", "none"), ("confirm", colour)):
+    """One strategy's candidates: hollow when screened only, filled when confirmed, large
+    when judged under every split."""
+    confirmed_any = any(r.stage != "screen" for r in rows)
+    for stage, fill, size in (
+        ("screen", "none", 28),
+        ("confirm", colour, 28),
+        ("final", colour, 70),
+    ):
         picked = [r for r in rows if r.stage == stage]
         if picked:
             ax.scatter(
                 [r.payload_bytes for r in picked],
                 [100 * r.predicted_accuracy for r in picked],
-                s=28,
+                s=size,
                 facecolors=fill,
                 edgecolors=colour,
-                label=strategy if stage == "confirm" or not confirmed_any else None,
+                label=strategy if stage != "screen" or not confirmed_any else None,
             )
 
 
@@ -184,7 +211,9 @@ def plot_plan(plan: Plan, handle: BinaryIO) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("payload bytes (signed, zstd)")
     ax.set_ylabel("predicted student accuracy on validation (%)")
-    ax.set_title(f"plan: {plan.task} on {plan.reference['name']} (filled: confirmed)")
+    ax.set_title(
+        f"plan: {plan.task} on {plan.reference['name']} (filled: confirmed; large: finalists)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
