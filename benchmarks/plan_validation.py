@@ -118,6 +118,11 @@ def plan_validation_split(train_file: Path, plan: dict[str, Any]):
     return split_task(train, settings["validation_fraction"], settings["seed"])[1]
 
 
+def slug_of(name: str) -> str:
+    """A candidate's name as a file name."""
+    return name.replace("/", "_").replace("%", "pct")
+
+
 def student_accuracy(program: Path, images) -> float:
     """Accuracy of a receiver's exported student (``model-seed*.pt2``) on labeled images."""
     import torch
@@ -153,7 +158,8 @@ def validate_target(
     suffix = "" if teacher_seed == 0 else f"-teacher{teacher_seed}"
     seed = ["--seed", str(teacher_seed)]
     scored = work / f"sender{suffix}"
-    plan_dir = work / (("plan-deployment" if args.deployment else "plan") + suffix)
+    plan_name = args.plan_name or ("plan-deployment" if args.deployment else "plan")
+    plan_dir = work / (plan_name + suffix)
     # --deployment: the target's test images, unlabeled, stand for the device's scenery
     scenery = ["--deployment", test_file] if args.deployment else []
     # the image path plans from the reference images; the embeddings path from the store
@@ -170,9 +176,13 @@ def validate_target(
     validation = plan_validation_split(Path(train_file), plan)
     rows = {r["name"]: r for r in plan["candidates"]}
     results = []
-    for name in evaluated_names(plan, args.candidates):
+    names = evaluated_names(plan, args.candidates)
+    if args.reuse_students:  # the candidates students exist for, and this plan's choice
+        trained = [n for n in rows if (work / f"students{suffix}" / slug_of(n)).is_dir()]
+        names = list(dict.fromkeys([*trained, plan["chosen"]]))
+    for name in names:
         c = rows[name]["candidate"]
-        slug = name.replace("/", "_").replace("%", "pct")  # students kept by candidate:
+        slug = slug_of(name)  # students kept by candidate:
         payload = work / f"payloads{suffix}" / f"{slug}.plada"  # a second plan of the
         out = work / f"students{suffix}" / slug  # target reuses those both evaluate
         if not (out / "report.json").is_file():
@@ -343,6 +353,17 @@ def main(argv: list[str] | None = None) -> int:
         help="plan with each target's test images, unlabeled, as --deployment (a second "
         "plan beside the first; students of candidates both evaluate are trained once)",
     )
+    parser.add_argument(
+        "--plan-name",
+        help="the plan's folder in each target (default plan, or plan-deployment): a "
+        "second plan of the same work directories, made by another version or settings",
+    )
+    parser.add_argument(
+        "--reuse-students",
+        action="store_true",
+        help="evaluate the candidates whose students exist (from an earlier plan of the "
+        "same targets) and this plan's choice, to compare two plans on the same students",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     work = Path(args.work)
@@ -364,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": results,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    report_file = work / ("report-deployment.json" if args.deployment else "report.json")
+    name = args.plan_name or ("plan-deployment" if args.deployment else "plan")
+    report_file = work / ("report.json" if name == "plan" else f"report-{name[5:]}.json")
     report_file.write_text(json.dumps(report, indent=2) + "\n")
     print_summary(results)
     print(f"total {report['seconds']:.0f}s; report: {report_file}")
