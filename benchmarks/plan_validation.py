@@ -21,6 +21,13 @@ skips every step whose outputs exist.
 a run without, on the same ``--work``, to compare the two plans' choices on the same
 students.
 
+``--teacher-seeds 0 1`` scores, plans and sends each target once per teacher seed (the
+teacher and the plan's split both change with it); the summary gives each seed's row,
+each target's mean over its seeds, and the decision accuracy averaged over the targets.
+``--plan-name NAME --reuse-students`` judges a second plan of the same work directories
+(another version, other settings) on the students the first one trained, plus its own
+choice.
+
 ``--path embeddings`` runs the production path instead: the world's CLIP
 (``plada-send world-clip``) embeds the pool once, with thumbnails, into a store that
 every target shares (merged and indexed); each target is scored with ``score
