@@ -401,30 +401,33 @@ def measure_candidates(
     """Screen every candidate of the grid, confirm the best share and the screen's front
     with longer runs, measure the noise, then judge the finalists under the further
     splits (see the module docstring)."""
-    rows, noise, first = _measure_first_split(work, trials, settings, progress)
-    splits = [first.split]
-    if settings.teacher_splits > 1:
-        finalists = pick_finalists(rows, noise, settings.finalists)
-        for k in range(1, settings.teacher_splits):
-            splits.append(judge_under_split(trials(settings.seed + k), finalists, progress))
-        noise = split_noise(finalists, noise)
-        for row in finalists:
-            row.predicted_accuracy = float(np.mean([row.predicted_accuracy, *row.split_accuracies]))
-            row.stage = "final"
-    return Measured(rows, noise, splits, first.gap, first.deployment)
+    measured = _measure_first_split(work, trials, settings, progress)
+    if settings.teacher_splits < 2:
+        return measured
+    finalists = pick_finalists(measured.rows, measured.noise, settings.finalists)
+    splits = [measured.splits[0]]
+    for k in range(1, settings.teacher_splits):  # one split teacher's scores held at a time
+        splits.append(judge_under_split(trials(settings.seed + k), finalists, progress))
+    noise = split_noise(finalists, measured.noise)
+    for row in finalists:
+        row.predicted_accuracy = float(np.mean([row.predicted_accuracy, *row.split_accuracies]))
+        row.stage = "final"
+    return replace(measured, noise=noise, splits=splits)
 
 
 def _measure_first_split(
     work: ScoredWork, trials: SplitTrials, settings: PlanSettings, progress: bool
-) -> tuple[list[PlanRow], PlanNoise, SplitTrial]:
+) -> Measured:
     """Every candidate of the grid (the scores both the work directory and the split
-    teacher have) measured on the plan's own split; its proxy is stopped after."""
+    teacher have) measured on the plan's own split; its proxy is stopped, and its
+    teacher's scores let go, after."""
     first = trials(settings.seed)
     candidates = candidate_grid(settings.keeps, usable_scores(work, first.proxy.scores))
     with first.proxy as proxy:
         rows = screen_candidates(work, proxy, candidates, progress)
         confirm_candidates(proxy, rows, progress)
-        return rows, measure_noise(proxy, rows, progress), first
+        noise = measure_noise(proxy, rows, progress)
+    return Measured(rows, noise, [first.split], first.gap, first.deployment)
 
 
 def pick_finalists(rows: list[PlanRow], noise: PlanNoise, count: int) -> list[PlanRow]:
