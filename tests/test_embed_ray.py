@@ -189,10 +189,13 @@ def test_killed_driver_a_failing_rerun_and_a_retried_batch_end_in_the_local_byte
 
     try:
         killed = watched(audited_env(audit))
+
         # on condition, not on a clock: a busy machine can take minutes to start Ray
         # (the cap only ends a run that would never write them; an exit ends the wait)
-        written = lambda: len(list(parts.glob("part-*.npz"))) >= 2  # noqa: E731
-        wait_for(lambda: written() or killed.poll() is not None, 900, "two parts")
+        def two_parts_or_exit() -> bool:
+            return len(list(parts.glob("part-*.npz"))) >= 2 or killed.poll() is not None
+
+        wait_for(two_parts_or_exit, 900, "two parts")
         assert _gcs_speaks_grpc(watches[0])  # what --address checks a head by
         assert killed.poll() is None, "embed finished before it could be killed"
         killed.send_signal(signal.SIGKILL)
