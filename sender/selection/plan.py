@@ -27,9 +27,10 @@ the fixed schemes move by up to ten points between teacher seeds. So the finalis
 confirmed rows within twice the noise band of the best, and the choice) are judged
 again under further splits of the task (``teacher_splits``), each with its own seeded
 split, its own split teacher, that teacher's selection and labels, and its own
-validation images. Their prediction is the mean over the splits, and the band widens to
-the spread between splits (:func:`sender.selection.plan_file.split_noise`), so a
-candidate one teacher happened to favour does not win on that alone. The same candidate
+validation images. Their prediction is the mean over the splits, and the band becomes
+the noise of a difference between two such means, from the spread between splits
+(:func:`sender.selection.plan_file.split_noise`), so a candidate one teacher happened
+to favour does not win on that alone. The same candidate
 applied to the full work
 directory (the teacher refit on all labeled images) is the payload that would be sent,
 and is encoded to get its exact size.

@@ -151,18 +151,22 @@ def noise_of(rows: list[PlanRow], validation_images: float, rule: str) -> PlanNo
 
 
 def split_noise(finalists: list[PlanRow], first: PlanNoise) -> PlanNoise:
-    """The noise once ``finalists`` were judged under further splits: each finalist's
+    """The noise once ``finalists`` were judged under further splits. Each finalist's
     accuracies (split 0's prediction, then one per further split) less its mean and less
-    each split's mean offset (a two-way table without interaction) give one split's sd s;
-    two finalists' means over k splits differ by noise of sd s * sqrt(2 / k), the band,
-    never below the proxy's own band on split 0."""
+    each split's mean offset (a two-way table without interaction) give one split's sd;
+    two finalists' means over k splits differ by noise of sd ``split_sd * sqrt(2 / k)``,
+    the band. Its floor is what the proxy's own noise leaves of that difference: split 0's
+    prediction is the mean of two runs (variance s^2 / 2, s one run's sd, the first band)
+    and each further split adds one run (s^2), so a finalist's mean has variance
+    (s^2 / 2 + (k - 1) s^2) / k^2 and the difference of two has sd s sqrt(2k - 1) / k."""
     table = np.array([[r.predicted_accuracy, *r.split_accuracies] for r in finalists])
     count, splits = table.shape
     if count < 2 or splits < 2:
         return first
     residual = table - table.mean(1, keepdims=True) - table.mean(0) + table.mean()
     sd = float(np.sqrt((residual**2).sum() / ((count - 1) * (splits - 1))))
-    band = max(sd * float(np.sqrt(2 / splits)), first.band)
+    floor = first.band * float(np.sqrt(2 * splits - 1)) / splits
+    band = max(sd * float(np.sqrt(2 / splits)), floor)
     return replace(first, band=band, splits=splits, finalists=count, split_sd=sd)
 
 
