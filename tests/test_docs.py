@@ -3,8 +3,9 @@
 Each block runs in bash (``set -e``) in one fresh folder that holds a link to this
 checkout's ``.venv``, the README's quick start first, then each page's blocks, which
 build on its files. Only :data:`REWRITES` change the commands: a smaller glyph world
-and shorter teachers, proxies and students, so that the suite stays short; the
-commands, their order and every other option are the page's own. Blocks fenced as
+and shorter teachers, proxies and students (one split teacher in the plan), so that
+the suite stays short; the commands, their order and every other option are the
+page's own. Blocks fenced as
 ``text`` show hardware a test machine lacks (GPUs, ImageNet-21K, Ray clusters) or
 benchmarks (docs/reproducibility.md: ten fresh processes, a minute).
 """
@@ -33,7 +34,8 @@ REWRITES = (
     ("--reference glyphs", f"--reference '{SMALL_SPEC}'"),
     ("plada-send world-clip ", "plada-send world-clip --samples 1024 "),
     ("plada-send score ", "plada-send score --teacher-epochs 3 "),
-    ("plada-send plan ", "plada-send plan --screen-steps 5 --confirm-steps 10 "),
+    # one split teacher: the second is tested in test_plan.py and by the demo's test
+    ("plada-send plan ", "plada-send plan --screen-steps 5 --confirm-steps 10 --teacher-splits 1 "),
     ("plada-receive train ", "plada-receive train --min-steps 20 --max-steps 20 --no-export "),
     ("plada-receive daemon ", "plada-receive daemon --min-steps 20 --max-steps 20 --no-export "),
 )

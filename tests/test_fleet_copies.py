@@ -256,6 +256,7 @@ def test_plan_for_the_fleet_sends_for_the_fleet_it_planned_for(world, release) -
     args = [*send, "plan", str(root / "work"), "--reference", str(root / "tree")]
     args += ["--cache-dir", str(root / "cache"), "--train", str(root / "task")]
     args += ["--keeps", "25%", "--screen-steps", "4", "--confirm-steps", "8"]
+    args += ["--teacher-splits", "1"]  # the splits are tested in test_plan.py
     args += ["--teacher-epochs", "2", "--fleet", release["fleet"], "--out", str(plan), "--quiet"]
     run(args, cli_env())
     planned = json.loads((plan / "plan.json").read_text())
