@@ -265,29 +265,9 @@ def _print_origin(summary: PayloadSummary, args: argparse.Namespace) -> None:
         )
 
 
-def add_plan(sub: Subparsers) -> None:
-    plan = sub.add_parser(
-        "plan", help="predict each candidate payload's accuracy and size; choose the best"
-    )
-    plan.add_argument("work", help="the scored work directory (plada-send score)")
-    add_reference_options(plan)
-    add_fleet_options(plan)
-    plan.add_argument(
-        "--train",
-        help="the labeled task images that were scored (.npz or ImageFolder; with a work "
-        "directory scored from stored embeddings, an ImageFolder)",
-    )
-    plan.add_argument("--task", help="with stored embeddings: a task directory with train/")
-    plan.add_argument("--out", help="plan directory (default WORK/plan)")
-    plan.add_argument(
-        "--keeps", help="keep fractions to try, e.g. 0.25%%,1%%,5%% (default 0.25%%..10%%)"
-    )
-    plan.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=0.25,
-        help="share of the labeled images held out (per class) to score the proxy students",
-    )
+def add_plan_measurement(plan: argparse.ArgumentParser) -> None:
+    """How hard the plan measures: the screen, the confirmation, the noise, the teacher's
+    variance and the choice."""
     plan.add_argument("--screen-steps", type=int, default=100, help="proxy steps, every candidate")
     plan.add_argument(
         "--confirm-steps",
@@ -336,6 +316,32 @@ def add_plan(sub: Subparsers) -> None:
         help="within-noise: the smallest payload predicted within the measured noise of the "
         "best; best: the highest prediction whatever its bytes",
     )
+
+
+def add_plan(sub: Subparsers) -> None:
+    plan = sub.add_parser(
+        "plan", help="predict each candidate payload's accuracy and size; choose the best"
+    )
+    plan.add_argument("work", help="the scored work directory (plada-send score)")
+    add_reference_options(plan)
+    add_fleet_options(plan)
+    plan.add_argument(
+        "--train",
+        help="the labeled task images that were scored (.npz or ImageFolder; with a work "
+        "directory scored from stored embeddings, an ImageFolder)",
+    )
+    plan.add_argument("--task", help="with stored embeddings: a task directory with train/")
+    plan.add_argument("--out", help="plan directory (default WORK/plan)")
+    plan.add_argument(
+        "--keeps", help="keep fractions to try, e.g. 0.25%%,1%%,5%% (default 0.25%%..10%%)"
+    )
+    plan.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.25,
+        help="share of the labeled images held out (per class) to score the proxy students",
+    )
+    add_plan_measurement(plan)
     plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
     plan.add_argument(
         "--deployment",
