@@ -150,23 +150,25 @@ def choice_lines(plan: Plan) -> list[str]:
 
 def _scatter_strategy(ax, rows: list[PlanRow], strategy: str, colour: str) -> None:
     """One strategy's candidates: hollow when screened only, filled when confirmed, large
-    when judged under every split."""
+    when judged under every split; the strategy named once in the legend."""
     confirmed_any = any(r.stage != "screen" for r in rows)
-    for stage, fill, size in (
-        ("screen", "none", 28),
-        ("confirm", colour, 28),
-        ("final", colour, 70),
-    ):
+    named = False
+    looks = (("screen", "none", 28), ("confirm", colour, 28), ("final", colour, 70))
+    for stage, fill, size in looks:
         picked = [r for r in rows if r.stage == stage]
-        if picked:
-            ax.scatter(
-                [r.payload_bytes for r in picked],
-                [100 * r.predicted_accuracy for r in picked],
-                s=size,
-                facecolors=fill,
-                edgecolors=colour,
-                label=strategy if stage != "screen" or not confirmed_any else None,
-            )
+        if not picked:
+            continue
+        label = None
+        if not named and (stage != "screen" or not confirmed_any):
+            label, named = strategy, True
+        ax.scatter(
+            [r.payload_bytes for r in picked],
+            [100 * r.predicted_accuracy for r in picked],
+            s=size,
+            facecolors=fill,
+            edgecolors=colour,
+            label=label,
+        )
 
 
 def plot_plan(plan: Plan, handle: BinaryIO) -> None:
