@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
     }
     name = args.plan_name or ("plan-deployment" if args.deployment else "plan")
-    report_file = work / ("report.json" if name == "plan" else f"report-{name[5:]}.json")
+    kind = name.removeprefix("plan-")  # report.json, report-deployment.json, ...
+    report_file = work / ("report.json" if name == "plan" else f"report-{kind}.json")
     report_file.write_text(json.dumps(report, indent=2) + "\n")
     print_summary(results)
     print(f"total {report['seconds']:.0f}s; report: {report_file}")

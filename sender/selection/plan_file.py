@@ -155,10 +155,12 @@ def split_noise(finalists: list[PlanRow], first: PlanNoise) -> PlanNoise:
     accuracies (split 0's prediction, then one per further split) less its mean and less
     each split's mean offset (a two-way table without interaction) give one split's sd;
     two finalists' means over k splits differ by noise of sd ``split_sd * sqrt(2 / k)``,
-    the band. Its floor is what the proxy's own noise leaves of that difference: split 0's
-    prediction is the mean of two runs (variance s^2 / 2, s one run's sd, the first band)
-    and each further split adds one run (s^2), so a finalist's mean has variance
-    (s^2 / 2 + (k - 1) s^2) / k^2 and the difference of two has sd s sqrt(2k - 1) / k."""
+    the band. Its floor is what the proxy's own noise leaves of that difference, taking
+    split 0's prediction as the mean of two runs, as the best confirmed rows' are
+    (variance s^2 / 2, s one run's sd, the first band); each further split adds one run
+    (s^2), so a finalist's mean has variance (s^2 / 2 + (k - 1) s^2) / k^2 and the
+    difference of two has sd s sqrt(2k - 1) / k. A finalist run once on split 0 is
+    noisier than that floor assumes."""
     table = np.array([[r.predicted_accuracy, *r.split_accuracies] for r in finalists])
     count, splits = table.shape
     if count < 2 or splits < 2:
