@@ -28,6 +28,7 @@ from protocol.errors import StorageError
 from protocol.payload import SenderStamp
 from receiver.ledger import SenderSequence
 from receiver.sqlite_store import (
+    add_missing_columns,
     check_integrity,
     database_errors,
     open_database,
@@ -120,10 +121,7 @@ class JobQueue:
         try:
             self.db = open_database(self.path, _SCHEMA)
             self.db.row_factory = sqlite3.Row
-            columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
-            for name, kind in _ADDED_COLUMNS.items():  # queues made by earlier releases
-                if name not in columns:
-                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+            add_missing_columns(self.db, "jobs", _ADDED_COLUMNS)  # queues of earlier releases
             if check:
                 check_integrity(self.db)
         except sqlite3.DatabaseError as exc:

@@ -35,7 +35,13 @@ from protocol.errors import StorageError
 from protocol.timestamps import utc_text
 from protocol.trust import check_sequence
 from receiver.errors import TrustStoreError
-from receiver.sqlite_store import check_integrity, database_errors, open_database, write_transaction
+from receiver.sqlite_store import (
+    add_missing_columns,
+    check_integrity,
+    database_errors,
+    open_database,
+    write_transaction,
+)
 
 log = logging.getLogger("plada.receiver")
 LEDGER_FILE = "ledger.sqlite"
@@ -51,7 +57,8 @@ CREATE TABLE IF NOT EXISTS accepted_payloads (
     sha256 TEXT PRIMARY KEY,
     sender TEXT NOT NULL,
     sequence INTEGER NOT NULL,
-    accepted TEXT NOT NULL
+    accepted TEXT NOT NULL,
+    intake_name TEXT
 );
 """
 _ADDED_COLUMNS = {"intake_name": "TEXT"}
@@ -116,11 +123,8 @@ class SequenceLedger:
             if not read_only:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.db = open_database(self.path, LEDGER_SCHEMA, timeout=30.0)
-                info = self.db.execute("PRAGMA table_info(accepted_payloads)").fetchall()
-                columns = {row[1] for row in info}
-                for name, kind in _ADDED_COLUMNS.items():  # ledgers of earlier releases
-                    if name not in columns:
-                        self.db.execute(f"ALTER TABLE accepted_payloads ADD COLUMN {name} {kind}")
+                # ledgers of earlier releases
+                add_missing_columns(self.db, "accepted_payloads", _ADDED_COLUMNS)
                 if check:
                     check_integrity(self.db)
             elif self.path.is_file():

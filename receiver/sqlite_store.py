@@ -36,6 +36,28 @@ def database_errors(what: str) -> Iterator[None]:
         raise StorageError(f"{what}: {exc}; check the disk (the file may be damaged)") from exc
 
 
+def add_missing_columns(db: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    """Add the ``columns`` (name: SQL type) that ``table`` lacks (files of earlier
+    releases). They are looked for again under the write lock, so two processes opening
+    one old file at once add each column once."""
+
+    def missing() -> list[str]:
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        return [name for name in columns if name not in present]
+
+    if not missing():
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for name in missing():
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {columns[name]}")
+    except BaseException:
+        with contextlib.suppress(sqlite3.DatabaseError):
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def check_integrity(db: sqlite3.Connection) -> None:
     """``PRAGMA quick_check``; raises ``sqlite3.DatabaseError`` unless the file is sound."""
     problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]

@@ -21,6 +21,7 @@ from receiver.acceptance import AcceptanceRules, Received, open_acceptance
 from receiver.errors import TrustStoreError
 from receiver.job_queue import JobQueue
 from receiver.ledger import LEDGER_FILE, SequenceLedger, backup_path, open_home_ledger
+from receiver.sqlite_store import add_missing_columns, open_database
 from receiver.trust_store import TrustOptions, add_key, load_trust_store
 from tests.hostile import MANIFEST, SENDERS, jobs, make_intake, reasons, signed_payload
 from tests.subprocess_cli import cli, cli_env
@@ -219,6 +220,28 @@ def test_moving_a_damaged_queue_aside_keeps_replay_protection(tmp_path) -> None:
     _put(home, "replayed.plada", old)
     again.poll()
     assert jobs(again) == [] and reasons(home) == {"replayed.plada": "ReplayError"}
+
+
+def test_two_daemons_upgrading_one_old_file_add_each_column_once(tmp_path) -> None:
+    """Two daemons started at once on a home of an earlier release both find a column
+    missing; the second must look again under the write lock, not add it twice."""
+    path = tmp_path / "earlier-release.sqlite"
+    first = open_database(path, "CREATE TABLE IF NOT EXISTS jobs (id INTEGER);")
+    other = open_database(path, "")
+    raced: list[str] = []
+
+    def the_other_daemon_upgrades_in_between(statement: str) -> None:
+        if not raced and not statement.startswith("PRAGMA"):
+            raced.append(statement)
+            other.execute("ALTER TABLE jobs ADD COLUMN intake_name TEXT")
+
+    first.set_trace_callback(the_other_daemon_upgrades_in_between)
+    add_missing_columns(first, "jobs", {"intake_name": "TEXT", "sender": "TEXT"})
+    assert raced, "the other daemon never ran"
+    columns = [row[1] for row in first.execute("PRAGMA table_info(jobs)")]
+    assert columns == ["id", "intake_name", "sender"]
+    first.close()
+    other.close()
 
 
 def test_a_lost_ledger_is_rebuilt_or_refused(tmp_path) -> None:
