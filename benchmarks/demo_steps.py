@@ -23,8 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SEND = [sys.executable, "-m", "sender.cli"]
-RECEIVE = [sys.executable, "-m", "receiver.cli"]
+CLI_DIR = "PLADA_DEMO_CLI_DIR"
+
+
+def cli_command(script: str, module: str) -> list[str]:
+    """How a step starts a CLI: ``$PLADA_DEMO_CLI_DIR/SCRIPT`` when that is set (a wrapper:
+    a profiler, or the test suite's fork server), else this interpreter's ``-m MODULE``."""
+    folder = os.environ.get(CLI_DIR)
+    return [str(Path(folder) / script)] if folder else [sys.executable, "-m", module]
+
+
+SEND = cli_command("plada-send", "sender.cli")
+RECEIVE = cli_command("plada-receive", "receiver.cli")
 STATION = "demo-station"
 
 

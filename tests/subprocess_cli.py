@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import atexit
-import json
 import os
-import select
-import signal
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,95 +64,71 @@ def embed_args(
 
 def run(args: list[str], env: dict[str, str], expect: int = 0) -> subprocess.CompletedProcess:
     """Run to completion; the exit status must be ``expect``. A console script's call is
-    forked from the test process's fork server when its environment allows
-    (:mod:`tests.cli_forkserver`), else started from cold."""
-    server = ForkServer.for_call(args, env)
-    if server is not None:
-        proc = server.run(args, env, timeout=900)
-    else:
-        proc = subprocess.run(
-            args, capture_output=True, text=True, env=env, timeout=900, check=False
-        )
+    forked from the test process's fork server (:func:`forkserved`)."""
+    proc = subprocess.run(
+        forkserved(args), capture_output=True, text=True, env=env, timeout=900, check=False
+    )
     assert proc.returncode == expect, proc.stdout + proc.stderr
     return proc
 
 
-# read at import time (by Python, torch, OpenMP): a call whose value differs starts cold
-IMPORT_TIME_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "TORCH", "CUDA", "LD_")
+def forkserved(args: list[str]) -> list[str]:
+    """``args`` with an installed console script (:func:`cli`) replaced by its fork
+    server shim: the same call, forked from a process that has imported the CLIs
+    (:mod:`tests.cli_forkserver`). Unchanged when the server is off
+    (``PLADA_TEST_FORKSERVER=0``) or ``args`` is not such a call."""
+    script = Path(args[0]) if args else None
+    if script is None or script.parent != Path(sys.executable).parent:
+        return args
+    shims = forkserved_bin()
+    if shims is None or script.name not in ENTRY_POINTS:
+        return args
+    return [str(shims / script.name), *args[1:]]
+
+
+def forkserved_bin() -> Path | None:
+    """A folder whose ``plada-send`` and ``plada-receive`` run through this test
+    process's fork server (started at the first call, stopped at exit); None when
+    ``PLADA_TEST_FORKSERVER=0``. A call it cannot serve (another import-time
+    environment) starts the installed script instead."""
+    if os.environ.get("PLADA_TEST_FORKSERVER") == "0":
+        return None
+    if ForkServer.running is None:
+        ForkServer.running = ForkServer()
+    return ForkServer.running.bin
 
 
 class ForkServer:
-    """This test process's fork server (started at its first call, stopped at exit)."""
+    """This test process's fork server and the shims that call it."""
 
-    _running: ForkServer | None = None
+    running: ForkServer | None = None
 
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="plada-forkserver-"))
+        address = self.folder / "socket"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.cli_forkserver"],
+            [sys.executable, "-m", "tests.cli_forkserver", str(address)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=env,
+            env=cli_env(),
             cwd=ROOT,
-            bufsize=0,  # replies are read byte by byte below, so select() sees them all
         )
-        assert self._reply() == "ready"
+        assert self.process.stdout.readline() == b"ready\n", "the CLI fork server did not start"
+        self.bin = self.folder / "bin"
+        self.bin.mkdir()
+        client = ROOT / "tests" / "cli_forkclient.py"
+        for name in ENTRY_POINTS:
+            script = Path(sys.executable).parent / name
+            call = [sys.executable, "-I", "-S", str(client), str(address), str(script)]
+            shim = self.bin / name
+            shim.write_text(f'#!/bin/sh\nexec {shlex.join(call)} "$@"\n')
+            shim.chmod(0o755)
         atexit.register(self.stop)
-
-    @classmethod
-    def for_call(cls, args: list[str], env: dict[str, str]) -> ForkServer | None:
-        """The server for a call of an installed console script, or None: not one, the
-        server is off (``PLADA_TEST_FORKSERVER=0``), or its import-time environment
-        differs."""
-        script = Path(args[0])
-        if os.environ.get("PLADA_TEST_FORKSERVER") == "0" or len(args) < 2:
-            return None
-        if script.parent != Path(sys.executable).parent or script.name not in ENTRY_POINTS:
-            return None
-        if cls._running is None:
-            cls._running = cls(env)
-        if _import_time(env) != _import_time(cls._running.env):
-            return None
-        return cls._running
-
-    def run(self, args: list[str], env: dict[str, str], timeout: float):
-        """One call, as ``subprocess.run(..., capture_output=True, text=True)`` gives it."""
-        with tempfile.TemporaryDirectory() as folder:
-            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            request = {"argv": args, "env": env, "cwd": os.getcwd()}
-            request |= {"stdout": str(out), "stderr": str(err)}
-            self.process.stdin.write((json.dumps(request) + "\n").encode())
-            pid = json.loads(self._reply())["pid"]
-            try:
-                reply = self._reply(timeout)
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                self._reply()
-                raise subprocess.TimeoutExpired(args, timeout) from None
-            code = json.loads(reply)["returncode"]
-            read = (p.read_text(errors="replace") for p in (out, err))
-            return subprocess.CompletedProcess(args, code, *read)
-
-    def _reply(self, timeout: float | None = None) -> str:
-        """The server's next line (``TimeoutError`` after ``timeout`` seconds)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        line = b""
-        while not line.endswith(b"\n"):
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not select.select([self.process.stdout], [], [], left)[0]:
-                raise TimeoutError
-            byte = os.read(self.process.stdout.fileno(), 1)
-            assert byte, "the CLI fork server stopped"
-            line += byte
-        return line.decode().strip()
 
     def stop(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=60)
-
-
-def _import_time(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES)}
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def daemon_command(home: Path, reference: str, cache_dir: Path, *extra: str) -> list[str]:

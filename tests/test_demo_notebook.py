@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.demo_steps import CLI_DIR
 from tests.conftest import ROOT, SMALL_SPEC
+from tests.subprocess_cli import forkserved_bin
 
 SCHEMES_RUN = ("vanilla-1", "safety-1")
 SMALL_RUN = [
@@ -34,6 +36,9 @@ def _run(module: str, work, *extra: str) -> str:
     # the machine's own kernels, which are faster: the pinned ones are checked by
     # test_the_demo_restarts_itself_with_pinned_numerics, and their tables in RESULTS.md
     env = dict(os.environ, PYTHONPATH=str(ROOT), PLADA_UNPINNED="1", PLADA_DEMO_QUIET="1")
+    shims = forkserved_bin()  # each step's CLI forked from one that has imported torch
+    if shims is not None:
+        env[CLI_DIR] = str(shims)
     proc = subprocess.run(
         [sys.executable, "-m", module, "--work", str(work), *SMALL_RUN, *extra],
         capture_output=True,

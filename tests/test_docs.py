@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli_forkserver import ENTRY_POINTS
 from tests.conftest import ROOT, SMALL_SPEC
+from tests.subprocess_cli import forkserved_bin
 
 PAGES = (
     "sender.md",
@@ -57,7 +60,7 @@ def run_blocks(blocks: list[str], folder: Path) -> str:
     env.pop("VIRTUAL_ENV", None)
     script = "set -euo pipefail\n" + "\n".join(blocks)
     proc = subprocess.run(
-        ["bash", "-c", script],
+        ["bash", "-c", _forkserved_commands() + script],
         cwd=folder,
         env=env,
         capture_output=True,
@@ -67,6 +70,17 @@ def run_blocks(blocks: list[str], folder: Path) -> str:
     )
     assert proc.returncode == 0, f"{script}\n--- output:\n{proc.stdout}{proc.stderr}"
     return proc.stdout + proc.stderr
+
+
+def _forkserved_commands() -> str:
+    """Shell functions that run ``plada-send`` and ``plada-receive`` through the fork
+    server (the installed scripts' own calls, without their imports each time)."""
+    shims = forkserved_bin()
+    if shims is None:
+        return ""
+    return "".join(
+        f'{name}() {{ {shlex.quote(str(shims / name))} "$@"; }}\n' for name in ENTRY_POINTS
+    )
 
 
 @pytest.fixture(scope="module")

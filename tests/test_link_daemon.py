@@ -26,7 +26,7 @@ from protocol.frames import (
 )
 from protocol.replies import ReplyState, decode_reply, parse_reply_key
 from tests.conftest import SMALL_SPEC
-from tests.subprocess_cli import cli, cli_env, daemon_command, wait_for
+from tests.subprocess_cli import cli, cli_env, daemon_command, forkserved, wait_for
 
 TRAIN_STEPS = ("--min-steps", "4", "--max-steps", "4", "--no-export")
 
@@ -304,7 +304,7 @@ def test_frames_survive_kills_interleave_and_forgeries_are_quarantined(
     _drop(home, arriving[:half], 0)  # one frame per file, then the rest as one stream
     (home / "frames" / "z-burst.frames").write_bytes(pack_stream(arriving[half:]))
     env = cli_env()
-    command = daemon_command(home, SMALL_SPEC, cache_dir, *TRAIN_STEPS)
+    command = forkserved(daemon_command(home, SMALL_SPEC, cache_dir, *TRAIN_STEPS))
     intact = set(interleaved)
     done = home / "transfers"
     for point in ("frames-appended@15", "frames-synced@5", "frames-decoded@1"):

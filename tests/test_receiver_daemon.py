@@ -19,7 +19,7 @@ from protocol.payload import BODY_CODING, Payload, SenderStamp, encode_payload
 from protocol.signing import SigningKey
 from receiver.trust_store import add_key
 from tests.conftest import SMALL_SPEC
-from tests.subprocess_cli import cli, cli_env, daemon_command, wait_for
+from tests.subprocess_cli import cli, cli_env, daemon_command, forkserved, wait_for
 
 pytestmark = pytest.mark.slow
 STATION_A, STATION_B = SigningKey.generate("station-a"), SigningKey.generate("station-b")
@@ -90,7 +90,7 @@ def _run_daemon(home: Path, cache_dir: Path, *extra: str, crash: str | None = No
     env = cli_env()
     if crash:
         env["PLADA_CRASH_AT"] = crash
-    args = _daemon_args(home, cache_dir, "--exit-when-idle", "--no-export", *extra)
+    args = forkserved(_daemon_args(home, cache_dir, "--exit-when-idle", "--no-export", *extra))
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -140,7 +140,7 @@ def _check_everything_served(home: Path, payloads: dict[str, bytes]) -> list[dic
 
 def test_daemon_serves_inbox_and_quarantines_bad_payloads(tmp_path, payloads, cache_dir) -> None:
     home = _home(tmp_path, payloads)
-    args = _daemon_args(home, cache_dir, "--exit-when-idle")
+    args = forkserved(_daemon_args(home, cache_dir, "--exit-when-idle"))
     proc = subprocess.run(
         args, env=cli_env(), capture_output=True, text=True, timeout=600, check=False
     )
@@ -352,7 +352,11 @@ def test_two_daemons_on_one_inbox_take_each_payload_once(tmp_path, payloads, cac
     homes = [tmp_path / "shared-home", tmp_path / "shared-home", tmp_path / "own-home"]
     procs = [
         subprocess.Popen(
-            _daemon_args(home, cache_dir, "--inbox", str(inbox), "--exit-when-idle", "--no-export"),
+            forkserved(
+                _daemon_args(
+                    home, cache_dir, "--inbox", str(inbox), "--exit-when-idle", "--no-export"
+                )
+            ),
             env=cli_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -450,7 +454,7 @@ def _refused_start(home: Path, cache_dir: Path, *extra: str) -> str:
     """Start a daemon that must stop at once with a typed error (exit 2, no traceback);
     returns its stderr."""
     started = subprocess.run(
-        _daemon_args(home, cache_dir, *extra),
+        forkserved(_daemon_args(home, cache_dir, *extra)),
         env=cli_env(),
         capture_output=True,
         text=True,
