@@ -23,8 +23,7 @@ def cli(name: str) -> list[str]:
     script = Path(sys.executable).parent / name
     if script.exists():
         return [str(script)]
-    module = {"plada-send": "sender.cli", "plada-receive": "receiver.cli"}[name]
-    return [sys.executable, "-m", module]
+    return [sys.executable, "-m", ENTRY_POINTS[name]]
 
 
 def cli_env() -> dict[str, str]:
@@ -77,13 +76,11 @@ def forkserved(args: list[str]) -> list[str]:
     server shim: the same call, forked from a process that has imported the CLIs
     (:mod:`tests.cli_forkserver`). Unchanged when the server is off
     (``PLADA_TEST_FORKSERVER=0``) or ``args`` is not such a call."""
-    script = Path(args[0]) if args else None
-    if script is None or script.parent != Path(sys.executable).parent:
+    script = Path(args[0]) if args else Path()
+    if script.parent != Path(sys.executable).parent or script.name not in ENTRY_POINTS:
         return args
     shims = forkserved_bin()
-    if shims is None or script.name not in ENTRY_POINTS:
-        return args
-    return [str(shims / script.name), *args[1:]]
+    return args if shims is None else [str(shims / script.name), *args[1:]]
 
 
 def forkserved_bin() -> Path | None:
