@@ -39,12 +39,26 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def _start_daemon(home: Path, cache_dir: Path, env: dict[str, str]) -> subprocess.Popen:
-    add_key(home / "trust", SigningKey.generate("station-f").public)
-    command = forkserved(daemon_command(home, SMALL_SPEC, cache_dir))
-    return subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+@pytest.fixture
+def start_daemon(cache_dir: Path):
+    """Start a daemon on a home through the fork server; every one still running at the
+    end (a failed assertion) is killed, and a killed caller takes its forked daemon along."""
+    started: list[subprocess.Popen] = []
+
+    def start(home: Path, env: dict[str, str]) -> subprocess.Popen:
+        add_key(home / "trust", SigningKey.generate("station-f").public)
+        command = forkserved(daemon_command(home, SMALL_SPEC, cache_dir))
+        daemon = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=60)
 
 
 def test_a_forked_call_prints_and_exits_as_a_cold_one(tmp_path) -> None:
@@ -59,10 +73,10 @@ def test_a_forked_call_prints_and_exits_as_a_cold_one(tmp_path) -> None:
 
 
 def test_signals_reach_the_forked_process_and_a_killed_caller_takes_it_along(
-    tmp_path, cache_dir
+    tmp_path, start_daemon
 ) -> None:
     home = tmp_path / "home"
-    first = _start_daemon(home, cache_dir, cli_env())
+    first = start_daemon(home, cli_env())
     pid = wait_for(lambda: _daemon_pid(home), what="the daemon's health file")
     assert pid != first.pid  # a process forked from the server, not the caller itself
     first.send_signal(signal.SIGINT)  # the daemon's clean stop: "daemon stopped", exit 0
@@ -70,19 +84,15 @@ def test_signals_reach_the_forked_process_and_a_killed_caller_takes_it_along(
     stopped = first.stderr.read()
     assert "daemon stopped" in stopped and "Traceback" not in stopped, stopped
     wait_for(lambda: _gone(pid), what="the interrupted daemon to end")
-    second = _start_daemon(home, cache_dir, cli_env())
+    second = start_daemon(home, cli_env())
     pid = wait_for(lambda: _daemon_pid(home, not_pid=pid), what="the second daemon")
     second.kill()
     assert second.wait(timeout=60) == -signal.SIGKILL
     wait_for(lambda: _gone(pid), what="the daemon to die with its killed caller")
 
 
-def test_another_import_time_environment_starts_cold(tmp_path, cache_dir) -> None:
+def test_another_import_time_environment_starts_cold(tmp_path, start_daemon) -> None:
     home = tmp_path / "home"
     threads = str(int(os.environ.get("OMP_NUM_THREADS", "1")) + 1)
-    daemon = _start_daemon(home, cache_dir, cli_env() | {"OMP_NUM_THREADS": threads})
-    try:
-        assert wait_for(lambda: _daemon_pid(home), what="the daemon's health file") == daemon.pid
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=120)
+    daemon = start_daemon(home, cli_env() | {"OMP_NUM_THREADS": threads})
+    assert wait_for(lambda: _daemon_pid(home), what="the daemon's health file") == daemon.pid
