@@ -327,6 +327,8 @@ def child_plan(store_dir: str, k: int, index_path: str) -> dict[str, float]:
         "wall_s": seconds,
         "candidates": len(plan.candidates),
         "confirmed": confirmed,
+        "splits": 1 + len(plan.more_splits),
+        "finalists": plan.noise.finalists if plan.noise is not None else 0,
         "peak_rss_mb": peak_rss_mb(),
         "rss_before_plan_mb": baseline,
         "chosen": plan.chosen,
@@ -464,11 +466,14 @@ def plan_mode(root: Path, args: argparse.Namespace, index_path: str) -> int:
         f"\nplan on n = {args.n:,} x {DIM} fp16 + {THUMBNAIL_SIDE}px thumbnails, "
         f"{os.cpu_count()} cores, default grid"
     )
-    print(f"{'k':>4} {'candidates':>10} {'confirmed':>9} {'plan s':>7} {'peak MB':>8}  chosen")
+    print(
+        f"{'k':>4} {'candidates':>10} {'confirmed':>9} {'splits':>6} {'finalists':>9} "
+        f"{'plan s':>7} {'peak MB':>8}  chosen"
+    )
     for r in rows:
         print(
-            f"{r['k']:>4} {r['candidates']:>10} {r['confirmed']:>9} {r['wall_s']:>7.0f} "
-            f"{r['peak_rss_mb']:>8.0f}  {r['chosen']}"
+            f"{r['k']:>4} {r['candidates']:>10} {r['confirmed']:>9} {r['splits']:>6} "
+            f"{r['finalists']:>9} {r['wall_s']:>7.0f} {r['peak_rss_mb']:>8.0f}  {r['chosen']}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -97,7 +97,12 @@ def test_plan_writes_table_front_plot_and_json(planned) -> None:
         replace(PlanRow.from_json(r), predicted_accuracy=r["screen_accuracy"])
         for r in rows.values()
     ]
-    assert all(rows[name]["stage"] != "screen" for name in rate_front(screened))
+    # the screen's front is confirmed, but for rows whose classes cannot reach the best
+    # screen accuracy
+    best_screen = max(r["screen_accuracy"] for r in rows.values())
+    for name in rate_front(screened):
+        row = rows[name]
+        assert row["stage"] != "screen" or row["ceiling"] < best_screen
     front = [rows[name] for name in plan["front"]]
     assert [r["payload_bytes"] for r in front] == sorted(r["payload_bytes"] for r in front)
     assert all(r["kept_images"] > 0 and 0 <= r["predicted_accuracy"] <= 1 for r in rows.values())
@@ -290,7 +295,14 @@ def test_finalists_and_the_noise_between_splits() -> None:
     assert split_noise([a, b, d], band).split_sd == pytest.approx(0.0, abs=1e-12)
     # never below what the proxy's own noise leaves: the mean of a two-run prediction and
     # one run on the second split, against another such mean
+    for finalist in (a, b, d):
+        finalist.repeat_accuracy = finalist.predicted_accuracy
     floor = band.band * np.sqrt(3) / 2
+    assert split_noise([a, b, d], band).band == pytest.approx(floor)
+    # a finalist run once on split 0 is noisier: its mean's variance is (s^2 + s^2) / 4,
+    # against (s^2 / 2 + s^2) / 4 for a repeated one
+    d.repeat_accuracy = None
+    floor = band.band * np.sqrt(2 / 4 + 1.5 / 4)
     assert split_noise([a, b, d], band).band == pytest.approx(floor)
     # a second split that reverses a and d: one split's sd from the residuals
     a.split_accuracies, d.split_accuracies = [0.74], [0.84]
@@ -384,3 +396,58 @@ def test_proxy_accuracy_does_not_depend_on_where_it_trains() -> None:
     # short runs never start the workers
     with ProxyPool(proxy_accuracy, validation, workers=2, start_after=3600.0) as pool:
         assert list(pool.run(jobs)) == alone and pool._pool is None
+
+
+def _pixel_sum(images: np.ndarray, labels: np.ndarray, validation: object, run: object) -> float:
+    return float(images.astype(np.int64).sum())  # a proxy "accuracy" naming its job
+
+
+def test_candidates_that_keep_the_same_rows_train_once() -> None:
+    """A proxy run is deterministic, so candidates whose selections are identical share
+    one run, on one process or on workers, and every candidate gets its accuracy in order."""
+    from sender.selection.deployment import Validation
+    from sender.selection.plan import PlanSettings, Proxy, ProxyRun, SplitScores
+    from sender.selection.proxy_pool import ProxyPool
+
+    class CountingPool(ProxyPool):
+        jobs = 0
+
+        def run(self, jobs):  # type: ignore[no-untyped-def]
+            return super().run(self._counted(jobs))
+
+        def _counted(self, jobs):  # type: ignore[no-untyped-def]
+            for job in jobs:
+                self.jobs += 1
+                yield job
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (400, 1, 8, 8), dtype=np.uint8)
+    predicted = np.arange(400) % 4
+    validation = Validation.equal(LabeledImages(images[:20], predicted[:20], tuple("abcd")))
+    split = SplitScores({"energy": rng.random(400).astype(np.float32)}, predicted)
+    lowest, other = Candidate("lowest", "energy", 0.05), Candidate("lowest", "energy", 0.1)
+    quota = Candidate("safety-net", "energy", 0.05, 1.0, 0.0)  # equal quotas: 5 per class
+    order = [lowest, other, quota, lowest, other, quota]
+    for workers, start_after in ((1, 1.0), (2, 0.0)):
+        proxy = Proxy(images.__getitem__, split, np.zeros(0, np.int64), validation, PlanSettings())
+        proxy.pool = CountingPool(_pixel_sum, validation, workers, start_after)
+        with proxy:
+            assert not np.array_equal(proxy.kept(lowest), proxy.kept(quota))
+            accuracies = list(proxy.accuracies(order, ProxyRun(1, 8, 0)))
+            assert proxy.pool.jobs == 3  # the three distinct selections, once each
+            assert len(set(accuracies)) == 3 and accuracies[3:] == accuracies[:3]
+            again = list(proxy.accuracies([quota, quota], ProxyRun(1, 8, 0)))
+            assert again == [accuracies[2]] * 2 and proxy.pool.jobs == 4
+
+
+def test_a_front_row_whose_classes_cannot_reach_the_best_is_not_confirmed() -> None:
+    from sender.selection.deployment import Validation
+
+    labels = np.array([0, 0, 1, 1, 2, 3, 3, 3])
+    validation = Validation(
+        LabeledImages(np.zeros((8, 1, 2, 2), np.uint8), labels, tuple("abcd")), np.ones(8)
+    )
+    assert validation.accuracy_within(np.array([0, 3])) == pytest.approx(5 / 8)
+    assert validation.accuracy_within(np.array([], np.int64)) == 0.0
+    weighted = Validation(validation.images, np.array([1, 1, 1, 1, 4, 0, 0, 0.0]))
+    assert weighted.accuracy_within(np.array([2])) == pytest.approx(0.5)

@@ -52,6 +52,11 @@ class Validation:
         correct = predicted == self.images.labels
         return float(np.dot(correct, self.weights) / self.weights.sum())
 
+    def accuracy_within(self, classes: np.ndarray) -> float:
+        """The most a classifier that predicts only ``classes`` can score: the weighted
+        share of the images whose label is one of them."""
+        return self.accuracy(np.where(np.isin(self.images.labels, classes), self.images.labels, -1))
+
 
 @dataclass(frozen=True)
 class DeploymentEvidence:

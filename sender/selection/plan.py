@@ -19,8 +19,8 @@ and that accuracy is the prediction. The best confirmed candidates are trained o
 more with a third seed: the two runs' mean is their prediction, and how far the pairs
 land apart is the proxy's noise. By default the choice is the smallest payload predicted
 within that noise of the best (the operator pays link time for every byte; a rule that
-takes the top prediction pays bytes for noise), and it too is repeated before it is
-taken.
+takes the top prediction pays bytes for noise), and it too is run again before it is
+taken: repeated on the plan's split, or judged under the further splits below.
 
 One split teacher is one draw of the teacher's own variance: far from the reference set
 the fixed schemes move by up to ten points between teacher seeds. So the finalists (the
@@ -128,7 +128,8 @@ class PlanSettings:
     confirm_batch_size: int = STUDENT_BATCH
     confirm_share: float = 0.25  # of the candidates, besides the screen's front
     # the best confirmed candidates run again with another seed, to measure the proxy's
-    # noise; the choice is then repeated too, until it has two runs (at most as many more)
+    # noise; with one split, the choice is then repeated too, until it has two runs (at
+    # most as many more); with more, the further splits are its further runs
     noise_repeats: int = 3
     # the teacher's own variance: the best confirmed candidates (at most ``finalists``)
     # are judged again under further splits of the task, each with its own split teacher,
@@ -309,10 +310,9 @@ class Proxy:
     def kept(self, candidate: Candidate) -> np.ndarray:
         return self.selections.select(candidate.config(), candidate.score)
 
-    def job(self, candidate: Candidate, run: ProxyRun) -> ProxyJob:
+    def job(self, kept: np.ndarray, run: ProxyRun) -> ProxyJob:
         """What one proxy run learns from: the kept rows' pixels (at most ``max_images``
         of them, drawn with the run's seed) and the split teacher's labels."""
-        kept = self.kept(candidate)
         cap = self.settings.max_images
         if kept.size > cap:
             pick = np.random.default_rng(run.seed).choice(kept.size, cap, replace=False)
@@ -320,11 +320,38 @@ class Proxy:
         return self.images(kept), self.predicted[kept].astype(np.int64), run
 
     def accuracies(self, candidates: Iterable[Candidate], run: ProxyRun) -> Iterator[float]:
-        """Each candidate's proxy accuracy, in order (trained in parallel)."""
-        return self.pool.run(self.job(candidate, run) for candidate in candidates)
+        """Each candidate's proxy accuracy, in order (trained in parallel). Candidates
+        that keep the same rows (the same sorted rows, so the same labels and job) are
+        trained once: the run is deterministic, so its copies would only repeat it."""
+        first_of: dict[bytes, int] = {}  # kept rows -> index of the job that trains them
+        job_of: list[int] = []  # each candidate's job, filled as the jobs are taken
+
+        def jobs() -> Iterator[ProxyJob]:
+            for candidate in candidates:
+                kept = self.kept(candidate)
+                key = kept.tobytes()
+                if key not in first_of:
+                    first_of[key] = len(first_of)
+                    yield self.job(kept, run)
+                job_of.append(first_of[key])
+
+        results: list[float] = []
+        given = 0
+        for accuracy in self.pool.run(jobs()):
+            results.append(accuracy)
+            while given < len(job_of) and job_of[given] < len(results):
+                yield results[job_of[given]]
+                given += 1
+        yield from (results[job] for job in job_of[given:])
 
     def accuracy(self, candidate: Candidate, run: ProxyRun) -> float:
         return next(self.accuracies([candidate], run))
+
+    def ceiling(self, candidate: Candidate) -> float:
+        """The highest validation accuracy a student taught ``candidate`` can reach: the
+        (weighted) share of validation images whose class its labels hold."""
+        taught = np.unique(self.predicted[self.kept(candidate)])
+        return self.validation.accuracy_within(taught)
 
 
 def size_row(work: ScoredWork, candidate: Candidate, key: SigningKey) -> PlanRow:
@@ -394,6 +421,7 @@ class Measured:
     splits: list[PlanSplit]
     gap: DomainGap
     deployment: DeploymentEvidence | None
+    workers_worth_starting: bool = False  # its proxy runs were worth starting workers for
 
 
 def measure_candidates(
@@ -408,7 +436,9 @@ def measure_candidates(
     finalists = pick_finalists(measured.rows, measured.noise, settings.finalists)
     splits = [measured.splits[0]]
     for k in range(1, settings.teacher_splits):  # one split teacher's scores held at a time
-        splits.append(judge_under_split(trials(settings.seed + k), finalists, progress))
+        trial = trials(settings.seed + k)
+        trial.proxy.pool.worth_starting = measured.workers_worth_starting  # runs as long
+        splits.append(judge_under_split(trial, finalists, progress))
     noise = split_noise(finalists, measured.noise)
     for row in finalists:
         row.predicted_accuracy = float(np.mean([row.predicted_accuracy, *row.split_accuracies]))
@@ -428,7 +458,8 @@ def _measure_first_split(
         rows = screen_candidates(work, proxy, candidates, progress)
         confirm_candidates(proxy, rows, progress)
         noise = measure_noise(proxy, rows, progress)
-    return Measured(rows, noise, [first.split], first.gap, first.deployment)
+        started = proxy.pool.worth_starting
+    return Measured(rows, noise, [first.split], first.gap, first.deployment, started)
 
 
 def pick_finalists(rows: list[PlanRow], noise: PlanNoise, count: int) -> list[PlanRow]:
@@ -485,6 +516,17 @@ def screen_candidates(
     return [by_name[candidate.name] for candidate in candidates]
 
 
+def reachable_front(proxy: Proxy, rows: list[PlanRow], best_screen: float) -> list[str]:
+    """The screen's rate-accuracy front, less the rows whose labels miss so many classes
+    that no run could reach the best screen accuracy (a longer run of the best only
+    rises above it); each front row's ceiling is recorded."""
+    by_name = {r.name: r for r in rows}
+    front = by_ordering([by_name[name].candidate for name in rate_front(rows)])
+    for candidate in front:
+        by_name[candidate.name].ceiling = proxy.ceiling(candidate)
+    return [c.name for c in front if by_name[c.name].ceiling >= best_screen]
+
+
 def confirm_candidates(proxy: Proxy, rows: list[PlanRow], progress: bool) -> None:
     """Train the screen's best share and its front again on the student's schedule."""
     from tqdm import tqdm
@@ -493,7 +535,7 @@ def confirm_candidates(proxy: Proxy, rows: list[PlanRow], progress: bool) -> Non
     confirm_run = ProxyRun(settings.confirm_steps, settings.confirm_batch_size, settings.seed + 1)
     ranked = sorted(rows, key=lambda r: -r.screen_accuracy)
     promoted = {r.name for r in ranked[: max(1, round(settings.confirm_share * len(rows)))]}
-    promoted |= set(rate_front(rows))
+    promoted |= set(reachable_front(proxy, rows, ranked[0].screen_accuracy))
     confirm = [r for r in rows if r.name in promoted]
     confirm.sort(key=lambda r: order_key(r.candidate.config(), r.candidate.score))
     accuracies = proxy.accuracies((r.candidate for r in confirm), confirm_run)
@@ -507,8 +549,10 @@ def confirm_candidates(proxy: Proxy, rows: list[PlanRow], progress: bool) -> Non
 
 def measure_noise(proxy: Proxy, rows: list[PlanRow], progress: bool) -> PlanNoise:
     """Run the best confirmed candidates again with another seed (their prediction is
-    then the mean of both runs) and measure the noise from the pairs; then repeat the
-    choice until it has two runs, so a lucky single run is never what wins."""
+    then the mean of both runs) and measure the noise from the pairs; then, with one
+    split, repeat the choice until it has two runs, so a lucky single run is never what
+    wins (with further splits, the finalists' judgement under them is the choice's
+    second run, and :func:`split_noise` counts a finalist's runs)."""
     from tqdm import tqdm
 
     settings = proxy.settings
@@ -527,7 +571,8 @@ def measure_noise(proxy: Proxy, rows: list[PlanRow], progress: bool) -> PlanNois
     ):
         repeated(row, accuracy)
         bar.update()
-    for _ in range(settings.noise_repeats):  # the choice too, until it has two runs
+    choice_repeats = settings.noise_repeats if settings.teacher_splits < 2 else 0
+    for _ in range(choice_repeats):  # the choice too, until it has two runs
         noise = noise_of(confirmed, validation, settings.choose)
         chosen = choose(confirmed, band=noise.choice_band)
         if chosen.repeat_accuracy is not None:

@@ -73,6 +73,9 @@ class PlanRow:
     # teacher's selection, labels and validation images); its prediction is then the mean
     # over every split
     split_accuracies: list[float] = field(default_factory=list)
+    # a front row's most reachable validation accuracy (the share of validation images of
+    # the classes its labels hold); below the best screen accuracy, it is not confirmed
+    ceiling: float | None = None
 
     @classmethod
     def from_json(cls, row: dict[str, object]) -> PlanRow:
@@ -155,21 +158,29 @@ def split_noise(finalists: list[PlanRow], first: PlanNoise) -> PlanNoise:
     accuracies (split 0's prediction, then one per further split) less its mean and less
     each split's mean offset (a two-way table without interaction) give one split's sd;
     two finalists' means over k splits differ by noise of sd ``split_sd * sqrt(2 / k)``,
-    the band. Its floor is what the proxy's own noise leaves of that difference, taking
-    split 0's prediction as the mean of two runs, as the best confirmed rows' are
-    (variance s^2 / 2, s one run's sd, the first band); each further split adds one run
-    (s^2), so a finalist's mean has variance (s^2 / 2 + (k - 1) s^2) / k^2 and the
-    difference of two has sd s sqrt(2k - 1) / k. A finalist run once on split 0 is
-    noisier than that floor assumes."""
+    the band. Its floor is what the proxy's own noise leaves of that difference (s: one
+    run's sd, the first band), finalist by finalist (:func:`mean_variance`), for the two
+    noisiest."""
     table = np.array([[r.predicted_accuracy, *r.split_accuracies] for r in finalists])
     count, splits = table.shape
     if count < 2 or splits < 2:
         return first
     residual = table - table.mean(1, keepdims=True) - table.mean(0) + table.mean()
     sd = float(np.sqrt((residual**2).sum() / ((count - 1) * (splits - 1))))
-    floor = first.band * float(np.sqrt(2 * splits - 1)) / splits
+    variances = sorted(mean_variance(r, first.band, splits) for r in finalists)
+    floor = float(np.sqrt(variances[-1] + variances[-2]))
     band = max(sd * float(np.sqrt(2 / splits)), floor)
     return replace(first, band=band, splits=splits, finalists=count, split_sd=sd)
+
+
+def mean_variance(finalist: PlanRow, run_sd: float, splits: int) -> float:
+    """The proxy's share of the variance of a finalist's mean over ``splits`` splits:
+    its split-0 prediction is the mean of its runs there (two when it was repeated,
+    variance s^2 / 2; else one, s^2) and each further split adds one run (s^2), so the
+    mean has variance (s^2 / runs + (k - 1) s^2) / k^2. Two repeated finalists' means
+    then differ by noise of sd s sqrt(2k - 1) / k."""
+    runs = 2 if finalist.repeat_accuracy is not None else 1
+    return run_sd**2 * (1 / runs + splits - 1) / splits**2
 
 
 def file_digest(path: Path) -> str:

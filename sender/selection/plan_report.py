@@ -74,6 +74,8 @@ def stage_words(row: PlanRow) -> str:
     """How a row's prediction was made, in a few words."""
     if row.stage == "final":
         return f"final, {1 + len(row.split_accuracies)} splits"
+    if row.stage == "screen" and row.ceiling is not None:
+        return f"screen (its classes: at most {100 * row.ceiling:.0f}%)"
     return "confirm x2" if row.repeat_accuracy is not None else row.stage
 
 

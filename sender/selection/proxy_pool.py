@@ -50,7 +50,8 @@ def default_workers() -> int:
 
 class ProxyPool:
     """Runs proxy jobs, results in the order given; ``workers`` 1 runs them here, and so
-    does any number until one run has taken ``start_after`` seconds."""
+    does any number until one run has taken ``start_after`` seconds (``worth_starting``
+    says it has, or that another pool's runs of the same length did)."""
 
     def __init__(
         self,
@@ -62,18 +63,18 @@ class ProxyPool:
         self.train, self.validation, self.workers = train, validation, workers
         self.start_after = start_after
         self._pool: Any = None
-        self._worth_starting = False
+        self.worth_starting = False
 
     def run(self, jobs: Iterable[ProxyJob]) -> Iterator[float]:
         """Each job's validation accuracy, in order; at most a few jobs built ahead."""
         jobs = iter(jobs)
-        while self.workers > 1 and not self._worth_starting:
+        while self.workers > 1 and not self.worth_starting:
             job = next(jobs, None)
             if job is None:
                 return
             started = time.perf_counter()
             yield self._here(job)
-            self._worth_starting = time.perf_counter() - started >= self.start_after
+            self.worth_starting = time.perf_counter() - started >= self.start_after
         if self.workers <= 1:
             yield from map(self._here, jobs)
             return
