@@ -53,7 +53,7 @@ DEMO_CONFIRM_SHARE = 0.1
 DEMO_NOISE_REPEATS = 2
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="work/demo")
     parser.add_argument("--reference", default="glyphs")
@@ -71,11 +71,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--no-export", action="store_true", help="skip the student's torch.export program"
     )
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def plan_flags(args: argparse.Namespace) -> list[str]:
-    """The plan's settings: it confirms on the students' own schedule."""
+def plan_flags(args: argparse.Namespace | None = None) -> list[str]:
+    """The plan's settings (the demo's defaults without ``args``): it confirms on the
+    students' own schedule."""
+    args = args or parse_args([])
     return [
         "--keeps",
         args.plan_keeps,
