@@ -313,6 +313,12 @@ def test_finalists_and_the_noise_between_splits() -> None:
     assert noise.splits == 2 and noise.finalists == 3
     assert noise.split_sd == pytest.approx(sd) and noise.band == pytest.approx(sd)
     assert split_noise([a], band) == band  # one finalist: nothing to compare
+    # a finalist that keeps another's rows is that finalist again: not a third row
+    assert split_noise([a, b, d, replace(d, name="d2", same_as="d")], band) == noise
+    # the best distinct rows are the finalists; a copy of one rides along
+    copy = replace(rows[1], name="b2", same_as="b", split_accuracies=[])
+    picked = [r.name for r in pick_finalists([*rows, copy], band, 2)]
+    assert picked == ["a", "b", "d", "b2"]
 
 
 def test_noise_is_measured_from_the_repeated_rows() -> None:
@@ -336,6 +342,9 @@ def test_noise_is_measured_from_the_repeated_rows() -> None:
     same = [row("a", 0.8, 0.8)]
     assert noise_of(same, validation_images=50, rule=WITHIN_NOISE).band == pytest.approx(0.02)
     assert noise_of([row("a", 0.8, None)], 50, WITHIN_NOISE).repeated == 0
+    # a row that keeps another's rows repeats that row's runs: one pair, not two
+    copy = replace(rows[0], name="a2", same_as="a")
+    assert noise_of([*rows, copy], 1000, WITHIN_NOISE) == noise
 
 
 def test_grid_spans_every_strategy_and_score() -> None:
@@ -427,7 +436,8 @@ def test_candidates_that_keep_the_same_rows_train_once() -> None:
     split = SplitScores({"energy": rng.random(400).astype(np.float32)}, predicted)
     lowest, other = Candidate("lowest", "energy", 0.05), Candidate("lowest", "energy", 0.1)
     quota = Candidate("safety-net", "energy", 0.05, 1.0, 0.0)  # equal quotas: 5 per class
-    order = [lowest, other, quota, lowest, other, quota]
+    no_reserve = Candidate("safety-net", "energy", 0.05, 0.0, 0.0)  # lowest's rows
+    order = [lowest, other, quota, lowest, other, quota, no_reserve]
     for workers, start_after in ((1, 1.0), (2, 0.0)):
         proxy = Proxy(images.__getitem__, split, np.zeros(0, np.int64), validation, PlanSettings())
         proxy.pool = CountingPool(_pixel_sum, validation, workers, start_after)
@@ -435,7 +445,8 @@ def test_candidates_that_keep_the_same_rows_train_once() -> None:
             assert not np.array_equal(proxy.kept(lowest), proxy.kept(quota))
             accuracies = list(proxy.accuracies(order, ProxyRun(1, 8, 0)))
             assert proxy.pool.jobs == 3  # the three distinct selections, once each
-            assert len(set(accuracies)) == 3 and accuracies[3:] == accuracies[:3]
+            assert len(set(accuracies)) == 3 and accuracies[3:] == [*accuracies[:3], accuracies[0]]
+            assert proxy.same_as == {no_reserve.name: lowest.name}
             again = list(proxy.accuracies([quota, quota], ProxyRun(1, 8, 0)))
             assert again == [accuracies[2]] * 2 and proxy.pool.jobs == 4
 

@@ -38,6 +38,7 @@ and is encoded to get its exact size.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -300,6 +301,9 @@ class Proxy:
         self.selections = RankedSelection(split.scores, split.predicted, k, excluded)
         workers = settings.proxy_workers or default_workers()
         self.pool = ProxyPool(proxy_accuracy, validation, workers)
+        self._keeper: dict[bytes, str] = {}  # a selection's digest -> its first candidate
+        # candidate -> an earlier candidate that keeps exactly the same rows on this split
+        self.same_as: dict[str, str] = {}
 
     def __enter__(self) -> Proxy:
         return self
@@ -323,13 +327,16 @@ class Proxy:
         """Each candidate's proxy accuracy, in order (trained in parallel). Candidates
         that keep the same rows (the same sorted rows, so the same labels and job) are
         trained once: the run is deterministic, so its copies would only repeat it."""
-        first_of: dict[bytes, int] = {}  # kept rows -> index of the job that trains them
+        first_of: dict[bytes, int] = {}  # a selection's digest -> the job that trains it
         job_of: list[int] = []  # each candidate's job, filled as the jobs are taken
 
         def jobs() -> Iterator[ProxyJob]:
             for candidate in candidates:
                 kept = self.kept(candidate)
-                key = kept.tobytes()
+                key = hashlib.blake2b(kept, digest_size=16).digest()
+                keeper = self._keeper.setdefault(key, candidate.name)
+                if keeper != candidate.name:
+                    self.same_as[candidate.name] = keeper
                 if key not in first_of:
                     first_of[key] = len(first_of)
                     yield self.job(kept, run)
@@ -466,12 +473,27 @@ def pick_finalists(rows: list[PlanRow], noise: PlanNoise, count: int) -> list[Pl
     """The confirmed rows predicted within twice the noise band of the best (at least the
     best two, at most ``count``), and the row the choice would take now."""
     confirmed = [r for r in rows if r.stage == "confirm"]
-    ranked = sorted(confirmed, key=lambda r: -r.predicted_accuracy)
+    ranked = distinct_best(confirmed, len(confirmed))
     best = ranked[0].predicted_accuracy
     near = [r for r in ranked if r.predicted_accuracy >= best - 2 * noise.band - 1e-12]
     finalists = ranked[: max(2, min(count, len(near)))]
     chosen = choose(confirmed, band=noise.choice_band)
-    return finalists if chosen in finalists else [*finalists, chosen]
+    finalists = finalists if chosen in finalists else [*finalists, chosen]
+    return with_copies(finalists, confirmed)
+
+
+def distinct_best(rows: list[PlanRow], count: int) -> list[PlanRow]:
+    """The ``count`` best predicted rows, counting a selection once (no row whose
+    selection on the plan's split is an earlier row's)."""
+    distinct = [r for r in rows if r.same_as is None]
+    return sorted(distinct, key=lambda r: -r.predicted_accuracy)[:count]
+
+
+def with_copies(picked: list[PlanRow], rows: list[PlanRow]) -> list[PlanRow]:
+    """``picked`` and the rows that keep the same rows as one of them (measured with
+    them, at no cost: a selection trains once per run)."""
+    names = {r.name for r in picked}
+    return picked + [r for r in rows if r.same_as in names and r.name not in names]
 
 
 def judge_under_split(trial: SplitTrial, finalists: list[PlanRow], progress: bool) -> PlanSplit:
@@ -513,6 +535,7 @@ def screen_candidates(
     for candidate, accuracy in zip(ordered, bar, strict=True):
         row = by_name[candidate.name]
         row.screen_accuracy = row.predicted_accuracy = accuracy
+        row.same_as = proxy.same_as.get(candidate.name)
     return [by_name[candidate.name] for candidate in candidates]
 
 
@@ -564,7 +587,7 @@ def measure_noise(proxy: Proxy, rows: list[PlanRow], progress: bool) -> PlanNois
         row.repeat_accuracy = accuracy
         row.predicted_accuracy = (row.confirm_accuracy + accuracy) / 2
 
-    first = sorted(confirmed, key=lambda r: -r.predicted_accuracy)[: settings.noise_repeats]
+    first = with_copies(distinct_best(confirmed, settings.noise_repeats), confirmed)
     bar = tqdm(total=len(first), desc="plan: repeat", unit="cand", disable=not progress)
     for row, accuracy in zip(
         first, proxy.accuracies((r.candidate for r in first), run), strict=True

@@ -76,6 +76,9 @@ class PlanRow:
     # a front row's most reachable validation accuracy (the share of validation images of
     # the classes its labels hold); below the best screen accuracy, it is not confirmed
     ceiling: float | None = None
+    # on the plan's split this row keeps exactly the rows of that (earlier) row, so its
+    # runs are that row's: measured with it, and not counted again in the noise
+    same_as: str | None = None
 
     @classmethod
     def from_json(cls, row: dict[str, object]) -> PlanRow:
@@ -145,7 +148,7 @@ def noise_of(rows: list[PlanRow], validation_images: float, rule: str) -> PlanNo
     pairs = [
         (r.confirm_accuracy, r.repeat_accuracy)
         for r in rows
-        if r.confirm_accuracy is not None and r.repeat_accuracy is not None
+        if r.confirm_accuracy is not None and r.repeat_accuracy is not None and not r.same_as
     ]
     squares = [(a - b) ** 2 for a, b in pairs]
     rms = float(np.sqrt(np.mean(squares))) if squares else 0.0
@@ -161,10 +164,11 @@ def split_noise(finalists: list[PlanRow], first: PlanNoise) -> PlanNoise:
     the band. Its floor is what the proxy's own noise leaves of that difference (s: one
     run's sd, the first band), finalist by finalist (:func:`mean_variance`), for the two
     noisiest."""
+    finalists = [r for r in finalists if not r.same_as]  # a selection counted once
     table = np.array([[r.predicted_accuracy, *r.split_accuracies] for r in finalists])
-    count, splits = table.shape
-    if count < 2 or splits < 2:
+    if len(finalists) < 2 or table.shape[1] < 2:
         return first
+    count, splits = table.shape
     residual = table - table.mean(1, keepdims=True) - table.mean(0) + table.mean()
     sd = float(np.sqrt((residual**2).sum() / ((count - 1) * (splits - 1))))
     variances = sorted(mean_variance(r, first.band, splits) for r in finalists)

@@ -73,10 +73,12 @@ def plan_summary(plan: Plan, limit: int = 20) -> str:
 def stage_words(row: PlanRow) -> str:
     """How a row's prediction was made, in a few words."""
     if row.stage == "final":
-        return f"final, {1 + len(row.split_accuracies)} splits"
-    if row.stage == "screen" and row.ceiling is not None:
-        return f"screen (its classes: at most {100 * row.ceiling:.0f}%)"
-    return "confirm x2" if row.repeat_accuracy is not None else row.stage
+        words = f"final, {1 + len(row.split_accuracies)} splits"
+    elif row.stage == "screen" and row.ceiling is not None:
+        words = f"screen (its classes: at most {100 * row.ceiling:.0f}%)"
+    else:
+        words = "confirm x2" if row.repeat_accuracy is not None else row.stage
+    return f"{words}, the rows of {row.same_as}" if row.same_as else words
 
 
 def split_lines(plan: Plan) -> list[str]:
