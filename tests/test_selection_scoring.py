@@ -140,6 +140,18 @@ def test_cover_takes_each_task_images_next_rows_round_by_round(rows, per_round) 
         seen[owner[row]] = seen.get(owner[row], 0) + 1
         rounds.append((seen[owner[row]] - 1) // per_round)
     assert rounds == sorted(rounds)  # no task image's next round before every current one
+    # the round of each row, from its definition: the rows of its task image ahead of it
+    # in (kNN, row) order, by per_round; unowned rows one round after the last
+    ahead = [
+        sum((owner[j] == owner[i]) and ((knn[j], j) < (knn[i], i)) for j in range(len(knn)))
+        for i in range(len(knn))
+    ]
+    expected = [a // per_round if o >= 0 else -1 for a, o in zip(ahead, owner, strict=True)]
+    last = max((e for e in expected if e >= 0), default=-1)
+    expected = [last + 1 if e < 0 else e for e in expected]
+    if last < 0:
+        expected = [0] * len(expected)
+    assert np.floor(cover_order(knn, owner, per_round)).astype(int).tolist() == expected
     resolution = 1e-6 * (np.ptp(knn) + 1e-12)  # kNN mapped into [0, 1) in float32
     for o in set(owner[owner >= 0]):  # each task image's rows in kNN order
         mine = knn[order[owner[order] == o]]

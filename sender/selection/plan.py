@@ -441,6 +441,7 @@ def measure_candidates(
     if settings.teacher_splits < 2:
         return measured
     finalists = pick_finalists(measured.rows, measured.noise, settings.finalists)
+    work.release_ranking()  # every payload is sized: held no longer while a split scores
     splits = [measured.splits[0]]
     for k in range(1, settings.teacher_splits):  # one split teacher's scores held at a time
         trial = trials(settings.seed + k)

@@ -119,6 +119,11 @@ class ScoredWork:
             self._ranked = RankedSelection(scored.scores, scored.predicted, classes, self.excluded)
         return self._ranked
 
+    def release_ranking(self) -> None:
+        """Let go of :meth:`ranked`'s sorted rows (two int32 arrays of the reference set)
+        once every selection that needs them is made."""
+        self._ranked = None
+
     def leakage_of(self, kept: np.ndarray) -> LeakageReport | None:
         """The leakage report with how many near-duplicates ``kept`` holds."""
         if self.leakage is None:
