@@ -345,6 +345,8 @@ def test_noise_is_measured_from_the_repeated_rows() -> None:
     # a row that keeps another's rows repeats that row's runs: one pair, not two
     copy = replace(rows[0], name="a2", same_as="a")
     assert noise_of([*rows, copy], 1000, WITHIN_NOISE) == noise
+    # ... but a copy whose row is not there stands for it
+    assert noise_of([copy, rows[1]], 1000, WITHIN_NOISE) == noise
 
 
 def test_grid_spans_every_strategy_and_score() -> None:

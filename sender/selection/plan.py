@@ -74,9 +74,11 @@ from sender.selection.plan_file import (
     PlanRow,
     PlanSplit,
     choose,
+    counted_once,
     file_digest,
     noise_of,
     rate_front,
+    selection_key,
     split_noise,
 )
 from sender.selection.plan_report import write_plan_outputs
@@ -479,22 +481,20 @@ def pick_finalists(rows: list[PlanRow], noise: PlanNoise, count: int) -> list[Pl
     near = [r for r in ranked if r.predicted_accuracy >= best - 2 * noise.band - 1e-12]
     finalists = ranked[: max(2, min(count, len(near)))]
     chosen = choose(confirmed, band=noise.choice_band)
-    finalists = finalists if chosen in finalists else [*finalists, chosen]
-    return with_copies(finalists, confirmed)
+    return with_copies([*finalists, chosen], confirmed)
 
 
 def distinct_best(rows: list[PlanRow], count: int) -> list[PlanRow]:
-    """The ``count`` best predicted rows, counting a selection once (no row whose
-    selection on the plan's split is an earlier row's)."""
-    distinct = [r for r in rows if r.same_as is None]
-    return sorted(distinct, key=lambda r: -r.predicted_accuracy)[:count]
+    """The ``count`` best predicted rows, counting a selection once."""
+    return counted_once(sorted(rows, key=lambda r: -r.predicted_accuracy))[:count]
 
 
 def with_copies(picked: list[PlanRow], rows: list[PlanRow]) -> list[PlanRow]:
-    """``picked`` and the rows that keep the same rows as one of them (measured with
-    them, at no cost: a selection trains once per run)."""
-    names = {r.name for r in picked}
-    return picked + [r for r in rows if r.same_as in names and r.name not in names]
+    """``picked`` (a selection once) and the other ``rows`` that keep the same rows as
+    one of them (measured with them, at no cost: a selection trains once per run)."""
+    picked = counted_once(picked)
+    keys, names = {selection_key(r) for r in picked}, {r.name for r in picked}
+    return picked + [r for r in rows if selection_key(r) in keys and r.name not in names]
 
 
 def judge_under_split(trial: SplitTrial, finalists: list[PlanRow], progress: bool) -> PlanSplit:

@@ -140,6 +140,24 @@ class PlanNoise:
         return self.band if self.rule == WITHIN_NOISE else 0.0
 
 
+def selection_key(row: PlanRow) -> str:
+    """The name that stands for a row's selection on the plan's split: its own, or that
+    of the row whose rows it keeps."""
+    return row.same_as or row.name
+
+
+def counted_once(rows: list[PlanRow]) -> list[PlanRow]:
+    """``rows`` with one row per selection (the first given), so that runs shared by
+    rows keeping the same rows are counted once."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        if selection_key(row) not in seen:
+            seen.add(selection_key(row))
+            kept.append(row)
+    return kept
+
+
 def noise_of(rows: list[PlanRow], validation_images: float, rule: str) -> PlanNoise:
     """The proxy's noise from the rows run twice. Two runs of one candidate differ by d
     with E[d^2] = 2 s^2 (s: one run's sd); two candidates' two-run means differ by noise
@@ -147,8 +165,8 @@ def noise_of(rows: list[PlanRow], validation_images: float, rule: str) -> PlanNo
     when the images are weighted)."""
     pairs = [
         (r.confirm_accuracy, r.repeat_accuracy)
-        for r in rows
-        if r.confirm_accuracy is not None and r.repeat_accuracy is not None and not r.same_as
+        for r in counted_once([r for r in rows if r.repeat_accuracy is not None])
+        if r.confirm_accuracy is not None
     ]
     squares = [(a - b) ** 2 for a, b in pairs]
     rms = float(np.sqrt(np.mean(squares))) if squares else 0.0
@@ -164,7 +182,7 @@ def split_noise(finalists: list[PlanRow], first: PlanNoise) -> PlanNoise:
     the band. Its floor is what the proxy's own noise leaves of that difference (s: one
     run's sd, the first band), finalist by finalist (:func:`mean_variance`), for the two
     noisiest."""
-    finalists = [r for r in finalists if not r.same_as]  # a selection counted once
+    finalists = counted_once(finalists)
     table = np.array([[r.predicted_accuracy, *r.split_accuracies] for r in finalists])
     if len(finalists) < 2 or table.shape[1] < 2:
         return first
