@@ -453,7 +453,7 @@ def test_candidates_that_keep_the_same_rows_train_once() -> None:
             assert again == [accuracies[2]] * 2 and proxy.pool.jobs == 4
 
 
-def test_a_front_row_whose_classes_cannot_reach_the_best_is_not_confirmed() -> None:
+def test_the_most_a_student_of_some_classes_can_score_on_validation() -> None:
     from sender.selection.deployment import Validation
 
     labels = np.array([0, 0, 1, 1, 2, 3, 3, 3])
