@@ -251,6 +251,18 @@ def write_sparse_thumbnails(root: Path, n: int, side: int = THUMBNAIL_SIDE) -> N
     meta.write(root)
 
 
+IMAGENET21K_FOLDERS = 21_841  # synsets of the fall 2011 release, one folder each
+
+
+def folder_starts(n: int, folders: int = IMAGENET21K_FOLDERS, seed: int = 4) -> np.ndarray:
+    """A reference layout of ``folders`` class folders (log-normal sizes, ~n/folders rows
+    each) as a real store's manifest records it: each folder's first row, then ``n``. The
+    payload coder tries it beside the largest fixed blocks, as for a real ImageFolder."""
+    sizes = np.random.default_rng(seed).lognormal(0.0, 0.5, folders)
+    ends = np.round(np.cumsum(sizes) / sizes.sum() * n).astype(np.int64)
+    return np.unique(np.concatenate([[0], ends]))
+
+
 def write_scored_work(store, work: Path, k: int, index_path: str) -> dict[str, object]:
     """The work directory ``score --embeddings`` would write for a k-class task, scored by
     a probe-like head; returns the task (embeddings, labels) the plan is given."""
@@ -274,7 +286,7 @@ def write_scored_work(store, work: Path, k: int, index_path: str) -> dict[str, o
         reference_size=store.n,
         task=f"synthetic-{k}",
         recommended_strategy="safety-net",
-        reference_block_starts=np.zeros(0, np.int64),
+        reference_block_starts=folder_starts(store.n),
         excluded=np.zeros(0, np.int64),
         embeddings_dir=os.path.relpath(store.root.resolve(), work.resolve()),
         leakage=None,

@@ -419,10 +419,12 @@ def _plan_grouped_labels(
     block: np.ndarray, labels: np.ndarray, kept: np.ndarray, k: int
 ) -> tuple[list[np.ndarray], list[_Section]]:
     groups = np.flatnonzero(kept)  # non-empty blocks, in order
-    key = block * k + labels
-    unique, counts = np.unique(key, return_counts=True)
+    unique, counts = _pair_counts(block * k + labels, kept.size * k)
     u_block, u_label = unique // k, unique % k
-    order = np.lexsort((u_label, -counts, u_block))
+    # by block, then count descending, then label: the pairs come by block and label, so
+    # a stable sort on (block, count descending) keeps the labels' order within a tie
+    most = int(counts.max())
+    order = np.argsort(u_block * (most + 1) + (most - counts), kind="stable")
     u_block, u_label, counts = u_block[order], u_label[order], counts[order]
     first = np.r_[True, u_block[1:] != u_block[:-1]]
     maj = np.zeros(kept.size, np.int64)
@@ -468,6 +470,16 @@ def _plan_grouped_labels(
         _Section(other_labels, [label_t]),
     ]
     return params, sections
+
+
+def _pair_counts(keys: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_counts=True)`` for keys in [0, span): a count per key
+    where the span is small against the keys (no sort), else the sort."""
+    if span <= 8 * keys.size + 65536:
+        counts = np.bincount(keys, minlength=span)
+        unique = np.flatnonzero(counts)
+        return unique, counts[unique]
+    return np.unique(keys, return_counts=True)
 
 
 def purity_context(kept: np.ndarray) -> np.ndarray:

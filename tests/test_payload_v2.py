@@ -152,6 +152,18 @@ def test_block_coding_round_trips(selection) -> None:
         assert np.array_equal(got_labels, labels)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 5000), max_size=300), st.integers(0, 4))
+def test_pair_counts_are_np_unique(keys, spare) -> None:
+    # the label planner counts (block, label) pairs with a bincount where the span is small
+    keys_array = np.asarray(keys, dtype=np.int64)
+    for span in (max(keys, default=0) + 1 + spare, 10**7):  # counted, then sorted
+        unique, counts = block_code._pair_counts(keys_array, span)
+        expected, expected_counts = np.unique(keys_array, return_counts=True)
+        np.testing.assert_array_equal(unique, expected)
+        np.testing.assert_array_equal(counts, expected_counts)
+
+
 def _payload(n: int, indices, labels, k: int) -> Payload:
     return Payload(
         task="t",

@@ -12,6 +12,7 @@ from sender.selection.strategies import (
     class_quotas,
     order_key,
     select,
+    stable_order,
 )
 
 
@@ -70,6 +71,27 @@ def test_ranked_selection_keeps_exactly_what_select_keeps(
         expected = select(values, predicted, k, config, excluded=excluded)
         kept = ranked.select(config, score)
         np.testing.assert_array_equal(kept, expected, err_msg=f"{config} {score}")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.sampled_from([-np.inf, -2.5, -1.0, -0.0, 0.0, 1e-30, 0.5, 1.0, 3.0, np.inf])
+        | st.floats(-1e6, 1e6, width=32),
+        max_size=200,
+    ),
+    dropped=st.integers(0, 2**16),
+    wide=st.booleans(),
+)
+def test_stable_order_is_the_stable_argsort(values, dropped, wide) -> None:
+    # ties (0.0 and -0.0 among them) keep row order, as the stable argsort that select uses
+    array = np.asarray(values, dtype=np.float64 if wide else np.float32)
+    rows = np.flatnonzero(np.random.default_rng(dropped).random(array.size) < 0.8)
+    rows = rows.astype(np.int32)
+    expected = rows[np.argsort(array[rows], kind="stable")]
+    got = stable_order(array, rows)
+    np.testing.assert_array_equal(got, expected)
+    assert got.dtype == rows.dtype
 
 
 def test_negative_alpha_favours_rare_classes() -> None:
