@@ -474,8 +474,9 @@ def _plan_grouped_labels(
 
 def _pair_counts(keys: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(keys, return_counts=True)`` for keys in [0, span): a count per key
-    where the span is small against the keys (no sort), else the sort."""
-    if span <= 8 * keys.size + 65536:
+    where the span is small against the keys (no sort, memory of the sort's order), else
+    the sort."""
+    if span <= 2 * keys.size + 65536:
         counts = np.bincount(keys, minlength=span)
         unique = np.flatnonzero(counts)
         return unique, counts[unique]
