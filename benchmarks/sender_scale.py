@@ -18,7 +18,8 @@ obvious implementation) runs on a slice and is extrapolated to n.
 
 ``--plan`` times ``plada-send plan`` on the store instead (``sender.selection.embedding_plan``,
 in a fresh process per k): a work directory scored by a probe-like head is written first
-(untimed, as ``score --embeddings`` would leave it); then the plan opens it, fits the
+(untimed, in a process of its own, as ``score --embeddings`` would leave it, with the
+folder layout of ImageNet-21K's synsets); then a fresh process plans: it opens it, fits the
 split teacher on the task's embeddings (10 labeled images per class), streams it over
 every row with kNN relevance through the index, and measures the whole default grid of
 candidates (payload sizes from the full work directory, proxies on thumbnails). The
@@ -311,24 +312,47 @@ def write_scored_work(store, work: Path, k: int, index_path: str) -> dict[str, o
     return {"embeddings": queries, "labels": labels, "names": names}
 
 
+PLAN_TASK_FILE = "plan-task.npz"  # the task the plan is given, beside its work directory
+
+
+def plan_work_dir(store_dir: str, k: int) -> Path:
+    """The k-class task's scored work directory, beside the store."""
+    return Path(store_dir).parent / f"plan-work-k{k}"
+
+
+def child_plan_work(store_dir: str, k: int, index_path: str) -> dict[str, float]:
+    """The scored work directory and the task's embeddings, in a process of their own
+    (as ``plada-send score`` runs before ``plada-send plan``), so that the plan's
+    process holds nothing of the scoring pass before it starts."""
+    from sender.embedding.store import EmbeddingStore
+
+    started = time.perf_counter()
+    work = plan_work_dir(store_dir, k)
+    task = write_scored_work(EmbeddingStore(store_dir), work, k, index_path)
+    names = np.asarray(task["names"], dtype=str)
+    np.savez(
+        work / PLAN_TASK_FILE, embeddings=task["embeddings"], labels=task["labels"], names=names
+    )
+    return {"score_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
 def child_plan(store_dir: str, k: int, index_path: str) -> dict[str, float]:
-    """The plan on a scored work directory, timed, in this (fresh) process."""
+    """The plan on the scored work directory, timed, in this (fresh) process."""
     import torch
 
-    from sender.embedding.store import EmbeddingStore
     from sender.scoring.embeddings import EmbeddedSplit
     from sender.selection.embedding_plan import PlannedStore, plan_from_embeddings
     from sender.selection.plan import PlanSettings
 
     torch.set_num_threads(os.cpu_count() or 1)
-    store = EmbeddingStore(store_dir)
-    work = Path(store_dir).parent / f"plan-work-k{k}"
-    task = write_scored_work(store, work, k, index_path)
-    labels = np.asarray(task["labels"])
+    work = plan_work_dir(store_dir, k)
+    with np.load(work / PLAN_TASK_FILE) as task:
+        embeddings, labels = task["embeddings"], task["labels"]
+        names = tuple(str(name) for name in task["names"])
     thumbnails = np.random.default_rng(3).integers(
         0, 256, (labels.size, 3, THUMBNAIL_SIDE, THUMBNAIL_SIDE), dtype=np.uint8
     )
-    split = EmbeddedSplit(np.asarray(task["embeddings"]), labels, task["names"], thumbnails)
+    split = EmbeddedSplit(embeddings, labels, names, thumbnails)
     baseline = peak_rss_mb()
     started = time.perf_counter()
     planned = PlannedStore.open(work)
@@ -391,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         kind, store, k, extra = args.child[0], args.child[1], int(args.child[2]), args.child[3]
         if kind == "plan":
             result = child_plan(store, k, extra)
+        elif kind == "plan-work":
+            result = child_plan_work(store, k, extra)
         elif kind == "ours":
             index = args.child[4] if len(args.child) > 4 else None
             result = child_ours(store, k, args.chunk_rows, extra, index)
@@ -473,7 +499,10 @@ def plan_mode(root: Path, args: argparse.Namespace, index_path: str) -> int:
 
     if not (root / THUMBNAILS_META_FILE).is_file():
         write_sparse_thumbnails(root, args.n)
-    rows = [{"k": k, **_run_child(["plan", str(root), str(k), index_path])} for k in args.k]
+    rows = []
+    for k in args.k:  # the work directory scored, then the plan in a fresh process
+        _run_child(["plan-work", str(root), str(k), index_path])
+        rows.append({"k": k, **_run_child(["plan", str(root), str(k), index_path])})
     print(
         f"\nplan on n = {args.n:,} x {DIM} fp16 + {THUMBNAIL_SIDE}px thumbnails, "
         f"{os.cpu_count()} cores, default grid"
