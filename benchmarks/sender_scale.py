@@ -501,8 +501,9 @@ def plan_mode(root: Path, args: argparse.Namespace, index_path: str) -> int:
         write_sparse_thumbnails(root, args.n)
     rows = []
     for k in args.k:  # the work directory scored, then the plan in a fresh process
-        _run_child(["plan-work", str(root), str(k), index_path])
-        rows.append({"k": k, **_run_child(["plan", str(root), str(k), index_path])})
+        scored = _run_child(["plan-work", str(root), str(k), index_path])
+        plan = _run_child(["plan", str(root), str(k), index_path])
+        rows.append({"k": k, **plan, "scoring_peak_rss_mb": scored["peak_rss_mb"]})
     print(
         f"\nplan on n = {args.n:,} x {DIM} fp16 + {THUMBNAIL_SIDE}px thumbnails, "
         f"{os.cpu_count()} cores, default grid"
