@@ -182,6 +182,64 @@ def test_ivfpq_index_under_budget_finds_planted_duplicates(tmp_path) -> None:
         choose_index(10**9, 512, 10**6)
 
 
+LOAD_AND_MEASURE = """
+import sys
+from pathlib import Path
+
+from sender.embedding.index import load_index
+
+
+def anon_mb():
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) / 1024
+
+
+before = anon_mb()
+index = load_index(sys.argv[1])
+print(anon_mb() - before, index.ntotal)
+"""
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_loaded_index_is_memory_mapped_and_searches_alike(tmp_path, kind) -> None:
+    """The store's index is searched from the file (the page cache), not copied into the
+    process: loading it, in a fresh process, adds next to nothing to its own memory."""
+    import subprocess
+    import sys
+
+    from sender.embedding.index import build_store_index, load_index, save_index
+
+    n, dim = 150_000, 64
+    store = make_store(tmp_path / "store", clustered(n, dim, seed=5), part_rows=65_536)
+    budget = n * dim * 4 * (2 if kind == "flat" else 1) - 1  # flat fits, or not
+    index, plan = build_store_index(store, budget, progress=False, nlist=64)
+    assert plan["kind"] == kind
+    path = tmp_path / "reference.faiss"
+    save_index(index, path)
+    measured = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_MEASURE, str(path)], capture_output=True, text=True
+    )
+    assert measured.returncode == 0, measured.stderr
+    grew, rows = measured.stdout.split()
+    size_mb = path.stat().st_size / 2**20
+    assert int(rows) == n and size_mb > 8 and float(grew) < size_mb / 4, (grew, size_mb)
+    queries = store.read_rows(np.arange(0, n, 997)).astype(np.float32)
+    assert np.array_equal(load_index(path).search(queries, 5)[1], index.search(queries, 5)[1])
+
+
+def test_nearest_similarity_in_blocks_is_the_whole_product(monkeypatch) -> None:
+    """The domain gap's nearest similarities, a bounded block of queries at a time, are
+    those of the whole query x sample product (and none for no queries)."""
+    from sender.scoring import domain_gap
+
+    pool, queries = clustered(500, 16, seed=1), clustered(300, 16, seed=2)
+    whole = (queries.astype(np.float32) @ pool.astype(np.float32).T).max(axis=1)
+    monkeypatch.setattr(domain_gap, "SIMILARITY_BLOCK_ENTRIES", 500 * 7)  # blocks of 7
+    blocked = domain_gap._nearest_similarity(queries, pool)
+    assert blocked.shape == (300,) and np.allclose(blocked, whole, atol=1e-5)
+    assert domain_gap._nearest_similarity(queries[:0], pool).shape == (0,)
+
+
 def test_domain_gap_tells_far_from_near() -> None:
     from sender.scoring.domain_gap import measure_domain_gap
 

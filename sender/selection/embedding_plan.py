@@ -174,8 +174,9 @@ def plan_from_embeddings(
         proxy = Proxy(planned.thumbnails.read_rows, split, work.excluded, weighted, settings)
         accuracy = teacher_accuracy(model, validation)
         counts = PlanSplit(int(teacher_rows.size), int(held.size), seed, accuracy)
-        gap = store_domain_gap(store, validation.embeddings)
-        return SplitTrial(counts, proxy, gap, evidence)
+        return SplitTrial(
+            counts, proxy, lambda: store_domain_gap(store, validation.embeddings), evidence
+        )
 
     measured = measure_candidates(work, trial, settings, progress)
     meta = store.meta

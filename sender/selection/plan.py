@@ -409,11 +409,12 @@ def by_ordering(candidates: list[Candidate]) -> list[Candidate]:
 class SplitTrial:
     """One split of the task for the plan: how it split (with its split teacher's
     validation accuracy), the proxy over that teacher's selections, and what the split
-    measured besides (the domain gap, the deployment weighting)."""
+    measured besides (the domain gap, measured only for the first split, whose gap the
+    plan reports; the deployment weighting)."""
 
     split: PlanSplit
     proxy: Proxy
-    gap: DomainGap
+    gap: Callable[[], DomainGap]
     deployment: DeploymentEvidence | None = None
 
 
@@ -469,7 +470,7 @@ def _measure_first_split(
         confirm_candidates(proxy, rows, progress)
         noise = measure_noise(proxy, rows, progress)
         started = proxy.pool.worth_starting
-    return Measured(rows, noise, [first.split], first.gap, first.deployment, started)
+    return Measured(rows, noise, [first.split], first.gap(), first.deployment, started)
 
 
 def pick_finalists(rows: list[PlanRow], noise: PlanNoise, count: int) -> list[PlanRow]:
@@ -707,7 +708,8 @@ def make_plan(
         proxy = Proxy(images.__getitem__, split, work.excluded, weighted, settings)
         accuracy = scored.outputs.report.test_accuracy
         counts = PlanSplit(teacher_part.labels.size, validation.labels.size, seed, accuracy)
-        return SplitTrial(counts, proxy, domain_gap(scored.outputs), evidence)
+        gap = domain_gap(scored.outputs)  # cheap here, and the outputs are let go
+        return SplitTrial(counts, proxy, lambda: gap, evidence)
 
     measured = measure_candidates(work, trial, settings, progress)
     words = proxy_words(settings, "images", measured.splits[0].validation)
