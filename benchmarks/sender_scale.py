@@ -26,7 +26,10 @@ candidates (payload sizes from the full work directory, proxies on thumbnails). 
 store's thumbnails are a sparse file of the production layout (32x32 RGB: 43.6 GB at
 14.2M rows, taking no disk; every row reads as black, with its CRC-32 recorded), so the
 proxy's reads come from the page cache and the number is the plan's compute, not a
-disk's seek rate.
+disk's seek rate. Memory is given two ways: the plan process's peak resident set
+(VmHWM, which also counts the pages of the memory-mapped store and index that it
+touched) and its peak private memory (its anonymous pages plus its proxy workers'
+proportional share, sampled).
 
     python -m benchmarks.sender_scale --plan --k 365
 """
@@ -34,11 +37,13 @@ disk's seek rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -145,6 +150,43 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TreeMemory:
+    """The plan's own memory, sampled while it runs: this process's anonymous pages plus
+    its proxy workers' proportional share (PSS). File-backed pages (the memory-mapped
+    store and index, which the page cache holds and can drop) are not counted; VmHWM
+    (:func:`peak_rss_mb`) counts them, for this process alone."""
+
+    def __init__(self, every_s: float = 0.25) -> None:
+        self.every_s, self.peak_mb = every_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            anon = next(
+                int(line.split()[1]) / 1024
+                for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("RssAnon:")
+            )
+            workers = 0.0
+            for child in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):  # ended between listing and reading
+                    workers += child.memory_full_info().pss / 2**20
+            self.peak_mb = max(self.peak_mb, anon + workers)
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 TASK_PER_CLASS = 10  # labeled task images per class searching the index (kNN relevance)
@@ -355,8 +397,9 @@ def child_plan(store_dir: str, k: int, index_path: str) -> dict[str, float]:
     split = EmbeddedSplit(embeddings, labels, names, thumbnails)
     baseline = peak_rss_mb()
     started = time.perf_counter()
-    planned = PlannedStore.open(work)
-    plan = plan_from_embeddings(planned, split, work / "plan", PlanSettings(), progress=False)
+    with TreeMemory() as memory:
+        planned = PlannedStore.open(work)
+        plan = plan_from_embeddings(planned, split, work / "plan", PlanSettings(), progress=False)
     seconds = time.perf_counter() - started
     confirmed = sum(row.stage != "screen" for row in plan.candidates)
     return {
@@ -366,6 +409,7 @@ def child_plan(store_dir: str, k: int, index_path: str) -> dict[str, float]:
         "splits": 1 + len(plan.more_splits),
         "finalists": plan.noise.finalists if plan.noise is not None else 0,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_private_mb": memory.peak_mb,
         "rss_before_plan_mb": baseline,
         "chosen": plan.chosen,
     }
@@ -510,12 +554,13 @@ def plan_mode(root: Path, args: argparse.Namespace, index_path: str) -> int:
     )
     print(
         f"{'k':>4} {'candidates':>10} {'confirmed':>9} {'splits':>6} {'finalists':>9} "
-        f"{'plan s':>7} {'peak MB':>8}  chosen"
+        f"{'plan s':>7} {'peak MB':>8} {'private MB':>10}  chosen"
     )
     for r in rows:
         print(
             f"{r['k']:>4} {r['candidates']:>10} {r['confirmed']:>9} {r['splits']:>6} "
-            f"{r['finalists']:>9} {r['wall_s']:>7.0f} {r['peak_rss_mb']:>8.0f}  {r['chosen']}"
+            f"{r['finalists']:>9} {r['wall_s']:>7.0f} {r['peak_rss_mb']:>8.0f} "
+            f"{r['peak_private_mb']:>10.0f}  {r['chosen']}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
