@@ -225,6 +225,10 @@ def test_loaded_index_is_memory_mapped_and_searches_alike(tmp_path, kind) -> Non
     assert int(rows) == n and size_mb > 8 and float(grew) < size_mb / 4, (grew, size_mb)
     queries = store.read_rows(np.arange(0, n, 997)).astype(np.float32)
     assert np.array_equal(load_index(path).search(queries, 5)[1], index.search(queries, 5)[1])
+    with open(path, "r+b") as handle:  # a copy cut short is a typed error naming the fix
+        handle.truncate(path.stat().st_size // 2)
+    with pytest.raises(ReferenceSetError, match=r"damaged or truncated.*plada-send index"):
+        load_index(path)
 
 
 def test_nearest_similarity_in_blocks_is_the_whole_product(monkeypatch) -> None:

@@ -43,7 +43,13 @@ def load_index(path: str | os.PathLike[str]) -> faiss.Index:
         raise ReferenceSetError(
             f"FAISS index {path} is missing: run 'plada-send index {Path(path).parent}'"
         )
-    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError as error:  # FAISS's reader: a short read or a malformed header
+        raise ReferenceSetError(
+            f"FAISS index {path} is damaged or truncated: run 'plada-send index "
+            f"{Path(path).parent}' again"
+        ) from error
 
 
 def choose_index(
