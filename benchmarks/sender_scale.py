@@ -141,15 +141,22 @@ def _head(k: int, seed: int = 1):
     return LinearHead(weight, np.zeros(k, dtype=np.float32))
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM; ru_maxrss survives exec on Linux)."""
+def status_mb(field: str) -> float | None:
+    """A memory field of this process's /proc status (``VmHWM``, ``RssAnon``) in MiB;
+    None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss survives exec on Linux)."""
+    peak = status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class TreeMemory:
@@ -168,11 +175,7 @@ class TreeMemory:
 
         me = psutil.Process()
         while not self._stop.is_set():
-            anon = next(
-                int(line.split()[1]) / 1024
-                for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith("RssAnon:")
-            )
+            anon = status_mb("RssAnon") or 0.0
             workers = 0.0
             for child in me.children(recursive=True):
                 with contextlib.suppress(psutil.Error):  # ended between listing and reading
