@@ -22,7 +22,10 @@ in a fresh process per k): a work directory scored by a probe-like head is writt
 folder layout of ImageNet-21K's synsets); then a fresh process plans: it opens it, fits the
 split teacher on the task's embeddings (10 labeled images per class), streams it over
 every row with kNN relevance through the index, and measures the whole default grid of
-candidates (payload sizes from the full work directory, proxies on thumbnails). The
+candidates (payload sizes from the full work directory, proxies on thumbnails) within
+the plan's default byte budget (1 MiB, what a receiver takes in by default; at 14.2M rows
+the 5% and 10% payloads are over it: sized, not trained on; ``--plan-max-bytes`` raises
+it). The
 store's thumbnails are a sparse file of the production layout (32x32 RGB: 43.6 GB at
 14.2M rows, taking no disk; every row reads as black, with its CRC-32 recorded), so the
 proxy's reads come from the page cache and the number is the plan's compute, not a
@@ -48,6 +51,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from protocol.payload import RECEIVER_DEFAULT_MAX_BYTES
 
 DIM = 512
 CENTERS = 4096
@@ -381,13 +386,15 @@ def child_plan_work(store_dir: str, k: int, index_path: str) -> dict[str, float]
     return {"score_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
 
 
-def child_plan(store_dir: str, k: int, index_path: str) -> dict[str, float]:
-    """The plan on the scored work directory, timed, in this (fresh) process."""
+def child_plan(store_dir: str, k: int, index_path: str, max_bytes: int) -> dict[str, float]:
+    """The plan on the scored work directory, timed, in this (fresh) process, measuring
+    the candidates within ``max_bytes``."""
     import torch
 
     from sender.scoring.embeddings import EmbeddedSplit
     from sender.selection.embedding_plan import PlannedStore, plan_from_embeddings
     from sender.selection.plan import PlanSettings
+    from sender.selection.plan_file import OVER_BUDGET
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = plan_work_dir(store_dir, k)
@@ -402,12 +409,15 @@ def child_plan(store_dir: str, k: int, index_path: str) -> dict[str, float]:
     started = time.perf_counter()
     with TreeMemory() as memory:
         planned = PlannedStore.open(work)
-        plan = plan_from_embeddings(planned, split, work / "plan", PlanSettings(), progress=False)
+        settings = PlanSettings(max_bytes=max_bytes)
+        plan = plan_from_embeddings(planned, split, work / "plan", settings, progress=False)
     seconds = time.perf_counter() - started
-    confirmed = sum(row.stage != "screen" for row in plan.candidates)
+    confirmed = sum(row.stage in ("confirm", "final") for row in plan.candidates)
     return {
         "wall_s": seconds,
         "candidates": len(plan.candidates),
+        "over_budget": sum(row.stage == OVER_BUDGET for row in plan.candidates),
+        "max_bytes": max_bytes,
         "confirmed": confirmed,
         "splits": 1 + len(plan.more_splits),
         "finalists": plan.noise.finalists if plan.noise is not None else 0,
@@ -455,13 +465,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--plan", action="store_true", help="time plada-send plan on the store (see above)"
     )
+    parser.add_argument(
+        "--plan-max-bytes",
+        type=int,
+        default=RECEIVER_DEFAULT_MAX_BYTES,
+        help="the plan's byte budget (default: plada-send plan's, 1 MiB)",
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         kind, store, k, extra = args.child[0], args.child[1], int(args.child[2]), args.child[3]
         if kind == "plan":
-            result = child_plan(store, k, extra)
+            result = child_plan(store, k, extra, int(args.child[4]))
         elif kind == "plan-work":
             result = child_plan_work(store, k, extra)
         elif kind == "ours":
@@ -549,19 +565,20 @@ def plan_mode(root: Path, args: argparse.Namespace, index_path: str) -> int:
     rows = []
     for k in args.k:  # the work directory scored, then the plan in a fresh process
         scored = _run_child(["plan-work", str(root), str(k), index_path])
-        plan = _run_child(["plan", str(root), str(k), index_path])
+        plan = _run_child(["plan", str(root), str(k), index_path, str(args.plan_max_bytes)])
         rows.append({"k": k, **plan, "scoring_peak_rss_mb": scored["peak_rss_mb"]})
     print(
         f"\nplan on n = {args.n:,} x {DIM} fp16 + {THUMBNAIL_SIDE}px thumbnails, "
-        f"{os.cpu_count()} cores, default grid"
+        f"{os.cpu_count()} cores, default grid, byte budget {args.plan_max_bytes:,}"
     )
     print(
-        f"{'k':>4} {'candidates':>10} {'confirmed':>9} {'splits':>6} {'finalists':>9} "
-        f"{'plan s':>7} {'peak MB':>8} {'private MB':>10}  chosen"
+        f"{'k':>4} {'candidates':>10} {'over budget':>11} {'confirmed':>9} {'splits':>6} "
+        f"{'finalists':>9} {'plan s':>7} {'peak MB':>8} {'private MB':>10}  chosen"
     )
     for r in rows:
         print(
-            f"{r['k']:>4} {r['candidates']:>10} {r['confirmed']:>9} {r['splits']:>6} "
+            f"{r['k']:>4} {r['candidates']:>10} {r['over_budget']:>11} {r['confirmed']:>9} "
+            f"{r['splits']:>6} "
             f"{r['finalists']:>9} {r['wall_s']:>7.0f} {r['peak_rss_mb']:>8.0f} "
             f"{r['peak_private_mb']:>10.0f}  {r['chosen']}"
         )

@@ -55,6 +55,7 @@ from protocol.frames import (
     whole_frames,
 )
 from protocol.names import printable_name
+from protocol.payload import RECEIVER_DEFAULT_MAX_BYTES
 from protocol.timestamps import utc_text
 from receiver.claims import open_entry
 from receiver.errors import InboxEntryError
@@ -73,7 +74,8 @@ class FrameSettings:
     max_transfers: int = 64
     max_log_bytes: int = 16 << 20  # about 390 B of memory per frame held: <= ~110 MB
     expire_seconds: float = 7 * 86400.0
-    max_payload_bytes: int = 1 << 20  # frames of longer transfers are dropped unread
+    # frames of longer transfers are dropped unread
+    max_payload_bytes: int = RECEIVER_DEFAULT_MAX_BYTES
     max_done_records: int = 4096
 
 

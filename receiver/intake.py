@@ -40,6 +40,7 @@ from protocol.errors import (
     StorageError,
 )
 from protocol.manifest import ReferenceManifest
+from protocol.payload import RECEIVER_DEFAULT_MAX_BYTES
 from receiver.acceptance import (
     DEFAULT_MAX_CLASSES,
     DEFAULT_MAX_IMAGES,
@@ -61,7 +62,6 @@ from receiver.workers import WorkerLock
 from trainer.faults import crash_point
 
 log = logging.getLogger("plada.receiver")
-DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class IntakeSettings:
 
     settle_seconds: float = 2.0
     reorder_seconds: float = 5.0  # how long a verified payload waits for older ones
-    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_bytes: int = RECEIVER_DEFAULT_MAX_BYTES
     max_images: int = DEFAULT_MAX_IMAGES  # per job
     max_classes: int = DEFAULT_MAX_CLASSES
     quarantine_max_files: int = 1000

@@ -16,6 +16,7 @@ from sender.errors import BudgetError
 from sender.selection.plan import candidate_grid, pick_finalists, split_task
 from sender.selection.plan_file import (
     BEST,
+    OVER_BUDGET,
     WITHIN_NOISE,
     Candidate,
     PlanNoise,
@@ -238,6 +239,39 @@ def test_plan_over_a_damaged_or_mismatched_work_directory_is_a_typed_error(plann
     assert not (damaged / "p2").exists()
 
 
+def test_plan_within_a_byte_budget_sizes_the_larger_candidates_and_never_trains_them(
+    planned,
+) -> None:
+    send, env = cli("plada-send"), cli_env()
+    sizes = sorted(r["payload_bytes"] for r in _plan_rows(planned["work"] / "plan"))
+    budget = sizes[len(sizes) // 2]
+    out = planned["root"] / "budget-plan"
+    plan = [*send, "plan", str(planned["work"]), *planned["ref"], *planned["train"]]
+    plan += [*planned["quick"], "--teacher-splits", "1", "--max-bytes", str(budget)]
+    proc = run([*plan, "--out", str(out)], env)
+    rows = _plan_rows(out)
+    over = [r for r in rows if r["stage"] == OVER_BUDGET]
+    assert over and all(r["payload_bytes"] > budget for r in over)
+    assert all(r["screen_accuracy"] == 0 and r["confirm_accuracy"] is None for r in over)
+    assert all(r["payload_bytes"] <= budget for r in rows if r["stage"] != OVER_BUDGET)
+    chosen = json.loads((out / "plan.json").read_text())["chosen"]
+    assert chosen not in {r["name"] for r in over}
+    assert f"{len(over)} candidates over the byte budget of {budget} bytes" in proc.stdout
+    # select --plan with a larger budget still takes only a row the plan measured
+    _, payload = _select(planned, "--plan", str(out), "--max-bytes", str(sizes[-1]))
+    sent = json.loads(payload.with_suffix(".json").read_text())["plan"]["candidate"]
+    assert sent not in {r["name"] for r in over}
+    # a budget nothing fits: a typed error once the sizes are known, nothing written
+    tiny = [*plan[: -len(("--max-bytes", str(budget)))], "--max-bytes", "10"]
+    proc = run([*tiny, "--out", str(out / "tiny")], env, expect=2)
+    assert "BudgetError: no candidate payload fits the plan's byte budget of 10" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "tiny").exists()
+
+
+def _plan_rows(plan_dir: Path) -> list[dict]:
+    return json.loads((plan_dir / "plan.json").read_text())["candidates"]
+
+
 def test_split_is_stratified_deterministic_and_needs_two_per_class() -> None:
     labels = np.repeat(np.arange(3), [10, 4, 2])
     task = LabeledImages(np.zeros((16, 1, 4, 4), np.uint8), labels, ("a", "b", "c"))
@@ -275,6 +309,12 @@ def test_front_and_choice() -> None:
     # finalists (judged under every split) first, whatever the others predict
     rows[1].stage = "final"
     assert choose(rows).name == "b" and choose(rows, 150).name == "a"
+    # a row over the plan's byte budget has no prediction: never on the front, never chosen
+    big = PlanRow("f", Candidate("lowest", "energy", 0.1), 900, stage=OVER_BUDGET)
+    big.predicted_accuracy = 1.0  # whatever it holds, it is not a prediction
+    assert rate_front([*rows, big]) == rate_front(rows)
+    assert choose([*rows, big], band=0.5).name == choose(rows, band=0.5).name
+    assert choose([*rows, big], 1000).name == choose(rows, 1000).name
 
 
 def test_finalists_and_the_noise_between_splits() -> None:

@@ -96,6 +96,9 @@ ZSTD_LARGE_INPUT = 1 << 20  # varint streams above this use ZSTD_LARGE_LEVEL
 ZSTD_LARGE_LEVEL = 9
 
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+# the largest payload a receiver takes in unless its operator raises it (the format's
+# "under 1 MB"); a sender's plan measures only candidates within it by default
+RECEIVER_DEFAULT_MAX_BYTES = 1 << 20
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_CLASS_NAME = 256
 MAX_TEXT = 1024

@@ -43,9 +43,7 @@ def add_select(sub: Subparsers) -> None:
     sel.add_argument(
         "--plan", help="a plan (plada-send plan): send its best candidate within the byte budget"
     )
-    sel.add_argument("--max-bytes", type=int, help="byte budget: refuse larger payloads")
-    sel.add_argument("--link-bps", type=float, help="byte budget from a link rate (bits/s) ...")
-    sel.add_argument("--window", help="... and how long it is up: seconds or 30m / 2h")
+    add_budget_options(sel, "byte budget: refuse larger payloads")
     _add_selection_options(sel)
     add_fleet_options(sel)
     sel.add_argument("--task-id", help="task id written into the payload")
@@ -120,6 +118,13 @@ def _add_signing_options(sel: argparse.ArgumentParser) -> None:
     signing.add_argument(
         "--unsigned", action="store_true", help="write an unsigned payload (development only)"
     )
+
+
+def add_budget_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """The byte budget: --max-bytes, or a link's rate and how long it is up."""
+    parser.add_argument("--max-bytes", type=int, help=what)
+    parser.add_argument("--link-bps", type=float, help="byte budget from a link rate (bits/s) ...")
+    parser.add_argument("--window", help="... and how long it is up: seconds or 30m / 2h")
 
 
 def _signer(args: argparse.Namespace) -> PayloadSigner | None:
@@ -342,6 +347,11 @@ def add_plan(sub: Subparsers) -> None:
         help="share of the labeled images held out (per class) to score the proxy students",
     )
     add_plan_measurement(plan)
+    add_budget_options(
+        plan,
+        "byte budget: larger candidates are sized, not trained on (default 1 MiB, the "
+        "largest payload a receiver takes in unless its operator raises it)",
+    )
     plan.add_argument("--max-images", type=int, default=8192, help="proxy images per candidate")
     plan.add_argument(
         "--deployment",
@@ -377,9 +387,12 @@ def add_plan(sub: Subparsers) -> None:
 
 
 def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSettings:
+    from protocol.payload import RECEIVER_DEFAULT_MAX_BYTES
     from protocol.signing import check_sender_id
+    from sender.selection.payloads import byte_budget
     from sender.selection.plan import PlanSettings
 
+    budget = byte_budget(args.max_bytes, args.link_bps, args.window)
     return PlanSettings(
         keeps=parse_keeps(args.keeps) if args.keeps else PlanSettings().keeps,
         validation_fraction=args.validation_fraction,
@@ -391,6 +404,7 @@ def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSe
         teacher_splits=args.teacher_splits,
         finalists=args.finalists,
         choose=args.choose,
+        max_bytes=RECEIVER_DEFAULT_MAX_BYTES if budget is None else budget,
         proxy_workers=args.proxy_workers,
         max_images=args.max_images,
         seed=args.seed,

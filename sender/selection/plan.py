@@ -48,10 +48,11 @@ from pathlib import Path
 import numpy as np
 
 from protocol.errors import ConfigError, ReferenceMismatchError, TaskDataError
-from protocol.payload import SenderStamp
+from protocol.payload import RECEIVER_DEFAULT_MAX_BYTES, SenderStamp
 from protocol.reference.base import ReferenceSource
 from protocol.signing import SigningKey
 from protocol.task_data import LabeledImages, load_unlabeled_images
+from sender.errors import BudgetError
 from sender.scoring.domain_gap import DomainGap
 from sender.scoring.images import (
     TeacherSettings,
@@ -66,6 +67,7 @@ from sender.selection.deployment import DeploymentEvidence, Validation, weigh_va
 from sender.selection.fleet import FleetChoice
 from sender.selection.plan_file import (
     CHOICE_RULES,
+    OVER_BUDGET,
     WITHIN_NOISE,
     Candidate,
     Plan,
@@ -77,6 +79,7 @@ from sender.selection.plan_file import (
     counted_once,
     file_digest,
     noise_of,
+    predicted,
     rate_front,
     selection_key,
     split_noise,
@@ -140,6 +143,9 @@ class PlanSettings:
     teacher_splits: int = 2
     finalists: int = 4
     choose: str = WITHIN_NOISE  # or BEST (see sender.selection.plan_file.choose)
+    # candidates whose payload is larger are sized but not trained on (a receiver refuses
+    # them unless its operator raised its own limit); by default a receiver's default
+    max_bytes: int = RECEIVER_DEFAULT_MAX_BYTES
     proxy_workers: int = 0  # processes the proxies train on; 0: one per core (see proxy_pool)
     max_images: int = 8192  # a proxy run learns from at most this many of the kept images
     seed: int = 0  # of the split, the split teacher and the proxies
@@ -169,6 +175,8 @@ class PlanSettings:
             raise ConfigError(f"keep fractions must be in (0, 1], not {self.keeps}")
         if self.choose not in CHOICE_RULES:
             raise ConfigError(f"--choose must be one of {', '.join(CHOICE_RULES)}")
+        if self.max_bytes < 1:
+            raise ConfigError(f"--max-bytes must be positive, not {self.max_bytes}")
         if self.proxy_workers < 0:
             raise ConfigError("--proxy-workers must be >= 0")
         if self.noise_repeats < 0:
@@ -517,28 +525,43 @@ def judge_under_split(trial: SplitTrial, finalists: list[PlanRow], progress: boo
 def screen_candidates(
     work: ScoredWork, proxy: Proxy, candidates: list[Candidate], progress: bool
 ) -> list[PlanRow]:
-    """Every candidate's payload size and short-run accuracy, in the grid's order."""
+    """Every candidate's payload size and, within the byte budget, its short-run
+    accuracy, in the grid's order (a typed error when no candidate fits the budget)."""
     from tqdm import tqdm
 
     settings = proxy.settings
     key = SigningKey.generate(settings.sender_id)
     screen_run = ProxyRun(settings.screen_steps, settings.batch_size, settings.seed)
-    ordered = by_ordering(candidates)
     by_name: dict[str, PlanRow] = {}
+    fitting: list[Candidate] = []  # in the order their accuracies come
 
-    def sized(candidate: Candidate) -> Candidate:
-        by_name[candidate.name] = size_row(work, candidate, key)
-        return candidate
+    def within_budget() -> Iterator[Candidate]:
+        for candidate in by_ordering(candidates):
+            row = by_name[candidate.name] = size_row(work, candidate, key)
+            if row.payload_bytes > settings.max_bytes:
+                row.stage = OVER_BUDGET
+                bar.total -= 1  # sized, and not trained on
+                continue
+            fitting.append(candidate)
+            yield candidate
 
-    accuracies = proxy.accuracies((sized(c) for c in ordered), screen_run)
+    accuracies = proxy.accuracies(within_budget(), screen_run)
     bar = tqdm(
-        accuracies, total=len(ordered), desc="plan: screen", unit="cand", disable=not progress
+        accuracies, total=len(candidates), desc="plan: screen", unit="cand", disable=not progress
     )
-    for candidate, accuracy in zip(ordered, bar, strict=True):
-        row = by_name[candidate.name]
+    for done, accuracy in enumerate(bar):
+        row = by_name[fitting[done].name]
         row.screen_accuracy = row.predicted_accuracy = accuracy
-        row.same_as = proxy.same_as.get(candidate.name)
-    return [by_name[candidate.name] for candidate in candidates]
+        row.same_as = proxy.same_as.get(row.name)
+    rows = [by_name[candidate.name] for candidate in candidates]
+    if not fitting:
+        smallest = min(rows, key=lambda r: r.payload_bytes)
+        raise BudgetError(
+            f"no candidate payload fits the plan's byte budget of {settings.max_bytes} bytes "
+            f"(the smallest, {smallest.name}, is {smallest.payload_bytes}): raise "
+            "--max-bytes, or plan smaller keep fractions (--keeps); nothing written"
+        )
+    return rows
 
 
 def reachable_front(proxy: Proxy, rows: list[PlanRow], best_screen: float) -> list[str]:
@@ -558,8 +581,8 @@ def confirm_candidates(proxy: Proxy, rows: list[PlanRow], progress: bool) -> Non
 
     settings = proxy.settings
     confirm_run = ProxyRun(settings.confirm_steps, settings.confirm_batch_size, settings.seed + 1)
-    ranked = sorted(rows, key=lambda r: -r.screen_accuracy)
-    promoted = {r.name for r in ranked[: max(1, round(settings.confirm_share * len(rows)))]}
+    ranked = sorted(predicted(rows), key=lambda r: -r.screen_accuracy)
+    promoted = {r.name for r in ranked[: max(1, round(settings.confirm_share * len(ranked)))]}
     promoted |= set(reachable_front(proxy, rows, ranked[0].screen_accuracy))
     confirm = [r for r in rows if r.name in promoted]
     confirm.sort(key=lambda r: order_key(r.candidate.config(), r.candidate.score))

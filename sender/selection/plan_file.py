@@ -26,6 +26,8 @@ PLAN_SCHEMA = 1
 # of the best (the operator pays link time for every byte), or the best prediction
 WITHIN_NOISE, BEST = "within-noise", "best"
 CHOICE_RULES = (WITHIN_NOISE, BEST)
+# a candidate whose payload is over the plan's byte budget: sized, never trained on
+OVER_BUDGET = "over-budget"
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class PlanRow:
     classes_covered: int = 0
     smallest_class_share: float = 0.0
     stage: str = "screen"  # "confirm": predicted by the longer run; "final": and judged
-    # again under the plan's further splits of the task (another split teacher each)
+    # again under the plan's further splits of the task (another split teacher each);
+    # OVER_BUDGET: not predicted (its payload is over the plan's byte budget)
     predicted_accuracy: float = 0.0
     screen_accuracy: float = 0.0
     confirm_accuracy: float | None = None
@@ -85,11 +88,16 @@ class PlanRow:
         return cls(**row | {"candidate": Candidate(**row["candidate"])})  # type: ignore[arg-type]
 
 
+def predicted(rows: list[PlanRow]) -> list[PlanRow]:
+    """The rows the plan made a prediction for (not those over its byte budget)."""
+    return [r for r in rows if r.stage != OVER_BUDGET]
+
+
 def rate_front(rows: list[PlanRow]) -> list[str]:
-    """Names of the rows no other row beats on both bytes and predicted accuracy."""
+    """Names of the predicted rows no other beats on both bytes and predicted accuracy."""
     front: list[str] = []
     best = -1.0
-    for row in sorted(rows, key=lambda r: (r.payload_bytes, -r.predicted_accuracy)):
+    for row in sorted(predicted(rows), key=lambda r: (r.payload_bytes, -r.predicted_accuracy)):
         if row.predicted_accuracy > best:
             front.append(row.name)
             best = row.predicted_accuracy
@@ -100,6 +108,7 @@ def choose(rows: list[PlanRow], max_bytes: int | None = None, band: float = 0.0)
     """The smallest row predicted within ``band`` of the best prediction that fits
     ``max_bytes`` (``band`` 0: the best, ties to fewer bytes), among the finalists when
     any fits (judged under every split), else among the confirmed rows (the longer runs)."""
+    rows = predicted(rows)
     fitting = [r for r in rows if max_bytes is None or r.payload_bytes <= max_bytes]
     if not fitting:
         smallest = min(rows, key=lambda r: r.payload_bytes)

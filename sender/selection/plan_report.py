@@ -9,6 +9,7 @@ from typing import BinaryIO
 from protocol.atomic_files import write_atomic, write_json_atomic, write_text_atomic
 from sender.selection.plan_file import (
     BEST,
+    OVER_BUDGET,
     PLAN_FILE,
     PLAN_PLOT,
     PLAN_SUMMARY,
@@ -65,13 +66,29 @@ def plan_summary(plan: Plan, limit: int = 20) -> str:
         "F: on the rate-accuracy front; *: chosen; x2: the mean of two runs; "
         "final: judged under every split",
         *choice_lines(plan),
+        *budget_lines(plan),
         f"{len(plan.candidates)} candidates in {plan.seconds:.0f}s",
     ]
     return "\n".join(lines) + "\n"
 
 
+def budget_lines(plan: Plan) -> list[str]:
+    """The candidates over the plan's byte budget, if any: sized, not trained on."""
+    over = [r for r in plan.candidates if r.stage == OVER_BUDGET]
+    if not over:
+        return []
+    smallest = min(r.payload_bytes for r in over)
+    return [
+        f"{len(over)} candidates over the byte budget of {plan.settings['max_bytes']} bytes "
+        f"(from {smallest} bytes): sized, not trained on; plan --max-bytes N measures them "
+        "(receivers take in larger payloads only when their operator raises --max-payload-bytes)"
+    ]
+
+
 def stage_words(row: PlanRow) -> str:
     """How a row's prediction was made, in a few words."""
+    if row.stage == OVER_BUDGET:
+        return "over the byte budget, not trained on"
     if row.stage == "final":
         words = f"final, {1 + len(row.split_accuracies)} splits"
     elif row.stage == "screen" and row.ceiling is not None:
@@ -195,6 +212,15 @@ def plot_plan(plan: Plan, handle: BinaryIO) -> None:
         linewidth=1,
         label="rate-accuracy front",
     )
+    over = [r for r in plan.candidates if r.stage == OVER_BUDGET]
+    if over:
+        ax.axvline(
+            int(plan.settings["max_bytes"]),  # type: ignore[call-overload]
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label=f"byte budget ({len(over)} larger candidates not trained on)",
+        )
     best = best_row(plan)
     if plan.choice_band > 0:
         low = 100 * (best.predicted_accuracy - plan.choice_band)
