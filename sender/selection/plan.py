@@ -52,7 +52,6 @@ from protocol.payload import RECEIVER_DEFAULT_MAX_BYTES, SenderStamp
 from protocol.reference.base import ReferenceSource
 from protocol.signing import SigningKey
 from protocol.task_data import LabeledImages, load_unlabeled_images
-from sender.errors import BudgetError
 from sender.scoring.domain_gap import DomainGap
 from sender.scoring.images import (
     TeacherSettings,
@@ -79,6 +78,7 @@ from sender.selection.plan_file import (
     counted_once,
     file_digest,
     noise_of,
+    nothing_fits,
     predicted,
     rate_front,
     selection_key,
@@ -555,11 +555,10 @@ def screen_candidates(
         row.same_as = proxy.same_as.get(row.name)
     rows = [by_name[candidate.name] for candidate in candidates]
     if not fitting:
-        smallest = min(rows, key=lambda r: r.payload_bytes)
-        raise BudgetError(
-            f"no candidate payload fits the plan's byte budget of {settings.max_bytes} bytes "
-            f"(the smallest, {smallest.name}, is {smallest.payload_bytes}): raise "
-            "--max-bytes, or plan smaller keep fractions (--keeps); nothing written"
+        raise nothing_fits(
+            rows,
+            f"candidate payload fits the plan's byte budget of {settings.max_bytes} bytes",
+            "raise --max-bytes, or plan smaller keep fractions (--keeps); nothing written",
         )
     return rows
 

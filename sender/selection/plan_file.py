@@ -104,6 +104,14 @@ def rate_front(rows: list[PlanRow]) -> list[str]:
     return front
 
 
+def nothing_fits(rows: list[PlanRow], what: str, fix: str) -> BudgetError:
+    """The error for a byte budget no row fits (``what``), naming the smallest and ``fix``."""
+    smallest = min(rows, key=lambda r: r.payload_bytes)
+    return BudgetError(
+        f"no {what} (the smallest, {smallest.name}, is {smallest.payload_bytes}): {fix}"
+    )
+
+
 def choose(rows: list[PlanRow], max_bytes: int | None = None, band: float = 0.0) -> PlanRow:
     """The smallest row predicted within ``band`` of the best prediction that fits
     ``max_bytes`` (``band`` 0: the best, ties to fewer bytes), among the finalists when
@@ -111,11 +119,10 @@ def choose(rows: list[PlanRow], max_bytes: int | None = None, band: float = 0.0)
     rows = predicted(rows)
     fitting = [r for r in rows if max_bytes is None or r.payload_bytes <= max_bytes]
     if not fitting:
-        smallest = min(rows, key=lambda r: r.payload_bytes)
-        raise BudgetError(
-            f"no planned payload fits {max_bytes} bytes (the smallest, {smallest.name}, "
-            f"is {smallest.payload_bytes}): raise the budget, or plan with smaller "
-            "keep fractions (--keeps)"
+        raise nothing_fits(
+            rows,
+            f"planned payload fits {max_bytes} bytes",
+            "raise the budget, or plan with smaller keep fractions (--keeps)",
         )
     finals = [r for r in fitting if r.stage == "final"]  # every split's estimate
     confirmed = [r for r in fitting if r.stage == "confirm"]  # the longer runs' estimates
