@@ -20,22 +20,28 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from benchmarks.plan_validation import decision_accuracy, spearman
 from trainer.choices import STUDENT_BATCH, STUDENT_STEPS
 
+if TYPE_CHECKING:
+    from protocol.task_data import LabeledImages
+    from sender.embedding.thumbnails import ThumbnailStore
+    from sender.selection.scored_work import ScoredWork
+
 
 @dataclass(frozen=True)
 class Inputs:
     """What the proxies learn from and are scored on, in both forms."""
 
-    work: object  # ScoredWork of the target's scoring
-    thumbnails: object  # the store's ThumbnailStore
+    work: ScoredWork  # the target's scoring
+    thumbnails: ThumbnailStore  # the store's
     pool: np.ndarray  # the reference images themselves
-    validation_thumbnails: object  # LabeledImages
-    validation_native: object  # LabeledImages
+    validation_thumbnails: LabeledImages
+    validation_native: LabeledImages
 
 
 def load_inputs(pv: Path, target: str, plan: dict) -> Inputs:

@@ -387,7 +387,6 @@ def add_plan(sub: Subparsers) -> None:
 
 
 def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSettings:
-    from protocol.payload import RECEIVER_DEFAULT_MAX_BYTES
     from protocol.signing import check_sender_id
     from sender.selection.payloads import byte_budget
     from sender.selection.plan import PlanSettings
@@ -404,7 +403,7 @@ def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSe
         teacher_splits=args.teacher_splits,
         finalists=args.finalists,
         choose=args.choose,
-        max_bytes=RECEIVER_DEFAULT_MAX_BYTES if budget is None else budget,
+        max_bytes=PlanSettings().max_bytes if budget is None else budget,
         proxy_workers=args.proxy_workers,
         max_images=args.max_images,
         seed=args.seed,
