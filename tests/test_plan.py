@@ -13,7 +13,7 @@ import pytest
 from protocol.errors import TaskDataError
 from protocol.task_data import LabeledImages
 from sender.errors import BudgetError
-from sender.selection.plan import candidate_grid, pick_finalists, split_task
+from sender.selection.plan import candidate_grid, pick_finalists, split_rows, split_task
 from sender.selection.plan_file import (
     BEST,
     OVER_BUDGET,
@@ -284,6 +284,22 @@ def test_split_is_stratified_deterministic_and_needs_two_per_class() -> None:
         split_task(lonely, 0.25, seed=0)
 
 
+def test_folds_of_one_seed_validate_on_disjoint_images_until_they_are_used_up() -> None:
+    labels = np.repeat(np.arange(3), [40, 12, 8])
+    names = ("a", "b", "c")
+    folds = [split_rows(labels, names, 0.25, seed=3, fold=k) for k in range(5)]
+    held = [set(v.tolist()) for _, v in folds]
+    assert np.array_equal(folds[0][1], split_rows(labels, names, 0.25, seed=3)[1])
+    for k in range(4):
+        teacher, validation = folds[k]
+        assert np.bincount(labels[validation]).tolist() == [10, 3, 2]
+        assert not set(teacher.tolist()) & held[k] and teacher.size + validation.size == 60
+        assert all(not held[k] & held[j] for j in range(k))  # disjoint
+    assert set().union(*held[:4]) == set(range(60))  # four folds: every image validates once
+    assert held[4] == held[0]  # then they wrap round
+    assert held[0] != set(split_rows(labels, names, 0.25, seed=4)[1].tolist())
+
+
 def test_front_and_choice() -> None:
     rows = [
         PlanRow(n, Candidate("lowest", "energy", 0.01), b, predicted_accuracy=a, stage=s)
@@ -361,6 +377,29 @@ def test_finalists_and_the_noise_between_splits() -> None:
     copy = replace(rows[1], name="b2", same_as="b", split_accuracies=[])
     picked = [r.name for r in pick_finalists([*rows, copy], band, 2)]
     assert picked == ["a", "b", "d", "b2"]
+
+
+def test_finalists_span_the_keep_fractions_within_reach() -> None:
+    def row(name: str, keep: float, accuracy: float) -> PlanRow:
+        candidate = Candidate("lowest", "knn", keep)
+        size = int(keep * 1e5)
+        return PlanRow(name, candidate, size, stage="confirm", predicted_accuracy=accuracy)
+
+    # the top three are all 1% payloads; a 5% payload is fourth, a 0.5% one fifth
+    rows = [
+        row("one-a", 0.01, 0.80),
+        row("one-b", 0.01, 0.79),
+        row("one-c", 0.01, 0.79),
+        row("five", 0.05, 0.78),
+        row("half", 0.005, 0.75),
+        row("far", 0.10, 0.60),  # not within twice the band
+    ]
+    band = PlanNoise(2, 0.03, 0.03, WITHIN_NOISE)
+    picked = [r.name for r in pick_finalists(rows, band, 3)]
+    assert picked == ["one-a", "five", "half"]  # the best of each keep within reach
+    picked = [r.name for r in pick_finalists(rows, band, 5)]
+    assert picked == ["one-a", "five", "half", "one-b", "one-c"]  # then the next best
+    assert "far" not in [r.name for r in pick_finalists(rows, band, 6)]
 
 
 def test_noise_is_measured_from_the_repeated_rows() -> None:

@@ -303,16 +303,19 @@ def add_plan_measurement(plan: argparse.ArgumentParser) -> None:
     plan.add_argument(
         "--teacher-splits",
         type=int,
-        default=2,
-        help="the finalists are judged under this many splits of the task, each with its "
-        "own split teacher, and chosen on their mean (1: the plan's own split only)",
+        default=None,
+        help="the finalists are judged under this many splits of the task (default 2), each "
+        "with its own split teacher and disjoint validation images while they last (4 with "
+        "the default validation fraction: cross-validation), and chosen on their mean (1: "
+        "the plan's own split only)",
     )
     plan.add_argument(
         "--finalists",
         type=int,
-        default=4,
-        help="at most this many of the best confirmed candidates (and the choice) are "
-        "judged under the further splits",
+        default=None,
+        help="at most this many of the confirmed candidates near the best (the best of each "
+        "keep fraction first; default one per default keep) and the choice are judged "
+        "under the further splits",
     )
     plan.add_argument(
         "--choose",
@@ -386,24 +389,29 @@ def add_plan(sub: Subparsers) -> None:
     plan.set_defaults(func=_run_plan)
 
 
+def _or_default(given: int | None, default: int) -> int:
+    return default if given is None else given
+
+
 def _plan_settings(args: argparse.Namespace, teacher: TeacherSettings) -> PlanSettings:
     from protocol.signing import check_sender_id
     from sender.selection.payloads import byte_budget
     from sender.selection.plan import PlanSettings
 
     budget = byte_budget(args.max_bytes, args.link_bps, args.window)
+    default = PlanSettings()
     return PlanSettings(
-        keeps=parse_keeps(args.keeps) if args.keeps else PlanSettings().keeps,
+        keeps=parse_keeps(args.keeps) if args.keeps else default.keeps,
         validation_fraction=args.validation_fraction,
         screen_steps=args.screen_steps,
         confirm_steps=args.confirm_steps,
         confirm_batch_size=args.confirm_batch,
         confirm_share=args.confirm_share,
         noise_repeats=args.noise_repeats,
-        teacher_splits=args.teacher_splits,
-        finalists=args.finalists,
+        teacher_splits=_or_default(args.teacher_splits, default.teacher_splits),
+        finalists=_or_default(args.finalists, default.finalists),
         choose=args.choose,
-        max_bytes=PlanSettings().max_bytes if budget is None else budget,
+        max_bytes=default.max_bytes if budget is None else budget,
         proxy_workers=args.proxy_workers,
         max_images=args.max_images,
         seed=args.seed,

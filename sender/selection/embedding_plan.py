@@ -162,9 +162,10 @@ def plan_from_embeddings(
     store, work = planned.store, planned.work
     index = store_index(store)
 
-    def trial(seed: int) -> SplitTrial:
-        """The split of ``seed``, its teacher fit on the embeddings and streamed over the store."""
-        teacher_rows, held = split_rows(task.labels, names, settings.validation_fraction, seed)
+    def trial(fold: int) -> SplitTrial:
+        """The split of ``fold``, its teacher fit on the embeddings and streamed over the store."""
+        fraction, seed = settings.validation_fraction, settings.seed + fold
+        teacher_rows, held = split_rows(task.labels, names, fraction, settings.seed, fold)
         teacher_part, validation = task.subset(teacher_rows), task.subset(held)
         model = embedding_teacher(scoring.teacher, embedder, teacher_part, names, scoring.knn_k)
         scored = score_store(store, index, model, teacher_part, scoring)
@@ -173,7 +174,7 @@ def plan_from_embeddings(
         weighted, evidence = weighted_validation(shown, scenery, settings)
         proxy = Proxy(planned.thumbnails.read_rows, split, work.excluded, weighted, settings)
         accuracy = teacher_accuracy(model, validation)
-        counts = PlanSplit(int(teacher_rows.size), int(held.size), seed, accuracy)
+        counts = PlanSplit(int(teacher_rows.size), int(held.size), seed, accuracy, fold)
         return SplitTrial(
             counts, proxy, lambda: store_domain_gap(store, validation.embeddings), evidence
         )

@@ -141,7 +141,7 @@ class PlanSettings:
     # are judged again under further splits of the task, each with its own split teacher,
     # and the choice is made on their mean over all ``teacher_splits`` splits
     teacher_splits: int = 2
-    finalists: int = 4
+    finalists: int = len(DEFAULT_KEEPS)  # room for the best of each default keep
     choose: str = WITHIN_NOISE  # or BEST (see sender.selection.plan_file.choose)
     # candidates whose payload is larger are sized but not trained on (a receiver refuses
     # them unless its operator raised its own limit); by default a receiver's default
@@ -207,10 +207,18 @@ def work_teacher(work_dir: str | os.PathLike[str], base: TeacherSettings) -> Tea
 
 
 def split_rows(
-    labels: np.ndarray, class_names: tuple[str, ...], validation_fraction: float, seed: int
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    validation_fraction: float,
+    seed: int,
+    fold: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(teacher-train rows, validation rows): per class, a seeded ``validation_fraction``
-    (at least one image) goes to validation. Every class needs two labeled images."""
+    (at least one image) goes to validation. Every class needs two labeled images.
+
+    ``fold`` k takes the k-th such block of each class's seeded order, so the folds of
+    one seed validate on disjoint images until they are used up (``1 /
+    validation_fraction`` folds: cross-validation), and then wrap round."""
     rng = np.random.default_rng(seed)
     validation: list[np.ndarray] = []
     for c, name in enumerate(class_names):
@@ -222,16 +230,17 @@ def split_rows(
                 "images of it"
             )
         count = max(1, round(validation_fraction * members.size))
-        validation.append(rng.permutation(members)[:count])
+        block = np.arange(fold * count, (fold + 1) * count)
+        validation.append(np.unique(np.take(rng.permutation(members), block, mode="wrap")))
     held = np.sort(np.concatenate(validation))
     return np.setdiff1d(np.arange(labels.size), held), held
 
 
 def split_task(
-    task: LabeledImages, validation_fraction: float, seed: int
+    task: LabeledImages, validation_fraction: float, seed: int, fold: int = 0
 ) -> tuple[LabeledImages, LabeledImages]:
     """(teacher-train, validation) of a labeled task (see :func:`split_rows`)."""
-    rest, held = split_rows(task.labels, task.class_names, validation_fraction, seed)
+    rest, held = split_rows(task.labels, task.class_names, validation_fraction, seed, fold)
 
     def part(rows: np.ndarray, suffix: str) -> LabeledImages:
         return LabeledImages(
@@ -426,7 +435,7 @@ class SplitTrial:
     deployment: DeploymentEvidence | None = None
 
 
-SplitTrials = Callable[[int], SplitTrial]  # the split (and its split teacher) of a seed
+SplitTrials = Callable[[int], SplitTrial]  # the split (and its split teacher) of a fold
 
 
 @dataclass(frozen=True)
@@ -455,7 +464,7 @@ def measure_candidates(
     work.release_ranking()  # every payload is sized: held no longer while a split scores
     splits = [measured.splits[0]]
     for k in range(1, settings.teacher_splits):  # one split teacher's scores held at a time
-        trial = trials(settings.seed + k)
+        trial = trials(k)
         trial.proxy.pool.worth_starting = measured.workers_worth_starting  # runs as long
         splits.append(judge_under_split(trial, finalists, progress))
     noise = split_noise(finalists, measured.noise)
@@ -471,7 +480,7 @@ def _measure_first_split(
     """Every candidate of the grid (the scores both the work directory and the split
     teacher have) measured on the plan's own split; its proxy is stopped, and its
     teacher's scores let go, after."""
-    first = trials(settings.seed)
+    first = trials(0)
     candidates = candidate_grid(settings.keeps, usable_scores(work, first.proxy.scores))
     with first.proxy as proxy:
         rows = screen_candidates(work, proxy, candidates, progress)
@@ -482,13 +491,21 @@ def _measure_first_split(
 
 
 def pick_finalists(rows: list[PlanRow], noise: PlanNoise, count: int) -> list[PlanRow]:
-    """The confirmed rows predicted within twice the noise band of the best (at least the
-    best two, at most ``count``), and the row the choice would take now."""
+    """The confirmed rows predicted within twice the noise band of the best: the best of
+    each keep fraction first, then the next best (at least the best two, at most
+    ``count``), and the row the choice would take now.
+
+    The choice trades bytes against accuracy, so the finalists span the sizes within
+    reach: the top few of one noisy ranking are often neighbours of one size, and a
+    larger payload that teaches more would never be judged again."""
     confirmed = [r for r in rows if r.stage == "confirm"]
     ranked = distinct_best(confirmed, len(confirmed))
     best = ranked[0].predicted_accuracy
     near = [r for r in ranked if r.predicted_accuracy >= best - 2 * noise.band - 1e-12]
-    finalists = ranked[: max(2, min(count, len(near)))]
+    each_keep = list({r.candidate.keep: r for r in reversed(near)}.values())
+    spread = sorted(each_keep, key=lambda r: -r.predicted_accuracy)
+    spread += [r for r in ranked if r not in spread]  # the rest of near first, in order
+    finalists = spread[: max(2, min(count, len(near)))]
     chosen = choose(confirmed, band=noise.choice_band)
     return with_copies([*finalists, chosen], confirmed)
 
@@ -515,7 +532,7 @@ def judge_under_split(trial: SplitTrial, finalists: list[PlanRow], progress: boo
     run = ProxyRun(settings.confirm_steps, settings.confirm_batch_size, trial.split.seed + 1)
     with trial.proxy as proxy:
         accuracies = proxy.accuracies((r.candidate for r in finalists), run)
-        desc = f"plan: split {trial.split.seed - settings.seed + 1}"
+        desc = f"plan: split {trial.split.fold + 1}"
         bar = tqdm(accuracies, total=len(finalists), desc=desc, unit="cand", disable=not progress)
         for row, accuracy in zip(finalists, bar, strict=True):
             row.split_accuracies.append(accuracy)
@@ -720,16 +737,18 @@ def make_plan(
         scenery = load_unlabeled_images(settings.deployment, side, channels)
     images = reference_images(reference, train.images.shape[1])
 
-    def trial(seed: int) -> SplitTrial:
-        """The split of ``seed``, its teacher trained on the images and scoring the pool."""
-        teacher_part, validation = split_task(train, settings.validation_fraction, seed)
+    def trial(fold: int) -> SplitTrial:
+        """The split of ``fold``, its teacher trained on the images and scoring the pool."""
+        seed = settings.seed + fold
+        fraction = settings.validation_fraction
+        teacher_part, validation = split_task(train, fraction, settings.seed, fold)
         teacher = replace(settings.teacher, seed=seed)
         scored = teacher_scores(images, teacher_part, validation, teacher, progress)
         split = SplitScores(scored.scores, scored.predicted)
         weighted, evidence = weighted_validation(validation, scenery, settings)
         proxy = Proxy(images.__getitem__, split, work.excluded, weighted, settings)
         accuracy = scored.outputs.report.test_accuracy
-        counts = PlanSplit(teacher_part.labels.size, validation.labels.size, seed, accuracy)
+        counts = PlanSplit(teacher_part.labels.size, validation.labels.size, seed, accuracy, fold)
         gap = domain_gap(scored.outputs)  # cheap here, and the outputs are let go
         return SplitTrial(counts, proxy, lambda: gap, evidence)
 

@@ -236,8 +236,9 @@ class PlanSplit:
 
     teacher_train: int
     validation: int
-    seed: int
+    seed: int  # of the split teacher (the plan's seed, plus the fold)
     teacher_accuracy: float | None = None  # the split teacher's, on the split's validation
+    fold: int = 0  # which block of the plan's seeded order the validation images are
 
 
 @dataclass(frozen=True)
