@@ -24,16 +24,16 @@ taken: repeated on the plan's split, or judged under the further splits below.
 
 One split teacher is one draw of the teacher's own variance: far from the reference set
 the fixed schemes move by up to ten points between teacher seeds. So the finalists (the
-confirmed rows within twice the noise band of the best, and the choice) are judged
-again under further splits of the task (``teacher_splits``), each with its own seeded
-split, its own split teacher, that teacher's selection and labels, and its own
-validation images. Their prediction is the mean over the splits, and the band becomes
-the noise of a difference between two such means, from the spread between splits
-(:func:`sender.selection.plan_file.split_noise`), so a candidate one teacher happened
-to favour does not win on that alone. The same candidate
-applied to the full work
-directory (the teacher refit on all labeled images) is the payload that would be sent,
-and is encoded to get its exact size.
+confirmed rows within twice the noise band of the best, the best of each keep fraction
+first, and the choice) are judged again under further splits of the task
+(``teacher_splits``), each with its own split teacher, that teacher's selection and
+labels, and its own validation images: the next fold of the same seeded order, so that
+the splits validate on disjoint images (cross-validation). Their prediction is the
+mean over the splits, and the band becomes the noise of a difference between two such
+means, from the spread between splits (:func:`sender.selection.plan_file.split_noise`),
+so a candidate one teacher happened to favour does not win on that alone. The same
+candidate applied to the full work directory (the teacher refit on all labeled images)
+is the payload that would be sent, and is encoded to get its exact size.
 """
 
 from __future__ import annotations
@@ -502,7 +502,7 @@ def pick_finalists(rows: list[PlanRow], noise: PlanNoise, count: int) -> list[Pl
     ranked = distinct_best(confirmed, len(confirmed))
     best = ranked[0].predicted_accuracy
     near = [r for r in ranked if r.predicted_accuracy >= best - 2 * noise.band - 1e-12]
-    each_keep = list({r.candidate.keep: r for r in reversed(near)}.values())
+    each_keep = list({r.candidate.keep: r for r in reversed(near)}.values())  # best last
     spread = sorted(each_keep, key=lambda r: -r.predicted_accuracy)
     spread += [r for r in ranked if r not in spread]  # the rest of near first, in order
     finalists = spread[: max(2, min(count, len(near)))]
