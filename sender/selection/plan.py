@@ -502,9 +502,11 @@ def pick_finalists(rows: list[PlanRow], noise: PlanNoise, count: int) -> list[Pl
     ranked = distinct_best(confirmed, len(confirmed))
     best = ranked[0].predicted_accuracy
     near = [r for r in ranked if r.predicted_accuracy >= best - 2 * noise.band - 1e-12]
-    each_keep = list({r.candidate.keep: r for r in reversed(near)}.values())  # best last
-    spread = sorted(each_keep, key=lambda r: -r.predicted_accuracy)
-    spread += [r for r in ranked if r not in spread]  # the rest of near first, in order
+    best_of_keep: dict[float, PlanRow] = {}
+    for row in near:  # best first: each keep's first row is its best, in the same order
+        best_of_keep.setdefault(row.candidate.keep, row)
+    firsts = {r.name for r in best_of_keep.values()}
+    spread = [*best_of_keep.values(), *(r for r in ranked if r.name not in firsts)]
     finalists = spread[: max(2, min(count, len(near)))]
     chosen = choose(confirmed, band=noise.choice_band)
     return with_copies([*finalists, chosen], confirmed)
