@@ -164,7 +164,7 @@ def plan_from_embeddings(
 
     def trial(fold: int) -> SplitTrial:
         """The split of ``fold``, its teacher fit on the embeddings and streamed over the store."""
-        fraction, seed = settings.validation_fraction, settings.seed + fold
+        fraction, seed = settings.validation_fraction, settings.split_seed(fold)
         teacher_rows, held = split_rows(task.labels, names, fraction, settings.seed, fold)
         teacher_part, validation = task.subset(teacher_rows), task.subset(held)
         model = embedding_teacher(scoring.teacher, embedder, teacher_part, names, scoring.knn_k)

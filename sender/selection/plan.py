@@ -166,6 +166,11 @@ class PlanSettings:
         fleet = None if self.fleet is None else self.fleet.as_json()
         return plain | {"keeps": list(self.keeps), "teacher": teacher, "fleet": fleet}
 
+    def split_seed(self, fold: int) -> int:
+        """The seed of the split teacher (and its proxies) of split ``fold``; every split's
+        validation images come from the one order of :attr:`seed`."""
+        return self.seed + fold
+
     def __post_init__(self) -> None:
         if not 0.05 <= self.validation_fraction <= 0.5:
             raise ConfigError(
@@ -741,7 +746,7 @@ def make_plan(
 
     def trial(fold: int) -> SplitTrial:
         """The split of ``fold``, its teacher trained on the images and scoring the pool."""
-        seed = settings.seed + fold
+        seed = settings.split_seed(fold)
         fraction = settings.validation_fraction
         teacher_part, validation = split_task(train, fraction, settings.seed, fold)
         teacher = replace(settings.teacher, seed=seed)
