@@ -178,6 +178,8 @@ def validate_target(
     if not (plan_dir / "plan.json").is_file():
         plan_cmd = [*send, "plan", str(scored), *(ref if args.clip is None else args.clip)]
         plan_cmd += ["--train", train_file, *scenery, *seed, "--out", str(plan_dir), "--quiet"]
+        if args.teacher_splits is not None:
+            plan_cmd += ["--teacher-splits", str(args.teacher_splits)]
         run(plan_cmd, logs / f"{plan_dir.name}.log")
     plan = json.loads((plan_dir / "plan.json").read_text())
     validation = plan_validation_split(Path(train_file), plan)
@@ -364,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         "--plan-name",
         help="the plan's folder in each target (default plan, or plan-deployment): a "
         "second plan of the same work directories, made by another version or settings",
+    )
+    parser.add_argument(
+        "--teacher-splits",
+        type=int,
+        help="the plan's --teacher-splits (default: the plan's own default)",
     )
     parser.add_argument(
         "--reuse-students",
