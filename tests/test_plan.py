@@ -141,7 +141,10 @@ def test_plan_writes_table_front_plot_and_json(planned) -> None:
     best = max(r["predicted_accuracy"] for r in finals)
     assert chosen["predicted_accuracy"] >= best - noise["band"] - 1e-9
     near = [r for r in finals if r["predicted_accuracy"] >= best - noise["band"] - 1e-9]
-    assert chosen["payload_bytes"] == min(r["payload_bytes"] for r in near)
+    fewest = min(r["candidate"]["keep"] for r in near)  # the smallest keep, its best row
+    same_size = [r for r in near if r["candidate"]["keep"] == fewest]
+    assert chosen["candidate"]["keep"] == fewest
+    assert chosen["predicted_accuracy"] == max(r["predicted_accuracy"] for r in same_size)
     assert "teacher variance:" in (plan_dir / "plan.txt").read_text()
     assert "noise:" in planned["out"].stdout and "chosen:" in planned["out"].stdout
     assert (plan_dir / "plan.png").stat().st_size > 10_000
@@ -307,8 +310,8 @@ def test_folds_of_one_seed_validate_on_disjoint_images_until_they_are_used_up() 
 
 
 def test_front_and_choice() -> None:
-    rows = [
-        PlanRow(n, Candidate("lowest", "energy", 0.01), b, predicted_accuracy=a, stage=s)
+    rows = [  # one keep fraction each, a payload's size following its keep
+        PlanRow(n, Candidate("lowest", "energy", b / 1e4), b, predicted_accuracy=a, stage=s)
         for n, b, a, s in [
             ("a", 100, 0.5, "confirm"),
             ("b", 200, 0.4, "confirm"),
@@ -339,9 +342,30 @@ def test_front_and_choice() -> None:
     assert choose([*rows, big], 1000).name == choose(rows, 1000).name
 
 
+def test_within_noise_a_smaller_payload_of_the_same_keep_never_wins() -> None:
+    """Within the band, the smallest keep fraction wins, and of its rows the best
+    predicted: a row of the same keep a few bytes smaller is no saving worth points."""
+
+    def row(name: str, keep: float, size: int, accuracy: float) -> PlanRow:
+        candidate = Candidate("safety-net", "knn", keep)
+        return PlanRow(name, candidate, size, stage="final", predicted_accuracy=accuracy)
+
+    rows = [
+        row("two", 0.02, 2700, 0.70),
+        row("five-best", 0.05, 5067, 0.748),
+        row("five-smaller", 0.05, 5020, 0.739),
+        row("ten", 0.10, 8100, 0.745),
+    ]
+    assert choose(rows, band=0.013).name == "five-best"  # not the 47 bytes fewer
+    assert choose(rows, band=0.05).name == "two"  # a smaller keep within the band
+    assert choose(rows).name == "five-best"
+    tie = [row("a", 0.01, 1800, 0.7), row("b", 0.01, 1700, 0.7)]
+    assert choose(tie).name == choose(tie, band=0.1).name == "b"  # ties to fewer bytes
+
+
 def test_finalists_and_the_noise_between_splits() -> None:
     def row(name: str, accuracy: float, size: int = 100) -> PlanRow:
-        candidate = Candidate("lowest", "energy", 0.01)
+        candidate = Candidate("lowest", "energy", size / 1e4)  # its size follows its keep
         return PlanRow(name, candidate, size, stage="confirm", predicted_accuracy=accuracy)
 
     rows = [row("a", 0.80, 900), row("b", 0.79, 300), row("c", 0.70), row("d", 0.78, 200)]

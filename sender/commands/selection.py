@@ -321,8 +321,8 @@ def add_plan_measurement(plan: argparse.ArgumentParser) -> None:
         "--choose",
         choices=CHOICE_RULES,
         default=WITHIN_NOISE,
-        help="within-noise: the smallest payload predicted within the measured noise of the "
-        "best; best: the highest prediction whatever its bytes",
+        help="within-noise: the smallest keep fraction (its best row) predicted within the "
+        "measured noise of the best; best: the highest prediction whatever its bytes",
     )
 
 

@@ -18,9 +18,10 @@ against rows of its own size) and the screen's rate-accuracy front are trained a
 with another seed on the device student's schedule (steps and batch), and that
 accuracy is the prediction. The best confirmed candidates are trained once
 more with a third seed: the two runs' mean is their prediction, and how far the pairs
-land apart is the proxy's noise. By default the choice is the smallest payload predicted
-within that noise of the best (the operator pays link time for every byte; a rule that
-takes the top prediction pays bytes for noise), and it too is run again before it is
+land apart is the proxy's noise. By default the choice is the best row of the smallest
+keep fraction predicted within that noise of the best (the operator pays link time for
+every byte, and the bytes follow the kept images; a rule that takes the top prediction
+pays bytes for noise), and it too is run again before it is
 taken: repeated on the plan's split, or judged under the further splits below.
 
 One split teacher is one draw of the teacher's own variance: far from the reference set

@@ -22,8 +22,9 @@ PLAN_FILE = "plan.json"
 PLAN_PLOT = "plan.png"
 PLAN_SUMMARY = "plan.txt"
 PLAN_SCHEMA = 1
-# how the plan chooses: the smallest payload predicted within the proxy's measured noise
-# of the best (the operator pays link time for every byte), or the best prediction
+# how the plan chooses: the smallest keep fraction predicted within the proxy's measured
+# noise of the best, its best row (the operator pays link time for every byte), or the
+# best prediction
 WITHIN_NOISE, BEST = "within-noise", "best"
 CHOICE_RULES = (WITHIN_NOISE, BEST)
 # a candidate whose payload is over the plan's byte budget: sized, never trained on
@@ -113,9 +114,14 @@ def nothing_fits(rows: list[PlanRow], what: str, fix: str) -> BudgetError:
 
 
 def choose(rows: list[PlanRow], max_bytes: int | None = None, band: float = 0.0) -> PlanRow:
-    """The smallest row predicted within ``band`` of the best prediction that fits
-    ``max_bytes`` (``band`` 0: the best, ties to fewer bytes), among the finalists when
-    any fits (judged under every split), else among the confirmed rows (the longer runs)."""
+    """Of the rows that fit ``max_bytes`` and are predicted within ``band`` of the best,
+    those of the smallest keep fraction, and of them the best predicted (``band`` 0: the
+    best, ties to fewer bytes); among the finalists when any fits (judged under every
+    split), else among the confirmed rows (the longer runs).
+
+    A payload's size follows the images it keeps: rows of one keep fraction differ in
+    bytes by their selection's entropy only (a few percent), too little to give up
+    predicted accuracy for."""
     rows = predicted(rows)
     fitting = [r for r in rows if max_bytes is None or r.payload_bytes <= max_bytes]
     if not fitting:
@@ -129,7 +135,9 @@ def choose(rows: list[PlanRow], max_bytes: int | None = None, band: float = 0.0)
     pool = finals or confirmed or fitting
     best = max(r.predicted_accuracy for r in pool)
     near = [r for r in pool if r.predicted_accuracy >= best - band - 1e-12]
-    return min(near, key=lambda r: (r.payload_bytes, -r.predicted_accuracy))
+    fewest = min(r.candidate.keep for r in near)
+    same_size = [r for r in near if r.candidate.keep == fewest]
+    return max(same_size, key=lambda r: (r.predicted_accuracy, -r.payload_bytes))
 
 
 @dataclass(frozen=True)

@@ -152,16 +152,17 @@ def choice_lines(plan: Plan) -> list[str]:
         why = "the highest prediction" + (
             f" (rule {BEST})"
             if noise.rule == BEST
-            else ", and no smaller payload is within "
+            else ", and no smaller keep fraction is within "
             f"the noise band ({100 * noise.band:.1f} points)"
         )
     else:
         ratio = best.payload_bytes / chosen.payload_bytes
         points = 100 * (best.predicted_accuracy - chosen.predicted_accuracy)
         why = (
-            f"the smallest payload predicted within the noise band ({100 * noise.band:.1f} "
-            f"points) of the best, {best.name} ({best.payload_bytes} bytes, "
-            f"{100 * best.predicted_accuracy:.1f}%): {ratio:.1f}x fewer bytes for "
+            f"the best of the smallest keep fraction predicted within the noise band "
+            f"({100 * noise.band:.1f} points) of the best, {best.name} "
+            f"({best.payload_bytes} bytes, {100 * best.predicted_accuracy:.1f}%): "
+            f"{ratio:.1f}x fewer bytes for "
             f"{points:.1f} points; --choose best takes the best"
         )
     lines.append(f"chosen: {chosen.name}, {why}")
