@@ -43,8 +43,8 @@ from protocol.frames import PROFILES
 LINK = "lora-sf10"  # ~1 kbps, 51-byte frames: the narrow end of the mission's links
 # the demo's plan, cut to fit three minutes: 36 candidates at the paper's 1% and at 2%
 # (two sizes to trade bytes against accuracy), each screened for 40 steps, a tenth of
-# each keep's and the front confirmed on the students' own schedule (`make compare`
-# and `plada-send plan` try 108 at 0.25%..10% for 100 steps, and confirm a quarter); the
+# them and the front confirmed on the students' own schedule (`make compare` and
+# `plada-send plan` try 108 at 0.25%..10% for 100 steps, and confirm a quarter); the
 # noise from the two best confirmed candidates run again (one round on two cores;
 # `plada-send plan` runs three)
 DEMO_PLAN_KEEPS = "1%,2%"
