@@ -13,13 +13,7 @@ import pytest
 from protocol.errors import TaskDataError
 from protocol.task_data import LabeledImages
 from sender.errors import BudgetError
-from sender.selection.plan import (
-    best_share_of_each_keep,
-    candidate_grid,
-    pick_finalists,
-    split_rows,
-    split_task,
-)
+from sender.selection.plan import candidate_grid, pick_finalists, split_rows, split_task
 from sender.selection.plan_file import (
     BEST,
     OVER_BUDGET,
@@ -407,22 +401,6 @@ def test_finalists_and_the_noise_between_splits() -> None:
     copy = replace(rows[1], name="b2", same_as="b", split_accuracies=[])
     picked = [r.name for r in pick_finalists([*rows, copy], band, 2)]
     assert picked == ["a", "b", "d", "b2"]
-
-
-def test_the_screen_promotes_the_best_share_of_each_keep_fraction() -> None:
-    """A short run underrates the larger selections: the 5% rows, all screened below
-    every 1% row, still send their best to the confirmation."""
-
-    def row(name: str, keep: float, screen: float) -> PlanRow:
-        candidate = Candidate("lowest", "knn", keep)
-        return PlanRow(name, candidate, int(keep * 1e5), screen_accuracy=screen)
-
-    ones = [row(f"one-{i}", 0.01, 0.60 - i / 100) for i in range(4)]
-    fives = [row(f"five-{i}", 0.05, 0.40 - i / 100) for i in range(8)]
-    ranked = sorted([*fives, *ones], key=lambda r: -r.screen_accuracy)
-    assert best_share_of_each_keep(ranked, 0.25) == ["one-0", "five-0", "five-1"]
-    assert best_share_of_each_keep(ranked, 0.0) == ["one-0", "five-0"]  # at least one each
-    assert len(best_share_of_each_keep(ranked, 1.0)) == 12
 
 
 def test_finalists_span_the_keep_fractions_within_reach() -> None:

@@ -290,8 +290,8 @@ def add_plan_measurement(plan: argparse.ArgumentParser) -> None:
         "--confirm-share",
         type=float,
         default=0.25,
-        help="share of each keep fraction's screened candidates confirmed (the best by the "
-        "screen), besides the screen's accuracy-for-bytes front",
+        help="share of the screened candidates confirmed (the best by the screen), besides "
+        "the screen's accuracy-for-bytes front",
     )
     plan.add_argument(
         "--noise-repeats",

@@ -12,11 +12,10 @@ The proxy is not circular: it never sees the teacher's features or head, only th
 selected images and their hard labels, so a selection that covers the classes with
 poor or mislabelled images predicts poorly, as it teaches poorly.
 
-Screening is successive halving: every candidate gets a short run; the best share of
-each keep fraction (a short run underrates the larger selections, so a row is screened
-against rows of its own size) and the screen's rate-accuracy front are trained again
-with another seed on the device student's schedule (steps and batch), and that
-accuracy is the prediction. The best confirmed candidates are trained once
+Screening is successive halving: every candidate gets a short run; the best share and
+the screen's rate-accuracy front are trained again with another seed on the device
+student's schedule (steps and batch; a short run underrates the larger selections),
+and that accuracy is the prediction. The best confirmed candidates are trained once
 more with a third seed: the two runs' mean is their prediction, and how far the pairs
 land apart is the proxy's noise. By default the choice is the best row of the smallest
 keep fraction predicted within that noise of the best (the operator pays link time for
@@ -134,7 +133,7 @@ class PlanSettings:
     # own schedule): a short run underrates the larger, more varied selections
     confirm_steps: int = STUDENT_STEPS
     confirm_batch_size: int = STUDENT_BATCH
-    confirm_share: float = 0.25  # of each keep's candidates, besides the screen's front
+    confirm_share: float = 0.25  # of the candidates, besides the screen's front
     # the best confirmed candidates run again with another seed, to measure the proxy's
     # noise; with one split, the choice is then repeated too, until it has two runs (at
     # most as many more); with more, the further splits are its further runs
@@ -589,16 +588,6 @@ def screen_candidates(
     return rows
 
 
-def best_share_of_each_keep(ranked: list[PlanRow], share: float) -> list[str]:
-    """The names of the best ``share`` (at least one) of each keep fraction's rows in
-    ``ranked`` (best first). A short run underrates the larger selections, so the screen
-    compares a row with the rows of its own size only."""
-    by_keep: dict[float, list[PlanRow]] = {}
-    for row in ranked:
-        by_keep.setdefault(row.candidate.keep, []).append(row)
-    return [r.name for same in by_keep.values() for r in same[: max(1, round(share * len(same)))]]
-
-
 def reachable_front(proxy: Proxy, rows: list[PlanRow], best_screen: float) -> list[str]:
     """The screen's rate-accuracy front, less the rows whose labels miss so many classes
     that no run could reach the best screen accuracy (a longer run of the best only
@@ -611,14 +600,13 @@ def reachable_front(proxy: Proxy, rows: list[PlanRow], best_screen: float) -> li
 
 
 def confirm_candidates(proxy: Proxy, rows: list[PlanRow], progress: bool) -> None:
-    """Train the screen's best share of each keep fraction, and its front, again on the
-    student's schedule."""
+    """Train the screen's best share and its front again on the student's schedule."""
     from tqdm import tqdm
 
     settings = proxy.settings
     confirm_run = ProxyRun(settings.confirm_steps, settings.confirm_batch_size, settings.seed + 1)
     ranked = sorted(predicted(rows), key=lambda r: -r.screen_accuracy)
-    promoted = set(best_share_of_each_keep(ranked, settings.confirm_share))
+    promoted = {r.name for r in ranked[: max(1, round(settings.confirm_share * len(ranked)))]}
     promoted |= set(reachable_front(proxy, rows, ranked[0].screen_accuracy))
     confirm = [r for r in rows if r.name in promoted]
     confirm.sort(key=lambda r: order_key(r.candidate.config(), r.candidate.score))
