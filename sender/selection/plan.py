@@ -20,8 +20,8 @@ more with a third seed: the two runs' mean is their prediction, and how far the 
 land apart is the proxy's noise. By default the choice is the best row of the smallest
 keep fraction predicted within that noise of the best (the operator pays link time for
 every byte, and the bytes follow the kept images; a rule that takes the top prediction
-pays bytes for noise), and it too is run again before it is
-taken: repeated on the plan's split, or judged under the further splits below.
+pays bytes for noise), and it too is run again before it is taken: repeated on the
+plan's split, or judged under the further splits below.
 
 One split teacher is one draw of the teacher's own variance: far from the reference set
 the fixed schemes move by up to ten points between teacher seeds. So the finalists (the

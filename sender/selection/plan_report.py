@@ -162,8 +162,7 @@ def choice_lines(plan: Plan) -> list[str]:
             f"the best of the smallest keep fraction predicted within the noise band "
             f"({100 * noise.band:.1f} points) of the best, {best.name} "
             f"({best.payload_bytes} bytes, {100 * best.predicted_accuracy:.1f}%): "
-            f"{ratio:.1f}x fewer bytes for "
-            f"{points:.1f} points; --choose best takes the best"
+            f"{ratio:.1f}x fewer bytes for {points:.1f} points; --choose best takes the best"
         )
     lines.append(f"chosen: {chosen.name}, {why}")
     lines.append("select --plan --max-bytes N applies the same rule to the rows that fit N")
