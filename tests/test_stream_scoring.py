@@ -211,10 +211,10 @@ def test_loaded_index_is_memory_mapped_and_searches_alike(tmp_path, kind) -> Non
 
     # a file over 8 MB either way; IVF-PQ at 16 bytes a row (24 with its id), whose
     # sub-quantizers train in seconds, where the largest that fits (64) takes a minute
-    n, dim = (150_000, 64) if kind == "flat" else (400_000, 64)
+    n, dim, nlist = (150_000 if kind == "flat" else 400_000), 64, 64
     store = make_store(tmp_path / "store", clustered(n, dim, seed=5), part_rows=65_536)
-    budget = n * dim * 8 if kind == "flat" else n * (16 + 8) + 64 * dim * 4
-    index, plan = build_store_index(store, budget, progress=False, nlist=64)
+    budget = n * dim * 8 if kind == "flat" else n * (16 + 8) + nlist * dim * 4
+    index, plan = build_store_index(store, budget, progress=False, nlist=nlist)
     assert plan["kind"] == kind and plan.get("m", 16) == 16
     path = tmp_path / "reference.faiss"
     save_index(index, path)
