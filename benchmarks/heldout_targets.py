@@ -185,6 +185,24 @@ def make_target(name: str, seed: int = 0) -> tuple[LabeledImages, LabeledImages]
     raise SystemExit(f"unknown target {name!r} (known: {', '.join(TARGETS)})")
 
 
+def more_test_images(name: str, at_least: int, seed: int = 0) -> LabeledImages | None:
+    """Fresh draws from a target's test distribution (the same sources, other seeds), at
+    least ``at_least`` images, so that students are measured on more images than its test
+    split holds: every image of a font target's draw, the test regions of the shifted
+    photographs, every patch of the i.i.d. ones. None for a target with no more images."""
+    if name not in TARGETS:
+        return None
+    draws: list[LabeledImages] = []
+    draw_seed = seed + 1000  # never the task's own seed
+    while sum(len(d) for d in draws) < at_least:
+        train, test = make_target(name, draw_seed)
+        draws += [test] if name == "photos" else [train, test]  # photos: the test regions
+        draw_seed += 1
+    images = np.concatenate([d.images for d in draws])
+    labels = np.concatenate([d.labels for d in draws])
+    return LabeledImages(images, labels, draws[0].class_names, f"{name}-more")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("target", choices=TARGETS)
