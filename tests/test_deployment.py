@@ -7,7 +7,13 @@ import pytest
 
 from protocol.errors import TaskDataError
 from protocol.task_data import LabeledImages, load_unlabeled_images
-from sender.selection.deployment import MAX_WEIGHT, Validation, weigh_validation
+from sender.selection.deployment import (
+    MAX_WEIGHT,
+    Scenery,
+    Validation,
+    pixel_features,
+    weigh_validation,
+)
 
 
 def _images(rng: np.random.Generator, n: int, brightness: int) -> np.ndarray:
@@ -22,10 +28,16 @@ def _labeled(images: np.ndarray) -> LabeledImages:
     return LabeledImages(images, labels, ("a", "b"), "validation")
 
 
+def _weigh(validation: LabeledImages, deployment: np.ndarray, source: str):
+    """The image path's weighting: both sets in pooled pixels."""
+    scenery = Scenery(source, pixel_features(deployment), "pixels")
+    return weigh_validation(validation, pixel_features(validation.images), scenery, seed=0)
+
+
 def test_a_validation_set_like_the_deployment_keeps_equal_weights() -> None:
     rng = np.random.default_rng(0)
     validation = _labeled(_images(rng, 200, 0))
-    weighted, evidence = weigh_validation(validation, _images(rng, 200, 0), "same", seed=0)
+    weighted, evidence = _weigh(validation, _images(rng, 200, 0), "same")
     # a classifier no better than chance gives noise, not a density ratio: not applied
     assert evidence.separability_auc < evidence.chance_auc_limit < 0.65
     assert not evidence.applied and np.array_equal(weighted.weights, np.ones(200))
@@ -36,7 +48,7 @@ def test_validation_images_that_look_like_the_deployment_weigh_more() -> None:
     rng = np.random.default_rng(1)
     dark, bright = _images(rng, 100, -80), _images(rng, 100, 80)
     validation = _labeled(np.concatenate([dark, bright]))
-    weighted, evidence = weigh_validation(validation, _images(rng, 150, 80), "bright", seed=0)
+    weighted, evidence = _weigh(validation, _images(rng, 150, 80), "bright")
     assert evidence.separability_auc > 0.65  # at most 0.75: half the validation is bright
     assert evidence.applied and evidence.separability_auc > evidence.chance_auc_limit
     assert weighted.weights[100:].mean() > 5 * weighted.weights[:100].mean()
@@ -46,6 +58,23 @@ def test_validation_images_that_look_like_the_deployment_weigh_more() -> None:
     right_on_bright = np.where(np.arange(200) < 100, 1 - validation.labels, validation.labels)
     assert Validation.equal(validation).accuracy(right_on_bright) == pytest.approx(0.5)
     assert weighted.accuracy(right_on_bright) > 0.85
+
+
+def test_the_feature_given_decides_what_tells_the_sets_apart() -> None:
+    """The embeddings path weighs in CLIP's feature, not pixels: a shift the pixels do
+    not show (the same images) but the feature does is found and weighted towards."""
+    rng = np.random.default_rng(2)
+    validation = _labeled(_images(rng, 200, 0))
+    features = rng.normal(size=(200, 8))
+    shifted = rng.normal(size=(200, 8))
+    shifted[:, 0] += 1.5
+    scenery = Scenery("elsewhere", shifted, "embeddings")
+    weighted, evidence = weigh_validation(validation, features, scenery, seed=0)
+    assert evidence.applied and evidence.feature == "embeddings"
+    toward = features[:, 0] > 0.5  # validation images that lie where the scenery does
+    assert weighted.weights[toward].mean() > 2 * weighted.weights[features[:, 0] < -0.5].mean()
+    same = Scenery("here", rng.normal(size=(200, 8)), "embeddings")
+    assert not weigh_validation(validation, features, same, seed=0)[1].applied
 
 
 def test_effective_images_is_kish() -> None:

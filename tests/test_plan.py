@@ -111,6 +111,7 @@ def test_plan_writes_table_front_plot_and_json(planned) -> None:
     # the test images are drawn as the validation images are: alike, equal weights
     scenery = plan["deployment"]
     assert scenery["deployment_images"] == 899 and not scenery["applied"]
+    assert scenery["feature"] == "pixels"
     assert scenery["effective_validation_images"] == plan["split"]["validation"]
     assert "keep equal weights" in (plan_dir / "plan.txt").read_text()
     assert "domain_gap" in plan["evidence"]

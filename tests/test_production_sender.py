@@ -560,6 +560,7 @@ def test_plan_on_stored_embeddings_picks_a_payload_the_receiver_trains(world, pr
     plan = json.loads((work / "plan" / "plan.json").read_text())
     assert plan["split"]["validation"] > 0 and "thumbnails (32 px)" in plan["proxy"]
     assert plan["deployment"]["deployment_images"] == 100
+    assert plan["deployment"]["feature"] == "CLIP embeddings"  # not the thumbnails' pixels
     assert {row["candidate"]["keep"] for row in plan["candidates"]} == {0.05, 0.2}
     predictions = [row["predicted_accuracy"] for row in plan["candidates"]]
     assert all(0.0 <= p <= 1.0 for p in predictions) and len(set(predictions)) > 1

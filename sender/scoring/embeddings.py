@@ -140,19 +140,17 @@ def _unlabeled_pil_images(path: Path) -> Iterator[Any]:
             continue
 
 
-def thumbnail_images(
-    embedder: ClipEmbedder, path: Path, thumbnailer: Thumbnailer, batch_size: int = 64
-) -> np.ndarray:
-    """Unlabeled images brought to thumbnails through CLIP's own preprocessing, as the
-    reference rows' and the task's were: uint8 [N, 3, S, S]."""
+def embed_unlabeled(embedder: ClipEmbedder, path: Path, batch_size: int = 64) -> np.ndarray:
+    """Unlabeled images (a directory or a ``.npz``) embedded through CLIP's own
+    preprocessing, as the task's were: [N, d] L2-normalised."""
     batches, batch = [], []
     for image in _unlabeled_pil_images(path):
         batch.append(embedder.preprocess(image))
         if len(batch) == batch_size:
-            batches.append(thumbnailer(torch.stack(batch)))
+            batches.append(embedder.embed_batch(torch.stack(batch)))
             batch = []
     if batch:
-        batches.append(thumbnailer(torch.stack(batch)))
+        batches.append(embedder.embed_batch(torch.stack(batch)))
     if not batches:
         raise TaskDataError(f"{path}: no image could be read")
     return np.concatenate(batches)

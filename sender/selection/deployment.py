@@ -6,9 +6,11 @@ regions, light, sensors). Given unlabeled images of the deployment, the plan sco
 candidate by a weighted validation accuracy, each validation image weighted by the
 density ratio p_deploy(x) / p_validation(x), estimated as the odds of a classifier that
 tells the two sets apart (a logistic regression, cross-fitted so no image is weighted by
-a model that saw it). The feature is the images' own pixels, mean-centred and pooled to
-16 x 16 (:class:`~sender.embedding.embedders.PixelEmbedder`), which the teacher did not
-shape. Weights are capped at :data:`MAX_WEIGHT` times their mean, so a handful of
+a model that saw it), in a feature the teacher did not shape: on the image path the
+images' own pixels, mean-centred and pooled to 16 x 16 (:func:`pixel_features`); on the
+embeddings path the CLIP embeddings the store was made with (the probe teacher is fit on
+them and does not change them), which tell apart regions and light that pooled pixels
+average away. Weights are capped at :data:`MAX_WEIGHT` times their mean, so a handful of
 validation images never decide the plan alone; what they cost in evidence is reported as
 the effective number of validation images (Kish), which also sets the plan's noise floor.
 
@@ -59,6 +61,22 @@ class Validation:
 
 
 @dataclass(frozen=True)
+class Scenery:
+    """Unlabeled images of where the device will work, as features (``feature`` names them)."""
+
+    source: str
+    features: np.ndarray  # [N, d]
+    feature: str  # "pixels" or "CLIP embeddings"
+
+
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    """The image path's feature: uint8 [N, C, S, S] mean-centred and pooled to 16 x 16."""
+    from sender.embedding.embedders import PixelEmbedder
+
+    return PixelEmbedder().embed(images)
+
+
+@dataclass(frozen=True)
 class DeploymentEvidence:
     """How the deployment images reweighted the validation images, for plan.json."""
 
@@ -70,19 +88,18 @@ class DeploymentEvidence:
     applied: bool  # False: alike as far as the feature tells, every weight 1
     effective_validation_images: float
     max_weight: float
+    feature: str = "pixels"  # what told the sets apart (plans before it was named: pixels)
 
 
 def weigh_validation(
-    validation: LabeledImages, deployment: np.ndarray, source: str, seed: int
+    validation: LabeledImages, features: np.ndarray, scenery: Scenery, seed: int
 ) -> tuple[Validation, DeploymentEvidence]:
-    """``validation`` weighted towards the ``deployment`` images (both uint8 [N, C, S, S]
-    in the same form)."""
-    from sender.embedding.embedders import PixelEmbedder
-
-    pixels = PixelEmbedder()
-    features = np.concatenate([pixels.embed(validation.images), pixels.embed(deployment)])
+    """``validation`` (whose images are ``features``, in the scenery's feature) weighted
+    towards the ``scenery``."""
+    deployment = scenery.features
+    both = np.concatenate([features, deployment]).astype(np.float64)
     is_deployment = np.r_[np.zeros(len(validation)), np.ones(len(deployment))]
-    odds, auc = _cross_fitted_odds(features, is_deployment, seed)
+    odds, auc = _cross_fitted_odds(both, is_deployment, seed)
     limit = 0.5 + SIGNIFICANCE * _chance_auc_sd(len(validation), len(deployment))
     weights = np.ones(len(validation))
     if auc > limit:
@@ -91,7 +108,7 @@ def weigh_validation(
         weights = weights / weights.mean()
     weighted = Validation(validation, weights)
     evidence = DeploymentEvidence(
-        source=source,
+        source=scenery.source,
         deployment_images=len(deployment),
         validation_images=len(validation),
         separability_auc=round(auc, 4),
@@ -99,6 +116,7 @@ def weigh_validation(
         applied=bool(auc > limit),
         effective_validation_images=round(weighted.effective_images, 1),
         max_weight=round(float(weights.max()), 3),
+        feature=scenery.feature,
     )
     return weighted, evidence
 

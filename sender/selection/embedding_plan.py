@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from protocol.errors import ConfigError, ReferenceMismatchError, TaskDataError
 from protocol.manifest import reference_summary
 from protocol.task_data import LabeledImages
@@ -36,14 +34,15 @@ from sender.scoring.embeddings import (
     EmbeddedSplit,
     StreamScoring,
     embed_folder,
+    embed_unlabeled,
     embedding_teacher,
     score_store,
     store_domain_gap,
     store_index,
     teacher_accuracy,
-    thumbnail_images,
 )
 from sender.scoring.work_dir import ScoreReport
+from sender.selection.deployment import Scenery
 from sender.selection.fleet import FleetChoice
 from sender.selection.plan import (
     PlanInputs,
@@ -125,18 +124,15 @@ def embed_plan_task(
     return task
 
 
-def deployment_thumbnails(
-    embedder: ClipEmbedder | None, settings: PlanSettings, planned: PlannedStore
-) -> np.ndarray | None:
-    """The deployment images (``settings.deployment``) as thumbnails of the store's size,
-    made as the task's were; None without them."""
+def deployment_scenery(embedder: ClipEmbedder | None, settings: PlanSettings) -> Scenery | None:
+    """The deployment images (``settings.deployment``) embedded by the store's CLIP, as
+    the task's were; None without them."""
     if not settings.deployment:
         return None
     if embedder is None:
         raise ConfigError("--deployment needs the CLIP that embedded the store: --clip-weights")
-    spec = PreprocessSpec.from_transform(embedder.preprocess)
-    thumbnailer = Thumbnailer(spec, planned.thumbnails.size)
-    return thumbnail_images(embedder, Path(settings.deployment), thumbnailer)
+    embeddings = embed_unlabeled(embedder, Path(settings.deployment))
+    return Scenery(str(settings.deployment), embeddings, "CLIP embeddings")
 
 
 def plan_from_embeddings(
@@ -150,7 +146,7 @@ def plan_from_embeddings(
     """Predict every candidate's accuracy and size (see the module docstring); write
     plan.json, plan.png and plan.txt. ``embedder``: only the zero-shot teacher needs it."""
     started = time.perf_counter()
-    scenery = deployment_thumbnails(embedder, settings, planned)
+    scenery = deployment_scenery(embedder, settings)
     names = tuple(task.class_names)
     details = planned.report.teacher.details
     scoring = StreamScoring(
@@ -171,7 +167,8 @@ def plan_from_embeddings(
         scored = score_store(store, index, model, teacher_part, scoring)
         split = SplitScores(scored.scores, scored.predicted)
         shown = LabeledImages(validation.thumbnails, validation.labels, names, "validation")
-        weighted, evidence = weighted_validation(shown, scenery, settings)
+        embedded = validation.embeddings  # the scenery's feature
+        weighted, evidence = weighted_validation(shown, scenery, embedded, settings)
         proxy = Proxy(planned.thumbnails.read_rows, split, work.excluded, weighted, settings)
         accuracy = teacher_accuracy(model, validation)
         counts = PlanSplit(int(teacher_rows.size), int(held.size), seed, accuracy, fold)

@@ -63,7 +63,13 @@ from sender.scoring.images import (
 from sender.scoring.scores import COVER, TASK_SCORES, score_names
 from sender.scoring.teacher_kinds import IMAGES
 from sender.scoring.work_dir import SCORES_FILE, ScoreReport
-from sender.selection.deployment import DeploymentEvidence, Validation, weigh_validation
+from sender.selection.deployment import (
+    DeploymentEvidence,
+    Scenery,
+    Validation,
+    pixel_features,
+    weigh_validation,
+)
 from sender.selection.fleet import FleetChoice
 from sender.selection.plan_file import (
     CHOICE_RULES,
@@ -711,13 +717,16 @@ def proxy_words(settings: PlanSettings, images: str, validation: int) -> str:
 
 
 def weighted_validation(
-    validation: LabeledImages, scenery: np.ndarray | None, settings: PlanSettings
+    validation: LabeledImages,
+    scenery: Scenery | None,
+    features: np.ndarray | None,
+    settings: PlanSettings,
 ) -> tuple[Validation, DeploymentEvidence | None]:
-    """The validation images, weighted towards the deployment images when given
-    (``scenery``, in the validation images' form)."""
-    if scenery is None:
+    """The validation images, weighted towards the deployment's ``scenery`` when given
+    (``features``: the validation images in the scenery's feature)."""
+    if scenery is None or features is None:
         return Validation.equal(validation), None
-    return weigh_validation(validation, scenery, str(settings.deployment), settings.seed)
+    return weigh_validation(validation, features, scenery, settings.seed)
 
 
 def usable_scores(work: ScoredWork, split_scores: Iterable[str]) -> tuple[str, ...]:
@@ -742,7 +751,8 @@ def make_plan(
     scenery = None
     if settings.deployment:
         _, channels, side, _ = train.images.shape
-        scenery = load_unlabeled_images(settings.deployment, side, channels)
+        pixels = pixel_features(load_unlabeled_images(settings.deployment, side, channels))
+        scenery = Scenery(str(settings.deployment), pixels, "pixels")
     images = reference_images(reference, train.images.shape[1])
 
     def trial(fold: int) -> SplitTrial:
@@ -753,7 +763,8 @@ def make_plan(
         teacher = replace(settings.teacher, seed=seed)
         scored = teacher_scores(images, teacher_part, validation, teacher, progress)
         split = SplitScores(scored.scores, scored.predicted)
-        weighted, evidence = weighted_validation(validation, scenery, settings)
+        features = None if scenery is None else pixel_features(validation.images)
+        weighted, evidence = weighted_validation(validation, scenery, features, settings)
         proxy = Proxy(images.__getitem__, split, work.excluded, weighted, settings)
         accuracy = scored.outputs.report.test_accuracy
         counts = PlanSplit(teacher_part.labels.size, validation.labels.size, seed, accuracy, fold)

@@ -122,11 +122,13 @@ def deployment_lines(plan: Plan) -> list[str]:
     )
     if not found.applied:
         return [
-            f"{told}, within chance (<= {found.chance_auc_limit:.2f}): alike as far as "
-            "their pixels tell, so the validation images keep equal weights"
+            f"{told} in their {found.feature}, within chance (<= "
+            f"{found.chance_auc_limit:.2f}): alike as far as they tell, so the validation "
+            "images keep equal weights"
         ]
     return [
-        f"{told}: weighted towards them, {found.effective_validation_images:.0f} of "
+        f"{told} in their {found.feature}: weighted towards them, "
+        f"{found.effective_validation_images:.0f} of "
         f"{found.validation_images} effective, largest weight {found.max_weight:.1f}x "
         "the mean"
     ]
