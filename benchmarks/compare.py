@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.demo import parse_args as demo_args
+from benchmarks.demo import plan_flags
 from benchmarks.demo_steps import (
     SEND,
     Device,
@@ -79,8 +81,10 @@ SCHEMES = (
         work="sender-images",
     ),
 )
-PLAN = "plan"  # the payload the plan chose
+PLAN = "plan"  # the payload the plan chose over its default grid
 PLAN_FILES = "compare-plan"  # its plan, payload and students (`make demo` keeps "plan")
+DEMO_PLAN = "demo-plan"  # the payload `make demo`'s plan chose (its smaller grid)
+DEMO_PLAN_FILES = "plan"  # where `make demo` keeps that plan, payload and students
 BUDGET_SCHEME = "safety-1"  # the pixel baseline gets exactly this (signed) payload's byte budget
 
 
@@ -201,8 +205,28 @@ def sender_side(
     flags = ["--screen-steps", str(screen)]
     flags += ["--confirm-steps", str(args.steps)]  # as the students below train
     keeps = ["--keeps", args.plan_keeps] if args.plan_keeps else []
+    payloads[DEMO_PLAN] = demo_plan(station, args)
     payloads[PLAN] = station.plan(flags + keeps, PLAN_FILES)
     return fingerprint, payloads
+
+
+def demo_plan_made(work: Path) -> bool:
+    """Whether `make demo` left its plan and payload in ``work``."""
+    payload = work / "payloads" / f"{DEMO_PLAN_FILES}.json"
+    return payload.is_file() and (work / DEMO_PLAN_FILES / "plan.json").is_file()
+
+
+def demo_plan(station: Station, args: argparse.Namespace) -> dict[str, Any]:
+    """The payload of `make demo`'s plan: as `make demo` left it, or planned here with its
+    settings (at this run's student steps, keeps and screen where given); its summary."""
+    summary = station.work / "payloads" / f"{DEMO_PLAN_FILES}.json"
+    if demo_plan_made(station.work):
+        return json.loads(summary.read_text())
+    settings = demo_args([])
+    settings.steps = args.steps
+    settings.plan_keeps = args.plan_keeps or settings.plan_keeps
+    settings.screen_steps = args.screen_steps or settings.screen_steps
+    return station.plan(plan_flags(settings), DEMO_PLAN_FILES)
 
 
 def main() -> None:
@@ -213,7 +237,8 @@ def main() -> None:
     started = time.perf_counter()
     work = Path(args.work)
     sender_ref, receiver_ref = references(work, args.reference)
-    steps = Steps(13 + key_missing(work) + 2 * len(schemes), show_progress())
+    plan_steps = 0 if demo_plan_made(work) else 2  # plan and select, when `make demo` has not
+    steps = Steps(14 + key_missing(work) + plan_steps + 2 * len(schemes), show_progress())
     station = Station(work, steps, sender_ref, args.clip_samples)
     sender_fp, payloads = sender_side(station, schemes, args)
     print("device:")
@@ -222,6 +247,7 @@ def main() -> None:
     if receiver_fp != sender_fp:
         raise SystemExit(f"compare: reference fingerprints differ: {sender_fp} vs {receiver_fp}")
     students = {scheme.name: device.train(scheme.name, args) for scheme in schemes}
+    students[DEMO_PLAN] = device.train(DEMO_PLAN_FILES, args)
     students[PLAN] = device.train(PLAN_FILES, args)
 
     print("baseline: real target pixels in the same byte budget:")
@@ -282,14 +308,17 @@ def table_rows(
     def accuracies(name: str) -> list[float]:
         return [r["holdout_accuracy"] for r in students[name]["runs"]]
 
+    def plan_row(name: str, label: str) -> dict[str, Any]:
+        planned, keep = payloads[name]["plan"], payloads[name]["selection"]["keep"]
+        row = _row(name, label, keep, payloads[name], accuracies(name))
+        return row | {
+            "candidate": planned["candidate"],
+            "predicted_accuracy": planned["predicted_accuracy"],
+        }
+
     rows = [_row(s.name, s.label, s.keep, payloads[s.name], accuracies(s.name)) for s in schemes]
-    planned = payloads[PLAN]["plan"]
-    keep = payloads[PLAN]["selection"]["keep"]
-    plan = _row(PLAN, "plan's choice (predicted best)", keep, payloads[PLAN], accuracies(PLAN))
-    rows.append(
-        plan
-        | {"candidate": planned["candidate"], "predicted_accuracy": planned["predicted_accuracy"]}
-    )
+    rows.append(plan_row(DEMO_PLAN, "plan's choice, make demo's grid"))
+    rows.append(plan_row(PLAN, "plan's choice, its default grid"))
     pixel_payload = {"kept": pixels["images"], "payload_bytes": pixels["payload_bytes"]}
     rows.append(
         _row(
@@ -330,14 +359,15 @@ def print_table(report: dict[str, Any], sender_fp: str, work: Path, seeds: int) 
             f"{row['description']:40s} {keep:>5s} {row['kept_images']:7d} "
             f"{row['payload_bytes']:7d} {acc:>18s}"
         )
-    plan_row = next(row for row in report["rows"] if row["scheme"] == PLAN)
-    print(
-        f"plan's choice: {plan_row['candidate']}, "
-        f"predicted {100 * plan_row['predicted_accuracy']:.1f}% "
-        f"(short student on the validation split's thumbnails), real "
-        f"{100 * plan_row['accuracy_mean']:.1f}%, {plan_row['payload_bytes']} bytes "
-        f"(plot: {work / PLAN_FILES / 'plan.png'})"
-    )
+    for name, files in ((DEMO_PLAN, DEMO_PLAN_FILES), (PLAN, PLAN_FILES)):
+        row = next(row for row in report["rows"] if row["scheme"] == name)
+        print(
+            f"{row['description']}: {row['candidate']}, "
+            f"predicted {100 * row['predicted_accuracy']:.1f}% "
+            f"(short student on the validation split's thumbnails), real "
+            f"{100 * row['accuracy_mean']:.1f}%, {row['payload_bytes']} bytes "
+            f"(plot: {work / files / 'plan.png'})"
+        )
     sheet = work / "payloads" / f"{BUDGET_SCHEME}.selection.png"
     print(f"what the {BUDGET_SCHEME} payload teaches: {sheet}")
     steps = report["steps"]

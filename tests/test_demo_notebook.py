@@ -94,7 +94,12 @@ def test_compare_report_has_every_row(demo_report) -> None:
     path, stdout = demo_report
     report = json.loads(path.read_text())
     schemes = [row["scheme"] for row in report["rows"]]
-    assert schemes == [*SCHEMES_RUN, "plan", "pixels"]
+    assert schemes == [*SCHEMES_RUN, "demo-plan", "plan", "pixels"]
+    # make demo's own plan, as the demo left it: its payload trained with the compare's seeds
+    demo_plan = next(r for r in report["rows"] if r["scheme"] == "demo-plan")
+    demo_json = json.loads((path.parent / "plan" / "plan.json").read_text())
+    assert demo_plan["candidate"] == demo_json["chosen"]
+    assert "plan's choice, make demo's grid" in stdout
     plan = next(r for r in report["rows"] if r["scheme"] == "plan")
     plan_json = json.loads((path.parent / "compare-plan" / "plan.json").read_text())
     chosen = next(r for r in plan_json["candidates"] if r["name"] == plan_json["chosen"])
@@ -114,8 +119,8 @@ def test_compare_report_has_every_row(demo_report) -> None:
     assert "teacher" in stdout and "student accuracy" in stdout
     # task, reference, world-clip, embed, merge, index, two scores (the key is there
     # from the demo), a select per scheme, plan + select, receiver reference, trust; a
-    # train per scheme and the plan's
-    steps = 13 + 2 * len(SCHEMES_RUN)
+    # train per scheme and both plans' (the demo's plan is the demo's own)
+    steps = 14 + 2 * len(SCHEMES_RUN)
     assert f"[{steps}/{steps}] receiver train compare-plan ..." in stdout  # each step numbered
 
 
