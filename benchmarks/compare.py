@@ -2,10 +2,12 @@
 
 The same steps as `make demo` (``benchmarks.demo``: the world's CLIP, FAISS, a probe
 teacher on the stored embeddings, the plan on thumbnails), then a payload per scheme
-(the paper's, ours, the random controls), the plan's own choice and one more row with
-the image path's teacher (a CNN trained on the task's pixels), each trained by the
+(the paper's, ours, the random controls), the plan's choice twice (`make demo`'s plan,
+whose payload is taken as `make demo` left it in WORK, or planned here when it is
+absent; and the plan over its full default grid) and one more row with the image path's
+teacher (a CNN trained on the task's pixels), each trained by the
 device with three seeds, against real target pixels sent in the same byte budget.
-Prints one table and writes the same numbers to WORK/report.json (what
+Prints one table and writes the same numbers to WORK/compare.json (what
 ``notebooks/demo_report.ipynb`` draws).
 
     python -m benchmarks.compare --work work/demo     # what `make compare` runs
