@@ -139,15 +139,19 @@ def slug_of(name: str) -> str:
     return name.replace("/", "_").replace("%", "pct")
 
 
-def student_correct(program: Path, images) -> np.ndarray:
-    """Which labeled images a receiver's exported student (``model-seed*.pt2``) gets right."""
+def student_correct(program: Path, *image_sets) -> list[np.ndarray]:
+    """Which images of each labeled set a receiver's exported student
+    (``model-seed*.pt2``) gets right."""
     import torch
 
     module = torch.export.load(str(program)).module()
+    correct = []
     with torch.no_grad():
-        parts = torch.from_numpy(images.images).split(1024)
-        logits = torch.cat([module(part.float()) for part in parts])
-    return logits.argmax(1).numpy() == images.labels
+        for images in image_sets:
+            parts = torch.from_numpy(images.images).split(1024)
+            logits = torch.cat([module(part.float()) for part in parts])
+            correct.append(logits.argmax(1).numpy() == images.labels)
+    return correct
 
 
 def measurement_images(target: str, task: Path):
@@ -240,10 +244,12 @@ def validate_target(
             run([*train, "--out", str(out), "--quiet"], logs / f"train-{slug}{suffix}.log")
         report = json.loads((out / "report.json").read_text())
         programs = [out / f"model-seed{r['seed']}.pt2" for r in report["runs"]]
-        each = [student_correct(program, measured) for program in programs]
+        each, on_validation = zip(
+            *(student_correct(program, measured, validation) for program in programs),
+            strict=True,
+        )
         correct[name] = np.mean(each, axis=0)  # each image, over the student seeds
         accs = [float(c.mean()) for c in each]
-        on_validation = [student_correct(program, validation).mean() for program in programs]
         results.append(
             {
                 "name": name,
@@ -254,7 +260,7 @@ def validate_target(
                 "stage": rows[name]["stage"],
                 "real_accuracy": float(np.mean(accs)),
                 "real_std": float(np.std(accs)),
-                "real_validation_accuracy": float(np.mean(on_validation)),
+                "real_validation_accuracy": float(np.mean([c.mean() for c in on_validation])),
                 # the receiver's own report, on the test split alone
                 "real_test_split_accuracy": float(
                     np.mean([r["holdout_accuracy"] for r in report["runs"]])
